@@ -1,0 +1,1 @@
+"""The training engine: config, data, optimizers, schedules, the loop, checkpoints, evaluation."""

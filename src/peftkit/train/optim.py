@@ -1,0 +1,220 @@
+"""Optimizers: AdamW, LoRA+ parameter groups, GaLore, and LISA layer sampling.
+
+**LoRA+** (Hayou et al., 2024, arXiv:2402.12354): LoRA's B matrices learn ``ratio`` times faster
+than A — they get their own parameter group with ``lr_B = ratio · lr`` (the paper suggests 16).
+
+**GaLore** (Zhao et al., 2024, arXiv:2403.03507, Algorithm 1): for a 2-D weight W ∈ R^{m×n} with
+gradient G, every ``T`` steps take ``U, S, Vᵀ = svd(G)``; project to rank r on the shorter side::
+
+    m < n:  P = U[:, :r],   R = Pᵀ G  (r×n),   back: ΔW = α · P N
+    m ≥ n:  Q = V[:, :r],   R = G Q   (m×r),   back: ΔW = α · N Qᵀ
+
+Adam runs on R (moments in the low-rank space): ``M ← β₁M + (1-β₁)R``, ``V ← β₂V + (1-β₂)R²``,
+``N = (M / (1-β₁ᵗ)) / (√(V / (1-β₂ᵗ)) + ε)``; then ``W ← W - η ΔW - η λ W``. Full-rank training
+with optimizer memory O(r·n) instead of O(m·n).
+
+**LISA** (Pan et al., 2024, arXiv:2403.17919): train only ``k`` randomly chosen transformer layers
+at a time, re-sampled every ``interval`` steps; embeddings and head (everything outside the layer
+list) stay trainable. The sample depends only on (seed, step), so a resumed run samples the same.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import math
+from collections.abc import Iterable, Iterator
+from typing import Any
+
+import torch
+from torch import nn
+
+from peftkit.train.config import OptimizerConfig
+
+
+def lora_b_parameters(model: nn.Module) -> list[nn.Parameter]:
+    """LoRA's B (up-projection) parameters: those in an adapter layer's ``lora_B``/``lora_embedding_B`` containers.
+
+    Found through the adapter layers (``peftkit.core.layer.AdapterLayer``), never by parameter-name
+    substrings.
+    """
+    from peftkit.core.state import adapter_layers
+
+    out: list[nn.Parameter] = []
+    seen: set[int] = set()
+    for _, layer in adapter_layers(model):
+        for attr in layer.adapter_containers:
+            if attr not in ("lora_B", "lora_embedding_B"):
+                continue
+            container = getattr(layer, attr)
+            for key in container:
+                item = container[key]
+                for p in [item] if isinstance(item, nn.Parameter) else item.parameters():
+                    if id(p) not in seen:
+                        seen.add(id(p))
+                        out.append(p)
+    return out
+
+
+def param_groups(model: nn.Module, cfg: OptimizerConfig) -> list[dict[str, Any]]:
+    """Parameter groups over the trainable parameters: LoRA+ B group and GaLore group when configured.
+
+    Returns:
+        Groups with ``params``, ``lr`` and a ``name`` (``default``, ``lora_B``, ``galore``); groups
+        without parameters are left out.
+    """
+    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    b_ids = {id(p) for p in lora_b_parameters(model)} if cfg.loraplus_ratio > 0 else set()
+    default, fast, galore = [], [], []
+    for name, p in named:
+        if id(p) in b_ids:
+            fast.append(p)
+        elif cfg.name == "galore" and p.dim() == 2 and any(fnmatch.fnmatchcase(name, g) for g in cfg.galore_targets):
+            galore.append(p)
+        else:
+            default.append(p)
+    groups = [
+        {"name": "default", "params": default, "lr": cfg.lr},
+        {"name": "lora_B", "params": fast, "lr": cfg.lr * cfg.loraplus_ratio},
+        {"name": "galore", "params": galore, "lr": cfg.lr, "galore": True, "rank": cfg.galore_rank,
+         "update_interval": cfg.galore_update_interval, "scale": cfg.galore_scale},
+    ]
+    return [g for g in groups if g["params"]]
+
+
+def build_optimizer(model: nn.Module, cfg: OptimizerConfig) -> torch.optim.Optimizer:
+    """The run's optimizer over ``model``'s trainable parameters.
+
+    ``adamw`` is ``torch.optim.AdamW`` (with the LoRA+ group if ``loraplus_ratio`` > 0); ``galore``
+    is :class:`GaLoreAdamW`.
+    """
+    groups = param_groups(model, cfg)
+    kw = {"betas": tuple(cfg.betas), "eps": cfg.eps, "weight_decay": cfg.weight_decay}
+    if cfg.name == "galore":
+        return GaLoreAdamW(groups, **kw)
+    return torch.optim.AdamW(groups, foreach=False, **kw)
+
+
+def galore_projector(grad: torch.Tensor, rank: int) -> torch.Tensor:
+    """GaLore's projector from ``grad``'s SVD: left ``U[:, :r]`` when m < n, else right ``V[:, :r]``."""
+    u, _, vh = torch.linalg.svd(_wide(grad), full_matrices=False)
+    m, n = grad.shape
+    return u[:, :rank].contiguous() if m < n else vh[:rank, :].T.contiguous()
+
+
+def _wide(t: torch.Tensor) -> torch.Tensor:
+    """``t`` in float32 unless it is already float32 or float64 (half-precision maths is too coarse here)."""
+    return t if t.dtype in (torch.float32, torch.float64) else t.float()
+
+
+class GaLoreAdamW(torch.optim.Optimizer):
+    """AdamW where groups flagged ``galore`` keep low-rank moments of projected gradients.
+
+    Groups take ``lr``, ``betas``, ``eps``, ``weight_decay``, and for GaLore groups ``rank``,
+    ``update_interval`` and ``scale`` (see the module docstring for the update). Its state holds
+    only tensors (``step``, ``exp_avg``, ``exp_avg_sq``, ``projector``), so it saves as safetensors.
+    """
+
+    def __init__(self, params: Iterable[Any], lr: float = 1e-3, betas: tuple[float, float] = (0.9, 0.999),
+                 eps: float = 1e-8, weight_decay: float = 0.0) -> None:
+        super().__init__(params, {"lr": lr, "betas": betas, "eps": eps, "weight_decay": weight_decay,
+                                  "galore": False, "rank": 0, "update_interval": 1, "scale": 1.0})
+
+    @torch.no_grad()
+    def step(self, closure: Any = None) -> Any:  # type: ignore[override]
+        """One update of every parameter that has a gradient."""
+        loss = closure() if closure is not None else None
+        for group in self.param_groups:
+            b1, b2 = group["betas"]
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                st = self.state[p]
+                project = group["galore"] and p.dim() == 2 and min(p.shape) > group["rank"]
+                grad = _wide(p.grad)
+                if not st:
+                    st["step"] = torch.zeros((), dtype=torch.float32)
+                st["step"] += 1
+                t = int(st["step"].item())
+                if project:
+                    if "projector" not in st or (t - 1) % group["update_interval"] == 0:
+                        st["projector"] = galore_projector(grad, group["rank"])
+                    P = st["projector"]
+                    grad = P.T @ grad if p.shape[0] < p.shape[1] else grad @ P
+                if "exp_avg" not in st:
+                    st["exp_avg"] = torch.zeros_like(grad)
+                    st["exp_avg_sq"] = torch.zeros_like(grad)
+                m, v = st["exp_avg"], st["exp_avg_sq"]
+                m.mul_(b1).add_(grad, alpha=1 - b1)
+                v.mul_(b2).addcmul_(grad, grad, value=1 - b2)
+                n = (m / (1 - b1**t)) / ((v / (1 - b2**t)).sqrt() + group["eps"])
+                if project:
+                    P = st["projector"]
+                    n = group["scale"] * (P @ n if p.shape[0] < p.shape[1] else n @ P.T)
+                p.add_(n.to(p.dtype), alpha=-group["lr"])
+                if group["weight_decay"]:
+                    p.add_(p, alpha=-group["lr"] * group["weight_decay"])
+        return loss
+
+
+def find_layer_list(model: nn.Module) -> tuple[str, nn.ModuleList]:
+    """The model's transformer-layer list: the longest ``nn.ModuleList`` of same-type blocks.
+
+    Raises:
+        ConfigError: the model has no such list (LISA needs one).
+    """
+    from peftkit.errors import ConfigError
+
+    best: tuple[str, nn.ModuleList] | None = None
+    for name, mod in model.named_modules():
+        if isinstance(mod, nn.ModuleList) and len(mod) >= 2 and len({type(m) for m in mod}) == 1:
+            if best is None or len(mod) > len(best[1]):
+                best = (name, mod)
+    if best is None:
+        raise ConfigError("optimizer.lisa_layers > 0 but the model has no list of transformer layers "
+                          "(an nn.ModuleList of same-type blocks); set optimizer.lisa_layers=0")
+    return best
+
+
+class Lisa:
+    """LISA layer sampling: only ``k`` layers of the layer list train at a time.
+
+    Args:
+        model: the model; its parameters that are trainable now form the trainable set.
+        layers: how many layers to train at a time.
+        interval: steps between re-samplings.
+        seed: the sample at step ``t`` depends only on ``(seed, t // interval)``.
+    """
+
+    def __init__(self, model: nn.Module, layers: int, interval: int, seed: int) -> None:
+        self.name, self.layer_list = find_layer_list(model)
+        self.k = min(layers, len(self.layer_list))
+        self.interval = interval
+        self.seed = seed
+        self.trainable = [[p for p in layer.parameters() if p.requires_grad] for layer in self.layer_list]
+        self.active: list[int] = []
+
+    def sample(self, step: int) -> list[int]:
+        """The layer indices trained during ``step``."""
+        g = torch.Generator().manual_seed(self.seed * 1_000_003 + step // self.interval)
+        return sorted(torch.randperm(len(self.layer_list), generator=g)[: self.k].tolist())
+
+    def update(self, step: int) -> list[int]:
+        """Switch ``requires_grad`` so exactly the sampled layers (plus everything outside the list) train."""
+        self.active = self.sample(step)
+        for i, params in enumerate(self.trainable):
+            for p in params:
+                p.requires_grad_(i in self.active)
+                if i not in self.active:
+                    p.grad = None
+        return self.active
+
+
+def iter_grads(params: Iterable[nn.Parameter]) -> Iterator[torch.Tensor]:
+    """Gradients of the parameters that have one."""
+    return (p.grad for p in params if p.grad is not None)
+
+
+def grad_norm(params: Iterable[nn.Parameter]) -> float:
+    """Global L2 norm of the gradients (0.0 when there are none)."""
+    total = sum(float(g.float().pow(2).sum()) for g in iter_grads(params))
+    return math.sqrt(total)

@@ -1,0 +1,148 @@
+"""Schedules, LoRA+ groups, GaLore's projected update against the formula, LISA sampling."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from torch import nn
+
+from peftkit.train.config import OptimizerConfig, SchedulerConfig
+from peftkit.train.optim import GaLoreAdamW, Lisa, build_optimizer, galore_projector, lora_b_parameters
+from peftkit.train.schedule import Schedule, lr_factor
+
+
+@pytest.mark.parametrize(
+    ("name", "step", "expected"),
+    [("cosine", 0, 0.0), ("cosine", 5, 0.5), ("cosine", 10, 1.0), ("cosine", 15, 0.5 * (1 + math.cos(math.pi / 2))),
+     ("cosine", 20, 0.0), ("linear", 15, 0.5), ("linear", 20, 0.0), ("constant", 15, 1.0), ("constant", 3, 0.3)],
+)
+def test_schedule_formula(name, step, expected):
+    assert lr_factor(step, total=20, warmup=10, name=name) == pytest.approx(expected)
+
+
+def test_schedule_min_ratio_and_groups_keep_ratio():
+    assert lr_factor(20, 20, 0, "cosine", 0.1) == pytest.approx(0.1)
+    p, q = nn.Parameter(torch.zeros(1)), nn.Parameter(torch.zeros(1))
+    opt = torch.optim.AdamW([{"params": [p], "lr": 1.0}, {"params": [q], "lr": 16.0}])
+    sched = Schedule(opt, SchedulerConfig(name="linear", warmup_steps=2), total_steps=10)
+    assert sched.apply(1) == pytest.approx(0.5)
+    assert opt.param_groups[1]["lr"] == pytest.approx(8.0)
+
+
+def _lora_model():
+    import peftkit as pk
+
+    model = nn.Sequential(nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 4))
+    pk.apply(model, pk.LoRA(target_modules=["0", "2"], rank=2, alpha=4))
+    return model
+
+
+def test_loraplus_puts_b_in_its_own_group():
+    import peftkit as pk
+
+    if not hasattr(pk, "LoRA"):
+        pytest.skip("peftkit.LoRA not available yet")
+    model = _lora_model()
+    b = lora_b_parameters(model)
+    assert len(b) == 2 and all(p.shape[1] == 2 for p in b)
+    opt = build_optimizer(model, OptimizerConfig(lr=1e-3, loraplus_ratio=16))
+    groups = {g["name"]: g for g in opt.param_groups}
+    assert {id(p) for p in groups["lora_B"]["params"]} == {id(p) for p in b}
+    assert groups["lora_B"]["lr"] == pytest.approx(16e-3) and groups["default"]["lr"] == pytest.approx(1e-3)
+    assert len(groups["default"]["params"]) == 2  # the two A matrices
+    plain = build_optimizer(model, OptimizerConfig(lr=1e-3))
+    assert len(plain.param_groups) == 1
+
+
+def _galore_reference(w, grads, rank, scale, lr, betas, eps, wd, interval):
+    """GaLore Algorithm 1 written out with plain matrix algebra."""
+    w = w.clone()
+    m = v = p = None
+    b1, b2 = betas
+    for t, g in enumerate(grads, start=1):
+        if (t - 1) % interval == 0:
+            u, s, vh = torch.linalg.svd(g, full_matrices=False)
+            p = u[:, :rank] if w.shape[0] < w.shape[1] else vh[:rank].T
+        r = p.T @ g if w.shape[0] < w.shape[1] else g @ p
+        m = (1 - b1) * r if m is None else b1 * m + (1 - b1) * r
+        v = (1 - b2) * r * r if v is None else b2 * v + (1 - b2) * r * r
+        n = (m / (1 - b1**t)) / (torch.sqrt(v / (1 - b2**t)) + eps)
+        delta = scale * (p @ n if w.shape[0] < w.shape[1] else n @ p.T)
+        w = w - lr * delta
+        w = w - lr * wd * w
+    return w
+
+
+@pytest.mark.parametrize("shape", [(4, 6), (6, 4)])
+def test_galore_update_equals_formula(shape):
+    torch.manual_seed(0)
+    w0 = torch.randn(shape, dtype=torch.float64)
+    grads = [torch.randn(shape, dtype=torch.float64) for _ in range(5)]
+    param = nn.Parameter(w0.clone())
+    opt = GaLoreAdamW([{"params": [param], "galore": True, "rank": 2, "update_interval": 2, "scale": 0.25}],
+                      lr=0.1, weight_decay=0.01)
+    for g in grads:
+        param.grad = g.clone()
+        opt.step()
+    expected = _galore_reference(w0, grads, 2, 0.25, 0.1, (0.9, 0.999), 1e-8, 0.01, 2)
+    torch.testing.assert_close(param.data, expected, rtol=1e-5, atol=1e-6)
+    state = opt.state[param]
+    low = (2, shape[1]) if shape[0] < shape[1] else (shape[0], 2)
+    assert state["exp_avg"].shape == low  # moments live in the low-rank space
+    # The update is confined to the projector's span.
+    proj = galore_projector(grads[-1], 2)
+    assert proj.shape == ((shape[0], 2) if shape[0] < shape[1] else (shape[1], 2))
+
+
+def test_galore_plain_group_matches_torch_adamw():
+    torch.manual_seed(1)
+    a, b = nn.Parameter(torch.randn(3, 5, dtype=torch.float64)), nn.Parameter(torch.randn(3, 5, dtype=torch.float64))
+    b.data.copy_(a.data)
+    ours = GaLoreAdamW([a], lr=0.01, weight_decay=0.0)
+    ref = torch.optim.AdamW([b], lr=0.01, weight_decay=0.0)
+    for _ in range(3):
+        g = torch.randn(3, 5, dtype=torch.float64)
+        a.grad, b.grad = g.clone(), g.clone()
+        ours.step()
+        ref.step()
+    torch.testing.assert_close(a.data, b.data)
+
+
+def test_build_galore_selects_2d_targets():
+    model = nn.ModuleDict({"attn": nn.Linear(8, 8), "norm": nn.LayerNorm(8)})
+    opt = build_optimizer(model, OptimizerConfig(name="galore", galore_rank=2, galore_targets=["attn.weight"]))
+    groups = {g["name"]: g for g in opt.param_groups}
+    assert [p.shape for p in groups["galore"]["params"]] == [torch.Size([8, 8])]
+    assert isinstance(opt, GaLoreAdamW) and len(groups["default"]["params"]) == 3
+
+
+class _Net(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.embed = nn.Embedding(10, 4)
+        self.layers = nn.ModuleList(nn.Linear(4, 4) for _ in range(6))
+        self.head = nn.Linear(4, 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.embed(x)
+        for layer in self.layers:
+            h = layer(h)
+        return self.head(h)
+
+
+def test_lisa_trains_only_sampled_layers():
+    torch.manual_seed(0)
+    net = _Net()
+    before = {n: p.detach().clone() for n, p in net.named_parameters()}
+    lisa = Lisa(net, layers=2, interval=3, seed=0)
+    opt = torch.optim.AdamW(net.parameters(), lr=0.1)
+    assert lisa.sample(0) == lisa.sample(2) and len(lisa.sample(0)) == 2
+    assert len({tuple(lisa.sample(3 * k)) for k in range(10)}) > 1  # re-sampled every interval
+    active = lisa.update(0)
+    net(torch.tensor([1, 2])).sum().backward()
+    opt.step()
+    changed = {n for n, p in net.named_parameters() if not torch.equal(p, before[n])}
+    expected = {f"layers.{i}.{k}" for i in active for k in ("weight", "bias")}
+    assert changed == expected | {"embed.weight", "head.weight", "head.bias"}
