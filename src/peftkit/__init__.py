@@ -1,0 +1,45 @@
+"""peftkit: parameter-efficient fine-tuning for any PyTorch model, in Hugging Face PEFT's adapter format.
+
+::
+
+    import peftkit as pk
+    pk.apply(model, pk.LoRA(target_modules=["q_proj", "v_proj"], rank=8, alpha=16))
+    pk.print_trainable_parameters(model)
+    pk.save_adapter(model, "out/task1")
+"""
+
+from __future__ import annotations
+
+from peftkit import errors
+from peftkit.core.config import AdapterConfig
+from peftkit.core.inject import apply, delete_adapter
+from peftkit.core.matching import register_alias
+from peftkit.core.report import count_parameters, inspect, print_trainable_parameters, trainable_parameters_line
+from peftkit.core.state import active_adapters, disable_adapters, list_adapters, set_adapter
+from peftkit.io.hf_format import load_adapter, save_adapter
+from peftkit.merge.merge import merge, unload, unmerge
+from peftkit.methods.lora import LoRA
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "AdapterConfig",
+    "LoRA",
+    "active_adapters",
+    "apply",
+    "count_parameters",
+    "delete_adapter",
+    "disable_adapters",
+    "errors",
+    "inspect",
+    "list_adapters",
+    "load_adapter",
+    "merge",
+    "print_trainable_parameters",
+    "register_alias",
+    "save_adapter",
+    "set_adapter",
+    "trainable_parameters_line",
+    "unload",
+    "unmerge",
+]

@@ -1,0 +1,1 @@
+"""Method-independent machinery: walking the module tree, matching targets, adapter layers, injection."""

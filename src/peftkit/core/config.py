@@ -1,0 +1,118 @@
+"""The base of every method config: which modules to adapt, and how to describe the adapter on disk."""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+from torch import nn
+
+from peftkit.core.matching import DEFAULT_LAYER_CONTAINERS, resolve_targets
+from peftkit.errors import ConfigError
+
+
+def _as_list(value: str | Sequence[str] | None) -> list[str]:
+    if value is None:
+        return []
+    return [value] if isinstance(value, str) else list(value)
+
+
+@dataclass
+class AdapterConfig:
+    """Fields shared by every method.
+
+    A method that wraps layers implements ``supports``, ``supported_layer_names`` and ``transform``.
+    A method that adds modules instead (prompt tuning, ...) defines ``inject(model, name) -> list[str]``
+    and ``remove(model, name)``; ``after_apply(model, name)`` and ``on_set_active(model, name, active)``
+    are optional hooks for either kind.
+
+    Attributes:
+        target_modules: patterns selecting the modules to adapt: leaf names (``"q_proj"``), globs on
+            qualified names (``"*.layers.0.*.q_proj"``) or aliases (``"all-linear"``, role names).
+        exclude_modules: patterns removed from the selection afterwards.
+        layers: keep only modules inside these transformer-block indices (``None``: all blocks).
+        layers_pattern: names of the containers whose numbered children are the blocks.
+        modules_to_save: modules trained in full (a copy per adapter) and saved with the adapter, such
+            as a classification head.
+        task_type: Hugging Face PEFT's task type (``"CAUSAL_LM"``, ``"SEQ_CLS"``, ...), written to
+            ``adapter_config.json``; inferred from the model class when ``None``.
+    """
+
+    peft_type: ClassVar[str] = ""
+
+    target_modules: str | Sequence[str] = ()
+    exclude_modules: str | Sequence[str] = ()
+    layers: Sequence[int] | None = None
+    layers_pattern: str | Sequence[str] = DEFAULT_LAYER_CONTAINERS
+    modules_to_save: str | Sequence[str] = ()
+    task_type: str | None = None
+    #: Free-form extra fields read from an ``adapter_config.json`` and written back unchanged.
+    extra: dict[str, Any] = field(default_factory=dict, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        self.target_modules = _as_list(self.target_modules)
+        self.exclude_modules = _as_list(self.exclude_modules)
+        self.modules_to_save = _as_list(self.modules_to_save)
+        self.layers_pattern = _as_list(self.layers_pattern)
+        if self.layers is not None:
+            if isinstance(self.layers, int):
+                self.layers = [self.layers]
+            bad = [i for i in self.layers if not isinstance(i, int) or i < 0]
+            if bad:
+                raise ConfigError(f"layers={list(self.layers)!r} must be non-negative integers; got {bad}")
+            self.layers = list(self.layers)
+
+    # -- what the method adapts -------------------------------------------------------------------
+    def supports(self, module: nn.Module) -> bool:
+        """True if this method can wrap ``module``."""
+        raise NotImplementedError
+
+    def supported_layer_names(self) -> list[str]:
+        """Names of the layer types this method can wrap, for error messages."""
+        raise NotImplementedError
+
+    def resolve(self, model: nn.Module) -> list[str]:
+        """Qualified names of the modules this config adapts on ``model`` (see ``resolve_targets``)."""
+        if not self.target_modules:
+            raise ConfigError(
+                f"{type(self).__name__}.target_modules is empty; name the modules to adapt, "
+                "e.g. target_modules=['q_proj', 'v_proj'] or 'all-linear'"
+            )
+        return resolve_targets(
+            model,
+            list(self.target_modules),
+            supported=self.supports,
+            supported_names=self.supported_layer_names(),
+            exclude=list(self.exclude_modules),
+            layers=self.layers,
+            layer_containers=list(self.layers_pattern),
+        )
+
+    def transform(self, module: nn.Module, qualname: str, adapter_name: str) -> nn.Module:
+        """Return ``module`` adapted with a new adapter called ``adapter_name``.
+
+        ``module`` is either the plain base layer (return a new wrapper) or an adapter layer of this
+        method already wrapping it (add the adapter to it and return it).
+        """
+        raise NotImplementedError
+
+    # -- the file format --------------------------------------------------------------------------
+    def to_hf_dict(self, targets: list[str], module_names: list[str]) -> dict[str, Any]:
+        """This config as Hugging Face PEFT's ``adapter_config.json``.
+
+        Args:
+            targets: the qualified names this adapter was applied to.
+            module_names: every module name of the (unwrapped) model, to write targets HF PEFT matches exactly.
+        """
+        raise NotImplementedError
+
+    @classmethod
+    def from_hf_dict(cls, data: dict[str, Any], module_names: list[str]) -> AdapterConfig:
+        """Build a config from ``adapter_config.json``; ``module_names`` resolves regex targets."""
+        raise NotImplementedError
+
+    def replace(self, **changes: Any) -> AdapterConfig:
+        """A copy with ``changes`` applied (validated again)."""
+        return dataclasses.replace(self, **changes)

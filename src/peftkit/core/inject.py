@@ -1,0 +1,155 @@
+"""``apply`` and ``delete_adapter``: validate, freeze, walk, wrap."""
+
+from __future__ import annotations
+
+from torch import nn
+
+from peftkit.core.config import AdapterConfig
+from peftkit.core.layer import AdapterLayer
+from peftkit.core.matching import first_match
+from peftkit.core.modules_to_save import ModulesToSave
+from peftkit.core.state import adapter_layers, get_state, set_adapter
+from peftkit.core.walk import iter_modules, set_module
+from peftkit.errors import (
+    AdapterExistsError,
+    AdapterNotFoundError,
+    AdapterStateError,
+    ConfigError,
+    TargetNotFoundError,
+)
+
+
+def _check_name(model: nn.Module, name: str) -> None:
+    if not isinstance(name, str) or not name or "." in name:
+        raise ConfigError(f"adapter name {name!r} must be a non-empty string without dots, e.g. 'task1'")
+    existing = get_state(model).configs
+    if name in existing:
+        raise AdapterExistsError(
+            f"an adapter named {name!r} already exists on this model (adapters: {sorted(existing)}); "
+            f"choose another name or remove it first with pk.delete_adapter(model, {name!r})"
+        )
+
+
+def _check_not_merged(model: nn.Module) -> None:
+    merged = sorted({f"{n} ({', '.join(l.merged_adapters)})" for n, l in adapter_layers(model) if l.merged_adapters})
+    if merged:
+        raise AdapterStateError(
+            f"the model has merged adapters at {merged[:3]}{' …' if len(merged) > 3 else ''}; "
+            "call pk.unmerge(model) before adding or loading another adapter"
+        )
+
+
+def _resolve_modules_to_save(model: nn.Module, patterns: list[str]) -> list[str]:
+    names = [n for n, _ in iter_modules(model) if n]
+    found: list[str] = []
+    for pattern in patterns:
+        hits = [n for n in names if first_match(n, [pattern]) is not None]
+        # A module inside another selected one is already covered by its parent's copy.
+        hits = [n for n in hits if not any(n.startswith(h + ".") for h in hits)]
+        if not hits:
+            raise TargetNotFoundError(
+                f"modules_to_save pattern {pattern!r} matches no module; top-level modules are "
+                f"{[n for n in names if '.' not in n]}"
+            )
+        found.extend(h for h in hits if h not in found)
+    return found
+
+
+def _check_compatible(model: nn.Module, config: AdapterConfig, targets: list[str]) -> None:
+    modules = dict(model.named_modules())
+    for name in targets:
+        module = modules[name]
+        if isinstance(module, AdapterLayer) and not config.supports(module):
+            raise ConfigError(
+                f"{name} is already adapted by a {type(module).__name__}; a second adapter on the same layer "
+                f"must use the same method, not {type(config).__name__}"
+            )
+
+
+def apply(model: nn.Module, config: AdapterConfig, name: str = "default", activate: bool | None = None) -> nn.Module:
+    """Adapt ``model`` in place with a new adapter and return the same object.
+
+    Everything is validated before the model is touched: the name, the model's merge state, the
+    targets and their layer types. Base parameters are frozen; the new adapter's parameters are
+    trainable when it is active.
+
+    Args:
+        model: any ``nn.Module``.
+        config: a method config such as ``pk.LoRA(target_modules=["q_proj", "v_proj"])``.
+        name: the adapter's name, used by ``set_adapter``, ``save_adapter`` and friends.
+        activate: make the new adapter the active one. Default: only if no adapter is active yet.
+
+    Returns:
+        ``model`` itself.
+
+    Raises:
+        ConfigError: invalid name or config; TargetNotFoundError / UnsupportedLayerError: bad targets.
+        AdapterExistsError: ``name`` is taken. AdapterStateError: the model has merged adapters.
+    """
+    if not isinstance(config, AdapterConfig):
+        raise ConfigError(f"config must be a peftkit method config such as pk.LoRA(...), got {type(config).__name__}")
+    _check_name(model, name)
+    _check_not_merged(model)
+    custom = getattr(config, "inject", None)
+    if custom is not None:  # methods that add modules rather than wrap layers (prompt tuning, ...)
+        targets = custom(model, name)
+    else:
+        targets = config.resolve(model)
+        _check_compatible(model, config, targets)
+    saved = _resolve_modules_to_save(model, list(config.modules_to_save))
+
+    state = get_state(model, create=True)
+    if not state.configs:
+        model.requires_grad_(False)
+    try:
+        if custom is None:
+            for target in targets:
+                set_module(model, target, config.transform(model.get_submodule(target), target, name))
+        for target in saved:
+            module = model.get_submodule(target)
+            wrapper = module if isinstance(module, ModulesToSave) else ModulesToSave(module)
+            wrapper.add(name)
+            set_module(model, target, wrapper)
+    except Exception:
+        _remove(model, name)
+        raise
+    state.configs[name] = config
+    state.targets[name] = targets + saved
+    if activate or (activate is None and not state.active):
+        set_adapter(model, [name])
+    else:
+        set_adapter(model, state.active)
+    post = getattr(config, "after_apply", None)
+    if post is not None:
+        post(model, name)
+    return model
+
+
+def _remove(model: nn.Module, name: str) -> None:
+    """Drop adapter ``name`` from every layer, restoring base layers that end up with no adapter."""
+    for qualname, layer in list(adapter_layers(model)):
+        if layer.has_adapter(name):
+            layer.delete_adapter(name)
+            if not layer.adapter_names:
+                set_module(model, qualname, layer.base_layer)
+    remove = getattr(get_state(model).configs.get(name), "remove", None)
+    if remove is not None:
+        remove(model, name)
+
+
+def delete_adapter(model: nn.Module, name: str) -> None:
+    """Remove adapter ``name`` from ``model``; layers left with no adapter become plain layers again.
+
+    Raises:
+        AdapterNotFoundError: ``name`` is not an adapter of ``model``.
+    """
+    state = get_state(model)
+    if name not in state.configs:
+        raise AdapterNotFoundError(
+            f"no adapter named {name!r} on this model; its adapters are {sorted(state.configs) or 'none'}"
+        )
+    _remove(model, name)
+    del state.configs[name]
+    del state.targets[name]
+    state.active = [n for n in state.active if n != name]
+    set_adapter(model, state.active)

@@ -1,0 +1,145 @@
+"""Target matching: one syntax, one meaning.
+
+A pattern is matched against a module's qualified name (``model.layers.0.self_attn.q_proj``):
+
+* a glob (``*.layers.0.*.q_proj``) matches the whole name or any dotted suffix of it;
+* a bare name (``q_proj``) is the special case of a glob without wildcards: it matches ``q_proj`` at the
+  top level or ``*.q_proj`` anywhere; a dotted name (``self_attn.q_proj``) matches that suffix;
+* an alias (``all-linear``, Megatron-style role names such as ``linear_qkv`` when registered) expands to
+  the exact module names it stands for on this model.
+
+Suffix semantics make every plain name Hugging Face PEFT accepts in a ``target_modules`` list mean the
+same thing here.
+"""
+
+from __future__ import annotations
+
+import difflib
+import re
+from collections.abc import Callable, Iterable, Sequence
+from fnmatch import fnmatchcase
+
+from torch import nn
+
+from peftkit.core.walk import iter_modules
+from peftkit.errors import TargetNotFoundError, UnsupportedLayerError
+
+#: alias → function returning the exact qualified names it stands for on a model.
+ALIASES: dict[str, Callable[[nn.Module], list[str]]] = {}
+
+#: Module names that are output heads: ``all-linear`` leaves them alone.
+HEAD_NAMES = frozenset({"lm_head", "classifier", "score", "qa_outputs", "cls", "head", "output_projection"})
+
+#: Containers whose numbered children are the transformer blocks (``layers.3``, GPT-2 ``h.3``, T5 ``block.3``).
+DEFAULT_LAYER_CONTAINERS = ("layers", "layer", "h", "block", "blocks")
+
+
+def register_alias(name: str, resolve: Callable[[nn.Module], list[str]]) -> None:
+    """Make ``name`` usable in ``target_modules``; ``resolve(model)`` returns exact module names."""
+    ALIASES[name] = resolve
+
+
+def matches(name: str, pattern: str) -> bool:
+    """True if ``pattern`` (a glob or plain name) matches ``name`` or one of its dotted suffixes."""
+    return fnmatchcase(name, pattern) or fnmatchcase(name, "*." + pattern)
+
+
+def first_match(name: str, patterns: Iterable[str]) -> str | None:
+    """The first pattern of ``patterns`` that matches ``name``, or ``None``."""
+    return next((p for p in patterns if matches(name, p)), None)
+
+
+def layer_index(name: str, containers: Sequence[str] = DEFAULT_LAYER_CONTAINERS) -> int | None:
+    """The transformer-block index in ``name`` (``model.layers.3.mlp`` → 3), or ``None``."""
+    alternatives = "|".join(re.escape(c) for c in containers)
+    found = re.search(rf"(?:^|\.)(?:{alternatives})\.(\d+)(?:\.|$)", name)
+    return int(found.group(1)) if found else None
+
+
+def _head_names(model: nn.Module) -> set[str]:
+    heads = {n for n, _ in model.named_modules() if n and (n.split(".")[0] in HEAD_NAMES or n.split(".")[-1] in HEAD_NAMES)}
+    get_out = getattr(model, "get_output_embeddings", None)
+    if callable(get_out):
+        try:
+            out = get_out()
+        except (AttributeError, NotImplementedError):
+            out = None
+        heads |= {n for n, m in model.named_modules() if out is not None and m is out}
+    return heads
+
+
+def _all_linear(model: nn.Module) -> list[str]:
+    from peftkit.core.registry import linear_kind
+
+    heads = _head_names(model)
+    return [n for n, m in iter_modules(model) if n and n not in heads and linear_kind(m) is not None]
+
+
+register_alias("all-linear", _all_linear)
+
+
+def resolve_targets(
+    model: nn.Module,
+    targets: Sequence[str],
+    *,
+    supported: Callable[[nn.Module], bool],
+    supported_names: Sequence[str],
+    exclude: Sequence[str] = (),
+    layers: Sequence[int] | None = None,
+    layer_containers: Sequence[str] = DEFAULT_LAYER_CONTAINERS,
+) -> list[str]:
+    """The qualified names of the modules ``targets`` select, in model order.
+
+    Each pattern must select at least one module of a supported type; a pattern that matches only
+    unsupported modules is an error naming their types, one that matches nothing an error naming the
+    closest module names. Exclusions and layer indices filter the result afterwards.
+
+    Raises:
+        TargetNotFoundError: a pattern matches no module (or none survives ``exclude``/``layers``).
+        UnsupportedLayerError: a pattern matches modules whose type the method cannot adapt.
+    """
+    modules = dict(iter_modules(model))
+    names = [n for n in modules if n]
+    selected: set[str] = set()
+    for pattern in targets:
+        if pattern in ALIASES:
+            hits = ALIASES[pattern](model)
+        else:
+            hits = [n for n in names if matches(n, pattern)]
+        if not hits:
+            raise TargetNotFoundError(
+                f"target pattern {pattern!r} matches no module of {type(model).__name__}; "
+                f"closest module names: {_near_misses(pattern, names)}. Use a module's leaf name "
+                f"(e.g. 'q_proj'), a glob on its qualified name (e.g. '*.layers.0.*.q_proj') or an alias "
+                f"({', '.join(sorted(ALIASES))})."
+            )
+        good = [n for n in hits if supported(modules[n])]
+        if not good:
+            kinds = sorted({type(modules[n]).__name__ for n in hits})
+            raise UnsupportedLayerError(
+                f"target pattern {pattern!r} matches only modules of type {', '.join(kinds)}, which this "
+                f"method cannot adapt; supported layer types: {', '.join(supported_names)}. "
+                f"Target the layers inside them instead (e.g. '{hits[0]}.*')."
+            )
+        selected.update(good)
+    result = [n for n in names if n in selected]
+    if exclude:
+        result = [n for n in result if first_match(n, exclude) is None]
+    if layers is not None:
+        wanted = set(layers)
+        result = [n for n in result if layer_index(n, layer_containers) in wanted]
+    if not result:
+        raise TargetNotFoundError(
+            f"targets {list(targets)} select no module once exclude_modules={list(exclude)} and "
+            f"layers={None if layers is None else list(layers)} are applied; loosen one of them."
+        )
+    return result
+
+
+def _near_misses(pattern: str, names: Sequence[str], n: int = 5) -> list[str]:
+    leaves = sorted({name.rsplit(".", 1)[-1] for name in names})
+    leaf = pattern.rsplit(".", 1)[-1].replace("*", "")
+    close = difflib.get_close_matches(leaf, leaves, n=n, cutoff=0.5)
+    if not close:
+        close = difflib.get_close_matches(pattern, names, n=n, cutoff=0.4)
+    return close or leaves[:n]

@@ -1,0 +1,52 @@
+"""Modules trained in full alongside an adapter (``modules_to_save``), such as a classification head.
+
+Each adapter gets its own trainable copy of the module; the original stays frozen and is used whenever
+no active adapter has a copy. On disk the copy is saved under the module's own path
+(``base_model.model.classifier.weight``), as Hugging Face PEFT does.
+"""
+
+from __future__ import annotations
+
+import copy
+from typing import Any
+
+from torch import nn
+
+from peftkit.core.layer import AdapterLayer
+
+
+class ModulesToSave(AdapterLayer):
+    """``base_layer`` plus one trainable copy of it per adapter."""
+
+    adapter_containers = ("copies",)
+
+    def __init__(self, base_layer: nn.Module) -> None:
+        super().__init__(base_layer)
+        self.copies = nn.ModuleDict()
+
+    def add(self, name: str) -> None:
+        duplicate = copy.deepcopy(self.base_layer)
+        duplicate.requires_grad_(True)
+        self.copies[name] = duplicate
+
+    def current(self) -> nn.Module:
+        """The module ``forward`` uses: the first active adapter's copy, else the original."""
+        for name in self._applied():
+            return self.copies[name]
+        return self.base_layer
+
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        return self.current()(*args, **kwargs)
+
+    def adapter_tensors(self, name: str) -> dict[str, Any]:
+        # HF PEFT strips ``modules_to_save.<name>.``: the copy is saved under the module's own keys.
+        if name not in self.copies:
+            return {}
+        return dict(self.copies[name].state_dict(keep_vars=True))
+
+    def merge(self, names: Any, safe: bool = False, where: str = "") -> None:
+        # Merging keeps the copy in use; ``unload`` later swaps it in for the original.
+        return None
+
+    def unmerge(self, names: Any = None) -> None:
+        return None

@@ -1,0 +1,117 @@
+"""Parameter counts, the trainable-parameter line, and ``inspect`` (the dry run of ``apply``)."""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from peftkit.core.config import AdapterConfig
+
+
+def _numel(param: torch.Tensor) -> int:
+    # Quantized weights report the logical element count they stand for.
+    return int(getattr(param, "logical_numel", param.numel()))
+
+
+def count_parameters(model: nn.Module) -> tuple[int, int]:
+    """``(trainable, total)`` parameter counts; shared (tied) parameters count once. Works on ``meta``."""
+    trainable = total = 0
+    for param in model.parameters():
+        n = _numel(param)
+        total += n
+        if param.requires_grad:
+            trainable += n
+    for module in model.modules():  # quantized layers keep their packed weights as buffers
+        extra = getattr(module, "frozen_numel", None)
+        if callable(extra):
+            total += int(extra())
+    return trainable, total
+
+
+def trainable_parameters_line(model: nn.Module) -> str:
+    trainable, total = count_parameters(model)
+    share = 100 * trainable / total if total else 0.0
+    return f"trainable params: {trainable:,d} || all params: {total:,d} || trainable%: {share:.4f}"
+
+
+def print_trainable_parameters(model: nn.Module) -> None:
+    """Print HF PEFT's line: ``trainable params: 4,194,304 || all params: 6,742,609,920 || trainable%: 0.0622``."""
+    print(trainable_parameters_line(model))
+
+
+@dataclass(frozen=True)
+class InspectRow:
+    """One module ``apply`` would adapt."""
+
+    name: str
+    layer_type: str
+    shape: tuple[int, ...]
+    added_params: int
+
+
+@dataclass(frozen=True)
+class InspectReport:
+    rows: list[InspectRow]
+    total_params: int
+
+    @property
+    def added_params(self) -> int:
+        return sum(r.added_params for r in self.rows)
+
+    def __str__(self) -> str:
+        width = max([len(r.name) for r in self.rows] + [6])
+        lines = [f"{'module':<{width}}  {'type':<12}  {'weight shape':<16}  {'added params':>12}"]
+        for r in self.rows:
+            lines.append(f"{r.name:<{width}}  {r.layer_type:<12}  {str(r.shape):<16}  {r.added_params:>12,d}")
+        share = 100 * self.added_params / (self.total_params + self.added_params) if self.total_params else 0.0
+        lines.append(
+            f"{len(self.rows)} modules adapted, {self.added_params:,d} parameters added "
+            f"({share:.4f}% of {self.total_params + self.added_params:,d})"
+        )
+        return "\n".join(lines)
+
+
+def inspect(model: nn.Module, config: AdapterConfig) -> InspectReport:
+    """What ``pk.apply(model, config)`` would do, without changing ``model``.
+
+    The adapter is applied to a copy of the model built on the ``meta`` device, so this costs no
+    memory even for 7B-class shapes.
+
+    Returns:
+        An :class:`InspectReport`; ``print`` it for a table.
+    """
+    from peftkit.core.inject import apply
+    from peftkit.core.state import get_state
+
+    shadow = _meta_copy(model)
+    name = "inspect"
+    while name in get_state(shadow).configs:
+        name += "_"
+    _, before = count_parameters(shadow)
+    targets = config.resolve(shadow) if getattr(config, "inject", None) is None else None
+    apply(shadow, config, name=name)
+    rows: list[InspectRow] = []
+    modules = dict(shadow.named_modules())
+    for target in targets or []:
+        layer = modules[target]
+        added = sum(p.numel() for p in layer.adapter_parameters(name))  # type: ignore[operator]
+        base = layer.base_layer  # type: ignore[union-attr]
+        weight = getattr(base, "weight", None)
+        shape = tuple(weight.shape) if weight is not None else ()
+        rows.append(InspectRow(target, type(base).__name__, shape, added))
+    _, after = count_parameters(shadow)
+    if not rows:
+        rows.append(InspectRow("(virtual tokens / added modules)", type(config).__name__, (), after - before))
+    return InspectReport(rows, before)
+
+
+def _meta_copy(model: nn.Module) -> nn.Module:
+    """A deep copy of ``model`` whose tensors live on ``meta`` (structure only, no memory)."""
+    memo: dict[int, object] = {}
+    for tensor in list(model.parameters()) + list(model.buffers()):
+        meta = torch.empty_like(tensor, device="meta")
+        memo[id(tensor)] = nn.Parameter(meta, tensor.requires_grad) if isinstance(tensor, nn.Parameter) else meta
+    return copy.deepcopy(model, memo)

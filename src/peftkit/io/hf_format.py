@@ -1,0 +1,285 @@
+"""Hugging Face PEFT's adapter format, both ways.
+
+A directory holds ``adapter_config.json`` (HF PEFT's field names) and ``adapter_model.safetensors``
+(keys such as ``base_model.model.<module path>.lora_A.weight``). Several adapters are saved as HF PEFT
+does: ``default`` in the directory itself, every other adapter in a subdirectory named after it.
+
+Loading is strict where HF PEFT is lenient: missing keys, unexpected keys and shape mismatches are
+errors, and the model is left exactly as it was.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from peftkit.core.config import AdapterConfig
+from peftkit.core.inject import apply, delete_adapter
+from peftkit.core.registry import METHODS, is_fan_in_fan_out
+from peftkit.core.state import adapter_layers, get_state
+from peftkit.core.walk import iter_modules
+from peftkit.errors import AdapterNotFoundError, CheckpointError, ConfigError, ShapeMismatchError
+from peftkit.io.atomic import write_atomic, write_text_atomic
+
+CONFIG_NAME = "adapter_config.json"
+WEIGHTS_NAME = "adapter_model.safetensors"
+LEGACY_WEIGHTS_NAME = "adapter_model.bin"
+PREFIX = "base_model.model."
+
+_TASK_TYPES = (
+    ("ForCausalLM", "CAUSAL_LM"),
+    ("ForConditionalGeneration", "SEQ_2_SEQ_LM"),
+    ("ForSeq2SeqLM", "SEQ_2_SEQ_LM"),
+    ("ForSequenceClassification", "SEQ_CLS"),
+    ("ForTokenClassification", "TOKEN_CLS"),
+    ("ForQuestionAnswering", "QUESTION_ANS"),
+)
+
+
+def infer_task_type(model: nn.Module) -> str | None:
+    """HF PEFT's ``task_type`` for a ``transformers`` model class, or ``None``."""
+    cls = type(model).__name__
+    return next((task for suffix, task in _TASK_TYPES if cls.endswith(suffix)), None)
+
+
+def module_names(model: nn.Module) -> list[str]:
+    """Qualified names of the model's modules as they were before wrapping."""
+    return [n for n, _ in iter_modules(model) if n]
+
+
+def adapter_state_dict(model: nn.Module, name: str) -> dict[str, torch.Tensor]:
+    """Adapter ``name``'s tensors under HF PEFT's full keys (live tensors, not copies)."""
+    config = _config(model, name)
+    state: dict[str, torch.Tensor] = {}
+    for qualname, layer in adapter_layers(model):
+        prefix = f"{PREFIX}{qualname}." if qualname else PREFIX
+        for key, value in layer.adapter_tensors(name).items():
+            state[prefix + key] = value
+    extra = getattr(config, "extra_tensors", None)
+    if extra is not None:
+        state.update(extra(model, name))
+    return state
+
+
+def adapter_config_dict(model: nn.Module, name: str) -> dict[str, Any]:
+    """Adapter ``name``'s ``adapter_config.json`` content."""
+    config = _config(model, name)
+    names = module_names(model)
+    data = config.to_hf_dict(get_state(model).targets[name], names)
+    if data.get("task_type") is None:
+        data["task_type"] = infer_task_type(model)
+    name_or_path = getattr(getattr(model, "config", None), "_name_or_path", None)
+    if data.get("base_model_name_or_path") is None and name_or_path:
+        data["base_model_name_or_path"] = name_or_path
+    if "fan_in_fan_out" in data:
+        modules = dict(model.named_modules())
+        data["fan_in_fan_out"] = any(
+            is_fan_in_fan_out(getattr(modules[t], "base_layer", modules[t])) for t in get_state(model).targets[name]
+        )
+    return data
+
+
+def save_adapter(model: nn.Module, directory: str | Path, name: str | Sequence[str] | None = None) -> None:
+    """Write adapters in HF PEFT's layout; each file is replaced atomically.
+
+    Args:
+        model: a model adapted with ``pk.apply`` or ``pk.load_adapter``.
+        directory: the target directory (created if needed).
+        name: one adapter (written to ``directory`` itself), several, or ``None`` for all of them;
+            with several, ``default`` goes to ``directory`` and the others to ``directory/<name>``.
+
+    Raises:
+        AdapterNotFoundError: a name is not an adapter of ``model``.
+    """
+    known = list(get_state(model).configs)
+    if name is None:
+        names = known
+    else:
+        names = [name] if isinstance(name, str) else list(name)
+    for n in names:
+        _config(model, n)
+    if not names:
+        raise AdapterNotFoundError("the model has no adapters to save; add one with pk.apply first")
+    single = isinstance(name, str) or len(names) == 1
+    for n in names:
+        target = Path(directory) if single or n == "default" else Path(directory) / n
+        _write(target, adapter_config_dict(model, n), adapter_state_dict(model, n))
+
+
+def _write(directory: Path, config: dict[str, Any], state: dict[str, torch.Tensor]) -> None:
+    directory.mkdir(parents=True, exist_ok=True)
+    tensors = {k: v.detach().to("cpu").contiguous().clone() for k, v in state.items()}
+    meta = {"format": "pt"}
+    write_atomic(directory / WEIGHTS_NAME, lambda tmp: save_file(tensors, str(tmp), metadata=meta))
+    write_text_atomic(directory / CONFIG_NAME, json.dumps(config, indent=2, sort_keys=True) + "\n")
+
+
+def read_config(directory: str | Path) -> dict[str, Any]:
+    """The parsed ``adapter_config.json`` of ``directory``.
+
+    Raises:
+        CheckpointError: the file is missing or is not a JSON object with a ``peft_type``.
+    """
+    path = Path(directory) / CONFIG_NAME
+    if not path.is_file():
+        raise CheckpointError(
+            f"no {CONFIG_NAME} in {str(directory)!r}; point to a directory written by pk.save_adapter or "
+            "HF PEFT's save_pretrained"
+        )
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise CheckpointError(f"{str(path)!r} is not valid JSON ({exc}); the file is corrupt or truncated") from exc
+    if not isinstance(data, dict) or "peft_type" not in data:
+        raise CheckpointError(f"{str(path)!r} has no 'peft_type' field; it is not a PEFT adapter config")
+    return data
+
+
+def read_weights(directory: str | Path, legacy_bin: bool = False) -> dict[str, torch.Tensor]:
+    """The tensors of ``adapter_model.safetensors`` in ``directory``.
+
+    ``adapter_model.bin`` (a pickle) is read only when ``legacy_bin=True``, and then with
+    ``torch.load(weights_only=True)``.
+
+    Raises:
+        CheckpointError: the file is missing, truncated or corrupt.
+    """
+    path = Path(directory) / WEIGHTS_NAME
+    legacy = Path(directory) / LEGACY_WEIGHTS_NAME
+    if path.is_file():
+        try:
+            return load_file(str(path))
+        except (SafetensorError, OSError, ValueError) as exc:
+            raise CheckpointError(
+                f"{str(path)!r} could not be read ({exc}); the file is truncated or corrupt, save the adapter again"
+            ) from exc
+    if legacy.is_file():
+        if not legacy_bin:
+            raise CheckpointError(
+                f"{str(directory)!r} holds only the legacy pickle {LEGACY_WEIGHTS_NAME}; peftkit does not unpickle "
+                "files by default. Pass legacy_bin=True to read it with torch.load(weights_only=True)."
+            )
+        try:
+            loaded = torch.load(legacy, map_location="cpu", weights_only=True)
+        except Exception as exc:
+            raise CheckpointError(f"{str(legacy)!r} could not be read ({exc})") from exc
+        return dict(loaded)
+    raise CheckpointError(f"no {WEIGHTS_NAME} in {str(directory)!r}; the adapter directory is incomplete")
+
+
+def config_from_dict(data: dict[str, Any], model: nn.Module) -> AdapterConfig:
+    """The method config described by an ``adapter_config.json`` dict, resolved against ``model``.
+
+    Raises:
+        ConfigError: the ``peft_type`` is unknown.
+    """
+    peft_type = data.get("peft_type")
+    if peft_type not in METHODS:
+        raise ConfigError(
+            f"unknown peft_type {peft_type!r} in {CONFIG_NAME}; peftkit reads {sorted(METHODS)}"
+        )
+    return METHODS[peft_type].from_hf_dict(data, module_names(model))
+
+
+def load_adapter(
+    model: nn.Module,
+    directory: str | Path,
+    name: str = "default",
+    *,
+    activate: bool | None = None,
+    trainable: bool = False,
+    legacy_bin: bool = False,
+) -> nn.Module:
+    """Add the adapter saved in ``directory`` (by peftkit or HF PEFT) to ``model`` as ``name``.
+
+    The files are read and validated before the model changes; if the tensors do not fit the model
+    (missing or unexpected keys, wrong shapes) the new adapter is removed again and the model is as before.
+
+    Args:
+        model: the base model (possibly holding other adapters).
+        directory: a directory with ``adapter_config.json`` and ``adapter_model.safetensors``.
+        name: the name the adapter gets on this model.
+        activate: make it the active adapter (default: only if no adapter is active yet).
+        trainable: keep the loaded adapter's parameters trainable (default: frozen, for inference).
+        legacy_bin: allow reading a legacy ``adapter_model.bin`` with ``torch.load(weights_only=True)``.
+
+    Returns:
+        ``model`` itself.
+
+    Raises:
+        CheckpointError: missing/corrupt files, missing or unexpected keys.
+        ShapeMismatchError: a tensor does not fit (the key and both shapes are named).
+        ConfigError: an unknown ``peft_type`` or an invalid config.
+    """
+    data = read_config(directory)
+    weights = read_weights(directory, legacy_bin=legacy_bin)
+    config = config_from_dict(data, model)
+    grad_flags = [(p, p.requires_grad) for p in model.parameters()]
+    apply(model, config, name=name, activate=activate)
+    try:
+        _load_tensors(model, name, weights, str(directory))
+    except Exception:
+        delete_adapter(model, name)
+        for param, flag in grad_flags:
+            param.requires_grad_(flag)
+        raise
+    if not trainable:
+        for tensor in adapter_state_dict(model, name).values():
+            if isinstance(tensor, nn.Parameter):
+                tensor.requires_grad_(False)
+    return model
+
+
+def _load_tensors(model: nn.Module, name: str, weights: dict[str, torch.Tensor], where: str) -> None:
+    own = adapter_state_dict(model, name)
+    base_embeddings = _saved_base_embeddings(model, weights, own)
+    missing = sorted(set(own) - set(weights))
+    unexpected = sorted(set(weights) - set(own) - set(base_embeddings))
+    if missing or unexpected:
+        parts = []
+        if missing:
+            parts.append(f"missing keys {missing[:5]}{' …' if len(missing) > 5 else ''} ({len(missing)} in all)")
+        if unexpected:
+            parts.append(f"unexpected keys {unexpected[:5]}{' …' if len(unexpected) > 5 else ''} ({len(unexpected)} in all)")
+        raise CheckpointError(
+            f"the adapter in {where!r} does not fit this model: {'; '.join(parts)}. Was it saved for a different "
+            "model or with different target_modules?"
+        )
+    targets = {**own, **base_embeddings}
+    for key, value in weights.items():
+        if targets[key].shape != value.shape:
+            raise ShapeMismatchError(
+                f"{key}: the file holds shape {tuple(value.shape)} but the model needs {tuple(targets[key].shape)}; "
+                "the adapter was made for a different model shape or rank"
+            )
+    with torch.no_grad():
+        for key, value in weights.items():
+            targets[key].copy_(value.to(dtype=targets[key].dtype, device=targets[key].device))
+
+
+def _saved_base_embeddings(
+    model: nn.Module, weights: dict[str, torch.Tensor], own: dict[str, torch.Tensor]
+) -> dict[str, torch.Tensor]:
+    """Base embedding weights HF PEFT saves beside LoRA on embeddings (``save_embedding_layers``)."""
+    found: dict[str, torch.Tensor] = {}
+    for qualname, layer in adapter_layers(model):
+        key = f"{PREFIX}{qualname}.base_layer.weight"
+        if key in weights and key not in own and isinstance(layer.base_layer, nn.Embedding):
+            found[key] = layer.base_layer.weight
+    return found
+
+
+def _config(model: nn.Module, name: str) -> AdapterConfig:
+    configs = get_state(model).configs
+    if name not in configs:
+        raise AdapterNotFoundError(
+            f"no adapter named {name!r} on this model; its adapters are {sorted(configs) or 'none'}"
+        )
+    return configs[name]

@@ -1,0 +1,1 @@
+"""Folding adapters into base weights, and combining several adapters into one."""

@@ -1,0 +1,86 @@
+"""``merge``, ``unmerge`` and ``unload``: fold adapters into the base weights and back.
+
+Merging adds each adapter's ΔW to its base weight, so the merged model computes the adapted output
+with no extra cost; unmerging subtracts it again (exact up to floating-point rounding).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from torch import nn
+
+from peftkit.core.modules_to_save import ModulesToSave
+from peftkit.core.state import _check_names, adapter_layers, get_state
+from peftkit.core.registry import dequantized
+from peftkit.core.walk import set_module
+from peftkit.errors import AdapterNotFoundError
+
+
+def merge(model: nn.Module, names: str | Sequence[str] | None = None, safe: bool = False) -> nn.Module:
+    """Fold adapters (default: the active ones) into the base weights.
+
+    Args:
+        names: adapters to merge; ``None`` merges the active adapters.
+        safe: check every merged weight for NaN/Inf before writing it, and refuse (naming the module).
+
+    Raises:
+        AdapterNotFoundError: an unknown name. MergeError: a non-finite delta with ``safe``, or a
+            method that cannot be merged.
+    """
+    state = get_state(model)
+    if not state.configs:
+        raise AdapterNotFoundError("the model has no adapters to merge; add one with pk.apply first")
+    wanted = state.active if names is None else ([names] if isinstance(names, str) else list(names))
+    _check_names(model, wanted)
+    layers = [(q, l) for q, l in adapter_layers(model) if any(l.has_adapter(n) for n in wanted)]
+    for qualname, layer in layers:
+        layer.merge([n for n in wanted if layer.has_adapter(n)], safe=safe, where=qualname)
+    return model
+
+
+def unmerge(model: nn.Module) -> nn.Module:
+    """Take every merged adapter out of the base weights again."""
+    for _, layer in adapter_layers(model):
+        if layer.merged_adapters:
+            layer.unmerge()
+    return model
+
+
+merge_adapters = merge  # ``unload`` takes a ``merge`` flag, which shadows the function there
+
+
+def unload(
+    model: nn.Module, merge: bool = True, names: Sequence[str] | None = None, dequantize: bool = False
+) -> nn.Module:
+    """Return ``model`` as a plain model: adapter layers replaced by their base layers.
+
+    Args:
+        merge: fold the active adapters (or ``names``) into the weights first; otherwise drop them.
+        names: the adapters to merge (default: the active ones).
+        dequantize: replace quantized base layers by float copies first, so adapters merge into
+            full-precision weights instead of being re-quantized.
+
+    Returns:
+        ``model`` itself, without adapters. A ``modules_to_save`` copy of a merged adapter replaces
+        its original module.
+    """
+    state = get_state(model)
+    if dequantize:
+        for _, layer in adapter_layers(model):
+            layer.base_layer = dequantized(layer.base_layer)
+    if merge and state.configs:
+        merge_adapters(model, state.active if names is None else names)
+    for qualname, layer in list(adapter_layers(model)):
+        if isinstance(layer, ModulesToSave):
+            set_module(model, qualname, layer.current() if merge else layer.base_layer)
+        else:
+            set_module(model, qualname, layer.base_layer)
+    for name, config in list(state.configs.items()):
+        remove = getattr(config, "remove", None)
+        if remove is not None:
+            remove(model, name)
+    state.configs.clear()
+    state.targets.clear()
+    state.active.clear()
+    return model

@@ -1,0 +1,274 @@
+"""LoRA: the config, its validation, and its Hugging Face PEFT ``adapter_config.json`` form.
+
+Formula and layers: see :mod:`peftkit.methods.lora_layers`. Paper: Hu et al., "LoRA: Low-Rank Adaptation
+of Large Language Models", ICLR 2022 (https://arxiv.org/abs/2106.09685); rsLoRA: Kalajdzievski, 2023
+(https://arxiv.org/abs/2312.03732).
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from dataclasses import dataclass, field
+from typing import Any
+
+from torch import nn
+
+from peftkit.core.config import AdapterConfig
+from peftkit.core.matching import first_match
+from peftkit.core.registry import LINEAR_KINDS, register_method
+from peftkit.methods.lora_layers import LORA_LAYERS, LoRALayer, lora_layer_class
+from peftkit.errors import ConfigError
+
+INIT_METHODS = ("kaiming", "xavier", "gaussian", "zero")
+BIAS_MODES = ("none", "all", "lora_only")
+
+
+def _positive_int(field_name: str, value: Any) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+        raise ConfigError(f"{field_name}={value!r} must be a positive integer (e.g. 8)")
+
+
+def _positive_number(field_name: str, value: Any) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
+        raise ConfigError(f"{field_name}={value!r} must be a positive number (e.g. 16)")
+
+
+@register_method
+@dataclass
+class LoRA(AdapterConfig):
+    """Low-rank adaptation: ``W₀x + s·B A dropout(x)`` with ``s = alpha/rank`` (``alpha/√rank`` with rsLoRA).
+
+    Attributes:
+        rank: the rank r of the update (HF PEFT: ``r``).
+        alpha: the scale numerator α (HF PEFT: ``lora_alpha``).
+        dropout: dropout probability on the adapter's input, in [0, 1).
+        dropout_position: ``"pre"`` (on the input, as HF PEFT) or ``"post"`` (on the adapter output, Megatron).
+        use_rslora: scale by α/√r instead of α/r.
+        init_A, init_B: ``"kaiming"``, ``"xavier"``, ``"gaussian"`` or ``"zero"``; B = 0 keeps the output unchanged.
+        rank_pattern, alpha_pattern: per-module overrides, pattern → value (first matching pattern wins).
+        bias: ``"none"``, ``"all"`` (every bias trains and is saved) or ``"lora_only"`` (biases of adapted layers).
+    """
+
+    peft_type = "LORA"
+
+    rank: int = 8
+    alpha: float = 8
+    dropout: float = 0.0
+    dropout_position: str = "pre"
+    use_rslora: bool = False
+    init_A: str = "kaiming"
+    init_B: str = "zero"
+    rank_pattern: dict[str, int] = field(default_factory=dict)
+    alpha_pattern: dict[str, float] = field(default_factory=dict)
+    bias: str = "none"
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        _positive_int("rank", self.rank)
+        _positive_number("alpha", self.alpha)
+        for key, value in self.rank_pattern.items():
+            _positive_int(f"rank_pattern[{key!r}]", value)
+        for key, value in self.alpha_pattern.items():
+            _positive_number(f"alpha_pattern[{key!r}]", value)
+        if isinstance(self.dropout, bool) or not isinstance(self.dropout, (int, float)) or not 0 <= self.dropout < 1:
+            raise ConfigError(f"dropout={self.dropout!r} must be in [0, 1) (e.g. 0.05)")
+        for name in ("init_A", "init_B"):
+            if getattr(self, name) not in INIT_METHODS:
+                raise ConfigError(f"{name}={getattr(self, name)!r} must be one of {INIT_METHODS}")
+        if self.dropout_position not in ("pre", "post"):
+            raise ConfigError(f"dropout_position={self.dropout_position!r} must be 'pre' or 'post'")
+        if self.bias not in BIAS_MODES:
+            raise ConfigError(f"bias={self.bias!r} must be one of {BIAS_MODES}")
+
+    # -- per-module values -----------------------------------------------------------------------
+    def rank_for(self, qualname: str) -> int:
+        key = first_match(qualname, self.rank_pattern)
+        return self.rank_pattern[key] if key is not None else self.rank
+
+    def alpha_for(self, qualname: str) -> float:
+        key = first_match(qualname, self.alpha_pattern)
+        return self.alpha_pattern[key] if key is not None else self.alpha
+
+    def scale_for(self, qualname: str) -> float:
+        from peftkit.methods.lora_layers import lora_scale
+
+        return lora_scale(self.rank_for(qualname), self.alpha_for(qualname), self.use_rslora)
+
+    # -- wrapping --------------------------------------------------------------------------------
+    def supports(self, module: nn.Module) -> bool:
+        return isinstance(module, LoRALayer) or lora_layer_class(module) is not None
+
+    def supported_layer_names(self) -> list[str]:
+        return sorted(set(LINEAR_KINDS.names()) | set(LORA_LAYERS.names()))
+
+    def layer_class(self, module: nn.Module) -> type[LoRALayer]:
+        cls = lora_layer_class(module)
+        assert cls is not None  # guaranteed by supports() during target resolution
+        return cls
+
+    def transform(self, module: nn.Module, qualname: str, adapter_name: str) -> nn.Module:
+        layer = module if isinstance(module, LoRALayer) else self.layer_class(module)(module)
+        layer.add(
+            adapter_name,
+            self.rank_for(qualname),
+            self.alpha_for(qualname),
+            dropout=self.dropout,
+            use_rslora=self.use_rslora,
+            init_A=self.init_A,
+            init_B=self.init_B,
+            dropout_position=self.dropout_position,
+        )
+        return layer
+
+    def after_apply(self, model: nn.Module, name: str) -> None:
+        for module in bias_modules(model, self.bias):
+            module.bias.requires_grad_(True)
+
+    def extra_tensors(self, model: nn.Module, name: str) -> dict[str, Any]:
+        """Trained biases (``bias="all"``/``"lora_only"``) under their full HF PEFT keys."""
+        paths = {id(m): path for path, m in model.named_modules()}
+        return {f"base_model.model.{paths[id(m)]}.bias": m.bias for m in bias_modules(model, self.bias)}
+
+    # -- adapter_config.json ---------------------------------------------------------------------
+    def to_hf_dict(self, targets: list[str], module_names: list[str]) -> dict[str, Any]:
+        return {
+            "peft_type": self.peft_type,
+            "task_type": self.task_type,
+            "r": self.rank,
+            "lora_alpha": self.alpha,
+            "lora_dropout": self.dropout,
+            "use_rslora": self.use_rslora,
+            "use_dora": False,
+            "target_modules": hf_targets(targets, module_names),
+            "exclude_modules": None,
+            "layers_to_transform": None,
+            "layers_pattern": None,
+            "rank_pattern": self.rank_pattern_for(targets, self.rank_pattern, self.rank),
+            "alpha_pattern": self.rank_pattern_for(targets, self.alpha_pattern, self.alpha),
+            "modules_to_save": list(self.modules_to_save) or None,
+            "bias": self.bias,
+            "fan_in_fan_out": False,  # set by save_adapter when a target stores its weight transposed
+            "init_lora_weights": True,
+            "inference_mode": True,
+            "lora_bias": False,
+            "layer_replication": None,
+            "megatron_config": None,
+            "megatron_core": "megatron.core",
+            "loftq_config": {},
+            "base_model_name_or_path": None,
+            "revision": None,
+            **{k: v for k, v in self.extra.items() if k not in ("peftkit",)},
+            "peftkit": self.peftkit_fields(),
+        }
+
+    def peftkit_fields(self) -> dict[str, Any]:
+        """Fields HF PEFT has no name for, kept in a ``peftkit`` section it ignores."""
+        fields: dict[str, Any] = {}
+        if self.dropout_position != "pre":
+            fields["dropout_position"] = self.dropout_position
+        if (self.init_A, self.init_B) != ("kaiming", "zero"):
+            fields["init_A"], fields["init_B"] = self.init_A, self.init_B
+        return fields
+
+    def rank_pattern_for(self, targets: list[str], pattern: dict[str, Any], default: Any) -> dict[str, Any]:
+        """A pattern dict written with exact module names, which every HF PEFT version matches the same way."""
+        if not pattern:
+            return {}
+        out = {}
+        for name in targets:
+            key = first_match(name, pattern)
+            if key is not None and pattern[key] != default:
+                out[name] = pattern[key]
+        return out
+
+    @classmethod
+    def from_hf_dict(cls, data: dict[str, Any], module_names: list[str]) -> LoRA:
+        for flag, variant in LORA_VARIANTS.items():
+            if data.get(flag) and cls is LoRA:
+                return variant.from_hf_dict(data, module_names)
+        ours = dict(data.get("peftkit") or {})
+        extra = {k: v for k, v in data.items() if k not in _HF_LORA_FIELDS and k != "peftkit"}
+        return cls(
+            target_modules=hf_resolve(data.get("target_modules"), module_names),
+            exclude_modules=hf_resolve(data.get("exclude_modules"), module_names) if data.get("exclude_modules") else (),
+            layers=_as_layers(data.get("layers_to_transform")),
+            layers_pattern=_as_list(data.get("layers_pattern")) or cls.layers_pattern,  # type: ignore[arg-type]
+            rank=int(data.get("r", 8)),
+            alpha=data.get("lora_alpha", 8),
+            dropout=float(data.get("lora_dropout", 0.0) or 0.0),
+            use_rslora=bool(data.get("use_rslora", False)),
+            rank_pattern=hf_pattern(data.get("rank_pattern") or {}, module_names),
+            alpha_pattern=hf_pattern(data.get("alpha_pattern") or {}, module_names),
+            modules_to_save=data.get("modules_to_save") or (),
+            bias=data.get("bias", "none") or "none",
+            task_type=data.get("task_type"),
+            extra=extra,
+            **ours,
+        )
+
+
+#: ``adapter_config.json`` flag → the LoRA variant it selects (``"use_dora"`` → DoRA), filled by variants.
+LORA_VARIANTS: dict[str, type[LoRA]] = {}
+
+_HF_LORA_FIELDS = frozenset(
+    "peft_type task_type r lora_alpha lora_dropout use_rslora use_dora target_modules exclude_modules "
+    "layers_to_transform layers_pattern rank_pattern alpha_pattern modules_to_save bias fan_in_fan_out "
+    "init_lora_weights inference_mode".split()
+)
+
+
+def bias_modules(model: nn.Module, mode: str) -> list[nn.Module]:
+    """Modules whose bias trains under ``bias=mode``."""
+    if mode == "none":
+        return []
+    candidates = (m.base_layer for m in model.modules() if isinstance(m, LoRALayer)) if mode == "lora_only" else model.modules()
+    return [m for m in candidates if isinstance(getattr(m, "bias", None), nn.Parameter)]
+
+
+def _as_list(value: Any) -> list[str]:
+    if value is None:
+        return []
+    return [value] if isinstance(value, str) else list(value)
+
+
+def _as_layers(value: Any) -> list[int] | None:
+    if value is None:
+        return None
+    return [value] if isinstance(value, int) else list(value)
+
+
+def hf_targets(targets: list[str], module_names: list[str]) -> list[str] | str:
+    """``target_modules`` for HF PEFT that selects exactly ``targets`` among ``module_names``.
+
+    The sorted leaf names when HF PEFT's suffix matching of them selects exactly ``targets`` (readable,
+    and what serving engines expect), otherwise a full-match regex of the exact names.
+    """
+    leaves = sorted({t.rsplit(".", 1)[-1] for t in targets})
+    selected = {n for n in module_names if n.rsplit(".", 1)[-1] in leaves}
+    if selected == set(targets):
+        return leaves
+    return "^(?:" + "|".join(re.escape(t) for t in targets) + ")$"
+
+
+def hf_resolve(spec: Any, module_names: list[str]) -> list[str]:
+    """HF PEFT's ``target_modules``: a list matches names or dotted suffixes; a string is a full-match regex."""
+    if spec is None:
+        return []
+    if isinstance(spec, str):
+        if spec in ("all-linear",):
+            return [spec]
+        regex = re.compile(spec)
+        return [n for n in module_names if regex.fullmatch(n)] or [spec]
+    return list(spec)
+
+
+def hf_pattern(pattern: dict[str, Any], module_names: list[str]) -> dict[str, Any]:
+    """HF PEFT's rank/alpha patterns (``(.*\\.)?KEY$`` regexes) resolved to exact module names."""
+    out: dict[str, Any] = {}
+    for name in module_names:
+        for key, value in pattern.items():
+            if re.match(rf"(.*\.)?{key}$", name):
+                out.setdefault(name, value)
+                break
+    return out

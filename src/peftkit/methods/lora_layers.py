@@ -1,0 +1,274 @@
+"""LoRA layers (Hu et al., 2021, https://arxiv.org/abs/2106.09685).
+
+For a frozen layer W₀ and each active adapter with rank r, factors A (r × in) and B (out × r)::
+
+    x ↦ W₀x + s · B A dropout(x),        s = α / r   (rsLoRA, https://arxiv.org/abs/2312.03732: s = α / √r)
+
+B starts at zero, so a fresh adapter leaves the model's output unchanged. Linear-like layers (``nn.Linear``,
+GPT-2 ``Conv1D``, quantized linears) share :class:`LoRALinear`; embeddings and convolutions have their own
+layer because their factors are applied differently. Tensor names follow Hugging Face PEFT exactly.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from peftkit.core.layer import AdapterLayer
+from peftkit.core.registry import LinearKind, TypeRegistry, linear_kind
+from peftkit.errors import ConfigError
+
+
+def lora_scale(rank: int, alpha: float, use_rslora: bool) -> float:
+    """s = α/r, or α/√r with rsLoRA."""
+    return alpha / math.sqrt(rank) if use_rslora else alpha / rank
+
+
+def init_factor(weight: torch.Tensor, method: str, rank: int) -> None:
+    """Initialise a LoRA factor in place (``kaiming`` is HF PEFT's default for A)."""
+    with torch.no_grad():
+        if method == "kaiming":
+            nn.init.kaiming_uniform_(weight, a=math.sqrt(5))
+        elif method == "xavier":
+            nn.init.xavier_uniform_(weight)
+        elif method == "gaussian":
+            nn.init.normal_(weight, std=1.0 / rank)
+        elif method == "zero":
+            nn.init.zeros_(weight)
+        else:  # validated by the config; kept as a guard for direct callers
+            raise ConfigError(f"unknown init method {method!r}; use kaiming, xavier, gaussian or zero")
+
+
+def adapter_dtype(weight: torch.Tensor) -> torch.dtype:
+    """Adapters train in the base dtype when it is fp32/fp64, and in fp32 over half or quantized bases."""
+    return weight.dtype if weight.dtype in (torch.float32, torch.float64) else torch.float32
+
+
+class LoRALayer(AdapterLayer):
+    """What every LoRA layer shares: per-adapter rank, scale and dropout, and weight merging."""
+
+    def __init__(self, base_layer: nn.Module) -> None:
+        super().__init__(base_layer)
+        self.rank: dict[str, int] = {}
+        self.scaling: dict[str, float] = {}
+        self.lora_dropout = nn.ModuleDict()
+        self.dropout_position: dict[str, str] = {}
+
+    def _add_common(self, name: str, rank: int, alpha: float, dropout: float, use_rslora: bool,
+                    dropout_position: str = "pre") -> None:
+        self.rank[name] = rank
+        self.scaling[name] = lora_scale(rank, alpha, use_rslora)
+        self.lora_dropout[name] = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+        self.dropout_position[name] = dropout_position
+
+    def delete_adapter(self, name: str) -> None:
+        super().delete_adapter(name)
+        for table in (self.rank, self.scaling, self.dropout_position):
+            table.pop(name, None)
+        if name in self.lora_dropout:
+            del self.lora_dropout[name]
+
+    # Merging goes through the base weight in (out, in) orientation; subclasses say how to read/write it.
+    def _base_weight(self) -> torch.Tensor:
+        raise NotImplementedError
+
+    def _set_base_weight(self, weight: torch.Tensor) -> float | None:
+        raise NotImplementedError
+
+    def merge(self, names: Sequence[str], safe: bool = False, where: str = "") -> None:
+        for name in names:
+            if name in self.merged_adapters or not self.has_adapter(name):
+                continue
+            base = self._base_weight().detach()
+            merged = base + self.delta_weight(name).to(base.dtype)
+            if safe:
+                self.check_finite(merged, where or type(self.base_layer).__name__, name)
+            self._set_base_weight(merged)
+            self.merged_adapters.append(name)
+
+    def unmerge(self, names: Sequence[str] | None = None) -> None:
+        todo = [n for n in reversed(self.merged_adapters) if names is None or n in names]
+        for name in todo:
+            base = self._base_weight().detach()
+            self._set_base_weight(base - self.delta_weight(name).to(base.dtype))
+            self.merged_adapters.remove(name)
+
+
+class LoRALinear(LoRALayer):
+    """LoRA on a linear-like layer: ``base(x) + s·B(A(dropout(x)))``."""
+
+    adapter_containers = ("lora_A", "lora_B")
+
+    def __init__(self, base_layer: nn.Module) -> None:
+        super().__init__(base_layer)
+        kind = linear_kind(base_layer)
+        if kind is None:
+            raise ConfigError(f"{type(base_layer).__name__} is not a linear-like layer")
+        self.in_features = kind.in_features(base_layer)
+        self.out_features = kind.out_features(base_layer)
+        self.lora_A = nn.ModuleDict()
+        self.lora_B = nn.ModuleDict()
+
+    @property
+    def kind(self) -> LinearKind:
+        """How to read and write the base weight (looked up each time: ``unload`` may swap the base)."""
+        kind = linear_kind(self.base_layer)
+        assert kind is not None
+        return kind
+
+    def add(self, name: str, rank: int, alpha: float, *, dropout: float = 0.0, use_rslora: bool = False,
+            init_A: str = "kaiming", init_B: str = "zero", dropout_position: str = "pre") -> None:
+        weight = self.kind.weight(self.base_layer)
+        factory: dict[str, Any] = {"device": weight.device, "dtype": adapter_dtype(weight)}
+        self.lora_A[name] = nn.Linear(self.in_features, rank, bias=False, **factory)
+        self.lora_B[name] = nn.Linear(rank, self.out_features, bias=False, **factory)
+        init_factor(self.lora_A[name].weight, init_A, rank)
+        init_factor(self.lora_B[name].weight, init_B, rank)
+        self._add_common(name, rank, alpha, dropout, use_rslora, dropout_position)
+
+    def delta_weight(self, name: str) -> torch.Tensor:
+        return (self.lora_B[name].weight @ self.lora_A[name].weight) * self.scaling[name]
+
+    def _base_weight(self) -> torch.Tensor:
+        return self.kind.weight(self.base_layer)
+
+    def _set_base_weight(self, weight: torch.Tensor) -> float | None:
+        return self.kind.set_weight(self.base_layer, weight)
+
+    def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        result = self.base_layer(x, *args, **kwargs)
+        for name in self._applied():
+            A, B, drop = self.lora_A[name], self.lora_B[name], self.lora_dropout[name]
+            h = x.to(A.weight.dtype)
+            if self.dropout_position[name] == "pre":
+                update = B(A(drop(h)))
+            else:
+                update = drop(B(A(h)))
+            result = result + (update * self.scaling[name]).to(result.dtype)
+        return result
+
+
+class LoRAEmbedding(LoRALayer):
+    """LoRA on ``nn.Embedding``: ``E[x] + s·(Aᵀ[x] Bᵀ)``, A (r × vocab), B (dim × r).
+
+    As in HF PEFT, A starts at zero and B Gaussian (the product is zero either way) and no dropout
+    is applied to token indices.
+    """
+
+    adapter_containers = ("lora_embedding_A", "lora_embedding_B")
+
+    def __init__(self, base_layer: nn.Embedding) -> None:
+        super().__init__(base_layer)
+        self.lora_embedding_A = nn.ParameterDict()
+        self.lora_embedding_B = nn.ParameterDict()
+
+    def add(self, name: str, rank: int, alpha: float, *, dropout: float = 0.0, use_rslora: bool = False,
+            init_A: str = "kaiming", init_B: str = "zero", dropout_position: str = "pre") -> None:
+        weight = self.base_layer.weight
+        factory: dict[str, Any] = {"device": weight.device, "dtype": adapter_dtype(weight)}
+        num, dim = weight.shape
+        A = torch.empty(rank, num, **factory)
+        B = torch.empty(dim, rank, **factory)
+        if (init_A, init_B) == ("kaiming", "zero"):
+            nn.init.zeros_(A)
+            nn.init.normal_(B)
+        else:
+            init_factor(A, init_A, rank)
+            init_factor(B, init_B, rank)
+        self.lora_embedding_A[name] = nn.Parameter(A)
+        self.lora_embedding_B[name] = nn.Parameter(B)
+        self._add_common(name, rank, alpha, 0.0, use_rslora, dropout_position)
+
+    def delta_weight(self, name: str) -> torch.Tensor:
+        return (self.lora_embedding_B[name] @ self.lora_embedding_A[name]).T * self.scaling[name]
+
+    def _base_weight(self) -> torch.Tensor:
+        return self.base_layer.weight
+
+    def _set_base_weight(self, weight: torch.Tensor) -> float | None:
+        with torch.no_grad():
+            self.base_layer.weight.copy_(weight)
+        return None
+
+    def embed(self, x: torch.Tensor, table: torch.Tensor) -> torch.Tensor:
+        base = self.base_layer
+        return F.embedding(x, table, base.padding_idx, base.max_norm, base.norm_type,
+                           base.scale_grad_by_freq, base.sparse)
+
+    def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        result = self.base_layer(x, *args, **kwargs)
+        for name in self._applied():
+            A, B = self.lora_embedding_A[name], self.lora_embedding_B[name]
+            result = result + ((self.embed(x, A.T) @ B.T) * self.scaling[name]).to(result.dtype)
+        return result
+
+
+class LoRAConv(LoRALayer):
+    """LoRA on ``nn.Conv1d/2d/3d``: A is a convolution with the base's kernel (in → r), B a 1×1 one (r → out)."""
+
+    adapter_containers = ("lora_A", "lora_B")
+
+    def __init__(self, base_layer: nn.Module) -> None:
+        super().__init__(base_layer)
+        if base_layer.groups != 1:
+            raise ConfigError(
+                f"LoRA on a grouped convolution (groups={base_layer.groups}) is not supported; "
+                "exclude this layer with exclude_modules"
+            )
+        self.lora_A = nn.ModuleDict()
+        self.lora_B = nn.ModuleDict()
+
+    def add(self, name: str, rank: int, alpha: float, *, dropout: float = 0.0, use_rslora: bool = False,
+            init_A: str = "kaiming", init_B: str = "zero", dropout_position: str = "pre") -> None:
+        base = self.base_layer
+        conv = type(base)
+        factory: dict[str, Any] = {"device": base.weight.device, "dtype": adapter_dtype(base.weight)}
+        self.lora_A[name] = conv(base.in_channels, rank, base.kernel_size, base.stride, base.padding,
+                                 base.dilation, bias=False, padding_mode=base.padding_mode, **factory)
+        self.lora_B[name] = conv(rank, base.out_channels, 1, 1, bias=False, **factory)
+        init_factor(self.lora_A[name].weight, init_A, rank)
+        init_factor(self.lora_B[name].weight, init_B, rank)
+        self._add_common(name, rank, alpha, dropout, use_rslora, dropout_position)
+
+    def delta_weight(self, name: str) -> torch.Tensor:
+        A = self.lora_A[name].weight            # (r, in, *kernel)
+        B = self.lora_B[name].weight.flatten(1)  # (out, r): B is a 1×1 convolution
+        return torch.einsum("or,ri...->oi...", B, A) * self.scaling[name]
+
+    def _base_weight(self) -> torch.Tensor:
+        return self.base_layer.weight
+
+    def _set_base_weight(self, weight: torch.Tensor) -> float | None:
+        with torch.no_grad():
+            self.base_layer.weight.copy_(weight)
+        return None
+
+    def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        result = self.base_layer(x, *args, **kwargs)
+        for name in self._applied():
+            A, B, drop = self.lora_A[name], self.lora_B[name], self.lora_dropout[name]
+            h = x.to(A.weight.dtype)
+            update = B(A(drop(h))) if self.dropout_position[name] == "pre" else drop(B(A(h)))
+            result = result + (update * self.scaling[name]).to(result.dtype)
+        return result
+
+
+#: Base-layer type → LoRA layer class; linear-like kinds (``LINEAR_KINDS``) fall back to ``LoRALinear``.
+LORA_LAYERS: TypeRegistry[type[LoRALayer]] = TypeRegistry()
+LORA_LAYERS.register(nn.Embedding, LoRAEmbedding)
+for _conv in (nn.Conv1d, nn.Conv2d, nn.Conv3d):
+    LORA_LAYERS.register(_conv, LoRAConv)
+
+
+def lora_layer_class(module: nn.Module) -> type[LoRALayer] | None:
+    """The LoRA layer class for a base module, or ``None`` if LoRA cannot wrap it."""
+    found = LORA_LAYERS.lookup(type(module))
+    if found is not None:
+        return found
+    return LoRALinear if linear_kind(module) is not None else None
+

@@ -1,0 +1,144 @@
+"""Models per task: build the base ``transformers`` model, its tokenizer and the PEFT method config.
+
+``checkpoint.pretrained`` is a local model directory (weights loaded), a directory or ``config.json``
+without weights, or ``{"config": {...}}`` (random init, seeded by ``train.seed`` so that the same
+config always gives the same base — evaluation and resume rebuild it identically).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from peftkit.errors import ConfigError, require
+from peftkit.train.config import PEFT_METHODS, RunConfig
+from peftkit.train.tokenizer import ByteTokenizer, Tokenizer, load_tokenizer
+
+AUTO_CLASSES = {
+    "causal_lm": "AutoModelForCausalLM",
+    "seq2seq": "AutoModelForSeq2SeqLM",
+    "classification": "AutoModelForSequenceClassification",
+}
+WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin")
+
+
+def _config_dict(pretrained: str | dict[str, Any]) -> dict[str, Any] | None:
+    """The transformers config to random-init from, or ``None`` when ``pretrained`` has weights."""
+    if isinstance(pretrained, dict):
+        return dict(pretrained["config"])
+    p = Path(pretrained)
+    if p.is_file() and p.suffix == ".json":
+        return dict(json.loads(p.read_text()))
+    if not p.is_dir():
+        raise ConfigError(f"checkpoint.pretrained={pretrained!r} is not a local directory or config.json; "
+                          "pass a model directory or {'config': {'model_type': ...}} (no hub downloads)")
+    if any((p / f).exists() for f in WEIGHT_FILES):
+        return None
+    if (p / "config.json").exists():
+        return dict(json.loads((p / "config.json").read_text()))
+    raise ConfigError(f"checkpoint.pretrained={pretrained!r} has neither weights nor config.json")
+
+
+def build_model(cfg: RunConfig, num_labels: int = 0) -> nn.Module:
+    """The base model of ``cfg`` for its task (no adapter yet).
+
+    Args:
+        cfg: the run config (``model``, ``checkpoint.pretrained``, ``train.seed``).
+        num_labels: classes for classification (``model.num_labels`` wins when set).
+
+    Raises:
+        ConfigError: the pretrained path is unusable, or classification without a label count.
+        MissingDependencyError: ``transformers`` is not installed.
+    """
+    transformers = require("transformers", "hf")
+    auto = getattr(transformers, AUTO_CLASSES[cfg.model.task])
+    dtype = getattr(torch, cfg.model.dtype)
+    extra: dict[str, Any] = {}
+    if cfg.model.task == "classification":
+        n = cfg.model.num_labels or num_labels
+        if n <= 0:
+            raise ConfigError("model.num_labels=0 and no labels found in the data; set model.num_labels")
+        extra["num_labels"] = n
+    raw = _config_dict(cfg.checkpoint.pretrained)  # type: ignore[arg-type]
+    if raw is None:
+        model = auto.from_pretrained(str(cfg.checkpoint.pretrained), dtype=dtype, **extra)
+    else:
+        model_type = raw.pop("model_type", None)
+        if model_type is None:
+            raise ConfigError("checkpoint.pretrained config lacks 'model_type'; add e.g. model_type: llama")
+        config = transformers.AutoConfig.for_model(model_type, **{**raw, **extra})  # type: ignore[attr-defined]
+        torch.manual_seed(cfg.train.seed)
+        model = auto.from_config(config).to(dtype)
+    if cfg.model.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    return model  # type: ignore[no-any-return]
+
+
+def build_tokenizer(cfg: RunConfig) -> Tokenizer:
+    """``model.tokenizer``, else the pretrained directory's tokenizer, else :class:`ByteTokenizer`."""
+    path = cfg.model.tokenizer
+    if path is None and isinstance(cfg.checkpoint.pretrained, str):
+        p = Path(cfg.checkpoint.pretrained)
+        path = str(p.parent if p.is_file() else p)
+    return load_tokenizer(path)
+
+
+def check_vocab(model: nn.Module, tok: Tokenizer) -> None:
+    """Fail early when the tokenizer's ids do not fit the model's embedding, and share the pad id.
+
+    Raises:
+        ConfigError: the vocabulary is too small.
+    """
+    vocab = getattr(model.config, "vocab_size", None)
+    if vocab is not None and tok.vocab_size > vocab:
+        hint = " (peftkit's byte tokenizer needs vocab_size >= 259)" if isinstance(tok, ByteTokenizer) else ""
+        raise ConfigError(f"model vocab_size={vocab} is smaller than the tokenizer's {tok.vocab_size}{hint}; "
+                          "raise vocab_size in the config or set model.tokenizer")
+    if getattr(model.config, "pad_token_id", None) is None:
+        model.config.pad_token_id = tok.pad_id
+
+
+def peft_config(cfg: RunConfig) -> Any:
+    """The peftkit method config (e.g. ``pk.LoRA(...)``) for ``cfg.peft``; ``None`` for ``none``.
+
+    Raises:
+        ConfigError: the method is not available in this peftkit, or its fields are rejected.
+    """
+    import peftkit as pk
+
+    cls_name = PEFT_METHODS[cfg.peft.method]
+    if cls_name is None:
+        return None
+    cls = getattr(pk, cls_name, None)
+    if cls is None:
+        raise ConfigError(f"peft.method={cfg.peft.method!r} is not available in this peftkit "
+                          f"(no peftkit.{cls_name}); choose another method")
+    try:
+        return cls(**cfg.peft.options)
+    except TypeError as exc:
+        raise ConfigError(f"peft options {cfg.peft.options} are invalid for {cls_name}: {exc}") from None
+
+
+def apply_peft(model: nn.Module, cfg: RunConfig) -> nn.Module:
+    """Apply ``cfg.peft`` to ``model`` in place (``none``: every parameter stays trainable)."""
+    method = peft_config(cfg)
+    if method is not None:
+        import peftkit as pk
+
+        pk.apply(model, method)
+    return model
+
+
+def forward_loss(model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """The mean loss of ``batch`` (``transformers`` computes it from ``labels`` for every task here)."""
+    return model(**batch).loss  # type: ignore[no-any-return]
+
+
+def count_parameters(model: nn.Module) -> tuple[int, int]:
+    """``(trainable, total)`` parameter counts."""
+    total = sum(p.numel() for p in model.parameters())
+    return sum(p.numel() for p in model.parameters() if p.requires_grad), total
