@@ -28,7 +28,7 @@ Layout and arithmetic follow ``bitsandbytes.functional.quantize_4bit`` / ``dequa
 from __future__ import annotations
 
 from dataclasses import dataclass
-from functools import lru_cache
+from functools import cache
 
 import torch
 from torch import Tensor
@@ -52,7 +52,7 @@ _NF4 = [
 _FP4 = [0, 0.0625, 8.0, 12.0, 4.0, 6.0, 2.0, 3.0, 0.0, -0.0625, -8.0, -12.0, -4.0, -6.0, -2.0, -3.0]
 
 
-@lru_cache(maxsize=None)
+@cache
 def code_book(quant_type: str, device: torch.device | str = "cpu") -> Tensor:
     """The 16 fp32 values a 4-bit code stands for, indexed by code.
 
@@ -71,7 +71,7 @@ def code_book(quant_type: str, device: torch.device | str = "cpu") -> Tensor:
     return values.div_(values.abs().max()).to(device)
 
 
-@lru_cache(maxsize=None)
+@cache
 def _pair_table(quant_type: str, device: torch.device) -> Tensor:
     """``(256, 2)`` table: the two code values packed in one byte (high nibble first)."""
     code = code_book(quant_type, device)
@@ -79,7 +79,7 @@ def _pair_table(quant_type: str, device: torch.device) -> Tensor:
     return torch.stack([code[byte >> 4], code[byte & 0xF]], dim=1).contiguous()
 
 
-@lru_cache(maxsize=None)
+@cache
 def _bounds(quant_type: str, device: torch.device) -> tuple[Tensor, Tensor]:
     """Midpoints between the sorted code values, and the code of each sorted position."""
     code = code_book(quant_type, device)
@@ -87,7 +87,7 @@ def _bounds(quant_type: str, device: torch.device) -> tuple[Tensor, Tensor]:
     return (code[order[:-1]] + code[order[1:]]) / 2, order.to(torch.uint8)
 
 
-@lru_cache(maxsize=None)
+@cache
 def dynamic_code(device: torch.device | str = "cpu") -> Tensor:
     """bitsandbytes' signed dynamic 8-bit code (``create_dynamic_map()``), used for double quantization.
 

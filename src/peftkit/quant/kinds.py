@@ -1,0 +1,31 @@
+"""Quantized linears as base-layer kinds: what lets LoRA/DoRA wrap them (QLoRA) and merge into them.
+
+Reading the weight dequantizes it into the layer's compute dtype; writing it re-quantizes and returns
+the max absolute error the re-quantization introduced. ``unload(..., dequantize=True)`` swaps each
+quantized base for a float ``nn.Linear`` in the dtype the weight had before quantization.
+"""
+
+from __future__ import annotations
+
+from torch import nn
+
+from peftkit.core.registry import DEQUANTIZERS, LINEAR_KINDS, LinearKind
+from peftkit.quant.layers import Linear4bit, Linear8bit, QuantLinear
+
+
+def _to_linear(module: nn.Module) -> nn.Module:
+    assert isinstance(module, QuantLinear)
+    return module.to_linear()
+
+
+for _cls in (Linear4bit, Linear8bit):
+    LINEAR_KINDS.register(
+        _cls,
+        LinearKind(
+            in_features=lambda m: m.in_features,
+            out_features=lambda m: m.out_features,
+            weight=lambda m: m.dequantize(),
+            set_weight=lambda m, w: m.requantize(w),
+        ),
+    )
+    DEQUANTIZERS.register(_cls, _to_linear)

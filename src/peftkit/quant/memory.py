@@ -1,0 +1,181 @@
+"""How much memory a model takes, and how much training it would take: full, LoRA or QLoRA.
+
+``memory_report`` measures a live model from its tensors' sizes. ``estimate_training_memory`` works on
+a model on the ``meta`` device (no memory allocated), e.g. Llama-2-7B's shape from its config::
+
+    with torch.device("meta"):
+        model = LlamaForCausalLM(LlamaConfig(...))   # 6.7B parameters, nothing allocated
+    pk.estimate_training_memory(model, method="qlora", rank=16)
+
+Model of the estimate (per parameter): frozen weights at their storage size (2 bytes in fp16, about
+0.52 byte in NF4 with double quantization (4.127 bits), 1 byte + 1 fp32 per row in int8); each
+trainable parameter adds its weight, its gradient and AdamW's two fp32 moments (with fp32 master
+weights and gradients for half-precision full fine-tuning, 16 bytes per parameter in all, as in
+ZeRO, Rajbhandari et al., 2020). Activations are not included: they depend on batch and sequence length.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from peftkit.core.matching import first_match
+from peftkit.errors import ConfigError
+from peftkit.quant.layers import QuantLinear, quantized_nbytes
+
+GIB = 1024**3
+
+
+@dataclass
+class MemoryReport:
+    """Bytes of a model's state, by category.
+
+    Attributes:
+        weights_by_dtype: bytes of frozen float parameters and buffers, by dtype name.
+        quantized: bytes of quantized weights and their constants.
+        trainable: bytes of trainable parameters (adapters, or everything in full fine-tuning).
+        trainable_params: number of trainable parameters.
+        gradients: bytes of their gradients (same dtype as the parameters).
+        optimizer: estimated bytes of optimizer state (AdamW: two fp32 moments per trainable parameter).
+    """
+
+    weights_by_dtype: dict[str, int] = field(default_factory=dict)
+    quantized: int = 0
+    trainable: int = 0
+    trainable_params: int = 0
+    gradients: int = 0
+    optimizer: int = 0
+
+    @property
+    def total(self) -> int:
+        """All bytes above."""
+        return (
+            sum(self.weights_by_dtype.values())
+            + self.quantized
+            + self.trainable
+            + self.gradients
+            + self.optimizer
+        )
+
+    def as_dict(self) -> dict[str, float]:
+        """GiB per category, for tables and JSON."""
+        rows = {f"weights[{k}]": v for k, v in self.weights_by_dtype.items()}
+        rows |= {"quantized": self.quantized, "trainable": self.trainable, "gradients": self.gradients}
+        rows |= {"optimizer": self.optimizer, "total": self.total}
+        return {k: v / GIB for k, v in rows.items()}
+
+    def __str__(self) -> str:
+        lines = [f"{k:<20} {v * 1024:12.3f} MiB" for k, v in self.as_dict().items()]
+        return "\n".join(lines + [f"{'trainable params':<20} {self.trainable_params:>14,}"])
+
+
+def _nbytes(t: torch.Tensor) -> int:
+    return t.numel() * t.element_size()
+
+
+def memory_report(model: nn.Module, optimizer_bytes_per_param: int = 8) -> MemoryReport:
+    """Measure ``model``'s weights (by dtype and quantized), trainable parameters and optimizer state.
+
+    Works on the ``meta`` device too (sizes only).
+
+    Args:
+        model: any module.
+        optimizer_bytes_per_param: optimizer state per trainable parameter (AdamW: 8, 8-bit Adam: 2, SGD: 0).
+
+    Returns:
+        A :class:`MemoryReport`.
+    """
+    report = MemoryReport()
+    quantized_ids: set[int] = set()
+    for module in model.modules():
+        if isinstance(module, QuantLinear):
+            report.quantized += quantized_nbytes(module)
+            quantized_ids.update(id(b) for b in module.buffers(recurse=False))
+    seen: set[int] = set()
+    tensors = [*model.named_parameters(remove_duplicate=True), *model.named_buffers(remove_duplicate=True)]
+    for _, t in tensors:
+        if id(t) in seen or id(t) in quantized_ids:
+            continue
+        seen.add(id(t))
+        if isinstance(t, nn.Parameter) and t.requires_grad:
+            report.trainable += _nbytes(t)
+            report.trainable_params += t.numel()
+            report.gradients += _nbytes(t)
+            report.optimizer += t.numel() * optimizer_bytes_per_param
+        else:
+            key = str(t.dtype).removeprefix("torch.")
+            report.weights_by_dtype[key] = report.weights_by_dtype.get(key, 0) + _nbytes(t)
+    return report
+
+
+# Stored bits per weight of each frozen base format.
+_BITS = {"nf4": 4 + 8 / 64 + 32 / (64 * 256), "fp16": 16.0, "bf16": 16.0, "fp32": 32.0, "int8": 8.0}
+
+
+def estimate_training_memory(
+    model: nn.Module,
+    method: str = "lora",
+    rank: int = 16,
+    target_modules: Sequence[str] = (
+        "q_proj",
+        "k_proj",
+        "v_proj",
+        "o_proj",
+        "gate_proj",
+        "up_proj",
+        "down_proj",
+    ),
+    dtype: str = "fp16",
+    skip: Sequence[str] = ("lm_head",),
+) -> MemoryReport:
+    """Estimate training memory (without activations) for ``model``'s shape; no tensor is allocated.
+
+    Args:
+        model: a model, typically built on the ``meta`` device.
+        method: ``"full"`` (every parameter trained, mixed precision with fp32 master weights),
+            ``"lora"`` (frozen ``dtype`` base), ``"qlora"`` (frozen NF4 base, double-quantized, for the
+            linear layers not in ``skip``; the rest stays in ``dtype``) or ``"qlora8"`` (int8 base).
+        rank: LoRA rank, for ``"lora"``/``"qlora"``.
+        target_modules: the layers carrying adapters (names or globs, as in ``target_modules``).
+        dtype: the base's float format: ``"fp16"``, ``"bf16"`` or ``"fp32"``.
+        skip: linear layers a QLoRA base keeps in ``dtype`` (the output head by default).
+
+    Returns:
+        A :class:`MemoryReport` of the estimate (adapters trained in fp32, AdamW).
+
+    Raises:
+        ConfigError: unknown ``method`` or ``dtype``.
+    """
+    if method not in ("full", "lora", "qlora", "qlora8"):
+        raise ConfigError(f"method={method!r} is not supported; use 'full', 'lora', 'qlora' or 'qlora8'")
+    if dtype not in ("fp16", "bf16", "fp32"):
+        raise ConfigError(f"dtype={dtype!r} is not supported; use 'fp16', 'bf16' or 'fp32'")
+    report = MemoryReport()
+    total = sum(p.numel() for p in model.parameters())
+    if method == "full":
+        # half weights + half grads + fp32 master copy + two fp32 moments (ZeRO's 2+2+12 bytes)
+        half = dtype != "fp32"
+        report.trainable = total * (2 if half else 4)
+        report.trainable_params = total
+        report.gradients = total * (2 if half else 4)
+        report.optimizer = total * (12 if half else 8)
+        return report
+    base_bits = {"lora": _BITS[dtype], "qlora": _BITS["nf4"], "qlora8": _BITS["int8"]}[method]
+    quantized = 0
+    for name, m in model.named_modules():
+        if isinstance(m, nn.Linear):
+            if first_match(name, target_modules) is not None:
+                report.trainable_params += rank * (m.in_features + m.out_features)
+            if method != "lora" and first_match(name, skip) is None:
+                quantized += m.weight.numel()
+                report.quantized += int(m.weight.numel() * base_bits / 8)
+                if method == "qlora8":
+                    report.quantized += 4 * m.out_features
+    report.weights_by_dtype[dtype] = int((total - quantized) * _BITS[dtype] / 8)
+    report.trainable = 4 * report.trainable_params
+    report.gradients = 4 * report.trainable_params
+    report.optimizer = 8 * report.trainable_params
+    return report
