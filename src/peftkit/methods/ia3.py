@@ -1,0 +1,219 @@
+"""(IA)³: learned per-channel scaling of activations.
+
+Paper: Liu et al., "Few-Shot Parameter-Efficient Fine-Tuning is Better and Cheaper than In-Context
+Learning", NeurIPS 2022 (https://arxiv.org/abs/2205.05638).
+
+For a frozen linear layer W₀ (out × in, bias b) and a learned vector l, initialised to ones::
+
+    attention / output layers:   x ↦ l ⊙ (W₀x + b)      l ∈ ℝ^out   (keys, values)
+    feed-forward layers:         x ↦ W₀(l ⊙ x) + b      l ∈ ℝ^in    (the FFN's second projection)
+
+Several active adapters multiply. Merging folds l into the weight (rows for output scaling, columns
+for input scaling; the bias too for output scaling) and unmerging divides it out again, so a vector
+with a zero entry cannot be merged reversibly and is refused. Tensor names and shapes follow Hugging
+Face PEFT: ``ia3_l`` of shape (out, 1) or (1, in).
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+from peftkit.core.config import AdapterConfig, _as_list
+from peftkit.core.layer import AdapterLayer
+from peftkit.core.matching import first_match
+from peftkit.core.registry import LINEAR_KINDS, LinearKind, linear_kind, register_method
+from peftkit.errors import ConfigError, MergeError
+from peftkit.methods.lora import hf_resolve, hf_targets
+from peftkit.methods.lora_layers import adapter_dtype
+
+
+class IA3Linear(AdapterLayer):
+    """(IA)³ on a linear-like layer (``nn.Linear``, GPT-2 ``Conv1D``)."""
+
+    adapter_containers = ("ia3_l",)
+
+    def __init__(self, base_layer: nn.Module, is_feedforward: bool) -> None:
+        super().__init__(base_layer)
+        kind = linear_kind(base_layer)
+        if kind is None:
+            raise ConfigError(f"{type(base_layer).__name__} is not a linear-like layer")
+        self.in_features = kind.in_features(base_layer)
+        self.out_features = kind.out_features(base_layer)
+        #: Scale the input (feed-forward layers) rather than the output.
+        self.is_feedforward = is_feedforward
+        self.ia3_l = nn.ParameterDict()
+
+    @property
+    def kind(self) -> LinearKind:
+        kind = linear_kind(self.base_layer)
+        assert kind is not None
+        return kind
+
+    def add(self, name: str) -> None:
+        weight = self.kind.weight(self.base_layer)
+        shape = (1, self.in_features) if self.is_feedforward else (self.out_features, 1)
+        self.ia3_l[name] = nn.Parameter(torch.ones(shape, device=weight.device, dtype=adapter_dtype(weight)))
+
+    def scaling(self, names: Sequence[str]) -> torch.Tensor | None:
+        """The product of the flattened vectors of ``names`` (``None`` when there are none)."""
+        result: torch.Tensor | None = None
+        for name in names:
+            vec = self.ia3_l[name].flatten()
+            result = vec if result is None else result * vec
+        return result
+
+    def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        scale = self.scaling(self._applied())
+        if scale is None:
+            return self.base_layer(x, *args, **kwargs)
+        if self.is_feedforward:
+            return self.base_layer((x.to(scale.dtype) * scale).to(x.dtype), *args, **kwargs)
+        result = self.base_layer(x, *args, **kwargs)
+        return (result * scale).to(result.dtype)
+
+    # -- merging: W ← W·diag(l) (input) or diag(l)·W, b ← l⊙b (output) ----------------------------
+    def _fold(self, name: str, inverse: bool) -> None:
+        vec = self.ia3_l[name].detach().flatten()
+        if inverse:
+            vec = 1.0 / vec
+        weight = self.kind.weight(self.base_layer).detach()
+        factor = vec[None, :] if self.is_feedforward else vec[:, None]
+        self.kind.set_weight(self.base_layer, (weight * factor.to(weight.dtype)).to(weight.dtype))
+        bias = getattr(self.base_layer, "bias", None)
+        if not self.is_feedforward and isinstance(bias, torch.Tensor):
+            with torch.no_grad():
+                bias.mul_(vec.to(bias.dtype))
+
+    def merge(self, names: Sequence[str], safe: bool = False, where: str = "") -> None:
+        for name in names:
+            if name in self.merged_adapters or not self.has_adapter(name):
+                continue
+            vec = self.ia3_l[name].detach()
+            if safe:
+                self.check_finite(vec, where or type(self.base_layer).__name__, name)
+            if bool((vec == 0).any()):
+                raise MergeError(
+                    f"IA3 adapter {name!r} at {where or 'this layer'} has zero scaling entries; merging would "
+                    "erase those weight rows/columns for good (unmerge divides by the vector). Keep it unmerged."
+                )
+            self._fold(name, inverse=False)
+            self.merged_adapters.append(name)
+
+    def unmerge(self, names: Sequence[str] | None = None) -> None:
+        for name in [n for n in reversed(self.merged_adapters) if names is None or n in names]:
+            self._fold(name, inverse=True)
+            self.merged_adapters.remove(name)
+
+
+@register_method
+@dataclass
+class IA3(AdapterConfig):
+    """(IA)³: rescale the outputs of ``target_modules`` and the inputs of ``feedforward_modules``.
+
+    Attributes:
+        feedforward_modules: patterns (same syntax as ``target_modules``) selecting the targets whose
+            *input* is scaled, typically the FFN's second projection (``down_proj``, ``wo``, GPT-2
+            ``mlp.c_proj``). Each must select at least one target.
+    """
+
+    peft_type = "IA3"
+
+    feedforward_modules: str | Sequence[str] = ()
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        self.feedforward_modules = _as_list(self.feedforward_modules)
+
+    def supports(self, module: nn.Module) -> bool:
+        return isinstance(module, IA3Linear) or linear_kind(module) is not None
+
+    def supported_layer_names(self) -> list[str]:
+        return LINEAR_KINDS.names()
+
+    def is_feedforward(self, qualname: str) -> bool:
+        return first_match(qualname, list(self.feedforward_modules)) is not None
+
+    def resolve(self, model: nn.Module) -> list[str]:
+        targets = super().resolve(model)
+        for pattern in self.feedforward_modules:
+            if first_match_any(pattern, targets) is None:
+                raise ConfigError(
+                    f"feedforward_modules entry {pattern!r} selects none of the targets {targets[:6]}; "
+                    "feedforward_modules must be a subset of target_modules"
+                )
+        return targets
+
+    def transform(self, module: nn.Module, qualname: str, adapter_name: str) -> nn.Module:
+        if isinstance(module, IA3Linear):
+            if module.is_feedforward != self.is_feedforward(qualname):
+                raise ConfigError(
+                    f"{qualname} already has an IA3 adapter with feedforward={module.is_feedforward}; a second "
+                    "IA3 adapter on the same layer must scale the same side (check feedforward_modules)"
+                )
+            layer = module
+        else:
+            layer = IA3Linear(module, self.is_feedforward(qualname))
+        layer.add(adapter_name)
+        return layer
+
+    # -- adapter_config.json ---------------------------------------------------------------------
+    def to_hf_dict(self, targets: list[str], module_names: list[str]) -> dict[str, Any]:
+        feedforward = [t for t in targets if self.is_feedforward(t)]
+        return {
+            "peft_type": self.peft_type,
+            "task_type": self.task_type,
+            "target_modules": hf_targets(targets, module_names),
+            "feedforward_modules": _hf_feedforward(feedforward, targets),
+            "exclude_modules": None,
+            "fan_in_fan_out": False,  # set by save_adapter when a target stores its weight transposed
+            "modules_to_save": list(self.modules_to_save) or None,
+            "init_ia3_weights": True,
+            "inference_mode": True,
+            "base_model_name_or_path": None,
+            "revision": None,
+            **{k: v for k, v in self.extra.items() if k not in _HF_FIELDS},
+        }
+
+    @classmethod
+    def from_hf_dict(cls, data: dict[str, Any], module_names: list[str]) -> IA3:
+        targets = hf_resolve(data.get("target_modules"), module_names)
+        spec = data.get("feedforward_modules")
+        # HF PEFT tests only the targets: a full-match regex, or a plain ``str.endswith`` per key.
+        adapted = [n for n in module_names if first_match(n, targets) is not None]
+        if isinstance(spec, str):
+            feedforward = [n for n in adapted if re.fullmatch(spec, n)]
+        else:
+            feedforward = [n for n in adapted if any(n.endswith(k) for k in spec or [])]
+        return cls(
+            target_modules=targets,
+            feedforward_modules=feedforward,
+            exclude_modules=hf_resolve(data.get("exclude_modules"), module_names) if data.get("exclude_modules") else (),
+            modules_to_save=data.get("modules_to_save") or (),
+            task_type=data.get("task_type"),
+            extra={k: v for k, v in data.items() if k not in _HF_FIELDS},
+        )
+
+
+_HF_FIELDS = frozenset(
+    "peft_type task_type target_modules feedforward_modules exclude_modules fan_in_fan_out modules_to_save "
+    "init_ia3_weights inference_mode".split()
+)
+
+
+def first_match_any(pattern: str, names: list[str]) -> str | None:
+    """The first of ``names`` that ``pattern`` matches, or ``None``."""
+    return next((n for n in names if first_match(n, [pattern]) is not None), None)
+
+
+def _hf_feedforward(feedforward: list[str], targets: list[str]) -> list[str] | str:
+    """``feedforward_modules`` for HF PEFT, which tests each target with ``name.endswith(key)``."""
+    leaves = sorted({t.rsplit(".", 1)[-1] for t in feedforward})
+    if {t for t in targets if any(t.endswith(k) for k in leaves)} == set(feedforward):
+        return leaves
+    return "^(?:" + "|".join(re.escape(t) for t in feedforward) + ")$" if feedforward else []
