@@ -97,6 +97,12 @@ def apply(model: nn.Module, config: AdapterConfig, name: str = "default", activa
         targets = config.resolve(model)
         _check_compatible(model, config, targets)
     saved = _resolve_modules_to_save(model, list(config.modules_to_save))
+    overlap = sorted(set(saved) & set(targets))
+    if overlap:
+        raise ConfigError(
+            f"{overlap} are both adapter targets and modules_to_save; a module is either trained in full "
+            "(modules_to_save) or adapted, so remove it from one of the two"
+        )
 
     state = get_state(model, create=True)
     if not state.configs:
@@ -114,7 +120,8 @@ def apply(model: nn.Module, config: AdapterConfig, name: str = "default", activa
         _remove(model, name)
         raise
     state.configs[name] = config
-    state.targets[name] = targets + saved
+    state.targets[name] = targets
+    state.saved[name] = saved
     if activate or (activate is None and not state.active):
         set_adapter(model, [name])
     else:
@@ -151,5 +158,6 @@ def delete_adapter(model: nn.Module, name: str) -> None:
     _remove(model, name)
     del state.configs[name]
     del state.targets[name]
+    state.saved.pop(name, None)
     state.active = [n for n in state.active if n != name]
     set_adapter(model, state.active)

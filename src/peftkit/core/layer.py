@@ -39,6 +39,15 @@ class AdapterLayer(nn.Module):
         self.merged_adapters: list[str] = []
         self.disabled = False
 
+    # Model code sometimes reads a layer's weight directly (T5 checks ``self.wo.weight.dtype``).
+    @property
+    def weight(self) -> torch.Tensor:
+        return self.base_layer.weight  # type: ignore[no-any-return]
+
+    @property
+    def bias(self) -> torch.Tensor | None:
+        return getattr(self.base_layer, "bias", None)
+
     # -- bookkeeping --------------------------------------------------------------------------------
     @property
     def adapter_names(self) -> list[str]:

@@ -35,6 +35,14 @@ class ModulesToSave(AdapterLayer):
             return self.copies[name]
         return self.base_layer
 
+    @property
+    def weight(self) -> Any:
+        return self.current().weight
+
+    @property
+    def bias(self) -> Any:
+        return getattr(self.current(), "bias", None)
+
     def forward(self, *args: Any, **kwargs: Any) -> Any:
         return self.current()(*args, **kwargs)
 

@@ -22,11 +22,13 @@ class PeftState:
     Attributes:
         configs: adapter name → its config.
         targets: adapter name → qualified names of the modules it adapts.
+        saved: adapter name → qualified names of its ``modules_to_save``.
         active: names of the active adapters.
     """
 
     configs: dict[str, AdapterConfig] = field(default_factory=dict)
     targets: dict[str, list[str]] = field(default_factory=dict)
+    saved: dict[str, list[str]] = field(default_factory=dict)
     active: list[str] = field(default_factory=list)
 
 

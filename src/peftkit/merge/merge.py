@@ -82,5 +82,6 @@ def unload(
             remove(model, name)
     state.configs.clear()
     state.targets.clear()
+    state.saved.clear()
     state.active.clear()
     return model

@@ -158,8 +158,8 @@ class LoRA(AdapterConfig):
             "loftq_config": {},
             "base_model_name_or_path": None,
             "revision": None,
-            **{k: v for k, v in self.extra.items() if k not in ("peftkit",)},
-            "peftkit": self.peftkit_fields(),
+            **self.extra,
+            **({"peftkit": self.peftkit_fields()} if self.peftkit_fields() else {}),
         }
 
     def peftkit_fields(self) -> dict[str, Any]:
@@ -200,7 +200,7 @@ class LoRA(AdapterConfig):
             use_rslora=bool(data.get("use_rslora", False)),
             rank_pattern=hf_pattern(data.get("rank_pattern") or {}, module_names),
             alpha_pattern=hf_pattern(data.get("alpha_pattern") or {}, module_names),
-            modules_to_save=data.get("modules_to_save") or (),
+            modules_to_save=hf_modules_to_save(data.get("modules_to_save"), module_names),
             bias=data.get("bias", "none") or "none",
             task_type=data.get("task_type"),
             extra=extra,
@@ -261,6 +261,12 @@ def hf_resolve(spec: Any, module_names: list[str]) -> list[str]:
         regex = re.compile(spec)
         return [n for n in module_names if regex.fullmatch(n)] or [spec]
     return list(spec)
+
+
+def hf_modules_to_save(spec: Any, module_names: list[str]) -> list[str]:
+    """HF PEFT's ``modules_to_save`` minus entries matching nothing (it adds ``classifier`` and ``score``
+    for every SEQ_CLS model and skips the one that is absent)."""
+    return [m for m in _as_list(spec) if any(n == m or n.endswith("." + m) for n in module_names)]
 
 
 def hf_pattern(pattern: dict[str, Any], module_names: list[str]) -> dict[str, Any]:

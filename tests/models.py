@@ -1,0 +1,109 @@
+"""Tiny models with random weights for the test suite (nothing is downloaded)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+
+@dataclass
+class Arch:
+    """A tiny model, an input builder, and the module names tests target on it."""
+
+    build: Callable[[], nn.Module]
+    inputs: Callable[[], dict[str, torch.Tensor]]
+    targets: list[str]
+    modules_to_save: list[str] = field(default_factory=list)
+    output: str = "logits"
+
+
+def _ids(vocab: int = 96, batch: int = 2, seq: int = 7) -> torch.Tensor:
+    return torch.randint(0, vocab, (batch, seq), generator=torch.Generator().manual_seed(1))
+
+
+def llama() -> nn.Module:
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    cfg = LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                      num_key_value_heads=2, vocab_size=96, max_position_embeddings=64)
+    return LlamaForCausalLM(cfg)
+
+
+def gpt2() -> nn.Module:
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    cfg = GPT2Config(n_embd=32, n_layer=2, n_head=4, vocab_size=96, n_positions=64,
+                     bos_token_id=0, eos_token_id=0)
+    return GPT2LMHeadModel(cfg)
+
+
+def bert_cls() -> nn.Module:
+    from transformers import BertConfig, BertForSequenceClassification
+
+    cfg = BertConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                     vocab_size=96, max_position_embeddings=64, num_labels=3)
+    return BertForSequenceClassification(cfg)
+
+
+def t5() -> nn.Module:
+    from transformers import T5Config, T5ForConditionalGeneration
+
+    cfg = T5Config(d_model=32, d_ff=64, d_kv=8, num_layers=2, num_decoder_layers=2, num_heads=4,
+                   vocab_size=96, decoder_start_token_id=0, feed_forward_proj="gated-gelu",
+                   tie_word_embeddings=False)
+    return T5ForConditionalGeneration(cfg)
+
+
+class ConvNet(nn.Module):
+    """Embedding, Conv1d, Conv2d and Linear layers in one small model."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.embed = nn.Embedding(96, 8)
+        self.conv1 = nn.Conv1d(8, 12, kernel_size=3, padding=1)
+        self.conv2 = nn.Conv2d(1, 6, kernel_size=3, padding=1, stride=2)
+        self.proj = nn.Linear(12 * 7 + 6 * 4 * 4, 10)
+
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        h = self.embed(input_ids)                      # (b, 7, 8)
+        a = self.conv1(h.transpose(1, 2)).flatten(1)   # (b, 12*7)
+        b = self.conv2(h.unsqueeze(1)).flatten(1)      # (b, 6*4*4)
+        return self.proj(torch.cat([a, b], dim=1))
+
+
+ARCHS: dict[str, Arch] = {
+    "llama": Arch(llama, lambda: {"input_ids": _ids()}, ["q_proj", "k_proj", "v_proj", "down_proj", "embed_tokens"]),
+    "gpt2": Arch(gpt2, lambda: {"input_ids": _ids()}, ["c_attn", "c_fc", "c_proj"]),
+    "bert": Arch(bert_cls, lambda: {"input_ids": _ids()}, ["query", "value", "intermediate.dense"],
+                 modules_to_save=["classifier"]),
+    "t5": Arch(t5, lambda: {"input_ids": _ids(), "decoder_input_ids": _ids(seq=5)}, ["q", "v", "wi_0", "wo"]),
+    "convnet": Arch(ConvNet, lambda: {"input_ids": _ids()}, ["embed", "conv1", "conv2", "proj"], output=""),
+}
+
+
+def build(arch: str, seed: int = 0) -> nn.Module:
+    torch.manual_seed(seed)
+    return ARCHS[arch].build().eval()
+
+
+def run(model: nn.Module, arch: str) -> torch.Tensor:
+    out = model(**ARCHS[arch].inputs())
+    key = ARCHS[arch].output
+    return getattr(out, key) if key else out
+
+
+def randomize_adapters(model: nn.Module, seed: int = 0) -> None:
+    """Give every trainable or adapter tensor random values, so a zero-initialised B cannot hide a bug."""
+    import peftkit as pk
+    from peftkit.core.state import adapter_layers
+
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for _, layer in adapter_layers(model):
+            for name in pk.list_adapters(model):
+                for tensor in layer.adapter_tensors(name).values():
+                    if tensor.is_floating_point():
+                        tensor.copy_(torch.randn(tensor.shape, generator=gen) * 0.1)
