@@ -98,7 +98,7 @@ class QuantLinear(nn.Module):
                 f"{(self.out_features, self.in_features)}"
             )
         self._store(weight.detach().to(self._device()))
-        return float((self.dequantize(torch.float32) - weight.float()).abs().max())
+        return float((self.dequantize(torch.float32) - weight.detach().float()).abs().max())
 
     def _store(self, weight: Tensor) -> None:
         raise NotImplementedError
