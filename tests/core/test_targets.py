@@ -1,0 +1,99 @@
+"""Target syntax: leaf names, globs, aliases, exclusions, layer indices, and the errors for bad targets."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from models import build
+from torch import nn
+
+import peftkit as pk
+from peftkit.core.matching import layer_index, matches
+from peftkit.errors import ConfigError, TargetNotFoundError, UnsupportedLayerError
+
+
+def adapted_names(model: nn.Module) -> list[str]:
+    from peftkit.core.state import get_state
+
+    return get_state(model).targets["default"]
+
+
+@pytest.mark.parametrize(
+    "name,pattern,expected",
+    [
+        ("model.layers.0.self_attn.q_proj", "q_proj", True),
+        ("q_proj", "q_proj", True),
+        ("model.layers.0.self_attn.q_proj", "self_attn.q_proj", True),
+        ("model.layers.0.self_attn.q_proj", "*.layers.0.*.q_proj", True),
+        ("model.layers.1.self_attn.q_proj", "*.layers.0.*.q_proj", False),
+        ("model.layers.0.self_attn.qq_proj", "q_proj", False),
+        ("model.layers.0.self_attn.q_proj", "proj", False),
+    ],
+)
+def test_pattern_semantics(name: str, pattern: str, expected: bool) -> None:
+    assert matches(name, pattern) is expected
+
+
+def test_layer_index_takes_the_outer_block() -> None:
+    assert layer_index("model.layers.3.mlp.up_proj") == 3
+    assert layer_index("transformer.h.1.attn.c_attn") == 1
+    assert layer_index("encoder.block.1.layer.0.SelfAttention.q") == 1  # T5: block, not sub-layer
+    assert layer_index("lm_head") is None
+
+
+def test_leaf_glob_exclude_and_layers() -> None:
+    model = build("llama")
+    pk.apply(model, pk.LoRA(target_modules=["*.layers.0.*.q_proj", "v_proj"], exclude_modules=["*.1.*.v_proj"]))
+    assert adapted_names(model) == ["model.layers.0.self_attn.q_proj", "model.layers.0.self_attn.v_proj"]
+    model = build("llama")
+    pk.apply(model, pk.LoRA(target_modules=["q_proj", "o_proj"], layers=[1]))
+    assert adapted_names(model) == ["model.layers.1.self_attn.q_proj", "model.layers.1.self_attn.o_proj"]
+
+
+@pytest.mark.parametrize("arch,head", [("llama", "lm_head"), ("bert", "classifier"), ("gpt2", "lm_head")])
+def test_all_linear_skips_output_and_classifier_heads(arch: str, head: str) -> None:
+    model = build(arch)
+    pk.apply(model, pk.LoRA(target_modules="all-linear"))
+    names = adapted_names(model)
+    assert names and head not in names
+    from peftkit.core.registry import linear_kind
+
+    every_linear = [n for n, m in build(arch).named_modules() if linear_kind(m) is not None]
+    assert set(every_linear) - set(names) == {n for n in every_linear if n.split(".")[0] in ("lm_head", "classifier")}
+
+
+def test_no_match_names_the_pattern_and_near_misses() -> None:
+    model = build("llama")
+    with pytest.raises(TargetNotFoundError, match=r"'q_prj'.*q_proj"):
+        pk.apply(model, pk.LoRA(target_modules=["q_prj"]))
+    assert not any(p.requires_grad is False for p in model.parameters())  # untouched
+
+
+def test_unsupported_type_names_type_and_supported_ones() -> None:
+    model = build("llama")
+    with pytest.raises(UnsupportedLayerError, match=r"LlamaRMSNorm.*supported layer types: .*Linear"):
+        pk.apply(model, pk.LoRA(target_modules=["input_layernorm"]))
+
+
+def test_layers_filter_that_leaves_nothing_is_an_error() -> None:
+    with pytest.raises(TargetNotFoundError, match="layers=\\[7\\]"):
+        pk.apply(build("llama"), pk.LoRA(target_modules=["q_proj"], layers=[7]))
+
+
+def test_targets_and_modules_to_save_must_not_overlap() -> None:
+    with pytest.raises(ConfigError, match="both adapter targets and modules_to_save"):
+        pk.apply(build("bert"), pk.LoRA(target_modules=["classifier"], modules_to_save=["classifier"]))
+
+
+def test_inspect_is_a_dry_run_with_counts() -> None:
+    model = build("llama")
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    report = pk.inspect(model, pk.LoRA(target_modules=["q_proj", "v_proj"], rank=4))
+    assert [r.name for r in report.rows] == [
+        f"model.layers.{i}.self_attn.{p}" for i in range(2) for p in ("q_proj", "v_proj")
+    ]
+    # q_proj: 32 → 32, v_proj: 32 → 16 (grouped-query attention with 2 KV heads of 8)
+    assert [r.added_params for r in report.rows] == [4 * 32 + 32 * 4, 4 * 32 + 16 * 4] * 2
+    assert "4 modules adapted" in str(report)
+    assert pk.list_adapters(model) == []
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
