@@ -10,7 +10,7 @@ from __future__ import annotations
 import math
 import re
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, ClassVar
 
 from torch import nn
 
@@ -48,7 +48,13 @@ class LoRA(AdapterConfig):
         init_A, init_B: ``"kaiming"``, ``"xavier"``, ``"gaussian"`` or ``"zero"``; B = 0 keeps the output unchanged.
         rank_pattern, alpha_pattern: per-module overrides, pattern → value (first matching pattern wins).
         bias: ``"none"``, ``"all"`` (every bias trains and is saved) or ``"lora_only"`` (biases of adapted layers).
+        shared_A: groups of separate projections (exact qualified names) whose adapters share one A (performant
+            LoRA, see :mod:`peftkit.methods.grouped`). The role names ``linear_qkv``/``linear_fc1`` add their
+            groups on models with separate projections; the applied config records every group.
     """
+
+    #: Whether role-name groups on separate projections share one A (performant LoRA).
+    shares_A: ClassVar[bool] = True
 
     peft_type = "LORA"
 
@@ -62,6 +68,7 @@ class LoRA(AdapterConfig):
     rank_pattern: dict[str, int] = field(default_factory=dict)
     alpha_pattern: dict[str, float] = field(default_factory=dict)
     bias: str = "none"
+    shared_A: list[list[str]] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -96,6 +103,13 @@ class LoRA(AdapterConfig):
         return lora_scale(self.rank_for(qualname), self.alpha_for(qualname), self.use_rslora)
 
     # -- wrapping --------------------------------------------------------------------------------
+    def resolve(self, model: nn.Module) -> list[str]:
+        from peftkit.methods.grouped import plan_groups
+
+        targets = super().resolve(model)
+        plan_groups(self, model, targets)  # validates role names and groups before the model is touched
+        return targets
+
     def supports(self, module: nn.Module) -> bool:
         return isinstance(module, LoRALayer) or lora_layer_class(module) is not None
 
@@ -122,8 +136,16 @@ class LoRA(AdapterConfig):
         return layer
 
     def after_apply(self, model: nn.Module, name: str) -> None:
+        from peftkit.core.state import get_state
+        from peftkit.methods.grouped import plan_groups, share_down_projections
+
         for module in bias_modules(model, self.bias):
             module.bias.requires_grad_(True)
+        state = get_state(model)
+        groups = plan_groups(self, model, state.targets[name])
+        if groups:
+            share_down_projections(model, name, groups)
+            state.configs[name] = self.replace(shared_A=groups)
 
     def extra_tensors(self, model: nn.Module, name: str) -> dict[str, Any]:
         """Trained biases (``bias="all"``/``"lora_only"``) under their full HF PEFT keys."""
@@ -169,6 +191,8 @@ class LoRA(AdapterConfig):
             fields["dropout_position"] = self.dropout_position
         if (self.init_A, self.init_B) != ("kaiming", "zero"):
             fields["init_A"], fields["init_B"] = self.init_A, self.init_B
+        if self.shared_A:
+            fields["shared_A"] = [list(g) for g in self.shared_A]
         return fields
 
     def rank_pattern_for(self, targets: list[str], pattern: dict[str, Any], default: Any) -> dict[str, Any]:
