@@ -18,6 +18,7 @@ from peftkit.core.report import count_parameters, inspect, print_trainable_param
 from peftkit.core.state import active_adapters, disable_adapters, list_adapters, set_adapter
 from peftkit.io.hf_format import load_adapter, save_adapter
 from peftkit.merge.merge import merge, unload, unmerge
+from peftkit.methods.adapter import Adapter
 from peftkit.methods.bitfit import BitFit
 from peftkit.methods.ia3 import IA3
 from peftkit.methods.lora import LoRA
@@ -25,6 +26,7 @@ from peftkit.methods.lora import LoRA
 __version__ = "0.1.0"
 
 __all__ = [
+    "Adapter",
     "AdapterConfig",
     "BitFit",
     "IA3",
