@@ -1,0 +1,350 @@
+"""``combine``: a new LoRA adapter built from existing ones on the same model.
+
+Each source adapter i holds, per adapted module, factors Aᵢ (rᵢ × in) and Bᵢ (out × rᵢ) and a scale
+sᵢ = αᵢ/rᵢ (α/√r with rsLoRA; rᵢ and αᵢ per module through rank/alpha patterns), so ΔWᵢ = sᵢ·BᵢAᵢ.
+With weights wᵢ the methods are:
+
+- ``cat``: A = [w₁s₁A₁; …; wₙsₙAₙ], B = [B₁ … Bₙ] (rank Σrᵢ). Exactly ΔW = Σᵢ wᵢ·ΔWᵢ.
+- ``svd`` (≡ ``task_arithmetic_svd``): Σᵢ wᵢ·ΔWᵢ truncated by SVD to ``rank`` (default: the largest rᵢ of
+  the module, capped at min(out, in)); exact when that rank is reached. ``ties_svd``, ``dare_linear_svd``,
+  ``dare_ties_svd``, ``magnitude_prune_svd`` apply the matching :mod:`peftkit.merge.merge_utils` function to
+  the ΔWᵢ first.
+- ``linear`` (≡ ``task_arithmetic``), ``ties``, ``dare_linear``, ``dare_ties``, ``magnitude_prune``: the
+  merge function applied to the A's and, separately, to the B's, with factor weights ±√|wᵢsᵢ| on A
+  and √|wᵢsᵢ| on B (Hugging Face PEFT's ``add_weighted_adapter``). Needs equal ranks per module. Caveat:
+  (Σ cᵢBᵢ)(Σ cⱼAⱼ) = Σᵢ cᵢ²BᵢAᵢ + Σᵢ≠ⱼ cᵢcⱼBᵢAⱼ — the cross terms make this an approximation of
+  Σᵢ wᵢ·ΔWᵢ that is only exact for one adapter; it keeps the rank, which is why it exists.
+
+The new adapter has α = r in every module (scale 1, no rsLoRA): every source's own scale, rsLoRA or
+not, per-module rank and alpha included, is folded into the new factors — Hugging Face PEFT instead
+copies the first source's ``use_rslora`` and mis-scales the result by √r. SVD results are split
+evenly, B = U√S and A = √S Vᴴ, so both factors have the same scale for further training.
+
+References: task arithmetic (Ilharco et al., 2023, arXiv:2212.04089), TIES (Yadav et al., 2023,
+arXiv:2306.01708), DARE (Yu et al., 2023, arXiv:2311.03099).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any, cast
+
+import torch
+from torch import nn
+
+from peftkit.core.inject import apply
+from peftkit.core.layer import AdapterLayer
+from peftkit.core.state import adapter_layers, get_state
+from peftkit.errors import AdapterExistsError, AdapterNotFoundError, AdapterStateError, ConfigError
+from peftkit.merge import merge_utils as mu
+from peftkit.methods.lora import LoRA
+from peftkit.methods.lora_layers import LoRALayer
+
+__all__ = ["COMBINATION_METHODS", "combine"]
+
+_FACTOR_FNS: dict[str, Callable[..., torch.Tensor]] = {
+    "task_arithmetic": mu.task_arithmetic,
+    "ties": mu.ties,
+    "dare_linear": mu.dare_linear,
+    "dare_ties": mu.dare_ties,
+    "magnitude_prune": mu.magnitude_prune,
+}
+_ALIASES = {"linear": "task_arithmetic", "svd": "task_arithmetic_svd"}
+#: Every ``method`` name ``combine`` accepts.
+COMBINATION_METHODS = (
+    "cat",
+    "linear",
+    "svd",
+    *_FACTOR_FNS,
+    *(f"{m}_svd" for m in _FACTOR_FNS if m != "task_arithmetic"),
+)
+_NEEDS_DENSITY = ("ties", "dare_linear", "dare_ties", "magnitude_prune")
+_NEEDS_SIGN = ("ties", "dare_ties")
+
+
+# ------------------------------------------------------------------------------------ factor access
+
+
+def factors(layer: AdapterLayer, name: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """Adapter ``name``'s (A, B) as stored: A has the rank on dim 0, B on dim 1 (linear, conv, embedding)."""
+    found = []
+    for attr in layer.adapter_containers[:2]:
+        item = getattr(layer, attr)[name]
+        found.append(item if isinstance(item, nn.Parameter) else item.weight)
+    return found[0], found[1]
+
+
+def as_matrices(A: torch.Tensor, B: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """2-D views (r × k) and (out × r) with B @ A the adapter's unscaled update (conv kernels flattened)."""
+    rank = A.shape[0]
+    return A.reshape(rank, -1), B.reshape(B.shape[0], rank)
+
+
+def like_factors(
+    A2: torch.Tensor, B2: torch.Tensor, A: torch.Tensor, B: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Reshape new 2-D factors of any rank to the layout of the stored A and B."""
+    rank = A2.shape[0]
+    return A2.reshape(rank, *A.shape[1:]), B2.reshape(B.shape[0], rank, *B.shape[2:])
+
+
+def split_svd(M: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Best rank-``rank`` factors (A, B) of M with B @ A ≈ M, singular values split √S to each side."""
+    U, S, Vh = torch.linalg.svd(M, full_matrices=False)
+    root = S[:rank].sqrt()
+    return root[:, None] * Vh[:rank], U[:, :rank] * root
+
+
+def write_factors(layer: AdapterLayer, name: str, A: torch.Tensor, B: torch.Tensor) -> None:
+    """Copy new factor values into adapter ``name`` of ``layer`` (shapes must already match)."""
+    own_A, own_B = factors(layer, name)
+    with torch.no_grad():
+        own_A.copy_(A.to(own_A.dtype))
+        own_B.copy_(B.to(own_B.dtype))
+
+
+# ------------------------------------------------------------------------------------ validation
+
+
+def _check(
+    model: nn.Module,
+    weights: Mapping[str, float],
+    method: str,
+    name: str,
+    density: float | None,
+    majority_sign_method: str,
+    rank: int | None,
+) -> tuple[str, list[str], list[tuple[str, LoRALayer]]]:
+    """Validate everything before the model is touched; return (canonical method, targets, layers)."""
+    state = get_state(model)
+    if not isinstance(weights, Mapping) or not weights:
+        raise ConfigError(
+            f"weights={weights!r} must map adapter names to weights, e.g. {{'task1': 0.7, 'task2': 0.3}}"
+        )
+    for adapter, weight in weights.items():
+        if adapter not in state.configs:
+            raise AdapterNotFoundError(
+                f"no adapter named {adapter!r} on this model; "
+                f"its adapters are {sorted(state.configs) or 'none'}"
+            )
+        if isinstance(weight, bool) or not isinstance(weight, int | float):
+            raise ConfigError(f"weight for {adapter!r} is {weight!r}; weights must be numbers")
+    if method not in COMBINATION_METHODS:
+        raise ConfigError(f"method={method!r} is unknown; use one of {list(COMBINATION_METHODS)}")
+    if not isinstance(name, str) or not name or "." in name:
+        raise ConfigError(f"name={name!r} must be a non-empty adapter name without dots, e.g. 'mix'")
+    if name in state.configs:
+        raise AdapterExistsError(f"an adapter named {name!r} already exists; pass another name=")
+    canonical = _ALIASES.get(method, method)
+    base = canonical.removesuffix("_svd")
+    if base in _NEEDS_DENSITY:
+        if density is None:
+            raise ConfigError(f"method={method!r} needs density= (fraction of entries kept, in (0, 1])")
+        mu.check_density(density)
+    elif density is not None:
+        raise ConfigError(
+            f"density={density!r} is not used by method={method!r}; drop it or use ties/dare/magnitude_prune"
+        )
+    if base in _NEEDS_SIGN:
+        mu.check_sign_method(majority_sign_method)
+    if rank is not None and (
+        not canonical.endswith("_svd") or isinstance(rank, bool) or not isinstance(rank, int) or rank < 1
+    ):
+        raise ConfigError(f"rank={rank!r} must be a positive integer, and is used only by the *svd methods")
+    for adapter in weights:
+        config = state.configs[adapter]
+        if type(config) is not LoRA:
+            raise ConfigError(
+                f"adapter {adapter!r} is {type(config).__name__}; combine supports LoRA adapters (rsLoRA and "
+                "per-module rank/alpha included). DoRA is refused: its output divides by the column norm of "
+                "W₀ + ΔW, so it is not linear in the adapters and no weighted sum of DoRA adapters is "
+                "defined."
+            )
+        if config.modules_to_save or config.bias != "none":
+            raise ConfigError(
+                f"adapter {adapter!r} also trains full modules "
+                f"(modules_to_save={list(config.modules_to_save)}, bias={config.bias!r}); combine only mixes "
+                "low-rank factors. Remove them from the adapter first."
+            )
+    names = list(weights)
+    targets = sorted(state.targets[names[0]])
+    for adapter in names[1:]:
+        other = sorted(state.targets[adapter])
+        if other != targets:
+            only_a, only_b = sorted(set(targets) - set(other)), sorted(set(other) - set(targets))
+            raise ConfigError(
+                f"adapters {names[0]!r} and {adapter!r} adapt different modules "
+                f"(only {names[0]!r}: {only_a[:4]}, "
+                f"only {adapter!r}: {only_b[:4]}); combine adapters trained with the same target_modules"
+            )
+    _check_extras(state.configs, names)
+    layers = [(q, cast(LoRALayer, layer)) for q, layer in adapter_layers(model) if q in set(targets)]
+    for qualname, layer in layers:
+        if layer.merged_adapters:
+            raise AdapterStateError(
+                f"{qualname} has merged adapters {layer.merged_adapters}; call pk.unmerge first"
+            )
+        if canonical in _FACTOR_FNS:
+            ranks = {a: layer.rank[a] for a in names}
+            if len(set(ranks.values())) > 1:
+                raise ConfigError(
+                    f"method={method!r} needs equal ranks, but {qualname} has ranks {ranks}; use 'cat' or an "
+                    "*_svd method, which handle different ranks"
+                )
+    return canonical, targets, layers
+
+
+def _check_extras(configs: Mapping[str, Any], names: Sequence[str]) -> None:
+    """Adapters loaded from disk remember their base model: refuse to mix different ones."""
+    bases = {a: configs[a].extra.get("base_model_name_or_path") for a in names}
+    known = {b for b in bases.values() if b}
+    if len(known) > 1:
+        raise ConfigError(
+            f"the adapters were trained on different base models {bases}; combine adapters of one base"
+        )
+
+
+# ------------------------------------------------------------------------------------ the methods
+
+
+def _factor_merge(
+    fn: Callable[..., torch.Tensor], layer: LoRALayer, weights: Mapping[str, float], kwargs: dict[str, Any]
+) -> tuple[torch.Tensor, torch.Tensor]:
+    As, Bs, wa, wb = [], [], [], []
+    for adapter, weight in weights.items():
+        A, B = factors(layer, adapter)
+        scaled = weight * layer.scaling[adapter]
+        root = abs(scaled) ** 0.5
+        As.append(A.detach())
+        Bs.append(B.detach())
+        wa.append(root if scaled >= 0 else -root)  # the sign on one side only
+        wb.append(root)
+    return fn(As, wa, **kwargs), fn(Bs, wb, **kwargs)
+
+
+def _cat(layer: LoRALayer, weights: Mapping[str, float]) -> tuple[torch.Tensor, torch.Tensor]:
+    As, Bs = [], []
+    for adapter, weight in weights.items():
+        A, B = factors(layer, adapter)
+        As.append(A.detach() * (weight * layer.scaling[adapter]))
+        Bs.append(B.detach())
+    return torch.cat(As, dim=0), torch.cat(Bs, dim=1)
+
+
+def _svd(
+    fn: Callable[..., torch.Tensor],
+    layer: LoRALayer,
+    weights: Mapping[str, float],
+    rank: int | None,
+    kwargs: dict[str, Any],
+) -> tuple[torch.Tensor, torch.Tensor]:
+    deltas = []
+    for adapter in weights:
+        A2, B2 = as_matrices(*factors(layer, adapter))
+        deltas.append((B2.detach() @ A2.detach()) * layer.scaling[adapter])
+    merged = fn(deltas, list(weights.values()), **kwargs)
+    A, B = factors(layer, next(iter(weights)))
+    new_rank = min(rank or max(layer.rank[a] for a in weights), *merged.shape)
+    A2, B2 = split_svd(merged.to(torch.promote_types(merged.dtype, torch.float32)), new_rank)
+    return like_factors(A2, B2, A, B)
+
+
+def combine(
+    model: nn.Module,
+    weights: Mapping[str, float],
+    method: str = "cat",
+    name: str = "combined",
+    rank: int | None = None,
+    density: float | None = None,
+    majority_sign_method: str = "total",
+    seed: int | None = None,
+) -> nn.Module:
+    """Add a LoRA adapter ``name`` that combines existing LoRA adapters of ``model`` (see the module doc).
+
+    Everything is checked before the model changes; the new adapter is added inactive
+    (``pk.set_adapter(model, name)`` to use it).
+
+    Args:
+        model: a model holding the adapters named in ``weights``.
+        weights: adapter name → weight, e.g. ``{"task1": 0.7, "task2": 0.3}``; negative weights subtract.
+        method: one of :data:`COMBINATION_METHODS`; ``cat`` (exact) by default.
+        name: the new adapter's name.
+        rank: the new rank for the ``*svd`` methods (default: the largest source rank of each module).
+        density: fraction of entries kept, in (0, 1], for ties / dare / magnitude_prune methods.
+        majority_sign_method: ``"total"`` or ``"frequency"`` for the ties methods.
+        seed: seeds DARE's random drops (``None``: the global torch generator, as Hugging Face PEFT).
+
+    Returns:
+        ``model`` itself.
+
+    Raises:
+        AdapterNotFoundError: an unknown adapter. AdapterExistsError: ``name`` is taken.
+        ConfigError: an unknown method, a missing/out-of-range density, unequal ranks for a
+            factor-space method, adapters on different modules or base models, or a non-LoRA adapter.
+        AdapterStateError: the model has merged adapters.
+    """
+    canonical, targets, layers = _check(model, weights, method, name, density, majority_sign_method, rank)
+    base = canonical.removesuffix("_svd")
+    kwargs: dict[str, Any] = {}
+    if base in _NEEDS_DENSITY:
+        kwargs["density"] = density
+    if base in _NEEDS_SIGN:
+        kwargs["majority_sign_method"] = majority_sign_method
+    if base.startswith("dare") and seed is not None:
+        device = factors(layers[0][1], next(iter(weights)))[0].device
+        kwargs["generator"] = torch.Generator(device=device).manual_seed(seed)
+
+    new: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+    with torch.no_grad():
+        for qualname, layer in layers:
+            if canonical == "cat":
+                new[qualname] = _cat(layer, weights)
+            elif canonical.endswith("_svd"):
+                new[qualname] = _svd(_FACTOR_FNS[base], layer, weights, rank, kwargs)
+            else:
+                new[qualname] = _factor_merge(_FACTOR_FNS[base], layer, weights, kwargs)
+
+    first = cast(LoRA, get_state(model).configs[next(iter(weights))])  # checked by _check
+    ranks = {q: int(A.shape[0]) for q, (A, _) in new.items()}
+    config = lora_config_for(model, first, ranks)
+    with torch.random.fork_rng(devices=[]):  # the new factors are overwritten: leave the global RNG alone
+        apply(model, config, name=name, activate=False)
+    modules = dict(model.named_modules())
+    for qualname, (A, B) in new.items():
+        write_factors(cast(AdapterLayer, modules[qualname]), name, A, B)
+    return model
+
+
+def lora_config_for(
+    model: nn.Module, template: LoRA, ranks: Mapping[str, int], alphas: Mapping[str, float] | None = None
+) -> LoRA:
+    """A LoRA config adapting exactly the modules of ``ranks`` with those ranks (α = r unless ``alphas``).
+
+    Other fields (dropout, its position, task type, the HF extras such as the base model path) are
+    taken from ``template``.
+    """
+    alphas = dict(alphas) if alphas is not None else {q: float(r) for q, r in ranks.items()}
+    default_rank = max(ranks.values())
+    default_alpha = alphas[max(ranks, key=lambda q: ranks[q])]
+    # Most specific name first, so that first-match lookups of a pattern dict are exact.
+    order = sorted(ranks, key=lambda q: -q.count("."))
+    config = LoRA(
+        target_modules=order,
+        rank=default_rank,
+        alpha=default_alpha,
+        # Every module listed when any differs: a suffix-matching key can then never shadow a default.
+        rank_pattern={q: ranks[q] for q in order} if len(set(ranks.values())) > 1 else {},
+        alpha_pattern={q: alphas[q] for q in order} if len(set(alphas.values())) > 1 else {},
+        dropout=template.dropout,
+        dropout_position=template.dropout_position,
+        task_type=template.task_type,
+        extra=dict(template.extra),
+    )
+    extra = sorted(set(config.resolve(model)) - set(ranks))
+    if extra:  # a target name that is also a suffix of another module's name
+        config = cast(LoRA, config.replace(exclude_modules=extra))
+        if set(config.resolve(model)) != set(ranks):
+            raise ConfigError(
+                f"cannot express the targets {sorted(ranks)[:4]} exactly as patterns on this model"
+            )
+    return config
