@@ -20,7 +20,9 @@ def test_every_public_name_is_in_all() -> None:
     public = {
         name
         for name, value in vars(pk).items()
-        if not name.startswith("_") and not isinstance(value, types.ModuleType) and (inspect.isclass(value) or callable(value))
+        if not name.startswith("_")
+        and not isinstance(value, types.ModuleType)
+        and (inspect.isclass(value) or callable(value))
     }
     assert public <= set(pk.__all__), sorted(public - set(pk.__all__))
 

@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import pytest
 import torch
-from models import build
 from torch import nn
 
 import peftkit as pk
 from peftkit.core.matching import layer_index, matches
 from peftkit.errors import ConfigError, TargetNotFoundError, UnsupportedLayerError
+
+from models import build
 
 
 def adapted_names(model: nn.Module) -> list[str]:

@@ -7,11 +7,12 @@ from pathlib import Path
 
 import pytest
 import torch
-from models import build, randomize_adapters
 from safetensors.torch import load_file, save_file
 
 import peftkit as pk
 from peftkit.errors import CheckpointError, ConfigError, ShapeMismatchError
+
+from models import build, randomize_adapters
 
 
 @pytest.fixture()

@@ -6,11 +6,12 @@ import math
 
 import pytest
 import torch
-from models import ConvNet, build
 from torch import nn
 
 import peftkit as pk
 from peftkit.errors import AdapterExistsError, AdapterNotFoundError, AdapterStateError, ConfigError, MergeError
+
+from models import ConvNet, build
 
 
 @pytest.mark.parametrize(

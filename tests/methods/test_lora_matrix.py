@@ -10,11 +10,12 @@ import copy
 
 import pytest
 import torch
-from models import ARCHS, build, randomize_adapters, run
 
 import peftkit as pk
 from peftkit.core.state import adapter_layers
 from peftkit.methods.lora_layers import LoRALayer
+
+from models import ARCHS, build, randomize_adapters, run
 
 VARIANTS = {
     "plain": lambda arch: pk.LoRA(target_modules=ARCHS[arch].targets, rank=4, alpha=8,

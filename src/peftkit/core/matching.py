@@ -57,7 +57,9 @@ def layer_index(name: str, containers: Sequence[str] = DEFAULT_LAYER_CONTAINERS)
 
 
 def _head_names(model: nn.Module) -> set[str]:
-    heads = {n for n, _ in model.named_modules() if n and (n.split(".")[0] in HEAD_NAMES or n.split(".")[-1] in HEAD_NAMES)}
+    heads = {
+        n for n, _ in model.named_modules() if n and (n.split(".")[0] in HEAD_NAMES or n.split(".")[-1] in HEAD_NAMES)
+    }
     get_out = getattr(model, "get_output_embeddings", None)
     if callable(get_out):
         try:

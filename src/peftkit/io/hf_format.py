@@ -68,9 +68,9 @@ def adapter_state_dict(model: nn.Module, name: str) -> dict[str, torch.Tensor]:
     return state
 
 
-def adapter_config_dict(model: nn.Module, name: str) -> dict[str, Any]:
-    """Adapter ``name``'s ``adapter_config.json`` content."""
-    config = _config(model, name)
+def adapter_config_dict(model: nn.Module, name: str, config: AdapterConfig | None = None) -> dict[str, Any]:
+    """Adapter ``name``'s ``adapter_config.json`` content (written from ``config`` instead of its own if given)."""
+    config = config or _config(model, name)
     names = module_names(model)
     data = config.to_hf_dict(get_state(model).targets[name], names)
     if data.get("task_type") is None:
@@ -86,7 +86,9 @@ def adapter_config_dict(model: nn.Module, name: str) -> dict[str, Any]:
     return data
 
 
-def save_adapter(model: nn.Module, directory: str | Path, name: str | Sequence[str] | None = None) -> None:
+def save_adapter(
+    model: nn.Module, directory: str | Path, name: str | Sequence[str] | None = None, *, layout: str | None = None
+) -> None:
     """Write adapters in HF PEFT's layout; each file is replaced atomically.
 
     Args:
@@ -94,9 +96,13 @@ def save_adapter(model: nn.Module, directory: str | Path, name: str | Sequence[s
         directory: the target directory (created if needed).
         name: one adapter (written to ``directory`` itself), several, or ``None`` for all of them;
             with several, ``default`` goes to ``directory`` and the others to ``directory/<name>``.
+        layout: write LoRA adapters converted to ``"canonical"`` (an A and B per logical part) or
+            ``"performant"`` (one A per fused group; a canonical adapter on a fused layer becomes an HF PEFT
+            adapter on that layer); ``None`` writes them as they are. The model is not changed.
 
     Raises:
         AdapterNotFoundError: a name is not an adapter of ``model``.
+        ConfigError: an unknown ``layout``, or one asked of an adapter that is not LoRA/CanonicalLoRA.
     """
     known = list(get_state(model).configs)
     if name is None:
@@ -110,7 +116,12 @@ def save_adapter(model: nn.Module, directory: str | Path, name: str | Sequence[s
     single = isinstance(name, str) or len(names) == 1
     for n in names:
         target = Path(directory) if single or n == "default" else Path(directory) / n
-        _write(target, adapter_config_dict(model, n), adapter_state_dict(model, n))
+        if layout is None:
+            _write(target, adapter_config_dict(model, n), adapter_state_dict(model, n))
+        else:
+            from peftkit.methods.convert import export_adapter
+
+            _write(target, *export_adapter(model, n, layout))
 
 
 def _write(directory: Path, config: dict[str, Any], state: dict[str, torch.Tensor]) -> None:
@@ -243,11 +254,7 @@ def _load_tensors(model: nn.Module, name: str, weights: dict[str, torch.Tensor],
     missing = sorted(set(own) - set(weights))
     unexpected = sorted(set(weights) - set(own) - set(base_embeddings))
     if missing or unexpected:
-        parts = []
-        if missing:
-            parts.append(f"missing keys {missing[:5]}{' …' if len(missing) > 5 else ''} ({len(missing)} in all)")
-        if unexpected:
-            parts.append(f"unexpected keys {unexpected[:5]}{' …' if len(unexpected) > 5 else ''} ({len(unexpected)} in all)")
+        parts = [_key_list(label, keys) for label, keys in (("missing", missing), ("unexpected", unexpected)) if keys]
         raise CheckpointError(
             f"the adapter in {where!r} does not fit this model: {'; '.join(parts)}. Was it saved for a different "
             "model or with different target_modules?"
@@ -262,6 +269,10 @@ def _load_tensors(model: nn.Module, name: str, weights: dict[str, torch.Tensor],
     with torch.no_grad():
         for key, value in weights.items():
             targets[key].copy_(value.to(dtype=targets[key].dtype, device=targets[key].device))
+
+
+def _key_list(label: str, keys: list[str]) -> str:
+    return f"{label} keys {keys[:5]}{' …' if len(keys) > 5 else ''} ({len(keys)} in all)"
 
 
 def _saved_base_embeddings(

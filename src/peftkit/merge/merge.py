@@ -11,8 +11,8 @@ from collections.abc import Sequence
 from torch import nn
 
 from peftkit.core.modules_to_save import ModulesToSave
-from peftkit.core.state import _check_names, adapter_layers, get_state
 from peftkit.core.registry import dequantized
+from peftkit.core.state import _check_names, adapter_layers, get_state
 from peftkit.core.walk import set_module
 from peftkit.errors import AdapterNotFoundError
 

@@ -17,8 +17,8 @@ from torch import nn
 from peftkit.core.config import AdapterConfig
 from peftkit.core.matching import first_match
 from peftkit.core.registry import LINEAR_KINDS, register_method
-from peftkit.methods.lora_layers import LORA_LAYERS, LoRALayer, lora_layer_class
 from peftkit.errors import ConfigError
+from peftkit.methods.lora_layers import LORA_LAYERS, LoRALayer, lora_layer_class
 
 INIT_METHODS = ("kaiming", "xavier", "gaussian", "zero")
 BIAS_MODES = ("none", "all", "lora_only")
@@ -215,7 +215,7 @@ class LoRA(AdapterConfig):
         extra = {k: v for k, v in data.items() if k not in _HF_LORA_FIELDS and k != "peftkit"}
         return cls(
             target_modules=hf_resolve(data.get("target_modules"), module_names),
-            exclude_modules=hf_resolve(data.get("exclude_modules"), module_names) if data.get("exclude_modules") else (),
+            exclude_modules=hf_resolve(data.get("exclude_modules"), module_names),
             layers=_as_layers(data.get("layers_to_transform")),
             layers_pattern=_as_list(data.get("layers_pattern")) or cls.layers_pattern,  # type: ignore[arg-type]
             rank=int(data.get("r", 8)),
@@ -246,7 +246,10 @@ def bias_modules(model: nn.Module, mode: str) -> list[nn.Module]:
     """Modules whose bias trains under ``bias=mode``."""
     if mode == "none":
         return []
-    candidates = (m.base_layer for m in model.modules() if isinstance(m, LoRALayer)) if mode == "lora_only" else model.modules()
+    if mode == "lora_only":
+        candidates = [m.base_layer for m in model.modules() if isinstance(m, LoRALayer)]
+    else:
+        candidates = list(model.modules())
     return [m for m in candidates if isinstance(getattr(m, "bias", None), nn.Parameter)]
 
 
