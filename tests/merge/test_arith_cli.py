@@ -1,0 +1,125 @@
+"""``peftkit combine`` / ``peftkit prune`` on HF-format adapter directories over a tiny Llama config."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+import peftkit as pk
+from peftkit.cli.arith import _base_model, register_combine, register_prune
+from peftkit.core.state import adapter_layers
+from peftkit.errors import ConfigError
+
+pytest.importorskip("transformers")
+
+LLAMA = {
+    "model_type": "llama",
+    "vocab_size": 64,
+    "hidden_size": 16,
+    "intermediate_size": 32,
+    "num_hidden_layers": 1,
+    "num_attention_heads": 2,
+    "num_key_value_heads": 2,
+}
+
+
+def _run(argv: list[str]) -> int:
+    parser = argparse.ArgumentParser()
+    sub = parser.add_subparsers(dest="command", required=True)
+    register_combine(sub)
+    register_prune(sub)
+    args = parser.parse_args(argv)
+    return int(args.func(args))
+
+
+@pytest.fixture()
+def setup(tmp_path: Path) -> tuple[Path, list[Path]]:
+    config = tmp_path / "base" / "config.json"
+    config.parent.mkdir()
+    config.write_text(json.dumps(LLAMA))
+    dirs = []
+    for i, (rank, rslora) in enumerate([(4, False), (2, True)]):
+        model = _base_model(str(config), "causal_lm", None, 2)
+        pk.apply(model, pk.LoRA(target_modules=["q_proj", "v_proj"], rank=rank, alpha=4, use_rslora=rslora))
+        g = torch.Generator().manual_seed(i)
+        for _, layer in adapter_layers(model):
+            for p in layer.adapter_parameters("default"):
+                p.data.copy_(torch.randn(p.shape, generator=g))
+        pk.save_adapter(model, tmp_path / f"ad{i}")
+        dirs.append(tmp_path / f"ad{i}")
+    return config, dirs
+
+
+def _deltas(config: Path, directory: Path) -> dict[str, torch.Tensor]:
+    model = _base_model(str(config), "causal_lm", None, 2)
+    pk.load_adapter(model, directory)
+    return {q: layer.delta_weight("default").detach() for q, layer in adapter_layers(model)}
+
+
+def test_combine_cat_writes_exact_sum(
+    setup: tuple[Path, list[Path]], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    config, (a, b) = setup
+    out = tmp_path / "mix"
+    argv = ["combine", str(a), str(b), "--weights", "0.7", "0.3", "--method", "cat", "--model", str(config)]
+    assert _run([*argv, "--out", str(out)]) == 0
+    assert "rank [6]" in capsys.readouterr().out
+    da, db, mix = _deltas(config, a), _deltas(config, b), _deltas(config, out)
+    for q in mix:
+        torch.testing.assert_close(mix[q], 0.7 * da[q] + 0.3 * db[q], rtol=0, atol=1e-6)
+
+
+def test_combine_ties_svd(setup: tuple[Path, list[Path]], tmp_path: Path) -> None:
+    config, (a, b) = setup
+    out = tmp_path / "ties"
+    argv = ["combine", str(a), str(b), "--weights", "1", "1", "--method", "ties_svd", "--density", "0.5"]
+    assert _run([*argv, "--rank", "3", "--model", str(config), "--out", str(out)]) == 0
+    assert json.loads((out / "adapter_config.json").read_text())["r"] == 3
+
+
+def test_combine_bad_input_writes_nothing(setup: tuple[Path, list[Path]], tmp_path: Path) -> None:
+    config, (a, b) = setup
+    out = tmp_path / "bad"
+    with pytest.raises(ConfigError, match="got 3 weights for 2 adapters"):
+        _run(["combine", str(a), str(b), "--weights", "1", "1", "1", "--model", str(config), "--out", str(out)])
+    with pytest.raises(ConfigError, match=r"density=1.5 is outside"):
+        _run(
+            [
+                "combine",
+                str(a),
+                str(b),
+                "--method",
+                "ties",
+                "--density",
+                "1.5",
+                "--model",
+                str(config),
+                "--out",
+                str(out),
+            ]
+        )
+    data = json.loads((b / "adapter_config.json").read_text())
+    data["base_model_name_or_path"], other = "org/other", tmp_path / "other"
+    other.mkdir()
+    (other / "adapter_config.json").write_text(json.dumps({**data}))
+    (other / "adapter_model.safetensors").write_bytes((b / "adapter_model.safetensors").read_bytes())
+    a_data = json.loads((a / "adapter_config.json").read_text())
+    (a / "adapter_config.json").write_text(json.dumps({**a_data, "base_model_name_or_path": "org/base"}))
+    with pytest.raises(ConfigError, match="different base models"):
+        _run(["combine", str(a), str(other), "--model", str(config), "--out", str(out)])
+    assert not out.exists()
+
+
+def test_prune_energy(setup: tuple[Path, list[Path]], tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    config, (a, _) = setup
+    out = tmp_path / "pruned"
+    assert _run(["prune", str(a), "--energy", "0.8", "--model", str(config), "--out", str(out)]) == 0
+    assert "output drift" in capsys.readouterr().out
+    before, after = _deltas(config, a), _deltas(config, out)
+    for q in before:
+        assert float(after[q].norm() ** 2) >= 0.8 * float(before[q].norm() ** 2) - 1e-6
+        assert torch.linalg.matrix_rank(after[q]) < 4
