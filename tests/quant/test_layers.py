@@ -14,9 +14,7 @@ from peftkit.quant.int8 import dequantize_int8, quantize_int8
 def _layers(weight: torch.Tensor, bias: torch.Tensor) -> list[nn.Module]:
     return [
         Linear4bit(weight, bias, compute_dtype=torch.float32),
-        Linear4bit(
-            weight, bias, quant_type="fp4", block_size=32, double_quant=False, compute_dtype=torch.float32
-        ),
+        Linear4bit(weight, bias, quant_type="fp4", block_size=32, double_quant=False, compute_dtype=torch.float32),
         Linear8bit(weight, bias, compute_dtype=torch.float32),
     ]
 
@@ -90,9 +88,7 @@ def test_int8_matches_bitsandbytes() -> None:
     codes, stats, _ = bnbf.int8_vectorwise_quant(w.clone())
     p = quantize_int8(w)
     assert torch.equal(p.data, codes) and torch.equal(p.row_absmax, stats)
-    torch.testing.assert_close(
-        dequantize_int8(p), bnbf.int8_vectorwise_dequant(codes, stats), rtol=2e-7, atol=0
-    )
+    torch.testing.assert_close(dequantize_int8(p), bnbf.int8_vectorwise_dequant(codes, stats), rtol=2e-7, atol=0)
 
 
 def test_memory_ratios_from_tensor_sizes() -> None:

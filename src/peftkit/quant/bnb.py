@@ -43,12 +43,8 @@ def to_bitsandbytes(
     has_bias = linear.bias is not None
     weight = linear.weight.detach()
     if bits == 8:
-        layer = bnb.nn.Linear8bitLt(
-            linear.in_features, linear.out_features, bias=has_bias, has_fp16_weights=False
-        )
-        layer.weight = bnb.nn.Int8Params(
-            weight.to(torch.float16).cpu(), requires_grad=False, has_fp16_weights=False
-        )
+        layer = bnb.nn.Linear8bitLt(linear.in_features, linear.out_features, bias=has_bias, has_fp16_weights=False)
+        layer.weight = bnb.nn.Int8Params(weight.to(torch.float16).cpu(), requires_grad=False, has_fp16_weights=False)
     else:
         layer = bnb.nn.Linear4bit(
             linear.in_features,
@@ -66,19 +62,19 @@ def to_bitsandbytes(
             quant_type=quant_type,
         )
     if has_bias:
-        layer.bias = nn.Parameter(linear.bias.detach().clone(), requires_grad=False)  # type: ignore[union-attr]
-    return layer.cuda()
+        layer.bias = nn.Parameter(linear.bias.detach().clone(), requires_grad=False)
+    cuda: nn.Module = layer.cuda()
+    return cuda
 
 
-def _weight4(m: nn.Module) -> torch.Tensor:
+def _weight4(m: Any) -> torch.Tensor:
     import bitsandbytes.functional as bf
 
     return bf.dequantize_4bit(m.weight.data, m.weight.quant_state).to(m.compute_dtype or torch.float32)
 
 
-def _set4(m: nn.Module, w: torch.Tensor) -> float:
-    import bitsandbytes as bnb
-
+def _set4(m: Any, w: torch.Tensor) -> float:
+    bnb: Any = require("bitsandbytes", "bnb")
     old = m.weight
     m.weight = bnb.nn.Params4bit(
         w.detach().to("cpu", torch.float32),
@@ -90,7 +86,7 @@ def _set4(m: nn.Module, w: torch.Tensor) -> float:
     return float((_weight4(m).float() - w.float()).abs().max())
 
 
-def _to_linear4(m: nn.Module) -> nn.Module:
+def _to_linear4(m: Any) -> nn.Module:
     linear = nn.Linear(m.in_features, m.out_features, bias=m.bias is not None, device=m.weight.device)
     with torch.no_grad():
         linear.weight.copy_(_weight4(m).float())
@@ -102,8 +98,8 @@ def _to_linear4(m: nn.Module) -> nn.Module:
 LINEAR_KINDS.register(
     "bitsandbytes.nn.modules.Linear4bit",
     LinearKind(
-        in_features=lambda m: m.in_features,
-        out_features=lambda m: m.out_features,
+        in_features=lambda m: int(getattr(m, "in_features")),  # noqa: B009
+        out_features=lambda m: int(getattr(m, "out_features")),  # noqa: B009
         weight=_weight4,
         set_weight=_set4,
     ),

@@ -101,9 +101,7 @@ def quantize(
         except ConfigError as exc:
             raise ConfigError(f"layer {name!r}: {exc}") from None
     for name, linear in targets:
-        set_module(
-            model, name, _convert(linear, bits, quant_type, double_quant, block_size, compute_dtype, backend)
-        )
+        set_module(model, name, _convert(linear, bits, quant_type, double_quant, block_size, compute_dtype, backend))
     return model
 
 

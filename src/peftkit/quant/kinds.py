@@ -13,19 +13,21 @@ from peftkit.core.registry import DEQUANTIZERS, LINEAR_KINDS, LinearKind
 from peftkit.quant.layers import Linear4bit, Linear8bit, QuantLinear
 
 
+def _q(module: nn.Module) -> QuantLinear:
+    assert isinstance(module, QuantLinear)  # the registry only hands us the types registered below
+    return module
+
+
 def _to_linear(module: nn.Module) -> nn.Module:
-    assert isinstance(module, QuantLinear)
-    return module.to_linear()
+    return _q(module).to_linear()
 
 
+_KIND = LinearKind(
+    in_features=lambda m: _q(m).in_features,
+    out_features=lambda m: _q(m).out_features,
+    weight=lambda m: _q(m).dequantize(),
+    set_weight=lambda m, w: _q(m).requantize(w),
+)
 for _cls in (Linear4bit, Linear8bit):
-    LINEAR_KINDS.register(
-        _cls,
-        LinearKind(
-            in_features=lambda m: m.in_features,
-            out_features=lambda m: m.out_features,
-            weight=lambda m: m.dequantize(),
-            set_weight=lambda m, w: m.requantize(w),
-        ),
-    )
+    LINEAR_KINDS.register(_cls, _KIND)
     DEQUANTIZERS.register(_cls, _to_linear)

@@ -73,7 +73,8 @@ class QuantLinear(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         dtype = x.dtype
         bias = None if self.bias is None else self.bias.to(self.compute_dtype)
-        return _DequantLinear.apply(x.to(self.compute_dtype), bias, self).to(dtype)
+        out: Tensor = _DequantLinear.apply(x.to(self.compute_dtype), bias, self)  # type: ignore[no-untyped-call]
+        return out.to(dtype)
 
     def dequantize(self, dtype: torch.dtype | None = None) -> Tensor:
         """The dense ``(out_features, in_features)`` weight in ``dtype`` (default ``compute_dtype``)."""
@@ -128,6 +129,8 @@ class Linear4bit(QuantLinear):
 
     qweight: Tensor
     absmax: Tensor
+    absmax_scale: Tensor | None
+    absmax_offset: Tensor | None
 
     def __init__(
         self,
@@ -191,9 +194,7 @@ class Linear8bit(QuantLinear):
     qweight: Tensor
     row_absmax: Tensor
 
-    def __init__(
-        self, weight: Tensor, bias: Tensor | None = None, *, compute_dtype: torch.dtype = torch.bfloat16
-    ):
+    def __init__(self, weight: Tensor, bias: Tensor | None = None, *, compute_dtype: torch.dtype = torch.bfloat16):
         """Quantize ``weight`` (``(out_features, in_features)``, float) into a new layer.
 
         Raises:

@@ -52,13 +52,7 @@ class MemoryReport:
     @property
     def total(self) -> int:
         """All bytes above."""
-        return (
-            sum(self.weights_by_dtype.values())
-            + self.quantized
-            + self.trainable
-            + self.gradients
-            + self.optimizer
-        )
+        return sum(self.weights_by_dtype.values()) + self.quantized + self.trainable + self.gradients + self.optimizer
 
     def as_dict(self) -> dict[str, float]:
         """GiB per category, for tables and JSON."""

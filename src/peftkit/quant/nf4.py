@@ -244,7 +244,7 @@ def dequantize_4bit(p: Packed4bit, dtype: torch.dtype = torch.float32) -> Tensor
     """
     absmax = dequantize_absmax(p)
     n, bs = p.shape.numel(), p.block_size
-    values = _pair_table(p.quant_type, p.data.device)[p.data.int()].view(-1)  # fp32, 2·len(data)
+    values = _pair_table(p.quant_type, p.data.device).index_select(0, p.data.int()).view(-1)  # fp32
     out = torch.empty(n, dtype=dtype, device=p.data.device)
     full = n - n % bs
     torch.mul(values[:full].view(-1, bs), absmax[: full // bs].view(-1, 1), out=out[:full].view(-1, bs))

@@ -1,0 +1,154 @@
+"""Quantization speed on this machine, each figure against a reference timed in the same run.
+
+1. dequantize throughput: NF4 (double quant) and int8 → fp32/bf16, vs a plain copy of the fp32 weight;
+   and vs bitsandbytes' CPU dequantize_4bit where installed.
+2. one training step (forward + backward + AdamW) of LoRA on a 4-bit base (QLoRA) vs LoRA on the fp32
+   model, on a small Llama built from a config (random weights).
+
+Prints and writes JSON (medians, ratios, environment, git revision):
+
+    .venv/bin/python benchmarks/experiments/quant_speed.py [--out benchmarks/results/quant_speed.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import statistics
+import subprocess
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+
+import peftkit as pk
+from peftkit.quant import quantize
+from peftkit.quant.int8 import dequantize_int8, quantize_int8
+from peftkit.quant.nf4 import dequantize_4bit, quantize_4bit
+
+
+def median_times(fns: dict[str, Callable[[], object]], repeats: int = 11, warmup: int = 2) -> dict[str, float]:
+    """Median seconds per call of each function, timed in interleaved rounds (so that load from
+    other processes hits every contender alike)."""
+    for fn in fns.values():
+        for _ in range(warmup):
+            fn()
+    times: dict[str, list[float]] = {name: [] for name in fns}
+    for _ in range(repeats):
+        for name, fn in fns.items():
+            start = time.perf_counter()
+            fn()
+            times[name].append(time.perf_counter() - start)
+    return {name: statistics.median(t) for name, t in times.items()}
+
+
+def bench_dequantize(rows: int = 4096, cols: int = 4096) -> dict[str, float]:
+    w = torch.randn(rows, cols) * 0.02
+    nf4 = quantize_4bit(w, "nf4", 64, double_quant=True)
+    i8 = quantize_int8(w)
+    fns: dict[str, Callable[[], object]] = {
+        "fp32_copy_s": lambda: w.clone(),
+        "bf16_cast_s": lambda: w.to(torch.bfloat16),
+        "nf4_dq_to_fp32_s": lambda: dequantize_4bit(nf4, torch.float32),
+        "nf4_dq_to_bf16_s": lambda: dequantize_4bit(nf4, torch.bfloat16),
+        "int8_to_fp32_s": lambda: dequantize_int8(i8, torch.float32),
+        "int8_to_bf16_s": lambda: dequantize_int8(i8, torch.bfloat16),
+    }
+    try:
+        import bitsandbytes.functional as bf
+
+        packed, state = bf.quantize_4bit(w, blocksize=64, quant_type="nf4", compress_statistics=True)
+        fns["bnb_nf4_dq_to_fp32_s"] = lambda: bf.dequantize_4bit(packed, state)
+    except ImportError:
+        pass
+    out = median_times(fns)
+    gb = w.numel() * 4 / 1e9
+    out["nf4_dq_fp32_GBps_out"] = gb / out["nf4_dq_to_fp32_s"]
+    out["ratio_nf4_dq_vs_fp32_copy"] = out["nf4_dq_to_fp32_s"] / out["fp32_copy_s"]
+    out["ratio_int8_dq_vs_fp32_copy"] = out["int8_to_fp32_s"] / out["fp32_copy_s"]
+    if "bnb_nf4_dq_to_fp32_s" in out:
+        out["ratio_nf4_dq_vs_bnb"] = out["nf4_dq_to_fp32_s"] / out["bnb_nf4_dq_to_fp32_s"]
+    return out
+
+
+def _llama(hidden: int, layers: int) -> torch.nn.Module:
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    config = LlamaConfig(
+        vocab_size=1024, hidden_size=hidden, intermediate_size=hidden * 8 // 3, num_hidden_layers=layers,
+        num_attention_heads=8, num_key_value_heads=8, max_position_embeddings=512,
+    )  # fmt: skip
+    return LlamaForCausalLM(config)
+
+
+def bench_step(hidden: int = 512, layers: int = 4, batch: int = 4, seq: int = 256) -> dict[str, float]:
+    ids = torch.randint(0, 1024, (batch, seq))
+    targets = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+    def step_fn(model: torch.nn.Module) -> Callable[[], None]:
+        pk.apply(model, pk.LoRA(target_modules=targets, rank=16, alpha=32))
+        opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
+
+        def step() -> None:
+            model(input_ids=ids, labels=ids).loss.backward()
+            opt.step()
+            opt.zero_grad()
+
+        return step
+
+    lora = step_fn(_llama(hidden, layers))
+    qlora = step_fn(quantize(_llama(hidden, layers), compute_dtype=torch.float32))
+    qlora_bf16 = step_fn(quantize(_llama(hidden, layers), compute_dtype=torch.bfloat16))
+    out = median_times(
+        {
+            "lora_fp32_step_s": lora,
+            "qlora_nf4_fp32compute_step_s": qlora,
+            "qlora_nf4_bf16compute_step_s": qlora_bf16,
+        },
+        repeats=7,
+    )
+    base = out["lora_fp32_step_s"]
+    out["ratio_qlora_fp32compute_vs_lora"] = out["qlora_nf4_fp32compute_step_s"] / base
+    out["ratio_qlora_bf16compute_vs_lora"] = out["qlora_nf4_bf16compute_step_s"] / base
+    return out
+
+
+def environment() -> dict[str, object]:
+    try:
+        git = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, check=False)
+        rev = git.stdout.strip()
+    except OSError:
+        rev = ""
+    return {
+        "torch": torch.__version__,
+        "threads": torch.get_num_threads(),
+        "cpu_capability": torch.backends.cpu.get_cpu_capability(),
+        "machine": platform.machine(),
+        "python": platform.python_version(),
+        "git_revision": rev,
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", type=Path, default=None, help="write the JSON here too")
+    parser.add_argument("--quick", action="store_true", help="smaller sizes (a smoke run)")
+    args = parser.parse_args()
+    size = 1024 if args.quick else 2048
+    result = {
+        "env": environment(),
+        f"dequantize_{size}x{size}": bench_dequantize(size, size),
+        "train_step": bench_step(*((128, 2, 2, 64) if args.quick else (512, 4, 4, 256))),
+    }
+    text = json.dumps(result, indent=2)
+    print(text)
+    if args.out:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(text + "\n")
+
+
+if __name__ == "__main__":
+    main()
