@@ -20,8 +20,14 @@ from peftkit.io.hf_format import load_adapter, save_adapter
 from peftkit.merge.merge import merge, unload, unmerge
 from peftkit.methods.adapter import Adapter
 from peftkit.methods.bitfit import BitFit
+from peftkit.methods.canonical import CanonicalLoRA
+from peftkit.methods.convert import convert
+from peftkit.methods.dora import DoRA
 from peftkit.methods.ia3 import IA3
 from peftkit.methods.lora import LoRA
+from peftkit.methods.prefix import PrefixTuning
+from peftkit.methods.prompt import PromptTuning
+from peftkit.methods.roles import register_architecture
 
 __version__ = "0.1.0"
 
@@ -29,10 +35,15 @@ __all__ = [
     "Adapter",
     "AdapterConfig",
     "BitFit",
+    "CanonicalLoRA",
+    "DoRA",
     "IA3",
     "LoRA",
+    "PrefixTuning",
+    "PromptTuning",
     "active_adapters",
     "apply",
+    "convert",
     "count_parameters",
     "delete_adapter",
     "disable_adapters",
@@ -43,6 +54,7 @@ __all__ = [
     "merge",
     "print_trainable_parameters",
     "register_alias",
+    "register_architecture",
     "save_adapter",
     "set_adapter",
     "trainable_parameters_line",

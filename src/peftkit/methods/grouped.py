@@ -111,7 +111,7 @@ def plan_groups(config: LoRA, model: nn.Module, targets: list[str]) -> list[list
             whose members have different ranks or input sizes.
     """
     roles = [t for t in config.target_modules if t in PART_OF_ROLE or t in GROUP_ROLES]
-    for role in roles:
+    for role in roles if not getattr(config, "adapts_parts", False) else []:
         if role in PART_OF_ROLE:
             fused = [n for n in role_modules(model, role) if n in targets and fused_layout(model, n) is not None]
             if fused:

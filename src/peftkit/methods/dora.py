@@ -1,0 +1,306 @@
+"""DoRA: weight-decomposed low-rank adaptation (Liu et al., ICML 2024, https://arxiv.org/abs/2402.09353).
+
+The adapted weight is split into a trainable magnitude m (one value per output row) and a direction::
+
+    W' = m · (W + s·BA) / ‖W + s·BA‖          (row norms; s = α/r, or α/√r with rsLoRA)
+    y  = W'x = (m/‖·‖ − 1) · W x  +  (m/‖·‖) · s·BAx  +  W x
+
+The norm is detached from the graph (paper §4.3, as in Hugging Face PEFT): gradients reach m, A and B, not
+through ‖·‖. m starts at ‖W + s·BA‖, so a fresh adapter leaves outputs unchanged. The row norms are computed
+without the dense B@A::
+
+    ‖W + sBA‖²ᵢ = ‖Wᵢ‖² + 2s·Σ_k Bᵢₖ (WAᵀ)ᵢₖ + s²·Σ_k (B AAᵀ)ᵢₖ Bᵢₖ
+
+with ‖W‖² cached while the frozen weight is unchanged, and the whole norm cached until A, B or W change (in
+evaluation it is computed once). On ``nn.Embedding`` (weight E, vocab × dim) the norm and magnitude are per
+embedding dimension, the columns of E, as in HF PEFT. On disk: HF PEFT's LoRA config with ``use_dora: true``
+and the magnitude under ``lora_magnitude_vector``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from peftkit.core.registry import LINEAR_KINDS, linear_kind
+from peftkit.errors import ConfigError
+from peftkit.methods.lora import LORA_VARIANTS, LoRA
+from peftkit.methods.lora_layers import LoRAEmbedding, LoRALayer, LoRALinear
+
+
+def row_norms(W: torch.Tensor, A: torch.Tensor, B: torch.Tensor, scale: float,
+              w_sq: torch.Tensor | None = None) -> torch.Tensor:
+    """‖W + scale·B A‖ per row of W (out × in), from W Aᵀ and A Aᵀ instead of the dense B A.
+
+    Args:
+        W: (out, in); A: (r, in); B: (out, r); w_sq: ‖W‖² per row if already known.
+    """
+    W = W.to(A.dtype)
+    if w_sq is None:
+        w_sq = W.pow(2).sum(1)
+    cross = (B * (W @ A.T)).sum(1)
+    lora_sq = ((B @ (A @ A.T)) * B).sum(1)
+    return (w_sq + 2 * scale * cross + scale * scale * lora_sq).clamp_min(0).sqrt()
+
+
+class _DoRAMixin:
+    """Magnitudes, cached detached norms and merging shared by the DoRA layers."""
+
+    lora_magnitude_vector: nn.ParameterDict
+    scaling: dict[str, float]
+    merged_adapters: list[str]
+    base_layer: nn.Module
+
+    def _init_dora(self) -> None:
+        self.lora_magnitude_vector = nn.ParameterDict()
+        self._norm_cache: dict[str, tuple[tuple[Any, ...], torch.Tensor]] = {}
+        self._w_sq: tuple[tuple[Any, ...], torch.Tensor] | None = None
+        self._merge_norms: dict[str, torch.Tensor] = {}
+
+    # The weight the norm is taken over, oriented (rows the magnitude scales, ·), and the factors so that
+    # its update is scale · B A.
+    def _oriented(self) -> torch.Tensor:
+        raise NotImplementedError
+
+    def _factors(self, name: str) -> tuple[torch.Tensor, torch.Tensor]:
+        raise NotImplementedError
+
+    def _base_key(self) -> tuple[Any, ...]:
+        tensors = list(self.base_layer.parameters()) + list(self.base_layer.buffers())
+        return tuple((t.data_ptr(), t._version) for t in tensors)
+
+    def add_magnitude(self, name: str) -> None:
+        """Add adapter ``name``'s magnitude, initialised to the current norms (outputs unchanged)."""
+        A, B = self._factors(name)
+        with torch.no_grad():
+            norm = row_norms(self._oriented().detach(), A.detach(), B.detach(), self.scaling[name])
+        self.lora_magnitude_vector[name] = nn.Parameter(norm.to(A.dtype))
+
+    def weight_norm(self, name: str) -> torch.Tensor:
+        """‖W + s·BA‖ per row, detached; recomputed only when W, A or B changed."""
+        A, B = self._factors(name)
+        base = self._base_key()
+        key = (base, A.data_ptr(), A._version, B.data_ptr(), B._version, self.scaling[name], A.device, A.dtype)
+        hit = self._norm_cache.get(name)
+        if hit is not None and hit[0] == key:
+            return hit[1]
+        with torch.no_grad():
+            W = self._oriented().detach()
+            if self._w_sq is None or self._w_sq[0] != base:
+                self._w_sq = (base, W.to(A.dtype).pow(2).sum(1))
+            norm = row_norms(W, A.detach(), B.detach(), self.scaling[name], self._w_sq[1])
+        self._norm_cache[name] = (key, norm)
+        return norm
+
+    def _delete_dora(self, name: str) -> None:
+        self._norm_cache.pop(name, None)
+        self._merge_norms.pop(name, None)
+
+    def _dora_factor(self, name: str, norm: torch.Tensor) -> torch.Tensor:
+        return (self.lora_magnitude_vector[name] / norm).detach()
+
+
+class DoRALinear(_DoRAMixin, LoRALinear):
+    """DoRA on a linear-like layer (``nn.Linear``, GPT-2 ``Conv1D``, quantized linears via ``kind.weight``)."""
+
+    adapter_containers = ("lora_A", "lora_B", "lora_magnitude_vector")
+
+    def __init__(self, base_layer: nn.Module) -> None:
+        super().__init__(base_layer)
+        self._init_dora()
+
+    def _oriented(self) -> torch.Tensor:
+        return self.kind.weight(self.base_layer)
+
+    def _factors(self, name: str) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.lora_A[name].weight, self.lora_B[name].weight
+
+    def delete_adapter(self, name: str) -> None:
+        super().delete_adapter(name)
+        self._delete_dora(name)
+
+    def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        result = self.base_layer(x, *args, **kwargs)
+        bias = getattr(self.base_layer, "bias", None)
+        base_out = result if bias is None else result - bias  # W x, reused while the input is not dropped out
+        out = result
+        for name in self._applied():
+            A, B, drop = self.lora_A[name], self.lora_B[name], self.lora_dropout[name]
+            h = x.to(A.weight.dtype)
+            if name not in self.lora_magnitude_vector:  # a plain LoRA adapter on the same layer
+                update = B(A(drop(h))) if self.dropout_position[name] == "pre" else drop(B(A(h)))
+                out = out + (update * self.scaling[name]).to(out.dtype)
+                continue
+            if isinstance(drop, nn.Identity) or not self.training:
+                wx = base_out.to(h.dtype)
+            else:  # the base term must see the same dropped-out input as the adapter
+                h = drop(h)
+                wx = F.linear(h, self._oriented().to(h.dtype))
+            g = self.lora_magnitude_vector[name] / self.weight_norm(name)
+            update = (g - 1) * wx + g * (B(A(h)) * self.scaling[name])
+            out = out + update.to(out.dtype)
+        return out
+
+    def delta_weight(self, name: str) -> torch.Tensor:
+        """W' − W: the change merging adapter ``name`` makes to the current base weight."""
+        if name not in self.lora_magnitude_vector:
+            return super().delta_weight(name)
+        W = self._base_weight().detach()
+        lora = super().delta_weight(name).to(W.dtype)
+        factor = self._dora_factor(name, (W + lora).norm(dim=1)).to(W.dtype)
+        return factor[:, None] * (W + lora) - W
+
+    def merge(self, names: Sequence[str], safe: bool = False, where: str = "") -> None:
+        for name in names:
+            if name in self.merged_adapters or not self.has_adapter(name):
+                continue
+            if name not in self.lora_magnitude_vector:
+                super().merge([name], safe, where)
+                continue
+            W = self._base_weight().detach()
+            combined = W + LoRALinear.delta_weight(self, name).to(W.dtype)
+            norm = combined.norm(dim=1)
+            merged = self._dora_factor(name, norm).to(W.dtype)[:, None] * combined
+            if safe:
+                self.check_finite(merged, where or type(self.base_layer).__name__, name)
+            self._set_base_weight(merged)
+            self._merge_norms[name] = norm  # unmerging needs the norm of the weight before merging
+            self.merged_adapters.append(name)
+
+    def unmerge(self, names: Sequence[str] | None = None) -> None:
+        for name in [n for n in reversed(self.merged_adapters) if names is None or n in names]:
+            if name not in self._merge_norms:
+                super().unmerge([name])
+                continue
+            W = self._base_weight().detach()
+            factor = self._dora_factor(name, self._merge_norms.pop(name)).to(W.dtype)
+            self._set_base_weight(W / factor[:, None] - LoRALinear.delta_weight(self, name).to(W.dtype))
+            self.merged_adapters.remove(name)
+
+
+class DoRAEmbedding(_DoRAMixin, LoRAEmbedding):
+    """DoRA on ``nn.Embedding``: magnitude and norm per embedding dimension (the columns of the table E).
+
+    ``E' = (E + s·(BA)ᵀ) · diag(m / ‖columns‖)``, so ``y = g ⊙ (E[x] + s·Aᵀ[x] Bᵀ)`` with ``g = m / ‖·‖``.
+    """
+
+    adapter_containers = ("lora_embedding_A", "lora_embedding_B", "lora_magnitude_vector")
+
+    def __init__(self, base_layer: nn.Embedding) -> None:
+        super().__init__(base_layer)
+        self._init_dora()
+
+    def _oriented(self) -> torch.Tensor:
+        return self.base_layer.weight.T  # (dim, vocab): rows are embedding dimensions, update s·B A
+
+    def _factors(self, name: str) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.lora_embedding_A[name], self.lora_embedding_B[name]
+
+    def delete_adapter(self, name: str) -> None:
+        super().delete_adapter(name)
+        self._delete_dora(name)
+
+    def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        result = self.base_layer(x, *args, **kwargs)
+        base = result
+        for name in self._applied():
+            A, B = self.lora_embedding_A[name], self.lora_embedding_B[name]
+            lora = (self.embed(x, A.T) @ B.T) * self.scaling[name]
+            if name not in self.lora_magnitude_vector:
+                result = result + lora.to(result.dtype)
+                continue
+            g = self.lora_magnitude_vector[name] / self.weight_norm(name)
+            result = result + ((g - 1) * base.to(lora.dtype) + g * lora).to(result.dtype)
+        return result
+
+    def delta_weight(self, name: str) -> torch.Tensor:
+        if name not in self.lora_magnitude_vector:
+            return super().delta_weight(name)
+        W = self._base_weight().detach()
+        combined = W + super().delta_weight(name).to(W.dtype)
+        factor = self._dora_factor(name, combined.norm(dim=0)).to(W.dtype)
+        return combined * factor[None, :] - W
+
+    def merge(self, names: Sequence[str], safe: bool = False, where: str = "") -> None:
+        for name in names:
+            if name in self.merged_adapters or not self.has_adapter(name):
+                continue
+            if name not in self.lora_magnitude_vector:
+                super().merge([name], safe, where)
+                continue
+            W = self._base_weight().detach()
+            combined = W + LoRAEmbedding.delta_weight(self, name).to(W.dtype)
+            norm = combined.norm(dim=0)
+            merged = combined * self._dora_factor(name, norm).to(W.dtype)[None, :]
+            if safe:
+                self.check_finite(merged, where or "Embedding", name)
+            self._set_base_weight(merged)
+            self._merge_norms[name] = norm
+            self.merged_adapters.append(name)
+
+    def unmerge(self, names: Sequence[str] | None = None) -> None:
+        for name in [n for n in reversed(self.merged_adapters) if names is None or n in names]:
+            if name not in self._merge_norms:
+                super().unmerge([name])
+                continue
+            W = self._base_weight().detach()
+            factor = self._dora_factor(name, self._merge_norms.pop(name)).to(W.dtype)
+            self._set_base_weight(W / factor[None, :] - LoRAEmbedding.delta_weight(self, name).to(W.dtype))
+            self.merged_adapters.remove(name)
+
+
+DORA_LAYERS = (DoRALinear, DoRAEmbedding)
+
+
+def dora_layer_class(module: nn.Module) -> type[LoRALayer] | None:
+    """The DoRA layer class for a base module, or ``None`` if DoRA cannot wrap it."""
+    if isinstance(module, nn.Embedding):
+        return DoRAEmbedding
+    return DoRALinear if linear_kind(module) is not None else None
+
+
+@dataclass
+class DoRA(LoRA):
+    """DoRA: LoRA's fields, plus a trainable magnitude per output row (HF PEFT: ``use_dora=True``).
+
+    Wraps linear-like layers (``nn.Linear``, GPT-2 ``Conv1D``, quantized linears) and ``nn.Embedding``.
+    Dropout is applied before the adapter only (``dropout_position="pre"``).
+    """
+
+    shares_A: ClassVar[bool] = False  # DoRA's base term needs each layer's own dropped-out input
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.dropout_position != "pre":
+            raise ConfigError(f"DoRA supports dropout_position='pre' only, got {self.dropout_position!r}")
+        if self.shared_A:
+            raise ConfigError("DoRA adapters do not share A across projections; shared_A must be empty")
+
+    def supports(self, module: nn.Module) -> bool:
+        if isinstance(module, LoRALayer):
+            return isinstance(module, DORA_LAYERS)
+        return dora_layer_class(module) is not None
+
+    def supported_layer_names(self) -> list[str]:
+        return sorted(set(LINEAR_KINDS.names()) | {"Embedding"})
+
+    def layer_class(self, module: nn.Module) -> type[LoRALayer]:
+        cls = dora_layer_class(module)
+        assert cls is not None  # guaranteed by supports() during target resolution
+        return cls
+
+    def transform(self, module: nn.Module, qualname: str, adapter_name: str) -> nn.Module:
+        layer = super().transform(module, qualname, adapter_name)
+        layer.add_magnitude(adapter_name)  # type: ignore[operator]
+        return layer
+
+    def to_hf_dict(self, targets: list[str], module_names: list[str]) -> dict[str, Any]:
+        return {**super().to_hf_dict(targets, module_names), "use_dora": True}
+
+
+LORA_VARIANTS["use_dora"] = DoRA
