@@ -17,7 +17,10 @@ from peftkit.core.matching import register_alias
 from peftkit.core.report import count_parameters, inspect, print_trainable_parameters, trainable_parameters_line
 from peftkit.core.state import active_adapters, disable_adapters, list_adapters, set_adapter
 from peftkit.io.hf_format import load_adapter, save_adapter
+from peftkit.merge import merge_utils
+from peftkit.merge.combine import COMBINATION_METHODS, combine
 from peftkit.merge.merge import merge, unload, unmerge
+from peftkit.merge.prune import PruneReport, prune
 from peftkit.methods.adapter import Adapter
 from peftkit.methods.bitfit import BitFit
 from peftkit.methods.canonical import CanonicalLoRA
@@ -35,14 +38,17 @@ __all__ = [
     "Adapter",
     "AdapterConfig",
     "BitFit",
+    "COMBINATION_METHODS",
     "CanonicalLoRA",
     "DoRA",
     "IA3",
     "LoRA",
     "PrefixTuning",
     "PromptTuning",
+    "PruneReport",
     "active_adapters",
     "apply",
+    "combine",
     "convert",
     "count_parameters",
     "delete_adapter",
@@ -52,7 +58,9 @@ __all__ = [
     "list_adapters",
     "load_adapter",
     "merge",
+    "merge_utils",
     "print_trainable_parameters",
+    "prune",
     "register_alias",
     "register_architecture",
     "save_adapter",
