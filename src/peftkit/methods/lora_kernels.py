@@ -1,0 +1,124 @@
+"""Fast paths for LoRA: one autograd function per adapter update, and cheap dropout masks.
+
+The update added to the base layer's output is (Hu et al., 2021, https://arxiv.org/abs/2106.09685)::
+
+    y = base(x) + s · (D ⊙ x) Aᵀ Bᵀ,      D = keep-mask / (1 - p)  (D = 1 without dropout)
+
+Autograd over ``B(A(dropout(x))) * s`` (what HF PEFT runs) saves the dropped-out input as a full float tensor
+for every projection, draws its mask with ``nn.Dropout`` (a float Bernoulli per element, slow on CPU) and runs
+separate kernels for the scale and the sum. :class:`LoRAUpdate` instead (the recipe Unsloth uses):
+
+- saves ``x`` itself, which projections reading the same input (q, k, v; gate, up) share, plus a 1-byte mask
+  per projection, and recomputes ``D ⊙ x`` in backward;
+- folds the scale and the sum into one ``addmm`` each way, with ``1/(1-p)`` folded into the scale;
+- draws the keep-mask from raw 64-bit random words (:func:`keep_mask`), several times faster than a float
+  Bernoulli, with the same distribution up to 2⁻³¹.
+
+The gradients are those of the formula above: ``∂B = s·gᵀh``, ``∂A = s·(gB)ᵀ(D⊙x)``, ``∂x = s·D⊙(gB)A``,
+with ``h = (D⊙x)Aᵀ`` saved (it is only r wide). The straightforward path in ``LoRALinear.forward`` stays for
+everything this does not cover (``dropout_position="post"``, mixed dtypes); tests in ``tests/perf`` check
+both agree.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+_INT32_SPAN = 2**32
+_LOW31_SPAN = 2**31
+
+
+def keep_mask(shape: torch.Size | tuple[int, ...], p: float, device: torch.device | str = "cpu",
+              generator: torch.Generator | None = None) -> torch.Tensor:
+    """A boolean mask of ``shape`` whose entries are independently ``True`` with probability ``1 - p``.
+
+    ``Tensor.random_()`` on int64 fills 63 uniform bits per word (the top bit is 0) from the same generator as
+    ``torch.rand`` (so ``torch.manual_seed`` makes masks reproducible). Viewed as int32, even positions are
+    uniform over all 2³² values and odd positions over the 2³¹ non-negative ones, so each half is compared
+    with its own threshold. The drop probability is ``round(p·2³²)/2³²`` resp. ``round(p·2³¹)/2³¹``.
+
+    Args:
+        shape: the mask's shape.
+        p: drop probability in [0, 1).
+        device: where to make the mask.
+        generator: optional random generator (default: the global one).
+
+    Returns:
+        A ``torch.bool`` tensor: ``True`` where the element is kept.
+    """
+    numel = 1
+    for size in shape:
+        numel *= int(size)
+    pairs = (numel + 1) // 2
+    words = torch.empty(pairs, dtype=torch.int64, device=device).random_(generator=generator)
+    halves = words.view(torch.int32).view(pairs, 2)
+    keep = torch.empty(pairs, 2, dtype=torch.bool, device=device)
+    torch.ge(halves[:, 0], round(p * _INT32_SPAN) - _LOW31_SPAN, out=keep[:, 0])
+    torch.ge(halves[:, 1], round(p * _LOW31_SPAN), out=keep[:, 1])
+    return keep.view(-1)[:numel].view(shape)
+
+
+class LoRAUpdate(torch.autograd.Function):
+    """``result + s·(D⊙x)AᵀBᵀ`` on 2-D inputs, saving ``x``, the mask and the r-wide ``h`` for backward."""
+
+    @staticmethod
+    def forward(ctx: Any, result: torch.Tensor, x: torch.Tensor, A: torch.Tensor, B: torch.Tensor,
+                scale: float, keep: torch.Tensor | None, p: float) -> torch.Tensor:
+        dropped = x if keep is None else x * keep
+        s = scale if keep is None else scale / (1.0 - p)
+        h = dropped @ A.t()
+        ctx.save_for_backward(x, keep, h, A, B)
+        ctx.scale = s
+        return torch.addmm(result, h, B.t(), alpha=s)
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
+        x, keep, h, A, B = ctx.saved_tensors
+        s: float = ctx.scale
+        need_result, need_x, need_A, need_B = ctx.needs_input_grad[:4]
+        grad_x = grad_A = grad_B = None
+        if need_x or need_A:
+            gb = grad @ B  # (tokens, r)
+            if need_A:
+                dropped = x if keep is None else x * keep
+                grad_A = (gb.t() @ dropped).mul_(s)
+            if need_x:
+                grad_x = (gb @ A).mul_(s)
+                if keep is not None:
+                    grad_x.mul_(keep)
+        if need_B:
+            grad_B = (grad.t() @ h).mul_(s)
+        return grad if need_result else None, grad_x, grad_A, grad_B, None, None, None
+
+
+def lora_update(result: torch.Tensor, x: torch.Tensor, A: torch.Tensor, B: torch.Tensor, scale: float,
+                p: float = 0.0, training: bool = False) -> torch.Tensor:
+    """``result + scale · B A dropout(x)`` for a linear LoRA adapter, with HF PEFT's input-dropout semantics.
+
+    Args:
+        result: the base layer's output, shape ``(..., out)``.
+        x: the layer input, shape ``(..., in)``, same dtype as ``A``.
+        A: the down-projection weight ``(r, in)``; B: the up-projection weight ``(out, r)``.
+        scale: the LoRA scale ``s``.
+        p: dropout probability on the adapter input (applied only when ``training``).
+        training: whether dropout is active.
+
+    Returns:
+        The updated output, shape and dtype of ``result``.
+    """
+    out_shape = result.shape
+    x2 = x.reshape(-1, x.shape[-1])
+    r2 = result.reshape(-1, out_shape[-1])
+    keep = keep_mask(x2.shape, p, x2.device) if training and p > 0 else None
+    if torch.is_grad_enabled() and (x.requires_grad or A.requires_grad or B.requires_grad or result.requires_grad):
+        return LoRAUpdate.apply(r2, x2, A, B, scale, keep, p).view(out_shape)
+    dropped = x2 if keep is None else x2 * keep
+    s = scale if keep is None else scale / (1.0 - p)
+    return torch.addmm(r2, dropped @ A.t(), B.t(), alpha=s).view(out_shape)
+
+
+def supports(x: torch.Tensor, A: torch.Tensor, result: torch.Tensor) -> bool:
+    """Whether :func:`lora_update` applies: a floating input in the adapter's dtype and a matching output."""
+    return x.dtype == A.dtype == result.dtype and x.is_floating_point() and x.dim() >= 1 and x.shape[-1] == A.shape[1]
