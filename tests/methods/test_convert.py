@@ -1,0 +1,113 @@
+"""Exact performant ⇄ canonical conversion, in place and at save time, and HF PEFT reading the exports."""
+
+from __future__ import annotations
+
+import copy
+import json
+
+import pytest
+import torch
+from test_canonical import IDS, tiny
+
+import peftkit as pk
+from peftkit.core.state import get_state
+from peftkit.errors import ConfigError
+
+
+def _perturb_A(model: torch.nn.Module, seed: int = 0) -> None:
+    """Untie the parts' A so the canonical → performant direction has to stack them."""
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_A" in name:
+                p.add_(0.1 * torch.randn(p.shape, generator=gen))
+
+
+@pytest.mark.parametrize("kind", ["llama", "gpt2", "gpt_neox", "phi3"])
+@pytest.mark.parametrize("use_rslora", [False, True])
+def test_round_trip_is_exact(kind: str, use_rslora: bool) -> None:
+    model = tiny(kind)
+    pk.apply(model, pk.LoRA(target_modules=["linear_qkv", "linear_fc1", "linear_proj"], rank=4, alpha=8,
+                            init_B="gaussian", use_rslora=use_rslora))
+    reference = model(IDS).logits
+    pk.convert(model, to="canonical")
+    torch.testing.assert_close(model(IDS).logits, reference, rtol=1e-6, atol=1e-6)
+    _perturb_A(model)
+    untied = model(IDS).logits
+    assert (untied - reference).abs().max() > 1e-3
+    pk.convert(model, to="performant")
+    config = get_state(model).configs["default"]
+    assert type(config) is pk.LoRA
+    torch.testing.assert_close(model(IDS).logits, untied, rtol=1e-6, atol=1e-6)
+    # stacked parts: rank k·r with the scale kept (α·k, or α·√k with rsLoRA)
+    k = {name: len(g) for g in config.shared_A for name in g}
+    for name, rank in config.rank_pattern.items():
+        parts = rank // 4
+        assert parts in (2, 3)
+        expected = 8 * (parts ** 0.5 if use_rslora else parts)
+        assert config.alpha_pattern[name] == pytest.approx(expected)
+        assert name not in k or k[name] == parts
+    pk.convert(model, to="canonical")
+    torch.testing.assert_close(model(IDS).logits, untied, rtol=1e-6, atol=1e-6)
+
+
+def test_tied_parts_convert_back_to_the_same_rank() -> None:
+    model = tiny("phi3")
+    pk.apply(model, pk.LoRA(target_modules=["linear_qkv"], rank=4, init_B="gaussian"))
+    before = {k: v.clone() for k, v in model.state_dict().items() if "lora" in k}
+    pk.convert(model, to="canonical")
+    pk.convert(model, to="performant")
+    after = {k: v for k, v in model.state_dict().items() if "lora" in k}
+    assert before.keys() == after.keys() and all(torch.equal(before[k], after[k]) for k in before)
+
+
+def test_save_layout_canonical_and_back(tmp_path) -> None:
+    model = tiny("gpt2")
+    pk.apply(model, pk.LoRA(target_modules=["linear_qkv", "linear_fc2"], rank=2, init_B="gaussian"))
+    reference = model(IDS).logits
+    pk.save_adapter(model, tmp_path, layout="canonical")
+    assert json.loads((tmp_path / "adapter_config.json").read_text())["peft_type"] == "CANONICAL_LORA"
+    loaded = pk.load_adapter(tiny("gpt2"), tmp_path)
+    assert isinstance(get_state(loaded).configs["default"], pk.CanonicalLoRA)
+    torch.testing.assert_close(loaded(IDS).logits, reference, rtol=1e-6, atol=1e-6)
+    assert type(get_state(model).configs["default"]) is pk.LoRA  # saving did not change the model
+
+
+def test_performant_llama_exports_as_hf_adapter_on_q_k_v(tmp_path) -> None:
+    from peft import PeftModel
+
+    model = tiny("llama")
+    pk.apply(model, pk.LoRA(target_modules=["linear_qkv", "linear_fc1"], rank=4, alpha=8, init_B="gaussian"))
+    reference = model(IDS).logits
+    pk.save_adapter(model, tmp_path)
+    config = json.loads((tmp_path / "adapter_config.json").read_text())
+    assert config["peft_type"] == "LORA"
+    assert sorted(config["target_modules"]) == ["gate_proj", "k_proj", "q_proj", "up_proj", "v_proj"]
+    hf = PeftModel.from_pretrained(tiny("llama"), tmp_path).eval()
+    torch.testing.assert_close(hf(IDS).logits, reference, rtol=1e-5, atol=1e-5)
+    # and back into peftkit, A shared again
+    loaded = pk.load_adapter(tiny("llama"), tmp_path)
+    attn = loaded.model.layers[1].self_attn
+    assert attn.q_proj.lora_A["default"] is attn.v_proj.lora_A["default"]
+    torch.testing.assert_close(loaded(IDS).logits, reference, rtol=0, atol=1e-6)
+
+
+def test_canonical_llama_with_untied_parts_exports_performant_for_hf(tmp_path) -> None:
+    from peft import PeftModel
+
+    model = tiny("llama")
+    pk.apply(model, pk.CanonicalLoRA(target_modules=["linear_q", "linear_k", "linear_v"], rank=2,
+                                     init_B="gaussian", use_rslora=True))
+    reference = model(IDS).logits
+    pk.save_adapter(model, tmp_path, layout="performant")
+    hf = PeftModel.from_pretrained(tiny("llama"), tmp_path).eval()
+    torch.testing.assert_close(hf(IDS).logits, reference, rtol=1e-5, atol=1e-5)
+
+
+def test_convert_rejects_unknown_layout_and_other_methods() -> None:
+    model = tiny("llama")
+    pk.apply(model, pk.DoRA(target_modules=["q_proj"]))
+    with pytest.raises(ConfigError, match="layout"):
+        pk.convert(model, to="fused")
+    with pytest.raises(ConfigError, match="only LoRA and CanonicalLoRA"):
+        pk.convert(copy.deepcopy(model), to="canonical")
