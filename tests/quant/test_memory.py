@@ -1,0 +1,57 @@
+"""Memory estimates on a meta-device Llama-2-7B shape, checked against a measured small model."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+import peftkit as pk
+from peftkit.errors import ConfigError
+from peftkit.quant import estimate_training_memory, memory_report, quantize
+
+transformers = pytest.importorskip("transformers")
+GIB = 1024**3
+
+
+def _llama(meta: bool, **shape: int) -> nn.Module:
+    config = transformers.LlamaConfig(**shape)
+    if meta:
+        with torch.device("meta"):
+            return transformers.LlamaForCausalLM(config)
+    return transformers.LlamaForCausalLM(config)
+
+
+def test_llama2_7b_full_vs_lora_vs_qlora() -> None:
+    model = _llama(True)  # LlamaConfig's defaults are Llama-2-7B: 6.74B parameters
+    n = sum(p.numel() for p in model.parameters())
+    assert n == pytest.approx(6.74e9, rel=0.01)
+    full = estimate_training_memory(model, method="full")
+    lora = estimate_training_memory(model, method="lora", rank=16)
+    qlora = estimate_training_memory(model, method="qlora", rank=16)
+    assert full.total == 16 * n  # fp16 weights and grads, fp32 master and two moments
+    assert lora.weights_by_dtype["fp16"] == 2 * n
+    assert lora.trainable_params == qlora.trainable_params == 32 * 16 * (4 * (4096 + 4096) + 3 * (4096 + 11008))
+    assert 13.0 < lora.total / GIB < 13.3  # 12.55 GiB fp16 weights + 0.6 GiB adapter state
+    # NF4 linear layers (6.48B × 4.127 bits = 3.11 GiB) + fp16 embeddings and head (0.49 GiB) + adapters
+    assert 4.0 < qlora.total / GIB < 4.4
+    assert full.total / qlora.total > 25
+
+
+def test_estimate_agrees_with_measured_small_model() -> None:
+    shape = {"vocab_size": 256, "hidden_size": 128, "intermediate_size": 256, "num_hidden_layers": 2}
+    estimate = estimate_training_memory(_llama(True, **shape), method="qlora", rank=8, dtype="fp32")
+    model = quantize(_llama(False, **shape), skip=("lm_head",))
+    targets = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+    pk.apply(model, pk.LoRA(target_modules=targets, rank=8))
+    measured = memory_report(model)
+    assert measured.trainable_params == estimate.trainable_params
+    assert measured.optimizer == estimate.optimizer
+    assert measured.quantized == pytest.approx(estimate.quantized, rel=0.01)
+    frozen = sum(measured.weights_by_dtype.values())
+    assert frozen == pytest.approx(estimate.weights_by_dtype["fp32"], rel=0.01)
+
+
+def test_bad_method() -> None:
+    with pytest.raises(ConfigError, match="method='prefix'"):
+        estimate_training_memory(nn.Linear(2, 2), method="prefix")
