@@ -1,0 +1,120 @@
+"""DoRA: the formula, HF PEFT cross-loading both ways, exact merge/unmerge, norms without the dense BA."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from models import build
+from torch import nn
+
+import peftkit as pk
+from peftkit.core.state import adapter_layers
+from peftkit.methods.dora import DoRAEmbedding, DoRALinear, row_norms
+
+IDS = torch.randint(0, 96, (2, 6), generator=torch.Generator().manual_seed(5))
+# Llama: linear layers and the token embedding; GPT-2: Conv1D (fan_in_fan_out) layers.
+TARGETS = {"llama": ["q_proj", "v_proj", "down_proj", "embed_tokens"], "gpt2": ["c_attn", "c_proj", "wte"]}
+
+
+def _randomize(model: nn.Module, seed: int = 0) -> None:
+    """Random B and a magnitude off its initial norm, so the DoRA path is really exercised."""
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_" in name:
+                noise = torch.randn(p.shape, generator=gen)
+                p.mul_(1 + 0.2 * noise) if "magnitude" in name else p.add_(0.1 * noise)
+
+
+def test_row_norms_equal_the_dense_norm() -> None:
+    gen = torch.Generator().manual_seed(0)
+    W, A, B = (torch.randn(s, generator=gen, dtype=torch.float64) for s in ((20, 12), (3, 12), (20, 3)))
+    torch.testing.assert_close(row_norms(W, A, B, 0.7), (W + 0.7 * B @ A).norm(dim=1))
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+def test_hf_peft_adapter_loads_with_equal_logits(arch: str, tmp_path) -> None:
+    from peft import LoraConfig, get_peft_model
+
+    hf = get_peft_model(build(arch), LoraConfig(r=4, lora_alpha=8, target_modules=TARGETS[arch], use_dora=True))
+    _randomize(hf)
+    hf.eval()
+    hf.save_pretrained(tmp_path)
+    model = pk.load_adapter(build(arch), tmp_path)
+    assert {type(layer) for _, layer in adapter_layers(model)} == {DoRALinear, DoRAEmbedding}
+    torch.testing.assert_close(model(IDS).logits, hf(IDS).logits, rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+def test_peftkit_adapter_loads_in_hf_peft_with_equal_logits(arch: str, tmp_path) -> None:
+    import json
+
+    from peft import PeftModel
+
+    model = pk.apply(build(arch), pk.DoRA(target_modules=TARGETS[arch], rank=4, alpha=8, use_rslora=True))
+    _randomize(model)
+    pk.save_adapter(model, tmp_path)
+    config = json.loads((tmp_path / "adapter_config.json").read_text())
+    assert config["use_dora"] is True and config["peft_type"] == "LORA"
+    hf = PeftModel.from_pretrained(build(arch), tmp_path).eval()
+    torch.testing.assert_close(hf(IDS).logits, model(IDS).logits, rtol=0, atol=1e-5)
+
+
+def test_fresh_adapter_is_identity_and_merge_unmerge_exact() -> None:
+    base = build("llama")
+    model = pk.apply(copy.deepcopy(base), pk.DoRA(target_modules=TARGETS["llama"], rank=4))
+    torch.testing.assert_close(model(IDS).logits, base(IDS).logits, rtol=0, atol=1e-5)  # B = 0, m = ‖W‖
+    _randomize(model)
+    unmerged = model(IDS).logits
+    weights = {k: v.clone() for k, v in model.state_dict().items() if "base_layer" in k}
+    pk.merge(model)
+    torch.testing.assert_close(model(IDS).logits, unmerged, rtol=0, atol=1e-5)
+    pk.unmerge(model)
+    for key, value in model.state_dict().items():
+        if key in weights:
+            torch.testing.assert_close(value, weights[key], rtol=0, atol=1e-6)
+    torch.testing.assert_close(model(IDS).logits, unmerged, rtol=0, atol=1e-6)
+
+
+def test_formula_and_detached_norm_gradients() -> None:
+    """y = m/‖W+sBA‖ · (W + sBA) x with the norm a constant for autograd (paper §4.3)."""
+    torch.manual_seed(0)
+    base = nn.Linear(12, 10)
+    layer = DoRALinear(base)
+    layer.add("a", 3, 6.0, init_B="gaussian")
+    layer.add_magnitude("a")
+    layer.set_active(["a"])
+    with torch.no_grad():
+        layer.lora_magnitude_vector["a"].mul_(1.3)
+    x = torch.randn(4, 12)
+    A, B, m = layer.lora_A["a"].weight, layer.lora_B["a"].weight, layer.lora_magnitude_vector["a"]
+    merged = base.weight + 2.0 * B @ A
+    expected = (m / merged.norm(dim=1).detach())[:, None] * merged
+    reference = x @ expected.T + base.bias
+    torch.testing.assert_close(layer(x), reference, rtol=1e-5, atol=1e-6)
+    grads = torch.autograd.grad(layer(x).sum(), (A, B, m))
+    ref_grads = torch.autograd.grad(reference.sum(), (A, B, m))
+    for got, want in zip(grads, ref_grads):
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-6)
+
+
+def test_norm_is_cached_until_a_factor_changes() -> None:
+    layer = DoRALinear(nn.Linear(8, 6))
+    layer.add("a", 2, 2.0, init_B="gaussian")
+    layer.add_magnitude("a")
+    first = layer.weight_norm("a")
+    assert layer.weight_norm("a") is first
+    with torch.no_grad():
+        layer.lora_B["a"].weight.add_(1.0)  # an optimizer step changes B in place
+    second = layer.weight_norm("a")
+    assert second is not first
+    torch.testing.assert_close(second, (layer.base_layer.weight + 1.0 * (layer.lora_B["a"].weight @ layer.lora_A["a"].weight)).norm(dim=1))
+
+
+def test_embedding_magnitude_is_per_dimension() -> None:
+    model = pk.apply(build("llama"), pk.DoRA(target_modules=["embed_tokens"], rank=2))
+    layer = model.model.embed_tokens
+    assert layer.lora_magnitude_vector["default"].shape == (32,)
+    torch.testing.assert_close(layer.lora_magnitude_vector["default"], layer.base_layer.weight.norm(dim=0))
