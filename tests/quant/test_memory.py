@@ -35,7 +35,7 @@ def test_llama2_7b_full_vs_lora_vs_qlora() -> None:
     assert 13.0 < lora.total / GIB < 13.3  # 12.55 GiB fp16 weights + 0.6 GiB adapter state
     # NF4 linear layers (6.48B × 4.127 bits = 3.11 GiB) + fp16 embeddings and head (0.49 GiB) + adapters
     assert 4.0 < qlora.total / GIB < 4.4
-    assert full.total / qlora.total > 25
+    assert full.total / qlora.total > 23  # 100 GiB vs 4.2 GiB
 
 
 def test_estimate_agrees_with_measured_small_model() -> None:
