@@ -58,8 +58,10 @@ def adapter_state_dict(model: nn.Module, name: str) -> dict[str, torch.Tensor]:
     """Adapter ``name``'s tensors under HF PEFT's full keys (live tensors, not copies)."""
     config = _config(model, name)
     state: dict[str, torch.Tensor] = {}
+    # HF PEFT keys prompt-learning adapters' other tensors (a classifier copy) as ``base_model.<path>``.
+    root = getattr(config, "key_prefix", PREFIX)
     for qualname, layer in adapter_layers(model):
-        prefix = f"{PREFIX}{qualname}." if qualname else PREFIX
+        prefix = f"{root}{qualname}." if qualname else root
         for key, value in layer.adapter_tensors(name).items():
             state[prefix + key] = value
     extra = getattr(config, "extra_tensors", None)
