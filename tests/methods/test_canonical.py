@@ -6,7 +6,6 @@ import copy
 
 import pytest
 import torch
-from models import build
 from torch import nn
 
 import peftkit as pk
@@ -15,6 +14,8 @@ from peftkit.errors import ConfigError
 from peftkit.methods.canonical import CanonicalLoRALinear
 from peftkit.methods.grouped import SharedDown
 from peftkit.methods.roles import fused_layout
+
+from models import build
 
 IDS = torch.randint(0, 96, (2, 6), generator=torch.Generator().manual_seed(3))
 
@@ -120,7 +121,7 @@ def _split_rows(kind: str, model: nn.Module) -> dict[str, torch.Tensor]:
     cfg = model.config  # GPT-NeoX: qkv.view(..., heads, 3 * head_dim).chunk(3, dim=-1)
     d = cfg.hidden_size // cfg.num_attention_heads
     y = torch.arange(3 * cfg.hidden_size, dtype=torch.float32).view(-1, 3 * d)
-    return dict(zip("qkv", (t.flatten() for t in y.chunk(3, dim=-1))))
+    return dict(zip("qkv", (t.flatten() for t in y.chunk(3, dim=-1)), strict=True))
 
 
 @pytest.mark.parametrize(("kind", "overrides"), [

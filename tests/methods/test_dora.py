@@ -6,12 +6,13 @@ import copy
 
 import pytest
 import torch
-from models import build
 from torch import nn
 
 import peftkit as pk
 from peftkit.core.state import adapter_layers
 from peftkit.methods.dora import DoRAEmbedding, DoRALinear, row_norms
+
+from models import build
 
 IDS = torch.randint(0, 96, (2, 6), generator=torch.Generator().manual_seed(5))
 # Llama: linear layers and the token embedding; GPT-2: Conv1D (fan_in_fan_out) layers.
@@ -96,7 +97,7 @@ def test_formula_and_detached_norm_gradients() -> None:
     torch.testing.assert_close(layer(x), reference, rtol=1e-5, atol=1e-6)
     grads = torch.autograd.grad(layer(x).sum(), (A, B, m))
     ref_grads = torch.autograd.grad(reference.sum(), (A, B, m))
-    for got, want in zip(grads, ref_grads):
+    for got, want in zip(grads, ref_grads, strict=True):
         torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-6)
 
 
@@ -110,7 +111,8 @@ def test_norm_is_cached_until_a_factor_changes() -> None:
         layer.lora_B["a"].weight.add_(1.0)  # an optimizer step changes B in place
     second = layer.weight_norm("a")
     assert second is not first
-    torch.testing.assert_close(second, (layer.base_layer.weight + 1.0 * (layer.lora_B["a"].weight @ layer.lora_A["a"].weight)).norm(dim=1))
+    lora = layer.lora_B["a"].weight @ layer.lora_A["a"].weight
+    torch.testing.assert_close(second, (layer.base_layer.weight + 1.0 * lora).norm(dim=1))
 
 
 def test_embedding_magnitude_is_per_dimension() -> None:

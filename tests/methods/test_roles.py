@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import pytest
 import torch
-from models import build
 from torch import nn
 
 import peftkit as pk
 from peftkit.errors import ConfigError
 from peftkit.methods.roles import ARCHITECTURES, blocks, role_modules, role_table
+
+from models import build
 
 
 def _tiny(kind: str) -> nn.Module:

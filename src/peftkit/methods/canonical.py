@@ -24,7 +24,7 @@ from peftkit.core.matching import first_match, matches
 from peftkit.core.registry import register_method
 from peftkit.errors import ConfigError
 from peftkit.methods.lora import LoRA
-from peftkit.methods.lora_layers import LoRALinear, LoRALayer, adapter_dtype, init_factor, lora_layer_class
+from peftkit.methods.lora_layers import LoRALayer, LoRALinear, adapter_dtype, init_factor, lora_layer_class
 from peftkit.methods.roles import GROUP_ROLES, PART_OF_ROLE, fused_layout, role_modules
 
 

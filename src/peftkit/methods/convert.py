@@ -101,7 +101,7 @@ def _to_performant(model: nn.Module, config: CanonicalLoRA, targets: list[str],
         Bs = [local[f"lora_B.{p}.weight"] for p in parts]
         A, wide, alphas[name] = stack_parts(As, Bs, alphas[name], config.use_rslora)
         B = A.new_zeros(_out(modules[name]), A.shape[0])
-        for part, block in zip(parts, wide):
+        for part, block in zip(parts, wide, strict=True):
             B[layout[part].to(B.device)] = block
         out[name] = {"lora_A.weight": A, "lora_B.weight": B}
         ranks[name] = A.shape[0]
@@ -112,7 +112,7 @@ def _to_performant(model: nn.Module, config: CanonicalLoRA, targets: list[str],
         As = [out[n]["lora_A.weight"] for n in group]
         Bs = [out[n]["lora_B.weight"] for n in group]
         A, wide, alpha = stack_parts(As, Bs, alphas[group[0]], config.use_rslora)
-        for n, B in zip(group, wide):
+        for n, B in zip(group, wide, strict=True):
             out[n] = {"lora_A.weight": A.clone(), "lora_B.weight": B}
             ranks[n], alphas[n] = A.shape[0], alpha
         groups.append(group)
@@ -135,7 +135,9 @@ def converted(model: nn.Module, name: str, to: str) -> tuple[LoRA, Tensors]:
         raise ConfigError(f"layout {to!r} is not one of {LAYOUTS}")
     state = get_state(model)
     if name not in state.configs:
-        raise AdapterNotFoundError(f"no adapter named {name!r} on this model; its adapters are {sorted(state.configs)}")
+        raise AdapterNotFoundError(
+            f"no adapter named {name!r} on this model; its adapters are {sorted(state.configs)}"
+        )
     config = state.configs[name]
     if type(config) not in (LoRA, CanonicalLoRA):
         raise ConfigError(
@@ -146,11 +148,9 @@ def converted(model: nn.Module, name: str, to: str) -> tuple[LoRA, Tensors]:
     targets = [t for t in state.targets[name] if not _is_saved_copy(modules[t])]
     tensors = {t: {k: v.detach().clone() for k, v in modules[t].adapter_tensors(name).items()}
                for t in state.targets[name] if isinstance(modules[t], AdapterLayer)}
-    if to == "canonical":
-        return (config, tensors) if isinstance(config, CanonicalLoRA) else _to_canonical(model, config, targets, tensors)
-    if not isinstance(config, CanonicalLoRA):
-        return config, tensors
-    return _to_performant(model, config, targets, tensors)
+    if isinstance(config, CanonicalLoRA):
+        return (config, tensors) if to == "canonical" else _to_performant(model, config, targets, tensors)
+    return _to_canonical(model, config, targets, tensors) if to == "canonical" else (config, tensors)
 
 
 def _is_saved_copy(module: nn.Module) -> bool:
@@ -211,7 +211,10 @@ def _replace(model: nn.Module, name: str, config: LoRA, tensors: Tensors) -> Non
 
 
 def export_adapter(model: nn.Module, name: str, layout: str) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
-    """Adapter ``name`` as ``(adapter_config.json dict, tensors under HF PEFT keys)`` in ``layout``; the model is unchanged."""
+    """Adapter ``name`` in ``layout`` as ``(adapter_config.json dict, tensors under HF PEFT keys)``.
+
+    The model is unchanged.
+    """
     from peftkit.io.hf_format import PREFIX, adapter_config_dict
 
     config, tensors = converted(model, name, layout)

@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from peftkit.errors import ConfigError
-from peftkit.methods.roles import GROUP_ROLES, PART_OF_ROLE, fused_layout, model_type, role_modules, ARCHITECTURES
+from peftkit.methods.roles import ARCHITECTURES, GROUP_ROLES, PART_OF_ROLE, fused_layout, model_type, role_modules
 
 if TYPE_CHECKING:
     from peftkit.methods.lora import LoRA
@@ -158,6 +158,6 @@ def groups_of(model: nn.Module, name: str) -> list[list[str]]:
     by_module: dict[int, list[str]] = {}
     for qualname, module in model.named_modules():
         lora_a = getattr(module, "lora_A", None)
-        if isinstance(lora_a, nn.ModuleDict) and isinstance(lora_a[name] if name in lora_a else None, SharedDown):
+        if isinstance(lora_a, nn.ModuleDict) and isinstance(lora_a[name], SharedDown) if name in lora_a else False:
             by_module.setdefault(id(lora_a[name]), []).append(qualname)
     return list(by_module.values())

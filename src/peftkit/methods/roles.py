@@ -202,7 +202,8 @@ def architecture(model: nn.Module, role: str = "linear_qkv") -> Architecture:
     raise ConfigError(
         f"role name {role!r} needs a role table for the model's architecture, but {type(model).__name__} "
         f"(model_type={kind!r}) has none; supported architectures: {', '.join(sorted(ARCHITECTURES))}. "
-        f"Add one with pk.register_architecture({kind or 'MODEL_TYPE'!r}, roles={{{role!r}: ['<module name>', ...], ...}}) "
+        f"Add one with pk.register_architecture({kind or 'MODEL_TYPE'!r}, "
+        f"roles={{{role!r}: ['<module name>', ...], ...}}) "
         "or target the modules by name."
     )
 

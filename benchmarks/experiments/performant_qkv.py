@@ -1,0 +1,114 @@
+"""Performant LoRA on q, k, v (one shared A, one dropout mask) vs three separate adapters vs HF PEFT.
+
+One training step (forward + backward of the causal-LM loss) on the reference Llama of ``common.py``, LoRA rank 16,
+alpha 32, dropout 0.05 on q_proj, k_proj and v_proj, all variants timed interleaved in the same run; the figures
+are ratios of medians. Variants:
+
+* ``pk_performant``: ``pk.LoRA(target_modules=["linear_qkv"])`` (one A and one dropout per block);
+* ``pk_separate``: ``pk.LoRA(target_modules=["q_proj", "k_proj", "v_proj"])`` (three adapters);
+* ``hf_separate``: HF PEFT's ``LoraConfig`` on the same three modules;
+* ``base``: the frozen model, no adapter (the lower bound).
+
+Prints and writes JSON (medians, ratios, environment, git revision)::
+
+    .venv/bin/python benchmarks/experiments/performant_qkv.py [--quick] [--out benchmarks/results/performant_qkv.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import subprocess
+import sys
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+from torch import nn
+
+sys.path.insert(0, str(Path(__file__).parent))
+from common import ALPHA, FULL, QUICK, RANK, Shape, batch, build_model, median, round_robin, setup_torch  # noqa: E402
+
+QKV = ["q_proj", "k_proj", "v_proj"]
+DROPOUT = 0.05
+
+
+def make(name: str, shape: Shape) -> nn.Module:
+    import peftkit as pk
+
+    model = build_model(shape)
+    if name == "base":
+        return model.requires_grad_(False).train()
+    if name == "hf_separate":
+        from peft import LoraConfig, get_peft_model
+
+        model = get_peft_model(model, LoraConfig(r=RANK, lora_alpha=ALPHA, lora_dropout=DROPOUT, target_modules=QKV))
+    else:
+        targets = ["linear_qkv"] if name == "pk_performant" else QKV
+        pk.apply(model, pk.LoRA(target_modules=targets, rank=RANK, alpha=ALPHA, dropout=DROPOUT))
+    return model.train()
+
+
+def step(model: nn.Module, shape: Shape) -> Callable[[], float]:
+    ids = batch(shape)
+    inner = model.get_base_model() if hasattr(model, "get_base_model") else model
+    embeds = inner.get_input_embeddings()(ids).detach()
+    params = [p for p in model.parameters() if p.requires_grad]
+
+    def run() -> float:
+        for p in params:
+            p.grad = None
+        out = model(inputs_embeds=embeds.clone().requires_grad_(True), labels=ids)
+        out.loss.backward()
+        return float(out.loss.detach())
+
+    return run
+
+
+def _git_revision() -> str:
+    try:
+        return subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="a small model for a smoke run")
+    parser.add_argument("--rounds", type=int, default=9)
+    parser.add_argument("--out", type=Path, default=None)
+    args = parser.parse_args()
+    setup_torch()
+    shape = QUICK if args.quick else FULL
+    names = ["base", "pk_performant", "pk_separate", "hf_separate"]
+    fns = {name: step(make(name, shape), shape) for name in names}
+    times = round_robin(fns, rounds=args.rounds, warmup=2)
+    medians = {k: median(v) for k, v in times.items()}
+    ratios = {
+        "pk_performant / pk_separate": medians["pk_performant"] / medians["pk_separate"],
+        "pk_performant / hf_separate": medians["pk_performant"] / medians["hf_separate"],
+        "pk_separate / hf_separate": medians["pk_separate"] / medians["hf_separate"],
+        "pk_performant overhead over base": (medians["pk_performant"] - medians["base"]) / medians["base"],
+        "hf_separate overhead over base": (medians["hf_separate"] - medians["base"]) / medians["base"],
+    }
+    result = {
+        "experiment": "performant_qkv",
+        "shape": shape.__dict__, "rank": RANK, "alpha": ALPHA, "dropout": DROPOUT, "rounds": args.rounds,
+        "median_step_s": medians, "ratios": ratios, "times_s": times,
+        "environment": {"torch": torch.__version__, "python": platform.python_version(),
+                        "machine": platform.machine(), "threads": torch.get_num_threads(),
+                        "device": "cpu"},
+        "git_revision": _git_revision(),
+    }
+    for k, v in medians.items():
+        print(f"{k:>15}: {v * 1000:8.1f} ms/step")
+    for k, v in ratios.items():
+        print(f"{k:>33}: {v:.3f}")
+    if args.out:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(json.dumps(result, indent=2) + "\n")
+
+
+if __name__ == "__main__":
+    main()
