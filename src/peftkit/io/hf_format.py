@@ -35,6 +35,7 @@ PREFIX = "base_model.model."
 
 _TASK_TYPES = (
     ("ForCausalLM", "CAUSAL_LM"),
+    ("LMHeadModel", "CAUSAL_LM"),  # GPT2LMHeadModel, GPTJ..., CodeGen...
     ("ForConditionalGeneration", "SEQ_2_SEQ_LM"),
     ("ForSeq2SeqLM", "SEQ_2_SEQ_LM"),
     ("ForSequenceClassification", "SEQ_CLS"),
