@@ -61,36 +61,49 @@ def keep_mask(shape: torch.Size | tuple[int, ...], p: float, device: torch.devic
 
 
 class LoRAUpdate(torch.autograd.Function):
-    """``result + s·(D⊙x)AᵀBᵀ`` on 2-D inputs, saving ``x``, the mask and the r-wide ``h`` for backward."""
+    """``base + s·(D⊙x)AᵀBᵀ`` on 2-D inputs, saving ``x``, the mask and the r-wide ``h`` for backward.
+
+    ``base`` is either a given output tensor (any base layer, ``weight=None``) or, for a plain frozen linear
+    layer, ``x Wᵀ + b`` computed here so that backward can accumulate ``∂x`` into one buffer (``addmm_``)
+    instead of autograd summing two full-size gradients.
+    """
 
     @staticmethod
-    def forward(ctx: Any, result: torch.Tensor, x: torch.Tensor, A: torch.Tensor, B: torch.Tensor,
-                scale: float, keep: torch.Tensor | None, p: float) -> torch.Tensor:
-        dropped = x if keep is None else x * keep
+    def forward(ctx: Any, result: torch.Tensor | None, x: torch.Tensor, A: torch.Tensor, B: torch.Tensor,
+                scale: float, keep: torch.Tensor | None, p: float, weight: torch.Tensor | None = None,
+                bias: torch.Tensor | None = None) -> torch.Tensor:
+        dropped = x if keep is None else torch.where(keep, x, 0.0)  # no bool→float conversion pass
         s = scale if keep is None else scale / (1.0 - p)
         h = dropped @ A.t()
-        ctx.save_for_backward(x, keep, h, A, B)
+        ctx.save_for_backward(x, keep, h, A, B, weight)
         ctx.scale = s
+        if result is None:
+            out = torch.nn.functional.linear(x, weight, bias)
+            return out.addmm_(h, B.t(), alpha=s)
         return torch.addmm(result, h, B.t(), alpha=s)
 
     @staticmethod
     def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
-        x, keep, h, A, B = ctx.saved_tensors
+        x, keep, h, A, B, weight = ctx.saved_tensors
         s: float = ctx.scale
         need_result, need_x, need_A, need_B = ctx.needs_input_grad[:4]
         grad_x = grad_A = grad_B = None
         if need_x or need_A:
-            gb = grad @ B  # (tokens, r)
+            gb = (grad @ B).mul_(s)  # (tokens, r): scaling here is r wide, not in or out wide
             if need_A:
-                dropped = x if keep is None else x * keep
-                grad_A = (gb.t() @ dropped).mul_(s)
+                grad_A = gb.t() @ (x if keep is None else torch.where(keep, x, 0.0))
             if need_x:
-                grad_x = (gb @ A).mul_(s)
-                if keep is not None:
-                    grad_x.mul_(keep)
+                if weight is not None and keep is None:
+                    grad_x = torch.mm(grad, weight).addmm_(gb, A)
+                else:
+                    grad_x = gb @ A
+                    if keep is not None:
+                        grad_x = torch.where(keep, grad_x, 0.0)
+                    if weight is not None:
+                        grad_x = grad_x.addmm_(grad, weight)
         if need_B:
             grad_B = (grad.t() @ h).mul_(s)
-        return grad if need_result else None, grad_x, grad_A, grad_B, None, None, None
+        return grad if need_result else None, grad_x, grad_A, grad_B, None, None, None, None, None
 
 
 def lora_update(result: torch.Tensor, x: torch.Tensor, A: torch.Tensor, B: torch.Tensor, scale: float,
@@ -114,9 +127,47 @@ def lora_update(result: torch.Tensor, x: torch.Tensor, A: torch.Tensor, B: torch
     keep = keep_mask(x2.shape, p, x2.device) if training and p > 0 else None
     if torch.is_grad_enabled() and (x.requires_grad or A.requires_grad or B.requires_grad or result.requires_grad):
         return LoRAUpdate.apply(r2, x2, A, B, scale, keep, p).view(out_shape)
-    dropped = x2 if keep is None else x2 * keep
+    dropped = x2 if keep is None else torch.where(keep, x2, 0.0)
     s = scale if keep is None else scale / (1.0 - p)
     return torch.addmm(r2, dropped @ A.t(), B.t(), alpha=s).view(out_shape)
+
+
+def linear_lora(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, A: torch.Tensor,
+                B: torch.Tensor, scale: float, p: float = 0.0, training: bool = False) -> torch.Tensor:
+    """``x Wᵀ + b + scale · B A dropout(x)`` for a frozen ``nn.Linear`` and one adapter, in one autograd node.
+
+    Args:
+        x: the layer input ``(..., in)``; weight, bias: the frozen base layer's tensors.
+        A, B, scale, p, training: as for :func:`lora_update`.
+
+    Returns:
+        The layer output ``(..., out)``.
+    """
+    if not torch.is_grad_enabled():
+        return lora_update(torch.nn.functional.linear(x, weight, bias), x, A, B, scale, p, training)
+    x2 = x.reshape(-1, x.shape[-1])
+    keep = keep_mask(x2.shape, p, x2.device) if training and p > 0 else None
+    out = LoRAUpdate.apply(None, x2, A, B, scale, keep, p, weight, bias)
+    return out.view(*x.shape[:-1], weight.shape[0])
+
+
+def fused_forward(layer: Any, x: torch.Tensor, applied: list[str]) -> torch.Tensor | None:
+    """The whole ``LoRALinear`` forward in one node when it is one adapter on a frozen ``nn.Linear``, else None."""
+    base = layer.base_layer
+    if len(applied) != 1 or type(base) is not torch.nn.Linear or base.weight.requires_grad:
+        return None
+    name = applied[0]
+    if type(layer.lora_A[name]) is not torch.nn.Linear:  # a shared (grouped) down-projection computes A itself
+        return None
+    A = layer.lora_A[name].weight
+    if layer.dropout_position[name] != "pre" or not supports(x, A, base.weight):
+        return None
+    if base.bias is not None and base.bias.requires_grad:
+        return None
+    drop = layer.lora_dropout[name]
+    p = drop.p if isinstance(drop, torch.nn.Dropout) else 0.0
+    return linear_lora(x, base.weight, base.bias, A, layer.lora_B[name].weight, layer.scaling[name], p,
+                       drop.training)
 
 
 def supports(x: torch.Tensor, A: torch.Tensor, result: torch.Tensor) -> bool:
