@@ -142,8 +142,13 @@ class LoRALinear(LoRALayer):
         return self.kind.set_weight(self.base_layer, weight)
 
     def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        applied = self._applied()
+        # One adapter on a frozen nn.Linear: base and update in one autograd node (lora_kernels).
+        fused = None if args or kwargs else lora_kernels.fused_forward(self, x, applied)
+        if fused is not None:
+            return fused
         result = self.base_layer(x, *args, **kwargs)
-        for name in self._applied():
+        for name in applied:
             A, B, drop = self.lora_A[name], self.lora_B[name], self.lora_dropout[name]
             # A shared down-projection (grouped performant LoRA) computes A(dropout(x)) itself, once per group.
             if type(A) is nn.Linear and self.dropout_position[name] == "pre" and lora_kernels.supports(x, A.weight, result):
