@@ -31,6 +31,7 @@ from peftkit.methods.lora import LoRA
 from peftkit.methods.prefix import PrefixTuning
 from peftkit.methods.prompt import PromptTuning
 from peftkit.methods.roles import register_architecture
+from peftkit.quant import estimate_training_memory, memory_report, prepare_for_kbit_training, quantize
 
 __version__ = "0.1.0"
 
@@ -54,13 +55,17 @@ __all__ = [
     "delete_adapter",
     "disable_adapters",
     "errors",
+    "estimate_training_memory",
     "inspect",
     "list_adapters",
     "load_adapter",
+    "memory_report",
     "merge",
     "merge_utils",
+    "prepare_for_kbit_training",
     "print_trainable_parameters",
     "prune",
+    "quantize",
     "register_alias",
     "register_architecture",
     "save_adapter",

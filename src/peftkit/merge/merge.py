@@ -69,6 +69,10 @@ def unload(
     if dequantize:
         for _, layer in adapter_layers(model):
             layer.base_layer = dequantized(layer.base_layer)
+        for qualname, module in list(model.named_modules()):
+            plain = dequantized(module)
+            if plain is not module and qualname:
+                set_module(model, qualname, plain)
     if merge and state.configs:
         merge_adapters(model, state.active if names is None else names)
     for qualname, layer in list(adapter_layers(model)):

@@ -11,6 +11,7 @@ layer because their factors are applied differently. Tensor names follow Hugging
 
 from __future__ import annotations
 
+import logging
 import math
 from collections.abc import Sequence
 from typing import Any
@@ -23,6 +24,9 @@ from peftkit.core.layer import AdapterLayer
 from peftkit.core.registry import LinearKind, TypeRegistry, linear_kind
 from peftkit.errors import ConfigError
 from peftkit.methods import lora_kernels
+
+
+logger = logging.getLogger("peftkit")
 
 
 def lora_scale(rank: int, alpha: float, use_rslora: bool) -> float:
@@ -59,6 +63,8 @@ class LoRALayer(AdapterLayer):
         self.scaling: dict[str, float] = {}
         self.lora_dropout = nn.ModuleDict()
         self.dropout_position: dict[str, str] = {}
+        #: adapter name → max abs error re-quantizing the merged weight (quantized bases only)
+        self.merge_errors: dict[str, float] = {}
 
     def _add_common(self, name: str, rank: int, alpha: float, dropout: float, use_rslora: bool,
                     dropout_position: str = "pre") -> None:
@@ -81,22 +87,35 @@ class LoRALayer(AdapterLayer):
     def _set_base_weight(self, weight: torch.Tensor) -> float | None:
         raise NotImplementedError
 
+    def _working_weight(self) -> torch.Tensor:
+        """The base weight to merge into: fp32 for half-precision and quantized bases (one rounding, at the end)."""
+        base = self._base_weight().detach()
+        return base.float() if base.dtype in (torch.float16, torch.bfloat16) else base
+
+    def _write_merged(self, name: str, weight: torch.Tensor, where: str) -> None:
+        """Store a merged weight; a quantized base reports its re-quantization error, which is kept and logged."""
+        error = self._set_base_weight(weight)
+        if error is not None:
+            self.merge_errors[name] = error
+            logger.info("merged adapter %r into quantized %s: max abs re-quantization error %.3g", name, where, error)
+
     def merge(self, names: Sequence[str], safe: bool = False, where: str = "") -> None:
         for name in names:
             if name in self.merged_adapters or not self.has_adapter(name):
                 continue
-            base = self._base_weight().detach()
+            base = self._working_weight()
             merged = base + self.delta_weight(name).to(base.dtype)
             if safe:
                 self.check_finite(merged, where or type(self.base_layer).__name__, name)
-            self._set_base_weight(merged)
+            self._write_merged(name, merged, where)
             self.merged_adapters.append(name)
 
     def unmerge(self, names: Sequence[str] | None = None) -> None:
         todo = [n for n in reversed(self.merged_adapters) if names is None or n in names]
         for name in todo:
-            base = self._base_weight().detach()
-            self._set_base_weight(base - self.delta_weight(name).to(base.dtype))
+            base = self._working_weight()
+            self._write_merged(name, base - self.delta_weight(name).to(base.dtype), "")
+            self.merge_errors.pop(name, None)
             self.merged_adapters.remove(name)
 
 
