@@ -1,0 +1,172 @@
+"""The reference model, the variants and the timing helpers every experiment shares.
+
+Reference (issue 10): a Llama-architecture model from a ``transformers`` config (hidden 512, 8 layers, 8 heads,
+intermediate 1408, vocabulary 8000), random weights, fp32, batch 4 × 256 tokens, 2 threads; LoRA rank 16,
+alpha 32 on all seven linear projections.
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+RANK, ALPHA = 16, 32
+BATCH, SEQ = 4, 256
+THREADS = 2
+
+
+@dataclass(frozen=True)
+class Shape:
+    """Model and batch size (``quick`` shrinks it for smoke runs)."""
+
+    hidden: int = 512
+    layers: int = 8
+    heads: int = 8
+    intermediate: int = 1408
+    vocab: int = 8000
+    batch: int = BATCH
+    seq: int = SEQ
+
+
+FULL = Shape()
+QUICK = Shape(hidden=128, layers=2, heads=4, intermediate=352, vocab=1000, batch=2, seq=64)
+
+
+def setup_torch() -> None:
+    torch.set_num_threads(THREADS)
+    torch.manual_seed(0)
+
+
+def build_model(shape: Shape) -> nn.Module:
+    """A fresh random Llama, identical for every call (seeded)."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    cfg = LlamaConfig(hidden_size=shape.hidden, num_hidden_layers=shape.layers, num_attention_heads=shape.heads,
+                      num_key_value_heads=shape.heads, intermediate_size=shape.intermediate,
+                      vocab_size=shape.vocab, max_position_embeddings=max(512, shape.seq + 8))
+    cfg._attn_implementation = "sdpa"
+    return LlamaForCausalLM(cfg).float()
+
+
+def batch(shape: Shape) -> torch.Tensor:
+    return torch.randint(0, shape.vocab, (shape.batch, shape.seq), generator=torch.Generator().manual_seed(1))
+
+
+def randomize_adapter(model: nn.Module) -> None:
+    """Give every zero-initialised adapter tensor (LoRA B) small random values so outputs differ from the base."""
+    gen = torch.Generator().manual_seed(2)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if p.requires_grad and ("lora_B" in name) and p.abs().sum() == 0:
+                p.copy_(torch.randn(p.shape, generator=gen) * 0.02)
+
+
+# -- variants -------------------------------------------------------------------------------------
+def hf_adapt(model: nn.Module, dora: bool, dropout: float) -> nn.Module:
+    from peft import LoraConfig, get_peft_model
+
+    cfg = LoraConfig(r=RANK, lora_alpha=ALPHA, lora_dropout=dropout, target_modules=TARGETS, use_dora=dora)
+    return get_peft_model(model, cfg)
+
+
+def pk_adapt(model: nn.Module, dora: bool, dropout: float) -> nn.Module:
+    import peftkit as pk
+
+    if dora:
+        config_cls = getattr(pk, "DoRA", None)
+        if config_cls is None:
+            raise Unavailable("peftkit has no DoRA yet")
+    else:
+        config_cls = pk.LoRA
+    pk.apply(model, config_cls(target_modules=TARGETS, rank=RANK, alpha=ALPHA, dropout=dropout))
+    return model
+
+
+class Unavailable(RuntimeError):
+    """A variant that cannot run in this checkout (reported, not fatal)."""
+
+
+def make_variant(name: str, shape: Shape) -> nn.Module:
+    """Build variant ``name``: ``full``, ``lower_bound``, ``{hf,pk}_{lora,dora}_{0,0.05}``."""
+    model = build_model(shape)
+    if name == "full":
+        return model.train()
+    if name in ("lower_bound", "base"):
+        return model.requires_grad_(False).train()
+    lib, method, dropout = name.split("_")
+    adapt = hf_adapt if lib == "hf" else pk_adapt
+    model = adapt(model, method == "dora", float(dropout))
+    randomize_adapter(model)
+    return model.train()
+
+
+TRAIN_VARIANTS = ["full", "lower_bound", "hf_lora_0", "hf_lora_0.05", "hf_dora_0", "hf_dora_0.05",
+                  "pk_lora_0", "pk_lora_0.05", "pk_dora_0", "pk_dora_0.05"]
+
+
+def step_fn(name: str, model: nn.Module, shape: Shape) -> Callable[[], float]:
+    """A closure running one forward + backward of the causal-LM loss and returning the loss.
+
+    Every variant except ``full`` feeds the same frozen input embeddings with ``requires_grad=True``, so the
+    lower bound runs a full backward and the adapters' ratio to it is their whole overhead.
+    """
+    ids = batch(shape)
+    inner = model.get_base_model() if hasattr(model, "get_base_model") else model
+    embeds = inner.get_input_embeddings()(ids).detach()
+    params = [p for p in model.parameters() if p.requires_grad]
+
+    def run() -> float:
+        for p in params:
+            p.grad = None
+        if name == "full":
+            out = model(input_ids=ids, labels=ids)
+        else:
+            out = model(inputs_embeds=embeds.clone().requires_grad_(True), labels=ids)
+        out.loss.backward()
+        return float(out.loss.detach())
+
+    return run
+
+
+# -- timing ---------------------------------------------------------------------------------------
+def timed(fn: Callable[[], Any]) -> float:
+    start = time.perf_counter()
+    fn()
+    return time.perf_counter() - start
+
+
+def round_robin(fns: dict[str, Callable[[], Any]], rounds: int, warmup: int = 1,
+                repeat: int = 1) -> dict[str, list[float]]:
+    """Time each function ``rounds`` times, interleaved (one of each per round), after ``warmup`` calls each.
+
+    ``repeat`` calls are timed together per round and the mean per call recorded.
+    """
+    for fn in fns.values():
+        for _ in range(warmup):
+            fn()
+    times: dict[str, list[float]] = {k: [] for k in fns}
+    for _ in range(rounds):
+        for key, fn in fns.items():
+            start = time.perf_counter()
+            for _ in range(repeat):
+                fn()
+            times[key].append((time.perf_counter() - start) / repeat)
+    return times
+
+
+def median(xs: list[float]) -> float:
+    return statistics.median(xs) if xs else float("nan")
+
+
+def ratio(times: dict[str, list[float]], a: str, b: str) -> float | None:
+    if a not in times or b not in times:
+        return None
+    return median(times[a]) / median(times[b])
