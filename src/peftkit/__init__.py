@@ -21,6 +21,7 @@ from peftkit.merge import merge_utils
 from peftkit.merge.combine import COMBINATION_METHODS, combine
 from peftkit.merge.merge import merge, unload, unmerge
 from peftkit.merge.prune import PruneReport, prune
+from peftkit.methods.adalora import AdaLoRA, adalora_step
 from peftkit.methods.adapter import Adapter
 from peftkit.methods.bitfit import BitFit
 from peftkit.methods.canonical import CanonicalLoRA
@@ -36,6 +37,7 @@ from peftkit.quant import estimate_training_memory, memory_report, prepare_for_k
 __version__ = "0.1.0"
 
 __all__ = [
+    "AdaLoRA",
     "Adapter",
     "AdapterConfig",
     "BitFit",
@@ -48,6 +50,7 @@ __all__ = [
     "PromptTuning",
     "PruneReport",
     "active_adapters",
+    "adalora_step",
     "apply",
     "combine",
     "convert",

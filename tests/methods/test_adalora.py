@@ -1,0 +1,126 @@
+"""AdaLoRA: formula, budget schedule, pruning to the budget, rank_pattern, HF PEFT parity and cross-loading."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from models import ARCHS, build, run
+
+import peftkit as pk
+from peftkit.core.state import adapter_layers, get_state
+from peftkit.methods.adalora import SVDLinear, orthogonality_loss
+
+peft = pytest.importorskip("peft")
+TARGETS = ["q_proj", "v_proj"]
+
+
+def config(**kw) -> pk.AdaLoRA:
+    base = dict(target_modules=TARGETS, init_rank=6, target_rank=2, tinit=2, tfinal=2, deltaT=1, total_step=10,
+                alpha=8)
+    return pk.AdaLoRA(**{**base, **kw})
+
+
+def train(model: torch.nn.Module, steps: int, allocate: bool = True) -> list[float]:
+    model.train()
+    ids = ARCHS["llama"].inputs()["input_ids"]
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=0.02)
+    losses = []
+    for step in range(steps):
+        loss = model(input_ids=ids, labels=ids).loss
+        loss.backward()
+        opt.step()
+        if allocate:
+            pk.adalora_step(model, step)
+        opt.zero_grad()
+        losses.append(loss.item())
+    model.eval()
+    return losses
+
+
+def test_formula_and_merge() -> None:
+    torch.manual_seed(0)
+    base = torch.nn.Linear(6, 5)
+    layer = SVDLinear(base)
+    layer.add("a", 3, 3, alpha=4.0, dropout=0.0)
+    layer.set_active(["a"])
+    with torch.no_grad():
+        layer.lora_E["a"].normal_()
+    P, Q, lam = layer.lora_B["a"], layer.lora_A["a"], layer.lora_E["a"].flatten()
+    x = torch.randn(2, 6)
+    expected = base(x) + 4.0 / (3 + 1e-5) * (x @ Q.T @ torch.diag(lam) @ P.T)
+    assert torch.allclose(layer(x), expected, atol=1e-6)
+    with torch.no_grad():
+        layer.merge(["a"])
+        assert torch.allclose(base(x), expected, atol=1e-5)
+        layer.unmerge()
+
+
+def test_budget_schedule_is_cubic() -> None:
+    from peftkit.methods.adalora import RankAllocator
+
+    model = pk.apply(build("llama"), config(total_step=20, tinit=3, tfinal=5, deltaT=2))
+    alloc = RankAllocator(model, "default", get_state(model).configs["default"])
+    assert alloc.initial_budget == 4 * 6 and alloc.target_budget == 4 * 2
+    assert alloc.budget(3) == (24, False)
+    for t in range(4, 15):
+        expected = int((24 - 8) * (1 - (t - 3) / (20 - 5 - 3)) ** 3 + 8)
+        assert alloc.budget(t) == (expected, t % 2 == 0)
+    assert alloc.budget(16) == (8, True)
+
+
+def test_training_prunes_to_the_budget_and_saves_rank_pattern(tmp_path) -> None:
+    torch.manual_seed(0)
+    model = pk.apply(build("llama"), config())
+    losses = train(model, 10)
+    assert losses[-1] < losses[0]
+    layers = [layer for _, layer in adapter_layers(model)]
+    kept = sum(int((layer.lora_E["default"] != 0).sum()) for layer in layers)
+    assert kept == 2 * len(layers)  # total rank == target budget after the schedule
+    for layer in layers:  # pruned triplets are exactly zero
+        mask = layer.rank_mask["default"]
+        assert torch.all(layer.lora_E["default"][~mask] == 0)
+    with torch.no_grad():
+        expected = run(model, "llama")
+    pk.save_adapter(model, tmp_path)
+    data = json.loads((tmp_path / "adapter_config.json").read_text())
+    assert data["peft_type"] == "ADALORA" and sum(sum(v) for v in data["rank_pattern"].values()) == kept
+    # ours → HF PEFT (it resizes by rank_pattern) and back into peftkit
+    hf = peft.PeftModel.from_pretrained(build("llama"), str(tmp_path)).eval()
+    again = pk.load_adapter(build("llama"), tmp_path)
+    with torch.no_grad():
+        assert torch.allclose(hf(**ARCHS["llama"].inputs()).logits, expected, atol=1e-5)
+        assert torch.allclose(run(again, "llama"), expected, atol=1e-5)
+        merged = pk.merge(again)
+        assert torch.allclose(run(merged, "llama"), expected, atol=1e-5)
+
+
+def test_hf_to_peftkit_and_parameter_count(tmp_path) -> None:
+    hf_config = peft.AdaLoraConfig(target_modules=TARGETS, init_r=6, target_r=2, tinit=2, tfinal=2, deltaT=1,
+                                   total_step=10, lora_alpha=8)
+    hf = peft.get_peft_model(build("llama"), hf_config)
+    ours = pk.apply(build("llama"), config())
+    assert pk.count_parameters(ours) == tuple(hf.get_nb_trainable_parameters())
+    with torch.no_grad():
+        for n, p in hf.named_parameters():
+            if p.requires_grad:
+                p.copy_(torch.randn_like(p) * 0.3)
+    hf.eval()
+    hf.save_pretrained(str(tmp_path))
+    loaded = pk.load_adapter(build("llama"), tmp_path)
+    with torch.no_grad():
+        assert torch.allclose(run(loaded, "llama"), run(hf, "llama"), atol=1e-5)
+
+
+def test_orthogonality_penalty_is_added_to_the_loss_in_training() -> None:
+    model = pk.apply(build("llama"), config(orth_reg_weight=0.3))
+    ids = ARCHS["llama"].inputs()["input_ids"]
+    model.eval()
+    plain = model(input_ids=ids, labels=ids).loss
+    model.train()
+    with_penalty = model(input_ids=ids, labels=ids).loss
+    penalty = orthogonality_loss(model, "default")
+    assert torch.allclose(with_penalty, plain + 0.3 * penalty, atol=1e-5)
+    A = next(layer for _, layer in adapter_layers(model)).lora_A["default"]
+    assert penalty > 0 and torch.isfinite(penalty) and A.shape == (6, 32)
