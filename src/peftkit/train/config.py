@@ -139,6 +139,8 @@ class TrainConfig:
         precision: ``bf16`` runs the forward pass under bfloat16 autocast.
         seed: seeds weights, dropout and data order.
         device: ``auto`` picks CUDA when available.
+        parallel: ``ddp`` or ``fsdp`` under ``torchrun`` (see ``peftkit.train.distributed``); ``none``: one process.
+        dist_timeout: seconds a collective may wait for its peers before the run fails.
     """
 
     max_steps: int = 0
@@ -149,6 +151,8 @@ class TrainConfig:
     precision: Literal["fp32", "bf16"] = "fp32"
     seed: int = 0
     device: str = "auto"
+    parallel: Literal["none", "ddp", "fsdp"] = "none"
+    dist_timeout: int = 1800
 
     def __post_init__(self) -> None:
         _require(self.max_steps >= 0, "train.max_steps", self.max_steps, "an integer >= 0")
@@ -156,6 +160,7 @@ class TrainConfig:
         _require(self.batch_size > 0, "train.batch_size", self.batch_size, "an integer > 0")
         _require(self.grad_accum > 0, "train.grad_accum", self.grad_accum, "an integer > 0")
         _require(self.max_grad_norm >= 0, "train.max_grad_norm", self.max_grad_norm, ">= 0")
+        _require(self.dist_timeout > 0, "train.dist_timeout", self.dist_timeout, "seconds > 0")
 
 
 @dataclass
@@ -190,12 +195,20 @@ class OptimizerConfig:
     def __post_init__(self) -> None:
         _require(self.lr > 0, "optimizer.lr", self.lr, "a float > 0")
         _require(self.weight_decay >= 0, "optimizer.weight_decay", self.weight_decay, ">= 0")
-        _require(len(self.betas) == 2 and all(0 <= b < 1 for b in self.betas), "optimizer.betas",
-                 self.betas, "two floats in [0, 1)")
+        _require(
+            len(self.betas) == 2 and all(0 <= b < 1 for b in self.betas),
+            "optimizer.betas",
+            self.betas,
+            "two floats in [0, 1)",
+        )
         _require(self.loraplus_ratio >= 0, "optimizer.loraplus_ratio", self.loraplus_ratio, ">= 0 (0: off)")
         _require(self.galore_rank > 0, "optimizer.galore_rank", self.galore_rank, "an integer > 0")
-        _require(self.galore_update_interval > 0, "optimizer.galore_update_interval",
-                 self.galore_update_interval, "an integer > 0")
+        _require(
+            self.galore_update_interval > 0,
+            "optimizer.galore_update_interval",
+            self.galore_update_interval,
+            "an integer > 0",
+        )
         _require(self.lisa_layers >= 0, "optimizer.lisa_layers", self.lisa_layers, "an integer >= 0 (0: off)")
         _require(self.lisa_interval > 0, "optimizer.lisa_interval", self.lisa_interval, "an integer > 0")
 
@@ -242,11 +255,19 @@ class CheckpointConfig:
     resume: str = "none"
 
     def __post_init__(self) -> None:
-        _require(self.pretrained not in (None, "", {}), "checkpoint.pretrained", self.pretrained,
-                 "a local model directory, a config.json path, or {'config': {...}} (required for PEFT)")
+        _require(
+            self.pretrained not in (None, "", {}),
+            "checkpoint.pretrained",
+            self.pretrained,
+            "a local model directory, a config.json path, or {'config': {...}} (required for PEFT)",
+        )
         if isinstance(self.pretrained, dict):
-            _require(isinstance(self.pretrained.get("config"), dict) and "model_type" in self.pretrained["config"],
-                     "checkpoint.pretrained", self.pretrained, "{'config': {'model_type': ..., ...}}")
+            _require(
+                isinstance(self.pretrained.get("config"), dict) and "model_type" in self.pretrained["config"],
+                "checkpoint.pretrained",
+                self.pretrained,
+                "{'config': {'model_type': ..., ...}}",
+            )
         _require(self.save_interval >= 0, "checkpoint.save_interval", self.save_interval, "an integer >= 0")
         _require(self.keep_last >= 0, "checkpoint.keep_last", self.keep_last, "an integer >= 0 (0: keep all)")
 
@@ -350,8 +371,12 @@ def _check_value(name: str, value: Any, annotation: Any) -> Any:
     if annotation is float:
         _require(isinstance(value, (int, float)) and not isinstance(value, bool), name, value, "a number")
         return float(value)
-    _require(isinstance(value, annotation) and not (annotation is int and isinstance(value, bool)),
-             name, value, _type_name(annotation))
+    _require(
+        isinstance(value, annotation) and not (annotation is int and isinstance(value, bool)),
+        name,
+        value,
+        _type_name(annotation),
+    )
     return value
 
 
@@ -390,8 +415,10 @@ def config_from_dict(data: dict[str, Any]) -> RunConfig:
         if key not in _SECTION_TYPES:
             raise ConfigError(f"unknown config section {key!r}; allowed: {', '.join(_SECTION_TYPES)}")
     if "checkpoint" not in data:
-        raise ConfigError("checkpoint.pretrained is required (a local model directory, a config.json "
-                          "path, or {'config': {...}}); add a 'checkpoint:' section")
+        raise ConfigError(
+            "checkpoint.pretrained is required (a local model directory, a config.json "
+            "path, or {'config': {...}}); add a 'checkpoint:' section"
+        )
     sections = {name: _build_section(name, data.get(name)) for name in _SECTION_TYPES}
     return RunConfig(**sections)
 

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import csv
 import hashlib
+import io
 import json
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -78,15 +79,18 @@ def read_rows(path: str | Path) -> Iterator[tuple[int, Any]]:
             text = p.read_text(encoding="utf-8")
         except UnicodeDecodeError:
             text = p.read_text(encoding="latin-1")
-        reader = csv.DictReader(text.splitlines())
-        for i, row in enumerate(reader, start=2):  # line 1 is the header
-            yield i, (BadRow("wrong number of columns") if None in row or None in row.values() else row)
+        reader = csv.DictReader(io.StringIO(text, newline=""))
+        for row in reader:  # quoted fields may span lines: report the line the row ends on
+            bad = None in row or None in row.values()
+            yield reader.line_num, (BadRow("wrong number of columns") if bad else row)
     elif p.suffix == ".parquet":
         pq = require("pyarrow.parquet", "data")
         yield from enumerate(pq.read_table(str(p)).to_pylist(), start=1)  # type: ignore[attr-defined]
     else:
-        raise ConfigError(f"data file {str(p)!r} has unknown type {p.suffix!r}; "
-                          "allowed: .jsonl, .json, .csv, .parquet or a datasets directory")
+        raise ConfigError(
+            f"data file {str(p)!r} has unknown type {p.suffix!r}; "
+            "allowed: .jsonl, .json, .csv, .parquet or a datasets directory"
+        )
 
 
 def detect_format(row: dict[str, Any]) -> str:
@@ -96,13 +100,20 @@ def detect_format(row: dict[str, Any]) -> str:
         BadRow: no known format fits.
     """
     keys = set(row)
-    for fmt, needed in (("chat", {"messages"}), ("instruction", {"instruction", "output"}),
-                        ("seq2seq", {"source", "target"}), ("qa", {"context", "question", "answers"}),
-                        ("classification", {"text", "label"}), ("text", {"text"})):
+    for fmt, needed in (
+        ("chat", {"messages"}),
+        ("instruction", {"instruction", "output"}),
+        ("seq2seq", {"source", "target"}),
+        ("qa", {"context", "question", "answers"}),
+        ("classification", {"text", "label"}),
+        ("text", {"text"}),
+    ):
         if needed <= keys:
             return fmt
-    raise BadRow(f"columns {sorted(keys)} fit no format; expected text | instruction,output | messages | "
-                 "text,label | source,target | context,question,answers")
+    raise BadRow(
+        f"columns {sorted(keys)} fit no format; expected text | instruction,output | messages | "
+        "text,label | source,target | context,question,answers"
+    )
 
 
 def _str(row: dict[str, Any], key: str, optional: bool = False) -> str:
@@ -132,8 +143,9 @@ def _causal(tok: Tokenizer, prompt: str, response: str, answers: list[str]) -> E
 
 
 def _chat(tok: Tokenizer, messages: Any) -> Example:
-    if not isinstance(messages, list) or not all(isinstance(m, dict) and "role" in m and "content" in m
-                                                 for m in messages):
+    if not isinstance(messages, list) or not all(
+        isinstance(m, dict) and "role" in m and "content" in m for m in messages
+    ):
         raise BadRow("field 'messages' must be a list of {role, content} objects")
     if not any(m["role"] == "assistant" for m in messages):
         raise BadRow("a chat row needs at least one assistant message to train on")
@@ -147,8 +159,8 @@ def _chat(tok: Tokenizer, messages: Any) -> Example:
         full = tok.chat(messages[: i + 1], add_generation_prompt=False)
         if not (prompt.startswith(done) and full.startswith(prompt)):
             raise BadRow("the chat template does not render messages as a growing prefix")
-        p = tok.encode(prompt[len(done):], special=not ids)
-        r = tok.encode(full[len(prompt):], special=False)
+        p = tok.encode(prompt[len(done) :], special=not ids)
+        r = tok.encode(full[len(prompt) :], special=False)
         ids += p + r
         labels += [IGNORE] * len(p) + r
         done = full
@@ -176,12 +188,20 @@ def make_example(row: Any, fmt: str, task: str, tok: Tokenizer, label_ids: dict[
         key = str(label)
         if key not in label_ids:
             raise BadRow(f"label {label!r} is not one of {sorted(label_ids)}")
-        return {"input_ids": tok.encode(_str(row, "text"), special=True), "labels": label_ids[key],
-                "prompt_len": 0, "answers": []}
+        return {
+            "input_ids": tok.encode(_str(row, "text"), special=True),
+            "labels": label_ids[key],
+            "prompt_len": 0,
+            "answers": [],
+        }
     source, target, answers = _source_target(row, fmt)
     if task == "seq2seq":
-        return {"input_ids": tok.encode(source, special=True), "labels": tok.encode(target, special=True),
-                "prompt_len": 0, "answers": answers}
+        return {
+            "input_ids": tok.encode(source, special=True),
+            "labels": tok.encode(target, special=True),
+            "prompt_len": 0,
+            "answers": answers,
+        }
     if fmt == "text":
         ids = tok.encode(_str(row, "text"), special=True) + ([tok.eos_id] if tok.eos_id is not None else [])
         return {"input_ids": ids, "labels": list(ids), "prompt_len": 0, "answers": []}
@@ -220,13 +240,23 @@ def infer_labels(path: str | Path) -> list[str]:
     """Sorted distinct ``label`` values (as strings) of a classification file; ints sort numerically."""
     values = {row.get("label") for _, row in read_rows(path) if isinstance(row, dict) and "label" in row}
     values.discard(None)
-    return [str(v) for v in sorted(values, key=lambda v: (not isinstance(v, int), str(v) if not
-                                                          isinstance(v, int) else v))]
+    return [
+        str(v) for v in sorted(values, key=lambda v: (not isinstance(v, int), str(v) if not isinstance(v, int) else v))
+    ]
 
 
-def load_examples(path: str | Path, fmt: str, task: str, tok: Tokenizer, max_length: int, *,
-                  labels: list[str] | None = None, skip_bad_rows: bool = False, limit: int = 0,
-                  cache_dir: str | None = None) -> LoadedData:
+def load_examples(
+    path: str | Path,
+    fmt: str,
+    task: str,
+    tok: Tokenizer,
+    max_length: int,
+    *,
+    labels: list[str] | None = None,
+    skip_bad_rows: bool = False,
+    limit: int = 0,
+    cache_dir: str | None = None,
+) -> LoadedData:
     """Read, tokenise and truncate every row of ``path`` (from the cache when it is there).
 
     Args:
@@ -258,8 +288,9 @@ def load_examples(path: str | Path, fmt: str, task: str, tok: Tokenizer, max_len
             ex = make_example(row, fmt, task, tok, label_ids)
         except BadRow as exc:
             if not skip_bad_rows:
-                raise ConfigError(f"{p}:{line}: malformed row: {exc}; fix the row or set "
-                                  "data.skip_bad_rows=true to skip such rows") from None
+                raise ConfigError(
+                    f"{p}:{line}: malformed row: {exc}; fix the row or set data.skip_bad_rows=true to skip such rows"
+                ) from None
             skipped += 1
             continue
         ex["input_ids"] = ex["input_ids"][:max_length]
@@ -276,13 +307,15 @@ def load_examples(path: str | Path, fmt: str, task: str, tok: Tokenizer, max_len
     return LoadedData(examples, skipped, labels)
 
 
-def _cache_path(p: Path, fmt: str, task: str, tok: Tokenizer, max_length: int, labels: list[str],
-                limit: int, cache_dir: str | None) -> Path | None:
+def _cache_path(
+    p: Path, fmt: str, task: str, tok: Tokenizer, max_length: int, labels: list[str], limit: int, cache_dir: str | None
+) -> Path | None:
     if cache_dir is None:
         return None
     stat = p.stat()
-    key = json.dumps([str(p.resolve()), stat.st_mtime_ns, stat.st_size, fmt, task, tok.fingerprint,
-                      max_length, labels, limit, "v1"])
+    key = json.dumps(
+        [str(p.resolve()), stat.st_mtime_ns, stat.st_size, fmt, task, tok.fingerprint, max_length, labels, limit, "v1"]
+    )
     return Path(cache_dir) / f"{p.stem}-{hashlib.sha256(key.encode()).hexdigest()[:20]}.json"
 
 
@@ -290,8 +323,10 @@ def pack(examples: list[Example], block: int) -> list[Example]:
     """Concatenate causal-LM examples and cut them into ``block``-token examples (last one may be shorter)."""
     ids = [t for ex in examples for t in ex["input_ids"]]
     labels = [t for ex in examples for t in ex["labels"]]
-    return [{"input_ids": ids[i:i + block], "labels": labels[i:i + block], "prompt_len": 0, "answers": []}
-            for i in range(0, len(ids), block)]
+    return [
+        {"input_ids": ids[i : i + block], "labels": labels[i : i + block], "prompt_len": 0, "answers": []}
+        for i in range(0, len(ids), block)
+    ]
 
 
 def split(examples: list[Example], fraction: float, seed: int) -> tuple[list[Example], list[Example]]:
@@ -315,7 +350,7 @@ def micro_batch(examples: list[Example], batch_size: int, seed: int, index: int)
     per_epoch = max(len(examples) // batch_size, 1)
     epoch, pos = divmod(index, per_epoch)
     order = epoch_order(len(examples), seed, epoch)
-    return [examples[i] for i in order[pos * batch_size:(pos + 1) * batch_size]]
+    return [examples[i] for i in order[pos * batch_size : (pos + 1) * batch_size]]
 
 
 def collate(batch: list[Example], pad_id: int, task: str) -> dict[str, torch.Tensor]:

@@ -75,8 +75,15 @@ def param_groups(model: nn.Module, cfg: OptimizerConfig) -> list[dict[str, Any]]
     groups = [
         {"name": "default", "params": default, "lr": cfg.lr},
         {"name": "lora_B", "params": fast, "lr": cfg.lr * cfg.loraplus_ratio},
-        {"name": "galore", "params": galore, "lr": cfg.lr, "galore": True, "rank": cfg.galore_rank,
-         "update_interval": cfg.galore_update_interval, "scale": cfg.galore_scale},
+        {
+            "name": "galore",
+            "params": galore,
+            "lr": cfg.lr,
+            "galore": True,
+            "rank": cfg.galore_rank,
+            "update_interval": cfg.galore_update_interval,
+            "scale": cfg.galore_scale,
+        },
     ]
     return [g for g in groups if g["params"]]
 
@@ -114,10 +121,27 @@ class GaLoreAdamW(torch.optim.Optimizer):
     only tensors (``step``, ``exp_avg``, ``exp_avg_sq``, ``projector``), so it saves as safetensors.
     """
 
-    def __init__(self, params: Iterable[Any], lr: float = 1e-3, betas: tuple[float, float] = (0.9, 0.999),
-                 eps: float = 1e-8, weight_decay: float = 0.0) -> None:
-        super().__init__(params, {"lr": lr, "betas": betas, "eps": eps, "weight_decay": weight_decay,
-                                  "galore": False, "rank": 0, "update_interval": 1, "scale": 1.0})
+    def __init__(
+        self,
+        params: Iterable[Any],
+        lr: float = 1e-3,
+        betas: tuple[float, float] = (0.9, 0.999),
+        eps: float = 1e-8,
+        weight_decay: float = 0.0,
+    ) -> None:
+        super().__init__(
+            params,
+            {
+                "lr": lr,
+                "betas": betas,
+                "eps": eps,
+                "weight_decay": weight_decay,
+                "galore": False,
+                "rank": 0,
+                "update_interval": 1,
+                "scale": 1.0,
+            },
+        )
 
     @torch.no_grad()
     def step(self, closure: Any = None) -> Any:  # type: ignore[override]
@@ -166,12 +190,14 @@ def find_layer_list(model: nn.Module) -> tuple[str, nn.ModuleList]:
 
     best: tuple[str, nn.ModuleList] | None = None
     for name, mod in model.named_modules():
-        if isinstance(mod, nn.ModuleList) and len(mod) >= 2 and len({type(m) for m in mod}) == 1:
-            if best is None or len(mod) > len(best[1]):
-                best = (name, mod)
+        is_stack = isinstance(mod, nn.ModuleList) and len(mod) >= 2 and len({type(m) for m in mod}) == 1
+        if is_stack and (best is None or len(mod) > len(best[1])):
+            best = (name, mod)
     if best is None:
-        raise ConfigError("optimizer.lisa_layers > 0 but the model has no list of transformer layers "
-                          "(an nn.ModuleList of same-type blocks); set optimizer.lisa_layers=0")
+        raise ConfigError(
+            "optimizer.lisa_layers > 0 but the model has no list of transformer layers "
+            "(an nn.ModuleList of same-type blocks); set optimizer.lisa_layers=0"
+        )
     return best
 
 

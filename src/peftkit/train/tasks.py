@@ -34,8 +34,10 @@ def _config_dict(pretrained: str | dict[str, Any]) -> dict[str, Any] | None:
     if p.is_file() and p.suffix == ".json":
         return dict(json.loads(p.read_text()))
     if not p.is_dir():
-        raise ConfigError(f"checkpoint.pretrained={pretrained!r} is not a local directory or config.json; "
-                          "pass a model directory or {'config': {'model_type': ...}} (no hub downloads)")
+        raise ConfigError(
+            f"checkpoint.pretrained={pretrained!r} is not a local directory or config.json; "
+            "pass a model directory or {'config': {'model_type': ...}} (no hub downloads)"
+        )
     if any((p / f).exists() for f in WEIGHT_FILES):
         return None
     if (p / "config.json").exists():
@@ -96,8 +98,10 @@ def check_vocab(model: nn.Module, tok: Tokenizer) -> None:
     vocab = getattr(model.config, "vocab_size", None)
     if vocab is not None and tok.vocab_size > vocab:
         hint = " (peftkit's byte tokenizer needs vocab_size >= 259)" if isinstance(tok, ByteTokenizer) else ""
-        raise ConfigError(f"model vocab_size={vocab} is smaller than the tokenizer's {tok.vocab_size}{hint}; "
-                          "raise vocab_size in the config or set model.tokenizer")
+        raise ConfigError(
+            f"model vocab_size={vocab} is smaller than the tokenizer's {tok.vocab_size}{hint}; "
+            "raise vocab_size in the config or set model.tokenizer"
+        )
     if getattr(model.config, "pad_token_id", None) is None:
         model.config.pad_token_id = tok.pad_id
 
@@ -115,8 +119,10 @@ def peft_config(cfg: RunConfig) -> Any:
         return None
     cls = getattr(pk, cls_name, None)
     if cls is None:
-        raise ConfigError(f"peft.method={cfg.peft.method!r} is not available in this peftkit "
-                          f"(no peftkit.{cls_name}); choose another method")
+        raise ConfigError(
+            f"peft.method={cfg.peft.method!r} is not available in this peftkit "
+            f"(no peftkit.{cls_name}); choose another method"
+        )
     try:
         return cls(**cfg.peft.options)
     except TypeError as exc:

@@ -82,8 +82,9 @@ class HFTokenizer:
     def chat(self, messages: list[dict[str, str]], add_generation_prompt: bool) -> str:
         """``messages`` through the tokenizer's chat template (or ByteTokenizer's if it has none)."""
         if getattr(self.tok, "chat_template", None):
-            return str(self.tok.apply_chat_template(messages, tokenize=False,
-                                                    add_generation_prompt=add_generation_prompt))
+            return str(
+                self.tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt)
+            )
         return ByteTokenizer().chat(messages, add_generation_prompt)
 
 
@@ -93,8 +94,12 @@ def load_tokenizer(path: str | None) -> Tokenizer:
     Args:
         path: a directory that may hold tokenizer files, or ``None``.
     """
-    if path is not None and Path(path).is_dir() and any(
-        (Path(path) / f).exists() for f in ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "spiece.model")
+    if (
+        path is not None
+        and Path(path).is_dir()
+        and any(
+            (Path(path) / f).exists() for f in ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "spiece.model")
+        )
     ):
         from transformers import AutoTokenizer
 

@@ -1,0 +1,198 @@
+"""Training checkpoints: the adapter plus everything needed to resume bit-for-bit, with no pickles.
+
+A checkpoint ``<save_dir>/step-<N>/`` holds:
+
+- ``adapter_config.json`` + ``adapter_model.safetensors`` — the adapter in HF PEFT's format, loadable
+  on its own (absent with ``peft.method=none``);
+- ``trainable.safetensors`` — every trained tensor by parameter name (what resume restores);
+- ``optimizer.safetensors`` + ``optimizer.json`` — optimizer tensors, and its groups and scalars;
+- ``rng.safetensors`` + ``trainer_state.json`` — RNG states, step, data position, Python RNG;
+- ``run_config.yaml`` — the run's config (evaluation and merge rebuild the model from it).
+
+It is written into a temporary directory beside its final place and renamed into place, so a crash
+mid-write leaves either the previous checkpoints or the complete new one, never a torn directory.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import re
+import shutil
+import uuid
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from peftkit.errors import CheckpointError
+
+_STEP = re.compile(r"^step-(\d+)$")
+STATE_FILE = "trainer_state.json"
+
+
+def _optimizer_to_files(optimizer: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """Split an optimizer state dict into tensors (for safetensors) and JSON-able scalars."""
+    sd = optimizer.state_dict()
+    tensors: dict[str, torch.Tensor] = {}
+    scalars: dict[str, dict[str, Any]] = {}
+    for pid, st in sd["state"].items():
+        for key, value in st.items():
+            if isinstance(value, torch.Tensor):
+                tensors[f"{pid}/{key}"] = value.detach().contiguous().cpu()
+            else:
+                scalars.setdefault(str(pid), {})[key] = value
+    return tensors, {"param_groups": sd["param_groups"], "scalars": scalars}
+
+
+def _optimizer_from_files(tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> dict[str, Any]:
+    state: dict[int, dict[str, Any]] = {}
+    for key, value in tensors.items():
+        pid, name = key.split("/", 1)
+        state.setdefault(int(pid), {})[name] = value
+    for pid, values in meta["scalars"].items():
+        state.setdefault(int(pid), {}).update(values)
+    return {"state": state, "param_groups": meta["param_groups"]}
+
+
+def save_checkpoint(
+    save_dir: str | Path,
+    step: int,
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    trainable: list[str],
+    trainer_state: dict[str, Any],
+    config_yaml: str,
+    save_adapter: bool = True,
+    keep_last: int = 0,
+) -> Path:
+    """Write ``step-<step>`` atomically and prune old checkpoints.
+
+    Args:
+        save_dir: the run's output directory.
+        step: optimizer steps done.
+        model: the model (its adapter and ``trainable`` parameters are saved).
+        optimizer: its state is saved.
+        trainable: names of the parameters the run trains.
+        trainer_state: JSON-able loop state (data position, metrics so far, ...).
+        config_yaml: the run config as YAML text.
+        save_adapter: also write the adapter in HF PEFT format (needs an adapter on the model).
+        keep_last: keep this many newest checkpoints (0: all).
+
+    Returns:
+        The checkpoint directory.
+    """
+    root = Path(save_dir)
+    root.mkdir(parents=True, exist_ok=True)
+    final = root / f"step-{step}"
+    tmp = root / f".tmp-step-{step}-{uuid.uuid4().hex[:8]}"
+    tmp.mkdir()
+    try:
+        _write_contents(tmp, model, optimizer, trainable, {**trainer_state, "step": step}, config_yaml, save_adapter)
+        if final.exists():  # re-saving a step (e.g. after resuming from it): move the old one aside first
+            trash = root / f".old-{final.name}-{uuid.uuid4().hex[:8]}"
+            os.replace(final, trash)
+            shutil.rmtree(trash)
+        os.replace(tmp, final)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp)
+    if keep_last:
+        for old in list_checkpoints(root)[:-keep_last]:
+            shutil.rmtree(old)
+    return final
+
+
+def _write_contents(
+    d: Path,
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    trainable: list[str],
+    trainer_state: dict[str, Any],
+    config_yaml: str,
+    save_adapter: bool,
+) -> None:
+    if save_adapter:
+        import peftkit as pk
+
+        pk.save_adapter(model, d)
+    params = dict(model.named_parameters())
+    save_file({n: params[n].detach().contiguous().cpu() for n in trainable}, str(d / "trainable.safetensors"))
+    tensors, meta = _optimizer_to_files(optimizer)
+    save_file(tensors, str(d / "optimizer.safetensors"))
+    (d / "optimizer.json").write_text(json.dumps(meta))
+    rng = {"torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        rng.update({f"cuda{i}": s for i, s in enumerate(torch.cuda.get_rng_state_all())})
+    save_file(rng, str(d / "rng.safetensors"))
+    py_state = random.getstate()
+    state = {**trainer_state, "python_rng": [py_state[0], list(py_state[1]), py_state[2]]}
+    (d / "run_config.yaml").write_text(config_yaml)
+    (d / STATE_FILE).write_text(json.dumps(state, indent=1))  # written last: marks a complete checkpoint
+
+
+def list_checkpoints(save_dir: str | Path) -> list[Path]:
+    """Complete ``step-N`` checkpoints in ``save_dir``, oldest first (temporary directories ignored)."""
+    root = Path(save_dir)
+    if not root.is_dir():
+        return []
+    found = [(int(m.group(1)), p) for p in root.iterdir() if (m := _STEP.match(p.name)) and (p / STATE_FILE).is_file()]
+    return [p for _, p in sorted(found)]
+
+
+def resolve_resume(resume: str, save_dir: str | Path) -> Path | None:
+    """The checkpoint to resume from: ``none`` → None, ``auto`` → the latest (or None), else the path.
+
+    Raises:
+        CheckpointError: an explicit path that is not a complete checkpoint.
+    """
+    if resume == "none":
+        return None
+    if resume == "auto":
+        found = list_checkpoints(save_dir)
+        return found[-1] if found else None
+    path = Path(resume)
+    if not (path / STATE_FILE).is_file():
+        raise CheckpointError(
+            f"checkpoint.resume={resume!r} is not a complete checkpoint (no {STATE_FILE}); "
+            "pass a step-N directory, 'auto' or 'none'"
+        )
+    return path
+
+
+def load_checkpoint(path: str | Path, model: nn.Module, optimizer: torch.optim.Optimizer | None) -> dict[str, Any]:
+    """Restore trained tensors, optimizer state and RNG states from ``path``; returns the trainer state.
+
+    Raises:
+        CheckpointError: a file is missing or a saved tensor does not fit the model.
+    """
+    d = Path(path)
+    try:
+        weights = load_file(str(d / "trainable.safetensors"))
+        state = json.loads((d / STATE_FILE).read_text())
+    except (OSError, ValueError) as exc:
+        raise CheckpointError(f"checkpoint {str(d)!r} is incomplete or corrupt: {exc}") from exc
+    params = dict(model.named_parameters())
+    for name, value in weights.items():
+        if name not in params or params[name].shape != value.shape:
+            raise CheckpointError(
+                f"checkpoint {str(d)!r} tensor {name!r} does not fit the model "
+                f"(model has {tuple(params[name].shape) if name in params else 'no such parameter'})"
+            )
+        with torch.no_grad():
+            params[name].copy_(value)
+    if optimizer is not None:
+        meta = json.loads((d / "optimizer.json").read_text())
+        optimizer.load_state_dict(_optimizer_from_files(load_file(str(d / "optimizer.safetensors")), meta))
+    rng = load_file(str(d / "rng.safetensors"))
+    torch.set_rng_state(rng["torch"])
+    if torch.cuda.is_available():
+        cuda = [rng[f"cuda{i}"] for i in range(torch.cuda.device_count()) if f"cuda{i}" in rng]
+        if cuda:
+            torch.cuda.set_rng_state_all(cuda)
+    py = state.pop("python_rng")
+    random.setstate((py[0], tuple(py[1]), py[2]))
+    return dict(state)

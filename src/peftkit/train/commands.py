@@ -1,0 +1,158 @@
+"""What ``peftkit eval``, ``merge`` and ``inspect`` do, as plain functions (the CLI only parses arguments)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from torch import nn
+
+from peftkit.errors import CheckpointError, ConfigError
+from peftkit.train.config import RunConfig, load_config
+from peftkit.train.data import load_examples
+from peftkit.train.evaluate import evaluate
+from peftkit.train.loop import load_data, pick_device
+from peftkit.train.tasks import apply_peft, build_model, build_tokenizer, check_vocab
+from peftkit.train.tokenizer import Tokenizer
+
+
+def checkpoint_config(path: str | Path, overrides: list[str] | None = None) -> RunConfig:
+    """The run config saved in a checkpoint (``step-N/`` or ``final/``), with overrides.
+
+    Raises:
+        CheckpointError: ``path`` holds no ``run_config.yaml``.
+    """
+    cfg_file = Path(path) / "run_config.yaml"
+    if not cfg_file.is_file():
+        raise CheckpointError(
+            f"{str(path)!r} is not a peftkit checkpoint (no run_config.yaml); pass a "
+            "step-N or final directory written by 'peftkit train'"
+        )
+    return load_config(cfg_file, overrides)
+
+
+def attach_checkpoint(model: nn.Module, path: str | Path, cfg: RunConfig) -> nn.Module:
+    """Put the checkpoint's trained state on ``model``: the HF-format adapter, or the trained tensors."""
+    d = Path(path)
+    if (d / "adapter_config.json").is_file():
+        import peftkit as pk
+
+        pk.load_adapter(model, d)
+        return model
+    if (d / "trainable.safetensors").is_file():
+        from safetensors.torch import load_file
+
+        apply_peft(model, cfg)
+        missing = model.load_state_dict(load_file(str(d / "trainable.safetensors")), strict=False).unexpected_keys
+        if missing:
+            raise CheckpointError(f"{str(d)!r}: tensors {missing[:3]} do not fit the model")
+        return model
+    raise CheckpointError(f"{str(d)!r} holds neither adapter_config.json nor trainable.safetensors")
+
+
+def _eval_examples(cfg: RunConfig, tok: Tokenizer, data: str | None) -> tuple[list[Any], list[str]]:
+    if data is not None:
+        labels = list(cfg.data.labels)
+        if cfg.model.task == "classification" and not labels and cfg.data.train:
+            labels = load_examples(cfg.data.train, cfg.data.format, "classification", tok, 8, limit=0).labels
+        return load_examples(
+            data,
+            cfg.data.format,
+            cfg.model.task,
+            tok,
+            cfg.data.max_length,
+            labels=labels,
+            skip_bad_rows=cfg.data.skip_bad_rows,
+        ).examples, labels
+    _, held, labels = load_data(cfg, tok)
+    if not held:
+        raise ConfigError("no held-out data: pass --data FILE, or train with data.eval or data.eval_fraction")
+    return held, labels
+
+
+def evaluate_checkpoint(
+    path: str | Path, data: str | None = None, overrides: list[str] | None = None
+) -> dict[str, dict[str, float]]:
+    """Evaluate a checkpoint and its base model on held-out data.
+
+    Args:
+        path: a ``step-N`` or ``final`` directory.
+        data: an evaluation file; default: the run's ``data.eval`` or its held-out split.
+        overrides: ``key.sub=value`` overrides of the saved config (e.g. ``eval.max_batches=10``).
+
+    Returns:
+        ``{"base": metrics, "adapted": metrics}``.
+    """
+    cfg = checkpoint_config(path, overrides)
+    tok = build_tokenizer(cfg)
+    examples, labels = _eval_examples(cfg, tok, data)
+    device = pick_device(cfg.train.device)
+    out = {}
+    for kind in ("base", "adapted"):
+        model = build_model(cfg, len(labels))
+        check_vocab(model, tok)
+        if kind == "adapted":
+            attach_checkpoint(model, path, cfg)
+        model.to(device)
+        out[kind] = evaluate(model, examples, cfg.model.task, tok, cfg.eval, device)
+    return out
+
+
+def merge_checkpoint(path: str | Path, out_dir: str | Path, overrides: list[str] | None = None) -> Path:
+    """Fold a checkpoint's adapter into its base and save a plain ``transformers`` model directory."""
+    import peftkit as pk
+
+    cfg = checkpoint_config(path, overrides)
+    tok = build_tokenizer(cfg)
+    labels = cfg.data.labels
+    state = Path(path) / "trainer_state.json"
+    if not labels and state.is_file():
+        import json
+
+        labels = json.loads(state.read_text()).get("labels", [])
+    model = build_model(cfg, len(labels))
+    check_vocab(model, tok)
+    attach_checkpoint(model, path, cfg)
+    if pk.list_adapters(model):
+        model = pk.unload(model, merge=True)
+    out = Path(out_dir)
+    model.save_pretrained(str(out))  # type: ignore[operator]
+    hf_tok = getattr(tok, "tok", None)
+    if hf_tok is not None:
+        hf_tok.save_pretrained(str(out))
+    return out
+
+
+def inspect_model(
+    model_path: str, task: str = "causal_lm", method: str | None = None, options: dict[str, Any] | None = None
+) -> str:
+    """A report of what ``method`` would adapt in the model at ``model_path`` (or its parameter count).
+
+    Args:
+        model_path: a model directory or config.json (random init is fine: nothing is trained).
+        task: the model's task head.
+        method: a ``peft.method`` name; ``None`` lists the linear layers by leaf name.
+        options: the method's fields (``rank``, ``target_modules``, ...).
+    """
+    import peftkit as pk
+    from peftkit.train.config import config_from_dict
+    from peftkit.train.tasks import peft_config
+
+    peft = {"method": method or "none", **(options or {})}
+    cfg = config_from_dict(
+        {
+            "checkpoint": {"pretrained": model_path},
+            "model": {"task": task, "num_labels": 2 if task == "classification" else 0},
+            "peft": peft,
+        }
+    )
+    model = build_model(cfg, 2)
+    trainable, total = pk.count_parameters(model)
+    if method is None or method == "none":
+        leaves: dict[str, int] = {}
+        for name, mod in model.named_modules():
+            if isinstance(mod, nn.Linear) or type(mod).__name__ == "Conv1D":
+                leaves[name.rsplit(".", 1)[-1]] = leaves.get(name.rsplit(".", 1)[-1], 0) + 1
+        rows = "\n".join(f"  {k:<24} x{v}" for k, v in sorted(leaves.items()))
+        return f"{type(model).__name__}: {total:,d} parameters\nlinear layers by name:\n{rows}"
+    return str(pk.inspect(model, peft_config(cfg)))

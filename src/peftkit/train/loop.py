@@ -1,0 +1,253 @@
+"""The training loop: one explicit function, :func:`train`, plus the setup it needs.
+
+Per optimizer step: (LISA re-sample) → set the learning rate → ``grad_accum`` micro-batches of
+forward (bf16 autocast if asked) and backward → clip and record the gradient norm → optimizer step →
+AdaLoRA's rank-allocation hook when that method is used → log, evaluate, checkpoint.
+
+Everything random is derived from ``train.seed`` or restored from the checkpoint (dropout RNG), and
+the micro-batch for a step is a pure function of (seed, step), so a killed run resumed from its last
+checkpoint continues with exactly the losses and final adapter of an uninterrupted run (on CPU).
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import signal
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import yaml
+from torch import nn
+
+from peftkit.train import checkpoint as ckpt
+from peftkit.train.config import RunConfig, dump_config
+from peftkit.train.data import Example, collate, load_examples, micro_batch, pack, split
+from peftkit.train.evaluate import evaluate
+from peftkit.train.metrics import MetricsLogger, plot_metrics, read_metrics
+from peftkit.train.optim import Lisa, build_optimizer, grad_norm
+from peftkit.train.schedule import Schedule
+from peftkit.train.tasks import apply_peft, build_model, build_tokenizer, check_vocab, forward_loss
+from peftkit.train.tokenizer import Tokenizer
+
+#: Test-only fault injection: the process SIGKILLs itself after this optimizer step (see tests/train).
+FAULT_ENV = "PEFTKIT_FAULT_KILL_AFTER_STEP"
+
+
+@dataclass
+class Run:
+    """Everything a run holds after setup."""
+
+    cfg: RunConfig
+    model: nn.Module
+    tok: Tokenizer
+    train: list[Example]
+    eval: list[Example]
+    labels: list[str]
+    optimizer: torch.optim.Optimizer
+    schedule: Schedule
+    total_steps: int
+    device: torch.device
+    trainable: list[str] = field(default_factory=list)
+    lisa: Lisa | None = None
+
+
+def pick_device(name: str) -> torch.device:
+    """``auto`` → CUDA when available, else CPU; anything else as given."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def load_data(cfg: RunConfig, tok: Tokenizer) -> tuple[list[Example], list[Example], list[str]]:
+    """Train and held-out examples, and the class names for classification."""
+    d, task = cfg.data, cfg.model.task
+    kw = {"skip_bad_rows": d.skip_bad_rows, "limit": d.limit, "cache_dir": d.cache_dir}
+    train = load_examples(d.train, d.format, task, tok, d.max_length, labels=d.labels, **kw)  # type: ignore[arg-type]
+    if train.skipped:
+        print(f"data: skipped {train.skipped} malformed rows in {d.train}")
+    held: list[Example] = []
+    if d.eval:
+        held = load_examples(d.eval, d.format, task, tok, d.max_length, labels=train.labels, **kw).examples  # type: ignore[arg-type]
+    examples = train.examples
+    if not d.eval and d.eval_fraction > 0:
+        examples, held = split(examples, d.eval_fraction, cfg.train.seed)
+    if d.packing and task == "causal_lm":
+        examples = pack(examples, d.max_length)
+    return examples, held, train.labels
+
+
+def total_steps(cfg: RunConfig, n_examples: int) -> int:
+    """``train.max_steps``, or the optimizer steps in ``train.epochs`` passes."""
+    if cfg.train.max_steps:
+        return cfg.train.max_steps
+    per_epoch = max(n_examples // cfg.train.batch_size, 1)
+    return max(1, int(cfg.train.epochs * per_epoch) // cfg.train.grad_accum)
+
+
+def setup(cfg: RunConfig) -> Run:
+    """Build tokenizer, data, model + adapter, optimizer and schedule for ``cfg``."""
+    random.seed(cfg.train.seed)
+    torch.manual_seed(cfg.train.seed)
+    tok = build_tokenizer(cfg)
+    train, held, labels = load_data(cfg, tok)
+    model = build_model(cfg, num_labels=len(labels))
+    check_vocab(model, tok)
+    apply_peft(model, cfg)
+    device = pick_device(cfg.train.device)
+    model.to(device)
+    trainable = [n for n, p in model.named_parameters() if p.requires_grad]
+    lisa = None
+    if cfg.optimizer.lisa_layers:
+        lisa = Lisa(model, cfg.optimizer.lisa_layers, cfg.optimizer.lisa_interval, cfg.train.seed)
+    optimizer = build_optimizer(model, cfg.optimizer)
+    steps = total_steps(cfg, len(train))
+    return Run(
+        cfg,
+        model,
+        tok,
+        train,
+        held,
+        labels,
+        optimizer,
+        Schedule(optimizer, cfg.scheduler, steps),
+        steps,
+        device,
+        trainable,
+        lisa,
+    )
+
+
+def train_step(run: Run, step: int, params: list[nn.Parameter]) -> dict[str, Any]:
+    """One optimizer step (all micro-batches); returns its metrics record."""
+    cfg = run.cfg
+    if run.lisa is not None and step % run.lisa.interval == 0:
+        run.lisa.update(step)
+    lr = run.schedule.apply(step)
+    loss_sum, tokens = 0.0, 0
+    bf16 = cfg.train.precision == "bf16"
+    for j in range(cfg.train.grad_accum):
+        chunk = micro_batch(run.train, cfg.train.batch_size, cfg.train.seed, step * cfg.train.grad_accum + j)
+        batch = {k: v.to(run.device) for k, v in collate(chunk, run.tok.pad_id, cfg.model.task).items()}
+        with torch.autocast(run.device.type, dtype=torch.bfloat16, enabled=bf16):
+            loss = forward_loss(run.model, batch)
+        (loss / cfg.train.grad_accum).backward()
+        loss_sum += float(loss.detach()) / cfg.train.grad_accum
+        tokens += int(batch["attention_mask"].sum())
+    if cfg.train.max_grad_norm > 0:
+        norm = float(torch.nn.utils.clip_grad_norm_([p for p in params if p.grad is not None], cfg.train.max_grad_norm))
+    else:
+        norm = grad_norm(params)
+    run.optimizer.step()
+    _adalora_hook(run, step)
+    run.optimizer.zero_grad(set_to_none=True)
+    return {"step": step + 1, "loss": loss_sum, "lr": lr, "grad_norm": norm, "tokens": tokens}
+
+
+def _adalora_hook(run: Run, step: int) -> None:
+    """AdaLoRA's rank allocation after the optimizer step (it reads the gradients), when present."""
+    if run.cfg.peft.method == "adalora":
+        import peftkit as pk
+
+        hook = getattr(pk, "adalora_step", None)
+        if hook is not None:
+            hook(run.model, step)
+
+
+def _save(run: Run, step: int, history: list[dict[str, Any]]) -> Path:
+    cfg = run.cfg
+    return ckpt.save_checkpoint(
+        cfg.checkpoint.save_dir,
+        step,
+        run.model,
+        run.optimizer,
+        run.trainable,
+        {"micro_batches": step * cfg.train.grad_accum, "history": history, "labels": run.labels},
+        yaml.safe_dump(cfg.to_dict(), sort_keys=False),
+        save_adapter=cfg.peft.method != "none",
+        keep_last=cfg.checkpoint.keep_last,
+    )
+
+
+def train(cfg: RunConfig) -> dict[str, Any]:
+    """Run the whole fine-tuning described by ``cfg``; returns a summary.
+
+    Returns:
+        ``steps``, ``losses`` and ``grad_norms`` per step (this run and any resumed part),
+        ``eval`` (final held-out metrics, if there is held-out data), ``checkpoint`` (last one),
+        ``adapter`` (``save_dir/final``), ``trainable`` and ``total`` parameter counts, ``seconds``.
+    """
+    t0 = time.perf_counter()
+    run = setup(cfg)
+    start, history = 0, []
+    resume = ckpt.resolve_resume(cfg.checkpoint.resume, cfg.checkpoint.save_dir)
+    if resume is not None:
+        state = ckpt.load_checkpoint(resume, run.model, run.optimizer)
+        start, history = int(state["step"]), list(state["history"])
+        print(f"resumed from {resume} at step {start}")
+    out = Path(cfg.checkpoint.save_dir)
+    logger = MetricsLogger(out, cfg.logging, run.total_steps, start)
+    params = [p for n, p in run.model.named_parameters() if n in set(run.trainable)]
+    run.model.train()
+    last_ckpt, fault = None, os.environ.get(FAULT_ENV)
+    tick = time.perf_counter()
+    for step in range(start, run.total_steps):
+        record = train_step(run, step, params)
+        history.append({k: record[k] for k in ("step", "loss", "grad_norm", "lr")})
+        now = time.perf_counter()
+        logger.progress(record["loss"], record["lr"], record["tokens"] / max(now - tick, 1e-9))
+        tick = now
+        done = step + 1
+        if done % cfg.logging.log_interval == 0 or done == run.total_steps:
+            logger.log(record)
+        if cfg.eval.interval and done % cfg.eval.interval == 0 and run.eval:
+            logger.log({"step": done, **{f"eval_{k}": v for k, v in _eval(run).items()}})
+        if (cfg.checkpoint.save_interval and done % cfg.checkpoint.save_interval == 0) or done == run.total_steps:
+            last_ckpt = _save(run, done, history)
+        if fault is not None and done == int(fault):
+            os.kill(os.getpid(), signal.SIGKILL)
+    logger.close()
+    final_eval = _eval(run) if run.eval else {}
+    if final_eval:
+        logger.log({"step": run.total_steps, **{f"eval_{k}": v for k, v in final_eval.items()}})
+    adapter_dir = _save_final(run, out)
+    if cfg.logging.plots:
+        plot_metrics([r for r in read_metrics(out / "metrics.jsonl") if "loss" in r] or history, out)
+    trainable = sum(p.numel() for p in params)
+    return {
+        "steps": run.total_steps,
+        "losses": [h["loss"] for h in history],
+        "grad_norms": [h["grad_norm"] for h in history],
+        "eval": final_eval,
+        "checkpoint": str(last_ckpt or resume),
+        "adapter": str(adapter_dir),
+        "trainable": trainable,
+        "total": sum(p.numel() for p in run.model.parameters()),
+        "seconds": time.perf_counter() - t0,
+    }
+
+
+def _eval(run: Run) -> dict[str, float]:
+    return evaluate(run.model, run.eval, run.cfg.model.task, run.tok, run.cfg.eval, run.device)
+
+
+def _save_final(run: Run, out: Path) -> Path:
+    """``save_dir/final``: the adapter in HF PEFT format (or the trained tensors for ``peft.method=none``)."""
+    final = out / "final"
+    final.mkdir(parents=True, exist_ok=True)
+    if run.cfg.peft.method != "none":
+        import peftkit as pk
+
+        pk.save_adapter(run.model, final)
+    else:
+        from safetensors.torch import save_file
+
+        params = dict(run.model.named_parameters())
+        save_file(
+            {n: params[n].detach().contiguous().cpu() for n in run.trainable}, str(final / "trainable.safetensors")
+        )
+    dump_config(run.cfg, final / "run_config.yaml")
+    return final

@@ -1,0 +1,121 @@
+"""``peftkit sweep``: one config, several LoRA ranks/alphas, one table (seed 002's measurements).
+
+For each (rank, alpha) — alpha defaults to ``alpha_per_rank · rank`` — run the config with
+``peft.rank`` / ``peft.alpha`` overridden and ``checkpoint.save_dir`` suffixed, then report trainable
+and total parameters, trainable %, first/last loss and mean/last gradient norm per run, as Markdown
+(``sweep.md``) and JSON (``sweep.json``) in the base ``save_dir``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+from typing import Any
+
+from peftkit.train.config import load_config
+from peftkit.train.loop import train
+
+COLUMNS = (
+    "rank",
+    "alpha",
+    "trainable",
+    "total",
+    "trainable_pct",
+    "first_loss",
+    "last_loss",
+    "mean_grad_norm",
+    "last_grad_norm",
+    "seconds",
+)
+
+
+def run_sweep(
+    config: str,
+    ranks: list[int],
+    alphas: list[float] | None = None,
+    alpha_per_rank: float = 2.0,
+    overrides: list[str] | None = None,
+) -> list[dict[str, Any]]:
+    """Train ``config`` once per (rank, alpha) and return one result row per run.
+
+    Args:
+        config: a YAML run config with a LoRA-family ``peft`` section.
+        ranks: ranks to run.
+        alphas: alphas to run for each rank; ``None`` uses ``alpha_per_rank · rank``.
+        alpha_per_rank: alpha/rank when ``alphas`` is not given (seed 002: 2).
+        overrides: extra ``key.sub=value`` overrides applied to every run.
+    """
+    base = load_config(config, overrides)
+    rows = []
+    for rank in ranks:
+        for alpha in alphas or [alpha_per_rank * rank]:
+            out = f"{base.checkpoint.save_dir}/r{rank}-a{alpha:g}"
+            cfg = load_config(
+                config,
+                [
+                    *(overrides or []),
+                    f"peft.rank={rank}",
+                    f"peft.alpha={alpha}",
+                    f"checkpoint.save_dir={out}",
+                    "logging.plots=false",
+                ],
+            )
+            s = train(cfg)
+            norms = s["grad_norms"]
+            rows.append(
+                {
+                    "rank": rank,
+                    "alpha": alpha,
+                    "trainable": s["trainable"],
+                    "total": s["total"],
+                    "trainable_pct": 100 * s["trainable"] / s["total"],
+                    "first_loss": s["losses"][0],
+                    "last_loss": s["losses"][-1],
+                    "mean_grad_norm": sum(norms) / len(norms),
+                    "last_grad_norm": norms[-1],
+                    "seconds": s["seconds"],
+                }
+            )
+    root = Path(base.checkpoint.save_dir)
+    root.mkdir(parents=True, exist_ok=True)
+    (root / "sweep.json").write_text(json.dumps(rows, indent=1))
+    (root / "sweep.md").write_text(format_table(rows) + "\n")
+    return rows
+
+
+def format_table(rows: list[dict[str, Any]]) -> str:
+    """The sweep results as a Markdown table."""
+
+    def cell(key: str, value: Any) -> str:
+        if key in ("trainable", "total"):
+            return f"{value:,d}"
+        if key == "trainable_pct":
+            return f"{value:.4f}"
+        return f"{value:.4f}" if isinstance(value, float) else str(value)
+
+    lines = ["| " + " | ".join(COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
+    lines += ["| " + " | ".join(cell(k, r[k]) for k in COLUMNS) + " |" for r in rows]
+    return "\n".join(lines)
+
+
+def _main(args: argparse.Namespace) -> int:
+    rows = run_sweep(args.config, args.ranks, args.alphas, args.alpha_per_rank, args.overrides)
+    print(format_table(rows))
+    return 0
+
+
+def register(sub: Any) -> None:
+    """Add ``peftkit sweep`` to the CLI."""
+    p = sub.add_parser(
+        "sweep",
+        help="run a config over several LoRA ranks/alphas and tabulate",
+        description="Train CONFIG once per rank (and alpha) and print one table of parameter "
+        "counts, loss and gradient norm.",
+    )
+    p.add_argument("config", help="YAML run config")
+    p.add_argument("--ranks", type=int, nargs="+", default=[4, 8, 16, 32])
+    p.add_argument("--alphas", type=float, nargs="+", help="alphas per rank (default: alpha-per-rank x rank)")
+    p.add_argument("--alpha-per-rank", type=float, default=2.0)
+    p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="overrides for every run")
+    p.set_defaults(func=_main)

@@ -1,0 +1,153 @@
+"""A few steps per task with the loss going down; checkpoints, resume == uninterrupted, crash safety."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from safetensors.torch import load_file
+
+from peftkit.train import checkpoint as ckpt
+from peftkit.train.config import config_from_dict
+from peftkit.train.loop import FAULT_ENV, train
+
+
+@pytest.mark.parametrize("task", ["causal_lm", "seq2seq", "classification"])
+def test_loss_goes_down_per_task(task, run_config):
+    summary = train(config_from_dict(run_config(task, train={"max_steps": 12})))
+    losses = summary["losses"]
+    assert len(losses) == 12 and sum(losses[-3:]) / 3 < sum(losses[:3]) / 3
+    assert all(g > 0 for g in summary["grad_norms"])
+    key = "accuracy" if task == "classification" else "ppl"
+    assert key in summary["eval"]
+    if task != "classification":
+        assert "exact_match" in summary["eval"]
+    final = Path(summary["adapter"])
+    assert (final / "adapter_config.json").is_file() and (final / "adapter_model.safetensors").is_file()
+
+
+def test_grad_accum_bf16_checkpointing_and_metrics(run_config):
+    cfg = run_config(
+        train={"max_steps": 3, "grad_accum": 2, "precision": "bf16", "max_grad_norm": 0.5},
+        model={"gradient_checkpointing": True},
+        logging={"plots": True, "log_interval": 1},
+        scheduler={"name": "cosine", "warmup_steps": 1},
+    )
+    summary = train(config_from_dict(cfg))
+    out = Path(cfg["checkpoint"]["save_dir"])
+    records = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    steps = [r for r in records if "loss" in r]
+    assert [r["step"] for r in steps] == [1, 2, 3] and steps[0]["lr"] == 0.0
+    assert all({"grad_norm", "lr", "tokens"} <= set(r) for r in steps)
+    assert any("eval_loss" in r for r in records)
+    assert {p.name for p in out.glob("*.png")} == {"loss.png", "lr.png", "grad_norm.png"}
+    assert summary["steps"] == 3
+
+
+def _run_cli(cfg_path: Path, *extra: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "peftkit", "train", str(cfg_path), *extra],
+        capture_output=True,
+        text=True,
+        env={**os.environ, **(env or {})},
+        timeout=300,
+    )
+
+
+def test_killed_and_resumed_run_matches_uninterrupted(run_config, tmp_path):
+    cfg = run_config(
+        checkpoint={"save_interval": 2, "keep_last": 2},
+        peft={"dropout": 0.1},
+        train={"max_steps": 7, "grad_accum": 2, "batch_size": 3},
+        optimizer={"loraplus_ratio": 4.0},
+    )
+    path = tmp_path / "cfg.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    full = _run_cli(path, f"checkpoint.save_dir={tmp_path / 'full'}")
+    assert full.returncode == 0, full.stderr
+    killed = _run_cli(path, f"checkpoint.save_dir={tmp_path / 'cut'}", env={FAULT_ENV: "5"})
+    assert killed.returncode != 0  # SIGKILLed after step 5: the last checkpoint is step-4
+    assert [p.name for p in ckpt.list_checkpoints(tmp_path / "cut")] == ["step-2", "step-4"]
+    resumed = _run_cli(path, f"checkpoint.save_dir={tmp_path / 'cut'}", "checkpoint.resume=auto")
+    assert resumed.returncode == 0, resumed.stderr
+    assert "resumed from" in resumed.stdout and "step-4" in resumed.stdout
+
+    def losses(run: str) -> list[float]:
+        lines = (tmp_path / run / "metrics.jsonl").read_text().splitlines()
+        return [r["loss"] for r in map(json.loads, lines) if "loss" in r]
+
+    assert losses("full") == losses("cut") and len(losses("full")) == 7
+    a = load_file(str(tmp_path / "full/final/adapter_model.safetensors"))
+    b = load_file(str(tmp_path / "cut/final/adapter_model.safetensors"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert [p.name for p in ckpt.list_checkpoints(tmp_path / "cut")] == ["step-6", "step-7"]  # keep_last=2
+
+
+def test_crash_mid_write_leaves_previous_checkpoints(run_config, tmp_path, monkeypatch):
+    cfg = config_from_dict(run_config(checkpoint={"save_interval": 2}, train={"max_steps": 4}))
+    calls = {"n": 0}
+    real = ckpt._write_contents
+
+    def flaky(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 2:  # the step-4 checkpoint dies half-way through
+            real(*args, **kwargs)
+            raise OSError("disk full")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(ckpt, "_write_contents", flaky)
+    with pytest.raises(OSError, match="disk full"):
+        train(cfg)
+    root = Path(cfg.checkpoint.save_dir)
+    assert [p.name for p in ckpt.list_checkpoints(root)] == ["step-2"]
+    assert not any(p.name.startswith(".tmp") for p in root.iterdir())
+    assert ckpt.resolve_resume("auto", root) == root / "step-2"
+    # A torn directory without trainer_state.json (e.g. power loss before rename) is never picked up.
+    (root / "step-9").mkdir()
+    assert ckpt.resolve_resume("auto", root) == root / "step-2"
+    with pytest.raises(Exception, match="not a complete checkpoint"):
+        ckpt.resolve_resume(str(root / "step-9"), root)
+
+
+def test_checkpoint_has_no_pickles_and_adapter_loads_alone(run_config):
+    import peftkit as pk
+    from peftkit.train.tasks import build_model
+
+    cfg = config_from_dict(run_config(train={"max_steps": 2}))
+    summary = train(cfg)
+    d = Path(summary["checkpoint"])
+    assert not [p for p in d.iterdir() if p.suffix in (".bin", ".pt", ".pkl")]
+    model = build_model(cfg)
+    pk.load_adapter(model, d)
+    trained = load_file(str(d / "trainable.safetensors"))
+    params = dict(model.named_parameters())
+    assert all(torch.equal(params[k], v) for k, v in trained.items())
+
+
+def test_lisa_and_galore_runs(run_config):
+    lisa = train(
+        config_from_dict(
+            run_config(
+                peft={"method": "none"},
+                train={"max_steps": 4},
+                optimizer={"lisa_layers": 1, "lisa_interval": 2, "lr": 0.001},
+            )
+        )
+    )
+    assert len(lisa["losses"]) == 4
+    galore = train(
+        config_from_dict(
+            run_config(
+                peft={"method": "none"},
+                train={"max_steps": 4},
+                optimizer={"name": "galore", "galore_rank": 4, "lr": 0.001},
+            )
+        )
+    )
+    assert galore["losses"][-1] < galore["losses"][0]
