@@ -6,11 +6,12 @@ import json
 
 import pytest
 import torch
-from models import ARCHS, build, run
 
 import peftkit as pk
 from peftkit.core.state import adapter_layers, get_state
 from peftkit.methods.adalora import SVDLinear, orthogonality_loss
+
+from models import ARCHS, build, run
 
 peft = pytest.importorskip("peft")
 TARGETS = ["q_proj", "v_proj"]
@@ -103,7 +104,7 @@ def test_hf_to_peftkit_and_parameter_count(tmp_path) -> None:
     ours = pk.apply(build("llama"), config())
     assert pk.count_parameters(ours) == tuple(hf.get_nb_trainable_parameters())
     with torch.no_grad():
-        for n, p in hf.named_parameters():
+        for p in hf.parameters():
             if p.requires_grad:
                 p.copy_(torch.randn_like(p) * 0.3)
     hf.eval()

@@ -6,13 +6,14 @@ import json
 
 import pytest
 import torch
-from models import ARCHS, build, randomize_adapters, run
 from torch import nn
 
 import peftkit as pk
 from peftkit.core.state import adapter_layers
 from peftkit.errors import ConfigError, MergeError
 from peftkit.methods.adapter import BottleneckLayer
+
+from models import ARCHS, build, randomize_adapters, run
 
 ARCH_NAMES = ["llama", "gpt2", "t5", "bert"]
 # Sites per placement on the 2-layer test models (T5: encoder + decoder, the decoder with cross-attention).

@@ -6,13 +6,14 @@ import json
 
 import pytest
 import torch
-from models import ARCHS, build, run
 from safetensors.torch import load_file
 from torch import nn
 
 import peftkit as pk
 from peftkit.errors import ConfigError, TargetNotFoundError, UnsupportedLayerError
 from peftkit.methods.bitfit import BitFitLayer
+
+from models import ARCHS, build, run
 
 
 def perturb(model: nn.Module, seed: int = 0) -> None:

@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import pytest
 import torch
-from models import ARCHS, build, randomize_adapters, run
 from torch import nn
 
 import peftkit as pk
 from peftkit.errors import ConfigError, MergeError
 from peftkit.methods.ia3 import IA3Linear
+
+from models import ARCHS, build, randomize_adapters, run
 
 CASES = {
     "llama": (["k_proj", "v_proj", "down_proj"], ["down_proj"]),

@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import pytest
 import torch
-from models import build
 from test_prompt import batch, greedy_reference
 
 import peftkit as pk
 from peftkit.errors import MergeError
+
+from models import build
 
 peft = pytest.importorskip("peft")
 

@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import pytest
 import torch
-from models import build
 
 import peftkit as pk
 from peftkit.errors import AdapterStateError, ConfigError, MergeError
+
+from models import build
 
 peft = pytest.importorskip("peft")
 

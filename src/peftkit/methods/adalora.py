@@ -173,7 +173,7 @@ class RankAllocator:
         threshold = torch.kthvalue(torch.cat(scores), k).values.item()
         pattern = {}
         with torch.no_grad():
-            for (qualname, layer), s in zip(layers, scores):
+            for (qualname, layer), s in zip(layers, scores, strict=True):
                 keep = s > threshold
                 layer.lora_E[n].masked_fill_(~keep.view(-1, 1), 0.0)
                 layer.rank_mask[n] = keep
@@ -244,7 +244,7 @@ class AdaLoRA(AdapterConfig):
     beta1: float = 0.85
     beta2: float = 0.85
     orth_reg_weight: float = 0.5
-    total_step: int | None = None
+    total_step: int = 0  # required: validated in __post_init__
     alpha: float = 8
     dropout: float = 0.0
     rank_pattern: dict[str, list[bool]] = field(default_factory=dict)
@@ -256,7 +256,7 @@ class AdaLoRA(AdapterConfig):
             if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
                 raise ConfigError(f"{name}={value!r} must be a positive integer")
         if not isinstance(self.total_step, int) or self.total_step <= 0:
-            raise ConfigError(f"total_step={self.total_step!r} must be the number of training steps (a positive integer)")
+            raise ConfigError(f"total_step={self.total_step!r} must be the number of training steps (> 0)")
         if self.tinit < 0 or self.tfinal < 0 or self.tinit + self.tfinal >= self.total_step:
             raise ConfigError(f"tinit={self.tinit} and tfinal={self.tfinal} must be ≥ 0 and leave steps for "
                               f"allocation: tinit + tfinal < total_step={self.total_step}")

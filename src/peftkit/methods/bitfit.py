@@ -37,7 +37,7 @@ _PARAMS = {"bitfit_bias": "bias", "bitfit_weight": "weight"}
 
 
 def is_norm(module: nn.Module) -> bool:
-    """LayerNorm-like modules: ``nn.LayerNorm``/``GroupNorm`` and models' own norms (``LlamaRMSNorm``, ``T5LayerNorm``)."""
+    """LayerNorm-like modules: ``nn.LayerNorm``/``GroupNorm`` and models' own (``LlamaRMSNorm``, ``T5LayerNorm``)."""
     if isinstance(module, (nn.LayerNorm, nn.GroupNorm, nn.modules.batchnorm._NormBase)):
         return True
     return type(module).__name__.endswith(("LayerNorm", "RMSNorm")) and isinstance(

@@ -193,7 +193,8 @@ class IA3(AdapterConfig):
         return cls(
             target_modules=targets,
             feedforward_modules=feedforward,
-            exclude_modules=hf_resolve(data.get("exclude_modules"), module_names) if data.get("exclude_modules") else (),
+            exclude_modules=hf_resolve(data.get("exclude_modules"), module_names) if data.get("exclude_modules")
+            else (),
             modules_to_save=data.get("modules_to_save") or (),
             task_type=data.get("task_type"),
             extra={k: v for k, v in data.items() if k not in _HF_FIELDS},

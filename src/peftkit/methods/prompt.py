@@ -181,7 +181,7 @@ def _bind(fn: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> dict[str, A
         return dict(kwargs)
     names = [p.name for p in inspect.signature(fn).parameters.values()
              if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
-    return {**dict(zip(names, args)), **kwargs}
+    return {**dict(zip(names, args, strict=False)), **kwargs}
 
 
 def attach(model: nn.Module, name: str, module: nn.Module) -> None:
