@@ -98,3 +98,16 @@ def test_inspect_is_a_dry_run_with_counts() -> None:
     assert "4 modules adapted" in str(report)
     assert pk.list_adapters(model) == []
     assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+
+
+def test_inspect_lists_role_names_and_counts_a_shared_factor_once() -> None:
+    model = build("llama")
+    report = pk.inspect(model, pk.LoRA(target_modules=["linear_qkv"], rank=4))
+    assert [r.roles for r in report.rows[:3]] == [("linear_qkv", "linear_q"), ("linear_qkv", "linear_k"),
+                                                 ("linear_qkv", "linear_v")]
+    assert "linear_qkv, linear_q" in str(report)
+    # one shared A (4×32) for q, k and v, then B rows for each: q 32, k 16, v 16 outputs
+    assert report.added_params == 2 * (4 * 32 + 4 * (32 + 16 + 16))
+    applied = build("llama")
+    pk.apply(applied, pk.LoRA(target_modules=["linear_qkv"], rank=4))
+    assert pk.count_parameters(applied)[0] == report.added_params

@@ -50,6 +50,7 @@ class InspectRow:
     layer_type: str
     shape: tuple[int, ...]
     added_params: int
+    roles: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -63,9 +64,13 @@ class InspectReport:
 
     def __str__(self) -> str:
         width = max([len(r.name) for r in self.rows] + [6])
-        lines = [f"{'module':<{width}}  {'type':<12}  {'weight shape':<16}  {'added params':>12}"]
+        role_width = max([len(", ".join(r.roles)) for r in self.rows] + [4])
+        lines = [f"{'module':<{width}}  {'role':<{role_width}}  {'type':<12}  {'weight shape':<16}  {'added params':>12}"]
         for r in self.rows:
-            lines.append(f"{r.name:<{width}}  {r.layer_type:<12}  {str(r.shape):<16}  {r.added_params:>12,d}")
+            lines.append(
+                f"{r.name:<{width}}  {', '.join(r.roles):<{role_width}}  {r.layer_type:<12}  {str(r.shape):<16}  "
+                f"{r.added_params:>12,d}"
+            )
         share = 100 * self.added_params / (self.total_params + self.added_params) if self.total_params else 0.0
         lines.append(
             f"{len(self.rows)} modules adapted, {self.added_params:,d} parameters added "
@@ -95,17 +100,38 @@ def inspect(model: nn.Module, config: AdapterConfig) -> InspectReport:
     apply(shadow, config, name=name)
     rows: list[InspectRow] = []
     modules = dict(shadow.named_modules())
+    roles = _roles(shadow)
+    seen: set[int] = set()  # a factor shared by several layers (performant LoRA's A) counts once
     for target in targets or []:
         layer = modules[target]
-        added = sum(p.numel() for p in layer.adapter_parameters(name))  # type: ignore[operator]
+        own = [p for p in layer.adapter_parameters(name) if id(p) not in seen]  # type: ignore[operator]
+        seen.update(id(p) for p in own)
         base = layer.base_layer  # type: ignore[union-attr]
         weight = getattr(base, "weight", None)
         shape = tuple(weight.shape) if weight is not None else ()
-        rows.append(InspectRow(target, type(base).__name__, shape, added))
+        rows.append(InspectRow(target, type(base).__name__, shape, sum(p.numel() for p in own), roles.get(target, ())))
     _, after = count_parameters(shadow)
     if not rows:
         rows.append(InspectRow("(virtual tokens / added modules)", type(config).__name__, (), after - before))
     return InspectReport(rows, before)
+
+
+def _roles(model: nn.Module) -> dict[str, tuple[str, ...]]:
+    """Module name → the target aliases (Megatron-style role names) that select it on this model."""
+    from peftkit.core.matching import ALIASES
+    from peftkit.errors import PeftkitError
+
+    found: dict[str, tuple[str, ...]] = {}
+    for alias, resolve in ALIASES.items():
+        if alias == "all-linear":
+            continue
+        try:
+            names = resolve(model)
+        except PeftkitError:  # an architecture without this role
+            continue
+        for n in names:
+            found[n] = (*found.get(n, ()), alias)
+    return found
 
 
 def _meta_copy(model: nn.Module) -> nn.Module:
