@@ -29,6 +29,7 @@ from torch import nn
 
 from peftkit.core.registry import LINEAR_KINDS, linear_kind
 from peftkit.errors import ConfigError
+from peftkit.methods import lora_kernels
 from peftkit.methods.lora import LORA_VARIANTS, LoRA
 from peftkit.methods.lora_layers import LoRAEmbedding, LoRALayer, LoRALinear
 
@@ -101,6 +102,12 @@ class _DoRAMixin:
         self._norm_cache.pop(name, None)
         self._merge_norms.pop(name, None)
 
+    def _forget_norms(self) -> None:
+        # A re-quantized base gets new buffers whose addresses may repeat older ones: drop the cached norms
+        # rather than trust the (data_ptr, version) key across merges.
+        self._norm_cache.clear()
+        self._w_sq = None
+
     def _dora_factor(self, name: str, norm: torch.Tensor) -> torch.Tensor:
         return (self.lora_magnitude_vector[name] / norm).detach()
 
@@ -125,6 +132,10 @@ class DoRALinear(_DoRAMixin, LoRALinear):
         self._delete_dora(name)
 
     def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        # One DoRA adapter on a frozen nn.Linear: the whole formula in one autograd node (lora_kernels).
+        fused = None if args or kwargs else lora_kernels.fused_dora_forward(self, x, self._applied())
+        if fused is not None:
+            return fused
         result = self.base_layer(x, *args, **kwargs)
         bias = getattr(self.base_layer, "bias", None)
         base_out = result if bias is None else result - bias  # W x, reused while the input is not dropped out
@@ -162,14 +173,15 @@ class DoRALinear(_DoRAMixin, LoRALinear):
             if name not in self.lora_magnitude_vector:
                 super().merge([name], safe, where)
                 continue
-            W = self._base_weight().detach()
+            W = self._working_weight()  # fp32 over half/quantized bases: one rounding (or re-quantization)
             combined = W + LoRALinear.delta_weight(self, name).to(W.dtype)
             norm = combined.norm(dim=1)
             merged = self._dora_factor(name, norm).to(W.dtype)[:, None] * combined
             if safe:
                 self.check_finite(merged, where or type(self.base_layer).__name__, name)
-            self._set_base_weight(merged)
+            self._write_merged(name, merged, where)  # a quantized base keeps and logs its error
             self._merge_norms[name] = norm  # unmerging needs the norm of the weight before merging
+            self._forget_norms()
             self.merged_adapters.append(name)
 
     def unmerge(self, names: Sequence[str] | None = None) -> None:
@@ -177,9 +189,11 @@ class DoRALinear(_DoRAMixin, LoRALinear):
             if name not in self._merge_norms:
                 super().unmerge([name])
                 continue
-            W = self._base_weight().detach()
+            W = self._working_weight()
             factor = self._dora_factor(name, self._merge_norms.pop(name)).to(W.dtype)
-            self._set_base_weight(W / factor[:, None] - LoRALinear.delta_weight(self, name).to(W.dtype))
+            self._write_merged(name, W / factor[:, None] - LoRALinear.delta_weight(self, name).to(W.dtype), "")
+            self.merge_errors.pop(name, None)
+            self._forget_norms()
             self.merged_adapters.remove(name)
 
 
