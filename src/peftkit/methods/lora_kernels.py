@@ -173,3 +173,87 @@ def fused_forward(layer: Any, x: torch.Tensor, applied: list[str]) -> torch.Tens
 def supports(x: torch.Tensor, A: torch.Tensor, result: torch.Tensor) -> bool:
     """Whether :func:`lora_update` applies: a floating input in the adapter's dtype and a matching output."""
     return x.dtype == A.dtype == result.dtype and x.is_floating_point() and x.dim() >= 1 and x.shape[-1] == A.shape[1]
+
+
+class DoRALinearFn(torch.autograd.Function):
+    """DoRA on a frozen ``nn.Linear`` (Liu et al., 2024, https://arxiv.org/abs/2402.09353), one autograd node.
+
+    With ``g = m/‖W + sBA‖`` (norm detached), dropped-out input ``d = x⊙keep`` and ``c = 1/(1-p)``::
+
+        y = Wx + b + (g−1)⊙(c·Wd) + g⊙(c·s·BAd)          (HF PEFT's formula)
+          = Wx + b + g⊙w − c·Wd,        w = c·(Wd + s·BAd)
+
+    Without dropout ``d = x`` and this is ``g⊙(Wx + s·BAx) + b``: one base matmul and no separate base term.
+    Backward: ``∂m = Σₜ G⊙w / ‖·‖``; ``∂x = GW + c·keep⊙(((g−1)⊙G)W + s(g⊙G)BᵀA)``; ``∂A``, ``∂B`` from ``g⊙G``.
+    Saved: ``x``, the mask, ``h = dAᵀ`` (r wide) and ``w`` (out wide; ``m`` needs it).
+    """
+
+    @staticmethod
+    def forward(ctx: Any, x: torch.Tensor, magnitude: torch.Tensor, A: torch.Tensor, B: torch.Tensor,
+                weight: torch.Tensor, bias: torch.Tensor | None, norm: torch.Tensor, scale: float,
+                keep: torch.Tensor | None, p: float) -> torch.Tensor:
+        g = magnitude / norm
+        if keep is None:
+            h = x @ A.t()
+            w = torch.mm(x, weight.t()).addmm_(h, B.t(), alpha=scale)
+            out = w * g if bias is None else torch.addcmul(bias, w, g)
+            c = 1.0
+        else:
+            c = 1.0 / (1.0 - p)
+            dropped = torch.where(keep, x, 0.0)
+            h = dropped @ A.t()
+            wd = torch.mm(dropped, weight.t())
+            w = torch.addmm(wd, h, B.t(), alpha=scale).mul_(c)
+            out = torch.nn.functional.linear(x, weight, bias).addcmul_(w, g).sub_(wd, alpha=c)
+        if ctx is not None:  # None when called directly without autograd (inference)
+            ctx.save_for_backward(x, keep, h, w, g, norm, A, B, weight)
+            ctx.scale, ctx.c = scale, c
+        return out
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
+        x, keep, h, w, g, norm, A, B, weight = ctx.saved_tensors
+        s, c = ctx.scale, ctx.c
+        need_x, need_m, need_A, need_B = ctx.needs_input_grad[:4]
+        gg = grad * g
+        grad_x = grad_m = grad_A = grad_B = None
+        if need_m:
+            grad_m = (grad * w).sum(0) / norm
+        gb = (gg @ B).mul_(s * c)  # (tokens, r)
+        if need_A:
+            grad_A = gb.t() @ (x if keep is None else torch.where(keep, x, 0.0))
+        if need_B:
+            grad_B = (gg.t() @ h).mul_(s * c)
+        if need_x:
+            if keep is None:
+                grad_x = torch.mm(gg, weight).addmm_(gb, A)
+            else:
+                inner = torch.mm(grad * (g - 1), weight).mul_(c).addmm_(gb, A)
+                grad_x = torch.where(keep, inner, 0.0).addmm_(grad, weight)
+        return grad_x, grad_m, grad_A, grad_B, None, None, None, None, None, None
+
+
+def fused_dora_forward(layer: Any, x: torch.Tensor, applied: list[str]) -> torch.Tensor | None:
+    """A ``DoRALinear`` forward in one node for one DoRA adapter on a frozen ``nn.Linear``, else ``None``.
+
+    Args:
+        layer: a ``DoRALinear`` (needs ``lora_magnitude_vector`` and ``weight_norm(name)``).
+        x: the layer input; applied: the adapters its forward must add.
+    """
+    base = layer.base_layer
+    if len(applied) != 1 or type(base) is not torch.nn.Linear or base.weight.requires_grad:
+        return None
+    name = applied[0]
+    if name not in layer.lora_magnitude_vector or type(layer.lora_A[name]) is not torch.nn.Linear:
+        return None
+    A = layer.lora_A[name].weight
+    if not supports(x, A, base.weight) or (base.bias is not None and base.bias.requires_grad):
+        return None
+    drop = layer.lora_dropout[name]
+    p = drop.p if isinstance(drop, torch.nn.Dropout) and drop.training else 0.0
+    x2 = x.reshape(-1, x.shape[-1])
+    keep = keep_mask(x2.shape, p, x2.device) if p > 0 else None
+    args = (x2, layer.lora_magnitude_vector[name], A, layer.lora_B[name].weight, base.weight, base.bias,
+            layer.weight_norm(name), layer.scaling[name], keep, p)
+    out = DoRALinearFn.apply(*args) if torch.is_grad_enabled() else DoRALinearFn.forward(None, *args)
+    return out.view(*x.shape[:-1], base.weight.shape[0])

@@ -1,0 +1,147 @@
+"""The DoRA fast path against the straightforward formula (HF PEFT's), outputs and gradients."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from torch import nn
+
+import peftkit as pk
+from peftkit.methods import lora_kernels
+from peftkit.methods.dora import DoRALinear
+
+
+def reference(x: torch.Tensor, m: torch.Tensor, A: torch.Tensor, B: torch.Tensor, W: torch.Tensor,
+              b: torch.Tensor | None, norm: torch.Tensor, s: float, keep: torch.Tensor | None, p: float) -> torch.Tensor:
+    """HF PEFT's DoRA: ``Wx + b + (g−1)·W d + g·s·BAd`` with ``d`` the dropped-out input, ``g = m/‖·‖``."""
+    d = x if keep is None else x * keep / (1 - p)
+    g = m / norm
+    return nn.functional.linear(x, W, b) + (g - 1) * (d @ W.T) + g * (d @ A.T @ B.T) * s
+
+
+@pytest.mark.parametrize("dropout", [0.0, 0.3])
+@pytest.mark.parametrize("bias", [True, False])
+def test_gradcheck_against_reference(dropout: float, bias: bool) -> None:
+    torch.manual_seed(0)
+    f64 = {"dtype": torch.float64}
+    x = torch.randn(6, 5, **f64, requires_grad=True)
+    m = torch.rand(3, **f64).add(0.5).requires_grad_(True)
+    A = torch.randn(2, 5, **f64, requires_grad=True)
+    B = torch.randn(3, 2, **f64, requires_grad=True)
+    W, b = torch.randn(3, 5, **f64), (torch.randn(3, **f64) if bias else None)
+    norm = torch.rand(3, **f64).add(1.0)
+    keep = torch.rand(6, 5) > dropout if dropout else None
+
+    def fast(x: torch.Tensor, m: torch.Tensor, A: torch.Tensor, B: torch.Tensor) -> torch.Tensor:
+        return lora_kernels.DoRALinearFn.apply(x, m, A, B, W, b, norm, 1.5, keep, dropout)
+
+    def ref(x: torch.Tensor, m: torch.Tensor, A: torch.Tensor, B: torch.Tensor) -> torch.Tensor:
+        return reference(x, m, A, B, W, b, norm, 1.5, keep, dropout)
+
+    assert torch.allclose(fast(x, m, A, B), ref(x, m, A, B), atol=1e-12)
+    g = torch.randn(6, 3, **f64)
+    for a, r in zip(torch.autograd.grad(fast(x, m, A, B), (x, m, A, B), g),
+                    torch.autograd.grad(ref(x, m, A, B), (x, m, A, B), g), strict=True):
+        assert torch.allclose(a, r, atol=1e-10)
+    assert torch.autograd.gradcheck(fast, (x, m, A, B))
+
+
+def _model() -> nn.Module:
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    cfg = LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                      num_key_value_heads=2, vocab_size=96, max_position_embeddings=64)
+    return LlamaForCausalLM(cfg)
+
+
+def _dora_model(dropout: float = 0.0) -> nn.Module:
+    model = _model()
+    pk.apply(model, pk.DoRA(target_modules="all-linear", rank=4, alpha=8, dropout=dropout))
+    gen = torch.Generator().manual_seed(4)
+    with torch.no_grad():
+        for layer in model.modules():
+            if isinstance(layer, DoRALinear):
+                layer.lora_B["default"].weight.copy_(torch.randn(layer.lora_B["default"].weight.shape, generator=gen))
+                layer.lora_magnitude_vector["default"].mul_(1 + 0.1 * torch.rand(layer.out_features, generator=gen))
+    return model
+
+
+@pytest.mark.parametrize("dropout", [0.0, 0.1])
+def test_model_fast_path_matches_straightforward_path(dropout: float, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Dropout 0: same loss and gradients. Dropout > 0: the same masks give the same result, so draw them alike."""
+    model = _dora_model(dropout)
+    slow = copy.deepcopy(model)
+    ids = torch.randint(0, 96, (2, 9), generator=torch.Generator().manual_seed(1))
+    masks: list[torch.Tensor] = []
+    real = lora_kernels.keep_mask
+
+    def recording(*args: object, **kwargs: object) -> torch.Tensor:
+        masks.append(real(*args, **kwargs))  # type: ignore[arg-type]
+        return masks[-1]
+
+    monkeypatch.setattr(lora_kernels, "keep_mask", recording)
+    fast_loss = model(input_ids=ids, labels=ids).loss
+    fast_loss.backward()
+    replay = iter(masks)
+    with monkeypatch.context() as m:
+        m.setattr(lora_kernels, "fused_dora_forward", lambda *a: None)
+        for layer in slow.modules():  # the straightforward path's dropout, fed the fast path's masks
+            if isinstance(layer, DoRALinear) and isinstance(layer.lora_dropout["default"], nn.Dropout):
+                p = layer.lora_dropout["default"].p
+                layer.lora_dropout["default"] = _Replay(replay, p)
+        slow_loss = slow(input_ids=ids, labels=ids).loss
+        slow_loss.backward()
+    assert torch.allclose(fast_loss, slow_loss, atol=1e-5)
+    fast_grads = {n: p.grad for n, p in model.named_parameters() if p.requires_grad}
+    slow_grads = {n: p.grad for n, p in slow.named_parameters() if p.requires_grad}
+    assert fast_grads.keys() == slow_grads.keys() and any("magnitude" in n for n in fast_grads)
+    for name, grad in fast_grads.items():
+        assert torch.allclose(grad, slow_grads[name], atol=1e-5, rtol=1e-4), name
+
+
+class _Replay(nn.Module):
+    """A dropout layer that applies recorded keep-masks in order."""
+
+    def __init__(self, masks: object, p: float) -> None:
+        super().__init__()
+        self.masks, self.p = masks, p
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        keep = next(self.masks).view(x.shape)  # type: ignore[call-overload]
+        return x * keep / (1 - self.p)
+
+
+def test_fast_path_matches_hf_peft_dora_outputs_and_gradients() -> None:
+    peft = pytest.importorskip("peft")
+    model = _dora_model()
+    targets = sorted({n.rsplit(".", 1)[-1] for n, m in model.named_modules() if isinstance(m, DoRALinear)})
+    hf = peft.get_peft_model(_model(), peft.LoraConfig(r=4, lora_alpha=8, target_modules=targets, use_dora=True))
+    ours_state = {_hf_key(k): v for k, v in model.state_dict().items()}
+    missing, unexpected = hf.base_model.model.load_state_dict(ours_state, strict=False)
+    assert not missing and not unexpected
+    ids = torch.randint(0, 96, (2, 9), generator=torch.Generator().manual_seed(1))
+    ours, theirs = model(input_ids=ids, labels=ids), hf(input_ids=ids, labels=ids)
+    assert torch.allclose(ours.logits, theirs.logits, atol=1e-5)
+    ours.loss.backward()
+    theirs.loss.backward()
+    hf_grads = {n.removeprefix("base_model.model."): p.grad for n, p in hf.named_parameters() if p.requires_grad}
+    ours_grads = {_hf_key(n): p.grad for n, p in model.named_parameters() if p.requires_grad}
+    assert ours_grads.keys() == hf_grads.keys()
+    for name, grad in ours_grads.items():
+        assert torch.allclose(grad, hf_grads[name], atol=1e-5, rtol=1e-4), name
+
+
+def _hf_key(key: str) -> str:
+    """HF PEFT keeps the magnitude in a module (``….lora_magnitude_vector.default.weight``)."""
+    return key + ".weight" if ".lora_magnitude_vector." in key else key
+
+
+def test_inference_without_grad_matches_training_path() -> None:
+    model = _dora_model().eval()
+    ids = torch.randint(0, 96, (2, 9), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        no_grad = model(input_ids=ids).logits
+    assert torch.allclose(model(input_ids=ids).logits, no_grad, atol=1e-6)
