@@ -39,6 +39,7 @@ BERT = {
     "num_hidden_layers": 2,
     "num_attention_heads": 4,
     "max_position_embeddings": 128,
+    "initializer_range": 0.3,
 }
 WORDS = ["cat", "dog", "sun", "moon", "tree", "car", "fish", "bird"]
 
@@ -61,7 +62,7 @@ def run_config(tmp_path: Path):
             model, peft = T5, {"target_modules": ["q", "v"]}
         else:
             rows = [
-                {"text": f"{w} is {'good' if i % 2 else 'bad'}", "label": "pos" if i % 2 else "neg"}
+                {"text": ("yes! " * 3 if i % 2 else "no... " * 3) + w, "label": "pos" if i % 2 else "neg"}
                 for i, w in enumerate(WORDS * 4)
             ]
             model, peft = BERT, {"target_modules": ["query", "value"], "modules_to_save": ["classifier"]}

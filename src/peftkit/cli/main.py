@@ -141,8 +141,6 @@ COMMANDS: list[str] = [
     "peftkit.train.sweep:register",
     "peftkit.cli.arith:register_combine",
     "peftkit.cli.arith:register_prune",
-    "peftkit.cli.arith:register_combine",
-    "peftkit.cli.arith:register_prune",
     # other areas add theirs here, one line each, e.g. "peftkit.merge.cli:register_combine",
 ]
 
