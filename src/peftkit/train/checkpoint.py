@@ -124,6 +124,11 @@ def _write_contents(
     tensors, meta = _optimizer_to_files(optimizer)
     save_file(tensors, str(d / "optimizer.safetensors"))
     (d / "optimizer.json").write_text(json.dumps(meta))
+    write_trainer_files(d, trainer_state, config_yaml)
+
+
+def write_trainer_files(d: Path, trainer_state: dict[str, Any], config_yaml: str) -> None:
+    """RNG states, run config and ``trainer_state.json`` (last: it marks the checkpoint complete)."""
     rng = {"torch": torch.get_rng_state()}
     if torch.cuda.is_available():
         rng.update({f"cuda{i}": s for i, s in enumerate(torch.cuda.get_rng_state_all())})
@@ -184,9 +189,20 @@ def load_checkpoint(path: str | Path, model: nn.Module, optimizer: torch.optim.O
             )
         with torch.no_grad():
             params[name].copy_(value)
-    if optimizer is not None:
+    if optimizer is not None and (d / "optimizer-sharded").is_dir():  # written by an FSDP run
+        from peftkit.train.dist_checkpoint import load_sharded_optimizer
+
+        load_sharded_optimizer(d, model, optimizer)
+    elif optimizer is not None:
         meta = json.loads((d / "optimizer.json").read_text())
         optimizer.load_state_dict(_optimizer_from_files(load_file(str(d / "optimizer.safetensors")), meta))
+    return restore_trainer_files(d, state)
+
+
+def restore_trainer_files(d: Path, state: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Restore the RNG states saved in ``d``; returns the trainer state without its Python RNG entry."""
+    if state is None:
+        state = json.loads((d / STATE_FILE).read_text())
     rng = load_file(str(d / "rng.safetensors"))
     torch.set_rng_state(rng["torch"])
     if torch.cuda.is_available():

@@ -11,6 +11,7 @@ checkpoint continues with exactly the losses and final adapter of an uninterrupt
 
 from __future__ import annotations
 
+import functools
 import os
 import random
 import signal
@@ -24,6 +25,8 @@ import yaml
 from torch import nn
 
 from peftkit.train import checkpoint as ckpt
+from peftkit.train import dist_checkpoint as dckpt
+from peftkit.train import distributed
 from peftkit.train.config import RunConfig, dump_config
 from peftkit.train.data import Example, collate, load_examples, micro_batch, pack, split
 from peftkit.train.evaluate import evaluate
@@ -53,6 +56,8 @@ class Run:
     device: torch.device
     trainable: list[str] = field(default_factory=list)
     lisa: Lisa | None = None
+    dist: distributed.Dist = field(default_factory=distributed.Dist)
+    forward: nn.Module | None = None  # what the forward pass calls: the DDP wrapper, else ``model``
 
 
 def pick_device(name: str) -> torch.device:
@@ -80,16 +85,17 @@ def load_data(cfg: RunConfig, tok: Tokenizer) -> tuple[list[Example], list[Examp
     return examples, held, train.labels
 
 
-def total_steps(cfg: RunConfig, n_examples: int) -> int:
-    """``train.max_steps``, or the optimizer steps in ``train.epochs`` passes."""
+def total_steps(cfg: RunConfig, n_examples: int, world: int = 1) -> int:
+    """``train.max_steps``, or the optimizer steps in ``train.epochs`` passes (``world`` ranks per batch)."""
     if cfg.train.max_steps:
         return cfg.train.max_steps
-    per_epoch = max(n_examples // cfg.train.batch_size, 1)
+    per_epoch = max(n_examples // (cfg.train.batch_size * world), 1)
     return max(1, int(cfg.train.epochs * per_epoch) // cfg.train.grad_accum)
 
 
-def setup(cfg: RunConfig) -> Run:
-    """Build tokenizer, data, model + adapter, optimizer and schedule for ``cfg``."""
+def setup(cfg: RunConfig, ctx: distributed.Dist | None = None) -> Run:
+    """Build tokenizer, data, model + adapter, optimizer and schedule for ``cfg`` (on this rank of ``ctx``)."""
+    ctx = ctx or distributed.Dist()
     random.seed(cfg.train.seed)
     torch.manual_seed(cfg.train.seed)
     tok = build_tokenizer(cfg)
@@ -97,14 +103,16 @@ def setup(cfg: RunConfig) -> Run:
     model = build_model(cfg, num_labels=len(labels))
     check_vocab(model, tok)
     apply_peft(model, cfg)
-    device = pick_device(cfg.train.device)
+    device = distributed.pick_device(ctx, cfg.train.device)
     model.to(device)
     trainable = [n for n, p in model.named_parameters() if p.requires_grad]
+    forward = distributed.wrap(model, ctx, device)  # before the optimizer: FSDP replaces the parameters
+    distributed.seed_rank(ctx, cfg.train.seed, 0)
     lisa = None
     if cfg.optimizer.lisa_layers:
         lisa = Lisa(model, cfg.optimizer.lisa_layers, cfg.optimizer.lisa_interval, cfg.train.seed)
     optimizer = build_optimizer(model, cfg.optimizer)
-    steps = total_steps(cfg, len(train))
+    steps = total_steps(cfg, len(train), ctx.world)
     return Run(
         cfg,
         model,
@@ -118,6 +126,8 @@ def setup(cfg: RunConfig) -> Run:
         device,
         trainable,
         lisa,
+        ctx,
+        forward,
     )
 
 
@@ -130,20 +140,29 @@ def train_step(run: Run, step: int, params: list[nn.Parameter]) -> dict[str, Any
     loss_sum, tokens = 0.0, 0
     bf16 = cfg.train.precision == "bf16"
     for j in range(cfg.train.grad_accum):
-        chunk = micro_batch(run.train, cfg.train.batch_size, cfg.train.seed, step * cfg.train.grad_accum + j)
+        # the global batch one process with batch_size × world would take; this rank keeps its slice
+        chunk = micro_batch(
+            run.train, cfg.train.batch_size * run.dist.world, cfg.train.seed, step * cfg.train.grad_accum + j
+        )
+        chunk = distributed.rank_slice(chunk, run.dist)
         batch = {k: v.to(run.device) for k, v in collate(chunk, run.tok.pad_id, cfg.model.task).items()}
         with torch.autocast(run.device.type, dtype=torch.bfloat16, enabled=bf16):
-            loss = forward_loss(run.model, batch)
+            loss = forward_loss(run.forward if run.forward is not None else run.model, batch)
         (loss / cfg.train.grad_accum).backward()
         loss_sum += float(loss.detach()) / cfg.train.grad_accum
         tokens += int(batch["attention_mask"].sum())
-    if cfg.train.max_grad_norm > 0:
-        norm = float(torch.nn.utils.clip_grad_norm_([p for p in params if p.grad is not None], cfg.train.max_grad_norm))
+    if cfg.train.max_grad_norm > 0 or run.dist.mode == "fsdp":  # torch's norm reduces sharded gradients
+        norm = distributed.as_float(
+            torch.nn.utils.clip_grad_norm_(
+                [p for p in params if p.grad is not None], cfg.train.max_grad_norm or float("inf")
+            )
+        )
     else:
         norm = grad_norm(params)
     run.optimizer.step()
     _adalora_hook(run, step)
     run.optimizer.zero_grad(set_to_none=True)
+    loss_sum, tokens = distributed.reduce_step(loss_sum, tokens, run.dist)
     return {"step": step + 1, "loss": loss_sum, "lr": lr, "grad_norm": norm, "tokens": tokens}
 
 
@@ -159,7 +178,8 @@ def _adalora_hook(run: Run, step: int) -> None:
 
 def _save(run: Run, step: int, history: list[dict[str, Any]]) -> Path:
     cfg = run.cfg
-    return ckpt.save_checkpoint(
+    save = functools.partial(dckpt.save_checkpoint, run.dist) if run.dist.active else ckpt.save_checkpoint
+    return save(
         cfg.checkpoint.save_dir,
         step,
         run.model,
@@ -181,15 +201,28 @@ def train(cfg: RunConfig) -> dict[str, Any]:
         ``adapter`` (``save_dir/final``), ``trainable`` and ``total`` parameter counts, ``seconds``.
     """
     t0 = time.perf_counter()
-    run = setup(cfg)
+    ctx = distributed.init(cfg)
+    with distributed.guard(ctx, cfg.checkpoint.save_dir):
+        return _train(setup(cfg, ctx), t0)
+
+
+def _train(run: Run, t0: float) -> dict[str, Any]:
+    """The body of :func:`train` for a set-up run."""
+    cfg = run.cfg
     start, history = 0, []
     resume = ckpt.resolve_resume(cfg.checkpoint.resume, cfg.checkpoint.save_dir)
     if resume is not None:
-        state = ckpt.load_checkpoint(resume, run.model, run.optimizer)
+        if run.dist.active:
+            state = dckpt.load_checkpoint(run.dist, resume, run.model, run.optimizer, cfg.train.seed)
+        else:
+            state = ckpt.load_checkpoint(resume, run.model, run.optimizer)
         start, history = int(state["step"]), list(state["history"])
         print(f"resumed from {resume} at step {start}")
+    distributed.agree(start, run.dist, "the step to start from")
     out = Path(cfg.checkpoint.save_dir)
-    logger = MetricsLogger(out, cfg.logging, run.total_steps, start)
+    logger: MetricsLogger | distributed.SilentLogger = distributed.SilentLogger()
+    if run.dist.is_main:  # one progress bar and one metrics file per run
+        logger = MetricsLogger(out, cfg.logging, run.total_steps, start)
     params = [p for n, p in run.model.named_parameters() if n in set(run.trainable)]
     run.model.train()
     last_ckpt, fault = None, os.environ.get(FAULT_ENV)
@@ -207,14 +240,15 @@ def train(cfg: RunConfig) -> dict[str, Any]:
             logger.log({"step": done, **{f"eval_{k}": v for k, v in _eval(run).items()}})
         if (cfg.checkpoint.save_interval and done % cfg.checkpoint.save_interval == 0) or done == run.total_steps:
             last_ckpt = _save(run, done, history)
-        if fault is not None and done == int(fault):
+        distributed.inject_raise(done, run.dist)
+        if fault is not None and distributed.fault_due(fault, done, run.dist):
             os.kill(os.getpid(), signal.SIGKILL)
     logger.close()
     final_eval = _eval(run) if run.eval else {}
     if final_eval:
         logger.log({"step": run.total_steps, **{f"eval_{k}": v for k, v in final_eval.items()}})
     adapter_dir = _save_final(run, out)
-    if cfg.logging.plots:
+    if cfg.logging.plots and run.dist.is_main:
         plot_metrics([r for r in read_metrics(out / "metrics.jsonl") if "loss" in r] or history, out)
     trainable = sum(p.numel() for p in params)
     return {
@@ -239,15 +273,14 @@ def _save_final(run: Run, out: Path) -> Path:
     final = out / "final"
     final.mkdir(parents=True, exist_ok=True)
     if run.cfg.peft.method != "none":
-        import peftkit as pk
-
-        pk.save_adapter(run.model, final)
+        dckpt.save_adapter(run.dist, run.model, final)  # gathered to full tensors under FSDP
     else:
         from safetensors.torch import save_file
 
         params = dict(run.model.named_parameters())
-        save_file(
-            {n: params[n].detach().contiguous().cpu() for n in run.trainable}, str(final / "trainable.safetensors")
-        )
-    dump_config(run.cfg, final / "run_config.yaml")
+        weights = dckpt.full_tensors({n: params[n] for n in run.trainable})
+        if run.dist.is_main:
+            save_file(weights, str(final / "trainable.safetensors"))
+    if run.dist.is_main:
+        dump_config(run.cfg, final / "run_config.yaml")
     return final

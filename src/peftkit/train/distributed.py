@@ -1,0 +1,409 @@
+"""Multi-process training on PyTorch's own engine: ``torchrun`` launches, DDP replicates, FSDP2 shards.
+
+``train.parallel`` picks the strategy:
+
+- ``none`` — one process (the default);
+- ``ddp`` — :class:`~torch.nn.parallel.DistributedDataParallel`. DDP registers gradient hooks only on
+  parameters with ``requires_grad``, so only the adapter's gradients are all-reduced; the frozen base
+  is never communicated after the one-time consistency broadcast at start-up;
+- ``fsdp`` — FSDP2 (:func:`torch.distributed.fsdp.fully_shard`) on every transformer block and then on
+  the root, so the base and the adapters are sharded per block. Frozen parameters are all-gathered for
+  the forward pass but get no gradient reduce-scatter.
+
+Launch with ``torchrun --nproc-per-node N -m peftkit train CONFIG train.parallel=ddp``; rank, world size
+and rendezvous come from torchrun's environment (``RANK``, ``WORLD_SIZE``, ``LOCAL_RANK``,
+``MASTER_ADDR``/``MASTER_PORT``). The backend is NCCL on CUDA devices and gloo on CPU.
+
+``train.batch_size`` is the per-rank micro-batch: step ``i`` takes the same global batch of
+``batch_size × world`` examples a single process with that batch would take, and rank ``r`` keeps its
+``r``-th slice. DDP averages the ranks' gradients, so with equal token counts per rank (packed data, or
+examples of equal length) N ranks with batch ``b`` train exactly like one process with batch ``N·b``.
+
+Failure path: a rank that raises writes its error into the rendezvous store before re-raising; a
+watchdog thread on every rank polls that key and ends its process with a message naming the failed
+rank, so no rank hangs in a collective. A rank that dies without a word closes its sockets, which makes
+the peers' next collective fail at once (gloo) or after ``train.dist_timeout`` seconds at the latest;
+``torchrun`` then stops the remaining workers. Checkpoints are written atomically, so the last complete
+one survives any of this.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime
+import os
+import signal
+import sys
+import threading
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, TypeVar
+
+import torch
+from torch import nn
+
+from peftkit.errors import ConfigError, DistributedError
+from peftkit.train.config import RunConfig
+
+PARALLEL_MODES = ("none", "ddp", "fsdp")
+#: Test-only fault injection: ``N`` or ``N@R`` — raise after optimizer step N (on rank R only).
+FAULT_RAISE_ENV = "PEFTKIT_FAULT_RAISE_AFTER_STEP"
+#: Store key a failing rank writes its error to (read by every rank's watchdog).
+FAIL_KEY = "peftkit/failed"
+#: Store counter the peers bump once they have printed why they stop.
+ACK_KEY = "peftkit/failure-seen"
+#: The failing rank waits at most this long for the peers' acknowledgements before it exits.
+_ACK_WAIT_S = 3.0
+#: A peer that printed the failure exits after this delay, so the launcher names the failing rank as root cause.
+_PEER_EXIT_DELAY_S = 5.0
+#: Exit status of a rank stopped because another rank failed.
+EXIT_PEER_FAILED = 3
+_LAUNCH_HINT = "launch with: torchrun --nproc-per-node N -m peftkit train CONFIG train.parallel={mode}"
+T = TypeVar("T")
+
+
+@dataclass
+class Dist:
+    """This process's place in the run.
+
+    Attributes:
+        mode: ``none``, ``ddp`` or ``fsdp``.
+        rank: global rank (0 in a single process).
+        world: number of processes.
+        local_rank: rank on this machine (picks the CUDA device).
+    """
+
+    mode: str = "none"
+    rank: int = 0
+    world: int = 1
+    local_rank: int = 0
+    watchdog: _Watchdog | None = field(default=None, repr=False)
+
+    @property
+    def active(self) -> bool:
+        """True when a process group is in use."""
+        return self.mode != "none"
+
+    @property
+    def is_main(self) -> bool:
+        """Rank 0: the one that logs, shows the progress bar and writes files."""
+        return self.rank == 0
+
+    def barrier(self) -> None:
+        """Wait for every rank (no-op in a single process)."""
+        if self.active:
+            torch.distributed.barrier()
+
+
+class _Watchdog(threading.Thread):
+    """Ends this process when another rank has reported a failure (or the store has vanished)."""
+
+    def __init__(self, store: Any, rank: int, interval: float = 0.2) -> None:
+        super().__init__(name="peftkit-dist-watchdog", daemon=True)
+        self.store, self.rank, self.interval = store, rank, interval
+        self.stopped = threading.Event()
+        self.reason: str | None = None  # why another rank stopped the run, once seen
+
+    def run(self) -> None:
+        while not self.stopped.wait(self.interval):
+            try:
+                if not self.store.check([FAIL_KEY]):
+                    continue
+                reason = self.store.get(FAIL_KEY).decode()
+            except Exception as exc:  # noqa: BLE001 — the store lives in another process that is gone
+                reason = f"the rendezvous store stopped answering ({exc}); the process hosting it has died"
+            if self.stopped.is_set():
+                return
+            self.reason = reason
+            print(f"peftkit: rank {self.rank}: stopping because {reason}", file=sys.stderr, flush=True)
+            with contextlib.suppress(Exception):
+                self.store.add(ACK_KEY, 1)
+            time.sleep(_PEER_EXIT_DELAY_S)  # torchrun stops this worker once the failing rank has exited
+            os._exit(EXIT_PEER_FAILED)  # the main thread may be blocked inside a collective: end it here
+
+
+def init(cfg: RunConfig) -> Dist:
+    """Join the process group ``torchrun`` set up (for ``train.parallel`` ``ddp``/``fsdp``), start the watchdog.
+
+    Args:
+        cfg: the run config (``train.parallel``, ``train.dist_timeout``: the collective timeout).
+
+    Returns:
+        This process's :class:`Dist` (``mode="none"`` for a single process).
+
+    Raises:
+        ConfigError: ``ddp``/``fsdp`` without torchrun's environment, or with an optimizer feature that
+            cannot run data-parallel.
+    """
+    parallel = cfg.train.parallel
+    if parallel not in PARALLEL_MODES:
+        raise ConfigError(f"train.parallel={parallel!r} is invalid; allowed: {', '.join(PARALLEL_MODES)}")
+    if parallel == "none":
+        return Dist()
+    if cfg.optimizer.lisa_layers:
+        raise ConfigError(
+            f"optimizer.lisa_layers={cfg.optimizer.lisa_layers} cannot run with train.parallel="
+            f"{parallel!r} (LISA changes which parameters train after DDP/FSDP fixed them); "
+            "set optimizer.lisa_layers=0 or train.parallel=none"
+        )
+    if parallel == "fsdp" and cfg.optimizer.name == "galore":
+        raise ConfigError(
+            "optimizer.name='galore' cannot run with train.parallel='fsdp' (GaLore projects "
+            "whole 2-D gradients, FSDP shards them); use train.parallel=ddp or optimizer.name=adamw"
+        )
+    missing = [k for k in ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT") if k not in os.environ]
+    if missing:
+        raise ConfigError(
+            f"train.parallel={parallel!r} needs torchrun's environment ({', '.join(missing)} "
+            f"unset); {_LAUNCH_HINT.format(mode=parallel)}"
+        )
+    dist = torch.distributed
+    rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    cuda = torch.cuda.is_available()
+    if cuda:
+        torch.cuda.set_device(local_rank)
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if cuda else "gloo", timeout=datetime.timedelta(seconds=cfg.train.dist_timeout))
+    ctx = Dist(parallel, rank, world, local_rank)
+    # The default store is the rendezvous TCPStore; the watchdog polls its own clone of the client.
+    store = dist.distributed_c10d._get_default_store()
+    ctx.watchdog = _Watchdog(store.clone() if hasattr(store, "clone") else store, rank)
+    ctx.watchdog.start()
+    return ctx
+
+
+def pick_device(ctx: Dist, name: str) -> torch.device:
+    """``auto`` → this rank's CUDA device (``cuda:LOCAL_RANK``) when available, else CPU."""
+    if name == "auto":
+        return torch.device(f"cuda:{ctx.local_rank}" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def seed_rank(ctx: Dist, seed: int, step: int) -> None:
+    """Give ranks other than 0 their own dropout stream (rank 0 keeps the single-process one)."""
+    if ctx.rank > 0:
+        torch.manual_seed(seed + 1_000_003 * ctx.rank + step)
+
+
+def transformer_blocks(model: nn.Module) -> list[nn.Module]:
+    """The model's repeated blocks: classes in ``_no_split_modules`` (HF), else the longest ModuleList.
+
+    Nested matches are skipped (a block inside a block is sharded with its parent).
+    """
+    names = set(getattr(model, "_no_split_modules", None) or [])
+    found: list[tuple[str, nn.Module]] = []
+    for qualname, module in model.named_modules():
+        if type(module).__name__ in names and not any(qualname.startswith(p + ".") for p, _ in found):
+            found.append((qualname, module))
+    if found:
+        return [m for _, m in found]
+    lists: list[nn.ModuleList] = [m for m in model.modules() if isinstance(m, nn.ModuleList)]
+    return list(max(lists, key=lambda m: sum(1 for _ in m))) if lists else []
+
+
+def wrap(model: nn.Module, ctx: Dist, device: torch.device) -> nn.Module:
+    """Prepare the adapted ``model`` (already on ``device``) for ``ctx.mode``.
+
+    Returns:
+        The module to call for the forward pass: the DDP wrapper for ``ddp``; ``model`` itself for
+        ``fsdp`` (sharded in place: its parameters become DTensors, names unchanged) and ``none``.
+
+    Raises:
+        DistributedError: the model has no trainable parameter.
+    """
+    if not ctx.active:
+        return model
+    if not any(p.requires_grad for p in model.parameters()):
+        raise DistributedError("the model has no trainable parameters to synchronise; check peft.method")
+    if ctx.mode == "ddp":
+        from torch.nn.parallel import DistributedDataParallel
+
+        # Buffers (rotary tables, ...) are identical on every rank and never trained: no per-step broadcast.
+        return DistributedDataParallel(
+            model, device_ids=[device.index] if device.type == "cuda" else None, forward_sync_buffers=False
+        )
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    mesh = init_device_mesh(device.type, (ctx.world,))
+    for block in transformer_blocks(model):
+        fully_shard(block, mesh=mesh)
+    fully_shard(model, mesh=mesh)
+    return model
+
+
+class SilentLogger:
+    """What ranks other than 0 log: nothing (same methods as ``MetricsLogger``)."""
+
+    def log(self, record: dict[str, Any]) -> None:
+        """Drop ``record``."""
+
+    def progress(self, loss: float, lr: float, tokens_per_s: float) -> None:
+        """No progress bar."""
+
+    def close(self) -> None:
+        """Nothing to close."""
+
+
+def fault_due(spec: str, done: int, ctx: Dist) -> bool:
+    """Whether a test fault ``N`` / ``N@R`` (after step N, on rank R or every rank) fires now."""
+    step, _, rank = spec.partition("@")
+    return done == int(step) and (not rank or int(rank) == ctx.rank)
+
+
+def inject_raise(done: int, ctx: Dist) -> None:
+    """Test-only: raise after the step named by ``PEFTKIT_FAULT_RAISE_AFTER_STEP``.
+
+    Raises:
+        RuntimeError: the fault fired.
+    """
+    spec = os.environ.get(FAULT_RAISE_ENV)
+    if spec is not None and fault_due(spec, done, ctx):
+        raise RuntimeError(f"injected fault after step {done} on rank {ctx.rank} ({FAULT_RAISE_ENV}={spec})")
+
+
+def rank_slice(batch: Sequence[T], ctx: Dist) -> list[T]:
+    """Rank ``ctx.rank``'s share of a global batch of ``per_rank × world`` items."""
+    per_rank = len(batch) // ctx.world
+    return list(batch[ctx.rank * per_rank : (ctx.rank + 1) * per_rank])
+
+
+def as_float(value: torch.Tensor | float) -> float:
+    """A Python float of a scalar tensor; a DTensor (e.g. FSDP's gradient norm) is reduced first."""
+    if isinstance(value, torch.Tensor):
+        from torch.distributed.tensor import DTensor
+
+        if isinstance(value, DTensor):
+            value = value.full_tensor()
+        return float(value.detach())
+    return float(value)
+
+
+def reduce_step(loss: float, tokens: int, ctx: Dist) -> tuple[float, int]:
+    """The mean loss over ranks and the total token count (as they are in a single process)."""
+    if not ctx.active:
+        return loss, tokens
+    t = torch.tensor([loss, float(tokens)], dtype=torch.float64, device=_comm_device())
+    torch.distributed.all_reduce(t)
+    return float(t[0]) / ctx.world, int(t[1])
+
+
+def agree(value: int, ctx: Dist, what: str) -> None:
+    """Check that every rank holds the same ``value`` (e.g. the resumed step).
+
+    Raises:
+        DistributedError: the ranks disagree (the message lists each rank's value).
+    """
+    if not ctx.active:
+        return
+    values: list[Any] = [None] * ctx.world
+    torch.distributed.all_gather_object(values, value)
+    if len(set(values)) != 1:
+        raise DistributedError(
+            f"ranks disagree on {what}: {values} (rank order); every rank must see the same "
+            "save_dir and config — on several machines put save_dir on a shared filesystem"
+        )
+
+
+def _comm_device() -> torch.device:
+    return torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
+
+
+def _is_comm_failure(exc: BaseException) -> bool:
+    """A collective that failed because a peer went away (connection closed, timeout)."""
+    if isinstance(exc, getattr(torch.distributed, "DistError", ())):
+        return True
+    text = str(exc)
+    return isinstance(exc, RuntimeError) and any(
+        s in text for s in ("Connection closed", "Connection reset", "Timed out", "timed out", "NCCL", "gloo")
+    )
+
+
+class _Terminated(Exception):
+    """SIGTERM arrived (torchrun stops every worker once one has failed)."""
+
+
+def _on_sigterm(signum: int, frame: Any) -> None:
+    raise _Terminated("stopped by the launcher (SIGTERM); torchrun stops every worker when one fails")
+
+
+def _announce(ctx: Dist, exc: BaseException, wait: bool) -> None:
+    """Tell the other ranks (through the store) that this rank failed and why.
+
+    With ``wait`` (this rank is where the failure started) wait briefly until the peers printed it.
+    """
+    if ctx.watchdog is None:
+        return
+    ctx.watchdog.stopped.set()
+    store = ctx.watchdog.store
+    with contextlib.suppress(Exception):
+        summary = f"{type(exc).__name__}: {exc}".splitlines()[0][:500]
+        store.compare_set(FAIL_KEY, "", f"rank {ctx.rank} failed with {summary}")  # the first failure wins
+        deadline = time.monotonic() + (_ACK_WAIT_S if wait else 0.0)
+        while store.add(ACK_KEY, 0) < ctx.world - 1 and time.monotonic() < deadline:
+            time.sleep(0.05)
+
+
+def shutdown(ctx: Dist) -> None:
+    """Leave the process group cleanly: everyone done → watchdogs off → everyone off → destroy."""
+    if not ctx.active or not torch.distributed.is_initialized():
+        return
+    torch.distributed.barrier()
+    if ctx.watchdog is not None:
+        ctx.watchdog.stopped.set()
+        ctx.watchdog.join()
+    torch.distributed.barrier()  # no rank's store may disappear while a peer's watchdog still polls it
+    torch.distributed.destroy_process_group()
+
+
+def _cause(ctx: Dist, exc: BaseException, seen: str | None) -> str | None:
+    """Why this rank stops when the failure started elsewhere; ``None`` when it started here."""
+    if seen is not None:
+        return f"stopped because {seen}"
+    if isinstance(exc, _Terminated):
+        return f"{exc}; see the failing rank's log"
+    if _is_comm_failure(exc):
+        return (
+            f"a collective failed because another rank died or stopped answering "
+            f"({str(exc).splitlines()[0][:300]}); see that rank's log"
+        )
+    return None
+
+
+@contextlib.contextmanager
+def guard(ctx: Dist, save_dir: str | Path) -> Iterator[None]:
+    """Run a distributed job: on success leave cleanly; on failure stop every rank with a clear error.
+
+    Raises:
+        DistributedError: the failure started on another rank (the message names it when known, and the
+            last complete checkpoint to resume from); an exception raised on this rank is re-raised
+            after the other ranks were told.
+    """
+    previous = None
+    if ctx.active and threading.current_thread() is threading.main_thread():
+        previous = signal.signal(signal.SIGTERM, _on_sigterm)
+    try:
+        yield
+    except BaseException as exc:
+        if not ctx.active:
+            raise
+        cause = _cause(ctx, exc, ctx.watchdog.reason if ctx.watchdog is not None else None)
+        _announce(ctx, exc, wait=cause is None)
+        if cause is None:
+            raise
+        from peftkit.train.checkpoint import list_checkpoints
+
+        found = list_checkpoints(save_dir)
+        where = (
+            f"the last complete checkpoint is {found[-1]}; resume with checkpoint.resume=auto"
+            if found
+            else "no checkpoint was completed yet"
+        )
+        raise DistributedError(f"rank {ctx.rank} of {ctx.world}: {cause}; {where}") from exc
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
+    shutdown(ctx)
