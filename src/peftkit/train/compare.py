@@ -1,0 +1,285 @@
+"""``peftkit compare``: the same short training for several PEFT methods on one model and dataset.
+
+Each method runs the user's config with only ``peft`` changed, in its own process (so every peak-memory figure
+is that method's alone), under ``OUT/<method>/``. The table — trainable parameters, peak memory, time per step,
+tokens/s, final training loss, held-out loss/accuracy, adapter size — is printed and written as
+``compare.md`` and ``compare.json``; ``loss.png`` holds the loss curves and ``memory_time.png`` the bars::
+
+    peftkit compare CONFIG [KEY=VALUE ...] --methods lora,dora,ia3,full [--out runs/compare]
+
+``full`` trains every base weight (``peft.method=none``). Options in the config's ``peft`` section are passed on
+to every method that has a field of that name (``rank`` reaches LoRA and DoRA, not IA3).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from peftkit.errors import ConfigError, require
+from peftkit.train.config import PEFT_METHODS, RunConfig, config_from_dict, load_config
+
+#: Method names accepted besides :data:`PEFT_METHODS` keys.
+ALIASES = {"full": "none"}
+
+
+def method_config(base: RunConfig, method: str, out_dir: Path) -> RunConfig:
+    """``base`` with ``peft`` set to ``method`` and outputs under ``out_dir/method``; quiet, no resume.
+
+    Raises:
+        ConfigError: ``method`` is not a known method.
+    """
+    name = ALIASES.get(method, method)
+    if name not in PEFT_METHODS:
+        raise ConfigError(f"unknown method {method!r} in --methods; choose from {sorted([*PEFT_METHODS, *ALIASES])}")
+    data = base.to_dict()
+    data["peft"] = {"method": name, **_options_for(name, base.peft.method, dict(base.peft.options))}
+    data["checkpoint"] = {**data["checkpoint"], "save_dir": str(out_dir / method), "resume": "none",
+                          "save_interval": 0, "keep_last": 1}
+    data["logging"] = {**data["logging"], "progress_bar": False, "tensorboard": "false", "plots": False,
+                       "jsonl": True}
+    return config_from_dict(data)
+
+
+def _options_for(method: str, source_method: str, options: dict[str, Any]) -> dict[str, Any]:
+    """The config's peft options that ``method``'s config class accepts (all of them for the config's own)."""
+    if method == source_method:
+        return options
+    cls_name = PEFT_METHODS[method]
+    if cls_name is None:
+        return {}
+    import peftkit as pk
+
+    cls = getattr(pk, cls_name, None)
+    if cls is None:
+        raise ConfigError(f"method {method!r} is not available in this peftkit (no peftkit.{cls_name})")
+    fields = {f.name for f in dataclasses.fields(cls)}
+    return {k: v for k, v in options.items() if k in fields}
+
+
+# -- one method, in a child process -----------------------------------------------------------------
+def _rss(field: str) -> int | None:
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith(field + ":"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None
+
+
+def run_one(cfg: RunConfig) -> dict[str, Any]:
+    """Train ``cfg`` in this process, timing each optimizer step; returns the row for the table."""
+    import torch
+
+    from peftkit.train import loop
+
+    steps: list[float] = []
+    tokens: list[int] = []
+    memory: dict[str, Any] = {}
+    inner = loop.train_step
+
+    def timed_step(run: Any, step: int, params: list[Any]) -> dict[str, Any]:
+        if not steps:  # training starts: measure memory from here (model and data are loaded)
+            memory["before"] = _rss("VmRSS")
+            try:
+                Path("/proc/self/clear_refs").write_text("5")  # reset the peak (Linux)
+            except OSError:
+                memory["before"] = None
+            if torch.cuda.is_available():
+                torch.cuda.reset_peak_memory_stats()
+        start = time.perf_counter()
+        record = inner(run, step, params)
+        steps.append(time.perf_counter() - start)
+        tokens.append(int(record["tokens"]))
+        return record
+
+    loop.train_step = timed_step  # type: ignore[assignment]
+    try:
+        summary = loop.train(cfg)
+    finally:
+        loop.train_step = inner  # type: ignore[assignment]
+    peak = _rss("VmHWM")
+    adapter = Path(summary["adapter"])
+    timed = steps[1:] or steps  # the first step pays one-off costs (optimizer state, lazy init)
+    return {
+        "trainable": summary["trainable"], "total": summary["total"], "steps": summary["steps"],
+        "peak_memory_bytes": (peak - memory["before"]) if memory.get("before") is not None and peak else None,
+        "cuda_peak_bytes": torch.cuda.max_memory_allocated() if torch.cuda.is_available() else None,
+        "time_per_step_s": statistics.median(timed) if timed else None,
+        "tokens_per_s": sum(tokens[1:] or tokens) / sum(timed) if timed and sum(timed) > 0 else None,
+        "losses": summary["losses"], "final_loss": summary["losses"][-1] if summary["losses"] else None,
+        "eval": summary["eval"],
+        "adapter_bytes": sum(p.stat().st_size for p in adapter.glob("*.safetensors")),
+        "seconds": summary["seconds"],
+    }
+
+
+def _child(config_path: str, result_path: str) -> int:
+    row = run_one(load_config(config_path))
+    Path(result_path).write_text(json.dumps(row))
+    return 0
+
+
+# -- the comparison ----------------------------------------------------------------------------------
+def compare(config: str | Path | RunConfig, methods: list[str], out_dir: str | Path,
+            overrides: list[str] | None = None, isolate: bool = True) -> dict[str, Any]:
+    """Run the same training for each of ``methods`` and write the table and plots.
+
+    Args:
+        config: a run config (YAML path or :class:`RunConfig`); its ``peft`` section is replaced per method.
+        methods: method names (``lora``, ``dora``, ``ia3``, ``full``, … — see :data:`PEFT_METHODS`).
+        out_dir: where each method's run, ``compare.json``, ``compare.md`` and the PNG plots go.
+        overrides: ``key=value`` overrides applied to a YAML ``config``.
+        isolate: run each method in its own process (peak memory per method); ``False`` runs them here.
+
+    Returns:
+        ``{"methods": {method: row}, "table": markdown, "files": [paths]}``; a failed method's row holds ``error``.
+
+    Raises:
+        ConfigError: no methods, an unknown method, or an invalid config.
+    """
+    if not methods:
+        raise ConfigError("--methods is empty; give a comma-separated list such as lora,dora,ia3,full")
+    base = config if isinstance(config, RunConfig) else load_config(config, overrides)
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    configs = {m: method_config(base, m, out) for m in methods}  # validates every method before any training
+    rows: dict[str, dict[str, Any]] = {}
+    for method, cfg in configs.items():
+        print(f"compare: training {method} …", flush=True)
+        rows[method] = _run_isolated(cfg, out / method) if isolate else run_one(cfg)
+    table = markdown_table(rows)
+    (out / "compare.md").write_text(table)
+    (out / "compare.json").write_text(json.dumps({"methods": rows, "config": base.to_dict()}, indent=1, default=str))
+    files = [out / "compare.md", out / "compare.json"] + plot(rows, out)
+    print(table)
+    return {"methods": rows, "table": table, "files": [str(f) for f in files]}
+
+
+def _run_isolated(cfg: RunConfig, run_dir: Path) -> dict[str, Any]:
+    run_dir.mkdir(parents=True, exist_ok=True)
+    cfg_path, result_path = run_dir / "compare_config.yaml", run_dir / "compare_result.json"
+    cfg_path.write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+    result_path.unlink(missing_ok=True)
+    proc = subprocess.run([sys.executable, "-m", "peftkit.train.compare", "--child", str(cfg_path), str(result_path)],
+                          capture_output=True, text=True, check=False, env=os.environ.copy())
+    if proc.returncode != 0 or not result_path.is_file():
+        tail = (proc.stderr or proc.stdout).strip().splitlines()[-5:]
+        return {"error": " | ".join(tail) or f"exit status {proc.returncode}"}
+    return json.loads(result_path.read_text())  # type: ignore[no-any-return]
+
+
+def _fmt(value: Any, spec: str, scale: float = 1.0) -> str:
+    return "—" if value is None else format(value / scale, spec)
+
+
+def _size(n: int | None) -> str:
+    """Bytes in the largest unit that keeps the number at least 1 (``"3.5 KiB"``)."""
+    if n is None:
+        return "—"
+    value, unit = float(n), "B"
+    for next_unit in ("KiB", "MiB", "GiB"):
+        if value < 1024:
+            break
+        value, unit = value / 1024, next_unit
+    return f"{value:.1f} {unit}"
+
+
+def markdown_table(rows: dict[str, dict[str, Any]]) -> str:
+    """The comparison as a Markdown table (one row per method)."""
+    metric_keys = sorted({k for r in rows.values() for k in (r.get("eval") or {})})
+    head = ["method", "trainable params", "trainable %", "peak memory", "time/step (s)", "tokens/s",
+            "final loss", *[f"eval {k}" for k in metric_keys], "adapter size"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for method, r in rows.items():
+        if "error" in r:
+            lines.append(f"| {method} | failed: {r['error'][:200]} |" + " |" * (len(head) - 2))
+            continue
+        cells = [method, f"{r['trainable']:,}", _fmt(100 * r["trainable"] / max(r["total"], 1), ".4f"),
+                 _size(r["peak_memory_bytes"] if r.get("cuda_peak_bytes") is None else r["cuda_peak_bytes"]),
+                 _fmt(r["time_per_step_s"], ".3f"), _fmt(r["tokens_per_s"], ",.0f"), _fmt(r["final_loss"], ".4f"),
+                 *[_fmt((r.get("eval") or {}).get(k), ".4f") for k in metric_keys],
+                 _size(r["adapter_bytes"])]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def plot(rows: dict[str, dict[str, Any]], out: Path) -> list[Path]:
+    """``loss.png`` (training loss per step, every method) and ``memory_time.png`` (bars).
+
+    Raises:
+        MissingDependencyError: matplotlib is not installed (``pip install 'peftkit[plot]'``).
+    """
+    mpl = require("matplotlib", "plot")
+    mpl.use("Agg")  # type: ignore[attr-defined]
+    plt: Any = require("matplotlib.pyplot", "plot")
+    ok = {m: r for m, r in rows.items() if "error" not in r}
+    if not ok:
+        return []
+    fig, ax = plt.subplots(figsize=(6.5, 4))
+    for method, r in ok.items():
+        ax.plot(range(1, len(r["losses"]) + 1), r["losses"], label=method)
+    ax.set(xlabel="step", ylabel="training loss", title="Loss per method")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(out / "loss.png", dpi=100)
+    plt.close(fig)
+    fig, (left, right) = plt.subplots(1, 2, figsize=(9, 3.8))
+    names = list(ok)
+    memory = [(r.get("cuda_peak_bytes") or r.get("peak_memory_bytes") or 0) / 2**20 for r in ok.values()]
+    left.bar(names, memory, color="tab:blue")
+    left.set(ylabel="MiB", title="Peak memory of training")
+    right.bar(names, [r.get("time_per_step_s") or 0 for r in ok.values()], color="tab:orange")
+    right.set(ylabel="seconds", title="Time per step")
+    for axis in (left, right):
+        axis.tick_params(axis="x", rotation=30)
+    fig.tight_layout()
+    fig.savefig(out / "memory_time.png", dpi=100)
+    plt.close(fig)
+    return [out / "loss.png", out / "memory_time.png"]
+
+
+# -- command line --------------------------------------------------------------------------------------
+def _command(args: argparse.Namespace) -> int:
+    methods = [m.strip() for m in args.methods.split(",") if m.strip()]
+    compare(args.config, methods, args.out, args.overrides)
+    return 0
+
+
+def register(sub: Any) -> None:
+    """Add the ``compare`` subcommand to the ``peftkit`` CLI's subparsers."""
+    p = sub.add_parser(
+        "compare",
+        help="train several PEFT methods on the same model and data and compare them",
+        description="Run CONFIG once per method (only peft changes) and write a table (Markdown, JSON) and plots.",
+    )
+    p.add_argument("config", help="YAML run config (see configs/)")
+    p.add_argument("--methods", required=True, help="comma-separated, e.g. lora,dora,ia3,full")
+    p.add_argument("--out", default="runs/compare", help="output directory (default runs/compare)")
+    p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="e.g. train.max_steps=50 (before the options)")
+    p.set_defaults(func=_command)
+
+
+#: The name the CLI owner asked for.
+add_parser = register
+
+
+if __name__ == "__main__":
+    if len(sys.argv) == 4 and sys.argv[1] == "--child":
+        sys.exit(_child(sys.argv[2], sys.argv[3]))
+    parser = argparse.ArgumentParser(prog="python -m peftkit.train.compare")
+    register(parser.add_subparsers(dest="command", required=True))
+    parsed = parser.parse_args(["compare", *sys.argv[1:]])
+    sys.exit(parsed.func(parsed))

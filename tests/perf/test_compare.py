@@ -1,0 +1,73 @@
+"""``peftkit compare``: per-method configs, the table, the JSON and the plots of a tiny run."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from peftkit.errors import ConfigError
+from peftkit.train.compare import compare, markdown_table, method_config, register
+from peftkit.train.config import config_from_dict
+
+TINY = {"model_type": "llama", "vocab_size": 260, "hidden_size": 16, "intermediate_size": 32, "num_hidden_layers": 1,
+        "num_attention_heads": 2, "num_key_value_heads": 1, "max_position_embeddings": 64}
+
+
+def _config(tmp_path: Path) -> dict:
+    data = tmp_path / "data.jsonl"
+    data.write_text("".join(json.dumps({"text": f"sample {i} " * 4}) + "\n" for i in range(16)))
+    return {"checkpoint": {"pretrained": {"config": TINY}, "save_dir": str(tmp_path / "ignored")},
+            "peft": {"method": "lora", "rank": 2, "alpha": 4, "target_modules": ["q_proj", "v_proj"]},
+            "data": {"train": str(data), "format": "text", "max_length": 16, "eval_fraction": 0.25},
+            "train": {"max_steps": 2, "batch_size": 4, "seed": 0},
+            "logging": {"progress_bar": False, "tensorboard": "false"}}
+
+
+def test_method_configs_keep_the_run_and_pass_on_only_accepted_options(tmp_path: Path) -> None:
+    base = config_from_dict(_config(tmp_path))
+    dora = method_config(base, "dora", tmp_path)
+    assert dora.peft.method == "dora" and dora.peft.options["rank"] == 2
+    assert dora.checkpoint.save_dir == str(tmp_path / "dora") and dora.train == base.train
+    ia3 = method_config(base, "ia3", tmp_path)
+    assert "rank" not in ia3.peft.options and ia3.peft.options["target_modules"] == ["q_proj", "v_proj"]
+    full = method_config(base, "full", tmp_path)
+    assert full.peft.method == "none" and full.peft.options == {}
+    with pytest.raises(ConfigError, match="unknown method 'lorra'.*choose from"):
+        method_config(base, "lorra", tmp_path)
+
+
+def test_compare_writes_table_json_and_plots(tmp_path: Path) -> None:
+    pytest.importorskip("matplotlib")
+    out = tmp_path / "out"
+    result = compare(config_from_dict(_config(tmp_path)), ["lora", "full"], out, isolate=False)
+    rows = result["methods"]
+    assert set(rows) == {"lora", "full"}
+    assert rows["lora"]["trainable"] == (2 * 16 + 16 * 2) + (2 * 16 + 8 * 2)  # one layer; q: 16→16, v: 16→8 (GQA)
+    assert rows["full"]["trainable"] == rows["full"]["total"] > rows["lora"]["trainable"]
+    assert rows["lora"]["adapter_bytes"] < rows["full"]["adapter_bytes"]
+    for row in rows.values():
+        assert len(row["losses"]) == 2 and row["time_per_step_s"] > 0 and row["tokens_per_s"] > 0
+        assert "loss" in row["eval"]
+    saved = json.loads((out / "compare.json").read_text())
+    assert saved["methods"]["lora"]["final_loss"] == rows["lora"]["final_loss"]
+    table = (out / "compare.md").read_text()
+    assert table.splitlines()[0].startswith("| method | trainable params")
+    assert "| full |" in table and "| lora |" in table
+    for png in ("loss.png", "memory_time.png"):
+        assert (out / png).read_bytes()[:4] == b"\x89PNG"
+
+
+def test_failed_method_is_a_row_not_a_crash() -> None:
+    table = markdown_table({"lora": {"error": "boom"}})
+    assert "| lora | failed: boom |" in table
+
+
+def test_cli_parser_registers_compare() -> None:
+    import argparse
+
+    parser = argparse.ArgumentParser()
+    register(parser.add_subparsers(dest="command"))
+    args = parser.parse_args(["compare", "cfg.yaml", "train.max_steps=5", "--methods", "lora,ia3"])
+    assert args.methods == "lora,ia3" and args.overrides == ["train.max_steps=5"] and callable(args.func)
