@@ -8,7 +8,7 @@ from torch import nn
 
 import peftkit as pk
 from peftkit.errors import ConfigError, MergeError
-from peftkit.methods.ia3 import IA3Linear
+from peftkit.methods.ia3 import IA3Layer
 
 from models import ARCHS, build, randomize_adapters, run
 
@@ -36,7 +36,7 @@ def test_formula_output_and_input_scaling() -> None:
     torch.manual_seed(0)
     base = nn.Linear(5, 3)
     x = torch.randn(4, 5)
-    out_layer = IA3Linear(base, is_feedforward=False)
+    out_layer = IA3Layer(base, is_feedforward=False)
     out_layer.add("a")
     out_layer.set_active(["a"])
     with torch.no_grad():
@@ -44,7 +44,7 @@ def test_formula_output_and_input_scaling() -> None:
     l_out = out_layer.ia3_l["a"].flatten()
     assert torch.allclose(out_layer(x), l_out * (x @ base.weight.T + base.bias), atol=1e-6)
 
-    ff_layer = IA3Linear(base, is_feedforward=True)
+    ff_layer = IA3Layer(base, is_feedforward=True)
     ff_layer.add("a")
     ff_layer.add("b")
     ff_layer.set_active(["a", "b"])
@@ -136,3 +136,93 @@ def test_training_lowers_the_loss() -> None:
         opt.step()
         losses.append(loss.item())
     assert losses[-1] < losses[0] - 0.05
+
+
+class ConvStack(nn.Module):
+    """A grouped Conv2d, a Conv3d and a linear head: the convolutions HF PEFT's (IA)³ supports."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv2 = nn.Conv2d(4, 6, kernel_size=3, padding=1, groups=2)
+        self.conv3 = nn.Conv3d(6, 4, kernel_size=(1, 3, 3), padding=(0, 1, 1))
+        self.head = nn.Linear(4 * 5 * 5, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = torch.relu(self.conv2(x))                 # (b, 6, 5, 5)
+        h = torch.relu(self.conv3(h.unsqueeze(2)))    # (b, 4, 1, 5, 5)
+        return self.head(h.flatten(1))
+
+
+CONV_TARGETS, CONV_FF = ["conv2", "conv3", "head"], ["conv2", "conv3"]
+
+
+def _conv_model(seed: int = 0) -> nn.Module:
+    torch.manual_seed(seed)
+    return ConvStack().eval()
+
+
+def _conv_input() -> torch.Tensor:
+    return torch.randn(2, 4, 5, 5, generator=torch.Generator().manual_seed(3))
+
+
+def test_conv_formula_shapes_and_grouped_merge() -> None:
+    torch.manual_seed(0)
+    x = _conv_input()
+    for feedforward in (False, True):
+        base = nn.Conv2d(4, 6, kernel_size=3, padding=1, groups=2)
+        layer = IA3Layer(base, is_feedforward=feedforward)
+        layer.add("a")
+        layer.set_active(["a"])
+        channels = 4 if feedforward else 6
+        assert tuple(layer.ia3_l["a"].shape) == (1, channels, 1, 1)
+        with torch.no_grad():
+            layer.ia3_l["a"].copy_(torch.rand(1, channels, 1, 1) + 0.5)
+            l = layer.ia3_l["a"]
+            expected = base(x * l) if feedforward else base(x) * l
+            assert torch.allclose(layer(x), expected, atol=1e-6)
+            assert torch.allclose(layer(x[0]), expected[0], atol=1e-6)  # unbatched input
+            layer.merge(["a"])
+            assert torch.allclose(base(x), expected, atol=1e-5)  # grouped input scaling folds per group
+            layer.unmerge()
+            assert torch.allclose(layer(x), expected, atol=1e-5)
+
+
+def test_conv_merge_save_load_and_hf_cross_loading(tmp_path) -> None:
+    peft = pytest.importorskip("peft")
+    x = _conv_input()
+    model = pk.apply(_conv_model(), pk.IA3(target_modules=CONV_TARGETS, feedforward_modules=CONV_FF))
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.requires_grad:
+                p.copy_(torch.rand_like(p) + 0.5)
+        expected = model(x)
+        with pk.disable_adapters(model):
+            assert not torch.allclose(model(x), expected, atol=1e-4)
+    pk.save_adapter(model, tmp_path / "pk")
+    hf = peft.PeftModel.from_pretrained(_conv_model(), str(tmp_path / "pk")).eval()
+    with torch.no_grad():
+        assert torch.allclose(hf(x), expected, atol=1e-5)
+        pk.merge(model)
+        assert torch.allclose(model(x), expected, atol=1e-5)
+
+    config = peft.IA3Config(target_modules=CONV_TARGETS, feedforward_modules=CONV_FF)
+    hf_model = peft.get_peft_model(_conv_model(), config)
+    ours = pk.apply(_conv_model(), pk.IA3(target_modules=CONV_TARGETS, feedforward_modules=CONV_FF))
+    assert pk.count_parameters(ours) == tuple(hf_model.get_nb_trainable_parameters())
+    with torch.no_grad():
+        for p in hf_model.parameters():
+            if p.requires_grad:
+                p.copy_(torch.rand_like(p) + 0.5)
+    hf_model.eval().save_pretrained(str(tmp_path / "hf"))
+    loaded = pk.load_adapter(_conv_model(), tmp_path / "hf")
+    with torch.no_grad():
+        assert torch.allclose(loaded(x), hf_model(x), atol=1e-5)
+
+
+@pytest.mark.parametrize("target", ["embed", "conv1"])
+def test_embedding_and_conv1d_are_refused_naming_the_supported_types(target: str) -> None:
+    # HF PEFT's (IA)³ has no Embedding or Conv1d layer, so an adapter on one could not cross-load.
+    with pytest.raises(pk.errors.UnsupportedLayerError) as info:
+        pk.apply(build("convnet"), pk.IA3(target_modules=[target]))
+    message = str(info.value)
+    assert "Conv2d" in message and "Conv3d" in message and "Linear" in message and "Conv1D" in message

@@ -10,78 +10,72 @@ An adapter is a bottleneck MLP, d → m → d with m = d / reduction_factor::
     A(h) = W_up σ(W_down h + b_down) + b_up          W_up, b_up start at 0, so A ≡ 0 at first
 
     serial   (Houlsby: after the attention output and the FFN output; Pfeiffer: after the FFN only)
-             h ↦ h + A(h)              applied to the sub-layer's output, before its residual add
+             h ↦ h + s·A(h)            applied to the sub-layer's output, before its residual add
     parallel (He et al.: beside the FFN block)
              x ↦ FFN(x) + s·A(x)
 
 A serial adapter has a non-linearity between its projections, and a parallel one reads the block's
-input, so neither can be folded into a weight: ``merge`` is an error saying so. The blocks are found
-through a small per-architecture table (Llama family, GPT-2, T5, BERT family) or given as
-``target_modules``. Tensors: ``<module>.adapter_down.weight`` etc., ``peft_type: "BOTTLENECK"``.
+input, so neither can be folded into a weight: ``merge`` is an error saying so. The sites come from the
+Megatron-style role tables (:mod:`peftkit.methods.roles`): serial adapters wrap ``linear_proj`` (attention
+output) and ``linear_fc2`` (FFN output), parallel ones the FFN block (the parent of ``linear_fc2``). Any
+architecture added with ``pk.register_architecture`` works; ``target_modules`` overrides the tables.
+Tensors: ``<module>.adapter_down.weight`` etc., ``peft_type: "BOTTLENECK"``.
 """
 
 from __future__ import annotations
 
 import math
-import re
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, cast
 
 import torch
 from torch import nn
 
 from peftkit.core.config import AdapterConfig
 from peftkit.core.layer import AdapterLayer
-from peftkit.core.matching import first_match, layer_index
+from peftkit.core.matching import resolve_targets
 from peftkit.core.registry import linear_kind, register_method
 from peftkit.core.walk import iter_modules
-from peftkit.errors import ConfigError, MergeError, TargetNotFoundError
+from peftkit.errors import ConfigError, MergeError
 from peftkit.methods.lora import hf_resolve, hf_targets
 from peftkit.methods.lora_layers import adapter_dtype
+from peftkit.methods.roles import ffn_blocks
 
 PLACEMENTS = ("houlsby", "pfeiffer", "parallel")
 ACTIVATIONS: dict[str, type[nn.Module]] = {"relu": nn.ReLU, "gelu": nn.GELU, "tanh": nn.Tanh, "silu": nn.SiLU,
                                            "swish": nn.SiLU}
-
-# Where the adapters go, as regexes searched in qualified names (used until the role tables land):
-# attention output projection, FFN output projection, FFN block (parallel). BERT's FFN block is
-# ``BertOutput(h, input_tensor)``: the parallel adapter reads ``input_tensor``, its second argument.
-_LLAMA = {"attn": r"\.self_attn\.o_proj$", "ffn": r"\.mlp\.down_proj$", "block": r"\.layers\.\d+\.mlp$"}
-_BERT = {"attn": r"\.attention\.output\.dense$", "ffn": r"\.layer\.\d+\.output\.dense$",
-         "block": r"\.layer\.\d+\.output$"}
-SITES: dict[str, dict[str, str]] = {
-    **{t: _LLAMA for t in ("llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "phi3", "olmo")},
-    **{t: _BERT for t in ("bert", "roberta", "xlm-roberta", "electra")},
-    "gpt2": {"attn": r"\.attn\.c_proj$", "ffn": r"\.mlp\.c_proj$", "block": r"\.h\.\d+\.mlp$"},
-    "t5": {"attn": r"\.(SelfAttention|EncDecAttention)\.o$", "ffn": r"\.DenseReluDense\.wo$",
-           "block": r"\.DenseReluDense$"},
-}
-_RESIDUAL_INPUT_BLOCKS = {r"\.layer\.\d+\.output$"}  # blocks whose second argument is the FFN input
+#: Placement → the role names whose modules get a serial adapter (parallel ones go on the FFN blocks).
+SERIAL_ROLES = {"houlsby": ("linear_proj", "linear_fc2"), "pfeiffer": ("linear_fc2",)}
 
 
 def _out_features(module: nn.Module) -> int:
     """The width of ``module``'s output: its own, or that of its last linear-like descendant."""
-    last = None
-    for sub in module.modules():
-        if linear_kind(sub) is not None:
-            last = sub
-    kind = linear_kind(last) if last is not None else None
-    if kind is None:
+    found = [(sub, kind) for sub in module.modules() if (kind := linear_kind(sub)) is not None]
+    if not found:
         raise ConfigError(f"cannot tell the output width of {type(module).__name__}; target a linear layer or "
                           "a block that ends in one")
+    last, kind = found[-1]
     return kind.out_features(last)
 
 
 class BottleneckLayer(AdapterLayer):
-    """Serial (``h + A(h)`` on the output) or parallel (``f(x) + s·A(x)``) bottleneck adapters on one module."""
+    """Serial (``h + s·A(h)`` on the output) or parallel (``f(x) + s·A(x)``) bottleneck adapters on one module.
+
+    Args:
+        base_layer: the wrapped module.
+        mode: ``"serial"`` or ``"parallel"``.
+        input_arg: for a parallel adapter, the positional argument holding the FFN's input. 0: the module is
+            the FFN, ``f(x) + s·A(x)``. k > 0: the module adds argument k (the FFN's input) back itself as the
+            residual (BERT's ``BertOutput(h, input_tensor)``), so ``s·A(x)`` joins that argument.
+    """
 
     adapter_containers = ("adapter_down", "adapter_up")
 
-    def __init__(self, base_layer: nn.Module, mode: str) -> None:
+    def __init__(self, base_layer: nn.Module, mode: str, input_arg: int = 0) -> None:
         super().__init__(base_layer)
-        #: ``"serial"``, ``"parallel"`` or ``"parallel_residual"`` (input = the second argument).
         self.mode = mode
+        self.input_arg = input_arg
         self.dim = _out_features(base_layer)
         self.adapter_down = nn.ModuleDict()
         self.adapter_up = nn.ModuleDict()
@@ -111,7 +105,7 @@ class BottleneckLayer(AdapterLayer):
         """Σ s·A(h) over ``names``."""
         total: torch.Tensor | None = None
         for name in names:
-            down, up = self.adapter_down[name], self.adapter_up[name]
+            down, up = cast(nn.Linear, self.adapter_down[name]), self.adapter_up[name]
             out = up(self.adapter_act[name](down(h.to(down.weight.dtype)))) * self.scaling[name]
             total = out if total is None else total + out
         assert total is not None
@@ -121,9 +115,9 @@ class BottleneckLayer(AdapterLayer):
         names = self._applied()
         if not names:
             return self.base_layer(*args, **kwargs)
-        if self.mode == "parallel_residual":  # BertOutput(h, input_tensor): add A(x) beside the residual
-            x = args[1]
-            return self.base_layer(args[0], x + self.bottleneck(x, names), *args[2:], **kwargs)
+        if self.mode == "parallel" and self.input_arg > 0:  # BertOutput(h, input_tensor): A(x) joins the residual
+            k, x = self.input_arg, args[self.input_arg]
+            return self.base_layer(*args[:k], x + self.bottleneck(x, names), *args[k + 1:], **kwargs)
         out = self.base_layer(*args, **kwargs)
         h = out[0] if isinstance(out, tuple) else out
         h = h + self.bottleneck(args[0] if self.mode == "parallel" else h, names)
@@ -149,8 +143,10 @@ class Adapter(AdapterConfig):
         reduction_factor: d / m when ``bottleneck_size`` is not given.
         activation: ``"relu"``, ``"gelu"``, ``"tanh"``, ``"silu"`` / ``"swish"``.
         scaling: s, the factor on the adapter's output (He et al. use 4 for parallel adapters).
-        target_modules: optional; the modules to wrap instead of the architecture table (serial: the
-            sub-layer output projections; parallel: the FFN blocks).
+        target_modules: optional; the modules to wrap instead of the role-table sites (serial: the
+            sub-layer output projections; parallel: the FFN blocks). Without it the model's architecture
+            must have a role table (built in for the Llama family, GPT-2, GPT-NeoX, Falcon, Phi-3, T5 and the
+            BERT family; others via ``pk.register_architecture`` with ``linear_proj`` and ``linear_fc2``).
     """
 
     peft_type = "BOTTLENECK"
@@ -160,7 +156,8 @@ class Adapter(AdapterConfig):
     reduction_factor: int = 16
     activation: str = "relu"
     scaling: float = 1.0
-    modes: dict[str, str] = field(default_factory=dict, init=False, repr=False, compare=False)
+    #: Parallel sites whose FFN input is not the first argument → its position (from the role table or file).
+    input_args: dict[str, int] = field(default_factory=dict, init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -184,43 +181,45 @@ class Adapter(AdapterConfig):
     def supported_layer_names(self) -> list[str]:
         return ["any module whose output is a hidden-state tensor"]
 
+    @property
+    def mode(self) -> str:
+        return "parallel" if self.placement == "parallel" else "serial"
+
     def resolve(self, model: nn.Module) -> list[str]:
-        default = "parallel" if self.placement == "parallel" else "serial"
+        """The explicit ``target_modules``, else the placement's sites from the model's role table.
+
+        Raises:
+            ConfigError: no role table for the architecture (the message names ``pk.register_architecture``).
+            TargetNotFoundError: ``exclude_modules`` / ``layers`` leave no site.
+        """
         if self.target_modules:
             targets = super().resolve(model)
-            self.modes = {t: self.modes.get(t, default) for t in targets}
+            self.input_args = {t: k for t, k in self.input_args.items() if t in targets}
             return targets
-        model_type = getattr(getattr(model, "config", None), "model_type", None)
-        sites = SITES.get(str(model_type))
-        if sites is None:
-            raise ConfigError(
-                f"no adapter placement table for model_type={model_type!r} (known: {sorted(SITES)}); pass "
-                "target_modules naming the attention/FFN output projections (serial) or the FFN blocks (parallel)"
-            )
-        keys = {"houlsby": ["attn", "ffn"], "pfeiffer": ["ffn"], "parallel": ["block"]}[self.placement]
-        modes: dict[str, str] = {}
-        for name, _ in iter_modules(model):
-            for key in keys:
-                if re.search(sites[key], "." + name):
-                    residual = key == "block" and sites[key] in _RESIDUAL_INPUT_BLOCKS
-                    modes[name] = "parallel_residual" if residual else default
-        if self.exclude_modules:
-            modes = {n: m for n, m in modes.items() if first_match(n, list(self.exclude_modules)) is None}
-        if self.layers is not None:
-            modes = {n: m for n, m in modes.items() if layer_index(n, list(self.layers_pattern)) in set(self.layers)}
-        if not modes:
-            raise TargetNotFoundError(f"no {self.placement} adapter site found in {type(model).__name__}")
-        self.modes = modes
-        return list(modes)
+        if self.placement == "parallel":
+            # FFN blocks that hold a parallel adapter already hide their linear_fc2: they stand for themselves.
+            blocks = {n: m.input_arg for n, m in iter_modules(model)
+                      if isinstance(m, BottleneckLayer) and m.mode == "parallel"}
+            blocks.update(ffn_blocks(model))
+            patterns = sorted(blocks)  # exact qualified names (resolve_targets keeps the model order)
+        else:
+            blocks, patterns = {}, list(SERIAL_ROLES[self.placement])  # role aliases
+        targets = resolve_targets(
+            model, patterns, supported=self.supports, supported_names=self.supported_layer_names(),
+            exclude=list(self.exclude_modules), layers=self.layers, layer_containers=list(self.layers_pattern),
+        )
+        self.input_args = {t: blocks[t] for t in targets if blocks.get(t)}
+        return targets
 
     def transform(self, module: nn.Module, qualname: str, adapter_name: str) -> nn.Module:
-        mode = self.modes.get(qualname, "parallel" if self.placement == "parallel" else "serial")
+        input_arg = self.input_args.get(qualname, 0)
         if isinstance(module, BottleneckLayer):
-            if module.mode != mode:
-                raise ConfigError(f"{qualname} already holds a {module.mode} adapter; cannot add a {mode} one")
+            if (module.mode, module.input_arg) != (self.mode, input_arg):
+                raise ConfigError(f"{qualname} already holds a {module.mode} adapter; cannot add a {self.placement} "
+                                  "one (use another placement for the second adapter, or another layer)")
             layer = module
         else:
-            layer = BottleneckLayer(module, mode)
+            layer = BottleneckLayer(module, self.mode, input_arg)
         layer.add(adapter_name, self.size_for(layer.dim), self.activation, self.scaling)
         return layer
 
@@ -235,7 +234,7 @@ class Adapter(AdapterConfig):
             "activation": self.activation,
             "scaling": self.scaling,
             "target_modules": hf_targets(targets, module_names),
-            "residual_input_modules": sorted(t for t in targets if self.modes.get(t) == "parallel_residual"),
+            "input_args": {t: self.input_args[t] for t in targets if t in self.input_args},
             "modules_to_save": list(self.modules_to_save) or None,
             "inference_mode": True,
             "base_model_name_or_path": None,
@@ -255,5 +254,5 @@ class Adapter(AdapterConfig):
             modules_to_save=data.get("modules_to_save") or (),
             task_type=data.get("task_type"),
         )
-        config.modes = {t: "parallel_residual" for t in data.get("residual_input_modules") or []}
+        config.input_args = {str(t): int(k) for t, k in (data.get("input_args") or {}).items()}
         return config

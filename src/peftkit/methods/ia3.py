@@ -8,10 +8,14 @@ For a frozen linear layer W₀ (out × in, bias b) and a learned vector l, initi
     attention / output layers:   x ↦ l ⊙ (W₀x + b)      l ∈ ℝ^out   (keys, values)
     feed-forward layers:         x ↦ W₀(l ⊙ x) + b      l ∈ ℝ^in    (the FFN's second projection)
 
-Several active adapters multiply. Merging folds l into the weight (rows for output scaling, columns
-for input scaling; the bias too for output scaling) and unmerging divides it out again, so a vector
-with a zero entry cannot be merged reversibly and is refused. Tensor names and shapes follow Hugging
-Face PEFT: ``ia3_l`` of shape (out, 1) or (1, in).
+Convolutions (``nn.Conv2d``, ``nn.Conv3d``, as in Hugging Face PEFT) scale channels the same way: l
+multiplies the output channels, or the input channels of a feed-forward target. Several active adapters
+multiply. Merging folds l into the weight (output rows, or input columns; the bias too for output
+scaling; a grouped convolution's output channels see only their group's inputs) and unmerging divides
+it out again, so a vector with a zero entry cannot be merged reversibly and is refused. Tensor names and
+shapes follow Hugging Face PEFT: ``ia3_l`` of shape (out, 1) or (1, in) on linear layers and
+(1, channels, 1, …, 1) on convolutions. HF PEFT has no (IA)³ for ``nn.Embedding`` or ``nn.Conv1d``, so
+neither does peftkit (``UnsupportedLayerError`` naming the supported types): a file could not cross-load.
 """
 
 from __future__ import annotations
@@ -19,7 +23,7 @@ from __future__ import annotations
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
 import torch
 from torch import nn
@@ -27,37 +31,81 @@ from torch import nn
 from peftkit.core.config import AdapterConfig, _as_list
 from peftkit.core.layer import AdapterLayer
 from peftkit.core.matching import first_match
-from peftkit.core.registry import LINEAR_KINDS, LinearKind, linear_kind, register_method
-from peftkit.errors import ConfigError, MergeError
+from peftkit.core.registry import LINEAR_KINDS, LinearKind, TypeRegistry, linear_kind, register_method
+from peftkit.errors import ConfigError, MergeError, UnsupportedLayerError
 from peftkit.methods.lora import hf_resolve, hf_targets
 from peftkit.methods.lora_layers import adapter_dtype
 
 
-class IA3Linear(AdapterLayer):
-    """(IA)³ on a linear-like layer (``nn.Linear``, GPT-2 ``Conv1D``)."""
+#: Convolutions (IA)³ scales per channel, as Hugging Face PEFT does → their number of spatial dimensions.
+CONV_KINDS: TypeRegistry[int] = TypeRegistry()
+CONV_KINDS.register(nn.Conv2d, 2)
+CONV_KINDS.register(nn.Conv3d, 3)
+
+
+def _set_conv_weight(module: nn.Module, weight: torch.Tensor) -> None:
+    with torch.no_grad():
+        cast(torch.Tensor, module.weight).copy_(weight)
+
+
+#: A convolution's weight (out, in / groups, *kernel) seen through the linear-kind interface: channels count
+#: as features, and the weight keeps its shape (out first, as a linear weight).
+_CONV = LinearKind(
+    in_features=lambda m: int(cast(nn.Conv2d, m).in_channels),
+    out_features=lambda m: int(cast(nn.Conv2d, m).out_channels),
+    weight=lambda m: cast(torch.Tensor, m.weight),
+    set_weight=lambda m, w: _set_conv_weight(m, w),
+)
+
+
+def supported_kind(module: nn.Module) -> tuple[LinearKind, int] | None:
+    """How to read ``module``'s weight and its number of spatial dimensions (0: linear), or ``None``."""
+    kind = linear_kind(module)
+    if kind is not None:
+        return kind, 0
+    spatial = CONV_KINDS.lookup(type(module))
+    return (_CONV, spatial) if spatial is not None else None
+
+
+class IA3Layer(AdapterLayer):
+    """(IA)³ on a linear-like layer (``nn.Linear``, GPT-2 ``Conv1D``, ...) or a convolution (``nn.Conv2d/3d``).
+
+    Raises:
+        UnsupportedLayerError: ``base_layer`` is neither.
+    """
 
     adapter_containers = ("ia3_l",)
 
     def __init__(self, base_layer: nn.Module, is_feedforward: bool) -> None:
         super().__init__(base_layer)
-        kind = linear_kind(base_layer)
-        if kind is None:
-            raise ConfigError(f"{type(base_layer).__name__} is not a linear-like layer")
+        found = supported_kind(base_layer)
+        if found is None:
+            raise UnsupportedLayerError(
+                f"(IA)³ cannot scale a {type(base_layer).__name__}; supported layer types: {supported_names()}"
+            )
+        kind, self.spatial = found  # spatial dimensions: 0 for linear layers
         self.in_features = kind.in_features(base_layer)
         self.out_features = kind.out_features(base_layer)
+        self.groups = int(getattr(base_layer, "groups", 1)) if self.spatial else 1
         #: Scale the input (feed-forward layers) rather than the output.
         self.is_feedforward = is_feedforward
         self.ia3_l = nn.ParameterDict()
 
     @property
     def kind(self) -> LinearKind:
-        kind = linear_kind(self.base_layer)
-        assert kind is not None
-        return kind
+        # Looked up, not stored: the layer stays picklable (kinds hold lambdas).
+        found = supported_kind(self.base_layer)
+        if found is None:
+            raise UnsupportedLayerError(f"{type(self.base_layer).__name__} is no longer a layer (IA)³ can scale")
+        return found[0]
 
     def add(self, name: str) -> None:
         weight = self.kind.weight(self.base_layer)
-        shape = (1, self.in_features) if self.is_feedforward else (self.out_features, 1)
+        features = self.in_features if self.is_feedforward else self.out_features
+        if self.spatial:  # HF PEFT: (1, channels, 1, …) broadcasts over a batched convolution's input/output
+            shape: tuple[int, ...] = (1, features, *[1] * self.spatial)
+        else:
+            shape = (1, features) if self.is_feedforward else (features, 1)
         self.ia3_l[name] = nn.Parameter(torch.ones(shape, device=weight.device, dtype=adapter_dtype(weight)))
 
     def scaling(self, names: Sequence[str]) -> torch.Tensor | None:
@@ -71,19 +119,33 @@ class IA3Linear(AdapterLayer):
     def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
         scale = self.scaling(self._applied())
         if scale is None:
-            return self.base_layer(x, *args, **kwargs)
+            return cast(torch.Tensor, self.base_layer(x, *args, **kwargs))
+        # Linear: channels are the last dimension; convolution: (C, 1, …) scales the channel dimension of
+        # batched and unbatched inputs alike.
+        scale = scale.view(-1, *[1] * self.spatial)
         if self.is_feedforward:
-            return self.base_layer((x.to(scale.dtype) * scale).to(x.dtype), *args, **kwargs)
-        result = self.base_layer(x, *args, **kwargs)
+            return cast(torch.Tensor, self.base_layer((x.to(scale.dtype) * scale).to(x.dtype), *args, **kwargs))
+        result = cast(torch.Tensor, self.base_layer(x, *args, **kwargs))
         return (result * scale).to(result.dtype)
 
     # -- merging: W ← W·diag(l) (input) or diag(l)·W, b ← l⊙b (output) ----------------------------
+    def _weight_factor(self, vec: torch.Tensor) -> torch.Tensor:
+        """``vec`` shaped to multiply the weight (out, in / groups, *kernel) or (out, in)."""
+        kernel = [1] * self.spatial
+        if not self.is_feedforward:
+            return vec.view(-1, 1, *kernel)
+        if self.groups == 1:
+            return vec.view(1, -1, *kernel)
+        # A grouped convolution's output channel o reads only the inputs of its group o // (out / groups).
+        g, out = self.groups, self.out_features
+        return vec.view(g, 1, -1).expand(g, out // g, -1).reshape(out, -1, *kernel)
+
     def _fold(self, name: str, inverse: bool) -> None:
         vec = self.ia3_l[name].detach().flatten()
         if inverse:
             vec = 1.0 / vec
         weight = self.kind.weight(self.base_layer).detach()
-        factor = vec[None, :] if self.is_feedforward else vec[:, None]
+        factor = self._weight_factor(vec)
         self.kind.set_weight(self.base_layer, (weight * factor.to(weight.dtype)).to(weight.dtype))
         bias = getattr(self.base_layer, "bias", None)
         if not self.is_feedforward and isinstance(bias, torch.Tensor):
@@ -131,10 +193,10 @@ class IA3(AdapterConfig):
         self.feedforward_modules = _as_list(self.feedforward_modules)
 
     def supports(self, module: nn.Module) -> bool:
-        return isinstance(module, IA3Linear) or linear_kind(module) is not None
+        return isinstance(module, IA3Layer) or supported_kind(module) is not None
 
     def supported_layer_names(self) -> list[str]:
-        return LINEAR_KINDS.names()
+        return supported_names()
 
     def is_feedforward(self, qualname: str) -> bool:
         return first_match(qualname, list(self.feedforward_modules)) is not None
@@ -150,7 +212,7 @@ class IA3(AdapterConfig):
         return targets
 
     def transform(self, module: nn.Module, qualname: str, adapter_name: str) -> nn.Module:
-        if isinstance(module, IA3Linear):
+        if isinstance(module, IA3Layer):
             if module.is_feedforward != self.is_feedforward(qualname):
                 raise ConfigError(
                     f"{qualname} already has an IA3 adapter with feedforward={module.is_feedforward}; a second "
@@ -158,7 +220,7 @@ class IA3(AdapterConfig):
                 )
             layer = module
         else:
-            layer = IA3Linear(module, self.is_feedforward(qualname))
+            layer = IA3Layer(module, self.is_feedforward(qualname))
         layer.add(adapter_name)
         return layer
 
@@ -205,6 +267,11 @@ _HF_FIELDS = frozenset(
     "peft_type task_type target_modules feedforward_modules exclude_modules fan_in_fan_out modules_to_save "
     "init_ia3_weights inference_mode".split()
 )
+
+
+def supported_names() -> list[str]:
+    """The layer types (IA)³ can scale, for error messages."""
+    return sorted(set(LINEAR_KINDS.names()) | set(CONV_KINDS.names()))
 
 
 def first_match_any(pattern: str, names: list[str]) -> str | None:

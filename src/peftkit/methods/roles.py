@@ -6,6 +6,8 @@ Megatron Core names the projections of a transformer block by role: ``linear_qkv
 ``linear_fc1_gate`` (seed 000, Megatron Bridge PEFT guide). Each architecture here is a table: role →
 regular expressions matched against the end of a module's qualified name (at a dot boundary), plus its fused
 projections and how their output rows are laid out, so that canonical LoRA can split them into parts.
+The feed-forward block (where parallel bottleneck adapters go) is the module holding ``linear_fc2``
+(:func:`ffn_blocks`).
 
 Add an architecture (or override one) with one call::
 
@@ -48,10 +50,15 @@ class Architecture:
     Attributes:
         roles: role name → regexes matched against the end of qualified module names (``"self_attn.q_proj"``).
         fused: regex of a fused projection → its :data:`Layout` (which output rows belong to which part).
+        ffn_input: the positional argument of the feed-forward block (the parent of ``linear_fc2``) that
+            carries the block's input: 0 for a self-contained MLP (Llama ``mlp``, T5 ``DenseReluDense``);
+            1 for BERT, whose FFN starts in a sibling (``intermediate``) so that ``BertOutput(h, input_tensor)``
+            receives the FFN's input as ``input_tensor``.
     """
 
     roles: Mapping[str, tuple[str, ...]]
     fused: Mapping[str, Layout] = field(default_factory=dict)
+    ffn_input: int = 0
 
 
 def blocks(groups: int, parts: Sequence[tuple[str, int]]) -> dict[str, torch.Tensor]:
@@ -153,18 +160,19 @@ _BERT = Architecture(roles={
     "linear_proj": (r"attention\.output\.dense",), "linear_fc1": (r"intermediate\.dense",),
     # The block's output projection, not the attention's (``layer.3.output.dense``).
     "linear_fc2": (r"layer\.\d+\.output\.dense",),
-})
+}, ffn_input=1)
 
 #: ``config.model_type`` → role table. Extend with :func:`register_architecture`.
 ARCHITECTURES: dict[str, Architecture] = {
-    **dict.fromkeys(("llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2"), _LLAMA),
+    **dict.fromkeys(("llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "olmo"), _LLAMA),
     "gpt2": _GPT2, "gpt_neox": _NEOX, "falcon": _FALCON, "phi3": _PHI3,
-    **dict.fromkeys(("t5", "mt5"), _T5), **dict.fromkeys(("bert", "roberta"), _BERT),
+    **dict.fromkeys(("t5", "mt5"), _T5), **dict.fromkeys(("bert", "roberta", "xlm-roberta", "electra"), _BERT),
 }
 
 
 def register_architecture(
-    model_type: str, roles: Mapping[str, Sequence[str]], fused: Mapping[str, Layout] | None = None
+    model_type: str, roles: Mapping[str, Sequence[str]], fused: Mapping[str, Layout] | None = None,
+    ffn_input: int = 0,
 ) -> None:
     """Make role names usable on models whose ``config.model_type`` is ``model_type`` (replacing any table).
 
@@ -174,14 +182,18 @@ def register_architecture(
             regexes matched against the end of a qualified module name, e.g. ``{"linear_proj": ["attn.wo"]}``.
         fused: regex of a fused projection → function of the model config returning each part's output rows
             (see :func:`blocks`); needed for canonical LoRA on fused layers.
+        ffn_input: which positional argument of the feed-forward block (the parent of ``linear_fc2``) is the
+            block's input (see :class:`Architecture`); 0 for a self-contained MLP.
 
     Raises:
-        ConfigError: an unknown role name.
+        ConfigError: an unknown role name, or a negative ``ffn_input``.
     """
     unknown = sorted(set(roles) - set(ROLE_NAMES))
     if unknown:
         raise ConfigError(f"unknown role names {unknown} for {model_type!r}; role names are {list(ROLE_NAMES)}")
-    ARCHITECTURES[model_type] = Architecture({k: tuple(v) for k, v in roles.items()}, dict(fused or {}))
+    if isinstance(ffn_input, bool) or not isinstance(ffn_input, int) or ffn_input < 0:
+        raise ConfigError(f"ffn_input={ffn_input!r} must be a non-negative argument position (0: the block's input)")
+    ARCHITECTURES[model_type] = Architecture({k: tuple(v) for k, v in roles.items()}, dict(fused or {}), ffn_input)
 
 
 def model_type(model: nn.Module) -> str | None:
@@ -204,7 +216,9 @@ def architecture(model: nn.Module, role: str = "linear_qkv") -> Architecture:
         f"(model_type={kind!r}) has none; supported architectures: {', '.join(sorted(ARCHITECTURES))}. "
         f"Add one with pk.register_architecture({kind or 'MODEL_TYPE'!r}, "
         f"roles={{{role!r}: ['<module name>', ...], ...}}) "
-        "or target the modules by name."
+        + ("(it reads model.config.model_type, so give a plain module a `config` with a `model_type`) "
+           if kind is None else "")
+        + "or target the modules by name."
     )
 
 
@@ -234,6 +248,28 @@ def role_table(model: nn.Module) -> dict[str, list[str]]:
     if model_type(model) not in ARCHITECTURES:
         return {}
     return {role: role_modules(model, role) for role in ARCHITECTURES[model_type(model) or ""].roles}
+
+
+def ffn_blocks(model: nn.Module) -> dict[str, int]:
+    """The feed-forward blocks of ``model`` (the parents of ``linear_fc2``) → the argument holding their input.
+
+    Raises:
+        ConfigError: unknown architecture or no ``linear_fc2`` role; or a parent that also holds attention
+            projections (then it is a whole transformer block, not a feed-forward block).
+    """
+    arch = architecture(model, "linear_fc2")
+    attention = [n for role in ("linear_qkv", "linear_proj") if role in arch.roles for n in role_modules(model, role)]
+    out: dict[str, int] = {}
+    for name in role_modules(model, "linear_fc2"):
+        parent = name.rpartition(".")[0]
+        inside = [a for a in attention if a.startswith(parent + ".") or not parent]
+        if inside:
+            raise ConfigError(
+                f"the parent of {name} ({parent or 'the model'}) also holds the attention projection {inside[0]}, so "
+                "it is not a feed-forward block; target the feed-forward blocks by name instead"
+            )
+        out[parent] = arch.ffn_input
+    return out
 
 
 def fused_layout(model: nn.Module, qualname: str, out_features: int | None = None) -> dict[str, torch.Tensor] | None:
