@@ -1,0 +1,92 @@
+"""The ``peftkit`` commands end to end on tiny random-init models."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from peftkit.cli.main import build_parser, main
+
+from .conftest import LLAMA, T5
+
+
+def test_every_command_has_help(capsys):
+    names = ["train", "eval", "inspect", "merge", "demo", "sweep"]
+    for name in names:
+        with pytest.raises(SystemExit) as info:
+            main([name, "--help"])
+        assert info.value.code == 0
+        assert "usage: peftkit " + name in capsys.readouterr().out
+    assert set(names) <= set(build_parser()._subparsers._group_actions[0].choices)  # type: ignore[union-attr]
+
+
+def test_train_eval_merge_end_to_end(run_config, tmp_path, capsys):
+    cfg_path = tmp_path / "run.yaml"
+    cfg_path.write_text("# peftkit train run.yaml\n" + yaml.safe_dump(run_config("causal_lm")))
+    assert main(["train", str(cfg_path), "train.max_steps=3", "logging.plots=false"]) == 0
+    out = capsys.readouterr().out
+    assert "done: 3 steps" in out and "adapter:" in out
+    run = Path(yaml.safe_load(cfg_path.read_text().split("\n", 1)[1])["checkpoint"]["save_dir"])
+
+    assert main(["eval", "-p", str(run / "final"), "--json"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert set(result) == {"base", "adapted"} and {"loss", "ppl", "exact_match"} <= set(result["adapted"])
+    assert result["base"]["loss"] != result["adapted"]["loss"]
+
+    assert main(["eval", "-p", str(run / "step-3")]) == 0
+    table = capsys.readouterr().out
+    assert table.splitlines()[0].split() == ["metric", "base", "adapted"] and "ppl" in table
+
+    merged = tmp_path / "merged"
+    assert main(["merge", str(run / "final"), "--out", str(merged)]) == 0
+    from transformers import AutoModelForCausalLM
+
+    import peftkit as pk
+    from peftkit.train.commands import attach_checkpoint, checkpoint_config
+    from peftkit.train.tasks import build_model
+
+    plain = AutoModelForCausalLM.from_pretrained(str(merged))
+    cfg = checkpoint_config(run / "final")
+    adapted = attach_checkpoint(build_model(cfg), run / "final", cfg)
+    x = torch.tensor([[1, 50, 60, 70]])
+    assert not pk.list_adapters(plain) if hasattr(pk, "list_adapters") else True
+    torch.testing.assert_close(plain(x).logits, adapted.eval()(x).logits, rtol=1e-4, atol=1e-5)
+
+
+def test_eval_errors_are_reported(tmp_path, capsys):
+    assert main(["eval", "-p", str(tmp_path)]) == 2
+    assert "not a peftkit checkpoint" in capsys.readouterr().err
+
+
+def test_train_config_error_exit_code(tmp_path, capsys):
+    path = tmp_path / "bad.yaml"
+    path.write_text("checkpoint: {pretrained: x}\ntrain: {batch_size: 0}\n")
+    assert main(["train", str(path)]) == 2
+    assert "train.batch_size=0 is invalid" in capsys.readouterr().err
+
+
+def test_inspect(tmp_path, capsys):
+    cfg = tmp_path / "config.json"
+    cfg.write_text(json.dumps(LLAMA))
+    assert main(["inspect", str(cfg)]) == 0
+    assert "q_proj" in capsys.readouterr().out
+    assert main(["inspect", str(cfg), "rank=4", "--method", "lora", "--target", "q_proj", "v_proj"]) == 0
+    out = capsys.readouterr().out
+    assert "q_proj" in out and "v_proj" in out and "k_proj" not in out
+
+
+def test_sweep_table(run_config, tmp_path, capsys):
+    cfg = run_config("seq2seq", train={"max_steps": 2}, checkpoint={"pretrained": {"config": dict(T5)}})
+    path = tmp_path / "sweep.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    assert main(["sweep", str(path), "data.eval_fraction=0", "--ranks", "2", "4"]) == 0
+    out = capsys.readouterr().out
+    lines = [line for line in out.splitlines() if line.startswith("| ")]
+    assert len(lines) == 3 and "grad_norm" in lines[0]
+    rows = json.loads((Path(cfg["checkpoint"]["save_dir"]) / "sweep.json").read_text())
+    assert [r["alpha"] for r in rows] == [4.0, 8.0]
+    assert rows[1]["trainable"] == 2 * rows[0]["trainable"]  # LoRA parameters grow linearly in rank
