@@ -24,13 +24,12 @@ from typing import Any
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE / "experiments"))
 
-import torch  # noqa: E402
-
 import adapter_ops  # noqa: E402
 import inference  # noqa: E402
 import memory  # noqa: E402
+import torch  # noqa: E402
 import train_step  # noqa: E402
-from common import FULL, QUICK, RANK, ALPHA, THREADS, setup_torch  # noqa: E402
+from common import ALPHA, FULL, QUICK, RANK, THREADS, setup_torch  # noqa: E402
 
 EXPERIMENTS = ("train", "inference", "ops", "memory")
 

@@ -19,7 +19,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-
 from common import FULL, QUICK, Shape, Unavailable, make_variant, setup_torch, step_fn
 
 VARIANTS = ["lower_bound", "hf_lora_0", "hf_lora_0.05", "pk_lora_0", "pk_lora_0.05",

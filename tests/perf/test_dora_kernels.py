@@ -14,7 +14,8 @@ from peftkit.methods.dora import DoRALinear
 
 
 def reference(x: torch.Tensor, m: torch.Tensor, A: torch.Tensor, B: torch.Tensor, W: torch.Tensor,
-              b: torch.Tensor | None, norm: torch.Tensor, s: float, keep: torch.Tensor | None, p: float) -> torch.Tensor:
+              b: torch.Tensor | None, norm: torch.Tensor, s: float, keep: torch.Tensor | None,
+              p: float) -> torch.Tensor:
     """HF PEFT's DoRA: ``Wx + b + (g−1)·W d + g·s·BAd`` with ``d`` the dropped-out input, ``g = m/‖·‖``."""
     d = x if keep is None else x * keep / (1 - p)
     g = m / norm

@@ -78,6 +78,7 @@ class LoRAUpdate(torch.autograd.Function):
         ctx.save_for_backward(x, keep, h, A, B, weight)
         ctx.scale = s
         if result is None:
+            assert weight is not None  # linear_lora passes the base weight instead of a result
             out = torch.nn.functional.linear(x, weight, bias)
             return out.addmm_(h, B.t(), alpha=s)
         return torch.addmm(result, h, B.t(), alpha=s)
@@ -126,7 +127,8 @@ def lora_update(result: torch.Tensor, x: torch.Tensor, A: torch.Tensor, B: torch
     r2 = result.reshape(-1, out_shape[-1])
     keep = keep_mask(x2.shape, p, x2.device) if training and p > 0 else None
     if torch.is_grad_enabled() and (x.requires_grad or A.requires_grad or B.requires_grad or result.requires_grad):
-        return LoRAUpdate.apply(r2, x2, A, B, scale, keep, p).view(out_shape)
+        updated: torch.Tensor = LoRAUpdate.apply(r2, x2, A, B, scale, keep, p)  # type: ignore[no-untyped-call]
+        return updated.view(out_shape)
     dropped = x2 if keep is None else torch.where(keep, x2, 0.0)
     s = scale if keep is None else scale / (1.0 - p)
     return torch.addmm(r2, dropped @ A.t(), B.t(), alpha=s).view(out_shape)
@@ -147,7 +149,7 @@ def linear_lora(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
         return lora_update(torch.nn.functional.linear(x, weight, bias), x, A, B, scale, p, training)
     x2 = x.reshape(-1, x.shape[-1])
     keep = keep_mask(x2.shape, p, x2.device) if training and p > 0 else None
-    out = LoRAUpdate.apply(None, x2, A, B, scale, keep, p, weight, bias)
+    out: torch.Tensor = LoRAUpdate.apply(None, x2, A, B, scale, keep, p, weight, bias)  # type: ignore[no-untyped-call]
     return out.view(*x.shape[:-1], weight.shape[0])
 
 
@@ -255,5 +257,8 @@ def fused_dora_forward(layer: Any, x: torch.Tensor, applied: list[str]) -> torch
     keep = keep_mask(x2.shape, p, x2.device) if p > 0 else None
     args = (x2, layer.lora_magnitude_vector[name], A, layer.lora_B[name].weight, base.weight, base.bias,
             layer.weight_norm(name), layer.scaling[name], keep, p)
-    out = DoRALinearFn.apply(*args) if torch.is_grad_enabled() else DoRALinearFn.forward(None, *args)
+    if torch.is_grad_enabled():
+        out: torch.Tensor = DoRALinearFn.apply(*args)  # type: ignore[no-untyped-call]
+    else:
+        out = DoRALinearFn.forward(None, *args)
     return out.view(*x.shape[:-1], base.weight.shape[0])

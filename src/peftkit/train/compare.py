@@ -104,11 +104,11 @@ def run_one(cfg: RunConfig) -> dict[str, Any]:
         tokens.append(int(record["tokens"]))
         return record
 
-    loop.train_step = timed_step  # type: ignore[assignment]
+    loop.train_step = timed_step
     try:
         summary = loop.train(cfg)
     finally:
-        loop.train_step = inner  # type: ignore[assignment]
+        loop.train_step = inner
     peak = _rss("VmHWM")
     adapter = Path(summary["adapter"])
     timed = steps[1:] or steps  # the first step pays one-off costs (optimizer state, lazy init)
