@@ -280,7 +280,8 @@ def load_examples(
         data = json.loads(cache.read_text())
         return LoadedData(data["examples"], data["skipped"], labels)
     label_ids = {name: i for i, name in enumerate(labels)}
-    examples, skipped = [], 0
+    examples: list[Example] = []
+    skipped = 0
     for line, row in read_rows(p):
         if limit and len(examples) >= limit:
             break

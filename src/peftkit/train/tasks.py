@@ -95,15 +95,16 @@ def check_vocab(model: nn.Module, tok: Tokenizer) -> None:
     Raises:
         ConfigError: the vocabulary is too small.
     """
-    vocab = getattr(model.config, "vocab_size", None)
+    vocab = getattr(getattr(model, "config", None), "vocab_size", None)
     if vocab is not None and tok.vocab_size > vocab:
         hint = " (peftkit's byte tokenizer needs vocab_size >= 259)" if isinstance(tok, ByteTokenizer) else ""
         raise ConfigError(
             f"model vocab_size={vocab} is smaller than the tokenizer's {tok.vocab_size}{hint}; "
             "raise vocab_size in the config or set model.tokenizer"
         )
-    if getattr(model.config, "pad_token_id", None) is None:
-        model.config.pad_token_id = tok.pad_id
+    config: Any = getattr(model, "config", None)
+    if config is not None and getattr(config, "pad_token_id", None) is None:
+        config.pad_token_id = tok.pad_id
 
 
 def peft_config(cfg: RunConfig) -> Any:
