@@ -1,4 +1,4 @@
-"""``combine``: a new LoRA adapter built from existing ones on the same model.
+"""``combine``: a new LoRA (or DoRA) adapter built from existing ones on the same model.
 
 Each source adapter i holds, per adapted module, factors Aᵢ (rᵢ × in) and Bᵢ (out × rᵢ) and a scale
 sᵢ = αᵢ/rᵢ (α/√r with rsLoRA; rᵢ and αᵢ per module through rank/alpha patterns), so ΔWᵢ = sᵢ·BᵢAᵢ.
@@ -20,6 +20,19 @@ not, per-module rank and alpha included, is folded into the new factors — Hugg
 copies the first source's ``use_rslora`` and mis-scales the result by √r. SVD results are split
 evenly, B = U√S and A = √S Vᴴ, so both factors have the same scale for further training.
 
+DoRA adapters (all sources DoRA; mixing DoRA and LoRA is refused) have two parameter groups per module,
+the low-rank update ΔVᵢ = sᵢ·BᵢAᵢ of the direction and the magnitude mᵢ, in W'ᵢ = mᵢ·(W₀ + ΔVᵢ)/‖W₀ + ΔVᵢ‖
+(row norms). W'ᵢ is not linear in them, so no method can give Σᵢ wᵢ·(W'ᵢ − W₀); instead each group is
+combined as a task vector, measured from the point where the adapter is the identity (ΔV = 0, m = ‖W₀‖):
+
+- the ΔVᵢ exactly as the LoRA updates above (``cat``: ΔV = Σᵢ wᵢ·ΔVᵢ exactly; ``svd``: its truncation; …);
+- the magnitude m = ‖W₀‖ + f([m₁ − ‖W₀‖, …], w) with the method's merge function f on the offsets
+  (``task_arithmetic`` for ``cat``, ``svd`` and ``linear``; ``ties``, ``dare_*``, ``magnitude_prune`` and their
+  ``_svd`` forms use theirs, with the same density, sign rule and seed): with weights summing to 1 and a
+  linear method this is the weighted mean Σᵢ wᵢ·mᵢ, and one adapter with weight 1 is reproduced exactly.
+
+The result is a DoRA adapter (``use_dora: true`` on disk).
+
 References: task arithmetic (Ilharco et al., 2023, arXiv:2212.04089), TIES (Yadav et al., 2023,
 arXiv:2306.01708), DARE (Yu et al., 2023, arXiv:2311.03099).
 """
@@ -37,6 +50,7 @@ from peftkit.core.layer import AdapterLayer
 from peftkit.core.state import adapter_layers, get_state
 from peftkit.errors import AdapterExistsError, AdapterNotFoundError, AdapterStateError, ConfigError
 from peftkit.merge import merge_utils as mu
+from peftkit.methods.dora import DoRA
 from peftkit.methods.lora import LoRA
 from peftkit.methods.lora_layers import LoRALayer
 
@@ -151,14 +165,13 @@ def _check(
         not canonical.endswith("_svd") or isinstance(rank, bool) or not isinstance(rank, int) or rank < 1
     ):
         raise ConfigError(f"rank={rank!r} must be a positive integer, and is used only by the *svd methods")
+    kinds = {adapter: type(state.configs[adapter]) for adapter in weights}
     for adapter in weights:
         config = state.configs[adapter]
-        if type(config) is not LoRA:
+        if kinds[adapter] not in (LoRA, DoRA):
             raise ConfigError(
-                f"adapter {adapter!r} is {type(config).__name__}; combine supports LoRA adapters (rsLoRA and "
-                "per-module rank/alpha included). DoRA is refused: its output divides by the column norm of "
-                "W₀ + ΔW, so it is not linear in the adapters and no weighted sum of DoRA adapters is "
-                "defined."
+                f"adapter {adapter!r} is {type(config).__name__}; combine supports LoRA and DoRA adapters "
+                "(rsLoRA and per-module rank/alpha included)"
             )
         if config.modules_to_save or config.bias != "none":
             raise ConfigError(
@@ -166,6 +179,12 @@ def _check(
                 f"(modules_to_save={list(config.modules_to_save)}, bias={config.bias!r}); combine only mixes "
                 "low-rank factors. Remove them from the adapter first."
             )
+    if len(set(kinds.values())) > 1:
+        raise ConfigError(
+            f"adapters {sorted(a for a, k in kinds.items() if k is DoRA)} are DoRA and "
+            f"{sorted(a for a, k in kinds.items() if k is LoRA)} plain LoRA; combine adapters of one kind "
+            "(a LoRA adapter has no magnitude to combine with DoRA's)"
+        )
     names = list(weights)
     targets = sorted(state.targets[names[0]])
     for adapter in names[1:]:
@@ -249,6 +268,17 @@ def _svd(
     return like_factors(A2, B2, A, B)
 
 
+def _magnitude(
+    fn: Callable[..., torch.Tensor], layer: LoRALayer, weights: Mapping[str, float], kwargs: dict[str, Any]
+) -> torch.Tensor:
+    """DoRA: m = ‖W₀‖ + fn(magnitude offsets mᵢ − ‖W₀‖, weights) (see the module doc)."""
+    magnitudes = cast(Any, layer).lora_magnitude_vector
+    first = magnitudes[next(iter(weights))]
+    identity = cast(Any, layer).base_norms().to(first.dtype)  # the magnitude of an adapter that changes nothing
+    offsets = [magnitudes[adapter].detach() - identity for adapter in weights]
+    return identity + fn(offsets, list(weights.values()), **kwargs)
+
+
 def combine(
     model: nn.Module,
     weights: Mapping[str, float],
@@ -259,7 +289,7 @@ def combine(
     majority_sign_method: str = "total",
     seed: int | None = None,
 ) -> nn.Module:
-    """Add a LoRA adapter ``name`` that combines existing LoRA adapters of ``model`` (see the module doc).
+    """Add an adapter ``name`` that combines existing LoRA (or DoRA) adapters of ``model`` (see the module doc).
 
     Everything is checked before the model changes; the new adapter is added inactive
     (``pk.set_adapter(model, name)`` to use it).
@@ -280,7 +310,8 @@ def combine(
     Raises:
         AdapterNotFoundError: an unknown adapter. AdapterExistsError: ``name`` is taken.
         ConfigError: an unknown method, a missing/out-of-range density, unequal ranks for a
-            factor-space method, adapters on different modules or base models, or a non-LoRA adapter.
+            factor-space method, adapters on different modules or base models, an adapter that is neither
+            LoRA nor DoRA, or a mix of LoRA and DoRA adapters.
         AdapterStateError: the model has merged adapters.
     """
     canonical, targets, layers = _check(model, weights, method, name, density, majority_sign_method, rank)
@@ -294,7 +325,10 @@ def combine(
         device = factors(layers[0][1], next(iter(weights)))[0].device
         kwargs["generator"] = torch.Generator(device=device).manual_seed(seed)
 
+    first = cast(LoRA, get_state(model).configs[next(iter(weights))])  # checked by _check
+    dora = isinstance(first, DoRA)
     new: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+    magnitudes: dict[str, torch.Tensor] = {}
     with torch.no_grad():
         for qualname, layer in layers:
             if canonical == "cat":
@@ -303,8 +337,10 @@ def combine(
                 new[qualname] = _svd(_FACTOR_FNS[base], layer, weights, rank, kwargs)
             else:
                 new[qualname] = _factor_merge(_FACTOR_FNS[base], layer, weights, kwargs)
+            if dora:
+                fn = _FACTOR_FNS["task_arithmetic" if canonical == "cat" else base]
+                magnitudes[qualname] = _magnitude(fn, layer, weights, kwargs)
 
-    first = cast(LoRA, get_state(model).configs[next(iter(weights))])  # checked by _check
     ranks = {q: int(A.shape[0]) for q, (A, _) in new.items()}
     config = lora_config_for(model, first, ranks)
     with torch.random.fork_rng(devices=[]):  # the new factors are overwritten: leave the global RNG alone
@@ -312,6 +348,10 @@ def combine(
     modules = dict(model.named_modules())
     for qualname, (A, B) in new.items():
         write_factors(cast(AdapterLayer, modules[qualname]), name, A, B)
+        if dora:
+            own = cast(Any, modules[qualname]).lora_magnitude_vector[name]
+            with torch.no_grad():
+                own.copy_(magnitudes[qualname].to(own.dtype))
     return model
 
 
@@ -321,14 +361,14 @@ def lora_config_for(
     """A LoRA config adapting exactly the modules of ``ranks`` with those ranks (α = r unless ``alphas``).
 
     Other fields (dropout, its position, task type, the HF extras such as the base model path) are
-    taken from ``template``.
+    taken from ``template``; a DoRA ``template`` gives a DoRA config.
     """
     alphas = dict(alphas) if alphas is not None else {q: float(r) for q, r in ranks.items()}
     default_rank = max(ranks.values())
     default_alpha = alphas[max(ranks, key=lambda q: ranks[q])]
     # Most specific name first, so that first-match lookups of a pattern dict are exact.
     order = sorted(ranks, key=lambda q: -q.count("."))
-    config = LoRA(
+    config = (DoRA if isinstance(template, DoRA) else LoRA)(
         target_modules=order,
         rank=default_rank,
         alpha=default_alpha,

@@ -1,4 +1,4 @@
-"""``prune``: make a LoRA adapter smaller, by rank (SVD of ΔW) or by zeroing small factor entries.
+"""``prune``: make a LoRA or DoRA adapter smaller, by rank (SVD of ΔW) or by zeroing small factor entries.
 
 Rank pruning: in each module ΔW = s·BA has singular values σ₁ ≥ … ≥ σᵣ. Keep the k largest, with k
 the smallest rank whose energy Σᵢ≤ₖ σᵢ² reaches ``energy`` · Σᵢ σᵢ² (or k = ``target_rank``); by
@@ -10,6 +10,10 @@ r × r core RᵦRₐᵀ), so the out × in ΔW is never formed. The adapter's sc
 Magnitude pruning zeroes, in each factor, the ``sparsity`` fraction of entries of smallest |·| (or,
 without ``sparsity``, all but the largest entries holding ``energy`` of the factor's squared sum); the
 rank and the file size stay, the nonzero count drops (for sparse storage or kernels).
+
+On a DoRA adapter both act on its low-rank part ΔV = s·BA (the update of the direction) and keep the
+magnitude vector as it is; energies and errors in the report are those of ΔV, and the output drift on
+a batch shows the effect on the full DoRA weight m·(W₀ + ΔV)/‖W₀ + ΔV‖.
 """
 
 from __future__ import annotations
@@ -26,6 +30,7 @@ from peftkit.core.state import adapter_layers, get_state, set_adapter
 from peftkit.errors import AdapterNotFoundError, AdapterStateError, ConfigError
 from peftkit.merge.combine import as_matrices, factors, like_factors, write_factors
 from peftkit.merge.merge_utils import magnitude_based_pruning
+from peftkit.methods.dora import DoRA
 from peftkit.methods.lora import LoRA
 from peftkit.methods.lora_layers import LoRALayer
 
@@ -41,7 +46,8 @@ class PruneReport:
         params_before, params_after: the adapter's parameter count (rank pruning) or nonzero count
             (magnitude).
         ranks_before, ranks_after: module → rank.
-        energy_kept: module → fraction of ‖ΔW‖²_F kept by the new ΔW (rank pruning: exact, by construction).
+        energy_kept: module → fraction of ‖ΔW‖²_F kept by the new ΔW (rank pruning: exact, by construction);
+            ΔW is the low-rank update s·BA (for DoRA, the update of the direction).
         delta_error: module → ‖ΔW − ΔW'‖_F / ‖ΔW‖_F.
         output_drift: max |y − y'| of the model's output on the given batch with only this adapter
             active (``None`` without a batch); ``relative_drift`` is ‖y − y'‖ / ‖y‖.
@@ -146,6 +152,12 @@ def _prune_magnitude(tensor: torch.Tensor, energy: float, sparsity: float | None
     return magnitude_based_pruning(tensor, keep / tensor.numel())
 
 
+def _low_rank_delta(layer: LoRALayer, name: str) -> torch.Tensor:
+    """s·BA as a 2-D matrix: the LoRA update (for DoRA, the update of the direction, without the magnitude)."""
+    A2, B2 = as_matrices(*factors(layer, name))
+    return (B2.detach() @ A2.detach()) * layer.scaling[name]
+
+
 def _forward(model: nn.Module, batch: Any) -> torch.Tensor:
     out = model(**batch) if isinstance(batch, Mapping) else model(batch)
     out = getattr(out, "logits", out)
@@ -180,10 +192,10 @@ def prune(
     sparsity: float | None = None,
     batch: Any = None,
 ) -> PruneReport:
-    """Shrink LoRA adapter ``name`` in place (see the module doc) and report what changed.
+    """Shrink LoRA or DoRA adapter ``name`` in place (see the module doc) and report what changed.
 
     Args:
-        model: a model holding LoRA adapter ``name`` (not merged).
+        model: a model holding LoRA or DoRA adapter ``name`` (not merged); a DoRA magnitude is kept.
         name: the adapter to prune.
         method: ``"rank"`` (truncated SVD of each ΔW) or ``"magnitude"`` (zero small factor entries).
         target_rank: with ``"rank"``, the rank to keep in every module (modules already smaller keep theirs);
@@ -198,7 +210,7 @@ def prune(
 
     Raises:
         AdapterNotFoundError: no adapter ``name``. AdapterStateError: it is merged.
-        ConfigError: an out-of-range option, or an adapter that is not plain LoRA.
+        ConfigError: an out-of-range option, or an adapter that is neither LoRA nor DoRA.
     """
     _check(method, target_rank, energy, sparsity)
     state = get_state(model)
@@ -207,8 +219,8 @@ def prune(
             f"no adapter named {name!r} on this model; its adapters are {sorted(state.configs) or 'none'}"
         )
     config = state.configs[name]
-    if type(config) is not LoRA:
-        raise ConfigError(f"adapter {name!r} is {type(config).__name__}; prune supports LoRA adapters")
+    if type(config) not in (LoRA, DoRA):
+        raise ConfigError(f"adapter {name!r} is {type(config).__name__}; prune supports LoRA and DoRA adapters")
     layers = [(q, layer) for q, layer in adapter_layers(model) if layer.has_adapter(name)]
     merged = [q for q, layer in layers if name in layer.merged_adapters]
     if merged:
@@ -218,7 +230,7 @@ def prune(
     before = _with_only(model, name, batch) if batch is not None else None
     report = PruneReport(adapter=name, method=method)
     for qualname, layer in cast(list[tuple[str, LoRALayer]], layers):
-        old = layer.delta_weight(name).detach()
+        old = _low_rank_delta(layer, name)
         report.ranks_before[qualname] = layer.rank[name]
         if method == "rank":
             _apply_rank(report, qualname, layer, name, config, target_rank, energy)
@@ -234,7 +246,7 @@ def prune(
             A, B = factors(layer, name)
             report.params_after += int(A.count_nonzero()) + int(B.count_nonzero())
         report.ranks_after[qualname] = layer.rank[name]
-        new = layer.delta_weight(name).detach()
+        new = _low_rank_delta(layer, name)
         norm = float(old.double().norm())
         report.energy_kept[qualname] = float(new.double().norm()) ** 2 / norm**2 if norm else 1.0
         report.delta_error[qualname] = float((old - new).double().norm()) / norm if norm else 0.0
@@ -267,7 +279,8 @@ def _apply_rank(
 
 
 def _resize(layer: LoRALayer, name: str, rank: int, use_rslora: bool) -> None:
-    """Re-create adapter ``name`` of ``layer`` at ``rank`` with the same scale, dropout and trainability."""
+    """Re-create adapter ``name`` of ``layer`` at ``rank`` with the same scale, dropout, trainability and DoRA
+    magnitude."""
     scale = layer.scaling[name]
     alpha = scale * (math.sqrt(rank) if use_rslora else rank)
     dropout = layer.lora_dropout[name]
@@ -275,10 +288,14 @@ def _resize(layer: LoRALayer, name: str, rank: int, use_rslora: bool) -> None:
     position = layer.dropout_position[name]
     trainable = any(param.requires_grad for param in layer.adapter_parameters(name))
     active = list(layer.active_adapters)
+    magnitudes = getattr(layer, "lora_magnitude_vector", None)
+    magnitude = magnitudes[name].detach().clone() if magnitudes is not None and name in magnitudes else None
     layer.delete_adapter(name)
     with torch.random.fork_rng(devices=[]):  # the new factors are overwritten: leave the global RNG alone
         cast(Any, layer).add(name, rank, alpha, dropout=p, use_rslora=use_rslora, dropout_position=position)
     layer.scaling[name] = scale  # exactly the old value, not recomputed through rounding
+    if magnitude is not None:  # add() makes no magnitude: DoRA's is put back unchanged
+        cast(Any, layer).lora_magnitude_vector[name] = nn.Parameter(magnitude)
     layer.active_adapters = [n for n in active if layer.has_adapter(n)]
     for param in layer.adapter_parameters(name):
         param.requires_grad_(trainable)

@@ -82,6 +82,13 @@ class _DoRAMixin:
             norm = row_norms(self._oriented().detach(), A.detach(), B.detach(), self.scaling[name])
         self.lora_magnitude_vector[name] = nn.Parameter(norm.to(A.dtype))
 
+    def base_norms(self) -> torch.Tensor:
+        """‖W₀‖ per row of the current base weight (detached, in fp32 or the base's wider dtype): with a zero
+        update, the magnitude that leaves the layer unchanged. Adapter arithmetic measures magnitudes from it."""
+        with torch.no_grad():
+            W = self._oriented().detach()
+            return W.to(torch.promote_types(W.dtype, torch.float32)).norm(dim=1)
+
     def weight_norm(self, name: str) -> torch.Tensor:
         """‖W + s·BA‖ per row, detached; recomputed only when W, A or B changed."""
         A, B = self._factors(name)
