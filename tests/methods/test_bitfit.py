@@ -48,8 +48,13 @@ def test_only_biases_train_merge_and_round_trip(arch: str, tmp_path) -> None:
         base = run(model, arch)
     config = pk.BitFit(train_norms=arch == "t5")  # T5 has no biases: only its RMSNorm gains
     pk.apply(model, config)
-    trainable = [n for n, p in model.named_parameters() if p.requires_grad]
+    # A sequence classifier also trains its head in full (as HF PEFT and the BitFit paper do).
+    head = "classifier." if arch == "bert" else "<none>"
+    trainable = [n for n, p in model.named_parameters() if p.requires_grad and not n.startswith(head)]
     assert trainable and all(n.endswith(("bitfit_bias.default", "bitfit_weight.default")) for n in trainable)
+    if arch == "bert":
+        assert [n for n, p in model.named_parameters() if p.requires_grad and n.startswith(head)] == [
+            "classifier.copies.default.weight", "classifier.copies.default.bias"]
     with torch.no_grad():
         assert torch.equal(run(model, arch), base)
         perturb(model)
@@ -66,7 +71,7 @@ def test_only_biases_train_merge_and_round_trip(arch: str, tmp_path) -> None:
     assert json.loads((tmp_path / "adapter_config.json").read_text())["peft_type"] == "BITFIT"
     assert all(k.startswith("base_model.model.") and k.endswith((".bias", ".weight")) for k in saved)
     if arch != "t5":
-        assert all(k.endswith(".bias") for k in saved)
+        assert all(k.endswith(".bias") for k in saved if not k.startswith("base_model.model.classifier."))
     loaded = pk.load_adapter(build(arch), tmp_path)
     with torch.no_grad():
         assert torch.equal(run(loaded, arch), expected)

@@ -55,6 +55,27 @@ def _resolve_modules_to_save(model: nn.Module, patterns: list[str]) -> list[str]
     return found
 
 
+#: Sequence-classification heads Hugging Face PEFT trains in full for ``task_type="SEQ_CLS"``.
+CLASSIFIER_HEADS = ("classifier", "score")
+
+
+def classifier_heads(model: nn.Module, config: AdapterConfig) -> list[str]:
+    """The heads to add to ``modules_to_save`` for a sequence classifier, as HF PEFT does (none if any are given).
+
+    A sequence classifier is a config with ``task_type="SEQ_CLS"``, or without a task type on a model class named
+    ``*ForSequenceClassification``; its head is ``classifier`` or ``score``, whichever exists.
+    """
+    if config.modules_to_save:
+        return []
+    task = config.task_type
+    if task is None and type(model).__name__.endswith("ForSequenceClassification"):
+        task = "SEQ_CLS"
+    if task != "SEQ_CLS":
+        return []
+    names = [n for n, _ in iter_modules(model) if n]
+    return [head for head in CLASSIFIER_HEADS if any(first_match(n, [head]) for n in names)]
+
+
 def _check_compatible(model: nn.Module, config: AdapterConfig, targets: list[str]) -> None:
     modules = dict(model.named_modules())
     for name in targets:
@@ -71,7 +92,9 @@ def apply(model: nn.Module, config: AdapterConfig, name: str = "default", activa
 
     Everything is validated before the model is touched: the name, the model's merge state, the
     targets and their layer types. Base parameters are frozen; the new adapter's parameters are
-    trainable when it is active.
+    trainable when it is active. A sequence classifier (``task_type="SEQ_CLS"``, or a
+    ``*ForSequenceClassification`` model) given no ``modules_to_save`` trains its head (``classifier`` /
+    ``score``) in full, as Hugging Face PEFT does; the adapter's stored config lists it.
 
     Args:
         model: any ``nn.Module``.
@@ -90,6 +113,9 @@ def apply(model: nn.Module, config: AdapterConfig, name: str = "default", activa
         raise ConfigError(f"config must be a peftkit method config such as pk.LoRA(...), got {type(config).__name__}")
     _check_name(model, name)
     _check_not_merged(model)
+    heads = classifier_heads(model, config)
+    if heads:  # on a copy: the user's config object stays reusable on other models
+        config = config.replace(modules_to_save=heads)
     custom = getattr(config, "inject", None)
     if custom is not None:  # methods that add modules rather than wrap layers (prompt tuning, ...)
         targets = custom(model, name)
@@ -97,6 +123,9 @@ def apply(model: nn.Module, config: AdapterConfig, name: str = "default", activa
         targets = config.resolve(model)
         _check_compatible(model, config, targets)
     saved = _resolve_modules_to_save(model, list(config.modules_to_save))
+    if heads:  # a head the user adapts explicitly is not copied too (HF PEFT keeps such heads out of the targets)
+        saved = [s for s in saved if not any(t == s or t.startswith(s + ".") or s.startswith(t + ".") for t in targets)]
+        config.modules_to_save = [h for h in heads if any(first_match(s, [h]) for s in saved)]
     overlap = sorted(set(saved) & set(targets))
     if overlap:
         raise ConfigError(

@@ -25,13 +25,13 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, cast
 
 import torch
 from torch import nn
 
 from peftkit.core.config import AdapterConfig
-from peftkit.core.registry import LINEAR_KINDS, linear_kind, register_method
+from peftkit.core.registry import LINEAR_KINDS, LinearKind, linear_kind, register_method
 from peftkit.core.state import adapter_layers, get_state
 from peftkit.errors import ConfigError
 from peftkit.methods.lora import hf_resolve, hf_targets
@@ -60,7 +60,7 @@ class SVDLinear(LoRALayer):
         self.rank_mask: dict[str, torch.Tensor] = {}
 
     def add(self, name: str, rank: int, initial_rank: int, alpha: float, dropout: float) -> None:
-        weight = linear_kind(self.base_layer).weight(self.base_layer)  # type: ignore[union-attr]
+        weight = self._base_weight()
         factory: dict[str, Any] = {"device": weight.device, "dtype": adapter_dtype(weight)}
         self.lora_A[name] = nn.Parameter(torch.randn(rank, self.in_features, **factory) * 0.02)
         self.lora_B[name] = nn.Parameter(torch.randn(self.out_features, rank, **factory) * 0.02)
@@ -79,16 +79,23 @@ class SVDLinear(LoRALayer):
 
     def factor(self, name: str) -> torch.Tensor:
         """α / (r₀ + ε)."""
-        return self.scaling[name] / (self.ranknum[name] + _EPS)
+        return cast(torch.Tensor, self.scaling[name] / (self.ranknum[name] + _EPS))
 
     def delta_weight(self, name: str) -> torch.Tensor:
-        return self.lora_B[name] @ (self.lora_A[name] * self.lora_E[name]) * self.factor(name)
+        P, Q, E = (cast(torch.Tensor, t[name]) for t in (self.lora_B, self.lora_A, self.lora_E))
+        return P @ (Q * E) * self.factor(name)
+
+    def _kind(self) -> LinearKind:
+        kind = linear_kind(self.base_layer)
+        if kind is None:  # only if someone swapped the base layer after wrapping
+            raise ConfigError(f"{type(self.base_layer).__name__} is not a linear-like layer")
+        return kind
 
     def _base_weight(self) -> torch.Tensor:
-        return linear_kind(self.base_layer).weight(self.base_layer)  # type: ignore[union-attr]
+        return self._kind().weight(self.base_layer)
 
     def _set_base_weight(self, weight: torch.Tensor) -> float | None:
-        return linear_kind(self.base_layer).set_weight(self.base_layer, weight)  # type: ignore[union-attr]
+        return self._kind().set_weight(self.base_layer, weight)
 
     def adapter_tensors(self, name: str) -> dict[str, torch.Tensor]:
         tensors = super().adapter_tensors(name)
@@ -100,7 +107,7 @@ class SVDLinear(LoRALayer):
                 "lora_B": tensors["lora_B"][:, mask]}
 
     def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
-        result = self.base_layer(x, *args, **kwargs)
+        result = cast(torch.Tensor, self.base_layer(x, *args, **kwargs))
         for name in self._applied():
             A, B, E = self.lora_A[name], self.lora_B[name], self.lora_E[name]
             h = self.lora_dropout[name](x.to(A.dtype))

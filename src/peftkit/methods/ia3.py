@@ -36,7 +36,6 @@ from peftkit.errors import ConfigError, MergeError, UnsupportedLayerError
 from peftkit.methods.lora import hf_resolve, hf_targets
 from peftkit.methods.lora_layers import adapter_dtype
 
-
 #: Convolutions (IA)³ scales per channel, as Hugging Face PEFT does → their number of spatial dimensions.
 CONV_KINDS: TypeRegistry[int] = TypeRegistry()
 CONV_KINDS.register(nn.Conv2d, 2)

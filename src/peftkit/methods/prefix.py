@@ -82,7 +82,7 @@ class PrefixEncoder(nn.Module):
         kv = table.reshape(batch, m, self.num_layers * 2, heads, self.token_dim // heads)
         if self.submodules == 2:  # encoder-decoder: HF PEFT doubles the list, then takes 4 entries per layer
             kv = torch.cat([kv, kv], dim=2)
-        chunks = kv.permute(2, 0, 3, 1, 4).split(self.submodules * 2)
+        chunks = torch.split(kv.permute(2, 0, 3, 1, 4), self.submodules * 2)
         return [(c[0], c[1]) for c in chunks]
 
     def fill(self, cache: Any, batch: int, dtype: torch.dtype) -> None:
@@ -186,6 +186,6 @@ class PrefixTuning(AdapterConfig):
     @classmethod
     def from_hf_dict(cls, data: dict[str, Any], module_names: list[str]) -> PrefixTuning:
         # The file holds the projected table T, so a projection-trained adapter loads as a plain table.
-        keep = {k: data[k] for k in ("num_layers", "token_dim", "num_attention_heads") if k in data}
+        keep: dict[str, Any] = {k: data[k] for k in ("num_layers", "token_dim", "num_attention_heads") if k in data}
         return cls(num_virtual_tokens=int(data["num_virtual_tokens"]), prefix_projection=False,
                    task_type=data.get("task_type"), modules_to_save=saved_modules(data, module_names), extra=keep)

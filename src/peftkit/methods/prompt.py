@@ -23,9 +23,9 @@ from __future__ import annotations
 
 import inspect
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Protocol, cast
 
 import torch
 from torch import nn
@@ -56,6 +56,19 @@ def model_dims(model: nn.Module) -> dict[str, int]:
     return {"token_dim": first("hidden_size", "n_embd", "d_model"),
             "num_layers": first("num_hidden_layers", "num_layers", "n_layer"),
             "num_heads": first("num_attention_heads", "n_head", "num_heads")}
+
+
+def input_embeddings(model: nn.Module) -> nn.Embedding:
+    """The model's token embedding (``transformers``' ``get_input_embeddings()``).
+
+    Raises:
+        ConfigError: the model has no ``get_input_embeddings``.
+    """
+    get = getattr(model, "get_input_embeddings", None)
+    if not callable(get):
+        raise ConfigError(f"{type(model).__name__} has no get_input_embeddings(); prompt learning needs a "
+                          "transformers model")
+    return cast(nn.Embedding, get())
 
 
 def is_seq2seq(model: nn.Module) -> bool:
@@ -99,7 +112,7 @@ class PromptEmbedding(nn.Module):
         if cache is not None and cache_length(cache) > 0:
             return  # decoding: the prompt is in the cache already
         if embeds is None:
-            embeds = model.get_input_embeddings()(ids)
+            embeds = input_embeddings(model)(ids)
         kwargs["inputs_embeds"] = torch.cat([self.embedding.weight[:m].expand(batch, -1, -1).to(embeds.dtype),
                                              embeds], dim=1)
         kwargs["input_ids"] = None
@@ -115,7 +128,7 @@ class PromptEmbedding(nn.Module):
         m = self.num_virtual_tokens
         ids, embeds = kwargs.get("input_ids"), kwargs.get("inputs_embeds")
         if embeds is None:
-            embeds = encoder.get_input_embeddings()(ids)
+            embeds = input_embeddings(encoder)(ids)
         length = embeds.shape[1]
         mask = kwargs.get("attention_mask")
         if mask is not None and mask.dim() == 2 and mask.shape[1] == length:
@@ -184,6 +197,28 @@ def _bind(fn: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> dict[str, A
     return {**dict(zip(names, args, strict=False)), **kwargs}
 
 
+class _EncoderDecoder(Protocol):
+    def get_encoder(self) -> nn.Module: ...
+
+
+#: A forward pre-hook with keyword arguments.
+PreHook = Callable[[nn.Module, tuple[Any, ...], dict[str, Any]], Any]
+
+
+def _hook(layer: PromptLearningLayer, step: str) -> PreHook:
+    """A pre-hook letting the active prompt module's method ``step`` rewrite a call's arguments (if it has one)."""
+
+    def hook(mod: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+        prepare = getattr(layer.current(), step, None)
+        if prepare is None:
+            return None
+        kwargs = _bind(mod.forward, args, kwargs)
+        prepare(mod, kwargs)
+        return (), kwargs
+
+    return hook
+
+
 def attach(model: nn.Module, name: str, module: nn.Module) -> None:
     """Add prompt module ``name`` to the model's prompt encoder, installing the hooks on first use."""
     layer = getattr(model, ATTR, None)
@@ -193,42 +228,17 @@ def attach(model: nn.Module, name: str, module: nn.Module) -> None:
         layer = PromptLearningLayer()
         setattr(model, ATTR, layer)
 
-        def top_hook(mod: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
-            current = layer.current()
-            if current is None:
-                return None
-            kwargs = _bind(mod.forward, args, kwargs)
-            current.prepare(mod, kwargs)
-            return (), kwargs
-
-        handles = [model.register_forward_pre_hook(top_hook, with_kwargs=True)]
+        handles = [model.register_forward_pre_hook(_hook(layer, "prepare"), with_kwargs=True)]
         if is_seq2seq(model):
-            encoder = model.get_encoder()
-
-            def encoder_hook(mod: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
-                current = layer.current()
-                if current is None or not hasattr(current, "prepare_encoder"):
-                    return None
-                kwargs = _bind(mod.forward, args, kwargs)
-                current.prepare_encoder(mod, kwargs)
-                return (), kwargs
-
-            handles.append(encoder.register_forward_pre_hook(encoder_hook, with_kwargs=True))
+            encoder = cast(_EncoderDecoder, model).get_encoder()
+            handles.append(encoder.register_forward_pre_hook(_hook(layer, "prepare_encoder"), with_kwargs=True))
         backbone = getattr(model, "base_model", model)
         top_params = inspect.signature(model.forward).parameters
         if backbone is not model and "cache" not in top_params and "past_key_values" not in top_params:
             # A head that takes no KV cache (BERT classifiers): prefix tuning goes through the backbone.
-            def backbone_hook(mod: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
-                current = layer.current()
-                if current is None or not hasattr(current, "prepare_backbone"):
-                    return None
-                kwargs = _bind(mod.forward, args, kwargs)
-                current.prepare_backbone(mod, kwargs)
-                return (), kwargs
-
-            handles.append(backbone.register_forward_pre_hook(backbone_hook, with_kwargs=True))
+            handles.append(backbone.register_forward_pre_hook(_hook(layer, "prepare_backbone"), with_kwargs=True))
         model.__dict__[_HANDLES] = handles
-    ref = model.get_input_embeddings().weight
+    ref = input_embeddings(model).weight
     layer.prompt_modules[name] = module.to(device=ref.device)
 
 
@@ -281,7 +291,7 @@ class PromptTuning(AdapterConfig):
         dims = model_dims(model)
         total = self.num_virtual_tokens * (2 if is_seq2seq(model) else 1)
         module = PromptEmbedding(total, dims["token_dim"], self.num_virtual_tokens)
-        words = model.get_input_embeddings()
+        words = input_embeddings(model)
         init_ids = self.init_token_ids(total, words.num_embeddings)
         if init_ids is not None:
             with torch.no_grad():

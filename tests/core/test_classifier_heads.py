@@ -1,0 +1,86 @@
+"""Sequence classifiers train their head in full (``modules_to_save``) by default, as HF PEFT does."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from torch import nn
+
+import peftkit as pk
+from peftkit.core.modules_to_save import ModulesToSave
+from peftkit.core.state import get_state
+
+from models import build
+
+peft = pytest.importorskip("peft")
+
+INPUTS = {"input_ids": torch.randint(1, 96, (2, 6), generator=torch.Generator().manual_seed(3)),
+          "attention_mask": torch.ones(2, 6, dtype=torch.long)}
+METHODS = {
+    "lora": (lambda **kw: pk.LoRA(target_modules=["query", "value"], rank=2, **kw),
+             lambda **kw: peft.LoraConfig(target_modules=["query", "value"], r=2, **kw)),
+    "prompt": (lambda **kw: pk.PromptTuning(num_virtual_tokens=3, **kw),
+               lambda **kw: peft.PromptTuningConfig(num_virtual_tokens=3, **kw)),
+}
+
+
+def _randomize(model: nn.Module) -> None:
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.requires_grad:
+                p.copy_(torch.randn_like(p) * 0.3)
+
+
+@pytest.mark.parametrize("method", list(METHODS))
+def test_bert_classifier_is_trained_and_saved_like_hf_peft(method: str, tmp_path) -> None:
+    ours_config, hf_config = METHODS[method]
+    config = ours_config()
+    model = pk.apply(build("bert"), config)  # task_type inferred from BertForSequenceClassification
+    assert isinstance(model.classifier, ModulesToSave)
+    assert config.modules_to_save == []  # the user's config is left as given
+    assert get_state(model).configs["default"].modules_to_save == ["classifier"]
+    hf = peft.get_peft_model(build("bert"), hf_config(task_type="SEQ_CLS"))
+    assert pk.count_parameters(model) == tuple(hf.get_nb_trainable_parameters())
+
+    _randomize(model)
+    pk.save_adapter(model, tmp_path / "pk")
+    assert json.loads((tmp_path / "pk" / "adapter_config.json").read_text())["modules_to_save"] == ["classifier"]
+    back = peft.PeftModel.from_pretrained(build("bert"), str(tmp_path / "pk")).eval()
+    with torch.no_grad():
+        expected = model(**INPUTS).logits
+        with pk.disable_adapters(model):
+            assert not torch.allclose(model(**INPUTS).logits, expected, atol=1e-4)
+        assert torch.allclose(back(**INPUTS).logits, expected, atol=1e-5)
+
+    _randomize(hf)
+    hf.eval().save_pretrained(str(tmp_path / "hf"))
+    loaded = pk.load_adapter(build("bert"), tmp_path / "hf")
+    assert isinstance(loaded.classifier, ModulesToSave)
+    with torch.no_grad():
+        assert torch.allclose(loaded(**INPUTS).logits, hf(**INPUTS).logits, atol=1e-5)
+
+
+def test_explicit_choices_win() -> None:
+    model = pk.apply(build("bert"), pk.LoRA(target_modules=["query"], modules_to_save=["pooler"]))
+    assert isinstance(model.bert.pooler, ModulesToSave) and isinstance(model.classifier, nn.Linear)
+    model = pk.apply(build("bert"), pk.LoRA(target_modules=["query"], task_type="FEATURE_EXTRACTION"))
+    assert isinstance(model.classifier, nn.Linear)
+    # A head the user adapts is not copied as well.
+    model = pk.apply(build("bert"), pk.LoRA(target_modules=["query", "classifier"]))
+    assert type(model.classifier).__name__ == "LoRALinear"
+    assert get_state(model).configs["default"].modules_to_save == []
+
+
+def test_causal_lm_gets_no_head_and_llama_classifier_gets_score() -> None:
+    model = pk.apply(build("llama"), pk.LoRA(target_modules=["q_proj"]))
+    assert not any(isinstance(m, ModulesToSave) for m in model.modules())
+    from transformers import LlamaConfig, LlamaForSequenceClassification
+
+    torch.manual_seed(0)
+    cls = LlamaForSequenceClassification(LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                                                     num_attention_heads=4, vocab_size=96, num_labels=2,
+                                                     pad_token_id=0))
+    pk.apply(cls, pk.LoRA(target_modules=["q_proj"]))
+    assert isinstance(cls.score, ModulesToSave)
