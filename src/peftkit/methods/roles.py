@@ -283,7 +283,7 @@ def fused_layout(model: nn.Module, qualname: str, out_features: int | None = Non
         return None
     for pattern, layout in arch.fused.items():
         if _suffix(pattern).search(qualname):
-            parts = layout(model.config)  # type: ignore[union-attr]
+            parts = layout(model.config)
             rows = torch.cat(list(parts.values()))
             if out_features is not None and (len(rows) != out_features or len(set(rows.tolist())) != out_features):
                 raise ConfigError(
