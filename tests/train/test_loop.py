@@ -157,3 +157,21 @@ def test_lisa_and_galore_runs(run_config):
         )
     )
     assert galore["losses"][-1] < galore["losses"][0]
+
+
+def test_adalora_hook_called_every_step(run_config, monkeypatch):
+    import peftkit as pk
+
+    if not hasattr(pk, "AdaLoRA"):
+        pytest.skip("peftkit.AdaLoRA not available")
+    calls: list[int] = []
+    real = pk.adalora_step
+    monkeypatch.setattr(pk, "adalora_step", lambda model, step: (calls.append(step), real(model, step)))
+    cfg = run_config(
+        peft={"method": "adalora", "init_rank": 4, "target_rank": 2, "total_step": 4, "tinit": 1, "tfinal": 1},
+        train={"max_steps": 4},
+    )
+    cfg["peft"].pop("rank")
+    cfg["peft"].pop("alpha")
+    summary = train(config_from_dict(cfg))
+    assert calls == [0, 1, 2, 3] and len(summary["losses"]) == 4
