@@ -19,6 +19,23 @@ def _as_list(value: str | Sequence[str] | None) -> list[str]:
     return [value] if isinstance(value, str) else list(value)
 
 
+_TASK_TYPES = (
+    ("ForCausalLM", "CAUSAL_LM"),
+    ("LMHeadModel", "CAUSAL_LM"),  # GPT2LMHeadModel, GPTJ..., CodeGen...
+    ("ForConditionalGeneration", "SEQ_2_SEQ_LM"),
+    ("ForSeq2SeqLM", "SEQ_2_SEQ_LM"),
+    ("ForSequenceClassification", "SEQ_CLS"),
+    ("ForTokenClassification", "TOKEN_CLS"),
+    ("ForQuestionAnswering", "QUESTION_ANS"),
+)
+
+
+def infer_task_type(model: nn.Module) -> str | None:
+    """HF PEFT's ``task_type`` for a ``transformers`` model class, or ``None``."""
+    cls = type(model).__name__
+    return next((task for suffix, task in _TASK_TYPES if cls.endswith(suffix)), None)
+
+
 @dataclass
 class AdapterConfig:
     """Fields shared by every method.

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from torch import nn
 
-from peftkit.core.config import AdapterConfig
+from peftkit.core.config import AdapterConfig, infer_task_type
 from peftkit.core.layer import AdapterLayer
 from peftkit.core.matching import first_match
 from peftkit.core.modules_to_save import ModulesToSave
@@ -67,10 +67,7 @@ def classifier_heads(model: nn.Module, config: AdapterConfig) -> list[str]:
     """
     if config.modules_to_save:
         return []
-    task = config.task_type
-    if task is None and type(model).__name__.endswith("ForSequenceClassification"):
-        task = "SEQ_CLS"
-    if task != "SEQ_CLS":
+    if (config.task_type or infer_task_type(model)) != "SEQ_CLS":
         return []
     names = [n for n, _ in iter_modules(model) if n]
     return [head for head in CLASSIFIER_HEADS if any(first_match(n, [head]) for n in names)]

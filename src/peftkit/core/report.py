@@ -65,7 +65,9 @@ class InspectReport:
     def __str__(self) -> str:
         width = max([len(r.name) for r in self.rows] + [6])
         role_width = max([len(", ".join(r.roles)) for r in self.rows] + [4])
-        lines = [f"{'module':<{width}}  {'role':<{role_width}}  {'type':<12}  {'weight shape':<16}  {'added params':>12}"]
+        lines = [
+            f"{'module':<{width}}  {'role':<{role_width}}  {'type':<12}  {'weight shape':<16}  {'added params':>12}"
+        ]
         for r in self.rows:
             lines.append(
                 f"{r.name:<{width}}  {', '.join(r.roles):<{role_width}}  {r.layer_type:<12}  {str(r.shape):<16}  "

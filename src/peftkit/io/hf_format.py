@@ -20,7 +20,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from peftkit.core.config import AdapterConfig
+from peftkit.core.config import AdapterConfig, infer_task_type
 from peftkit.core.inject import apply, delete_adapter
 from peftkit.core.registry import METHODS, is_fan_in_fan_out
 from peftkit.core.state import adapter_layers, get_state
@@ -32,23 +32,6 @@ CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
 LEGACY_WEIGHTS_NAME = "adapter_model.bin"
 PREFIX = "base_model.model."
-
-_TASK_TYPES = (
-    ("ForCausalLM", "CAUSAL_LM"),
-    ("LMHeadModel", "CAUSAL_LM"),  # GPT2LMHeadModel, GPTJ..., CodeGen...
-    ("ForConditionalGeneration", "SEQ_2_SEQ_LM"),
-    ("ForSeq2SeqLM", "SEQ_2_SEQ_LM"),
-    ("ForSequenceClassification", "SEQ_CLS"),
-    ("ForTokenClassification", "TOKEN_CLS"),
-    ("ForQuestionAnswering", "QUESTION_ANS"),
-)
-
-
-def infer_task_type(model: nn.Module) -> str | None:
-    """HF PEFT's ``task_type`` for a ``transformers`` model class, or ``None``."""
-    cls = type(model).__name__
-    return next((task for suffix, task in _TASK_TYPES if cls.endswith(suffix)), None)
-
 
 def module_names(model: nn.Module) -> list[str]:
     """Qualified names of the model's modules as they were before wrapping."""
