@@ -168,7 +168,7 @@ def _check(
     kinds = {adapter: type(state.configs[adapter]) for adapter in weights}
     for adapter in weights:
         config = state.configs[adapter]
-        if kinds[adapter] not in (LoRA, DoRA):
+        if not isinstance(config, LoRA) or kinds[adapter] not in (LoRA, DoRA):
             raise ConfigError(
                 f"adapter {adapter!r} is {type(config).__name__}; combine supports LoRA and DoRA adapters "
                 "(rsLoRA and per-module rank/alpha included)"
@@ -276,7 +276,8 @@ def _magnitude(
     first = magnitudes[next(iter(weights))]
     identity = cast(Any, layer).base_norms().to(first.dtype)  # the magnitude of an adapter that changes nothing
     offsets = [magnitudes[adapter].detach() - identity for adapter in weights]
-    return identity + fn(offsets, list(weights.values()), **kwargs)
+    merged: torch.Tensor = identity + fn(offsets, list(weights.values()), **kwargs)
+    return merged
 
 
 def combine(

@@ -219,7 +219,7 @@ def prune(
             f"no adapter named {name!r} on this model; its adapters are {sorted(state.configs) or 'none'}"
         )
     config = state.configs[name]
-    if type(config) not in (LoRA, DoRA):
+    if not isinstance(config, LoRA) or type(config) not in (LoRA, DoRA):
         raise ConfigError(f"adapter {name!r} is {type(config).__name__}; prune supports LoRA and DoRA adapters")
     layers = [(q, layer) for q, layer in adapter_layers(model) if layer.has_adapter(name)]
     merged = [q for q, layer in layers if name in layer.merged_adapters]

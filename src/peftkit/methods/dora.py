@@ -87,7 +87,8 @@ class _DoRAMixin:
         update, the magnitude that leaves the layer unchanged. Adapter arithmetic measures magnitudes from it."""
         with torch.no_grad():
             W = self._oriented().detach()
-            return W.to(torch.promote_types(W.dtype, torch.float32)).norm(dim=1)
+            norms: torch.Tensor = W.to(torch.promote_types(W.dtype, torch.float32)).norm(dim=1)
+        return norms
 
     def weight_norm(self, name: str) -> torch.Tensor:
         """‖W + s·BA‖ per row, detached; recomputed only when W, A or B changed."""
