@@ -74,7 +74,7 @@ class LoRAUpdate(torch.autograd.Function):
                 bias: torch.Tensor | None = None) -> torch.Tensor:
         dropped = x if keep is None else torch.where(keep, x, 0.0)  # no bool→float conversion pass
         s = scale if keep is None else scale / (1.0 - p)
-        h = dropped @ A.t()
+        h = torch.nn.functional.linear(dropped, A)
         ctx.save_for_backward(x, keep, h, A, B, weight)
         ctx.scale = s
         if result is None:
@@ -131,7 +131,7 @@ def lora_update(result: torch.Tensor, x: torch.Tensor, A: torch.Tensor, B: torch
         return updated.view(out_shape)
     dropped = x2 if keep is None else torch.where(keep, x2, 0.0)
     s = scale if keep is None else scale / (1.0 - p)
-    return torch.addmm(r2, dropped @ A.t(), B.t(), alpha=s).view(out_shape)
+    return torch.addmm(r2, torch.nn.functional.linear(dropped, A), B.t(), alpha=s).view(out_shape)
 
 
 def linear_lora(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, A: torch.Tensor,
@@ -145,8 +145,12 @@ def linear_lora(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
     Returns:
         The layer output ``(..., out)``.
     """
-    if not torch.is_grad_enabled():
-        return lora_update(torch.nn.functional.linear(x, weight, bias), x, A, B, scale, p, training)
+    if not torch.is_grad_enabled() and not (training and p > 0):
+        # Inference: as few kernel launches as possible (decoding one token is all overhead).
+        out = torch.nn.functional.linear(x, weight, bias)
+        h = torch.nn.functional.linear(x, A)
+        out.view(-1, out.shape[-1]).addmm_(h.view(-1, h.shape[-1]), B.t(), alpha=scale)
+        return out
     x2 = x.reshape(-1, x.shape[-1])
     keep = keep_mask(x2.shape, p, x2.device) if training and p > 0 else None
     out: torch.Tensor = LoRAUpdate.apply(None, x2, A, B, scale, keep, p, weight, bias)  # type: ignore[no-untyped-call]
@@ -196,15 +200,18 @@ class DoRALinearFn(torch.autograd.Function):
                 keep: torch.Tensor | None, p: float) -> torch.Tensor:
         g = magnitude / norm
         if keep is None:
-            h = x @ A.t()
-            w = torch.mm(x, weight.t()).addmm_(h, B.t(), alpha=scale)
-            out = w * g if bias is None else torch.addcmul(bias, w, g)
+            h = torch.nn.functional.linear(x, A)
+            w = torch.nn.functional.linear(x, weight).addmm_(h, B.t(), alpha=scale)
+            if ctx is None:  # inference: w is not needed afterwards, scale it in place
+                out = w.mul_(g) if bias is None else w.mul_(g).add_(bias)
+            else:
+                out = w * g if bias is None else torch.addcmul(bias, w, g)
             c = 1.0
         else:
             c = 1.0 / (1.0 - p)
             dropped = torch.where(keep, x, 0.0)
-            h = dropped @ A.t()
-            wd = torch.mm(dropped, weight.t())
+            h = torch.nn.functional.linear(dropped, A)
+            wd = torch.nn.functional.linear(dropped, weight)
             w = torch.addmm(wd, h, B.t(), alpha=scale).mul_(c)
             out = torch.nn.functional.linear(x, weight, bias).addcmul_(w, g).sub_(wd, alpha=c)
         if ctx is not None:  # None when called directly without autograd (inference)
