@@ -72,7 +72,11 @@ def build_model(cfg: RunConfig, num_labels: int = 0) -> nn.Module:
         model_type = raw.pop("model_type", None)
         if model_type is None:
             raise ConfigError("checkpoint.pretrained config lacks 'model_type'; add e.g. model_type: llama")
-        config = transformers.AutoConfig.for_model(model_type, **{**raw, **extra})  # type: ignore[attr-defined]
+        fields = {**raw, **extra}
+        config = transformers.AutoConfig.for_model(model_type, **fields)  # type: ignore[attr-defined]
+        for key, value in fields.items():  # some configs override keyword arguments in __init__
+            if getattr(config, key, value) != value:
+                setattr(config, key, value)
         torch.manual_seed(cfg.train.seed)
         model = auto.from_config(config).to(dtype)
     if cfg.model.gradient_checkpointing:
