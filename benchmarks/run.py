@@ -93,6 +93,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--rounds", type=int, default=3, help="timed rounds per variant (default 3)")
     parser.add_argument("--only", default=",".join(EXPERIMENTS), help=f"comma-separated subset of {EXPERIMENTS}")
     parser.add_argument("--out", type=Path, default=HERE / "results")
+    parser.add_argument("--budget-s", type=float, default=480.0,
+                        help="the training experiment starts no new round after half of this (default 480)")
     args = parser.parse_args(argv)
     only = [e.strip() for e in args.only.split(",") if e.strip()]
     unknown = sorted(set(only) - set(EXPERIMENTS))
@@ -104,7 +106,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                               "environment": environment()}
     started = time.perf_counter()
     runners = {
-        "train": lambda: train_step.run(shape, args.rounds),
+        "train": lambda: train_step.run(shape, args.rounds, deadline=started + args.budget_s / 2),
         "inference": lambda: inference.run(shape, args.rounds),
         "ops": lambda: adapter_ops.run(shape, args.rounds),
         "memory": lambda: memory.run(shape, args.quick),

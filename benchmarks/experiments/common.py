@@ -144,16 +144,19 @@ def timed(fn: Callable[[], Any]) -> float:
 
 
 def round_robin(fns: dict[str, Callable[[], Any]], rounds: int, warmup: int = 1,
-                repeat: int = 1) -> dict[str, list[float]]:
+                repeat: int = 1, deadline: float | None = None) -> dict[str, list[float]]:
     """Time each function ``rounds`` times, interleaved (one of each per round), after ``warmup`` calls each.
 
-    ``repeat`` calls are timed together per round and the mean per call recorded.
+    ``repeat`` calls are timed together per round and the mean per call recorded. With ``deadline`` (a
+    ``time.perf_counter()`` value), no new round starts after it (at least one round always runs).
     """
     for fn in fns.values():
         for _ in range(warmup):
             fn()
     times: dict[str, list[float]] = {k: [] for k in fns}
-    for _ in range(rounds):
+    for done in range(rounds):
+        if done and deadline is not None and time.perf_counter() > deadline:
+            break
         for key, fn in fns.items():
             start = time.perf_counter()
             for _ in range(repeat):

@@ -21,8 +21,11 @@ TARGETS = [
 ]
 
 
-def run(shape: Shape, rounds: int, variants: list[str] | None = None) -> dict[str, Any]:
-    """Time every training variant; returns raw times, medians and ratios to the lower bound."""
+def run(shape: Shape, rounds: int, variants: list[str] | None = None, deadline: float | None = None) -> dict[str, Any]:
+    """Time every training variant; returns raw times, medians and ratios to the lower bound.
+
+    No new round starts after ``deadline`` (``time.perf_counter()``), so a loaded machine shortens the run.
+    """
     names = variants or TRAIN_VARIANTS
     fns, skipped = {}, {}
     for name in names:
@@ -30,7 +33,7 @@ def run(shape: Shape, rounds: int, variants: list[str] | None = None) -> dict[st
             fns[name] = step_fn(name, make_variant(name, shape), shape)
         except Unavailable as exc:
             skipped[name] = str(exc)
-    times = round_robin(fns, rounds=rounds, warmup=1)
+    times = round_robin(fns, rounds=rounds, warmup=1, deadline=deadline)
     medians = {k: median(v) for k, v in times.items()}
     rows = []
     for name, ref, target in TARGETS:
