@@ -93,6 +93,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--rounds", type=int, default=3, help="timed rounds per variant (default 3)")
     parser.add_argument("--only", default=",".join(EXPERIMENTS), help=f"comma-separated subset of {EXPERIMENTS}")
     parser.add_argument("--out", type=Path, default=HERE / "results")
+    parser.add_argument("--threads", type=int, default=THREADS,
+                        help=f"torch threads (default {THREADS}, the reference; 1 suffers less from a busy machine)")
     parser.add_argument("--budget-s", type=float, default=480.0,
                         help="the training experiment starts no new round after half of this (default 480)")
     args = parser.parse_args(argv)
@@ -100,9 +102,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     unknown = sorted(set(only) - set(EXPERIMENTS))
     if unknown:
         parser.error(f"unknown experiment(s) {unknown}; choose from {EXPERIMENTS}")
-    setup_torch()
+    setup_torch(args.threads)
     shape = QUICK if args.quick else FULL
-    result: dict[str, Any] = {"shape": shape.__dict__, "threads": THREADS, "rounds": args.rounds,
+    result: dict[str, Any] = {"shape": shape.__dict__, "threads": args.threads, "rounds": args.rounds,
                               "environment": environment()}
     started = time.perf_counter()
     runners = {
@@ -121,7 +123,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     result["wall_s"] = time.perf_counter() - started
     result["environment"]["load_average_end"] = os.getloadavg() if hasattr(os, "getloadavg") else None
     args.out.mkdir(parents=True, exist_ok=True)
-    stem = "bench-quick" if args.quick else "bench"
+    stem = ("bench-quick" if args.quick else "bench") + ("" if args.threads == THREADS else f"-{args.threads}t")
+    stem += "" if set(only) == set(EXPERIMENTS) else "-" + "-".join(only)
     (args.out / f"{stem}.json").write_text(json.dumps(result, indent=1) + "\n")
     (args.out / f"{stem}.md").write_text(markdown(result))
     print(f"wrote {args.out / stem}.json and .md ({result['wall_s']:.0f} s)")

@@ -39,8 +39,8 @@ FULL = Shape()
 QUICK = Shape(hidden=128, layers=2, heads=4, intermediate=352, vocab=1000, batch=2, seq=64)
 
 
-def setup_torch() -> None:
-    torch.set_num_threads(THREADS)
+def setup_torch(threads: int = THREADS) -> None:
+    torch.set_num_threads(threads)
     torch.manual_seed(0)
 
 
