@@ -90,3 +90,17 @@ def test_sweep_table(run_config, tmp_path, capsys):
     rows = json.loads((Path(cfg["checkpoint"]["save_dir"]) / "sweep.json").read_text())
     assert [r["alpha"] for r in rows] == [4.0, 8.0]
     assert rows[1]["trainable"] == 2 * rows[0]["trainable"]  # LoRA parameters grow linearly in rank
+
+
+@pytest.mark.parametrize("task", ["classification", "seq2seq"])
+def test_eval_other_tasks(task, run_config, tmp_path, capsys):
+    from peftkit.train.commands import evaluate_checkpoint
+
+    cfg_path = tmp_path / "run.yaml"
+    cfg = run_config(task, train={"max_steps": 6})
+    cfg_path.write_text(yaml.safe_dump(cfg))
+    assert main(["train", str(cfg_path)]) == 0
+    result = evaluate_checkpoint(Path(cfg["checkpoint"]["save_dir"]) / "final")
+    keys = {"loss", "accuracy", "f1"} if task == "classification" else {"loss", "ppl", "exact_match"}
+    assert keys <= set(result["base"]) and keys <= set(result["adapted"])
+    assert result["base"]["loss"] != result["adapted"]["loss"]
