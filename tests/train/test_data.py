@@ -148,3 +148,15 @@ def test_batches_are_a_pure_function_of_seed_and_index():
     assert micro_batch(exs, 3, 5, 3) != micro_batch(exs, 3, 6, 3)
     train, held = split(exs, 0.3, 0)
     assert len(held) == 3 and len(train) == 7 and not ({id(e) for e in train} & {id(e) for e in held})
+
+
+def test_length_grouped_batches_cover_the_epoch_and_group_lengths():
+    exs = [{"input_ids": [3] * (1 + (i * 7) % 40), "labels": [3]} for i in range(64)]
+    batches = [micro_batch(exs, 4, 0, k, group_by_length=True) for k in range(16)]
+    seen = sorted(id(e) for b in batches for e in b)
+    assert seen == sorted(id(e) for e in exs)  # every example exactly once per epoch
+    spread = sum(max(len(e["input_ids"]) for e in b) - min(len(e["input_ids"]) for e in b) for b in batches)
+    plain = [micro_batch(exs, 4, 0, k) for k in range(16)]
+    spread_plain = sum(max(len(e["input_ids"]) for e in b) - min(len(e["input_ids"]) for e in b) for b in plain)
+    assert spread < spread_plain / 3
+    assert batches == [micro_batch(exs, 4, 0, k, group_by_length=True) for k in range(16)]

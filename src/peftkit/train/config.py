@@ -104,6 +104,7 @@ class DataConfig:
         limit: use at most this many rows of each file (0: all).
         labels: class names in label-id order for ``classification``; empty infers them (sorted).
         cache_dir: tokenisation cache directory (``None``: no cache).
+        group_by_length: batch examples of similar length together (less padding, faster on CPU).
     """
 
     train: str = ""
@@ -116,6 +117,7 @@ class DataConfig:
     limit: int = 0
     labels: list[str] = field(default_factory=list)
     cache_dir: str | None = None
+    group_by_length: bool = False
 
     def __post_init__(self) -> None:
         _require(self.max_length > 0, "data.max_length", self.max_length, "an integer > 0")

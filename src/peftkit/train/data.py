@@ -346,11 +346,46 @@ def epoch_order(n: int, seed: int, epoch: int) -> list[int]:
     return torch.randperm(n, generator=torch.Generator().manual_seed(seed * 100_003 + epoch)).tolist()
 
 
-def micro_batch(examples: list[Example], batch_size: int, seed: int, index: int) -> list[Example]:
-    """The ``index``-th micro-batch of the whole run (epochs follow each other; last partial batch dropped)."""
+def length_grouped_order(examples: list[Example], batch_size: int, seed: int, epoch: int) -> list[int]:
+    """The epoch's order with similar lengths batched together (less padding), still seeded.
+
+    The random order is cut into windows of 50 batches, each window sorted by length, and the resulting
+    batches shuffled — so batches are homogeneous in length but their sequence stays random.
+    """
+    order = epoch_order(len(examples), seed, epoch)
+    window = batch_size * 50
+    grouped: list[int] = []
+    for start in range(0, len(order), window):
+        grouped += sorted(order[start : start + window], key=lambda i: len(examples[i]["input_ids"]))
+    batches = [grouped[i : i + batch_size] for i in range(0, len(grouped) - batch_size + 1, batch_size)]
+    g = torch.Generator().manual_seed(seed * 100_003 + epoch + 7)
+    return [i for b in torch.randperm(len(batches), generator=g).tolist() for i in batches[b]]
+
+
+#: (batch_size, seed, epoch, grouped) → (the examples list it was computed for, the order). Holding the list
+#: keeps its id from being reused, and the identity check keeps another list from hitting the entry.
+_ORDER_CACHE: dict[tuple[int, int, int, bool], tuple[list[Example], list[int]]] = {}
+
+
+def micro_batch(
+    examples: list[Example], batch_size: int, seed: int, index: int, group_by_length: bool = False
+) -> list[Example]:
+    """The ``index``-th micro-batch of the whole run (epochs follow each other; last partial batch dropped).
+
+    A pure function of its arguments, so a resumed run needs only ``index``.
+    """
     per_epoch = max(len(examples) // batch_size, 1)
     epoch, pos = divmod(index, per_epoch)
-    order = epoch_order(len(examples), seed, epoch)
+    key = (batch_size, seed, epoch, group_by_length)
+    cached = _ORDER_CACHE.get(key)
+    if cached is None or cached[0] is not examples:
+        if group_by_length:
+            order = length_grouped_order(examples, batch_size, seed, epoch)
+        else:
+            order = epoch_order(len(examples), seed, epoch)
+        _ORDER_CACHE.clear()  # one run at a time: keep only the current epoch
+        _ORDER_CACHE[key] = (examples, order)
+    order = _ORDER_CACHE[key][1]
     return [examples[i] for i in order[pos * batch_size : (pos + 1) * batch_size]]
 
 

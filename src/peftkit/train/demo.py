@@ -83,6 +83,7 @@ def demo_config(out: Path, epochs: float) -> dict[str, Any]:
             "eval": str(out / "data/eval.csv"),
             "format": "classification",
             "max_length": 64,
+            "group_by_length": True,
             "labels": LABELS,
         },
         "train": {"epochs": epochs, "batch_size": 16, "seed": 0, "max_grad_norm": 1.0},

@@ -142,7 +142,11 @@ def train_step(run: Run, step: int, params: list[nn.Parameter]) -> dict[str, Any
     for j in range(cfg.train.grad_accum):
         # the global batch one process with batch_size × world would take; this rank keeps its slice
         chunk = micro_batch(
-            run.train, cfg.train.batch_size * run.dist.world, cfg.train.seed, step * cfg.train.grad_accum + j
+            run.train,
+            cfg.train.batch_size * run.dist.world,
+            cfg.train.seed,
+            step * cfg.train.grad_accum + j,
+            cfg.data.group_by_length,
         )
         chunk = distributed.rank_slice(chunk, run.dist)
         batch = {k: v.to(run.device) for k, v in collate(chunk, run.tok.pad_id, cfg.model.task).items()}
