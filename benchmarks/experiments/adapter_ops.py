@@ -7,7 +7,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-
 from common import Shape, make_variant, median, round_robin
 
 

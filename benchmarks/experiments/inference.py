@@ -11,7 +11,6 @@ import time
 from typing import Any
 
 import torch
-
 from common import Shape, Unavailable, batch, make_variant, median
 
 VARIANTS = ["base", "hf_lora_0", "pk_lora_0", "hf_dora_0", "pk_dora_0"]
