@@ -6,6 +6,8 @@ m = ‖W₀‖ + f(mᵢ − ‖W₀‖); prune shrinks ΔV and keeps m.
 
 from __future__ import annotations
 
+import argparse
+import json
 from pathlib import Path
 
 import pytest
@@ -240,3 +242,44 @@ def test_prune_magnitude_keeps_the_dora_magnitude() -> None:
     assert report.params_after <= 0.55 * report.params_before
     for qualname, layer in adapter_layers(model):
         assert torch.equal(_m(layer, "b"), magnitudes[qualname])
+
+
+# ------------------------------------------------------------------------------------ CLI
+
+
+def test_cli_combines_and_prunes_dora_adapters_on_disk(tmp_path: Path) -> None:
+    pytest.importorskip("transformers")
+    from peftkit.cli.arith import _base_model, register_combine, register_prune
+
+    config = tmp_path / "config.json"
+    config.write_text(json.dumps({"model_type": "llama", "vocab_size": 64, "hidden_size": 16, "intermediate_size": 32,
+                                  "num_hidden_layers": 1, "num_attention_heads": 2, "num_key_value_heads": 2}))
+    magnitudes = []
+    for i in range(2):
+        model = _base_model(str(config), "causal_lm", None, 2)
+        pk.apply(model, DoRA(target_modules=["q_proj", "v_proj"], rank=4 - 2 * i, alpha=4))
+        g = torch.Generator().manual_seed(i)
+        for _, layer in adapter_layers(model):
+            for p in layer.adapter_parameters("default"):
+                p.data.mul_(1 + 0.1 * torch.randn(p.shape, generator=g)).add_(0.1 * torch.randn(p.shape, generator=g))
+        magnitudes.append({q: _m(layer, "default").clone() for q, layer in adapter_layers(model)})
+        pk.save_adapter(model, tmp_path / f"ad{i}")
+    parser = argparse.ArgumentParser()
+    sub = parser.add_subparsers(dest="command", required=True)
+    register_combine(sub)
+    register_prune(sub)
+
+    def run(argv: list[str]) -> int:
+        args = parser.parse_args([*argv, "--model", str(config)])
+        return int(args.func(args))
+
+    ads = [str(tmp_path / "ad0"), str(tmp_path / "ad1")]
+    assert run(["combine", *ads, "--weights", "0.6", "0.4", "--method", "cat", "--out", str(tmp_path / "mix")]) == 0
+    assert run(["prune", str(tmp_path / "mix"), "--energy", "0.9", "--out", str(tmp_path / "pruned")]) == 0
+    for directory in ("mix", "pruned"):
+        assert json.loads((tmp_path / directory / "adapter_config.json").read_text())["use_dora"] is True
+        model = _base_model(str(config), "causal_lm", None, 2)
+        pk.load_adapter(model, tmp_path / directory)
+        for qualname, layer in adapter_layers(model):  # weights sum to 1: the mean of the magnitudes
+            expected = 0.6 * magnitudes[0][qualname] + 0.4 * magnitudes[1][qualname]
+            torch.testing.assert_close(_m(layer, "default"), expected, atol=1e-5, rtol=1e-5)
