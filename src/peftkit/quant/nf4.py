@@ -235,10 +235,11 @@ def dequantize_absmax(p: Packed4bit) -> Tensor:
     """The fp32 per-block constants of ``p`` (undoing double quantization where present)."""
     if p.absmax_scale is None or p.absmax_offset is None:
         return p.absmax
-    vals = dynamic_code(p.absmax.device)[p.absmax.long()]
-    n = vals.numel()
-    vals = torch.nn.functional.pad(vals, (0, -n % ABSMAX_BLOCK)).view(-1, ABSMAX_BLOCK)
-    return (vals * p.absmax_scale.view(-1, 1)).reshape(-1)[:n] + p.absmax_offset
+    n = p.absmax.numel()
+    codes = p.absmax if n % ABSMAX_BLOCK == 0 else torch.nn.functional.pad(p.absmax, (0, -n % ABSMAX_BLOCK))
+    vals = dynamic_code(p.absmax.device).index_select(0, codes.int()).view(-1, ABSMAX_BLOCK)
+    # (code · scale) + offset: two roundings, in this order, as bitsandbytes (in place: no more temporaries)
+    return vals.mul_(p.absmax_scale.view(-1, 1)).view(-1)[:n].add_(p.absmax_offset)
 
 
 def dequantize_4bit(p: Packed4bit, dtype: torch.dtype = torch.float32) -> Tensor:
@@ -257,26 +258,28 @@ def dequantize_4bit(p: Packed4bit, dtype: torch.dtype = torch.float32) -> Tensor
     absmax = dequantize_absmax(p)
     n, bs, data = p.shape.numel(), p.block_size, p.data
     table = _pair_table(p.quant_type, data.device)
-    nbytes = data.numel()
+    nbytes, full = data.numel(), n - n % bs  # full: the weights in whole blocks
     # One chunk on accelerators (fewer launches); cache-sized chunks on CPU, with reused index and value
     # buffers, so that no full-size temporary is allocated (page faults) or streamed through memory twice.
     chunk = min(_DECODE_CHUNK, nbytes) if data.device.type == "cpu" else nbytes
     out = torch.empty(2 * nbytes, dtype=dtype, device=data.device)  # an odd count has one padding nibble
     index = torch.empty(chunk, dtype=torch.int32, device=data.device)
-    scratch = None if dtype == torch.float32 else torch.empty(2 * chunk, dtype=torch.float32, device=data.device)
-    for start in range(0, nbytes, chunk):
-        stop = min(start + chunk, nbytes)
-        idx = index[: stop - start]
-        idx.copy_(data[start:stop])
-        values = out[2 * start : 2 * stop] if scratch is None else scratch[: 2 * (stop - start)]
-        torch.index_select(table, 0, idx, out=values.view(torch.int64))
-        # fp32 value × fp32 constant, rounded once into dtype (in place when dtype is fp32)
-        lo, hi = 2 * start, min(2 * stop, n)
-        full = (hi - lo) - (hi - lo) % bs
-        blocks = absmax[lo // bs : lo // bs + full // bs].view(-1, 1)
-        torch.mul(values[:full].view(-1, bs), blocks, out=out[lo : lo + full].view(-1, bs))
-        if lo + full < hi:  # the short last block
-            torch.mul(values[full : hi - lo], absmax[-1], out=out[lo + full : hi])
+    in_place = dtype == torch.float32  # decode into out itself, then scale it in place
+    scratch = out if in_place else torch.empty(2 * chunk, dtype=torch.float32, device=data.device)
+    rows = 2 * chunk // bs  # blocks per chunk (chunks start on block boundaries)
+    out_blocks = out[:full].view(-1, bs).split(rows)
+    scales = absmax[: full // bs].view(-1, 1).split(rows)
+    for i, codes in enumerate(data.split(chunk)):
+        idx = index[: codes.numel()]
+        idx.copy_(codes)
+        start = i * chunk if in_place else 0
+        torch.index_select(table, 0, idx, out=scratch.view(torch.int64)[start : start + codes.numel()])
+        if i < len(out_blocks):  # fp32 value × fp32 constant, rounded once into dtype
+            values = out_blocks[i] if in_place else scratch[: out_blocks[i].numel()].view(-1, bs)
+            torch.mul(values, scales[i], out=out_blocks[i])
+    if full < n:  # the short last block, decoded by the last chunk
+        offset = 0 if in_place else 2 * chunk * ((nbytes - 1) // chunk)
+        torch.mul(scratch[full - offset : n - offset], absmax[-1], out=out[full:n])
     return out[:n].view(p.shape)
 
 
