@@ -267,9 +267,9 @@ def dequantize_4bit(p: Packed4bit, dtype: torch.dtype = torch.float32) -> Tensor
     in_place = dtype == torch.float32  # decode into out itself, then scale it in place
     scratch = out if in_place else torch.empty(2 * chunk, dtype=torch.float32, device=data.device)
     rows = 2 * chunk // bs  # blocks per chunk (chunks start on block boundaries)
-    out_blocks = out[:full].view(-1, bs).split(rows)
-    scales = absmax[: full // bs].view(-1, 1).split(rows)
-    for i, codes in enumerate(data.split(chunk)):
+    out_blocks = torch.split(out[:full].view(-1, bs), rows)
+    scales = torch.split(absmax[: full // bs].view(-1, 1), rows)
+    for i, codes in enumerate(torch.split(data, chunk)):
         idx = index[: codes.numel()]
         idx.copy_(codes)
         start = i * chunk if in_place else 0
