@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import json
+import os
 import sys
 from collections.abc import Sequence
 from typing import Any
@@ -22,6 +23,8 @@ def _train(args: argparse.Namespace) -> int:
     from peftkit.train.loop import train
 
     summary = train(load_config(args.config, args.overrides))
+    if os.environ.get("RANK", "0") != "0":  # under torchrun, rank 0 alone reports
+        return 0
     print(f"done: {summary['steps']} steps in {summary['seconds']:.1f}s, final loss {summary['losses'][-1]:.4f}")
     if summary["eval"]:
         print("eval: " + ", ".join(f"{k}={v:.4f}" for k, v in summary["eval"].items()))
