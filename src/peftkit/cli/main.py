@@ -144,6 +144,7 @@ COMMANDS: list[str] = [
     "peftkit.train.sweep:register",
     "peftkit.cli.arith:register_combine",
     "peftkit.cli.arith:register_prune",
+    "peftkit.train.compare:register",
     # other areas add theirs here, one line each, e.g. "peftkit.merge.cli:register_combine",
 ]
 
