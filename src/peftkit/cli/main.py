@@ -153,7 +153,7 @@ def build_parser() -> argparse.ArgumentParser:
     """The ``peftkit`` parser with every importable subcommand."""
     parser = argparse.ArgumentParser(prog="peftkit", description="Parameter-efficient fine-tuning.")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    for spec in COMMANDS:
+    for spec in dict.fromkeys(COMMANDS):  # each once, even if listed twice
         module, _, func = spec.partition(":")
         try:
             register = getattr(importlib.import_module(module), func)
