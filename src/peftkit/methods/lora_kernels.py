@@ -177,7 +177,12 @@ def fused_forward(layer: Any, x: torch.Tensor, applied: list[str]) -> torch.Tens
 
 
 def supports(x: torch.Tensor, A: torch.Tensor, result: torch.Tensor) -> bool:
-    """Whether :func:`lora_update` applies: a floating input in the adapter's dtype and a matching output."""
+    """Whether :func:`lora_update` applies: a floating input in the adapter's dtype and a matching output.
+
+    Not under autocast, which changes the dtypes of the matmuls behind the kernels' backs.
+    """
+    if torch.is_autocast_enabled(x.device.type):
+        return False
     return x.dtype == A.dtype == result.dtype and x.is_floating_point() and x.dim() >= 1 and x.shape[-1] == A.shape[1]
 
 
