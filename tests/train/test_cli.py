@@ -83,13 +83,16 @@ def test_sweep_table(run_config, tmp_path, capsys):
     cfg = run_config("seq2seq", train={"max_steps": 2}, checkpoint={"pretrained": {"config": dict(T5)}})
     path = tmp_path / "sweep.yaml"
     path.write_text(yaml.safe_dump(cfg))
-    assert main(["sweep", str(path), "data.eval_fraction=0", "--ranks", "2", "4"]) == 0
+    assert main(["sweep", str(path), "data.eval_fraction=0", "logging.plots=true", "--ranks", "2", "4"]) == 0
     out = capsys.readouterr().out
     lines = [line for line in out.splitlines() if line.startswith("| ")]
     assert len(lines) == 3 and "grad_norm" in lines[0]
     rows = json.loads((Path(cfg["checkpoint"]["save_dir"]) / "sweep.json").read_text())
     assert [r["alpha"] for r in rows] == [4.0, 8.0]
     assert rows[1]["trainable"] == 2 * rows[0]["trainable"]  # LoRA parameters grow linearly in rank
+    assert all(len(r["losses"]) == len(r["grad_norms"]) == 2 for r in rows)
+    png = Path(cfg["checkpoint"]["save_dir"]) / "sweep.png"
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
 @pytest.mark.parametrize("task", ["classification", "seq2seq"])

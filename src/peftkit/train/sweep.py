@@ -13,6 +13,7 @@ import json
 from pathlib import Path
 from typing import Any
 
+from peftkit.errors import require
 from peftkit.train.config import load_config
 from peftkit.train.loop import train
 
@@ -75,13 +76,43 @@ def run_sweep(
                     "mean_grad_norm": sum(norms) / len(norms),
                     "last_grad_norm": norms[-1],
                     "seconds": s["seconds"],
+                    "losses": s["losses"],
+                    "grad_norms": norms,
                 }
             )
     root = Path(base.checkpoint.save_dir)
     root.mkdir(parents=True, exist_ok=True)
     (root / "sweep.json").write_text(json.dumps(rows, indent=1))
     (root / "sweep.md").write_text(format_table(rows) + "\n")
+    if base.logging.plots:
+        plot_sweep(rows, root / "sweep.png")
     return rows
+
+
+def plot_sweep(rows: list[dict[str, Any]], path: Path) -> Path:
+    """Loss and gradient norm per step, one line per (rank, alpha): seed 002's comparison as a picture.
+
+    Raises:
+        MissingDependencyError: matplotlib is not installed (``pip install 'peftkit[plot]'``).
+    """
+    mpl = require("matplotlib", "plot")
+    mpl.use("Agg")  # type: ignore[attr-defined]
+    plt = require("matplotlib.pyplot", "plot")
+    fig, (loss_ax, norm_ax) = plt.subplots(1, 2, figsize=(10, 3.8))  # type: ignore[attr-defined]
+    for row in rows:
+        label = f"r={row['rank']} α={row['alpha']:g}"
+        steps = range(1, len(row["losses"]) + 1)
+        loss_ax.plot(steps, row["losses"], label=label)
+        norm_ax.plot(steps, row["grad_norms"], label=label)
+    for ax, title in ((loss_ax, "training loss"), (norm_ax, "gradient norm")):
+        ax.set_xlabel("step")
+        ax.set_title(title)
+        ax.grid(alpha=0.3)
+    norm_ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)  # type: ignore[attr-defined]
+    return path
 
 
 def format_table(rows: list[dict[str, Any]]) -> str:
