@@ -12,7 +12,7 @@ import peftkit as pk
 from peftkit.core.state import get_state
 from peftkit.errors import ConfigError
 from peftkit.methods.canonical import CanonicalLoRALinear
-from peftkit.methods.grouped import SharedDown
+from peftkit.methods.grouped import SharedDown, groups_of
 from peftkit.methods.roles import fused_layout
 
 from models import build
@@ -76,6 +76,7 @@ def test_llama_linear_qkv_shares_one_A_and_one_dropout_mask() -> None:
     attn = model.model.layers[0].self_attn
     shared = attn.q_proj.lora_A["default"]
     assert isinstance(shared, SharedDown) and shared is attn.k_proj.lora_A["default"] is attn.v_proj.lora_A["default"]
+    assert groups_of(model, "default") == [[f"model.layers.{i}.self_attn.{p}_proj" for p in "qkv"] for i in (0, 1)]
     trainable, _ = pk.count_parameters(model)
     assert trainable == 2 * (4 * 32 + 4 * (32 + 16 + 16))  # one A per layer, B rows per projection
     calls = []

@@ -10,7 +10,7 @@ parameters, its state dict in Hugging Face PEFT's key layout (``lora_A.weight``,
 from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
-from typing import ClassVar
+from typing import ClassVar, cast
 
 import torch
 from torch import nn
@@ -42,7 +42,7 @@ class AdapterLayer(nn.Module):
     # Model code sometimes reads a layer's weight directly (T5 checks ``self.wo.weight.dtype``).
     @property
     def weight(self) -> torch.Tensor:
-        return self.base_layer.weight  # type: ignore[no-any-return]
+        return cast(torch.Tensor, self.base_layer.weight)
 
     @property
     def bias(self) -> torch.Tensor | None:

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Generic, TypeVar
+from typing import TYPE_CHECKING, Generic, TypeVar, cast
 
 import torch
 from torch import nn
@@ -66,14 +66,18 @@ class LinearKind:
     set_weight: Callable[[nn.Module, torch.Tensor], float | None]
 
 
+def _weight(m: nn.Module) -> torch.Tensor:
+    return cast(torch.Tensor, m.weight)
+
+
 def _linear_set(m: nn.Module, w: torch.Tensor) -> None:
     with torch.no_grad():
-        m.weight.copy_(w)
+        _weight(m).copy_(w)
 
 
 def _conv1d_set(m: nn.Module, w: torch.Tensor) -> None:
     with torch.no_grad():
-        m.weight.copy_(w.T)
+        _weight(m).copy_(w.T)
 
 
 #: Linear-like base layers: anything LoRA, DoRA and IA3 can wrap as a matrix multiply.
@@ -81,9 +85,9 @@ LINEAR_KINDS: TypeRegistry[LinearKind] = TypeRegistry()
 LINEAR_KINDS.register(
     nn.Linear,
     LinearKind(
-        in_features=lambda m: m.in_features,
-        out_features=lambda m: m.out_features,
-        weight=lambda m: m.weight,
+        in_features=lambda m: cast(nn.Linear, m).in_features,
+        out_features=lambda m: cast(nn.Linear, m).out_features,
+        weight=_weight,
         set_weight=lambda m, w: _linear_set(m, w),
     ),
 )
@@ -91,9 +95,9 @@ LINEAR_KINDS.register(
 LINEAR_KINDS.register(
     "transformers.pytorch_utils.Conv1D",
     LinearKind(
-        in_features=lambda m: m.weight.shape[0],
-        out_features=lambda m: m.weight.shape[1],
-        weight=lambda m: m.weight.T,
+        in_features=lambda m: _weight(m).shape[0],
+        out_features=lambda m: _weight(m).shape[1],
+        weight=lambda m: _weight(m).T,
         set_weight=lambda m, w: _conv1d_set(m, w),
     ),
 )

@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import copy
 from dataclasses import dataclass
+from typing import cast
 
 import torch
 from torch import nn
 
 from peftkit.core.config import AdapterConfig
+from peftkit.core.layer import AdapterLayer
 
 
 def _numel(param: torch.Tensor) -> int:
@@ -105,10 +107,10 @@ def inspect(model: nn.Module, config: AdapterConfig) -> InspectReport:
     roles = _roles(shadow)
     seen: set[int] = set()  # a factor shared by several layers (performant LoRA's A) counts once
     for target in targets or []:
-        layer = modules[target]
-        own = [p for p in layer.adapter_parameters(name) if id(p) not in seen]  # type: ignore[operator]
+        layer = cast(AdapterLayer, modules[target])
+        own = [p for p in layer.adapter_parameters(name) if id(p) not in seen]
         seen.update(id(p) for p in own)
-        base = layer.base_layer  # type: ignore[union-attr]
+        base = layer.base_layer
         weight = getattr(base, "weight", None)
         shape = tuple(weight.shape) if weight is not None else ()
         rows.append(InspectRow(target, type(base).__name__, shape, sum(p.numel() for p in own), roles.get(target, ())))

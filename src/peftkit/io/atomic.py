@@ -26,8 +26,8 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
             os.unlink(tmp)
 
 
-def write_atomic(path: str | Path, write: Callable[[Path], None]) -> None:
-    """Call ``write(tmp_path)`` and move the result onto ``path`` atomically."""
+def write_atomic(path: str | Path, write: Callable[[Path], object]) -> None:
+    """Call ``write(tmp_path)`` (its return value is ignored), then move the file onto ``path`` atomically."""
     with atomic_path(path) as tmp:
         write(tmp)
 

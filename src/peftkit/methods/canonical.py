@@ -15,7 +15,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any, ClassVar
+from typing import Any, ClassVar, cast
 
 import torch
 from torch import nn
@@ -28,6 +28,15 @@ from peftkit.methods.lora_layers import LoRALayer, LoRALinear, adapter_dtype, in
 from peftkit.methods.roles import GROUP_ROLES, PART_OF_ROLE, fused_layout, role_modules
 
 
+def _weight(module: nn.Module) -> torch.Tensor:
+    return cast(torch.Tensor, module.weight)
+
+
+def _parts(container: nn.Module) -> nn.ModuleDict:
+    """A canonical adapter's per-part modules (its ``lora_A``/``lora_B``/``lora_dropout`` entry)."""
+    return cast(nn.ModuleDict, container)
+
+
 class CanonicalLoRALinear(LoRALinear):
     """A fused linear layer with canonical adapters (one A, B per part) and possibly plain LoRA adapters.
 
@@ -38,6 +47,8 @@ class CanonicalLoRALinear(LoRALinear):
     Attributes:
         layout: part → its output rows of the fused projection, parts in order.
     """
+
+    _perm: torch.Tensor | None
 
     def __init__(self, base_layer: nn.Module, layout: dict[str, torch.Tensor]) -> None:
         super().__init__(base_layer)
@@ -70,8 +81,8 @@ class CanonicalLoRALinear(LoRALinear):
             if part in parts:
                 A[part] = nn.Linear(self.in_features, rank, bias=False, **factory)
                 B[part] = nn.Linear(rank, len(self.layout[part]), bias=False, **factory)
-                init_factor(A[part].weight, init_A, rank)
-                init_factor(B[part].weight, init_B, rank)
+                init_factor(_weight(A[part]), init_A, rank)
+                init_factor(_weight(B[part]), init_B, rank)
         self.lora_A[name], self.lora_B[name] = A, B
         self._add_common(name, rank, alpha, 0.0, use_rslora, dropout_position)
         # One dropout per part, as separate adapters would have.
@@ -86,16 +97,16 @@ class CanonicalLoRALinear(LoRALinear):
     def delta_weight(self, name: str) -> torch.Tensor:
         if not self.is_canonical(name):
             return super().delta_weight(name)
-        A, B = self.lora_A[name], self.lora_B[name]
-        ref = next(iter(B.values())).weight
+        A, B = _parts(self.lora_A[name]), _parts(self.lora_B[name])
+        ref = _weight(next(iter(B.values())))
         pieces = [
-            (B[p].weight @ A[p].weight) if p in A else ref.new_zeros(len(rows), self.in_features)
+            (_weight(B[p]) @ _weight(A[p])) if p in A else ref.new_zeros(len(rows), self.in_features)
             for p, rows in self.layout.items()
         ]
         return self._to_fused([t.T for t in pieces]).T * self.scaling[name]
 
     def _canonical_update(self, name: str, h: torch.Tensor) -> torch.Tensor:
-        A, B, drops = self.lora_A[name], self.lora_B[name], self.lora_dropout[name]
+        A, B, drops = _parts(self.lora_A[name]), _parts(self.lora_B[name]), _parts(self.lora_dropout[name])
         pre = self.dropout_position[name] == "pre"
         pieces = []
         for part, rows in self.layout.items():
@@ -108,15 +119,15 @@ class CanonicalLoRALinear(LoRALinear):
         return self._to_fused(pieces)
 
     def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
-        result = self.base_layer(x, *args, **kwargs)
+        result: torch.Tensor = self.base_layer(x, *args, **kwargs)
         for name in self._applied():
             A = self.lora_A[name]
             if not self.is_canonical(name):
                 B, drop = self.lora_B[name], self.lora_dropout[name]
-                h = x.to(A.weight.dtype)
+                h = x.to(_weight(A).dtype)
                 update = B(A(drop(h))) if self.dropout_position[name] == "pre" else drop(B(A(h)))
             else:
-                update = self._canonical_update(name, x.to(next(iter(A.values())).weight.dtype))
+                update = self._canonical_update(name, x.to(_weight(next(iter(_parts(A).values()))).dtype))
             result = result + (update * self.scaling[name]).to(result.dtype)
         return result
 
@@ -154,7 +165,7 @@ class CanonicalLoRA(LoRA):
         modules = dict(model.named_modules())
         plan: dict[str, tuple[dict[str, torch.Tensor], list[str]]] = {}
         for name in targets:
-            base = getattr(modules[name], "base_layer", modules[name])
+            base = cast(nn.Module, getattr(modules[name], "base_layer", modules[name]))
             layout = fused_layout(model, name, getattr(base, "out_features", None) or _out_features(base))
             if layout is not None:
                 plan[name] = (layout, self._parts_for(model, name, layout))

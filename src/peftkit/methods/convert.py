@@ -17,7 +17,7 @@ the rank stays r, so converting there and back is the identity.
 from __future__ import annotations
 
 import math
-from typing import Any
+from typing import Any, cast
 
 import torch
 from torch import nn
@@ -60,7 +60,7 @@ def stack_parts(As: list[torch.Tensor], Bs: list[torch.Tensor], alpha: float,
 
 
 def _out(layer: nn.Module) -> int:
-    return int(layer.out_features)
+    return cast(int, layer.out_features)
 
 
 def _to_canonical(model: nn.Module, config: LoRA, targets: list[str], tensors: Tensors) -> tuple[LoRA, Tensors]:
@@ -139,7 +139,7 @@ def converted(model: nn.Module, name: str, to: str) -> tuple[LoRA, Tensors]:
             f"no adapter named {name!r} on this model; its adapters are {sorted(state.configs)}"
         )
     config = state.configs[name]
-    if type(config) not in (LoRA, CanonicalLoRA):
+    if not isinstance(config, LoRA) or type(config) not in (LoRA, CanonicalLoRA):  # exactly these, no subclass
         raise ConfigError(
             f"adapter {name!r} is {type(config).__name__}; only LoRA and CanonicalLoRA adapters convert between "
             "performant and canonical layouts"

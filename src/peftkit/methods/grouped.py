@@ -15,7 +15,8 @@ which is exactly Hugging Face PEFT's LoRA on q_proj, k_proj and v_proj with tied
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any, cast
 
 import torch
 import torch.nn.functional as F
@@ -26,6 +27,7 @@ from peftkit.methods.roles import ARCHITECTURES, GROUP_ROLES, PART_OF_ROLE, fuse
 
 if TYPE_CHECKING:
     from peftkit.methods.lora import LoRA
+    from peftkit.methods.lora_layers import LoRALinear
 
 
 def _version(x: torch.Tensor) -> int:
@@ -49,7 +51,8 @@ class SharedDown(nn.Module):
         self.weight = weight
         self.dropout = dropout
         self.consumers = consumers
-        self._cache: tuple[Any, ...] | None = None
+        # (input, (its version, grad mode, training), result, siblings yet to read it)
+        self._cache: tuple[torch.Tensor, tuple[int, bool, bool], torch.Tensor, int] | None = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         key = (_version(x), torch.is_grad_enabled(), self.training)
@@ -68,7 +71,8 @@ class SharedDown(nn.Module):
         self._cache = None
 
     def __getstate__(self) -> dict[str, Any]:  # deepcopy/pickle never carry a cached activation
-        state = dict(super().__getstate__())
+        getstate = cast(Callable[[], dict[str, Any]], super().__getstate__)  # untyped in torch
+        state = dict(getstate())
         state["_cache"] = None
         return state
 
@@ -89,7 +93,7 @@ def role_groups(model: nn.Module, roles: list[str], targets: list[str]) -> list[
     for role in roles:
         if role not in GROUP_ROLES:
             continue
-        order = {}
+        order: dict[str, int] = {}
         for rank, part in enumerate(GROUP_ROLES[role]):
             for name in role_modules(model, part) if part in ARCHITECTURES[model_type(model) or ""].roles else []:
                 order.setdefault(name, rank)
@@ -142,11 +146,11 @@ def plan_groups(config: LoRA, model: nn.Module, targets: list[str]) -> list[list
 def share_down_projections(model: nn.Module, name: str, groups: list[list[str]]) -> None:
     """Make each group's layers use one :class:`SharedDown` for adapter ``name`` (the first member's A)."""
     for group in groups:
-        layers = [model.get_submodule(n) for n in group]
+        layers = [cast("LoRALinear", model.get_submodule(n)) for n in group]
         first = layers[0]
         pre = first.dropout_position[name] == "pre"
         dropout = first.lora_dropout[name] if pre else nn.Identity()
-        shared = SharedDown(first.lora_A[name].weight, dropout, len(layers))
+        shared = SharedDown(cast(nn.Parameter, first.lora_A[name].weight), dropout, len(layers))
         for layer in layers:
             layer.lora_A[name] = shared
             if pre:
@@ -158,6 +162,6 @@ def groups_of(model: nn.Module, name: str) -> list[list[str]]:
     by_module: dict[int, list[str]] = {}
     for qualname, module in model.named_modules():
         lora_a = getattr(module, "lora_A", None)
-        if isinstance(lora_a, nn.ModuleDict) and isinstance(lora_a[name], SharedDown) if name in lora_a else False:
+        if isinstance(lora_a, nn.ModuleDict) and name in lora_a and isinstance(lora_a[name], SharedDown):
             by_module.setdefault(id(lora_a[name]), []).append(qualname)
     return list(by_module.values())

@@ -10,7 +10,7 @@ from __future__ import annotations
 import math
 import re
 from dataclasses import dataclass, field
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Protocol, cast
 
 from torch import nn
 
@@ -32,6 +32,13 @@ def _positive_int(field_name: str, value: Any) -> None:
 def _positive_number(field_name: str, value: Any) -> None:
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
         raise ConfigError(f"{field_name}={value!r} must be a positive number (e.g. 16)")
+
+
+class _AddsAdapter(Protocol):
+    """What every LoRA layer class defines (``LoRALayer`` itself does not declare it)."""
+
+    def add(self, name: str, rank: int, alpha: float, *, dropout: float = ..., use_rslora: bool = ...,
+            init_A: str = ..., init_B: str = ..., dropout_position: str = ...) -> None: ...
 
 
 @register_method
@@ -76,8 +83,8 @@ class LoRA(AdapterConfig):
         _positive_number("alpha", self.alpha)
         for key, value in self.rank_pattern.items():
             _positive_int(f"rank_pattern[{key!r}]", value)
-        for key, value in self.alpha_pattern.items():
-            _positive_number(f"alpha_pattern[{key!r}]", value)
+        for key, alpha in self.alpha_pattern.items():
+            _positive_number(f"alpha_pattern[{key!r}]", alpha)
         if isinstance(self.dropout, bool) or not isinstance(self.dropout, (int, float)) or not 0 <= self.dropout < 1:
             raise ConfigError(f"dropout={self.dropout!r} must be in [0, 1) (e.g. 0.05)")
         for name in ("init_A", "init_B"):
@@ -123,7 +130,7 @@ class LoRA(AdapterConfig):
 
     def transform(self, module: nn.Module, qualname: str, adapter_name: str) -> nn.Module:
         layer = module if isinstance(module, LoRALayer) else self.layer_class(module)(module)
-        layer.add(
+        cast(_AddsAdapter, layer).add(
             adapter_name,
             self.rank_for(qualname),
             self.alpha_for(qualname),
@@ -217,7 +224,7 @@ class LoRA(AdapterConfig):
             target_modules=hf_resolve(data.get("target_modules"), module_names),
             exclude_modules=hf_resolve(data.get("exclude_modules"), module_names),
             layers=_as_layers(data.get("layers_to_transform")),
-            layers_pattern=_as_list(data.get("layers_pattern")) or cls.layers_pattern,  # type: ignore[arg-type]
+            layers_pattern=_as_list(data.get("layers_pattern")) or cls.layers_pattern,
             rank=int(data.get("r", 8)),
             alpha=data.get("lora_alpha", 8),
             dropout=float(data.get("lora_dropout", 0.0) or 0.0),
