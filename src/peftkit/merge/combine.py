@@ -50,6 +50,7 @@ from peftkit.core.layer import AdapterLayer
 from peftkit.core.state import adapter_layers, get_state
 from peftkit.errors import AdapterExistsError, AdapterNotFoundError, AdapterStateError, ConfigError
 from peftkit.merge import merge_utils as mu
+from peftkit.merge.trim import check_density, check_sign_method
 from peftkit.methods.dora import DoRA
 from peftkit.methods.lora import LoRA
 from peftkit.methods.lora_layers import LoRALayer
@@ -154,13 +155,13 @@ def _check(
     if base in _NEEDS_DENSITY:
         if density is None:
             raise ConfigError(f"method={method!r} needs density= (fraction of entries kept, in (0, 1])")
-        mu.check_density(density)
+        check_density(density)
     elif density is not None:
         raise ConfigError(
             f"density={density!r} is not used by method={method!r}; drop it or use ties/dare/magnitude_prune"
         )
     if base in _NEEDS_SIGN:
-        mu.check_sign_method(majority_sign_method)
+        check_sign_method(majority_sign_method)
     if rank is not None and (
         not canonical.endswith("_svd") or isinstance(rank, bool) or not isinstance(rank, int) or rank < 1
     ):

@@ -18,17 +18,31 @@ The functions take ``(task_tensors, weights, density, majority_sign_method)`` li
 and the sign is elected on the unweighted trimmed tensors, as PEFT does. Unlike PEFT they never stack
 the task tensors into one (n, …) tensor, so the peak extra memory of ``task_arithmetic``,
 ``magnitude_prune`` and ``dare_linear`` is one tensor rather than n; they also accept state dicts
-(``{name: tensor}``, merged key by key) and return the task tensors' dtype.
+(``{name: tensor}``, merged key by key) and return the task tensors' dtype. The trimming and
+sign-election primitives (``prune``, ``calculate_majority_sign_mask``, ...) live in
+:mod:`peftkit.merge.trim` and are re-exported here, as PEFT's module holds them too.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from typing import Literal, TypeVar
+from typing import TypeVar
 
 import torch
 
 from peftkit.errors import ConfigError
+from peftkit.merge.trim import (
+    PruneMethod,
+    SignMethod,
+    calculate_majority_sign_mask,
+    check_density,
+    check_sign_method,
+    disjoint_merge,
+    elected_sign,
+    magnitude_based_pruning,
+    prune,
+    random_pruning,
+)
 
 __all__ = [
     "calculate_majority_sign_mask",
@@ -43,50 +57,12 @@ __all__ = [
     "ties",
 ]
 
-SignMethod = Literal["total", "frequency"]
-PruneMethod = Literal["magnitude", "random"]
 Weights = torch.Tensor | Sequence[float]
 StateDict = dict[str, torch.Tensor]
 _T = TypeVar("_T", torch.Tensor, StateDict)
 
-_SIGN_METHODS = ("total", "frequency")
-
 
 # --------------------------------------------------------------------------------------------- checks
-
-
-def check_density(density: float) -> float:
-    """Validate a density (the fraction of entries kept).
-
-    Args:
-        density: the value to check.
-
-    Returns:
-        ``density`` as a float.
-
-    Raises:
-        ConfigError: ``density`` is not a number in (0, 1].
-    """
-    if isinstance(density, bool) or not isinstance(density, int | float) or not 0.0 < density <= 1.0:
-        raise ConfigError(
-            f"density={density!r} is outside (0, 1]: it is the fraction of entries kept, "
-            "e.g. density=0.5 keeps half (1.0 keeps all)"
-        )
-    return float(density)
-
-
-def check_sign_method(method: str) -> SignMethod:
-    """Validate a majority-sign method name.
-
-    Raises:
-        ConfigError: ``method`` is not ``"total"`` or ``"frequency"``.
-    """
-    if method not in _SIGN_METHODS:
-        raise ConfigError(
-            f"majority_sign_method={method!r} is unknown; use 'total' (sign of the summed values) "
-            "or 'frequency' (sign held by most tasks)"
-        )
-    return method  # type: ignore[return-value]
 
 
 def _weight_list(weights: Weights, count: int) -> list[float]:
@@ -106,116 +82,6 @@ def _check_shapes(tensors: Sequence[torch.Tensor], key: str | None = None) -> No
         raise ConfigError(
             f"task tensors{where} have different shapes {sorted(shapes)}; they must all have one shape"
         )
-
-
-# --------------------------------------------------------------------------------------------- helpers
-
-
-def magnitude_based_pruning(tensor: torch.Tensor, density: float) -> torch.Tensor:
-    """Keep the ``int(density · numel)`` entries of largest magnitude and zero the rest.
-
-    Ties at the threshold are broken by ``torch.topk`` exactly as PEFT does, so both keep the same entries.
-
-    Args:
-        tensor: the tensor to trim.
-        density: fraction of entries kept, in (0, 1].
-
-    Returns:
-        A new tensor of ``tensor``'s shape and dtype.
-    """
-    flat = tensor.reshape(-1)
-    k = int(density * flat.numel())
-    mask = torch.zeros_like(flat)
-    mask[torch.topk(flat.abs(), k=k, largest=True).indices] = 1
-    return tensor * mask.reshape(tensor.shape)
-
-
-def random_pruning(
-    tensor: torch.Tensor, density: float, rescale: bool, generator: torch.Generator | None = None
-) -> torch.Tensor:
-    """Keep each entry with probability ``density`` (DARE's drop), optionally rescaled by ``1/density``.
-
-    Args:
-        tensor: the tensor to drop entries from.
-        density: keep probability, in (0, 1].
-        rescale: divide the survivors by ``density`` so the expectation equals ``tensor``.
-        generator: random source; the global torch generator when ``None`` (as in PEFT).
-
-    Returns:
-        A new tensor of ``tensor``'s shape and dtype.
-    """
-    mask = torch.bernoulli(torch.full_like(tensor, density), generator=generator)
-    pruned = tensor * mask
-    return pruned / density if rescale else pruned
-
-
-def prune(
-    tensor: torch.Tensor,
-    density: float,
-    method: PruneMethod,
-    rescale: bool = False,
-    generator: torch.Generator | None = None,
-) -> torch.Tensor:
-    """Trim a tensor by magnitude or drop random entries; ``density == 1`` returns it unchanged.
-
-    Args:
-        tensor: the tensor to prune.
-        density: fraction of entries kept, in (0, 1].
-        method: ``"magnitude"`` (keep the largest) or ``"random"`` (keep each with probability density).
-        rescale: with ``"random"``, divide survivors by ``density``.
-        generator: random source for ``"random"``.
-
-    Returns:
-        The pruned tensor (``tensor`` itself when ``density == 1``, drawing no random numbers, like PEFT).
-
-    Raises:
-        ConfigError: ``density`` outside (0, 1] or an unknown ``method``.
-    """
-    density = check_density(density)
-    if method not in ("magnitude", "random"):
-        raise ConfigError(f"prune method={method!r} is unknown; use 'magnitude' or 'random'")
-    if density == 1.0:
-        return tensor
-    if method == "magnitude":
-        return magnitude_based_pruning(tensor, density)
-    return random_pruning(tensor, density, rescale=rescale, generator=generator)
-
-
-def calculate_majority_sign_mask(tensor: torch.Tensor, method: SignMethod = "total") -> torch.Tensor:
-    """TIES' sign election over task tensors stacked on dimension 0.
-
-    Args:
-        tensor: shape ``(n_tasks, …)``.
-        method: ``"total"`` elects sgn(Σᵢ τᵢ), ``"frequency"`` elects sgn(Σᵢ sgn τᵢ); a tie elects +.
-
-    Returns:
-        Boolean mask of ``tensor``'s shape, true where an entry has the elected sign (never for zeros).
-
-    Raises:
-        ConfigError: unknown ``method``.
-    """
-    check_sign_method(method)
-    sign = tensor.sign()
-    votes = tensor.sum(dim=0) if method == "total" else sign.sum(dim=0)
-    return sign == _elected(votes)
-
-
-def disjoint_merge(task_tensors: torch.Tensor, majority_sign_mask: torch.Tensor) -> torch.Tensor:
-    """TIES' disjoint mean: average each entry over the tasks that agree with the elected sign.
-
-    Args:
-        task_tensors: weighted task tensors stacked on dimension 0.
-        majority_sign_mask: the mask from :func:`calculate_majority_sign_mask`.
-
-    Returns:
-        The merged tensor (an entry no task keeps is 0).
-    """
-    kept = (task_tensors * majority_sign_mask).sum(dim=0)
-    return kept / torch.clamp(majority_sign_mask.sum(dim=0), min=1.0)
-
-
-def _elected(votes: torch.Tensor) -> torch.Tensor:
-    return torch.where(votes >= 0, 1, -1).to(votes.dtype)
 
 
 # --------------------------------------------------------------------------------------------- merges
@@ -245,7 +111,7 @@ def _ties_merge(
     votes = torch.zeros(tensors[0].shape, dtype=work, device=tensors[0].device)
     for tensor in tensors:
         votes.add_(tensor if method == "total" else tensor.sign())
-    elected = _elected(votes)
+    elected = elected_sign(votes)
     total = torch.zeros_like(votes)
     count = torch.zeros_like(votes)
     for tensor, weight in zip(tensors, weights, strict=True):
@@ -287,6 +153,27 @@ def _merge(
     return merged
 
 
+def _trimmed_merge(
+    task_tensors: Sequence[_T],
+    weights: Weights,
+    density: float,
+    trim: PruneMethod,
+    sign_method: str | None,
+    generator: torch.Generator | None = None,
+) -> _T:
+    """Trim every task tensor (``"magnitude"``, or DARE's rescaled ``"random"`` drop), then either the weighted
+    sum (``sign_method=None``) or TIES' sign election and disjoint mean."""
+    density = check_density(density)
+    elect = None if sign_method is None else check_sign_method(sign_method)
+
+    def merge_one(tensors: Sequence[torch.Tensor], values: list[float]) -> torch.Tensor:
+        # Lazily, one task at a time: the same random draws, in the same order, as PEFT.
+        trimmed = (prune(t, density, trim, rescale=True, generator=generator) for t in tensors)
+        return _weighted_sum(trimmed, values) if elect is None else _ties_merge(list(trimmed), values, elect)
+
+    return _merge(task_tensors, weights, merge_one)
+
+
 def task_arithmetic(task_tensors: Sequence[_T], weights: Weights) -> _T:
     """Task arithmetic: Σᵢ wᵢ·τᵢ.
 
@@ -317,12 +204,7 @@ def magnitude_prune(task_tensors: Sequence[_T], weights: Weights, density: float
     Raises:
         ConfigError: ``density`` outside (0, 1], a wrong weight count, or mismatched shapes/keys.
     """
-    density = check_density(density)
-
-    def merge_one(tensors: Sequence[torch.Tensor], values: list[float]) -> torch.Tensor:
-        return _weighted_sum((prune(t, density, "magnitude") for t in tensors), values)
-
-    return _merge(task_tensors, weights, merge_one)
+    return _trimmed_merge(task_tensors, weights, density, "magnitude", None)
 
 
 def ties(
@@ -343,13 +225,7 @@ def ties(
         ConfigError: ``density`` outside (0, 1], unknown ``majority_sign_method``, a wrong weight count,
             or mismatched shapes/keys.
     """
-    density = check_density(density)
-    method = check_sign_method(majority_sign_method)
-
-    def merge_one(tensors: Sequence[torch.Tensor], values: list[float]) -> torch.Tensor:
-        return _ties_merge([prune(t, density, "magnitude") for t in tensors], values, method)
-
-    return _merge(task_tensors, weights, merge_one)
+    return _trimmed_merge(task_tensors, weights, density, "magnitude", majority_sign_method)
 
 
 def dare_linear(
@@ -370,15 +246,7 @@ def dare_linear(
     Raises:
         ConfigError: ``density`` outside (0, 1], a wrong weight count, or mismatched shapes/keys.
     """
-    density = check_density(density)
-
-    def merge_one(tensors: Sequence[torch.Tensor], values: list[float]) -> torch.Tensor:
-        # Drop and accumulate one task at a time: the same random draws, in the same order, as PEFT.
-        return _weighted_sum(
-            (prune(t, density, "random", rescale=True, generator=generator) for t in tensors), values
-        )
-
-    return _merge(task_tensors, weights, merge_one)
+    return _trimmed_merge(task_tensors, weights, density, "random", None, generator)
 
 
 def dare_ties(
@@ -405,11 +273,4 @@ def dare_ties(
         ConfigError: ``density`` outside (0, 1], unknown ``majority_sign_method``, a wrong weight count,
             or mismatched shapes/keys.
     """
-    density = check_density(density)
-    method = check_sign_method(majority_sign_method)
-
-    def merge_one(tensors: Sequence[torch.Tensor], values: list[float]) -> torch.Tensor:
-        dropped = [prune(t, density, "random", rescale=True, generator=generator) for t in tensors]
-        return _ties_merge(dropped, values, method)
-
-    return _merge(task_tensors, weights, merge_one)
+    return _trimmed_merge(task_tensors, weights, density, "random", majority_sign_method, generator)

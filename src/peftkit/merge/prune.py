@@ -29,7 +29,7 @@ from torch import nn
 from peftkit.core.state import adapter_layers, get_state, set_adapter
 from peftkit.errors import AdapterNotFoundError, AdapterStateError, ConfigError
 from peftkit.merge.combine import as_matrices, factors, like_factors, write_factors
-from peftkit.merge.merge_utils import magnitude_based_pruning
+from peftkit.merge.trim import magnitude_based_pruning
 from peftkit.methods.dora import DoRA
 from peftkit.methods.lora import LoRA
 from peftkit.methods.lora_layers import LoRALayer
