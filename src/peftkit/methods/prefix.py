@@ -40,9 +40,11 @@ from peftkit.methods.prompt import (
     check_virtual_tokens,
     detach,
     extend_mask,
+    hf_prompt_dict,
     is_seq2seq,
     model_dims,
     saved_modules,
+    saved_table,
 )
 
 
@@ -167,21 +169,11 @@ class PrefixTuning(AdapterConfig):
         detach(model, name)
 
     def extra_tensors(self, model: nn.Module, name: str) -> dict[str, torch.Tensor]:
-        return {"prompt_embeddings": getattr(model, ATTR).prompt_modules[name].saved_table()}
+        return saved_table(model, name)
 
     def to_hf_dict(self, targets: list[str], module_names: list[str]) -> dict[str, Any]:
-        return {
-            "peft_type": self.peft_type,
-            "task_type": self.task_type,
-            "num_virtual_tokens": self.num_virtual_tokens,
-            "prefix_projection": self.prefix_projection,
-            "init_weights": None,
-            "modules_to_save": list(self.modules_to_save) or None,
-            "inference_mode": True,
-            "base_model_name_or_path": None,
-            "revision": None,
-            **{k: v for k, v in self.extra.items() if k not in ("peft_type", "prefix_projection", "modules_to_save")},
-        }
+        own = {"prefix_projection": self.prefix_projection, "init_weights": None}
+        return hf_prompt_dict(self, self.num_virtual_tokens, own, ("peft_type", "prefix_projection", "modules_to_save"))
 
     @classmethod
     def from_hf_dict(cls, data: dict[str, Any], module_names: list[str]) -> PrefixTuning:

@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import inspect
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass
 from typing import Any, ClassVar, Protocol, cast
 
@@ -197,6 +197,12 @@ def _bind(fn: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> dict[str, A
     return {**dict(zip(names, args, strict=False)), **kwargs}
 
 
+class _PromptModule(Protocol):
+    """What a prompt module (:class:`PromptEmbedding`, prefix tuning's ``PrefixEncoder``) holds: its table."""
+
+    def saved_table(self) -> torch.Tensor: ...
+
+
 class _EncoderDecoder(Protocol):
     def get_encoder(self) -> nn.Module: ...
 
@@ -312,23 +318,16 @@ class PromptTuning(AdapterConfig):
         detach(model, name)
 
     def extra_tensors(self, model: nn.Module, name: str) -> dict[str, torch.Tensor]:
-        return {"prompt_embeddings": getattr(model, ATTR).prompt_modules[name].saved_table()}
+        return saved_table(model, name)
 
     def to_hf_dict(self, targets: list[str], module_names: list[str]) -> dict[str, Any]:
-        return {
-            "peft_type": self.peft_type,
-            "task_type": self.task_type,
-            "num_virtual_tokens": self.num_virtual_tokens,
+        own = {
             "prompt_tuning_init": {"random": "RANDOM", "text": "TEXT", "sample_vocab": "SAMPLE_VOCAB"}[self.init],
             "prompt_tuning_init_text": self.init_text,
             "tokenizer_name_or_path": getattr(self.tokenizer, "name_or_path", None),
             "tokenizer_kwargs": None,
-            "modules_to_save": list(self.modules_to_save) or None,
-            "inference_mode": True,
-            "base_model_name_or_path": None,
-            "revision": None,
-            **{k: v for k, v in self.extra.items() if k not in _HF_PROMPT_FIELDS},
         }
+        return hf_prompt_dict(self, self.num_virtual_tokens, own, _HF_PROMPT_FIELDS)
 
     @classmethod
     def from_hf_dict(cls, data: dict[str, Any], module_names: list[str]) -> PromptTuning:
@@ -342,6 +341,30 @@ _HF_PROMPT_FIELDS = frozenset(
     "peft_type task_type num_virtual_tokens prompt_tuning_init prompt_tuning_init_text tokenizer_name_or_path "
     "tokenizer_kwargs inference_mode modules_to_save".split()
 )
+
+
+def saved_table(model: nn.Module, name: str) -> dict[str, torch.Tensor]:
+    """Prompt module ``name``'s table under HF PEFT's one key (a prompt-learning config's ``extra_tensors``)."""
+    layer = cast(PromptLearningLayer, getattr(model, ATTR))
+    return {"prompt_embeddings": cast(_PromptModule, layer.prompt_modules[name]).saved_table()}
+
+
+def hf_prompt_dict(
+    config: AdapterConfig, num_virtual_tokens: int, own: dict[str, Any], known: Collection[str]
+) -> dict[str, Any]:
+    """A prompt-learning ``adapter_config.json``: the shared fields around the method's ``own``, then the
+    config's ``extra`` fields (those not in ``known``), in HF PEFT's order."""
+    return {
+        "peft_type": config.peft_type,
+        "task_type": config.task_type,
+        "num_virtual_tokens": num_virtual_tokens,
+        **own,
+        "modules_to_save": list(config.modules_to_save) or None,
+        "inference_mode": True,
+        "base_model_name_or_path": None,
+        "revision": None,
+        **{k: v for k, v in config.extra.items() if k not in known},
+    }
 
 
 def saved_modules(data: dict[str, Any], module_names: list[str]) -> list[str]:
