@@ -107,3 +107,16 @@ def randomize_adapters(model: nn.Module, seed: int = 0) -> None:
                 for tensor in layer.adapter_tensors(name).values():
                     if tensor.is_floating_point():
                         tensor.copy_(torch.randn(tensor.shape, generator=gen) * 0.1)
+
+
+def train_losses(model: nn.Module, loss: Callable[[], torch.Tensor], lr: float, steps: int = 8) -> list[float]:
+    """Losses of ``steps`` AdamW steps on the model's trainable parameters; ``loss()`` runs one forward."""
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr)
+    losses = []
+    for _ in range(steps):
+        value = loss()
+        opt.zero_grad()
+        value.backward()
+        opt.step()
+        losses.append(value.item())
+    return losses

@@ -13,7 +13,7 @@ from peftkit.core.state import adapter_layers
 from peftkit.errors import ConfigError, MergeError
 from peftkit.methods.adapter import BottleneckLayer
 
-from models import ARCHS, build, randomize_adapters, run
+from models import ARCHS, build, randomize_adapters, run, train_losses
 
 ARCH_NAMES = ["llama", "gpt2", "t5", "bert"]
 # Sites per placement on the 2-layer test models (T5: encoder + decoder, the decoder with cross-attention).
@@ -99,14 +99,7 @@ def test_two_adapters_and_training_lowers_the_loss() -> None:
     assert {n.split(".")[-2] for n, p in model.named_parameters() if p.requires_grad} == {"b"}
     model.train()
     ids = ARCHS["gpt2"].inputs()["input_ids"]
-    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=0.01)
-    losses = []
-    for _ in range(8):
-        loss = model(input_ids=ids, labels=ids).loss
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-        losses.append(loss.item())
+    losses = train_losses(model, lambda: model(input_ids=ids, labels=ids).loss, lr=0.01)
     assert losses[-1] < losses[0] - 0.05
 
 

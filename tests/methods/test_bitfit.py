@@ -13,7 +13,7 @@ import peftkit as pk
 from peftkit.errors import ConfigError, TargetNotFoundError, UnsupportedLayerError
 from peftkit.methods.bitfit import BitFitLayer
 
-from models import ARCHS, build, run
+from models import ARCHS, build, run, train_losses
 
 
 def perturb(model: nn.Module, seed: int = 0) -> None:
@@ -122,12 +122,5 @@ def test_training_lowers_the_loss() -> None:
     model.train()
     pk.apply(model, pk.BitFit())
     ids = ARCHS["gpt2"].inputs()["input_ids"]
-    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=0.05)
-    losses = []
-    for _ in range(8):
-        loss = model(input_ids=ids, labels=ids).loss
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-        losses.append(loss.item())
+    losses = train_losses(model, lambda: model(input_ids=ids, labels=ids).loss, lr=0.05)
     assert losses[-1] < losses[0] - 0.05

@@ -10,7 +10,7 @@ import peftkit as pk
 from peftkit.errors import ConfigError, MergeError
 from peftkit.methods.ia3 import IA3Layer
 
-from models import ARCHS, build, randomize_adapters, run
+from models import ARCHS, build, randomize_adapters, run, train_losses
 
 CASES = {
     "llama": (["k_proj", "v_proj", "down_proj"], ["down_proj"]),
@@ -127,14 +127,7 @@ def test_training_lowers_the_loss() -> None:
     model.train()
     pk.apply(model, pk.IA3(target_modules=["k_proj", "v_proj", "down_proj"], feedforward_modules=["down_proj"]))
     ids = ARCHS["llama"].inputs()["input_ids"]
-    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=0.1)
-    losses = []
-    for _ in range(8):
-        loss = model(input_ids=ids, labels=ids).loss
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-        losses.append(loss.item())
+    losses = train_losses(model, lambda: model(input_ids=ids, labels=ids).loss, lr=0.1)
     assert losses[-1] < losses[0] - 0.05
 
 

@@ -9,7 +9,7 @@ from test_prompt import batch, greedy_reference
 import peftkit as pk
 from peftkit.errors import MergeError
 
-from models import build
+from models import build, train_losses
 
 peft = pytest.importorskip("peft")
 
@@ -135,12 +135,5 @@ def test_training_lowers_the_loss() -> None:
     model.train()
     pk.apply(model, pk.PrefixTuning(num_virtual_tokens=4, prefix_projection=True, encoder_hidden_size=16))
     inputs = inputs_for("gpt2")
-    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=0.01)
-    losses = []
-    for _ in range(8):
-        loss = model(**inputs).loss
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-        losses.append(loss.item())
+    losses = train_losses(model, lambda: model(**inputs).loss, lr=0.01)
     assert losses[-1] < losses[0] - 0.05

@@ -8,7 +8,7 @@ import torch
 import peftkit as pk
 from peftkit.errors import AdapterStateError, ConfigError, MergeError
 
-from models import build
+from models import build, train_losses
 
 peft = pytest.importorskip("peft")
 
@@ -148,12 +148,6 @@ def test_positional_input_ids_and_training_lowers_the_loss() -> None:
     inputs = batch("llama")
     params = [p for p in model.parameters() if p.requires_grad]
     assert sum(p.numel() for p in params) == 4 * 32
-    opt = torch.optim.AdamW(params, lr=0.1)
-    losses = []
-    for _ in range(8):
-        loss = model(inputs["input_ids"], attention_mask=inputs["attention_mask"], labels=inputs["labels"]).loss
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-        losses.append(loss.item())
+    ids, mask, labels = inputs["input_ids"], inputs["attention_mask"], inputs["labels"]
+    losses = train_losses(model, lambda: model(ids, attention_mask=mask, labels=labels).loss, lr=0.1)
     assert losses[-1] < losses[0] - 0.05
