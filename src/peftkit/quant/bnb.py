@@ -6,13 +6,16 @@ registered as base-layer kinds by qualified name, so LoRA wraps and merges into 
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
 
 from peftkit.core.registry import DEQUANTIZERS, LINEAR_KINDS, LinearKind
 from peftkit.errors import ConfigError, require
+
+if TYPE_CHECKING:
+    from peftkit.quant.convert import QuantSpec
 
 
 def _bnb() -> Any:
@@ -25,15 +28,8 @@ def _bnb() -> Any:
     return bnb
 
 
-def to_bitsandbytes(
-    linear: nn.Linear,
-    bits: int,
-    quant_type: str,
-    double_quant: bool,
-    block_size: int,
-    compute_dtype: torch.dtype,
-) -> nn.Module:
-    """A bitsandbytes quantized copy of ``linear`` on the current CUDA device.
+def to_bitsandbytes(linear: nn.Linear, spec: QuantSpec) -> nn.Module:
+    """A bitsandbytes quantized copy of ``linear``, stored as ``spec`` says, on the current CUDA device.
 
     Raises:
         MissingDependencyError: bitsandbytes is not installed.
@@ -42,7 +38,7 @@ def to_bitsandbytes(
     bnb = _bnb()
     has_bias = linear.bias is not None
     weight = linear.weight.detach()
-    if bits == 8:
+    if spec.bits == 8:
         layer = bnb.nn.Linear8bitLt(linear.in_features, linear.out_features, bias=has_bias, has_fp16_weights=False)
         layer.weight = bnb.nn.Int8Params(weight.to(torch.float16).cpu(), requires_grad=False, has_fp16_weights=False)
     else:
@@ -50,16 +46,16 @@ def to_bitsandbytes(
             linear.in_features,
             linear.out_features,
             bias=has_bias,
-            compute_dtype=compute_dtype,
-            compress_statistics=double_quant,
-            quant_type=quant_type,
+            compute_dtype=spec.compute_dtype,
+            compress_statistics=spec.double_quant,
+            quant_type=spec.quant_type,
         )
         layer.weight = bnb.nn.Params4bit(
             weight.cpu(),
             requires_grad=False,
-            blocksize=block_size,
-            compress_statistics=double_quant,
-            quant_type=quant_type,
+            blocksize=spec.block_size,
+            compress_statistics=spec.double_quant,
+            quant_type=spec.quant_type,
         )
     if has_bias:
         layer.bias = nn.Parameter(linear.bias.detach().clone(), requires_grad=False)

@@ -10,6 +10,7 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any, Literal
 
 import torch
@@ -22,6 +23,17 @@ from peftkit.quant.layers import Linear4bit, Linear8bit, QuantLinear
 from peftkit.quant.nf4 import check_block_size, check_float, check_quant_type
 
 Backend = Literal["peftkit", "bitsandbytes"]
+
+
+@dataclass(frozen=True)
+class QuantSpec:
+    """How :func:`quantize` stores each layer: its arguments of the same names."""
+
+    bits: int
+    quant_type: str
+    double_quant: bool
+    block_size: int
+    compute_dtype: torch.dtype
 
 
 def _candidates(model: nn.Module, skip: Sequence[str]) -> list[tuple[str, nn.Linear]]:
@@ -100,32 +112,25 @@ def quantize(
             check_float(linear.weight)
         except ConfigError as exc:
             raise ConfigError(f"layer {name!r}: {exc}") from None
+    spec = QuantSpec(bits, quant_type, double_quant, block_size, compute_dtype)
     for name, linear in targets:
-        set_module(model, name, _convert(linear, bits, quant_type, double_quant, block_size, compute_dtype, backend))
+        set_module(model, name, _convert(linear, spec, backend))
     return model
 
 
-def _convert(
-    linear: nn.Linear,
-    bits: int,
-    quant_type: str,
-    double_quant: bool,
-    block_size: int,
-    compute_dtype: torch.dtype,
-    backend: Backend,
-) -> nn.Module:
+def _convert(linear: nn.Linear, spec: QuantSpec, backend: Backend) -> nn.Module:
     if backend == "bitsandbytes":
         from peftkit.quant.bnb import to_bitsandbytes
 
-        return to_bitsandbytes(linear, bits, quant_type, double_quant, block_size, compute_dtype)
-    if bits == 8:
-        return Linear8bit.from_linear(linear, compute_dtype=compute_dtype)
+        return to_bitsandbytes(linear, spec)
+    if spec.bits == 8:
+        return Linear8bit.from_linear(linear, compute_dtype=spec.compute_dtype)
     return Linear4bit.from_linear(
         linear,
-        quant_type=quant_type,
-        block_size=block_size,
-        double_quant=double_quant,
-        compute_dtype=compute_dtype,
+        quant_type=spec.quant_type,
+        block_size=spec.block_size,
+        double_quant=spec.double_quant,
+        compute_dtype=spec.compute_dtype,
     )
 
 
