@@ -88,22 +88,31 @@ def save_checkpoint(
     root = Path(save_dir)
     root.mkdir(parents=True, exist_ok=True)
     final = root / f"step-{step}"
-    tmp = root / f".tmp-step-{step}-{uuid.uuid4().hex[:8]}"
+    token = uuid.uuid4().hex[:8]
+    tmp = root / f".tmp-step-{step}-{token}"
     tmp.mkdir()
     try:
         _write_contents(tmp, model, optimizer, trainable, {**trainer_state, "step": step}, config_yaml, save_adapter)
-        if final.exists():  # re-saving a step (e.g. after resuming from it): move the old one aside first
-            trash = root / f".old-{final.name}-{uuid.uuid4().hex[:8]}"
-            os.replace(final, trash)
-            shutil.rmtree(trash)
-        os.replace(tmp, final)
+        publish(tmp, final, keep_last, token)
     finally:
         if tmp.exists():
             shutil.rmtree(tmp)
-    if keep_last:
-        for old in list_checkpoints(root)[:-keep_last]:
-            shutil.rmtree(old)
     return final
+
+
+def publish(tmp: Path, final: Path, keep_last: int, token: str) -> None:
+    """Rename the complete checkpoint ``tmp`` to ``final``, then keep only the ``keep_last`` newest (0: all).
+
+    ``token`` names the temporary directory an older checkpoint of the same step is moved to.
+    """
+    if final.exists():  # re-saving a step (e.g. after resuming from it): move the old one aside first
+        trash = final.parent / f".old-{final.name}-{token}"
+        os.replace(final, trash)
+        shutil.rmtree(trash)
+    os.replace(tmp, final)
+    if keep_last:
+        for old in list_checkpoints(final.parent)[:-keep_last]:
+            shutil.rmtree(old)
 
 
 def _write_contents(
@@ -182,13 +191,8 @@ def load_checkpoint(path: str | Path, model: nn.Module, optimizer: torch.optim.O
         raise CheckpointError(f"checkpoint {str(d)!r} is incomplete or corrupt: {exc}") from exc
     params = dict(model.named_parameters())
     for name, value in weights.items():
-        if name not in params or params[name].shape != value.shape:
-            raise CheckpointError(
-                f"checkpoint {str(d)!r} tensor {name!r} does not fit the model "
-                f"(model has {tuple(params[name].shape) if name in params else 'no such parameter'})"
-            )
         with torch.no_grad():
-            params[name].copy_(value)
+            fitting_parameter(d, params, name, value).copy_(value)
     if optimizer is not None and (d / "optimizer-sharded").is_dir():  # written by an FSDP run
         from peftkit.train.dist_checkpoint import load_sharded_optimizer
 
@@ -197,6 +201,21 @@ def load_checkpoint(path: str | Path, model: nn.Module, optimizer: torch.optim.O
         meta = json.loads((d / "optimizer.json").read_text())
         optimizer.load_state_dict(_optimizer_from_files(load_file(str(d / "optimizer.safetensors")), meta))
     return restore_trainer_files(d, state)
+
+
+def fitting_parameter(d: Path, params: dict[str, nn.Parameter], name: str, value: torch.Tensor) -> nn.Parameter:
+    """The model's parameter ``name`` that the saved ``value`` is restored into.
+
+    Raises:
+        CheckpointError: the model has no such parameter, or one of another shape.
+    """
+    p = params.get(name)
+    if p is None or tuple(p.shape) != tuple(value.shape):
+        raise CheckpointError(
+            f"checkpoint {str(d)!r} tensor {name!r} does not fit the model "
+            f"(model has {tuple(p.shape) if p is not None else 'no such parameter'})"
+        )
+    return p
 
 
 def restore_trainer_files(d: Path, state: dict[str, Any] | None = None) -> dict[str, Any]:

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import functools
 import json
-import os
 import shutil
 import uuid
 from pathlib import Path
@@ -173,17 +172,8 @@ def save_checkpoint(
     final = root / f"step-{step}"
     if ctx.mode != "fsdp":
         if ctx.is_main:
-            ckpt.save_checkpoint(
-                root,
-                step,
-                model,
-                optimizer,
-                trainable,
-                trainer_state,
-                config_yaml,
-                save_adapter=save_adapter,
-                keep_last=keep_last,
-            )
+            ckpt.save_checkpoint(root, step, model, optimizer, trainable, trainer_state, config_yaml, save_adapter,
+                                 keep_last)
         ctx.barrier()
         return final
     token = [uuid.uuid4().hex[:8] if ctx.is_main else ""]
@@ -202,14 +192,7 @@ def save_checkpoint(
         if ctx.is_main:
             save_file(weights, str(tmp / "trainable.safetensors"))
             ckpt.write_trainer_files(tmp, {**trainer_state, "step": step}, config_yaml)
-            if final.exists():
-                trash = root / f".old-{final.name}-{token[0]}"
-                os.replace(final, trash)
-                shutil.rmtree(trash)
-            os.replace(tmp, final)
-            if keep_last:
-                for old in ckpt.list_checkpoints(root)[:-keep_last]:
-                    shutil.rmtree(old)
+            ckpt.publish(tmp, final, keep_last, token[0])
     finally:
         if ctx.is_main and tmp.exists():
             shutil.rmtree(tmp)
@@ -240,12 +223,7 @@ def load_checkpoint(
         params = dict(model.named_parameters())
         with torch.no_grad():
             for name, value in weights.items():
-                p = params.get(name)
-                if p is None or tuple(p.shape) != tuple(value.shape):
-                    raise CheckpointError(
-                        f"checkpoint {str(d)!r} tensor {name!r} does not fit the model "
-                        f"(model has {tuple(p.shape) if p is not None else 'no such parameter'})"
-                    )
+                p = ckpt.fitting_parameter(d, params, name, value)
                 if isinstance(p, DTensor):
                     value = distribute_tensor(value.to(p.device_mesh.device_type, p.dtype), p.device_mesh, p.placements)
                 p.copy_(value)
