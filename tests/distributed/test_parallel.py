@@ -12,7 +12,7 @@ from torchrun_helpers import losses, make_config, torchrun
 
 from peftkit.train import checkpoint as ckpt
 from peftkit.train.config import config_from_dict
-from peftkit.train.distributed import FAULT_RAISE_ENV
+from peftkit.train.dist_failure import FAULT_RAISE_ENV
 from peftkit.train.loop import FAULT_ENV, train
 
 pytestmark = pytest.mark.skipif(not torch.distributed.is_available(), reason="torch.distributed unavailable")

@@ -12,7 +12,8 @@ from torchrun_helpers import free_port
 import peftkit as pk
 from peftkit.errors import ConfigError
 from peftkit.train.config import config_from_dict
-from peftkit.train.distributed import Dist, fault_due, init, rank_slice, transformer_blocks, wrap
+from peftkit.train.dist_failure import fault_due
+from peftkit.train.distributed import Dist, init, rank_slice, transformer_blocks, wrap
 
 from models import llama
 

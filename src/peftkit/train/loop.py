@@ -26,7 +26,7 @@ from torch import nn
 
 from peftkit.train import checkpoint as ckpt
 from peftkit.train import dist_checkpoint as dckpt
-from peftkit.train import distributed
+from peftkit.train import dist_failure, distributed
 from peftkit.train.config import RunConfig, dump_config
 from peftkit.train.data import Example, collate, load_examples, micro_batch, pack, split
 from peftkit.train.evaluate import evaluate
@@ -206,7 +206,7 @@ def train(cfg: RunConfig) -> dict[str, Any]:
     """
     t0 = time.perf_counter()
     ctx = distributed.init(cfg)
-    with distributed.guard(ctx, cfg.checkpoint.save_dir):
+    with dist_failure.guard(ctx, cfg.checkpoint.save_dir):
         return _train(setup(cfg, ctx), t0)
 
 
@@ -244,8 +244,8 @@ def _train(run: Run, t0: float) -> dict[str, Any]:
             logger.log({"step": done, **{f"eval_{k}": v for k, v in _eval(run).items()}})
         if (cfg.checkpoint.save_interval and done % cfg.checkpoint.save_interval == 0) or done == run.total_steps:
             last_ckpt = _save(run, done, history)
-        distributed.inject_raise(done, run.dist)
-        if fault is not None and distributed.fault_due(fault, done, run.dist):
+        dist_failure.inject_raise(done, run.dist)
+        if fault is not None and dist_failure.fault_due(fault, done, run.dist):
             os.kill(os.getpid(), signal.SIGKILL)
     logger.close()
     final_eval = _eval(run) if run.eval else {}
