@@ -8,7 +8,8 @@ import json
 import pytest
 
 from peftkit.errors import ConfigError
-from peftkit.train.data import IGNORE, collate, load_examples, micro_batch, pack, split
+from peftkit.train.batching import collate, micro_batch, pack, split
+from peftkit.train.data import IGNORE, load_examples
 from peftkit.train.tokenizer import ByteTokenizer
 
 TOK = ByteTokenizer()

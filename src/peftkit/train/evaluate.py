@@ -13,8 +13,9 @@ from typing import Any
 import torch
 from torch import nn
 
+from peftkit.train.batching import collate
 from peftkit.train.config import EvalConfig
-from peftkit.train.data import IGNORE, Example, collate
+from peftkit.train.data import IGNORE, Example
 from peftkit.train.tokenizer import Tokenizer
 
 

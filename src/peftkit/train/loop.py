@@ -27,8 +27,9 @@ from torch import nn
 from peftkit.train import checkpoint as ckpt
 from peftkit.train import dist_checkpoint as dckpt
 from peftkit.train import dist_failure, distributed
+from peftkit.train.batching import collate, micro_batch, pack, split
 from peftkit.train.config import RunConfig, dump_config
-from peftkit.train.data import Example, collate, load_examples, micro_batch, pack, split
+from peftkit.train.data import Example, load_examples
 from peftkit.train.evaluate import evaluate
 from peftkit.train.metrics import MetricsLogger, plot_metrics, read_metrics
 from peftkit.train.optim import Lisa, build_optimizer, grad_norm
