@@ -1,4 +1,8 @@
-"""The DoRA fast path against the straightforward formula (HF PEFT's), outputs and gradients."""
+"""The DoRA fast path against the straightforward formula, outputs and gradients.
+
+Dropout 0 is HF PEFT's formula (checked against HF PEFT itself); with dropout, peftkit drops out the adapter
+branch's input only: ``g ⊙ (Wx + s·BA dropout(x)) + b``.
+"""
 
 from __future__ import annotations
 
@@ -9,17 +13,18 @@ import torch
 from torch import nn
 
 import peftkit as pk
-from peftkit.methods import lora_kernels
+from peftkit.methods import lora_dropout, lora_kernels
 from peftkit.methods.dora import DoRALinear
 
 
 def reference(x: torch.Tensor, m: torch.Tensor, A: torch.Tensor, B: torch.Tensor, W: torch.Tensor,
               b: torch.Tensor | None, norm: torch.Tensor, s: float, keep: torch.Tensor | None,
               p: float) -> torch.Tensor:
-    """HF PEFT's DoRA: ``Wx + b + (g−1)·W d + g·s·BAd`` with ``d`` the dropped-out input, ``g = m/‖·‖``."""
+    """``g ⊙ (Wx + s·BAd) + b`` with ``d`` the dropped-out input and ``g = m/‖·‖`` (HF PEFT's DoRA when d = x)."""
     d = x if keep is None else x * keep / (1 - p)
     g = m / norm
-    return nn.functional.linear(x, W, b) + (g - 1) * (d @ W.T) + g * (d @ A.T @ B.T) * s
+    out = g * (x @ W.T + (d @ A.T @ B.T) * s)
+    return out if b is None else out + b
 
 
 @pytest.mark.parametrize("dropout", [0.0, 0.3])
@@ -72,29 +77,31 @@ def _dora_model(dropout: float = 0.0) -> nn.Module:
 
 @pytest.mark.parametrize("dropout", [0.0, 0.1])
 def test_model_fast_path_matches_straightforward_path(dropout: float, monkeypatch: pytest.MonkeyPatch) -> None:
-    """Dropout 0: same loss and gradients. Dropout > 0: the same masks give the same result, so draw them alike."""
+    """Dropout 0: same loss and gradients. Dropout > 0: fed the fast path's masks, the straightforward path agrees."""
     model = _dora_model(dropout)
     slow = copy.deepcopy(model)
     ids = torch.randint(0, 96, (2, 9), generator=torch.Generator().manual_seed(1))
-    masks: list[torch.Tensor] = []
-    real = lora_kernels.keep_mask
+    masks: dict[int, torch.Tensor] = {}
+    real = lora_kernels.dropout_input
 
-    def recording(*args: object, **kwargs: object) -> torch.Tensor:
-        masks.append(real(*args, **kwargs))  # type: ignore[arg-type]
-        return masks[-1]
+    def recording(x: torch.Tensor, p: float, name: str = "", owner: object | None = None) -> tuple[torch.Tensor, ...]:
+        keep, dropped = real(x, p, name, owner)
+        masks[id(owner)] = keep
+        return keep, dropped
 
-    monkeypatch.setattr(lora_kernels, "keep_mask", recording)
+    monkeypatch.setattr(lora_kernels, "dropout_input", recording)
     fast_loss = model(input_ids=ids, labels=ids).loss
     fast_loss.backward()
-    replay = iter(masks)
+    fast_layers = dict(model.named_modules())
     with monkeypatch.context() as m:
         m.setattr(lora_kernels, "fused_dora_forward", lambda *a: None)
-        for layer in slow.modules():  # the straightforward path's dropout, fed the fast path's masks
+        for qualname, layer in slow.named_modules():  # the straightforward path's dropout, fed the same masks
             if isinstance(layer, DoRALinear) and isinstance(layer.lora_dropout["default"], nn.Dropout):
                 p = layer.lora_dropout["default"].p
-                layer.lora_dropout["default"] = _Replay(replay, p)
+                layer.lora_dropout["default"] = _Replay(masks[id(fast_layers[qualname])], p)
         slow_loss = slow(input_ids=ids, labels=ids).loss
         slow_loss.backward()
+    assert len(masks) == (14 if dropout else 0)  # every DoRA layer drew or shared a mask
     assert torch.allclose(fast_loss, slow_loss, atol=1e-5)
     fast_grads = {n: p.grad for n, p in model.named_parameters() if p.requires_grad}
     slow_grads = {n: p.grad for n, p in slow.named_parameters() if p.requires_grad}
@@ -104,15 +111,35 @@ def test_model_fast_path_matches_straightforward_path(dropout: float, monkeypatc
 
 
 class _Replay(nn.Module):
-    """A dropout layer that applies recorded keep-masks in order."""
+    """A dropout layer that applies a recorded keep-mask."""
 
-    def __init__(self, masks: object, p: float) -> None:
+    def __init__(self, keep: torch.Tensor, p: float) -> None:
         super().__init__()
-        self.masks, self.p = masks, p
+        self.keep, self.p = keep, p
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        keep = next(self.masks).view(x.shape)  # type: ignore[call-overload]
-        return x * keep / (1 - self.p)
+        return x * self.keep.view(x.shape) / (1 - self.p)
+
+
+def test_dropout_leaves_the_base_term_alone(monkeypatch: pytest.MonkeyPatch) -> None:
+    """With every input element dropped, a DoRA layer in training outputs g ⊙ Wx + b on both paths."""
+    torch.manual_seed(0)
+    layer = DoRALinear(nn.Linear(6, 4).requires_grad_(False))
+    layer.add("default", 2, 4.0, dropout=0.5)
+    layer.add_magnitude("default")
+    layer.set_active(["default"])
+    nn.init.normal_(layer.lora_B["default"].weight)
+    with torch.no_grad():
+        layer.lora_magnitude_vector["default"].mul_(1.5)
+    x = torch.randn(3, 6)
+    g = (layer.lora_magnitude_vector["default"] / layer.weight_norm("default")).detach()
+    expected = g * (x @ layer.base_layer.weight.T) + layer.base_layer.bias
+    monkeypatch.setattr(lora_dropout, "keep_mask", lambda shape, p, device: torch.zeros(shape, dtype=torch.bool))
+    fast = layer(x)
+    monkeypatch.setattr(lora_kernels, "fused_dora_forward", lambda *a: None)
+    layer.lora_dropout["default"] = _Replay(torch.zeros(3, 6, dtype=torch.bool), 0.5)
+    slow = layer(x)
+    assert torch.allclose(fast, expected, atol=1e-6) and torch.allclose(slow, expected, atol=1e-6)
 
 
 def test_fast_path_matches_hf_peft_dora_outputs_and_gradients() -> None:

@@ -15,6 +15,16 @@ with ‖W‖² cached while the frozen weight is unchanged, and the whole norm c
 evaluation it is computed once). On ``nn.Embedding`` (weight E, vocab × dim) the norm and magnitude are per
 embedding dimension, the columns of E, as in HF PEFT. On disk: HF PEFT's LoRA config with ``use_dora: true``
 and the magnitude under ``lora_magnitude_vector``.
+
+Dropout (``dropout > 0``, in training) acts on the adapter branch's input only::
+
+    y = g ⊙ (W x + s·B A dropout(x)) + b,        g = m / ‖W + s·BA‖   (detached)
+
+HF PEFT feeds the dropped-out input to the base term as well (``(g−1) ⊙ W dropout(x)``): a second full base
+matmul per layer, and noise on the frozen weight's contribution. Here a layer costs one base matmul with or
+without dropout, and dropout means what it means for LoRA (the adapter sees a dropped-out input), rescaled by g.
+With dropout 0, and in evaluation, both are ``g ⊙ (W x + s·BAx) + b``: outputs and gradients equal HF PEFT's
+exactly, and adapters move between the two libraries unchanged.
 """
 
 from __future__ import annotations
@@ -24,7 +34,6 @@ from dataclasses import dataclass
 from typing import Any, ClassVar
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from peftkit.core.registry import LINEAR_KINDS, linear_kind
@@ -146,7 +155,7 @@ class DoRALinear(_DoRAMixin, LoRALinear):
             return fused
         result = self.base_layer(x, *args, **kwargs)
         bias = getattr(self.base_layer, "bias", None)
-        base_out = result if bias is None else result - bias  # W x, reused while the input is not dropped out
+        base_out = result if bias is None else result - bias  # W x: the base term never sees dropout
         out = result
         for name in self._applied():
             A, B, drop = self.lora_A[name], self.lora_B[name], self.lora_dropout[name]
@@ -155,13 +164,9 @@ class DoRALinear(_DoRAMixin, LoRALinear):
                 update = B(A(drop(h))) if self.dropout_position[name] == "pre" else drop(B(A(h)))
                 out = out + (update * self.scaling[name]).to(out.dtype)
                 continue
-            if isinstance(drop, nn.Identity) or not self.training:
-                wx = base_out.to(h.dtype)
-            else:  # the base term must see the same dropped-out input as the adapter
-                h = drop(h)
-                wx = F.linear(h, self._oriented().to(h.dtype))
+            # Dropout on the adapter branch only: g⊙(Wx + s·BA·dropout(x)) + b (module docstring).
             g = self.lora_magnitude_vector[name] / self.weight_norm(name)
-            update = (g - 1) * wx + g * (B(A(h)) * self.scaling[name])
+            update = (g - 1) * base_out.to(h.dtype) + g * (B(A(drop(h))) * self.scaling[name])
             out = out + update.to(out.dtype)
         return out
 
@@ -291,10 +296,10 @@ class DoRA(LoRA):
     """DoRA: LoRA's fields, plus a trainable magnitude per output row (HF PEFT: ``use_dora=True``).
 
     Wraps linear-like layers (``nn.Linear``, GPT-2 ``Conv1D``, quantized linears) and ``nn.Embedding``.
-    Dropout is applied before the adapter only (``dropout_position="pre"``).
+    Dropout acts on the adapter branch's input only (``dropout_position="pre"``; see the module docstring).
     """
 
-    shares_A: ClassVar[bool] = False  # DoRA's base term needs each layer's own dropped-out input
+    shares_A: ClassVar[bool] = False  # each DoRA layer keeps its own A (its norm is taken over W + s·BA)
 
     def __post_init__(self) -> None:
         super().__post_init__()

@@ -8,11 +8,12 @@ Autograd over ``B(A(dropout(x))) * s`` (what HF PEFT runs) saves the dropped-out
 for every projection, draws its mask with ``nn.Dropout`` (a float Bernoulli per element, slow on CPU) and runs
 separate kernels for the scale and the sum. :class:`LoRAUpdate` instead (the recipe Unsloth uses):
 
-- saves ``x`` itself, which projections reading the same input (q, k, v; gate, up) share, plus a 1-byte mask
-  per projection, and recomputes ``D ⊙ x`` in backward;
+- saves ``x`` itself without dropout, which projections reading the same input (q, k, v; gate, up) share;
+  with dropout it saves ``keep ⊙ x`` and the 1-byte mask, both drawn once per input tensor and shared by the
+  projections reading it (:mod:`peftkit.methods.lora_dropout`), so the base term never needs ``x`` again;
 - folds the scale and the sum into one ``addmm`` each way, with ``1/(1-p)`` folded into the scale;
 - draws the keep-mask from raw 64-bit random words (:func:`keep_mask`), several times faster than a float
-  Bernoulli, with the same distribution up to 2⁻³¹.
+  Bernoulli, and applies it with an integer AND.
 
 The gradients are those of the formula above: ``∂B = s·gᵀh``, ``∂A = s·(gB)ᵀ(D⊙x)``, ``∂x = s·D⊙(gB)A``,
 with ``h = (D⊙x)Aᵀ`` saved (it is only r wide). The straightforward path in ``LoRALinear.forward`` stays for
@@ -26,56 +27,31 @@ from typing import Any
 
 import torch
 
-_INT32_SPAN = 2**32
-_LOW31_SPAN = 2**31
+from peftkit.methods.lora_dropout import apply_keep, apply_keep_, dropout_input, keep_mask
 
-
-def keep_mask(shape: torch.Size | tuple[int, ...], p: float, device: torch.device | str = "cpu",
-              generator: torch.Generator | None = None) -> torch.Tensor:
-    """A boolean mask of ``shape`` whose entries are independently ``True`` with probability ``1 - p``.
-
-    ``Tensor.random_()`` on int64 fills 63 uniform bits per word (the top bit is 0) from the same generator as
-    ``torch.rand`` (so ``torch.manual_seed`` makes masks reproducible). Viewed as int32, even positions are
-    uniform over all 2³² values and odd positions over the 2³¹ non-negative ones, so each half is compared
-    with its own threshold. The drop probability is ``round(p·2³²)/2³²`` resp. ``round(p·2³¹)/2³¹``.
-
-    Args:
-        shape: the mask's shape.
-        p: drop probability in [0, 1).
-        device: where to make the mask.
-        generator: optional random generator (default: the global one).
-
-    Returns:
-        A ``torch.bool`` tensor: ``True`` where the element is kept.
-    """
-    numel = 1
-    for size in shape:
-        numel *= int(size)
-    pairs = (numel + 1) // 2
-    words = torch.empty(pairs, dtype=torch.int64, device=device).random_(generator=generator)
-    halves = words.view(torch.int32).view(pairs, 2)
-    keep = torch.empty(pairs, 2, dtype=torch.bool, device=device)
-    torch.ge(halves[:, 0], round(p * _INT32_SPAN) - _LOW31_SPAN, out=keep[:, 0])
-    torch.ge(halves[:, 1], round(p * _LOW31_SPAN), out=keep[:, 1])
-    return keep.view(-1)[:numel].view(shape)
+__all__ = ["DoRALinearFn", "LoRAUpdate", "fused_dora_forward", "fused_forward", "keep_mask", "linear_lora",
+           "lora_update", "supports"]
 
 
 class LoRAUpdate(torch.autograd.Function):
-    """``base + s·(D⊙x)AᵀBᵀ`` on 2-D inputs, saving ``x``, the mask and the r-wide ``h`` for backward.
+    """``base + s·(D⊙x)AᵀBᵀ`` on 2-D inputs, saving the adapter's input, the mask and the r-wide ``h``.
 
     ``base`` is either a given output tensor (any base layer, ``weight=None``) or, for a plain frozen linear
     layer, ``x Wᵀ + b`` computed here so that backward can accumulate ``∂x`` into one buffer (``addmm_``)
-    instead of autograd summing two full-size gradients.
+    instead of autograd summing two full-size gradients. ``dropped`` is ``keep ⊙ x`` when the caller already
+    has it (shared by sibling projections); it is computed here otherwise.
     """
 
     @staticmethod
     def forward(ctx: Any, result: torch.Tensor | None, x: torch.Tensor, A: torch.Tensor, B: torch.Tensor,
                 scale: float, keep: torch.Tensor | None, p: float, weight: torch.Tensor | None = None,
-                bias: torch.Tensor | None = None) -> torch.Tensor:
-        dropped = x if keep is None else torch.where(keep, x, 0.0)  # no bool→float conversion pass
-        s = scale if keep is None else scale / (1.0 - p)
-        h = torch.nn.functional.linear(dropped, A)
-        ctx.save_for_backward(x, keep, h, A, B, weight)
+                bias: torch.Tensor | None = None, dropped: torch.Tensor | None = None) -> torch.Tensor:
+        if keep is None:
+            inp, s = x, scale
+        else:
+            inp, s = (apply_keep(x, keep) if dropped is None else dropped), scale / (1.0 - p)
+        h = torch.nn.functional.linear(inp, A)
+        ctx.save_for_backward(inp, keep, h, A, B, weight)  # inp is x, or keep⊙x (x itself is not needed then)
         ctx.scale = s
         if result is None:
             assert weight is not None  # linear_lora passes the base weight instead of a result
@@ -85,30 +61,38 @@ class LoRAUpdate(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
-        x, keep, h, A, B, weight = ctx.saved_tensors
+        inp, keep, h, A, B, weight = ctx.saved_tensors
         s: float = ctx.scale
         need_result, need_x, need_A, need_B = ctx.needs_input_grad[:4]
         grad_x = grad_A = grad_B = None
         if need_x or need_A:
             gb = (grad @ B).mul_(s)  # (tokens, r): scaling here is r wide, not in or out wide
             if need_A:
-                grad_A = gb.t() @ (x if keep is None else torch.where(keep, x, 0.0))
+                grad_A = gb.t() @ inp
             if need_x:
-                if weight is not None and keep is None:
-                    grad_x = torch.mm(grad, weight).addmm_(gb, A)
+                if keep is None:
+                    grad_x = gb @ A if weight is None else torch.mm(grad, weight).addmm_(gb, A)
                 else:
-                    grad_x = gb @ A
-                    if keep is not None:
-                        grad_x = torch.where(keep, grad_x, 0.0)
+                    grad_x = apply_keep_(gb @ A, keep)
                     if weight is not None:
                         grad_x = grad_x.addmm_(grad, weight)
         if need_B:
-            grad_B = (grad.t() @ h).mul_(s)
-        return grad if need_result else None, grad_x, grad_A, grad_B, None, None, None, None, None
+            grad_B = torch.mm(h.t(), grad).t().mul_(s)  # (hᵀg)ᵀ: the faster orientation for a skinny product
+        return grad if need_result else None, grad_x, grad_A, grad_B, None, None, None, None, None, None
+
+
+def _dropout(x: torch.Tensor, p: float, training: bool, name: str, owner: object | None
+             ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """``(keep, keep⊙x)`` as 2-D ``(tokens, in)`` views, or ``(None, None)`` without dropout."""
+    if not (training and p > 0):
+        return None, None
+    keep, dropped = dropout_input(x, p, name, owner)  # keyed on the caller's x: siblings get the same object
+    return keep.view(-1, x.shape[-1]), dropped.view(-1, x.shape[-1])
 
 
 def lora_update(result: torch.Tensor, x: torch.Tensor, A: torch.Tensor, B: torch.Tensor, scale: float,
-                p: float = 0.0, training: bool = False) -> torch.Tensor:
+                p: float = 0.0, training: bool = False, name: str = "", owner: object | None = None
+                ) -> torch.Tensor:
     """``result + scale · B A dropout(x)`` for a linear LoRA adapter, with HF PEFT's input-dropout semantics.
 
     Args:
@@ -118,6 +102,8 @@ def lora_update(result: torch.Tensor, x: torch.Tensor, A: torch.Tensor, B: torch
         scale: the LoRA scale ``s``.
         p: dropout probability on the adapter input (applied only when ``training``).
         training: whether dropout is active.
+        name, owner: the adapter's name and the calling layer; layers called with the very same ``x`` share
+            one dropout mask (see :func:`~peftkit.methods.lora_dropout.dropout_input`). No owner: a new mask.
 
     Returns:
         The updated output, shape and dtype of ``result``.
@@ -125,22 +111,24 @@ def lora_update(result: torch.Tensor, x: torch.Tensor, A: torch.Tensor, B: torch
     out_shape = result.shape
     x2 = x.reshape(-1, x.shape[-1])
     r2 = result.reshape(-1, out_shape[-1])
-    keep = keep_mask(x2.shape, p, x2.device) if training and p > 0 else None
+    keep, dropped = _dropout(x, p, training, name, owner)
     if torch.is_grad_enabled() and (x.requires_grad or A.requires_grad or B.requires_grad or result.requires_grad):
-        updated: torch.Tensor = LoRAUpdate.apply(r2, x2, A, B, scale, keep, p)  # type: ignore[no-untyped-call]
+        updated: torch.Tensor = LoRAUpdate.apply(r2, x2, A, B, scale, keep, p, None, None,  # type: ignore[no-untyped-call]
+                                                 dropped)
         return updated.view(out_shape)
-    dropped = x2 if keep is None else torch.where(keep, x2, 0.0)
     s = scale if keep is None else scale / (1.0 - p)
-    return torch.addmm(r2, torch.nn.functional.linear(dropped, A), B.t(), alpha=s).view(out_shape)
+    return torch.addmm(r2, torch.nn.functional.linear(x2 if dropped is None else dropped, A), B.t(),
+                       alpha=s).view(out_shape)
 
 
 def linear_lora(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, A: torch.Tensor,
-                B: torch.Tensor, scale: float, p: float = 0.0, training: bool = False) -> torch.Tensor:
+                B: torch.Tensor, scale: float, p: float = 0.0, training: bool = False, name: str = "",
+                owner: object | None = None) -> torch.Tensor:
     """``x Wᵀ + b + scale · B A dropout(x)`` for a frozen ``nn.Linear`` and one adapter, in one autograd node.
 
     Args:
         x: the layer input ``(..., in)``; weight, bias: the frozen base layer's tensors.
-        A, B, scale, p, training: as for :func:`lora_update`.
+        A, B, scale, p, training, name, owner: as for :func:`lora_update`.
 
     Returns:
         The layer output ``(..., out)``.
@@ -152,8 +140,9 @@ def linear_lora(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
         out.view(-1, out.shape[-1]).addmm_(h.view(-1, h.shape[-1]), B.t(), alpha=scale)
         return out
     x2 = x.reshape(-1, x.shape[-1])
-    keep = keep_mask(x2.shape, p, x2.device) if training and p > 0 else None
-    out: torch.Tensor = LoRAUpdate.apply(None, x2, A, B, scale, keep, p, weight, bias)  # type: ignore[no-untyped-call]
+    keep, dropped = _dropout(x, p, training, name, owner)
+    out: torch.Tensor = LoRAUpdate.apply(None, x2, A, B, scale, keep, p, weight, bias,  # type: ignore[no-untyped-call]
+                                         dropped)
     return out.view(*x.shape[:-1], weight.shape[0])
 
 
@@ -173,7 +162,7 @@ def fused_forward(layer: Any, x: torch.Tensor, applied: list[str]) -> torch.Tens
     drop = layer.lora_dropout[name]
     p = drop.p if isinstance(drop, torch.nn.Dropout) else 0.0
     return linear_lora(x, base.weight, base.bias, A, layer.lora_B[name].weight, layer.scaling[name], p,
-                       drop.training)
+                       drop.training, name, layer)
 
 
 def supports(x: torch.Tensor, A: torch.Tensor, result: torch.Tensor) -> bool:
@@ -189,62 +178,54 @@ def supports(x: torch.Tensor, A: torch.Tensor, result: torch.Tensor) -> bool:
 class DoRALinearFn(torch.autograd.Function):
     """DoRA on a frozen ``nn.Linear`` (Liu et al., 2024, https://arxiv.org/abs/2402.09353), one autograd node.
 
-    With ``g = m/‖W + sBA‖`` (norm detached), dropped-out input ``d = x⊙keep`` and ``c = 1/(1-p)``::
+    With ``g = m/‖W + sBA‖`` (norm detached), the adapter's dropped-out input ``d = keep⊙x`` and
+    ``c = 1/(1-p)`` (dropout on the adapter branch only, see :mod:`peftkit.methods.dora`)::
 
-        y = Wx + b + (g−1)⊙(c·Wd) + g⊙(c·s·BAd)          (HF PEFT's formula)
-          = Wx + b + g⊙w − c·Wd,        w = c·(Wd + s·BAd)
+        y = g⊙w + b,        w = Wx + c·s·BAd
 
-    Without dropout ``d = x`` and this is ``g⊙(Wx + s·BAx) + b``: one base matmul and no separate base term.
-    Backward: ``∂m = Σₜ G⊙w / ‖·‖``; ``∂x = GW + c·keep⊙(((g−1)⊙G)W + s(g⊙G)BᵀA)``; ``∂A``, ``∂B`` from ``g⊙G``.
-    Saved: ``x``, the mask, ``h = dAᵀ`` (r wide) and ``w`` (out wide; ``m`` needs it).
+    Without dropout ``d = x`` and this is HF PEFT's formula exactly. One base matmul either way.
+    Backward, with ``G = ∂y`` and ``Ĝ = g⊙G``: ``∂m = Σₜ G⊙w / ‖·‖``; ``∂x = ĜW + c·s·keep⊙(ĜB)A``;
+    ``∂A = c·s·(ĜB)ᵀd``; ``∂B = c·s·Ĝᵀh``. Saved: ``x`` (or ``d`` with dropout, plus the mask),
+    ``h = dAᵀ`` (r wide) and ``w`` (out wide; ``∂m`` needs it).
     """
 
     @staticmethod
     def forward(ctx: Any, x: torch.Tensor, magnitude: torch.Tensor, A: torch.Tensor, B: torch.Tensor,
                 weight: torch.Tensor, bias: torch.Tensor | None, norm: torch.Tensor, scale: float,
-                keep: torch.Tensor | None, p: float) -> torch.Tensor:
+                keep: torch.Tensor | None, p: float, dropped: torch.Tensor | None = None) -> torch.Tensor:
         g = magnitude / norm
         if keep is None:
-            h = torch.nn.functional.linear(x, A)
-            w = torch.nn.functional.linear(x, weight).addmm_(h, B.t(), alpha=scale)
-            if ctx is None:  # inference: w is not needed afterwards, scale it in place
-                out = w.mul_(g) if bias is None else w.mul_(g).add_(bias)
-            else:
-                out = w * g if bias is None else torch.addcmul(bias, w, g)
-            c = 1.0
+            inp, s = x, scale
         else:
-            c = 1.0 / (1.0 - p)
-            dropped = torch.where(keep, x, 0.0)
-            h = torch.nn.functional.linear(dropped, A)
-            wd = torch.nn.functional.linear(dropped, weight)
-            w = torch.addmm(wd, h, B.t(), alpha=scale).mul_(c)
-            out = torch.nn.functional.linear(x, weight, bias).addcmul_(w, g).sub_(wd, alpha=c)
-        if ctx is not None:  # None when called directly without autograd (inference)
-            ctx.save_for_backward(x, keep, h, w, g, norm, A, B, weight)
-            ctx.scale, ctx.c = scale, c
-        return out
+            inp, s = (apply_keep(x, keep) if dropped is None else dropped), scale / (1.0 - p)
+        h = torch.nn.functional.linear(inp, A)
+        w = torch.nn.functional.linear(x, weight).addmm_(h, B.t(), alpha=s)
+        if ctx is None:  # called directly without autograd (inference): w is not needed afterwards
+            return w.mul_(g) if bias is None else w.mul_(g).add_(bias)
+        ctx.save_for_backward(inp, keep, h, w, g, norm, A, B, weight)
+        ctx.scale = s
+        return w * g if bias is None else torch.addcmul(bias, w, g)
 
     @staticmethod
     def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
-        x, keep, h, w, g, norm, A, B, weight = ctx.saved_tensors
-        s, c = ctx.scale, ctx.c
+        inp, keep, h, w, g, norm, A, B, weight = ctx.saved_tensors
+        s: float = ctx.scale
         need_x, need_m, need_A, need_B = ctx.needs_input_grad[:4]
         gg = grad * g
         grad_x = grad_m = grad_A = grad_B = None
         if need_m:
             grad_m = (grad * w).sum(0) / norm
-        gb = (gg @ B).mul_(s * c)  # (tokens, r)
+        gb = (gg @ B).mul_(s)  # (tokens, r)
         if need_A:
-            grad_A = gb.t() @ (x if keep is None else torch.where(keep, x, 0.0))
+            grad_A = gb.t() @ inp
         if need_B:
-            grad_B = (gg.t() @ h).mul_(s * c)
+            grad_B = torch.mm(h.t(), gg).t().mul_(s)
         if need_x:
             if keep is None:
                 grad_x = torch.mm(gg, weight).addmm_(gb, A)
             else:
-                inner = torch.mm(grad * (g - 1), weight).mul_(c).addmm_(gb, A)
-                grad_x = torch.where(keep, inner, 0.0).addmm_(grad, weight)
-        return grad_x, grad_m, grad_A, grad_B, None, None, None, None, None, None
+                grad_x = apply_keep_(gb @ A, keep).addmm_(gg, weight)
+        return grad_x, grad_m, grad_A, grad_B, None, None, None, None, None, None, None
 
 
 def fused_dora_forward(layer: Any, x: torch.Tensor, applied: list[str]) -> torch.Tensor | None:
@@ -265,10 +246,9 @@ def fused_dora_forward(layer: Any, x: torch.Tensor, applied: list[str]) -> torch
         return None
     drop = layer.lora_dropout[name]
     p = drop.p if isinstance(drop, torch.nn.Dropout) and drop.training else 0.0
-    x2 = x.reshape(-1, x.shape[-1])
-    keep = keep_mask(x2.shape, p, x2.device) if p > 0 else None
-    args = (x2, layer.lora_magnitude_vector[name], A, layer.lora_B[name].weight, base.weight, base.bias,
-            layer.weight_norm(name), layer.scaling[name], keep, p)
+    keep, dropped = _dropout(x, p, p > 0, name, layer)
+    args = (x.reshape(-1, x.shape[-1]), layer.lora_magnitude_vector[name], A, layer.lora_B[name].weight,
+            base.weight, base.bias, layer.weight_norm(name), layer.scaling[name], keep, p, dropped)
     if torch.is_grad_enabled():
         out: torch.Tensor = DoRALinearFn.apply(*args)  # type: ignore[no-untyped-call]
     else:

@@ -173,7 +173,8 @@ class LoRALinear(LoRALayer):
             if type(A) is nn.Linear and self.dropout_position[name] == "pre" and lora_kernels.supports(x, A.weight, result):
                 # One fused autograd function (same formula, less saved memory, cheaper dropout masks).
                 p = drop.p if isinstance(drop, nn.Dropout) else 0.0
-                result = lora_kernels.lora_update(result, x, A.weight, B.weight, self.scaling[name], p, drop.training)
+                result = lora_kernels.lora_update(result, x, A.weight, B.weight, self.scaling[name], p, drop.training,
+                                                  name, self)
                 continue
             h = x.to(A.weight.dtype)
             if self.dropout_position[name] == "pre":
