@@ -121,3 +121,21 @@ def test_model_masks_are_shared_per_input_and_the_straightforward_path_agrees(mo
     for name, p in model.named_parameters():
         if p.requires_grad:
             assert torch.allclose(p.grad, slow_grads[name].grad, atol=1e-5, rtol=1e-4), name
+
+
+@pytest.mark.parametrize("method", [pk.LoRA, pk.DoRA])
+def test_a_training_step_draws_one_mask_per_distinct_input(method: type, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Per decoder layer: the attention input (q, k, v), o's input, the MLP input (gate, up) and down's input."""
+    model = _model()
+    pk.apply(model, method(target_modules="all-linear", rank=4, alpha=8, dropout=0.1))
+    calls = []
+    real = lora_dropout.keep_mask
+
+    def counting(*args: object, **kwargs: object) -> torch.Tensor:
+        calls.append(args[0])
+        return real(*args, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(lora_dropout, "keep_mask", counting)
+    ids = torch.randint(0, 96, (2, 9), generator=torch.Generator().manual_seed(1))
+    model(input_ids=ids, labels=ids).loss.backward()
+    assert len(calls) == 4 * 2

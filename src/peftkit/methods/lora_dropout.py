@@ -102,7 +102,7 @@ _SHARED: dict[str, tuple[Any, ...]] = {}
 
 def dropout_input(x: torch.Tensor, p: float, name: str = "", owner: object | None = None
                   ) -> tuple[torch.Tensor, torch.Tensor]:
-    """The keep-mask and dropped-out ``x`` (``keep ⊙ x``, unscaled) for one projection of adapter ``name``.
+    """The keep-mask and dropped-out ``x`` (``keep ⊙ x``, unscaled), as ``(tokens, in)``, for one projection.
 
     A projection (``owner``) called with the very tensor object a sibling was called with (same version, same
     ``p``) gets the sibling's mask and dropped-out copy instead of new ones; the same owner twice on one input
@@ -115,7 +115,9 @@ def dropout_input(x: torch.Tensor, p: float, name: str = "", owner: object | Non
         owner: the calling layer, or ``None`` to never share.
 
     Returns:
-        ``(keep, dropped)``, both of ``x``'s shape; ``dropped`` does not require grad.
+        ``(keep, dropped)``, both ``x``'s elements as a 2-D ``(tokens, in)`` tensor (the very objects the kernels
+        save, so that the weak references below live exactly as long as the autograd graph holds them);
+        ``dropped`` does not require grad.
     """
     if owner is not None:
         hit = _SHARED.get(name)
@@ -124,8 +126,9 @@ def dropout_input(x: torch.Tensor, p: float, name: str = "", owner: object | Non
             if keep is not None and dropped is not None:
                 hit[5].add(id(owner))
                 return keep, dropped
-    keep = keep_mask(x.shape, p, x.device)
-    dropped = apply_keep(x.detach(), keep)
+    x2 = x.detach().reshape(-1, x.shape[-1])
+    keep = keep_mask(x2.shape, p, x.device)
+    dropped = apply_keep(x2, keep)
     if owner is not None:
         _SHARED[name] = (weakref.ref(x), _version(x), p, weakref.ref(keep), weakref.ref(dropped), {id(owner)})
     return keep, dropped

@@ -86,8 +86,7 @@ def _dropout(x: torch.Tensor, p: float, training: bool, name: str, owner: object
     """``(keep, keep⊙x)`` as 2-D ``(tokens, in)`` views, or ``(None, None)`` without dropout."""
     if not (training and p > 0):
         return None, None
-    keep, dropped = dropout_input(x, p, name, owner)  # keyed on the caller's x: siblings get the same object
-    return keep.view(-1, x.shape[-1]), dropped.view(-1, x.shape[-1])
+    return dropout_input(x, p, name, owner)  # keyed on the caller's x: siblings are called with the same object
 
 
 def lora_update(result: torch.Tensor, x: torch.Tensor, A: torch.Tensor, B: torch.Tensor, scale: float,
