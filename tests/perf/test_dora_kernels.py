@@ -118,7 +118,7 @@ class _Replay(nn.Module):
         self.keep, self.p = keep, p
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return x * self.keep.view(x.shape) / (1 - self.p)
+        return x * (self.keep.view(x.shape) != 0) / (1 - self.p)
 
 
 def test_dropout_leaves_the_base_term_alone(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -43,6 +43,7 @@ def test_apply_keep_equals_where(dtype: torch.dtype) -> None:
     keep = torch.rand(7, 9) > 0.3
     expected = torch.where(keep, x, torch.zeros((), dtype=dtype))
     assert torch.equal(lora_dropout.apply_keep(x, keep), expected)
+    assert torch.equal(lora_dropout.apply_keep(x, keep.to(torch.int8).neg()), expected)  # int8 -1/0 form
     y = x.clone()
     assert lora_dropout.apply_keep_(y, keep) is y and torch.equal(y, expected)
 
@@ -53,7 +54,8 @@ def test_siblings_called_with_the_same_input_share_one_mask() -> None:
     keep_q, dropped_q = lora_dropout.dropout_input(x, 0.3, "default", q)
     keep_k, dropped_k = lora_dropout.dropout_input(x, 0.3, "default", k)
     assert keep_k is keep_q and dropped_k is dropped_q
-    assert torch.equal(dropped_q, torch.where(keep_q, x, 0.0))
+    assert keep_q.dtype == torch.int8 and set(keep_q.unique().tolist()) <= {-1, 0}
+    assert torch.equal(dropped_q, torch.where(keep_q != 0, x, 0.0))
     keep_again, _ = lora_dropout.dropout_input(x, 0.3, "default", q)  # the same layer again: a new mask
     assert keep_again is not keep_q
     assert lora_dropout.dropout_input(other, 0.3, "default", o)[0] is not keep_again
@@ -79,7 +81,7 @@ class _Replay(nn.Module):
         self.keep, self.p = keep, p
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return x * self.keep.view(x.shape) / (1 - self.p)
+        return x * (self.keep.view(x.shape) != 0) / (1 - self.p)
 
 
 def test_model_masks_are_shared_per_input_and_the_straightforward_path_agrees(monkeypatch: pytest.MonkeyPatch) -> None:
