@@ -112,7 +112,17 @@ def save_adapter(
 
 def _write(directory: Path, config: dict[str, Any], state: dict[str, torch.Tensor]) -> None:
     directory.mkdir(parents=True, exist_ok=True)
-    tensors = {k: v.detach().to("cpu").contiguous().clone() for k, v in state.items()}
+    # safetensors refuses tensors that share storage (performant LoRA's one A across q/k/v): copy only those.
+    tensors: dict[str, torch.Tensor] = {}
+    storages: set[tuple[torch.device, int]] = set()
+    for key, value in state.items():
+        tensor = value.detach().to("cpu").contiguous()
+        storage = (tensor.device, tensor.untyped_storage().data_ptr())
+        if storage in storages:
+            tensor = tensor.clone()
+        else:
+            storages.add(storage)
+        tensors[key] = tensor
     meta = {"format": "pt"}
     write_atomic(directory / WEIGHTS_NAME, lambda tmp: save_file(tensors, str(tmp), metadata=meta))
     write_text_atomic(directory / CONFIG_NAME, json.dumps(config, indent=2, sort_keys=True) + "\n")
