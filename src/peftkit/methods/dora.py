@@ -81,7 +81,11 @@ class _DoRAMixin:
         raise NotImplementedError
 
     def _base_key(self) -> tuple[Any, ...]:
-        tensors = list(self.base_layer.parameters()) + list(self.base_layer.buffers())
+        base = self.base_layer
+        if base._modules:  # a composite base (some quantized layers): every tensor below it
+            tensors = [*base.parameters(), *base.buffers()]
+        else:  # the common case, without the generators' overhead (this runs on every forward)
+            tensors = [t for t in (*base._parameters.values(), *base._buffers.values()) if t is not None]
         return tuple((t.data_ptr(), t._version) for t in tensors)
 
     def add_magnitude(self, name: str) -> None:

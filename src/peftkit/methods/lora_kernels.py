@@ -145,23 +145,42 @@ def linear_lora(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
     return out.view(*x.shape[:-1], weight.shape[0])
 
 
+def _frozen_linear(layer: Any) -> tuple[torch.Tensor, torch.Tensor | None] | None:
+    """The weight and bias of ``layer``'s base when it is a plain ``nn.Linear`` with both frozen, else ``None``.
+
+    The fused paths read modules and parameters from ``_modules`` / ``_parameters`` directly: each
+    ``nn.Module.__getattr__`` costs about half a microsecond, a sizeable part of a one-token decode step.
+    """
+    base = layer._modules["base_layer"]
+    if type(base) is not torch.nn.Linear:
+        return None
+    weight, bias = base._parameters["weight"], base._parameters["bias"]
+    if weight.requires_grad or (bias is not None and bias.requires_grad):
+        return None
+    return weight, bias
+
+
+def _adapter(layer: Any, name: str) -> tuple[torch.Tensor, torch.Tensor, float] | None:
+    """``(A, B, p)`` of adapter ``name`` when its A is a plain ``nn.Linear`` and dropout comes first, else None."""
+    down = layer._modules["lora_A"]._modules[name]
+    if type(down) is not torch.nn.Linear or layer.dropout_position[name] != "pre":
+        return None  # a shared (grouped) down-projection computes A itself; "post" dropout needs the plain path
+    drop = layer._modules["lora_dropout"]._modules[name]
+    p = drop.p if drop.training and isinstance(drop, torch.nn.Dropout) else 0.0
+    return down._parameters["weight"], layer._modules["lora_B"]._modules[name]._parameters["weight"], p
+
+
 def fused_forward(layer: Any, x: torch.Tensor, applied: list[str]) -> torch.Tensor | None:
     """The whole ``LoRALinear`` forward in one node when it is one adapter on a frozen ``nn.Linear``, else None."""
-    base = layer.base_layer
-    if len(applied) != 1 or type(base) is not torch.nn.Linear or base.weight.requires_grad:
+    if len(applied) != 1:
         return None
+    base = _frozen_linear(layer)
     name = applied[0]
-    if type(layer.lora_A[name]) is not torch.nn.Linear:  # a shared (grouped) down-projection computes A itself
+    adapter = None if base is None else _adapter(layer, name)
+    if base is None or adapter is None or not supports(x, adapter[0], base[0]):
         return None
-    A = layer.lora_A[name].weight
-    if layer.dropout_position[name] != "pre" or not supports(x, A, base.weight):
-        return None
-    if base.bias is not None and base.bias.requires_grad:
-        return None
-    drop = layer.lora_dropout[name]
-    p = drop.p if isinstance(drop, torch.nn.Dropout) else 0.0
-    return linear_lora(x, base.weight, base.bias, A, layer.lora_B[name].weight, layer.scaling[name], p,
-                       drop.training, name, layer)
+    A, B, p = adapter
+    return linear_lora(x, base[0], base[1], A, B, layer.scaling[name], p, p > 0, name, layer)
 
 
 def supports(x: torch.Tensor, A: torch.Tensor, result: torch.Tensor) -> bool:
@@ -234,22 +253,20 @@ def fused_dora_forward(layer: Any, x: torch.Tensor, applied: list[str]) -> torch
         layer: a ``DoRALinear`` (needs ``lora_magnitude_vector`` and ``weight_norm(name)``).
         x: the layer input; applied: the adapters its forward must add.
     """
-    base = layer.base_layer
-    if len(applied) != 1 or type(base) is not torch.nn.Linear or base.weight.requires_grad:
+    if len(applied) != 1:
         return None
+    base = _frozen_linear(layer)
     name = applied[0]
-    if name not in layer.lora_magnitude_vector or type(layer.lora_A[name]) is not torch.nn.Linear:
+    magnitudes = layer._modules["lora_magnitude_vector"]._parameters
+    adapter = None if base is None or name not in magnitudes else _adapter(layer, name)
+    if base is None or adapter is None or not supports(x, adapter[0], base[0]):
         return None
-    A = layer.lora_A[name].weight
-    if not supports(x, A, base.weight) or (base.bias is not None and base.bias.requires_grad):
-        return None
-    drop = layer.lora_dropout[name]
-    p = drop.p if isinstance(drop, torch.nn.Dropout) and drop.training else 0.0
+    (weight, bias), (A, B, p) = base, adapter
     keep, dropped = _dropout(x, p, p > 0, name, layer)
-    args = (x.reshape(-1, x.shape[-1]), layer.lora_magnitude_vector[name], A, layer.lora_B[name].weight,
-            base.weight, base.bias, layer.weight_norm(name), layer.scaling[name], keep, p, dropped)
+    args = (x.reshape(-1, x.shape[-1]), magnitudes[name], A, B, weight, bias, layer.weight_norm(name),
+            layer.scaling[name], keep, p, dropped)
     if torch.is_grad_enabled():
         out: torch.Tensor = DoRALinearFn.apply(*args)  # type: ignore[no-untyped-call]
     else:
         out = DoRALinearFn.forward(None, *args)
-    return out.view(*x.shape[:-1], base.weight.shape[0])
+    return out.view(*x.shape[:-1], weight.shape[0])
