@@ -81,7 +81,7 @@ class _DoRAMixin:
         raise NotImplementedError
 
     def _base_key(self) -> tuple[Any, ...]:
-        base = self.base_layer
+        base: nn.Module = self.base_layer
         if base._modules:  # a composite base (some quantized layers): every tensor below it
             tensors = [*base.parameters(), *base.buffers()]
         else:  # the common case, without the generators' overhead (this runs on every forward)

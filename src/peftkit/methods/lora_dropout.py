@@ -120,9 +120,9 @@ def dropout_input(x: torch.Tensor, p: float, name: str = "", owner: object | Non
 
     Returns:
         ``(keep, dropped)``: the mask as int8 (-1 kept, 0 dropped; 1 byte per element like a bool, and ready for
-        :func:`apply_keep`) and ``keep ⊙ x``, both ``x``'s elements as a 2-D ``(tokens, in)`` tensor (the very objects the kernels
-        save, so that the weak references below live exactly as long as the autograd graph holds them);
-        ``dropped`` does not require grad.
+        :func:`apply_keep`) and ``keep ⊙ x``, both ``x``'s elements as a 2-D ``(tokens, in)`` tensor. They are
+        the very objects the kernels save, so the weak references below live exactly as long as the autograd
+        graph holds them. ``dropped`` does not require grad.
     """
     if owner is not None:
         hit = _SHARED.get(name)

@@ -23,7 +23,7 @@ both agree.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, cast
 
 import torch
 
@@ -134,10 +134,10 @@ def linear_lora(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
     """
     if not torch.is_grad_enabled() and not (training and p > 0):
         # Inference: as few kernel launches as possible (decoding one token is all overhead).
-        out = torch.nn.functional.linear(x, weight, bias)
+        result = torch.nn.functional.linear(x, weight, bias)
         h = torch.nn.functional.linear(x, A)
-        out.view(-1, out.shape[-1]).addmm_(h.view(-1, h.shape[-1]), B.t(), alpha=scale)
-        return out
+        result.view(-1, result.shape[-1]).addmm_(h.view(-1, h.shape[-1]), B.t(), alpha=scale)
+        return result
     x2 = x.reshape(-1, x.shape[-1])
     keep, dropped = _dropout(x, p, training, name, owner)
     out: torch.Tensor = LoRAUpdate.apply(None, x2, A, B, scale, keep, p, weight, bias,  # type: ignore[no-untyped-call]
@@ -155,19 +155,20 @@ def _frozen_linear(layer: Any) -> tuple[torch.Tensor, torch.Tensor | None] | Non
     if type(base) is not torch.nn.Linear:
         return None
     weight, bias = base._parameters["weight"], base._parameters["bias"]
-    if weight.requires_grad or (bias is not None and bias.requires_grad):
+    if weight is None or weight.requires_grad or (bias is not None and bias.requires_grad):
         return None
     return weight, bias
 
 
 def _adapter(layer: Any, name: str) -> tuple[torch.Tensor, torch.Tensor, float] | None:
     """``(A, B, p)`` of adapter ``name`` when its A is a plain ``nn.Linear`` and dropout comes first, else None."""
-    down = layer._modules["lora_A"]._modules[name]
+    down: Any = layer._modules["lora_A"]._modules[name]
     if type(down) is not torch.nn.Linear or layer.dropout_position[name] != "pre":
         return None  # a shared (grouped) down-projection computes A itself; "post" dropout needs the plain path
     drop = layer._modules["lora_dropout"]._modules[name]
     p = drop.p if drop.training and isinstance(drop, torch.nn.Dropout) else 0.0
-    return down._parameters["weight"], layer._modules["lora_B"]._modules[name]._parameters["weight"], p
+    up: Any = layer._modules["lora_B"]._modules[name]
+    return cast(torch.Tensor, down._parameters["weight"]), up._parameters["weight"], p
 
 
 def fused_forward(layer: Any, x: torch.Tensor, applied: list[str]) -> torch.Tensor | None:

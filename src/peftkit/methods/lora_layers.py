@@ -25,7 +25,6 @@ from peftkit.core.registry import LinearKind, TypeRegistry, linear_kind
 from peftkit.errors import ConfigError
 from peftkit.methods import lora_kernels
 
-
 logger = logging.getLogger("peftkit")
 
 
@@ -170,7 +169,8 @@ class LoRALinear(LoRALayer):
         for name in applied:
             A, B, drop = self.lora_A[name], self.lora_B[name], self.lora_dropout[name]
             # A shared down-projection (grouped performant LoRA) computes A(dropout(x)) itself, once per group.
-            if type(A) is nn.Linear and self.dropout_position[name] == "pre" and lora_kernels.supports(x, A.weight, result):
+            pre = self.dropout_position[name] == "pre"
+            if type(A) is nn.Linear and pre and lora_kernels.supports(x, A.weight, result):
                 # One fused autograd function (same formula, less saved memory, cheaper dropout masks).
                 p = drop.p if isinstance(drop, nn.Dropout) else 0.0
                 result = lora_kernels.lora_update(result, x, A.weight, B.weight, self.scaling[name], p, drop.training,
