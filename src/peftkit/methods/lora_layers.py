@@ -151,7 +151,8 @@ class LoRALinear(LoRALayer):
         self._add_common(name, rank, alpha, dropout, use_rslora, dropout_position)
 
     def delta_weight(self, name: str) -> torch.Tensor:
-        return (self.lora_B[name].weight @ self.lora_A[name].weight) * self.scaling[name]
+        # s·B is (out × r): scaling it, not the (out × in) product, saves a full pass over the weight.
+        return (self.lora_B[name].weight * self.scaling[name]) @ self.lora_A[name].weight
 
     def _base_weight(self) -> torch.Tensor:
         return self.kind.weight(self.base_layer)
