@@ -90,7 +90,7 @@ def markdown(result: dict[str, Any]) -> str:
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser = argparse.ArgumentParser(description="peftkit vs HF PEFT benchmark (issue 10)")
     parser.add_argument("--quick", action="store_true", help="a small model, for a smoke run")
-    parser.add_argument("--rounds", type=int, default=3, help="timed rounds per variant (default 3)")
+    parser.add_argument("--rounds", type=int, default=5, help="timed rounds per variant (default 5)")
     parser.add_argument("--only", default=",".join(EXPERIMENTS), help=f"comma-separated subset of {EXPERIMENTS}")
     parser.add_argument("--out", type=Path, default=HERE / "results")
     parser.add_argument("--threads", type=int, default=THREADS,
