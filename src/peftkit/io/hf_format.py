@@ -13,7 +13,7 @@ from __future__ import annotations
 import json
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import torch
 from safetensors import SafetensorError
@@ -67,7 +67,8 @@ def adapter_config_dict(model: nn.Module, name: str, config: AdapterConfig | Non
     if "fan_in_fan_out" in data:
         modules = dict(model.named_modules())
         data["fan_in_fan_out"] = any(
-            is_fan_in_fan_out(getattr(modules[t], "base_layer", modules[t])) for t in get_state(model).targets[name]
+            is_fan_in_fan_out(cast(nn.Module, getattr(modules[t], "base_layer", modules[t])))
+            for t in get_state(model).targets[name]
         )
     return data
 

@@ -31,7 +31,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, ClassVar
+from typing import Any, ClassVar, cast
 
 import torch
 from torch import nn
@@ -130,13 +130,14 @@ class _DoRAMixin:
         self._w_sq = None
 
     def _dora_factor(self, name: str, norm: torch.Tensor) -> torch.Tensor:
-        return (self.lora_magnitude_vector[name] / norm).detach()
+        magnitude = cast(torch.Tensor, self.lora_magnitude_vector[name])
+        return (magnitude / norm).detach()
 
 
 class DoRALinear(_DoRAMixin, LoRALinear):
     """DoRA on a linear-like layer (``nn.Linear``, GPT-2 ``Conv1D``, quantized linears via ``kind.weight``)."""
 
-    adapter_containers = ("lora_A", "lora_B", "lora_magnitude_vector")
+    adapter_containers: ClassVar[tuple[str, ...]] = ("lora_A", "lora_B", "lora_magnitude_vector")
 
     def __init__(self, base_layer: nn.Module) -> None:
         super().__init__(base_layer)
@@ -146,7 +147,7 @@ class DoRALinear(_DoRAMixin, LoRALinear):
         return self.kind.weight(self.base_layer)
 
     def _factors(self, name: str) -> tuple[torch.Tensor, torch.Tensor]:
-        return self.lora_A[name].weight, self.lora_B[name].weight
+        return self.factor_weights(name)
 
     def delete_adapter(self, name: str) -> None:
         super().delete_adapter(name)
@@ -157,13 +158,13 @@ class DoRALinear(_DoRAMixin, LoRALinear):
         fused = None if args or kwargs else lora_kernels.fused_dora_forward(self, x, self._applied())
         if fused is not None:
             return fused
-        result = self.base_layer(x, *args, **kwargs)
+        result: torch.Tensor = self.base_layer(x, *args, **kwargs)
         bias = getattr(self.base_layer, "bias", None)
         base_out = result if bias is None else result - bias  # W x: the base term never sees dropout
         out = result
         for name in self._applied():
             A, B, drop = self.lora_A[name], self.lora_B[name], self.lora_dropout[name]
-            h = x.to(A.weight.dtype)
+            h = x.to(cast(torch.Tensor, A.weight).dtype)
             if name not in self.lora_magnitude_vector:  # a plain LoRA adapter on the same layer
                 update = B(A(drop(h))) if self.dropout_position[name] == "pre" else drop(B(A(h)))
                 out = out + (update * self.scaling[name]).to(out.dtype)
@@ -220,7 +221,8 @@ class DoRAEmbedding(_DoRAMixin, LoRAEmbedding):
     ``E' = (E + s·(BA)ᵀ) · diag(m / ‖columns‖)``, so ``y = g ⊙ (E[x] + s·Aᵀ[x] Bᵀ)`` with ``g = m / ‖·‖``.
     """
 
-    adapter_containers = ("lora_embedding_A", "lora_embedding_B", "lora_magnitude_vector")
+    adapter_containers: ClassVar[tuple[str, ...]] = ("lora_embedding_A", "lora_embedding_B", "lora_magnitude_vector")
+    base_layer: nn.Embedding  # LoRAEmbedding's, over the mixin's nn.Module
 
     def __init__(self, base_layer: nn.Embedding) -> None:
         super().__init__(base_layer)
@@ -230,17 +232,17 @@ class DoRAEmbedding(_DoRAMixin, LoRAEmbedding):
         return self.base_layer.weight.T  # (dim, vocab): rows are embedding dimensions, update s·B A
 
     def _factors(self, name: str) -> tuple[torch.Tensor, torch.Tensor]:
-        return self.lora_embedding_A[name], self.lora_embedding_B[name]
+        return self.factors(name)
 
     def delete_adapter(self, name: str) -> None:
         super().delete_adapter(name)
         self._delete_dora(name)
 
     def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
-        result = self.base_layer(x, *args, **kwargs)
+        result: torch.Tensor = self.base_layer(x, *args, **kwargs)
         base = result
         for name in self._applied():
-            A, B = self.lora_embedding_A[name], self.lora_embedding_B[name]
+            A, B = self.factors(name)
             lora = (self.embed(x, A.T) @ B.T) * self.scaling[name]
             if name not in self.lora_magnitude_vector:
                 result = result + lora.to(result.dtype)

@@ -35,7 +35,8 @@ def _positive_number(field_name: str, value: Any) -> None:
 
 
 class _AddsAdapter(Protocol):
-    """What every LoRA layer class defines (``LoRALayer`` itself does not declare it)."""
+    """What LoRA's layer classes define. ``LoRALayer`` cannot declare it: AdaLoRA's ``SVDLinear`` subclasses it
+    with another ``add`` signature."""
 
     def add(self, name: str, rank: int, alpha: float, *, dropout: float = ..., use_rslora: bool = ...,
             init_A: str = ..., init_B: str = ..., dropout_position: str = ...) -> None: ...

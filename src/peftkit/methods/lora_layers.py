@@ -14,7 +14,7 @@ from __future__ import annotations
 import logging
 import math
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, ClassVar, cast
 
 import torch
 import torch.nn.functional as F
@@ -60,7 +60,7 @@ class LoRALayer(AdapterLayer):
         super().__init__(base_layer)
         self.rank: dict[str, int] = {}
         self.scaling: dict[str, float] = {}
-        self.lora_dropout = nn.ModuleDict()
+        self.lora_dropout: nn.ModuleDict = nn.ModuleDict()
         self.dropout_position: dict[str, str] = {}
         #: adapter name → max abs error re-quantizing the merged weight (quantized bases only)
         self.merge_errors: dict[str, float] = {}
@@ -121,7 +121,7 @@ class LoRALayer(AdapterLayer):
 class LoRALinear(LoRALayer):
     """LoRA on a linear-like layer: ``base(x) + s·B(A(dropout(x)))``."""
 
-    adapter_containers = ("lora_A", "lora_B")
+    adapter_containers: ClassVar[tuple[str, ...]] = ("lora_A", "lora_B")
 
     def __init__(self, base_layer: nn.Module) -> None:
         super().__init__(base_layer)
@@ -130,8 +130,14 @@ class LoRALinear(LoRALayer):
             raise ConfigError(f"{type(base_layer).__name__} is not a linear-like layer")
         self.in_features = kind.in_features(base_layer)
         self.out_features = kind.out_features(base_layer)
-        self.lora_A = nn.ModuleDict()
-        self.lora_B = nn.ModuleDict()
+        #: adapter name → A (``nn.Linear`` in → r, or a down-projection shared across projections) and B (r → out)
+        self.lora_A: nn.ModuleDict = nn.ModuleDict()
+        self.lora_B: nn.ModuleDict = nn.ModuleDict()
+
+    def factor_weights(self, name: str) -> tuple[torch.Tensor, torch.Tensor]:
+        """Adapter ``name``'s A (r × in) and B (out × r) weights."""
+        A, B = self.lora_A[name], self.lora_B[name]
+        return cast(torch.Tensor, A.weight), cast(torch.Tensor, B.weight)
 
     @property
     def kind(self) -> LinearKind:
@@ -146,13 +152,15 @@ class LoRALinear(LoRALayer):
         factory: dict[str, Any] = {"device": weight.device, "dtype": adapter_dtype(weight)}
         self.lora_A[name] = nn.Linear(self.in_features, rank, bias=False, **factory)
         self.lora_B[name] = nn.Linear(rank, self.out_features, bias=False, **factory)
-        init_factor(self.lora_A[name].weight, init_A, rank)
-        init_factor(self.lora_B[name].weight, init_B, rank)
+        A, B = self.factor_weights(name)
+        init_factor(A, init_A, rank)
+        init_factor(B, init_B, rank)
         self._add_common(name, rank, alpha, dropout, use_rslora, dropout_position)
 
     def delta_weight(self, name: str) -> torch.Tensor:
         # s·B is (out × r): scaling it, not the (out × in) product, saves a full pass over the weight.
-        return (self.lora_B[name].weight * self.scaling[name]) @ self.lora_A[name].weight
+        A, B = self.factor_weights(name)
+        return (B * self.scaling[name]) @ A
 
     def _base_weight(self) -> torch.Tensor:
         return self.kind.weight(self.base_layer)
@@ -166,18 +174,20 @@ class LoRALinear(LoRALayer):
         fused = None if args or kwargs else lora_kernels.fused_forward(self, x, applied)
         if fused is not None:
             return fused
-        result = self.base_layer(x, *args, **kwargs)
+        result: torch.Tensor = self.base_layer(x, *args, **kwargs)
         for name in applied:
             A, B, drop = self.lora_A[name], self.lora_B[name], self.lora_dropout[name]
+            A_weight = cast(torch.Tensor, A.weight)
             # A shared down-projection (grouped performant LoRA) computes A(dropout(x)) itself, once per group.
             pre = self.dropout_position[name] == "pre"
-            if type(A) is nn.Linear and pre and lora_kernels.supports(x, A.weight, result):
+            if type(A) is nn.Linear and pre and lora_kernels.supports(x, A_weight, result):
                 # One fused autograd function (same formula, less saved memory, cheaper dropout masks).
                 p = drop.p if isinstance(drop, nn.Dropout) else 0.0
-                result = lora_kernels.lora_update(result, x, A.weight, B.weight, self.scaling[name], p, drop.training,
+                B_weight = cast(torch.Tensor, B.weight)
+                result = lora_kernels.lora_update(result, x, A_weight, B_weight, self.scaling[name], p, drop.training,
                                                   name, self)
                 continue
-            h = x.to(A.weight.dtype)
+            h = x.to(A_weight.dtype)
             if self.dropout_position[name] == "pre":
                 update = B(A(drop(h)))
             else:
@@ -193,12 +203,18 @@ class LoRAEmbedding(LoRALayer):
     is applied to token indices.
     """
 
-    adapter_containers = ("lora_embedding_A", "lora_embedding_B")
+    adapter_containers: ClassVar[tuple[str, ...]] = ("lora_embedding_A", "lora_embedding_B")
+    base_layer: nn.Embedding
 
     def __init__(self, base_layer: nn.Embedding) -> None:
         super().__init__(base_layer)
-        self.lora_embedding_A = nn.ParameterDict()
-        self.lora_embedding_B = nn.ParameterDict()
+        #: adapter name → A (r × vocab) and B (dim × r)
+        self.lora_embedding_A: nn.ParameterDict = nn.ParameterDict()
+        self.lora_embedding_B: nn.ParameterDict = nn.ParameterDict()
+
+    def factors(self, name: str) -> tuple[torch.Tensor, torch.Tensor]:
+        """Adapter ``name``'s A (r × vocab) and B (dim × r)."""
+        return cast(torch.Tensor, self.lora_embedding_A[name]), cast(torch.Tensor, self.lora_embedding_B[name])
 
     def add(self, name: str, rank: int, alpha: float, *, dropout: float = 0.0, use_rslora: bool = False,
             init_A: str = "kaiming", init_B: str = "zero", dropout_position: str = "pre") -> None:
@@ -218,7 +234,8 @@ class LoRAEmbedding(LoRALayer):
         self._add_common(name, rank, alpha, 0.0, use_rslora, dropout_position)
 
     def delta_weight(self, name: str) -> torch.Tensor:
-        return (self.lora_embedding_B[name] @ self.lora_embedding_A[name]).T * self.scaling[name]
+        A, B = self.factors(name)
+        return (B @ A).T * self.scaling[name]
 
     def _base_weight(self) -> torch.Tensor:
         return self.base_layer.weight
@@ -234,9 +251,9 @@ class LoRAEmbedding(LoRALayer):
                            base.scale_grad_by_freq, base.sparse)
 
     def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
-        result = self.base_layer(x, *args, **kwargs)
+        result: torch.Tensor = self.base_layer(x, *args, **kwargs)
         for name in self._applied():
-            A, B = self.lora_embedding_A[name], self.lora_embedding_B[name]
+            A, B = self.factors(name)
             result = result + ((self.embed(x, A.T) @ B.T) * self.scaling[name]).to(result.dtype)
         return result
 
@@ -244,7 +261,7 @@ class LoRAEmbedding(LoRALayer):
 class LoRAConv(LoRALayer):
     """LoRA on ``nn.Conv1d/2d/3d``: A is a convolution with the base's kernel (in → r), B a 1×1 one (r → out)."""
 
-    adapter_containers = ("lora_A", "lora_B")
+    adapter_containers: ClassVar[tuple[str, ...]] = ("lora_A", "lora_B")
 
     def __init__(self, base_layer: nn.Module) -> None:
         super().__init__(base_layer)
@@ -253,39 +270,46 @@ class LoRAConv(LoRALayer):
                 f"LoRA on a grouped convolution (groups={base_layer.groups}) is not supported; "
                 "exclude this layer with exclude_modules"
             )
-        self.lora_A = nn.ModuleDict()
-        self.lora_B = nn.ModuleDict()
+        #: adapter name → A (a convolution in → r with the base's kernel) and B (a 1×1 convolution r → out)
+        self.lora_A: nn.ModuleDict = nn.ModuleDict()
+        self.lora_B: nn.ModuleDict = nn.ModuleDict()
+
+    def factor_weights(self, name: str) -> tuple[torch.Tensor, torch.Tensor]:
+        """Adapter ``name``'s A (r, in, *kernel) and B (out, r, 1, ...) convolution weights."""
+        return cast(torch.Tensor, self.lora_A[name].weight), cast(torch.Tensor, self.lora_B[name].weight)
 
     def add(self, name: str, rank: int, alpha: float, *, dropout: float = 0.0, use_rslora: bool = False,
             init_A: str = "kaiming", init_B: str = "zero", dropout_position: str = "pre") -> None:
         base = self.base_layer
         conv = type(base)
-        factory: dict[str, Any] = {"device": base.weight.device, "dtype": adapter_dtype(base.weight)}
+        weight = self._base_weight()
+        factory: dict[str, Any] = {"device": weight.device, "dtype": adapter_dtype(weight)}
         self.lora_A[name] = conv(base.in_channels, rank, base.kernel_size, base.stride, base.padding,
                                  base.dilation, bias=False, padding_mode=base.padding_mode, **factory)
         self.lora_B[name] = conv(rank, base.out_channels, 1, 1, bias=False, **factory)
-        init_factor(self.lora_A[name].weight, init_A, rank)
-        init_factor(self.lora_B[name].weight, init_B, rank)
+        A, B = self.factor_weights(name)
+        init_factor(A, init_A, rank)
+        init_factor(B, init_B, rank)
         self._add_common(name, rank, alpha, dropout, use_rslora, dropout_position)
 
     def delta_weight(self, name: str) -> torch.Tensor:
-        A = self.lora_A[name].weight            # (r, in, *kernel)
-        B = self.lora_B[name].weight.flatten(1)  # (out, r): B is a 1×1 convolution
+        A, B = self.factor_weights(name)  # A: (r, in, *kernel)
+        B = B.flatten(1)  # (out, r): B is a 1×1 convolution
         return torch.einsum("or,ri...->oi...", B, A) * self.scaling[name]
 
     def _base_weight(self) -> torch.Tensor:
-        return self.base_layer.weight
+        return cast(torch.Tensor, self.base_layer.weight)
 
     def _set_base_weight(self, weight: torch.Tensor) -> float | None:
         with torch.no_grad():
-            self.base_layer.weight.copy_(weight)
+            self._base_weight().copy_(weight)
         return None
 
     def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
-        result = self.base_layer(x, *args, **kwargs)
+        result: torch.Tensor = self.base_layer(x, *args, **kwargs)
         for name in self._applied():
             A, B, drop = self.lora_A[name], self.lora_B[name], self.lora_dropout[name]
-            h = x.to(A.weight.dtype)
+            h = x.to(cast(torch.Tensor, A.weight).dtype)
             update = B(A(drop(h))) if self.dropout_position[name] == "pre" else drop(B(A(h)))
             result = result + (update * self.scaling[name]).to(result.dtype)
         return result
