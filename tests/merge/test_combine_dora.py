@@ -172,10 +172,13 @@ def test_dare_with_a_seed_is_reproducible() -> None:
 
 
 def test_mixing_dora_and_lora_is_refused_and_changes_nothing() -> None:
-    model = _model(kind_b=pk.LoRA)
+    # A plain LoRA adapter cannot even join the DoRA layers, so there is never a mixed pair to combine.
+    with pytest.raises(ConfigError, match="already adapted by DoRA"):
+        _model(kind_b=pk.LoRA)
+    model = _model()
     before = set(get_state(model).configs)
-    with pytest.raises(ConfigError, match=r"\['a'\] are DoRA and \['b'\] plain LoRA"):
-        combine(model, WEIGHTS, method="cat", name="mix")
+    with pytest.raises(ConfigError, match="already adapted by DoRA"):
+        pk.apply(model, pk.LoRA(target_modules=TARGETS), name="c")
     assert set(get_state(model).configs) == before
 
 

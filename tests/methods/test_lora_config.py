@@ -130,3 +130,16 @@ def test_safe_merge_refuses_non_finite_delta_and_names_module() -> None:
     with pytest.raises(MergeError, match=r"model\.layers\.1\.self_attn\.q_proj"):
         pk.merge(model, safe=True)
     assert torch.equal(model.model.layers[1].self_attn.q_proj.base_layer.weight, weight)
+
+
+@pytest.mark.parametrize(
+    "first", [lambda: pk.DoRA(target_modules=["q_proj"]), lambda: pk.AdaLoRA(target_modules=["q_proj"], total_step=10)]
+)
+def test_plain_lora_on_a_layer_of_another_lora_variant_is_refused(first) -> None:
+    model = build("llama")
+    pk.apply(model, first(), name="first")
+    before = [n for n, _ in model.named_modules()]
+    with pytest.raises(ConfigError, match="must use the same method"):
+        pk.apply(model, pk.LoRA(target_modules=["q_proj"]), name="second")
+    assert [n for n, _ in model.named_modules()] == before
+    pk.apply(model, pk.LoRA(target_modules=["v_proj"]), name="third")  # other layers are fine

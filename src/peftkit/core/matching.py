@@ -21,6 +21,7 @@ from fnmatch import fnmatchcase
 
 from torch import nn
 
+from peftkit.core.layer import AdapterLayer
 from peftkit.core.walk import iter_modules
 from peftkit.errors import TargetNotFoundError, UnsupportedLayerError
 
@@ -116,6 +117,13 @@ def resolve_targets(
                 f"({', '.join(sorted(ALIASES))})."
             )
         good = [n for n in hits if supported(modules[n])]
+        wrapped = sorted({type(modules[n]).__name__ for n in hits if isinstance(modules[n], AdapterLayer)})
+        if not good and wrapped:
+            raise UnsupportedLayerError(
+                f"target pattern {pattern!r} matches layers already adapted by {', '.join(wrapped)}; a second adapter "
+                "on the same layer must use the same method. Target other layers, or remove the first adapter "
+                "with pk.delete_adapter."
+            )
         if not good:
             kinds = sorted({type(modules[n]).__name__ for n in hits})
             raise UnsupportedLayerError(

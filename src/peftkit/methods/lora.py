@@ -119,7 +119,9 @@ class LoRA(AdapterConfig):
         return targets
 
     def supports(self, module: nn.Module) -> bool:
-        return isinstance(module, LoRALayer) or lora_layer_class(module) is not None
+        if isinstance(module, LoRALayer):  # a second adapter only on a wrapper LoRA itself would have made
+            return type(module) is lora_layer_class(module.base_layer)
+        return lora_layer_class(module) is not None
 
     def supported_layer_names(self) -> list[str]:
         return sorted(set(LINEAR_KINDS.names()) | set(LORA_LAYERS.names()))
