@@ -21,6 +21,8 @@ from typing import Any
 import torch
 from common import FULL, QUICK, Shape, Unavailable, make_variant, setup_torch, step_fn
 
+from peftkit.train.metrics import process_memory
+
 VARIANTS = ["lower_bound", "hf_lora_0", "hf_lora_0.05", "pk_lora_0", "pk_lora_0.05",
             "hf_dora_0", "hf_dora_0.05", "pk_dora_0", "pk_dora_0.05"]
 
@@ -41,25 +43,15 @@ def saved_bytes(model: torch.nn.Module, step: Any) -> int:
     return sum(seen.values())
 
 
-def _status(field: str) -> int | None:
-    try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith(field + ":"):
-                return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return None
-
-
 def peak_rss_delta(step: Any) -> int | None:
     """Peak resident bytes during ``step()`` above the resident bytes before it (Linux only)."""
     try:
         Path("/proc/self/clear_refs").write_text("5")
     except OSError:
         return None
-    before = _status("VmRSS")
+    before = process_memory("VmRSS")
     step()
-    peak = _status("VmHWM")
+    peak = process_memory("VmHWM")
     return None if before is None or peak is None else peak - before
 
 

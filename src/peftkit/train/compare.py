@@ -28,6 +28,7 @@ import yaml
 
 from peftkit.errors import ConfigError, require
 from peftkit.train.config import PEFT_METHODS, RunConfig, config_from_dict, load_config
+from peftkit.train.metrics import process_memory
 
 #: Method names accepted besides :data:`PEFT_METHODS` keys.
 ALIASES = {"full": "none"}
@@ -68,14 +69,6 @@ def _options_for(method: str, source_method: str, options: dict[str, Any]) -> di
 
 
 # -- one method, in a child process -----------------------------------------------------------------
-def _rss(field: str) -> int | None:
-    try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith(field + ":"):
-                return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return None
 
 
 def run_one(cfg: RunConfig) -> dict[str, Any]:
@@ -91,7 +84,7 @@ def run_one(cfg: RunConfig) -> dict[str, Any]:
 
     def timed_step(run: Any, step: int, params: list[Any]) -> dict[str, Any]:
         if not steps:  # training starts: measure memory from here (model and data are loaded)
-            memory["before"] = _rss("VmRSS")
+            memory["before"] = process_memory("VmRSS")
             try:
                 Path("/proc/self/clear_refs").write_text("5")  # reset the peak (Linux)
             except OSError:
@@ -109,7 +102,7 @@ def run_one(cfg: RunConfig) -> dict[str, Any]:
         summary = loop.train(cfg)
     finally:
         loop.train_step = inner
-    peak = _rss("VmHWM")
+    peak = process_memory("VmHWM")
     adapter = Path(summary["adapter"])
     timed = steps[1:] or steps  # the first step pays one-off costs (optimizer state, lazy init)
     return {

@@ -114,3 +114,15 @@ def plot_metrics(records: list[dict[str, Any]], out_dir: str | Path) -> list[Pat
         plt.close(fig)  # type: ignore[attr-defined]
         written.append(path)
     return written
+
+
+def process_memory(field: str = "VmRSS") -> int | None:
+    """This process's memory figure ``field`` from ``/proc/self/status`` in bytes (``VmRSS`` resident now,
+    ``VmHWM`` peak resident), or ``None`` where the file does not exist (not Linux)."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith(field + ":"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None
