@@ -14,6 +14,8 @@ from peftkit.methods.dora import DoRALinear
 from peftkit.quant import Linear4bit, Linear8bit, quantize
 from peftkit.quant.nf4 import dequantize_4bit, quantize_4bit
 
+from models import train_losses
+
 transformers = pytest.importorskip("transformers")
 TARGETS = ["q_proj", "v_proj", "gate_proj", "down_proj"]
 
@@ -33,15 +35,7 @@ def _ids() -> torch.Tensor:
 
 def _train(model: nn.Module, steps: int) -> list[float]:
     ids = _ids()
-    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
-    losses = []
-    for _ in range(steps):
-        loss = model(input_ids=ids, labels=ids).loss
-        loss.backward()
-        opt.step()
-        opt.zero_grad()
-        losses.append(loss.item())
-    return losses
+    return train_losses(model, lambda: model(input_ids=ids, labels=ids).loss, lr=1e-2, steps=steps)
 
 
 def _qdora(compute_dtype: torch.dtype = torch.float32, bits: int = 4, steps: int = 4) -> nn.Module:

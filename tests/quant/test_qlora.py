@@ -11,6 +11,8 @@ from torch import nn
 import peftkit as pk
 from peftkit.quant import Linear4bit, Linear8bit, prepare_for_kbit_training, quantize
 
+from models import train_losses
+
 transformers = pytest.importorskip("transformers")
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
@@ -36,16 +38,7 @@ def _batch() -> torch.Tensor:
 
 def _train(model: nn.Module, steps: int) -> list[float]:
     ids = _batch()
-    params = [p for p in model.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=1e-2)
-    losses = []
-    for _ in range(steps):
-        loss = model(input_ids=ids, labels=ids).loss
-        loss.backward()
-        opt.step()
-        opt.zero_grad()
-        losses.append(loss.item())
-    return losses
+    return train_losses(model, lambda: model(input_ids=ids, labels=ids).loss, lr=1e-2, steps=steps)
 
 
 @pytest.mark.parametrize("bits", [4, 8])
