@@ -47,7 +47,7 @@ def run(shape: Shape, rounds: int) -> dict[str, Any]:
     models, skipped = {}, {}
     for name in VARIANTS:
         try:
-            models[name] = make_variant(name, shape).eval()
+            models[name] = make_variant(name, shape, share=True).eval()
         except Unavailable as exc:
             skipped[name] = str(exc)
     caches = {name: _static_cache(model, ids) for name, model in models.items()}

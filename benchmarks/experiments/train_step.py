@@ -30,7 +30,7 @@ def run(shape: Shape, rounds: int, variants: list[str] | None = None, deadline: 
     fns, skipped = {}, {}
     for name in names:
         try:
-            fns[name] = step_fn(name, make_variant(name, shape), shape)
+            fns[name] = step_fn(name, make_variant(name, shape, share=True), shape)
         except Unavailable as exc:
             skipped[name] = str(exc)
     times = round_robin(fns, rounds=rounds, warmup=1, deadline=deadline)

@@ -155,7 +155,7 @@ class DoRALinear(_DoRAMixin, LoRALinear):
 
     def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
         # One DoRA adapter on a frozen nn.Linear: the whole formula in one autograd node (lora_kernels).
-        fused = None if args or kwargs else lora_kernels.fused_dora_forward(self, x, self._applied())
+        fused = None if args or kwargs else lora_kernels.fused_dora_forward(self, x)
         if fused is not None:
             return fused
         result: torch.Tensor = self.base_layer(x, *args, **kwargs)

@@ -23,14 +23,14 @@ both agree.
 
 from __future__ import annotations
 
-from typing import Any, cast
+from typing import Any
 
 import torch
 
 from peftkit.methods.lora_dropout import apply_keep, apply_keep_, dropout_input, keep_mask
 
 __all__ = ["DoRALinearFn", "LoRAUpdate", "fused_dora_forward", "fused_forward", "keep_mask", "linear_lora",
-           "lora_update", "supports"]
+           "lora_update", "plain_adapter", "supports"]
 
 
 class LoRAUpdate(torch.autograd.Function):
@@ -145,43 +145,54 @@ def linear_lora(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
     return out.view(*x.shape[:-1], weight.shape[0])
 
 
-def _frozen_linear(layer: Any) -> tuple[torch.Tensor, torch.Tensor | None] | None:
-    """The weight and bias of ``layer``'s base when it is a plain ``nn.Linear`` with both frozen, else ``None``.
+def plain_adapter(layer: Any, x: torch.Tensor) -> tuple[Any, ...] | None:
+    """``(name, W, b, A, B, s, p)`` when ``layer``'s forward is one adapter on a frozen ``nn.Linear``, else None.
 
-    The fused paths read modules and parameters from ``_modules`` / ``_parameters`` directly: each
-    ``nn.Module.__getattr__`` costs about half a microsecond, a sizeable part of a one-token decode step.
+    The conditions: not disabled; exactly one active adapter, not merged, with a plain ``nn.Linear`` A (a shared
+    grouped down-projection computes A itself) and dropout (``nn.Dropout`` or none) before A; the base an
+    ``nn.Linear`` whose weight and bias are frozen; ``x`` in the adapter's and the base's floating dtype; no
+    autocast. This runs on every forward, and decoding one token is nearly all overhead, so it reads
+    ``_modules`` / ``_parameters`` directly (each ``nn.Module.__getattr__`` costs about half a microsecond) and
+    calls no other Python function.
     """
-    base = layer._modules["base_layer"]
-    if type(base) is not torch.nn.Linear:
+    if layer.disabled:
         return None
-    weight, bias = base._parameters["weight"], base._parameters["bias"]
-    if weight is None or weight.requires_grad or (bias is not None and bias.requires_grad):
+    active = layer.active_adapters
+    if len(active) != 1:
         return None
-    return weight, bias
+    name = active[0]
+    if name in layer.merged_adapters:
+        return None
+    modules = layer._modules
+    down = modules["lora_A"]._modules.get(name)
+    base = modules["base_layer"]
+    if type(down) is not torch.nn.Linear or type(base) is not torch.nn.Linear:
+        return None
+    weight: Any = base._parameters["weight"]
+    bias: Any = base._parameters["bias"]
+    A: Any = down._parameters["weight"]
+    if (weight.requires_grad or (bias is not None and bias.requires_grad) or not x.dtype == A.dtype == weight.dtype
+            or not A.is_floating_point() or x.shape[-1] != A.shape[1] or layer.dropout_position[name] != "pre"
+            or torch.is_autocast_enabled(x.device.type)):
+        return None
+    drop = modules["lora_dropout"]._modules[name]
+    kind = type(drop)
+    if kind is torch.nn.Identity:
+        p = 0.0
+    elif kind is torch.nn.Dropout:
+        p = drop.p if drop.training else 0.0
+    else:  # a dropout module of the user's: only the straightforward path calls it
+        return None
+    return name, weight, bias, A, modules["lora_B"]._modules[name]._parameters["weight"], layer.scaling[name], p
 
 
-def _adapter(layer: Any, name: str) -> tuple[torch.Tensor, torch.Tensor, float] | None:
-    """``(A, B, p)`` of adapter ``name`` when its A is a plain ``nn.Linear`` and dropout comes first, else None."""
-    down: Any = layer._modules["lora_A"]._modules[name]
-    if type(down) is not torch.nn.Linear or layer.dropout_position[name] != "pre":
-        return None  # a shared (grouped) down-projection computes A itself; "post" dropout needs the plain path
-    drop = layer._modules["lora_dropout"]._modules[name]
-    p = drop.p if drop.training and isinstance(drop, torch.nn.Dropout) else 0.0
-    up: Any = layer._modules["lora_B"]._modules[name]
-    return cast(torch.Tensor, down._parameters["weight"]), up._parameters["weight"], p
-
-
-def fused_forward(layer: Any, x: torch.Tensor, applied: list[str]) -> torch.Tensor | None:
+def fused_forward(layer: Any, x: torch.Tensor) -> torch.Tensor | None:
     """The whole ``LoRALinear`` forward in one node when it is one adapter on a frozen ``nn.Linear``, else None."""
-    if len(applied) != 1:
+    plan = plain_adapter(layer, x)
+    if plan is None:
         return None
-    base = _frozen_linear(layer)
-    name = applied[0]
-    adapter = None if base is None else _adapter(layer, name)
-    if base is None or adapter is None or not supports(x, adapter[0], base[0]):
-        return None
-    A, B, p = adapter
-    return linear_lora(x, base[0], base[1], A, B, layer.scaling[name], p, p > 0, name, layer)
+    name, weight, bias, A, B, scale, p = plan
+    return linear_lora(x, weight, bias, A, B, scale, p, p > 0, name, layer)
 
 
 def supports(x: torch.Tensor, A: torch.Tensor, result: torch.Tensor) -> bool:
@@ -247,25 +258,23 @@ class DoRALinearFn(torch.autograd.Function):
         return grad_x, grad_m, grad_A, grad_B, None, None, None, None, None, None, None
 
 
-def fused_dora_forward(layer: Any, x: torch.Tensor, applied: list[str]) -> torch.Tensor | None:
+def fused_dora_forward(layer: Any, x: torch.Tensor) -> torch.Tensor | None:
     """A ``DoRALinear`` forward in one node for one DoRA adapter on a frozen ``nn.Linear``, else ``None``.
 
     Args:
         layer: a ``DoRALinear`` (needs ``lora_magnitude_vector`` and ``weight_norm(name)``).
-        x: the layer input; applied: the adapters its forward must add.
+        x: the layer input.
     """
-    if len(applied) != 1:
+    plan = plain_adapter(layer, x)
+    if plan is None:
         return None
-    base = _frozen_linear(layer)
-    name = applied[0]
-    magnitudes = layer._modules["lora_magnitude_vector"]._parameters
-    adapter = None if base is None or name not in magnitudes else _adapter(layer, name)
-    if base is None or adapter is None or not supports(x, adapter[0], base[0]):
+    name, weight, bias, A, B, scale, p = plan
+    magnitude = layer._modules["lora_magnitude_vector"]._parameters.get(name)
+    if magnitude is None:
         return None
-    (weight, bias), (A, B, p) = base, adapter
     keep, dropped = _dropout(x, p, p > 0, name, layer)
-    args = (x.reshape(-1, x.shape[-1]), magnitudes[name], A, B, weight, bias, layer.weight_norm(name),
-            layer.scaling[name], keep, p, dropped)
+    args = (x.reshape(-1, x.shape[-1]), magnitude, A, B, weight, bias, layer.weight_norm(name), scale, keep, p,
+            dropped)
     if torch.is_grad_enabled():
         out: torch.Tensor = DoRALinearFn.apply(*args)  # type: ignore[no-untyped-call]
     else:

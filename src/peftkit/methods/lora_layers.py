@@ -23,7 +23,7 @@ from torch import nn
 from peftkit.core.layer import AdapterLayer
 from peftkit.core.registry import LinearKind, TypeRegistry, linear_kind
 from peftkit.errors import ConfigError
-from peftkit.methods import lora_kernels
+from peftkit.methods import lora_groups, lora_kernels
 
 logger = logging.getLogger("peftkit")
 
@@ -169,18 +169,19 @@ class LoRALinear(LoRALayer):
         return self.kind.set_weight(self.base_layer, weight)
 
     def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
-        applied = self._applied()
-        # One adapter on a frozen nn.Linear: base and update in one autograd node (lora_kernels).
-        fused = None if args or kwargs else lora_kernels.fused_forward(self, x, applied)
+        # One adapter on a frozen nn.Linear: base and update in one autograd node (lora_kernels), shared with
+        # the sibling projections that read the same input when there are any (lora_groups).
+        fused = None if args or kwargs else lora_groups.fused_forward(self, x)
         if fused is not None:
             return fused
         result: torch.Tensor = self.base_layer(x, *args, **kwargs)
-        for name in applied:
+        for name in self._applied():
             A, B, drop = self.lora_A[name], self.lora_B[name], self.lora_dropout[name]
             A_weight = cast(torch.Tensor, A.weight)
             # A shared down-projection (grouped performant LoRA) computes A(dropout(x)) itself, once per group.
             pre = self.dropout_position[name] == "pre"
-            if type(A) is nn.Linear and pre and lora_kernels.supports(x, A_weight, result):
+            if (type(A) is nn.Linear and pre and type(drop) in (nn.Dropout, nn.Identity)
+                    and lora_kernels.supports(x, A_weight, result)):
                 # One fused autograd function (same formula, less saved memory, cheaper dropout masks).
                 p = drop.p if isinstance(drop, nn.Dropout) else 0.0
                 B_weight = cast(torch.Tensor, B.weight)

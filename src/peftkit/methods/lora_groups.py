@@ -1,0 +1,279 @@
+"""Sibling projections: LoRA layers that read the very same input tensor run as one group.
+
+Attention computes ``q_proj(x)``, ``k_proj(x)`` and ``v_proj(x)`` from one tensor, a gated MLP ``gate_proj(x)``
+and ``up_proj(x)``. Each adapter's down-projection reads ``x`` once forward and once backward, and each
+projection's input gradient is a separate full-size tensor that autograd then sums. Run as a group (the
+idea behind performant LoRA's fused ``linear_qkv``, done at run time on the model as it is):
+
+- forward: one product ``x [A_q; A_k; A_v]ᵀ`` for all the siblings' down-projections, then per sibling
+  ``x Wᵢᵀ + bᵢ + sᵢ hᵢ Bᵢᵀ``;
+- backward: one ``∂[A_q; A_k; A_v] = [g_q B_q s_q, …]ᵀ x``, and one input-gradient buffer that every term is
+  accumulated into (``addmm_``), instead of a gradient per projection and their sum;
+- with dropout, one mask per input (what sibling projections share anyway, see
+  :mod:`peftkit.methods.lora_dropout`); ``x`` (or ``keep ⊙ x``) is saved once for the group.
+
+The outputs are the same numbers as each layer's own fused forward (:func:`peftkit.methods.lora_kernels.linear_lora`)
+up to float rounding, and the gradients likewise.
+
+How groups form. Nothing about the model is assumed: a layer whose forward takes the fast path records which
+layers were called with the same tensor object right before it (the *run*). A run of two or more distinct
+layers becomes a group when the next run starts. From then on, the group's first layer (its leader) computes
+every sibling's output when it is called, and each sibling, called next with that very tensor (same object,
+same version), is handed its output. Anything else — a sibling called with another tensor, a sibling not
+called before the leader is called again, a member whose adapter state changed — disbands the group for good
+(that leader never groups again), and every layer computes its own output as before. The answer is the same
+either way; only the speed differs. Under saved-tensor hooks (activation checkpointing) layers never group.
+"""
+
+from __future__ import annotations
+
+import threading
+import weakref
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from peftkit.methods.lora_dropout import apply_keep_, dropout_input
+from peftkit.methods.lora_kernels import linear_lora, plain_adapter
+
+__all__ = ["GroupedLoRA", "enabled", "fused_forward", "group_of"]
+
+#: Switch for grouping (tests turn it off to compare against the per-layer path).
+enabled = True
+
+# Saved-tensor hooks (activation checkpointing, offloading) expect a recomputed forward to save exactly what the
+# first one saved; a group forming or breaking in between would change that. Under such hooks every layer runs
+# on its own and no group forms. Without this (private) query, grouping stays off.
+_top_hooks: Any = getattr(torch._C._autograd, "_top_saved_tensors_default_hooks", None)
+
+
+def _grouping() -> bool:
+    return enabled and _top_hooks is not None and _top_hooks(False) is None
+
+
+def _version(x: torch.Tensor) -> int:
+    try:
+        return int(x._version)
+    except RuntimeError:  # inference tensors carry no version counter
+        return -1
+
+
+class GroupedLoRA(torch.autograd.Function):
+    """``yᵢ = x Wᵢᵀ + bᵢ + sᵢ·(D⊙x) Aᵢᵀ Bᵢᵀ`` for the n siblings of a group, one autograd node.
+
+    Inputs after ``meta = (ranks, scales)`` and ``x``: the keep-mask and ``keep ⊙ x`` (or ``None``), the
+    concatenated detached ``[A₁; …; Aₙ]``, then ``A₁…Aₙ``, ``B₁…Bₙ``, ``W₁…Wₙ``, ``b₁…bₙ``. The scales already
+    include ``1/(1-p)``. Gradients flow to ``x`` and to each ``Aᵢ``, ``Bᵢ``; ``W`` and ``b`` are frozen.
+    """
+
+    @staticmethod
+    def forward(ctx: Any, meta: tuple[tuple[int, ...], tuple[float, ...]], x: torch.Tensor,
+                keep: torch.Tensor | None, dropped: torch.Tensor | None, a_cat: torch.Tensor,
+                *tensors: torch.Tensor | None) -> tuple[torch.Tensor, ...]:
+        ranks, scales = meta
+        n = len(ranks)
+        Bs, Ws, bs = tensors[n:2 * n], tensors[2 * n:3 * n], tensors[3 * n:]
+        inp = x if keep is None else dropped
+        assert inp is not None
+        h = F.linear(inp, a_cat)
+        outs = []
+        start = 0
+        for rank, scale, B, W, b in zip(ranks, scales, Bs, Ws, bs, strict=True):
+            assert B is not None and W is not None
+            out = F.linear(x, W, b)
+            outs.append(out.addmm_(h[:, start:start + rank], B.t(), alpha=scale))
+            start += rank
+        if ctx is not None:
+            ctx.set_materialize_grads(False)
+            ctx.save_for_backward(inp, keep, h, a_cat, *Bs, *Ws)
+            ctx.meta = meta
+        return tuple(outs)
+
+    @staticmethod
+    def backward(ctx: Any, *grads: torch.Tensor | None) -> tuple[torch.Tensor | None, ...]:
+        ranks, scales = ctx.meta
+        n = len(ranks)
+        inp, keep, h, a_cat, *rest = ctx.saved_tensors
+        Bs, Ws = rest[:n], rest[n:]
+        need_x = ctx.needs_input_grad[1]
+        need_A = any(ctx.needs_input_grad[5:5 + n])
+        need_B = ctx.needs_input_grad[5 + n:5 + 2 * n]
+        gbs: list[torch.Tensor] = []
+        grad_Bs: list[torch.Tensor | None] = []
+        start = 0
+        for i, (rank, scale, grad, B) in enumerate(zip(ranks, scales, grads, Bs, strict=True)):
+            if grad is None:  # this sibling's output was not used
+                gbs.append(h.new_zeros(h.shape[0], rank))
+                grad_Bs.append(None)
+            else:
+                gbs.append((grad @ B).mul_(scale))
+                grad_Bs.append(torch.mm(h[:, start:start + rank].t(), grad).t().mul_(scale) if need_B[i] else None)
+            start += rank
+        gb = torch.cat(gbs, dim=1) if n > 1 else gbs[0]
+        grad_As: list[torch.Tensor | None] = [None] * n
+        if need_A:
+            grad_a = gb.t() @ inp
+            start = 0
+            for i, rank in enumerate(ranks):
+                grad_As[i] = grad_a[start:start + rank] if ctx.needs_input_grad[5 + i] else None
+                start += rank
+        grad_x = None
+        if need_x:
+            grad_x = gb @ a_cat  # every term below is accumulated into this one buffer
+            if keep is not None:
+                apply_keep_(grad_x, keep)
+            for grad, W in zip(grads, Ws, strict=True):
+                if grad is not None:
+                    grad_x.addmm_(grad, W)
+        return (None, grad_x, None, None, None, *grad_As, *grad_Bs, *([None] * (2 * n)))
+
+
+class _Group:
+    """Sibling layers (weak references, leader first), the adapter they run, and outputs waiting for pickup."""
+
+    __slots__ = ("a_cat", "a_key", "members", "name", "p", "pending", "source", "version", "__weakref__")
+
+    def __init__(self, members: list[weakref.ref[Any]], name: str, p: float) -> None:
+        self.members = members
+        self.name, self.p = name, p
+        self.pending: dict[int, torch.Tensor] = {}
+        self.source: weakref.ref[torch.Tensor] | None = None
+        self.version = -1
+        self.a_key: tuple[tuple[int, int], ...] = ()
+        self.a_cat: torch.Tensor | None = None
+
+    def disband(self) -> None:
+        self.pending.clear()
+        for ref in self.members:
+            layer = ref()
+            if layer is not None and _GROUP_OF.get(layer, (None,))[0] is self:
+                del _GROUP_OF[layer]
+        leader = self.members[0]()
+        if leader is not None:
+            _NEVER.add(leader)
+
+    def concatenated_a(self, As: list[torch.Tensor]) -> torch.Tensor:
+        """``[A₁; …; Aₙ]`` detached, kept while no A changed (in place or replaced)."""
+        key = tuple((A.data_ptr(), _version(A)) for A in As)
+        if self.a_cat is None or key != self.a_key:
+            with torch.no_grad():
+                self.a_cat = torch.cat([A.detach() for A in As])
+            self.a_key = key
+        return self.a_cat
+
+    def run(self, x: torch.Tensor) -> torch.Tensor | None:
+        """The leader's output, with every sibling's output left pending; ``None`` if a member no longer fits."""
+        plans = []
+        for ref in self.members:
+            layer = ref()
+            plan = None if layer is None else plain_adapter(layer, x)
+            if plan is None or plan[0] != self.name or plan[6] != self.p:
+                return None
+            plans.append(plan)
+        As = [plan[3] for plan in plans]
+        p = self.p
+        keep = dropped = None
+        x2 = x.reshape(-1, x.shape[-1])
+        if p > 0:
+            keep, dropped = dropout_input(x, p, self.name, None)
+        ranks = tuple(A.shape[0] for A in As)
+        scales = tuple(plan[5] / (1.0 - p) for plan in plans)
+        tensors = (*As, *(plan[4] for plan in plans), *(plan[1] for plan in plans), *(plan[2] for plan in plans))
+        a_cat = self.concatenated_a(As)
+        args = ((ranks, scales), x2, keep, dropped, a_cat, *tensors)
+        outs: tuple[torch.Tensor, ...]
+        if torch.is_grad_enabled() and (x.requires_grad or any(t.requires_grad for t in tensors[:2 * len(As)])):
+            outs = GroupedLoRA.apply(*args)  # type: ignore[no-untyped-call]
+        else:
+            outs = GroupedLoRA.forward(None, *args)
+        lead = x.shape[:-1]
+        self.pending = {i: out.view(*lead, out.shape[-1]) for i, out in enumerate(outs) if i}
+        self.source, self.version = weakref.ref(x), _version(x)
+        return outs[0].view(*lead, outs[0].shape[-1])
+
+    def pickup(self, index: int, x: torch.Tensor) -> torch.Tensor | None:
+        out: torch.Tensor | None = self.pending.pop(index, None)
+        if out is None or self.source is None or self.source() is not x or self.version != _version(x):
+            return None
+        return out
+
+
+# Layer → (its group, its index there). Weak keys: copies of a model (deepcopy) and deleted models hold none.
+_GROUP_OF: weakref.WeakKeyDictionary[Any, tuple[_Group, int]] = weakref.WeakKeyDictionary()
+# Leaders whose group broke: they never group again (a model that alternates patterns stays on the plain path).
+_NEVER: weakref.WeakSet[Any] = weakref.WeakSet()
+
+
+class _Run(threading.local):
+    """The layers called in a row with one input tensor (per thread)."""
+
+    def __init__(self) -> None:
+        self.source: weakref.ref[torch.Tensor] | None = None
+        self.version = -1
+        self.key: tuple[str, float] = ("", 0.0)
+        self.layers: list[weakref.ref[Any]] = []
+
+
+_RUN = _Run()
+
+
+def _finish_run() -> None:
+    """Make the current run a group if it has two or more distinct layers, none of them grouped already."""
+    layers = [ref() for ref in _RUN.layers]
+    _RUN.layers = []
+    if len(layers) < 2 or any(layer is None for layer in layers) or len({id(layer) for layer in layers}) < len(layers):
+        return
+    if layers[0] in _NEVER or any(layer in _GROUP_OF for layer in layers):
+        return
+    group = _Group([weakref.ref(layer) for layer in layers], *_RUN.key)
+    for index, layer in enumerate(layers):
+        _GROUP_OF[layer] = (group, index)
+
+
+def _track(layer: Any, x: torch.Tensor, key: tuple[str, float]) -> None:
+    version = _version(x)
+    if _RUN.source is not None and _RUN.source() is x and _RUN.version == version and _RUN.key == key:
+        _RUN.layers.append(weakref.ref(layer))
+        return
+    if _RUN.layers:
+        _finish_run()
+    _RUN.source, _RUN.version, _RUN.key, _RUN.layers = weakref.ref(x), version, key, [weakref.ref(layer)]
+
+
+def group_of(layer: Any) -> list[Any] | None:
+    """The layers grouped with ``layer`` (leader first), or ``None`` when it is in no group."""
+    entry = _GROUP_OF.get(layer)
+    return None if entry is None else [ref() for ref in entry[0].members]
+
+
+def fused_forward(layer: Any, x: torch.Tensor) -> torch.Tensor | None:
+    """A ``LoRALinear`` forward through its group, or on its own in one node; ``None``: use the plain path.
+
+    Args:
+        layer: a ``LoRALinear``.
+        x: its input.
+    """
+    grouping = _grouping()
+    entry = _GROUP_OF.get(layer) if grouping else None
+    if entry is not None:
+        group, index = entry
+        if index:
+            out = group.pickup(index, x)
+            if out is not None:
+                return out
+            group.disband()  # called with another input, or the leader did not run first
+        elif group.pending:
+            group.disband()  # a sibling did not pick up its output since the last call
+        else:
+            out = group.run(x)
+            if out is not None:
+                return out
+            group.disband()
+    plan = plain_adapter(layer, x)
+    if plan is None:
+        return None
+    name, weight, bias, A, B, scale, p = plan
+    if grouping:
+        _track(layer, x, (name, p))
+    return linear_lora(x, weight, bias, A, B, scale, p, p > 0, name, layer)

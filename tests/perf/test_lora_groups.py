@@ -1,0 +1,216 @@
+"""Sibling groups (lora_groups): which layers group, and that grouped outputs and gradients equal the plain ones."""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Callable
+
+import pytest
+import torch
+from torch import nn
+
+import peftkit as pk
+from peftkit.methods import lora_groups, lora_kernels
+from peftkit.methods.lora_layers import LoRALinear
+
+
+def _llama(layers: int = 2) -> nn.Module:
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    cfg = LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=layers, num_attention_heads=4,
+                      num_key_value_heads=2, vocab_size=96, max_position_embeddings=64)
+    return LlamaForCausalLM(cfg)
+
+
+def _adapt(model: nn.Module, **kwargs: object) -> nn.Module:
+    pk.apply(model, pk.LoRA(**{"target_modules": "all-linear", "rank": 4, "alpha": 8, **kwargs}))  # type: ignore[arg-type]
+    gen = torch.Generator().manual_seed(5)
+    with torch.no_grad():
+        for layer in model.modules():
+            if isinstance(layer, LoRALinear):
+                for name in layer.lora_B:
+                    B = layer.lora_B[name].weight
+                    B.copy_(torch.randn(B.shape, generator=gen) * 0.3)
+    return model
+
+
+IDS = torch.randint(0, 96, (2, 9), generator=torch.Generator().manual_seed(1))
+
+
+def _step(model: nn.Module, seed: int = 0) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """Loss and adapter gradients of one forward/backward (``seed`` fixes the dropout masks)."""
+    model.zero_grad(set_to_none=True)
+    torch.manual_seed(seed)
+    loss = model(input_ids=IDS, labels=IDS).loss
+    loss.backward()
+    return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+
+def _straightforward(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Route every LoRALinear through the plain autograd formula (no fused node, no group)."""
+    monkeypatch.setattr(lora_groups, "fused_forward", lambda layer, x: None)
+    monkeypatch.setattr(lora_kernels, "supports", lambda *a: False)
+
+
+def _close(a: tuple[torch.Tensor, dict[str, torch.Tensor]], b: tuple[torch.Tensor, dict[str, torch.Tensor]]) -> None:
+    assert torch.allclose(a[0], b[0], atol=1e-5), (a[0], b[0])
+    assert a[1].keys() == b[1].keys() and a[1]
+    for name in a[1]:
+        assert torch.allclose(a[1][name], b[1][name], atol=1e-5, rtol=1e-4), name
+
+
+def _named(model: nn.Module) -> Callable[[str], nn.Module]:
+    return lambda qualname: model.get_submodule(qualname)
+
+
+def test_projections_reading_one_input_group_after_a_first_pass() -> None:
+    model = _adapt(_llama())
+    layer = _named(model)
+    assert lora_groups.group_of(layer("model.layers.0.self_attn.q_proj")) is None  # nothing seen yet
+    _step(model)
+    attn, mlp = "model.layers.0.self_attn.", "model.layers.0.mlp."
+    qkv = [layer(attn + n) for n in ("q_proj", "k_proj", "v_proj")]
+    assert lora_groups.group_of(qkv[1]) == qkv
+    assert lora_groups.group_of(layer(mlp + "up_proj")) == [layer(mlp + "gate_proj"), layer(mlp + "up_proj")]
+    assert lora_groups.group_of(layer(attn + "o_proj")) is None
+    assert lora_groups.group_of(layer(mlp + "down_proj")) is None
+
+
+@pytest.mark.parametrize("kwargs", [{}, {"use_rslora": True, "rank_pattern": {"k_proj": 2, "up_proj": 6},
+                                         "alpha_pattern": {"v_proj": 3.0}}])
+def test_grouped_step_equals_the_straightforward_formula(monkeypatch: pytest.MonkeyPatch,
+                                                         kwargs: dict[str, object]) -> None:
+    """GQA (k/v narrower than q) and per-layer ranks and scales inside one group."""
+    model = _adapt(_llama(), **kwargs)
+    plain = copy.deepcopy(model)
+    _step(model)  # groups form
+    assert lora_groups.group_of(model.get_submodule("model.layers.1.self_attn.q_proj")) is not None
+    grouped = _step(model)
+    with monkeypatch.context() as m:
+        _straightforward(m)
+        _close(grouped, _step(plain))
+
+
+def test_grouped_dropout_draws_the_masks_siblings_share(monkeypatch: pytest.MonkeyPatch) -> None:
+    """With dropout the group draws one mask per input, as siblings do on their own: same seed, same numbers."""
+    model = _adapt(_llama(), dropout=0.3)
+    alone = copy.deepcopy(model)
+    _step(model)
+    grouped = _step(model, seed=7)
+    with monkeypatch.context() as m:
+        m.setattr(lora_groups, "enabled", False)
+        ungrouped = _step(alone, seed=7)
+    _close(grouped, ungrouped)
+    assert not torch.allclose(grouped[0], _step(model, seed=8)[0])  # the masks do depend on the seed
+
+
+def test_inference_through_groups_matches_and_deepcopies_start_ungrouped(monkeypatch: pytest.MonkeyPatch) -> None:
+    model = _adapt(_llama()).eval()
+    with torch.no_grad():
+        model(input_ids=IDS)
+        grouped = model(input_ids=IDS).logits
+    twin = copy.deepcopy(model)
+    assert lora_groups.group_of(twin.get_submodule("model.layers.0.self_attn.q_proj")) is None
+    with monkeypatch.context() as m, torch.no_grad():
+        _straightforward(m)
+        assert torch.allclose(grouped, twin(input_ids=IDS).logits, atol=1e-5)
+
+
+class _Switch(nn.Module):
+    """q, k, v read one tensor, or q reads its own (a changed call pattern)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.q, self.k, self.v = nn.Linear(6, 5), nn.Linear(6, 4), nn.Linear(6, 5)
+
+    def forward(self, x: torch.Tensor, mode: str) -> torch.Tensor:
+        if mode == "shared":
+            return self.q(x).sum(-1) + self.k(x).sum(-1) + self.v(x).sum(-1)
+        if mode == "q only":
+            return self.q(x).sum(-1)
+        return self.q(x * 2).sum(-1) + self.k(x).sum(-1) + self.v(x).sum(-1)
+
+
+@pytest.mark.parametrize("change", ["q only", "other input"])
+def test_a_changed_call_pattern_breaks_the_group_for_good_and_stays_exact(monkeypatch: pytest.MonkeyPatch,
+                                                                            change: str) -> None:
+    torch.manual_seed(0)
+    model = _Switch().requires_grad_(False)
+    pk.apply(model, pk.LoRA(target_modules=["q", "k", "v"], rank=2, alpha=4))
+    for layer in (model.q, model.k, model.v):
+        nn.init.normal_(layer.lora_B["default"].weight)
+    plain = copy.deepcopy(model)
+    x = torch.randn(3, 6)
+    outs = [model(x, mode) for mode in ("shared", "shared", change, "shared", "shared")]
+    assert lora_groups.group_of(model.q) is None  # broken, and the leader never groups again
+    with monkeypatch.context() as m:
+        _straightforward(m)
+        expected = [plain(x, mode) for mode in ("shared", "shared", change, "shared", "shared")]
+    for got, want in zip(outs, expected, strict=True):
+        assert torch.allclose(got, want, atol=1e-6)
+
+
+def test_cross_attention_groups_key_and_value_only(monkeypatch: pytest.MonkeyPatch) -> None:
+    """T5's decoder: k and v of cross-attention read the encoder output, q the decoder states."""
+    from tests.models import t5
+
+    torch.manual_seed(0)
+    model = _adapt(t5(), target_modules=["q", "k", "v", "o", "wi_0", "wi_1", "wo"]).eval()  # eval: T5's dropout off
+    plain = copy.deepcopy(model)
+    batch = {"input_ids": IDS, "labels": IDS.flip(1)}
+
+    def step(m: nn.Module) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        m.zero_grad(set_to_none=True)
+        loss = m(**batch).loss
+        loss.backward()
+        return loss.detach(), {n: p.grad.clone() for n, p in m.named_parameters() if p.grad is not None}
+
+    step(model)
+    cross = model.get_submodule("decoder.block.0.layer.1.EncDecAttention")
+    assert lora_groups.group_of(cross.k) == [cross.k, cross.v]
+    assert lora_groups.group_of(cross.q) is None
+    grouped = step(model)
+    with monkeypatch.context() as m:
+        _straightforward(m)
+        _close(grouped, step(plain))
+
+
+def test_activation_checkpointing_runs_every_layer_on_its_own(monkeypatch: pytest.MonkeyPatch) -> None:
+    model = _adapt(_llama())
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    model.train()
+    plain = copy.deepcopy(model)
+    _step(model)
+    checkpointed = _step(model)  # a recomputation that differed from its forward would raise here
+    assert lora_groups.group_of(model.get_submodule("model.layers.0.self_attn.q_proj")) is None
+    with monkeypatch.context() as m:
+        _straightforward(m)
+        _close(checkpointed, _step(plain))
+
+
+def test_grouped_function_gradcheck_with_a_mask() -> None:
+    torch.manual_seed(0)
+    d = torch.float64
+    x = torch.randn(5, 6, dtype=d, requires_grad=True)
+    As = [torch.randn(r, 6, dtype=d, requires_grad=True) for r in (2, 3)]
+    Bs = [torch.randn(o, r, dtype=d, requires_grad=True) for o, r in ((4, 2), (3, 3))]
+    Ws = [torch.randn(o, 6, dtype=d) for o in (4, 3)]
+    bs = [torch.randn(4, dtype=d), None]
+    keep = (torch.rand(5, 6) > 0.4).to(torch.int8).neg_()
+    meta = ((2, 3), (1.5 / 0.6, 0.5 / 0.6))
+
+    def fn(x: torch.Tensor, A1: torch.Tensor, A2: torch.Tensor, B1: torch.Tensor, B2: torch.Tensor
+           ) -> tuple[torch.Tensor, ...]:
+        dropped = x.detach() * (keep != 0)
+        out: tuple[torch.Tensor, ...] = lora_groups.GroupedLoRA.apply(  # type: ignore[no-untyped-call]
+            meta, x, keep, dropped, torch.cat([A1, A2]).detach(), A1, A2, B1, B2, *Ws, *bs)
+        return out
+
+    assert torch.autograd.gradcheck(fn, (x, *As, *Bs))
+    # and the values: y_i = x W_iᵀ + b_i + s_i (keep⊙x) A_iᵀ B_iᵀ
+    ys = fn(x, *As, *Bs)
+    dropped = x * (keep != 0)
+    for y, A, B, W, b, s in zip(ys, As, Bs, Ws, bs, meta[1], strict=True):
+        ref = x @ W.T + (0 if b is None else b) + s * dropped @ A.T @ B.T
+        assert torch.allclose(y, ref, atol=1e-12)
