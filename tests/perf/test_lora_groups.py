@@ -38,6 +38,12 @@ def _adapt(model: nn.Module, **kwargs: object) -> nn.Module:
 IDS = torch.randint(0, 96, (2, 9), generator=torch.Generator().manual_seed(1))
 
 
+@pytest.fixture(autouse=True)
+def _group_small_inputs(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The tiny test batches are below the decoding threshold; group them anyway."""
+    monkeypatch.setattr(lora_groups, "MIN_TOKENS", 1)
+
+
 def _step(model: nn.Module, seed: int = 0) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """Loss and adapter gradients of one forward/backward (``seed`` fixes the dropout masks)."""
     model.zero_grad(set_to_none=True)
@@ -214,3 +220,21 @@ def test_grouped_function_gradcheck_with_a_mask() -> None:
     for y, A, B, W, b, s in zip(ys, As, Bs, Ws, bs, meta[1], strict=True):
         ref = x @ W.T + (0 if b is None else b) + s * dropped @ A.T @ B.T
         assert torch.allclose(y, ref, atol=1e-12)
+
+
+def test_inputs_of_few_tokens_never_group(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Decoding steps (a few tokens) run per layer; a prefill of the same model still groups."""
+    monkeypatch.setattr(lora_groups, "MIN_TOKENS", 10)
+    model = _adapt(_llama()).eval()
+    q = model.get_submodule("model.layers.0.self_attn.q_proj")
+    with torch.no_grad():
+        for _ in range(2):
+            model(input_ids=IDS[:, :4])  # 8 tokens
+        assert lora_groups.group_of(q) is None
+        model(input_ids=IDS)  # 18 tokens
+        assert lora_groups.group_of(q) is not None
+        short = model(input_ids=IDS[:, :4]).logits  # below the threshold: the group is left alone
+        assert lora_groups.group_of(q) is not None
+    with monkeypatch.context() as m, torch.no_grad():
+        _straightforward(m)
+        assert torch.allclose(short, model(input_ids=IDS[:, :4]).logits, atol=1e-5)

@@ -22,7 +22,8 @@ every sibling's output when it is called, and each sibling, called next with tha
 same version), is handed its output. Anything else — a sibling called with another tensor, a sibling not
 called before the leader is called again, a member whose adapter state changed — disbands the group for good
 (that leader never groups again), and every layer computes its own output as before. The answer is the same
-either way; only the speed differs. Under saved-tensor hooks (activation checkpointing) layers never group.
+either way; only the speed differs. Under saved-tensor hooks (activation checkpointing) layers never group, nor
+for inputs of fewer than :data:`MIN_TOKENS` tokens (decoding), where the bookkeeping would cost more than it saves.
 """
 
 from __future__ import annotations
@@ -48,8 +49,14 @@ enabled = True
 _top_hooks: Any = getattr(torch._C._autograd, "_top_saved_tensors_default_hooks", None)
 
 
-def _grouping() -> bool:
-    return enabled and _top_hooks is not None and _top_hooks(False) is None
+#: Inputs of fewer tokens than this run per layer: grouping saves passes over large activations, while a
+#: one-token decoding step is nearly all Python overhead, which the group's bookkeeping would add to.
+MIN_TOKENS = 32
+
+
+def _grouping(x: torch.Tensor) -> bool:
+    return (enabled and x.numel() >= MIN_TOKENS * x.shape[-1] and _top_hooks is not None
+            and _top_hooks(False) is None)
 
 
 def _version(x: torch.Tensor) -> int:
@@ -254,7 +261,7 @@ def fused_forward(layer: Any, x: torch.Tensor) -> torch.Tensor | None:
         layer: a ``LoRALinear``.
         x: its input.
     """
-    grouping = _grouping()
+    grouping = _grouping(x)
     entry = _GROUP_OF.get(layer) if grouping else None
     if entry is not None:
         group, index = entry
@@ -276,4 +283,9 @@ def fused_forward(layer: Any, x: torch.Tensor) -> torch.Tensor | None:
     name, weight, bias, A, B, scale, p = plan
     if grouping:
         _track(layer, x, (name, p))
+    elif p == 0.0 and not torch.is_grad_enabled():
+        # Inference on a few tokens (decoding): three kernels and as little Python as possible around them.
+        out = F.linear(x, weight, bias)
+        out.view(-1, out.shape[-1]).addmm_(F.linear(x, A).view(-1, A.shape[0]), B.t(), alpha=scale)
+        return out
     return linear_lora(x, weight, bias, A, B, scale, p, p > 0, name, layer)
