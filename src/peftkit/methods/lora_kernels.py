@@ -155,9 +155,10 @@ def plain_adapter(layer: Any, x: torch.Tensor) -> tuple[Any, ...] | None:
 
     The conditions: not disabled; exactly one active adapter, not merged, with a plain ``nn.Linear`` A (a shared
     grouped down-projection computes A itself) and dropout (``nn.Dropout`` or none) before A; the base an
-    ``nn.Linear`` whose weight and bias are frozen; ``x`` in the adapter's and the base's dtype; no autocast. This runs on every forward, and decoding one token is nearly all overhead, so it reads
-    ``_modules`` / ``_parameters`` directly (each ``nn.Module.__getattr__`` costs about half a microsecond) and
-    calls no other Python function.
+    ``nn.Linear`` whose weight and bias are frozen; ``x`` in the adapter's and the base's dtype; no autocast.
+    This runs on every forward, and decoding one token is nearly all overhead, so it reads ``_modules`` /
+    ``_parameters`` directly (each ``nn.Module.__getattr__`` costs about half a microsecond) and calls no
+    other Python function.
     """
     if layer.disabled:
         return None
