@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 import peftkit as pk
-from peftkit.methods import lora_dropout, lora_kernels
+from peftkit.methods import lora_dropout, lora_groups, lora_kernels
 from peftkit.methods.dora import DoRALinear
 
 
@@ -94,7 +94,7 @@ def test_model_fast_path_matches_straightforward_path(dropout: float, monkeypatc
     fast_loss.backward()
     fast_layers = dict(model.named_modules())
     with monkeypatch.context() as m:
-        m.setattr(lora_kernels, "fused_dora_forward", lambda *a: None)
+        m.setattr(lora_groups, "fused_forward", lambda *a, **k: None)
         for qualname, layer in slow.named_modules():  # the straightforward path's dropout, fed the same masks
             if isinstance(layer, DoRALinear) and isinstance(layer.lora_dropout["default"], nn.Dropout):
                 p = layer.lora_dropout["default"].p
@@ -136,7 +136,7 @@ def test_dropout_leaves_the_base_term_alone(monkeypatch: pytest.MonkeyPatch) -> 
     expected = g * (x @ layer.base_layer.weight.T) + layer.base_layer.bias
     monkeypatch.setattr(lora_dropout, "keep_mask", lambda shape, p, device: torch.zeros(shape, dtype=torch.bool))
     fast = layer(x)
-    monkeypatch.setattr(lora_kernels, "fused_dora_forward", lambda *a: None)
+    monkeypatch.setattr(lora_groups, "fused_forward", lambda *a, **k: None)
     layer.lora_dropout["default"] = _Replay(torch.zeros(3, 6, dtype=torch.bool), 0.5)
     slow = layer(x)
     assert torch.allclose(fast, expected, atol=1e-6) and torch.allclose(slow, expected, atol=1e-6)

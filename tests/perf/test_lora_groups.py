@@ -55,7 +55,7 @@ def _step(model: nn.Module, seed: int = 0) -> tuple[torch.Tensor, dict[str, torc
 
 def _straightforward(monkeypatch: pytest.MonkeyPatch) -> None:
     """Route every LoRALinear through the plain autograd formula (no fused node, no group)."""
-    monkeypatch.setattr(lora_groups, "fused_forward", lambda layer, x: None)
+    monkeypatch.setattr(lora_groups, "fused_forward", lambda *a, **k: None)
     monkeypatch.setattr(lora_kernels, "supports", lambda *a: False)
 
 
@@ -238,3 +238,65 @@ def test_inputs_of_few_tokens_never_group(monkeypatch: pytest.MonkeyPatch) -> No
     with monkeypatch.context() as m, torch.no_grad():
         _straightforward(m)
         assert torch.allclose(short, model(input_ids=IDS[:, :4]).logits, atol=1e-5)
+
+
+def _dora(dropout: float = 0.0) -> nn.Module:
+    from peftkit.methods.dora import DoRALinear
+
+    model = _llama()
+    pk.apply(model, pk.DoRA(target_modules="all-linear", rank=4, alpha=8, dropout=dropout))
+    gen = torch.Generator().manual_seed(4)
+    with torch.no_grad():
+        for layer in model.modules():
+            if isinstance(layer, DoRALinear):
+                B = layer.lora_B["default"].weight
+                B.copy_(torch.randn(B.shape, generator=gen) * 0.3)
+                layer.lora_magnitude_vector["default"].mul_(1 + 0.1 * torch.rand(layer.out_features, generator=gen))
+    return model
+
+
+@pytest.mark.parametrize("dropout", [0.0, 0.2])
+def test_dora_siblings_group_and_match(monkeypatch: pytest.MonkeyPatch, dropout: float) -> None:
+    """Dropout 0: the straightforward DoRA formula. Dropout > 0: the ungrouped fast path from the same seed."""
+    model = _dora(dropout)
+    plain = copy.deepcopy(model)
+    _step(model)
+    attn = "model.layers.0.self_attn."
+    assert lora_groups.group_of(model.get_submodule(attn + "k_proj")) == [
+        model.get_submodule(attn + n) for n in ("q_proj", "k_proj", "v_proj")]
+    grouped = _step(model, seed=3)
+    assert any("magnitude" in n for n in grouped[1])
+    with monkeypatch.context() as m:
+        if dropout:
+            m.setattr(lora_groups, "enabled", False)
+        else:
+            _straightforward(m)
+        _close(grouped, _step(plain, seed=3))
+
+
+def test_grouped_dora_gradcheck_with_a_mask() -> None:
+    torch.manual_seed(0)
+    d = torch.float64
+    x = torch.randn(5, 6, dtype=d, requires_grad=True)
+    As = [torch.randn(r, 6, dtype=d, requires_grad=True) for r in (2, 3)]
+    Bs = [torch.randn(o, r, dtype=d, requires_grad=True) for o, r in ((4, 2), (3, 3))]
+    Ms = [torch.rand(o, dtype=d).add(0.5).requires_grad_(True) for o in (4, 3)]
+    Ws = [torch.randn(o, 6, dtype=d) for o in (4, 3)]
+    bs = [torch.randn(4, dtype=d), None]
+    norms = [torch.rand(o, dtype=d).add(1.0) for o in (4, 3)]
+    keep = (torch.rand(5, 6) > 0.4).to(torch.int8).neg_()
+    meta = ((2, 3), (1.5 / 0.6, 0.5 / 0.6))
+
+    def fn(x: torch.Tensor, A1: torch.Tensor, A2: torch.Tensor, B1: torch.Tensor, B2: torch.Tensor,
+           m1: torch.Tensor, m2: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        dropped = x.detach() * (keep != 0)
+        out: tuple[torch.Tensor, ...] = lora_groups.GroupedDoRA.apply(  # type: ignore[no-untyped-call]
+            meta, x, keep, dropped, torch.cat([A1, A2]).detach(), A1, A2, B1, B2, m1, m2, *Ws, *bs, *norms)
+        return out
+
+    assert torch.autograd.gradcheck(fn, (x, *As, *Bs, *Ms))
+    ys = fn(x, *As, *Bs, *Ms)  # y_i = m_i/‖·‖ ⊙ (x W_iᵀ + s_i (keep⊙x) A_iᵀ B_iᵀ) + b_i
+    dropped = x * (keep != 0)
+    for y, A, B, m, W, b, norm, s in zip(ys, As, Bs, Ms, Ws, bs, norms, meta[1], strict=True):
+        ref = m / norm * (x @ W.T + s * dropped @ A.T @ B.T) + (0 if b is None else b)
+        assert torch.allclose(y, ref, atol=1e-12)

@@ -38,7 +38,7 @@ from torch import nn
 
 from peftkit.core.registry import LINEAR_KINDS, linear_kind
 from peftkit.errors import ConfigError
-from peftkit.methods import lora_kernels
+from peftkit.methods import lora_groups
 from peftkit.methods.lora import LORA_VARIANTS, LoRA
 from peftkit.methods.lora_layers import LoRAEmbedding, LoRALayer, LoRALinear
 
@@ -154,8 +154,9 @@ class DoRALinear(_DoRAMixin, LoRALinear):
         self._delete_dora(name)
 
     def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
-        # One DoRA adapter on a frozen nn.Linear: the whole formula in one autograd node (lora_kernels).
-        fused = None if args or kwargs else lora_kernels.fused_dora_forward(self, x)
+        # One DoRA adapter on a frozen nn.Linear: the whole formula in one autograd node (lora_kernels), shared
+        # with the sibling projections that read the same input (lora_groups).
+        fused = None if args or kwargs else lora_groups.fused_forward(self, x, dora=True)
         if fused is not None:
             return fused
         result: torch.Tensor = self.base_layer(x, *args, **kwargs)

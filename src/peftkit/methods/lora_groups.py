@@ -12,8 +12,9 @@ idea behind performant LoRA's fused ``linear_qkv``, done at run time on the mode
 - with dropout, one mask per input (what sibling projections share anyway, see
   :mod:`peftkit.methods.lora_dropout`); ``x`` (or ``keep ⊙ x``) is saved once for the group.
 
-The outputs are the same numbers as each layer's own fused forward (:func:`peftkit.methods.lora_kernels.linear_lora`)
-up to float rounding, and the gradients likewise.
+The outputs are the same numbers as each layer's own fused forward (:func:`peftkit.methods.lora_kernels.linear_lora`,
+:class:`~peftkit.methods.lora_kernels.DoRALinearFn` for DoRA, whose siblings group the same way) up to float
+rounding, and the gradients likewise.
 
 How groups form. Nothing about the model is assumed: a layer whose forward takes the fast path records which
 layers were called with the same tensor object right before it (the *run*). A run of two or more distinct
@@ -36,9 +37,9 @@ import torch
 import torch.nn.functional as F
 
 from peftkit.methods.lora_dropout import apply_keep_, dropout_input
-from peftkit.methods.lora_kernels import linear_lora, plain_adapter
+from peftkit.methods.lora_kernels import fused_dora_forward, linear_lora, plain_adapter, scaled_rows
 
-__all__ = ["GroupedLoRA", "enabled", "fused_forward", "group_of"]
+__all__ = ["GroupedDoRA", "GroupedLoRA", "enabled", "fused_forward", "group_of"]
 
 #: Switch for grouping (tests turn it off to compare against the per-layer path).
 enabled = True
@@ -136,14 +137,93 @@ class GroupedLoRA(torch.autograd.Function):
         return (None, grad_x, None, None, None, *grad_As, *grad_Bs, *([None] * (2 * n)))
 
 
+class GroupedDoRA(torch.autograd.Function):
+    """DoRA for the n siblings of a group, one autograd node (the formula of ``lora_kernels.DoRALinearFn``)::
+
+        yᵢ = gᵢ ⊙ wᵢ + bᵢ,    wᵢ = x Wᵢᵀ + sᵢ·(D⊙x) Aᵢᵀ Bᵢᵀ,    gᵢ = mᵢ / ‖Wᵢ + sᵢBᵢAᵢ‖ (norm detached)
+
+    Inputs after ``meta``, ``x``, the mask, ``keep ⊙ x`` and ``[A₁; …; Aₙ]``: ``A₁…Aₙ``, ``B₁…Bₙ``, the
+    magnitudes ``m₁…mₙ``, ``W₁…Wₙ``, ``b₁…bₙ`` and the norms. Gradients flow to ``x``, ``Aᵢ``, ``Bᵢ``, ``mᵢ``.
+    """
+
+    @staticmethod
+    def forward(ctx: Any, meta: tuple[tuple[int, ...], tuple[float, ...]], x: torch.Tensor,
+                keep: torch.Tensor | None, dropped: torch.Tensor | None, a_cat: torch.Tensor,
+                *tensors: torch.Tensor | None) -> tuple[torch.Tensor, ...]:
+        ranks, scales = meta
+        n = len(ranks)
+        Bs, Ms, Ws, bs, norms = (tensors[k * n:(k + 1) * n] for k in range(1, 6))
+        inp = x if keep is None else dropped
+        assert inp is not None
+        h = F.linear(inp, a_cat)
+        outs, ws, gs = [], [], []
+        start = 0
+        for rank, scale, B, m, W, b, norm in zip(ranks, scales, Bs, Ms, Ws, bs, norms, strict=True):
+            assert B is not None and m is not None and W is not None and norm is not None
+            g = m.detach() / norm
+            w = F.linear(x, W).addmm_(h[:, start:start + rank], B.t(), alpha=scale)
+            start += rank
+            if ctx is None:  # inference: w is not needed afterwards
+                outs.append(w.mul_(g) if b is None else w.mul_(g).add_(b))
+                continue
+            outs.append(w * g if b is None else torch.addcmul(b, w, g))
+            ws.append(w)
+            gs.append(g)
+        if ctx is not None:
+            ctx.set_materialize_grads(False)
+            ctx.save_for_backward(inp, keep, h, a_cat, *Bs, *Ws, *ws, *gs, *norms)
+            ctx.meta = meta
+        return tuple(outs)
+
+    @staticmethod
+    def backward(ctx: Any, *grads: torch.Tensor | None) -> tuple[torch.Tensor | None, ...]:
+        ranks, scales = ctx.meta
+        n = len(ranks)
+        inp, keep, h, a_cat, *rest = ctx.saved_tensors
+        Bs, Ws, ws, gs, norms = (rest[k * n:(k + 1) * n] for k in range(5))
+        needs = ctx.needs_input_grad
+        gbs: list[torch.Tensor] = []
+        grad_Bs: list[torch.Tensor | None] = [None] * n
+        grad_Ms: list[torch.Tensor | None] = [None] * n
+        start = 0
+        for i, (rank, scale, grad) in enumerate(zip(ranks, scales, grads, strict=True)):
+            if grad is None:  # this sibling's output was not used
+                gbs.append(h.new_zeros(h.shape[0], rank))
+            else:
+                g = gs[i]
+                if needs[5 + 2 * n + i]:
+                    grad_Ms[i] = (grad * ws[i]).sum(0).div_(norms[i])
+                gbs.append((grad @ (Bs[i] * g[:, None])).mul_(scale))
+                if needs[5 + n + i]:
+                    grad_Bs[i] = torch.mm(h[:, start:start + rank].t(), grad).t().mul_((g * scale)[:, None])
+            start += rank
+        gb = torch.cat(gbs, dim=1) if n > 1 else gbs[0]
+        grad_As: list[torch.Tensor | None] = [None] * n
+        if any(needs[5:5 + n]):
+            grad_a = gb.t() @ inp
+            start = 0
+            for i, rank in enumerate(ranks):
+                grad_As[i] = grad_a[start:start + rank] if needs[5 + i] else None
+                start += rank
+        grad_x = None
+        if needs[1]:
+            grad_x = gb @ a_cat
+            if keep is not None:
+                apply_keep_(grad_x, keep)
+            for grad, W, g in zip(grads, Ws, gs, strict=True):
+                if grad is not None:
+                    grad_x.addmm_(*scaled_rows(grad, g, W))
+        return (None, grad_x, None, None, None, *grad_As, *grad_Bs, *grad_Ms, *([None] * (3 * n)))
+
+
 class _Group:
     """Sibling layers (weak references, leader first), the adapter they run, and outputs waiting for pickup."""
 
-    __slots__ = ("a_cat", "a_key", "members", "name", "p", "pending", "source", "version", "__weakref__")
+    __slots__ = ("a_cat", "a_key", "dora", "members", "name", "p", "pending", "source", "version", "__weakref__")
 
-    def __init__(self, members: list[weakref.ref[Any]], name: str, p: float) -> None:
+    def __init__(self, members: list[weakref.ref[Any]], name: str, p: float, dora: bool) -> None:
         self.members = members
-        self.name, self.p = name, p
+        self.name, self.p, self.dora = name, p, dora
         self.pending: dict[int, torch.Tensor] = {}
         self.source: weakref.ref[torch.Tensor] | None = None
         self.version = -1
@@ -171,13 +251,23 @@ class _Group:
 
     def run(self, x: torch.Tensor) -> torch.Tensor | None:
         """The leader's output, with every sibling's output left pending; ``None`` if a member no longer fits."""
-        plans = []
+        plans: list[tuple[Any, ...]] = []
+        layers: list[Any] = []
+        dora: list[torch.Tensor] = []  # magnitudes, then norms
         for ref in self.members:
-            layer = ref()
+            layer: Any = ref()
+            layers.append(layer)
             plan = None if layer is None else plain_adapter(layer, x)
             if plan is None or plan[0] != self.name or plan[6] != self.p:
                 return None
+            if self.dora:
+                magnitude = layer._modules["lora_magnitude_vector"]._parameters.get(self.name)
+                if magnitude is None:
+                    return None
+                dora.append(magnitude)
             plans.append(plan)
+        if self.dora:
+            dora += [layer.weight_norm(self.name) for layer in layers]
         As = [plan[3] for plan in plans]
         p = self.p
         keep = dropped = None
@@ -186,14 +276,17 @@ class _Group:
             keep, dropped = dropout_input(x, p, self.name, None)
         ranks = tuple(A.shape[0] for A in As)
         scales = tuple(plan[5] / (1.0 - p) for plan in plans)
-        tensors = (*As, *(plan[4] for plan in plans), *(plan[1] for plan in plans), *(plan[2] for plan in plans))
-        a_cat = self.concatenated_a(As)
-        args = ((ranks, scales), x2, keep, dropped, a_cat, *tensors)
+        n = len(As)
+        Bs, Ws, bs = [plan[4] for plan in plans], [plan[1] for plan in plans], [plan[2] for plan in plans]
+        tensors = (*As, *Bs, *dora[:n], *Ws, *bs, *dora[n:]) if self.dora else (*As, *Bs, *Ws, *bs)
+        fn = GroupedDoRA if self.dora else GroupedLoRA
+        args = ((ranks, scales), x2, keep, dropped, self.concatenated_a(As), *tensors)
+        trained = tensors[:3 * n] if self.dora else tensors[:2 * n]
         outs: tuple[torch.Tensor, ...]
-        if torch.is_grad_enabled() and (x.requires_grad or any(t.requires_grad for t in tensors[:2 * len(As)])):
-            outs = GroupedLoRA.apply(*args)  # type: ignore[no-untyped-call]
+        if torch.is_grad_enabled() and (x.requires_grad or any(t.requires_grad for t in trained)):
+            outs = fn.apply(*args)  # type: ignore[no-untyped-call]
         else:
-            outs = GroupedLoRA.forward(None, *args)
+            outs = fn.forward(None, *args)
         lead = x.shape[:-1]
         self.pending = {i: out.view(*lead, out.shape[-1]) for i, out in enumerate(outs) if i}
         self.source, self.version = weakref.ref(x), _version(x)
@@ -218,7 +311,7 @@ class _Run(threading.local):
     def __init__(self) -> None:
         self.source: weakref.ref[torch.Tensor] | None = None
         self.version = -1
-        self.key: tuple[str, float] = ("", 0.0)
+        self.key: tuple[str, float, bool] = ("", 0.0, False)
         self.layers: list[weakref.ref[Any]] = []
 
 
@@ -238,7 +331,7 @@ def _finish_run() -> None:
         _GROUP_OF[layer] = (group, index)
 
 
-def _track(layer: Any, x: torch.Tensor, key: tuple[str, float]) -> None:
+def _track(layer: Any, x: torch.Tensor, key: tuple[str, float, bool]) -> None:
     version = _version(x)
     if _RUN.source is not None and _RUN.source() is x and _RUN.version == version and _RUN.key == key:
         _RUN.layers.append(weakref.ref(layer))
@@ -254,11 +347,12 @@ def group_of(layer: Any) -> list[Any] | None:
     return None if entry is None else [ref() for ref in entry[0].members]
 
 
-def fused_forward(layer: Any, x: torch.Tensor) -> torch.Tensor | None:
-    """A ``LoRALinear`` forward through its group, or on its own in one node; ``None``: use the plain path.
+def fused_forward(layer: Any, x: torch.Tensor, dora: bool = False) -> torch.Tensor | None:
+    """A ``LoRALinear`` (``DoRALinear``) forward through its group, or on its own in one node; ``None``: use the
+    plain path.
 
     Args:
-        layer: a ``LoRALinear``.
+        layer: a ``LoRALinear``, or a ``DoRALinear`` with ``dora=True``.
         x: its input.
     """
     grouping = _grouping(x)
@@ -281,8 +375,13 @@ def fused_forward(layer: Any, x: torch.Tensor) -> torch.Tensor | None:
     if plan is None:
         return None
     name, weight, bias, A, B, scale, p = plan
+    if dora:
+        out = fused_dora_forward(layer, x, plan)
+        if out is not None and grouping:
+            _track(layer, x, (name, p, True))
+        return out
     if grouping:
-        _track(layer, x, (name, p))
+        _track(layer, x, (name, p, False))
     elif p == 0.0 and not torch.is_grad_enabled():
         # Inference on a few tokens (decoding): three kernels and as little Python as possible around them.
         out = F.linear(x, weight, bias)

@@ -30,7 +30,7 @@ import torch
 from peftkit.methods.lora_dropout import apply_keep, apply_keep_, dropout_input, keep_mask
 
 __all__ = ["DoRALinearFn", "LoRAUpdate", "fused_dora_forward", "fused_forward", "keep_mask", "linear_lora",
-           "lora_update", "plain_adapter", "supports"]
+           "lora_update", "plain_adapter", "scaled_rows", "supports"]
 
 
 class LoRAUpdate(torch.autograd.Function):
@@ -209,6 +209,14 @@ def supports(x: torch.Tensor, A: torch.Tensor, result: torch.Tensor) -> bool:
     return x.dtype == A.dtype == result.dtype and x.is_floating_point() and x.dim() >= 1 and x.shape[-1] == A.shape[1]
 
 
+def scaled_rows(grad: torch.Tensor, g: torch.Tensor, weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The factors of ``(g⊙G) W = G (g⊙W)``, with ``g`` applied to whichever of ``G`` (tokens × out) and
+    ``W`` (out × in) is smaller: one pass over fewer numbers."""
+    if weight.numel() <= grad.numel():
+        return grad, weight * g[:, None]
+    return grad * g, weight
+
+
 class DoRALinearFn(torch.autograd.Function):
     """DoRA on a frozen ``nn.Linear`` (Liu et al., 2024, https://arxiv.org/abs/2402.09353), one autograd node.
 
@@ -219,7 +227,8 @@ class DoRALinearFn(torch.autograd.Function):
 
     Without dropout ``d = x`` and this is HF PEFT's formula exactly. One base matmul either way.
     Backward, with ``G = ∂y`` and ``Ĝ = g⊙G``: ``∂m = Σₜ G⊙w / ‖·‖``; ``∂x = ĜW + c·s·keep⊙(ĜB)A``;
-    ``∂A = c·s·(ĜB)ᵀd``; ``∂B = c·s·Ĝᵀh``. Saved: ``x`` (or ``d`` with dropout, plus the mask),
+    ``∂A = c·s·(ĜB)ᵀd``; ``∂B = c·s·Ĝᵀh``. ``Ĝ`` is never formed: ``ĜB = G(g⊙B)``, ``Ĝᵀh = g⊙(Gᵀh)`` and
+    ``ĜW`` scales whichever of ``G`` and ``W`` is smaller. Saved: ``x`` (or ``d`` with dropout, plus the mask),
     ``h = dAᵀ`` (r wide) and ``w`` (out wide; ``∂m`` needs it).
     """
 
@@ -245,31 +254,31 @@ class DoRALinearFn(torch.autograd.Function):
         inp, keep, h, w, g, norm, A, B, weight = ctx.saved_tensors
         s: float = ctx.scale
         need_x, need_m, need_A, need_B = ctx.needs_input_grad[:4]
-        gg = grad * g
         grad_x = grad_m = grad_A = grad_B = None
         if need_m:
-            grad_m = (grad * w).sum(0) / norm
-        gb = (gg @ B).mul_(s)  # (tokens, r)
+            grad_m = (grad * w).sum(0).div_(norm)
+        gb = (grad @ (B * g[:, None])).mul_(s)  # (tokens, r) = s·(g⊙G)B, with g on B's rows instead of G
         if need_A:
             grad_A = gb.t() @ inp
         if need_B:
-            grad_B = torch.mm(h.t(), gg).t().mul_(s)
+            grad_B = torch.mm(h.t(), grad).t().mul_((g * s)[:, None])
         if need_x:
-            if keep is None:
-                grad_x = torch.mm(gg, weight).addmm_(gb, A)
-            else:
-                grad_x = apply_keep_(gb @ A, keep).addmm_(gg, weight)
+            grad_x = gb @ A
+            if keep is not None:
+                apply_keep_(grad_x, keep)
+            grad_x.addmm_(*scaled_rows(grad, g, weight))
         return grad_x, grad_m, grad_A, grad_B, None, None, None, None, None, None, None
 
 
-def fused_dora_forward(layer: Any, x: torch.Tensor) -> torch.Tensor | None:
+def fused_dora_forward(layer: Any, x: torch.Tensor, plan: tuple[Any, ...] | None = None) -> torch.Tensor | None:
     """A ``DoRALinear`` forward in one node for one DoRA adapter on a frozen ``nn.Linear``, else ``None``.
 
     Args:
         layer: a ``DoRALinear`` (needs ``lora_magnitude_vector`` and ``weight_norm(name)``).
         x: the layer input.
+        plan: ``plain_adapter(layer, x)`` when the caller has it already.
     """
-    plan = plain_adapter(layer, x)
+    plan = plan or plain_adapter(layer, x)
     if plan is None:
         return None
     name, weight, bias, A, B, scale, p = plan
