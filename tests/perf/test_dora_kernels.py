@@ -173,3 +173,29 @@ def test_inference_without_grad_matches_training_path() -> None:
     with torch.no_grad():
         no_grad = model(input_ids=ids).logits
     assert torch.allclose(model(input_ids=ids).logits, no_grad, atol=1e-6)
+
+
+def test_inference_caches_the_factor_until_magnitude_or_factors_change(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Without gradients g = m/‖·‖ is cached; changing m in place or B (hence the norm) is seen at once."""
+    model = _dora_model().eval()
+    ids = torch.randint(0, 96, (2, 5), generator=torch.Generator().manual_seed(1))
+    q = model.get_submodule("model.layers.0.self_attn.q_proj")
+    slow = copy.deepcopy(model)
+
+    def both() -> tuple[torch.Tensor, torch.Tensor]:
+        with torch.no_grad():
+            fast = model(input_ids=ids).logits
+        with monkeypatch.context() as m, torch.no_grad():
+            m.setattr(lora_groups, "fused_forward", lambda *a, **k: None)
+            return fast, slow(input_ids=ids).logits
+
+    for change in (None, "magnitude", "B"):
+        with torch.no_grad():
+            for layer in (q, slow.get_submodule("model.layers.0.self_attn.q_proj")):
+                if change == "magnitude":
+                    layer.lora_magnitude_vector["default"].mul_(1.5)
+                elif change == "B":
+                    layer.lora_B["default"].weight.add_(0.5)
+        fast, ref = both()
+        assert torch.allclose(fast, ref, atol=1e-5), change
+        assert torch.allclose(fast, both()[0], atol=0)  # a cache hit gives the same numbers
