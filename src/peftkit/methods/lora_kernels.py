@@ -287,9 +287,9 @@ def fused_dora_forward(layer: Any, x: torch.Tensor, plan: tuple[Any, ...] | None
         return None
     if p == 0.0 and not torch.is_grad_enabled():  # inference: g = m/‖·‖ cached while nothing changes
         g = layer.inference_factor(name, magnitude)
-        out = torch.nn.functional.linear(x, weight)
-        out.view(-1, out.shape[-1]).addmm_(torch.nn.functional.linear(x, A).view(-1, A.shape[0]), B.t(), alpha=scale)
-        return out.mul_(g) if bias is None else out.mul_(g).add_(bias)
+        y = torch.nn.functional.linear(x, weight)
+        y.view(-1, y.shape[-1]).addmm_(torch.nn.functional.linear(x, A).view(-1, A.shape[0]), B.t(), alpha=scale)
+        return y.mul_(g) if bias is None else y.mul_(g).add_(bias)
     keep, dropped = _dropout(x, p, p > 0, name, layer)
     args = (x.reshape(-1, x.shape[-1]), magnitude, A, B, weight, bias, layer.weight_norm(name), scale, keep, p,
             dropped)
