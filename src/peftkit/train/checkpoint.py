@@ -7,6 +7,8 @@ A checkpoint ``<save_dir>/step-<N>/`` holds:
 - ``trainable.safetensors`` — every trained tensor by parameter name (what resume restores);
 - ``optimizer.safetensors`` + ``optimizer.json`` — optimizer tensors, and its groups and scalars;
 - ``rng.safetensors`` + ``trainer_state.json`` — RNG states, step, data position, Python RNG;
+- ``adalora.safetensors`` + ``adalora.json`` — AdaLoRA's rank-allocator state (importance EMAs, masks),
+  only when the run trains AdaLoRA: without it a resumed run would re-allocate ranks from empty EMAs;
 - ``run_config.yaml`` — the run's config (evaluation and merge rebuild the model from it).
 
 It is written into a temporary directory beside its final place and renamed into place, so a crash
@@ -16,6 +18,7 @@ mid-write leaves either the previous checkpoints or the complete new one, never 
 from __future__ import annotations
 
 import json
+import logging
 import os
 import random
 import re
@@ -29,9 +32,12 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from peftkit.errors import CheckpointError
+from peftkit.methods.adalora import adalora_adapters, allocator_states, load_allocator_states
 
 _STEP = re.compile(r"^step-(\d+)$")
 STATE_FILE = "trainer_state.json"
+ALLOCATOR_TENSORS, ALLOCATOR_META = "adalora.safetensors", "adalora.json"
+logger = logging.getLogger("peftkit")
 
 
 def _optimizer_to_files(optimizer: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
@@ -133,7 +139,45 @@ def _write_contents(
     tensors, meta = _optimizer_to_files(optimizer)
     save_file(tensors, str(d / "optimizer.safetensors"))
     (d / "optimizer.json").write_text(json.dumps(meta))
+    write_allocator_files(d, model)
     write_trainer_files(d, trainer_state, config_yaml)
+
+
+def write_allocator_files(d: Path, model: nn.Module) -> None:
+    """AdaLoRA's allocator states: tensors as ``<adapter>/<key>`` in safetensors, the rest in JSON (if any)."""
+    states = allocator_states(model)
+    if not states:
+        return
+    tensors = {f"{name}/{key}": value.detach().contiguous().cpu()
+               for name, state in states.items() for key, value in state.items() if isinstance(value, torch.Tensor)}
+    meta = {name: {k: v for k, v in state.items() if not isinstance(v, torch.Tensor)} for name, state in states.items()}
+    save_file(tensors, str(d / ALLOCATOR_TENSORS))
+    (d / ALLOCATOR_META).write_text(json.dumps(meta))
+
+
+def restore_allocator_files(d: Path, model: nn.Module, step: int) -> None:
+    """Recreate the AdaLoRA allocators saved in ``d``; an older checkpoint without them only warns.
+
+    Raises:
+        CheckpointError: the files are corrupt or do not fit the model.
+    """
+    if not (d / ALLOCATOR_META).is_file():
+        if step > 0 and adalora_adapters(model):
+            logger.warning("checkpoint %r has no AdaLoRA allocator state (%s; written by an older peftkit): "
+                           "rank allocation restarts from empty importance EMAs, so the resumed run will not "
+                           "match an uninterrupted one", str(d), ALLOCATOR_META)
+        return
+    try:
+        meta = json.loads((d / ALLOCATOR_META).read_text())
+        tensors = load_file(str(d / ALLOCATOR_TENSORS))
+    except (OSError, ValueError) as exc:
+        raise CheckpointError(f"checkpoint {str(d)!r}: AdaLoRA allocator state is incomplete or corrupt ({exc}); "
+                              "resume from another checkpoint or set checkpoint.resume=none") from exc
+    states: dict[str, dict[str, Any]] = {name: dict(values) for name, values in meta.items()}
+    for key, value in tensors.items():
+        name, _, rest = key.partition("/")
+        states.setdefault(name, {})[rest] = value
+    load_allocator_states(model, states)
 
 
 def write_trainer_files(d: Path, trainer_state: dict[str, Any], config_yaml: str) -> None:
@@ -178,7 +222,7 @@ def resolve_resume(resume: str, save_dir: str | Path) -> Path | None:
 
 
 def load_checkpoint(path: str | Path, model: nn.Module, optimizer: torch.optim.Optimizer | None) -> dict[str, Any]:
-    """Restore trained tensors, optimizer state and RNG states from ``path``; returns the trainer state.
+    """Restore trained tensors, optimizer, AdaLoRA allocator and RNG states from ``path``; returns the trainer state.
 
     Raises:
         CheckpointError: a file is missing or a saved tensor does not fit the model.
@@ -189,6 +233,7 @@ def load_checkpoint(path: str | Path, model: nn.Module, optimizer: torch.optim.O
         state = json.loads((d / STATE_FILE).read_text())
     except (OSError, ValueError) as exc:
         raise CheckpointError(f"checkpoint {str(d)!r} is incomplete or corrupt: {exc}") from exc
+    restore_allocator_files(d, model, int(state.get("step", 0)))  # first: it checks everything before changing
     params = dict(model.named_parameters())
     for name, value in weights.items():
         with torch.no_grad():
