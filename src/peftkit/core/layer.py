@@ -10,12 +10,16 @@ parameters, its state dict in Hugging Face PEFT's key layout (``lora_A.weight``,
 from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
-from typing import ClassVar, cast
+from typing import Any, ClassVar, cast
 
 import torch
 from torch import nn
 
+from peftkit.core.epoch import touch, watched
 from peftkit.errors import MergeError, ShapeMismatchError
+
+#: Attributes whose assignment or in-place change may change what ``forward`` runs (see peftkit.core.epoch).
+_WATCHED = frozenset({"active_adapters", "merged_adapters", "disabled", "scaling", "dropout_position", "base_layer"})
 
 
 class AdapterLayer(nn.Module):
@@ -38,6 +42,16 @@ class AdapterLayer(nn.Module):
         self.active_adapters: list[str] = []
         self.merged_adapters: list[str] = []
         self.disabled = False
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        if name in _WATCHED:
+            value = watched(value)  # lists and dicts report their mutations from now on
+        super().__setattr__(name, value)
+
+    def _apply(self, fn: Any, recurse: bool = True) -> AdapterLayer:
+        result: AdapterLayer = super()._apply(fn, recurse)  # type: ignore[no-untyped-call]
+        touch()  # .to(), .half(), …: parameters may have been swapped
+        return result
 
     # Model code sometimes reads a layer's weight directly (T5 checks ``self.wo.weight.dtype``).
     @property

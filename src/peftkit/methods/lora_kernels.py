@@ -27,6 +27,7 @@ from typing import Any
 
 import torch
 
+from peftkit.core.epoch import EPOCH
 from peftkit.methods.lora_dropout import apply_keep, apply_keep_, dropout_input, keep_mask
 
 __all__ = ["DoRALinearFn", "LoRAUpdate", "fused_dora_forward", "fused_forward", "keep_mask", "linear_lora",
@@ -150,15 +151,12 @@ _any_autocast: Any = getattr(torch._C, "_is_any_autocast_enabled", None) or (
     lambda: any(torch.is_autocast_enabled(d) for d in ("cpu", "cuda")))
 
 
-def plain_adapter(layer: Any, x: torch.Tensor) -> tuple[Any, ...] | None:
-    """``(name, W, b, A, B, s, p)`` when ``layer``'s forward is one adapter on a frozen ``nn.Linear``, else None.
+def _structure(layer: Any) -> tuple[Any, ...] | None:
+    """``(name, W, b, A, B, s, dropout)`` when ``layer`` runs one adapter on an ``nn.Linear``, else ``None``.
 
-    The conditions: not disabled; exactly one active adapter, not merged, with a plain ``nn.Linear`` A (a shared
-    grouped down-projection computes A itself) and dropout (``nn.Dropout`` or none) before A; the base an
-    ``nn.Linear`` whose weight and bias are frozen; ``x`` in the adapter's and the base's dtype; no autocast.
-    This runs on every forward, and decoding one token is nearly all overhead, so it reads ``_modules`` /
-    ``_parameters`` directly (each ``nn.Module.__getattr__`` costs about half a microsecond) and calls no
-    other Python function.
+    Not disabled; exactly one active adapter, not merged, with a plain ``nn.Linear`` A (a shared grouped
+    down-projection computes A itself) and dropout (``nn.Dropout`` or none, ``dropout`` is then ``None``) before
+    A; the base an ``nn.Linear``. Only what :mod:`peftkit.core.epoch` tracks, so the answer is cached.
     """
     if layer.disabled:
         return None
@@ -166,28 +164,43 @@ def plain_adapter(layer: Any, x: torch.Tensor) -> tuple[Any, ...] | None:
     if len(active) != 1:
         return None
     name = active[0]
-    if name in layer.merged_adapters:
+    if name in layer.merged_adapters or layer.dropout_position.get(name) != "pre":
         return None
     modules = layer._modules
     down = modules["lora_A"]._modules.get(name)
     base = modules["base_layer"]
     if type(down) is not torch.nn.Linear or type(base) is not torch.nn.Linear:
         return None
-    weight: Any = base._parameters["weight"]
-    bias: Any = base._parameters["bias"]
-    A: Any = down._parameters["weight"]
-    if (weight.requires_grad or (bias is not None and bias.requires_grad) or not x.dtype == A.dtype == weight.dtype
-            or layer.dropout_position[name] != "pre" or _any_autocast()):
-        return None  # (an input of the wrong width fails in F.linear with the same error as the base layer's)
     drop = modules["lora_dropout"]._modules[name]
-    kind = type(drop)
-    if kind is torch.nn.Identity:
-        p = 0.0
-    elif kind is torch.nn.Dropout:
-        p = drop.p if drop.training else 0.0
-    else:  # a dropout module of the user's: only the straightforward path calls it
+    if type(drop) is torch.nn.Identity:
+        drop = None
+    elif type(drop) is not torch.nn.Dropout:  # a dropout module of the user's: only the plain path calls it
         return None
-    return name, weight, bias, A, modules["lora_B"]._modules[name]._parameters["weight"], layer.scaling[name], p
+    return (name, base._parameters["weight"], base._parameters["bias"], down._parameters["weight"],
+            modules["lora_B"]._modules[name]._parameters["weight"], layer.scaling[name], drop)
+
+
+def plain_adapter(layer: Any, x: torch.Tensor) -> tuple[Any, ...] | None:
+    """``(name, W, b, A, B, s, p)`` when ``layer``'s forward is one adapter on a frozen ``nn.Linear``, else None.
+
+    The structure (which adapter, which tensors, which dropout: :func:`_structure`) is cached on the layer
+    until :data:`peftkit.core.epoch.EPOCH` moves; the rest is checked on every call: the base weight and bias
+    frozen, ``x`` in the adapter's and the base's dtype, no autocast, dropout's ``p`` if it is training.
+    Decoding one token is nearly all such overhead: re-deriving the structure on every call (a dozen
+    dictionary lookups on cold objects) cost as much as the adapter's two small matmuls.
+    """
+    cached = layer.__dict__.get("_plan")
+    if cached is None or cached[0] != EPOCH.value:
+        cached = (EPOCH.value, _structure(layer))
+        layer.__dict__["_plan"] = cached  # not through nn.Module.__setattr__: a plain cache, not module state
+    plan = cached[1]
+    if plan is None:
+        return None
+    name, weight, bias, A, B, scale, drop = plan
+    if (weight.requires_grad or (bias is not None and bias.requires_grad) or x.dtype is not A.dtype
+            or weight.dtype is not A.dtype or _any_autocast()):
+        return None  # (an input of the wrong width fails in F.linear with the same error as the base layer's)
+    return name, weight, bias, A, B, scale, (drop.p if drop is not None and drop.training else 0.0)
 
 
 def fused_forward(layer: Any, x: torch.Tensor) -> torch.Tensor | None:
