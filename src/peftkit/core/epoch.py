@@ -4,8 +4,9 @@ Every forward of an adapter layer used to re-derive what to run (which adapter i
 tensors, which dropout) from a dozen dictionaries; decoding one token is nearly all such overhead. A layer
 now caches that plan and re-derives it only when :data:`EPOCH` has moved. It moves on:
 
-- any module, parameter or buffer registration anywhere (global ``torch.nn`` registration hooks: adding or
-  deleting an adapter, replacing a layer, ``load_state_dict(assign=True)``);
+- any module, parameter or buffer registration on an adapter layer or a module below it (global ``torch.nn``
+  registration hooks, filtered by :func:`own`: adding an adapter, replacing a factor or the base layer,
+  ``load_state_dict(assign=True)``);
 - assignment to, or in-place change of, a layer's adapter state (``active_adapters``, ``merged_adapters``,
   ``disabled``, ``scaling``, ``dropout_position``: lists and dicts are wrapped to report their mutations);
 - ``Module._apply`` on an adapter layer (``.to()``, ``.half()``, ``.cuda()``, which may swap parameters).
@@ -21,7 +22,7 @@ from typing import Any, SupportsIndex
 
 import torch
 
-__all__ = ["EPOCH", "TouchDict", "TouchList", "touch", "watched"]
+__all__ = ["EPOCH", "TouchDict", "TouchList", "own", "touch", "watched"]
 
 
 class _Epoch:
@@ -127,6 +128,28 @@ def watched(value: Any) -> Any:
     return value
 
 
-torch.nn.modules.module.register_module_module_registration_hook(touch)
-torch.nn.modules.module.register_module_parameter_registration_hook(touch)
-torch.nn.modules.module.register_module_buffer_registration_hook(touch)
+_OWNED = "_peftkit_owned"
+
+
+def own(module: torch.nn.Module) -> None:
+    """Mark ``module`` as part of an adapter layer: registrations on it, and on what it registers, move the
+    counter. (Registrations elsewhere do not: model code builds modules during forward — transformers slices
+    its ``ModuleList`` of layers on every call — which would otherwise defeat the cache.)"""
+    module.__dict__[_OWNED] = True
+
+
+def _on_module(parent: torch.nn.Module, name: str, module: torch.nn.Module | None) -> None:
+    if parent.__dict__.get(_OWNED):
+        if module is not None:
+            own(module)
+        touch()
+
+
+def _on_tensor(parent: torch.nn.Module, name: str, tensor: torch.Tensor | None) -> None:
+    if parent.__dict__.get(_OWNED):
+        touch()
+
+
+torch.nn.modules.module.register_module_module_registration_hook(_on_module)
+torch.nn.modules.module.register_module_parameter_registration_hook(_on_tensor)
+torch.nn.modules.module.register_module_buffer_registration_hook(_on_tensor)

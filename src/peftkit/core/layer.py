@@ -15,7 +15,7 @@ from typing import Any, ClassVar, cast
 import torch
 from torch import nn
 
-from peftkit.core.epoch import touch, watched
+from peftkit.core.epoch import own, touch, watched
 from peftkit.errors import MergeError, ShapeMismatchError
 
 #: Attributes whose assignment or in-place change may change what ``forward`` runs (see peftkit.core.epoch).
@@ -38,6 +38,7 @@ class AdapterLayer(nn.Module):
 
     def __init__(self, base_layer: nn.Module) -> None:
         super().__init__()
+        own(self)  # registrations on this layer and below move peftkit.core.epoch's counter
         self.base_layer = base_layer
         self.active_adapters: list[str] = []
         self.merged_adapters: list[str] = []
