@@ -300,3 +300,24 @@ def test_grouped_dora_gradcheck_with_a_mask() -> None:
     for y, A, B, m, W, b, norm, s in zip(ys, As, Bs, Ms, Ws, bs, norms, meta[1], strict=True):
         ref = m / norm * (x @ W.T + s * dropped @ A.T @ B.T) + (0 if b is None else b)
         assert torch.allclose(y, ref, atol=1e-12)
+
+
+def test_disabling_adapters_between_steps_keeps_the_group(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Preference training alternates adapter and reference (adapters disabled) forwards: both exact, group kept."""
+    model = _adapt(_llama())
+    plain = copy.deepcopy(model)
+    _step(model)
+    q = model.get_submodule("model.layers.0.self_attn.q_proj")
+    outs = []
+    for _ in range(2):
+        with torch.no_grad(), pk.disable_adapters(model):
+            outs.append(model(input_ids=IDS).logits)
+        outs.append(_step(model)[0])
+        assert lora_groups.group_of(q) is not None
+    with monkeypatch.context() as m:
+        _straightforward(m)
+        with torch.no_grad(), pk.disable_adapters(plain):
+            reference = plain(input_ids=IDS).logits
+        adapted = _step(plain)[0]
+    for i, got in enumerate(outs):
+        assert torch.allclose(got, reference if i % 2 == 0 else adapted, atol=1e-5)

@@ -20,9 +20,10 @@ How groups form. Nothing about the model is assumed: a layer whose forward takes
 layers were called with the same tensor object right before it (the *run*). A run of two or more distinct
 layers becomes a group when the next run starts. From then on, the group's first layer (its leader) computes
 every sibling's output when it is called, and each sibling, called next with that very tensor (same object,
-same version), is handed its output. Anything else — a sibling called with another tensor, a sibling not
-called before the leader is called again, a member whose adapter state changed — disbands the group for good
-(that leader never groups again), and every layer computes its own output as before. The answer is the same
+same version), is handed its output. A call pattern that does not fit — a sibling called with another
+tensor, a sibling not called before the leader is called again — disbands the group for good (that leader
+never groups again), and every layer computes its own output as before. A call where some member cannot take
+the fast path (adapters disabled or switched, autocast) runs every member on its own and keeps the group. The answer is the same
 either way; only the speed differs. Under saved-tensor hooks (activation checkpointing) layers never group, nor
 for inputs of fewer than :data:`MIN_TOKENS` tokens (decoding), where the bookkeeping would cost more than it saves.
 """
@@ -219,7 +220,8 @@ class GroupedDoRA(torch.autograd.Function):
 class _Group:
     """Sibling layers (weak references, leader first), the adapter they run, and outputs waiting for pickup."""
 
-    __slots__ = ("a_cat", "a_key", "dora", "members", "name", "p", "pending", "source", "version", "__weakref__")
+    __slots__ = ("a_cat", "a_key", "dora", "members", "name", "p", "pending", "skipped", "source", "version",
+                 "__weakref__")
 
     def __init__(self, members: list[weakref.ref[Any]], name: str, p: float, dora: bool) -> None:
         self.members = members
@@ -227,6 +229,7 @@ class _Group:
         self.pending: dict[int, torch.Tensor] = {}
         self.source: weakref.ref[torch.Tensor] | None = None
         self.version = -1
+        self.skipped = False  # the leader's last call could not run the group (adapters disabled, autocast, …)
         self.a_key: tuple[tuple[int, int], ...] = ()
         self.a_cat: torch.Tensor | None = None
 
@@ -250,7 +253,12 @@ class _Group:
         return self.a_cat
 
     def run(self, x: torch.Tensor) -> torch.Tensor | None:
-        """The leader's output, with every sibling's output left pending; ``None`` if a member no longer fits."""
+        """The leader's output, with every sibling's output left pending.
+
+        ``None`` when a member cannot take the fast path for this call (adapters disabled or switched, autocast,
+        another dtype): every member then runs on its own for ``x``, and the group stays for later calls.
+        """
+        self.pending, self.source, self.version, self.skipped = {}, weakref.ref(x), _version(x), True
         plans: list[tuple[Any, ...]] = []
         layers: list[Any] = []
         dora: list[torch.Tensor] = []  # magnitudes, then norms
@@ -289,14 +297,20 @@ class _Group:
             outs = fn.forward(None, *args)
         lead = x.shape[:-1]
         self.pending = {i: out.view(*lead, out.shape[-1]) for i, out in enumerate(outs) if i}
-        self.source, self.version = weakref.ref(x), _version(x)
+        self.skipped = False
         return outs[0].view(*lead, outs[0].shape[-1])
 
+    def _same_input(self, x: torch.Tensor) -> bool:
+        return self.source is not None and self.source() is x and self.version == _version(x)
+
     def pickup(self, index: int, x: torch.Tensor) -> torch.Tensor | None:
+        """Member ``index``'s pending output for ``x``, or ``None``."""
         out: torch.Tensor | None = self.pending.pop(index, None)
-        if out is None or self.source is None or self.source() is not x or self.version != _version(x):
-            return None
-        return out
+        return out if out is not None and self._same_input(x) else None
+
+    def skipped_for(self, x: torch.Tensor) -> bool:
+        """Whether the leader, called with ``x``, left every member to run on its own."""
+        return self.skipped and self._same_input(x)
 
 
 # Layer → (its group, its index there). Weak keys: copies of a model (deepcopy) and deleted models hold none.
@@ -363,14 +377,14 @@ def fused_forward(layer: Any, x: torch.Tensor, dora: bool = False) -> torch.Tens
             out = group.pickup(index, x)
             if out is not None:
                 return out
-            group.disband()  # called with another input, or the leader did not run first
+            if not group.skipped_for(x):
+                group.disband()  # called with another input, or the leader did not run first
         elif group.pending:
             group.disband()  # a sibling did not pick up its output since the last call
         else:
             out = group.run(x)
             if out is not None:
                 return out
-            group.disband()
     plan = plain_adapter(layer, x)
     if plan is None:
         return None
