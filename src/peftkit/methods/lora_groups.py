@@ -21,11 +21,11 @@ layers were called with the same tensor object right before it (the *run*). A ru
 layers becomes a group when the next run starts. From then on, the group's first layer (its leader) computes
 every sibling's output when it is called, and each sibling, called next with that very tensor (same object,
 same version), is handed its output. A call pattern that does not fit — a sibling called with another
-tensor, a sibling not called before the leader is called again — disbands the group for good (that leader
-never groups again), and every layer computes its own output as before. A call where some member cannot take
-the fast path (adapters disabled or switched, autocast) runs every member on its own and keeps the group. The answer is the same
-either way; only the speed differs. Under saved-tensor hooks (activation checkpointing) layers never group, nor
-for inputs of fewer than :data:`MIN_TOKENS` tokens (decoding), where the bookkeeping would cost more than it saves.
+tensor, a sibling not called before the leader is called again — disbands the group for good (that leader never
+groups again), and every layer computes its own output as before. A call where some member cannot take the fast path
+(adapters disabled or switched, autocast) runs every member on its own and keeps the group. The answer is the same
+either way; only the speed differs. Under saved-tensor hooks (activation checkpointing) layers never group, nor for
+inputs of fewer than :data:`MIN_TOKENS` tokens (decoding), where the bookkeeping would cost more than it saves.
 """
 
 from __future__ import annotations
