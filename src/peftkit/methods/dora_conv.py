@@ -1,0 +1,125 @@
+"""DoRA on ``nn.Conv1d/2d/3d`` with ``groups=1`` (the formula and paper: :mod:`peftkit.methods.dora`).
+
+On a convolution (weight out × in × kernel) the norm and magnitude are per output channel, the norm taken over
+all the other dims, and the layer output is ``(g − 1)·conv(x, W) + g·s·B(A(x)) + conv(x, W) + b``; HF PEFT
+stores that magnitude with singleton dims, ``(1, out, 1, …)``, and so does peftkit.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any, ClassVar, cast
+
+import torch
+from torch import nn
+
+from peftkit.methods.dora_norms import _DoRAMixin
+from peftkit.methods.lora_layers import LoRAConv
+
+
+class DoRAConv(_DoRAMixin, LoRAConv):
+    """DoRA on ``nn.Conv1d/2d/3d`` with ``groups=1``: magnitude and norm per output channel.
+
+    With W (out, in, *kernel) flattened to rows (out, in·∏kernel), the norm is ``row_norms`` of
+    ``W + s·B A`` (A the base-kernel convolution, B the 1×1 one) and ``y = g ⊙ (conv(x, W) + s·B(A(drop(x)))) + b``
+    with ``g = m / ‖·‖`` per output channel (HF PEFT's ``_DoraConvNdLayer``; dropout as in :mod:`peftkit.methods.dora`).
+    The magnitude is stored as HF PEFT stores it, shape ``(1, out, 1, …)`` with ``W.dim()`` dims.
+    """
+
+    adapter_containers: ClassVar[tuple[str, ...]] = ("lora_A", "lora_B", "lora_magnitude_vector")
+
+    def __init__(self, base_layer: nn.Module) -> None:
+        super().__init__(base_layer)
+        self._init_dora()
+
+    def _oriented(self) -> torch.Tensor:
+        return self._base_weight().flatten(1)
+
+    def _factors(self, name: str) -> tuple[torch.Tensor, torch.Tensor]:
+        A, B = self.factor_weights(name)
+        return A.flatten(1), B.flatten(1)
+
+    def _per_channel(self, t: torch.Tensor, over: str) -> torch.Tensor:
+        """A per-output-channel vector shaped to broadcast over the ``"weight"`` (out, in, *k) or an ``"output"``
+        (N, out, *S) or unbatched (out, *S)."""
+        ones = self._base_weight().dim() - (1 if over == "weight" else 2)
+        return t.reshape(-1, *([1] * ones))
+
+    def _magnitude_shape(self) -> tuple[int, ...]:
+        weight = self._base_weight()
+        return (1, weight.shape[0], *([1] * (weight.dim() - 2)))
+
+    def add_magnitude(self, name: str) -> None:
+        """Add adapter ``name``'s magnitude ‖W + s·BA‖ in HF PEFT's shape ``(1, out, 1, …)`` (outputs unchanged)."""
+        super().add_magnitude(name)
+        magnitude = cast(torch.Tensor, self.lora_magnitude_vector[name]).detach()
+        self.lora_magnitude_vector[name] = nn.Parameter(magnitude.reshape(self._magnitude_shape()))
+
+    def base_norms(self) -> torch.Tensor:
+        """‖W₀‖ per output channel, shaped like the magnitude (see ``_DoRAMixin.base_norms``)."""
+        return super().base_norms().reshape(self._magnitude_shape())
+
+    def _dora_factor(self, name: str, norm: torch.Tensor) -> torch.Tensor:
+        magnitude = cast(torch.Tensor, self.lora_magnitude_vector[name])
+        return (magnitude.reshape(-1) / norm).detach()  # (out,): m / ‖·‖ per output channel
+
+    def delete_adapter(self, name: str) -> None:
+        super().delete_adapter(name)
+        self._delete_dora(name)
+
+    def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        result: torch.Tensor = self.base_layer(x, *args, **kwargs)
+        bias = getattr(self.base_layer, "bias", None)
+        # conv(x, W), without the bias: the base term never sees dropout
+        base_out = result if bias is None else result - self._per_channel(bias, "output")
+        out = result
+        for name in self._applied():
+            A, B, drop = self.lora_A[name], self.lora_B[name], self.lora_dropout[name]
+            h = x.to(cast(torch.Tensor, A.weight).dtype)
+            if name not in self.lora_magnitude_vector:  # a plain LoRA adapter on the same layer
+                update = B(A(drop(h))) if self.dropout_position[name] == "pre" else drop(B(A(h)))
+                out = out + (update * self.scaling[name]).to(out.dtype)
+                continue
+            magnitude = cast(torch.Tensor, self.lora_magnitude_vector[name])
+            g = self._per_channel(magnitude.reshape(-1) / self.weight_norm(name), "output")  # grad reaches m, not ‖·‖
+            update = (g - 1) * base_out.to(h.dtype) + g * (B(A(drop(h))) * self.scaling[name])
+            out = out + update.to(out.dtype)
+        return out
+
+    def delta_weight(self, name: str) -> torch.Tensor:
+        """W' − W (out, in, *kernel): the change merging adapter ``name`` makes to the current base weight."""
+        if name not in self.lora_magnitude_vector:
+            return super().delta_weight(name)
+        W = self._base_weight().detach()
+        combined = W + super().delta_weight(name).to(W.dtype)
+        factor = self._dora_factor(name, combined.flatten(1).norm(dim=1)).to(W.dtype)
+        return self._per_channel(factor, "weight") * combined - W
+
+    def merge(self, names: Sequence[str], safe: bool = False, where: str = "") -> None:
+        for name in names:
+            if name in self.merged_adapters or not self.has_adapter(name):
+                continue
+            if name not in self.lora_magnitude_vector:
+                super().merge([name], safe, where)
+                continue
+            W = self._working_weight()  # fp32 over a half-precision base: one rounding, at the end
+            combined = W + LoRAConv.delta_weight(self, name).to(W.dtype)
+            norm = combined.flatten(1).norm(dim=1)
+            merged = self._per_channel(self._dora_factor(name, norm).to(W.dtype), "weight") * combined
+            if safe:
+                self.check_finite(merged, where or type(self.base_layer).__name__, name)
+            self._write_merged(name, merged, where)
+            self._merge_norms[name] = norm  # unmerging needs the norm of the weight before merging
+            self._forget_norms()
+            self.merged_adapters.append(name)
+
+    def unmerge(self, names: Sequence[str] | None = None) -> None:
+        for name in [n for n in reversed(self.merged_adapters) if names is None or n in names]:
+            if name not in self._merge_norms:
+                super().unmerge([name])
+                continue
+            W = self._working_weight()
+            factor = self._per_channel(self._dora_factor(name, self._merge_norms.pop(name)).to(W.dtype), "weight")
+            self._write_merged(name, W / factor - LoRAConv.delta_weight(self, name).to(W.dtype), "")
+            self._forget_norms()
+            self.merged_adapters.remove(name)

@@ -1,0 +1,176 @@
+"""DoRA on linear-like layers and embeddings (the formula and paper: :mod:`peftkit.methods.dora`).
+
+Per active DoRA adapter, with ``g = m / ‖W + s·BA‖`` (detached, per output row) and dropout on the adapter
+branch's input only::
+
+    y = g ⊙ (W x + s·B A dropout(x)) + b
+
+On ``nn.Embedding`` (weight E, vocab × dim) the norm and magnitude are per embedding dimension, the columns of E,
+as in HF PEFT. A plain LoRA adapter on the same layer (no magnitude) adds its update as LoRA does.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any, ClassVar, cast
+
+import torch
+from torch import nn
+
+from peftkit.methods import lora_groups
+from peftkit.methods.dora_norms import _DoRAMixin
+from peftkit.methods.lora_layers import LoRAEmbedding, LoRALinear
+
+
+class DoRALinear(_DoRAMixin, LoRALinear):
+    """DoRA on a linear-like layer (``nn.Linear``, GPT-2 ``Conv1D``, quantized linears via ``kind.weight``)."""
+
+    adapter_containers: ClassVar[tuple[str, ...]] = ("lora_A", "lora_B", "lora_magnitude_vector")
+
+    def __init__(self, base_layer: nn.Module) -> None:
+        super().__init__(base_layer)
+        self._init_dora()
+
+    def _oriented(self) -> torch.Tensor:
+        return self.kind.weight(self.base_layer)
+
+    def _factors(self, name: str) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.factor_weights(name)
+
+    def delete_adapter(self, name: str) -> None:
+        super().delete_adapter(name)
+        self._delete_dora(name)
+
+    def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        # One DoRA adapter on a frozen nn.Linear: the whole formula in one autograd node (lora_kernels), shared
+        # with the sibling projections that read the same input (lora_groups).
+        fused = None if args or kwargs else lora_groups.fused_forward(self, x, dora=True)
+        if fused is not None:
+            return fused
+        result: torch.Tensor = self.base_layer(x, *args, **kwargs)
+        bias = getattr(self.base_layer, "bias", None)
+        base_out = result if bias is None else result - bias  # W x: the base term never sees dropout
+        out = result
+        for name in self._applied():
+            A, B, drop = self.lora_A[name], self.lora_B[name], self.lora_dropout[name]
+            h = x.to(cast(torch.Tensor, A.weight).dtype)
+            if name not in self.lora_magnitude_vector:  # a plain LoRA adapter on the same layer
+                update = B(A(drop(h))) if self.dropout_position[name] == "pre" else drop(B(A(h)))
+                out = out + (update * self.scaling[name]).to(out.dtype)
+                continue
+            # Dropout on the adapter branch only: g⊙(Wx + s·BA·dropout(x)) + b (module docstring).
+            g = self.lora_magnitude_vector[name] / self.weight_norm(name)
+            update = (g - 1) * base_out.to(h.dtype) + g * (B(A(drop(h))) * self.scaling[name])
+            out = out + update.to(out.dtype)
+        return out
+
+    def delta_weight(self, name: str) -> torch.Tensor:
+        """W' − W: the change merging adapter ``name`` makes to the current base weight."""
+        if name not in self.lora_magnitude_vector:
+            return super().delta_weight(name)
+        W = self._base_weight().detach()
+        lora = super().delta_weight(name).to(W.dtype)
+        factor = self._dora_factor(name, (W + lora).norm(dim=1)).to(W.dtype)
+        return factor[:, None] * (W + lora) - W
+
+    def merge(self, names: Sequence[str], safe: bool = False, where: str = "") -> None:
+        for name in names:
+            if name in self.merged_adapters or not self.has_adapter(name):
+                continue
+            if name not in self.lora_magnitude_vector:
+                super().merge([name], safe, where)
+                continue
+            W = self._working_weight()  # fp32 over half/quantized bases: one rounding (or re-quantization)
+            combined = W + LoRALinear.delta_weight(self, name).to(W.dtype)
+            norm = combined.norm(dim=1)
+            merged = self._dora_factor(name, norm).to(W.dtype)[:, None] * combined
+            if safe:
+                self.check_finite(merged, where or type(self.base_layer).__name__, name)
+            self._write_merged(name, merged, where)  # a quantized base keeps and logs its error
+            self._merge_norms[name] = norm  # unmerging needs the norm of the weight before merging
+            self._forget_norms()
+            self.merged_adapters.append(name)
+
+    def unmerge(self, names: Sequence[str] | None = None) -> None:
+        for name in [n for n in reversed(self.merged_adapters) if names is None or n in names]:
+            if name not in self._merge_norms:
+                super().unmerge([name])
+                continue
+            W = self._working_weight()
+            factor = self._dora_factor(name, self._merge_norms.pop(name)).to(W.dtype)
+            self._write_merged(name, W / factor[:, None] - LoRALinear.delta_weight(self, name).to(W.dtype), "")
+            self.merge_errors.pop(name, None)
+            self._forget_norms()
+            self.merged_adapters.remove(name)
+
+
+class DoRAEmbedding(_DoRAMixin, LoRAEmbedding):
+    """DoRA on ``nn.Embedding``: magnitude and norm per embedding dimension (the columns of the table E).
+
+    ``E' = (E + s·(BA)ᵀ) · diag(m / ‖columns‖)``, so ``y = g ⊙ (E[x] + s·Aᵀ[x] Bᵀ)`` with ``g = m / ‖·‖``.
+    """
+
+    adapter_containers: ClassVar[tuple[str, ...]] = ("lora_embedding_A", "lora_embedding_B", "lora_magnitude_vector")
+    base_layer: nn.Embedding  # LoRAEmbedding's, over the mixin's nn.Module
+
+    def __init__(self, base_layer: nn.Embedding) -> None:
+        super().__init__(base_layer)
+        self._init_dora()
+
+    def _oriented(self) -> torch.Tensor:
+        return self.base_layer.weight.T  # (dim, vocab): rows are embedding dimensions, update s·B A
+
+    def _factors(self, name: str) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.factors(name)
+
+    def delete_adapter(self, name: str) -> None:
+        super().delete_adapter(name)
+        self._delete_dora(name)
+
+    def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        result: torch.Tensor = self.base_layer(x, *args, **kwargs)
+        base = result
+        for name in self._applied():
+            A, B = self.factors(name)
+            lora = (self.embed(x, A.T) @ B.T) * self.scaling[name]
+            if name not in self.lora_magnitude_vector:
+                result = result + lora.to(result.dtype)
+                continue
+            g = self.lora_magnitude_vector[name] / self.weight_norm(name)
+            result = result + ((g - 1) * base.to(lora.dtype) + g * lora).to(result.dtype)
+        return result
+
+    def delta_weight(self, name: str) -> torch.Tensor:
+        if name not in self.lora_magnitude_vector:
+            return super().delta_weight(name)
+        W = self._base_weight().detach()
+        combined = W + super().delta_weight(name).to(W.dtype)
+        factor = self._dora_factor(name, combined.norm(dim=0)).to(W.dtype)
+        return combined * factor[None, :] - W
+
+    def merge(self, names: Sequence[str], safe: bool = False, where: str = "") -> None:
+        for name in names:
+            if name in self.merged_adapters or not self.has_adapter(name):
+                continue
+            if name not in self.lora_magnitude_vector:
+                super().merge([name], safe, where)
+                continue
+            W = self._base_weight().detach()
+            combined = W + LoRAEmbedding.delta_weight(self, name).to(W.dtype)
+            norm = combined.norm(dim=0)
+            merged = combined * self._dora_factor(name, norm).to(W.dtype)[None, :]
+            if safe:
+                self.check_finite(merged, where or "Embedding", name)
+            self._set_base_weight(merged)
+            self._merge_norms[name] = norm
+            self.merged_adapters.append(name)
+
+    def unmerge(self, names: Sequence[str] | None = None) -> None:
+        for name in [n for n in reversed(self.merged_adapters) if names is None or n in names]:
+            if name not in self._merge_norms:
+                super().unmerge([name])
+                continue
+            W = self._base_weight().detach()
+            factor = self._dora_factor(name, self._merge_norms.pop(name)).to(W.dtype)
+            self._set_base_weight(W / factor[None, :] - LoRAEmbedding.delta_weight(self, name).to(W.dtype))
+            self.merged_adapters.remove(name)
