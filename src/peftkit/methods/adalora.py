@@ -19,7 +19,7 @@ and every λ_i whose score is among the lowest b₀ − b(t) is set to zero. An 
 R = mean over factors of ‖PᵀP − I‖_F, ‖QQᵀ − I‖_F is added to the model's loss (weight
 ``orth_reg_weight``) by a forward hook. Call ``pk.adalora_step(model, step)`` after ``backward()`` and
 before ``zero_grad()``. The final masks are saved as ``rank_pattern``; the file holds only kept triplets.
-The allocator's state (EMAs, masks) travels with training checkpoints (``RankAllocator.state_dict``),
+The allocator's state (EMAs, masks) travels with training checkpoints (:mod:`peftkit.methods.adalora_state`),
 so a resumed run allocates exactly as an uninterrupted one.
 """
 
@@ -35,12 +35,25 @@ from torch import nn
 from peftkit.core.config import AdapterConfig
 from peftkit.core.registry import LINEAR_KINDS, LinearKind, linear_kind, register_method
 from peftkit.core.state import adapter_layers, get_state
-from peftkit.errors import CheckpointError, ConfigError, ShapeMismatchError
+from peftkit.errors import ConfigError
+from peftkit.methods.adalora_state import (
+    _ALLOCATORS,
+    adalora_adapters,
+    allocator_state_dict,
+    allocator_states,
+    check_allocator_state,
+    load_allocator_state,
+    load_allocator_states,
+)
 from peftkit.methods.lora import hf_resolve, hf_targets
 from peftkit.methods.lora_layers import LoRALayer, adapter_dtype
 
+# The checkpoint-state functions live in adalora_state; importing them from here keeps working.
+__all__ = ["AdaLoRA", "RankAllocator", "SVDLinear", "adalora_adapters", "adalora_step", "allocator_state_dict",
+           "allocator_states", "check_allocator_state", "load_allocator_state", "load_allocator_states",
+           "orthogonality_loss"]
+
 _EPS = 1e-5  # HF PEFT's guard in α / (r₀ + ε)
-_ALLOCATORS = "_peftkit_adalora"
 
 
 class SVDLinear(LoRALayer):
@@ -222,47 +235,17 @@ class RankAllocator:
             self.apply_pattern(model, self.config.rank_pattern)
 
     def state_dict(self) -> dict[str, Any]:
-        """Everything the allocator carries between steps, for a training checkpoint.
-
-        Returns:
-            Tensors ``ema_ipt.<key>`` / ``ema_unc.<key>`` (``<key>`` as in :meth:`factors`) and JSON-able
-            entries: ``layers`` (qualname → rank, to check the model), ``tensors`` (the tensor keys, so a
-            lost one is detected), ``rank_pattern`` (the config's) and ``rank_mask`` (each layer's kept
-            triplets, which decide what is saved).
-        """
-        state: dict[str, Any] = {f"ema_ipt.{k}": v.detach() for k, v in self.ema_ipt.items()}
-        state.update({f"ema_unc.{k}": v.detach() for k, v in self.ema_unc.items()})
-        meta = {
-            "layers": {q: layer.rank[self.name] for q, layer in self.layers.items()},
-            "tensors": sorted(state),
-            "rank_pattern": {q: list(mask) for q, mask in self.config.rank_pattern.items()},
-            "rank_mask": {q: layer.rank_mask[self.name].tolist()
-                          for q, layer in self.layers.items() if self.name in layer.rank_mask},
-        }
-        return {**state, **meta}
+        """Everything the allocator carries between steps, for a training checkpoint (:func:`allocator_state_dict`)."""
+        return allocator_state_dict(self)
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        """Restore :meth:`state_dict` output (e.g. saved with a checkpoint); checks it all before changing anything.
+        """Restore :meth:`state_dict` output; checks it all before changing anything (:func:`load_allocator_state`).
 
         Raises:
             CheckpointError: a missing or unexpected key, or layers/ranks that differ from this model.
             ShapeMismatchError: an EMA tensor whose shape differs from its parameter's.
         """
-        check_allocator_state(self, state)
-        params = dict(self.factors())
-        emas = {"ema_ipt": self.ema_ipt, "ema_unc": self.ema_unc}
-        for ema in emas.values():
-            ema.clear()
-        for key in state["tensors"]:
-            which, _, factor = key.partition(".")
-            emas[which][factor] = state[key].to(device=params[factor].device, copy=True)
-        self.config.rank_pattern = {q: [bool(v) for v in mask] for q, mask in state["rank_pattern"].items()}
-        for qualname, layer in self.layers.items():
-            mask = state["rank_mask"].get(qualname)
-            if mask is None:
-                layer.rank_mask.pop(self.name, None)
-            else:
-                layer.rank_mask[self.name] = torch.tensor(mask, dtype=torch.bool, device=layer.lora_E[self.name].device)
+        load_allocator_state(self, state)
 
 
 def adalora_step(model: nn.Module, step: int) -> None:
@@ -281,80 +264,6 @@ def adalora_step(model: nn.Module, step: int) -> None:
             if name not in allocators:
                 allocators[name] = RankAllocator(model, name, config)
             allocators[name].step(model, step)
-
-
-_META_KEYS = ("layers", "tensors", "rank_pattern", "rank_mask")
-_RESUME_FIX = "resume with the model and peft config the checkpoint was trained with, or set checkpoint.resume=none"
-
-
-def check_allocator_state(allocator: RankAllocator, state: dict[str, Any]) -> None:
-    """Check that ``state`` (a :meth:`RankAllocator.state_dict`) fits ``allocator``'s model; changes nothing.
-
-    Raises:
-        CheckpointError: a missing or unexpected key, or layers/ranks/masks that differ from the model's.
-        ShapeMismatchError: an EMA tensor whose shape differs from its parameter's.
-    """
-    where = f"AdaLoRA allocator state of adapter {allocator.name!r}"
-    missing = [k for k in _META_KEYS if k not in state] or sorted(set(state["tensors"]) - state.keys())
-    if missing:
-        raise CheckpointError(f"{where}: missing key {missing[0]!r}; {_RESUME_FIX}")
-    extra = sorted(state.keys() - set(state["tensors"]) - set(_META_KEYS))
-    if extra:
-        raise CheckpointError(f"{where}: unexpected key {extra[0]!r}; {_RESUME_FIX}")
-    ranks = {q: layer.rank[allocator.name] for q, layer in allocator.layers.items()}
-    for q in sorted(ranks.keys() | state["layers"].keys()):
-        if state["layers"].get(q) != ranks.get(q):
-            raise CheckpointError(f"{where}: layer {q!r} has saved rank {state['layers'].get(q)} but rank "
-                                  f"{ranks.get(q)} in the model; {_RESUME_FIX}")
-    params = dict(allocator.factors())
-    for key in state["tensors"]:
-        which, _, factor = key.partition(".")
-        p, value = params.get(factor), state[key]
-        if which not in ("ema_ipt", "ema_unc") or p is None or not isinstance(value, torch.Tensor):
-            raise CheckpointError(f"{where}: unexpected key {key!r} (not an EMA tensor of an AdaLoRA factor of "
-                                  f"the model); {_RESUME_FIX}")
-        if value.shape != p.shape:
-            raise ShapeMismatchError(f"{where}: {key!r} has shape {tuple(value.shape)} but the model's parameter "
-                                     f"has {tuple(p.shape)}; {_RESUME_FIX}")
-    for entry in ("rank_pattern", "rank_mask"):
-        for q, mask in state[entry].items():
-            if q not in ranks or len(mask) != ranks[q]:
-                raise CheckpointError(f"{where}: {entry}[{q!r}] does not fit the model's layers "
-                                      f"(rank {ranks.get(q)}); {_RESUME_FIX}")
-
-
-def adalora_adapters(model: nn.Module) -> list[str]:
-    """Names of the model's active AdaLoRA adapters (those :func:`adalora_step` allocates for)."""
-    state = get_state(model)
-    return [name for name in state.active if isinstance(state.configs.get(name), AdaLoRA)]
-
-
-def allocator_states(model: nn.Module) -> dict[str, dict[str, Any]]:
-    """Adapter name → :meth:`RankAllocator.state_dict` of every allocator :func:`adalora_step` made on ``model``."""
-    return {name: alloc.state_dict() for name, alloc in model.__dict__.get(_ALLOCATORS, {}).items()}
-
-
-def load_allocator_states(model: nn.Module, states: dict[str, dict[str, Any]]) -> None:
-    """Recreate the allocators saved in ``states`` on ``model`` (a rebuilt model resuming its run).
-
-    Every state is checked against the model before any allocator is replaced.
-
-    Raises:
-        CheckpointError: a name that is not an AdaLoRA adapter of the model, or a state that does not fit it
-            (see :func:`check_allocator_state`).
-    """
-    configs = get_state(model).configs
-    fresh: dict[str, RankAllocator] = {}
-    for name, state in states.items():
-        config = configs.get(name)
-        if not isinstance(config, AdaLoRA):
-            raise CheckpointError(f"AdaLoRA allocator state saved for adapter {name!r}, which is not an AdaLoRA "
-                                  f"adapter of the model (adapters: {sorted(configs)}); {_RESUME_FIX}")
-        fresh[name] = RankAllocator(model, name, config)
-        check_allocator_state(fresh[name], state)
-    for name, allocator in fresh.items():
-        allocator.load_state_dict(states[name])
-    model.__dict__.setdefault(_ALLOCATORS, {}).update(fresh)
 
 
 @register_method

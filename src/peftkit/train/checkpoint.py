@@ -32,7 +32,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from peftkit.errors import CheckpointError
-from peftkit.methods.adalora import adalora_adapters, allocator_states, load_allocator_states
+from peftkit.methods.adalora_state import adalora_adapters, allocator_states, load_allocator_states
 
 _STEP = re.compile(r"^step-(\d+)$")
 STATE_FILE = "trainer_state.json"
