@@ -11,7 +11,7 @@ from torchrun_helpers import free_port
 
 import peftkit as pk
 from peftkit.errors import ConfigError
-from peftkit.train.config import config_from_dict
+from peftkit.train.config import RunConfig, config_from_dict
 from peftkit.train.dist_failure import fault_due
 from peftkit.train.distributed import Dist, init, rank_slice, transformer_blocks, wrap
 
@@ -106,3 +106,20 @@ def test_parallel_without_torchrun_names_the_launch_command(tmp_path, monkeypatc
 def test_fault_spec_targets_a_step_and_optionally_a_rank():
     assert fault_due("3", 3, Dist("ddp", 1, 2)) and not fault_due("3", 2, Dist())
     assert fault_due("3@1", 3, Dist("ddp", 1, 2)) and not fault_due("3@1", 3, Dist("ddp", 0, 2))
+
+
+def test_fsdp_refuses_adalora_and_ddp_does_not(monkeypatch):
+    for key in ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
+        monkeypatch.delenv(key, raising=False)
+    peft = {"method": "adalora", "target_modules": ["q_proj"], "init_rank": 4, "target_rank": 2, "total_step": 4}
+
+    def cfg(parallel: str) -> RunConfig:
+        return config_from_dict(
+            {"checkpoint": {"pretrained": {"config": {"model_type": "llama"}}}, "train": {"parallel": parallel},
+             "peft": peft}
+        )
+
+    with pytest.raises(ConfigError, match="peft.method='adalora' cannot run with train.parallel='fsdp'.*ddp"):
+        init(cfg("fsdp"))
+    with pytest.raises(ConfigError, match="needs torchrun's environment"):  # past the AdaLoRA check
+        init(cfg("ddp"))

@@ -8,6 +8,8 @@
   :mod:`torch.distributed.checkpoint` into ``optimizer-sharded/`` (safetensors files through
   ``HuggingFaceStorageWriter``; param groups and scalars in ``optimizer-sharded.json``). Loading
   re-shards to whatever the reading run uses — any number of FSDP ranks, DDP, or a single process.
+  They hold no AdaLoRA allocator state: :func:`peftkit.train.distributed.init` refuses AdaLoRA under FSDP
+  (DDP checkpoints, the ordinary layout, carry it).
 
 The directory is assembled under a temporary name that rank 0 chooses and renamed into place by
 rank 0 once every rank's shards are written, so an interrupted save never looks complete. With several

@@ -8,7 +8,8 @@
   is never communicated after the one-time consistency broadcast at start-up;
 - ``fsdp`` — FSDP2 (:func:`torch.distributed.fsdp.fully_shard`) on every transformer block and then on
   the root, so the base and the adapters are sharded per block. Frozen parameters are all-gathered for
-  the forward pass but get no gradient reduce-scatter.
+  the forward pass but get no gradient reduce-scatter. AdaLoRA is refused here (its rank allocator needs
+  whole factors); it runs under DDP.
 
 Launch with ``torchrun --nproc-per-node N -m peftkit train CONFIG train.parallel=ddp``; rank, world size
 and rendezvous come from torchrun's environment (``RANK``, ``WORLD_SIZE``, ``LOCAL_RANK``,
@@ -86,8 +87,8 @@ def init(cfg: RunConfig) -> Dist:
         This process's :class:`Dist` (``mode="none"`` for a single process).
 
     Raises:
-        ConfigError: ``ddp``/``fsdp`` without torchrun's environment, or with an optimizer feature that
-            cannot run data-parallel.
+        ConfigError: ``ddp``/``fsdp`` without torchrun's environment, or with an optimizer feature or PEFT
+            method that cannot run data-parallel (LISA; GaLore and AdaLoRA under FSDP).
     """
     parallel = cfg.train.parallel
     if parallel not in PARALLEL_MODES:
@@ -104,6 +105,13 @@ def init(cfg: RunConfig) -> Dist:
         raise ConfigError(
             "optimizer.name='galore' cannot run with train.parallel='fsdp' (GaLore projects "
             "whole 2-D gradients, FSDP shards them); use train.parallel=ddp or optimizer.name=adamw"
+        )
+    if parallel == "fsdp" and cfg.peft.method == "adalora":
+        # The rank allocator scores and masks whole factors (importance EMAs, a global k-th value, λ masks) and
+        # the orthogonality penalty needs whole P and Q; under FSDP they are DTensor shards.
+        raise ConfigError(
+            "peft.method='adalora' cannot run with train.parallel='fsdp' (AdaLoRA's rank allocator and "
+            "orthogonality penalty need whole factors, FSDP shards them); use train.parallel=ddp"
         )
     missing = [k for k in ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT") if k not in os.environ]
     if missing:
