@@ -144,3 +144,13 @@ def test_dropout_follows_train_eval_and_p() -> None:
         assert not torch.allclose(model(x), expected(layer, x, ["default"]), atol=1e-3)  # dropout on
         layer.lora_dropout["default"].p = 0.0  # a plain attribute: read on every call
         assert torch.allclose(model(x), expected(layer, x, ["default"]), atol=1e-5)
+
+
+def test_parameters_swapped_behind_the_modules_back_are_used() -> None:
+    """Offloading hooks (accelerate) assign ``module._parameters[name]`` directly, without any registration."""
+    model, layer = _layer()
+    _check(model, layer, ["default"])
+    base, up = layer.base_layer, layer.lora_B["default"]
+    base._parameters["weight"] = nn.Parameter(base.weight.detach() * 2, requires_grad=False)
+    up._parameters["weight"] = nn.Parameter(up.weight.detach() + 1)
+    _check(model, layer, ["default"])
