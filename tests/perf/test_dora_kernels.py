@@ -10,9 +10,9 @@ import copy
 
 import pytest
 import torch
+from tests.perf.shared import Replay, assert_matches_hf, dora_llama, llama
 from torch import nn
 
-import peftkit as pk
 from peftkit.methods import lora_dropout, lora_groups, lora_kernels
 from peftkit.methods.dora import DoRALinear
 
@@ -54,31 +54,10 @@ def test_gradcheck_against_reference(dropout: float, bias: bool) -> None:
     assert torch.autograd.gradcheck(fast, (x, m, A, B))
 
 
-def _model() -> nn.Module:
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    torch.manual_seed(0)
-    cfg = LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-                      num_key_value_heads=2, vocab_size=96, max_position_embeddings=64)
-    return LlamaForCausalLM(cfg)
-
-
-def _dora_model(dropout: float = 0.0) -> nn.Module:
-    model = _model()
-    pk.apply(model, pk.DoRA(target_modules="all-linear", rank=4, alpha=8, dropout=dropout))
-    gen = torch.Generator().manual_seed(4)
-    with torch.no_grad():
-        for layer in model.modules():
-            if isinstance(layer, DoRALinear):
-                layer.lora_B["default"].weight.copy_(torch.randn(layer.lora_B["default"].weight.shape, generator=gen))
-                layer.lora_magnitude_vector["default"].mul_(1 + 0.1 * torch.rand(layer.out_features, generator=gen))
-    return model
-
-
 @pytest.mark.parametrize("dropout", [0.0, 0.1])
 def test_model_fast_path_matches_straightforward_path(dropout: float, monkeypatch: pytest.MonkeyPatch) -> None:
     """Dropout 0: same loss and gradients. Dropout > 0: fed the fast path's masks, the straightforward path agrees."""
-    model = _dora_model(dropout)
+    model = dora_llama(dropout)
     slow = copy.deepcopy(model)
     ids = torch.randint(0, 96, (2, 9), generator=torch.Generator().manual_seed(1))
     masks: dict[int, torch.Tensor] = {}
@@ -98,7 +77,7 @@ def test_model_fast_path_matches_straightforward_path(dropout: float, monkeypatc
         for qualname, layer in slow.named_modules():  # the straightforward path's dropout, fed the same masks
             if isinstance(layer, DoRALinear) and isinstance(layer.lora_dropout["default"], nn.Dropout):
                 p = layer.lora_dropout["default"].p
-                layer.lora_dropout["default"] = _Replay(masks[id(fast_layers[qualname])], p)
+                layer.lora_dropout["default"] = Replay(masks[id(fast_layers[qualname])], p)
         slow_loss = slow(input_ids=ids, labels=ids).loss
         slow_loss.backward()
     assert len(masks) == (14 if dropout else 0)  # every DoRA layer drew or shared a mask
@@ -108,17 +87,6 @@ def test_model_fast_path_matches_straightforward_path(dropout: float, monkeypatc
     assert fast_grads.keys() == slow_grads.keys() and any("magnitude" in n for n in fast_grads)
     for name, grad in fast_grads.items():
         assert torch.allclose(grad, slow_grads[name], atol=1e-5, rtol=1e-4), name
-
-
-class _Replay(nn.Module):
-    """A dropout layer that applies a recorded keep-mask."""
-
-    def __init__(self, keep: torch.Tensor, p: float) -> None:
-        super().__init__()
-        self.keep, self.p = keep, p
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return x * (self.keep.view(x.shape) != 0) / (1 - self.p)
 
 
 def test_dropout_leaves_the_base_term_alone(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -137,29 +105,17 @@ def test_dropout_leaves_the_base_term_alone(monkeypatch: pytest.MonkeyPatch) -> 
     monkeypatch.setattr(lora_dropout, "keep_mask", lambda shape, p, device: torch.zeros(shape, dtype=torch.bool))
     fast = layer(x)
     monkeypatch.setattr(lora_groups, "fused_forward", lambda *a, **k: None)
-    layer.lora_dropout["default"] = _Replay(torch.zeros(3, 6, dtype=torch.bool), 0.5)
+    layer.lora_dropout["default"] = Replay(torch.zeros(3, 6, dtype=torch.bool), 0.5)
     slow = layer(x)
     assert torch.allclose(fast, expected, atol=1e-6) and torch.allclose(slow, expected, atol=1e-6)
 
 
 def test_fast_path_matches_hf_peft_dora_outputs_and_gradients() -> None:
     peft = pytest.importorskip("peft")
-    model = _dora_model()
+    model = dora_llama()
     targets = sorted({n.rsplit(".", 1)[-1] for n, m in model.named_modules() if isinstance(m, DoRALinear)})
-    hf = peft.get_peft_model(_model(), peft.LoraConfig(r=4, lora_alpha=8, target_modules=targets, use_dora=True))
-    ours_state = {_hf_key(k): v for k, v in model.state_dict().items()}
-    missing, unexpected = hf.base_model.model.load_state_dict(ours_state, strict=False)
-    assert not missing and not unexpected
-    ids = torch.randint(0, 96, (2, 9), generator=torch.Generator().manual_seed(1))
-    ours, theirs = model(input_ids=ids, labels=ids), hf(input_ids=ids, labels=ids)
-    assert torch.allclose(ours.logits, theirs.logits, atol=1e-5)
-    ours.loss.backward()
-    theirs.loss.backward()
-    hf_grads = {n.removeprefix("base_model.model."): p.grad for n, p in hf.named_parameters() if p.requires_grad}
-    ours_grads = {_hf_key(n): p.grad for n, p in model.named_parameters() if p.requires_grad}
-    assert ours_grads.keys() == hf_grads.keys()
-    for name, grad in ours_grads.items():
-        assert torch.allclose(grad, hf_grads[name], atol=1e-5, rtol=1e-4), name
+    hf = peft.get_peft_model(llama(), peft.LoraConfig(r=4, lora_alpha=8, target_modules=targets, use_dora=True))
+    assert_matches_hf(model, hf, _hf_key, rtol=1e-4)
 
 
 def _hf_key(key: str) -> str:
@@ -168,7 +124,7 @@ def _hf_key(key: str) -> str:
 
 
 def test_inference_without_grad_matches_training_path() -> None:
-    model = _dora_model().eval()
+    model = dora_llama().eval()
     ids = torch.randint(0, 96, (2, 9), generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
         no_grad = model(input_ids=ids).logits
@@ -177,7 +133,7 @@ def test_inference_without_grad_matches_training_path() -> None:
 
 def test_inference_caches_the_factor_until_magnitude_or_factors_change(monkeypatch: pytest.MonkeyPatch) -> None:
     """Without gradients g = m/‖·‖ is cached; changing m in place or B (hence the norm) is seen at once."""
-    model = _dora_model().eval()
+    model = dora_llama().eval()
     ids = torch.randint(0, 96, (2, 5), generator=torch.Generator().manual_seed(1))
     q = model.get_submodule("model.layers.0.self_attn.q_proj")
     slow = copy.deepcopy(model)

@@ -7,6 +7,7 @@ import math
 
 import pytest
 import torch
+from tests.perf.shared import Replay, llama
 from torch import nn
 
 import peftkit as pk
@@ -64,29 +65,9 @@ def test_siblings_called_with_the_same_input_share_one_mask() -> None:
     assert lora_dropout.dropout_input(x, 0.3, "default", k)[0] is not keep_again
 
 
-def _model() -> nn.Module:
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    torch.manual_seed(0)
-    cfg = LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-                      num_key_value_heads=2, vocab_size=96, max_position_embeddings=64)
-    return LlamaForCausalLM(cfg)
-
-
-class _Replay(nn.Module):
-    """A dropout layer that applies a recorded keep-mask."""
-
-    def __init__(self, keep: torch.Tensor, p: float) -> None:
-        super().__init__()
-        self.keep, self.p = keep, p
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return x * (self.keep.view(x.shape) != 0) / (1 - self.p)
-
-
 def test_model_masks_are_shared_per_input_and_the_straightforward_path_agrees(monkeypatch: pytest.MonkeyPatch) -> None:
     """q/k/v and gate/up share a mask, o and down have their own; fed those masks, the plain path agrees."""
-    model = _model()
+    model = llama()
     pk.apply(model, pk.LoRA(target_modules="all-linear", rank=4, alpha=8, dropout=0.2))
     for layer in model.modules():
         if isinstance(layer, LoRALinear):
@@ -113,7 +94,7 @@ def test_model_masks_are_shared_per_input_and_the_straightforward_path_agrees(mo
     assert len(distinct) == 4 and len(masks) == 14
     for qualname, layer in slow.named_modules():
         if isinstance(layer, LoRALinear):
-            layer.lora_dropout["default"] = _Replay(masks[qualname], 0.2)
+            layer.lora_dropout["default"] = Replay(masks[qualname], 0.2)
     with monkeypatch.context() as m:
         m.setattr(lora_kernels, "supports", lambda *a: False)
         slow_loss = slow(input_ids=ids, labels=ids).loss
@@ -128,7 +109,7 @@ def test_model_masks_are_shared_per_input_and_the_straightforward_path_agrees(mo
 @pytest.mark.parametrize("method", [pk.LoRA, pk.DoRA])
 def test_a_training_step_draws_one_mask_per_distinct_input(method: type, monkeypatch: pytest.MonkeyPatch) -> None:
     """Per decoder layer: the attention input (q, k, v), o's input, the MLP input (gate, up) and down's input."""
-    model = _model()
+    model = llama()
     pk.apply(model, method(target_modules="all-linear", rank=4, alpha=8, dropout=0.1))
     calls = []
     real = lora_dropout.keep_mask

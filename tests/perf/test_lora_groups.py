@@ -7,20 +7,12 @@ from collections.abc import Callable
 
 import pytest
 import torch
+from tests.perf.shared import IDS, dora_llama, llama
 from torch import nn
 
 import peftkit as pk
 from peftkit.methods import lora_groups, lora_kernels
 from peftkit.methods.lora_layers import LoRALinear
-
-
-def _llama(layers: int = 2) -> nn.Module:
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    torch.manual_seed(0)
-    cfg = LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=layers, num_attention_heads=4,
-                      num_key_value_heads=2, vocab_size=96, max_position_embeddings=64)
-    return LlamaForCausalLM(cfg)
 
 
 def _adapt(model: nn.Module, **kwargs: object) -> nn.Module:
@@ -33,9 +25,6 @@ def _adapt(model: nn.Module, **kwargs: object) -> nn.Module:
                     B = layer.lora_B[name].weight
                     B.copy_(torch.randn(B.shape, generator=gen) * 0.3)
     return model
-
-
-IDS = torch.randint(0, 96, (2, 9), generator=torch.Generator().manual_seed(1))
 
 
 @pytest.fixture(autouse=True)
@@ -71,7 +60,7 @@ def _named(model: nn.Module) -> Callable[[str], nn.Module]:
 
 
 def test_projections_reading_one_input_group_after_a_first_pass() -> None:
-    model = _adapt(_llama())
+    model = _adapt(llama())
     layer = _named(model)
     assert lora_groups.group_of(layer("model.layers.0.self_attn.q_proj")) is None  # nothing seen yet
     _step(model)
@@ -88,7 +77,7 @@ def test_projections_reading_one_input_group_after_a_first_pass() -> None:
 def test_grouped_step_equals_the_straightforward_formula(monkeypatch: pytest.MonkeyPatch,
                                                          kwargs: dict[str, object]) -> None:
     """GQA (k/v narrower than q) and per-layer ranks and scales inside one group."""
-    model = _adapt(_llama(), **kwargs)
+    model = _adapt(llama(), **kwargs)
     plain = copy.deepcopy(model)
     _step(model)  # groups form
     assert lora_groups.group_of(model.get_submodule("model.layers.1.self_attn.q_proj")) is not None
@@ -100,7 +89,7 @@ def test_grouped_step_equals_the_straightforward_formula(monkeypatch: pytest.Mon
 
 def test_grouped_dropout_draws_the_masks_siblings_share(monkeypatch: pytest.MonkeyPatch) -> None:
     """With dropout the group draws one mask per input, as siblings do on their own: same seed, same numbers."""
-    model = _adapt(_llama(), dropout=0.3)
+    model = _adapt(llama(), dropout=0.3)
     alone = copy.deepcopy(model)
     _step(model)
     grouped = _step(model, seed=7)
@@ -112,7 +101,7 @@ def test_grouped_dropout_draws_the_masks_siblings_share(monkeypatch: pytest.Monk
 
 
 def test_inference_through_groups_matches_and_deepcopies_start_ungrouped(monkeypatch: pytest.MonkeyPatch) -> None:
-    model = _adapt(_llama()).eval()
+    model = _adapt(llama()).eval()
     with torch.no_grad():
         model(input_ids=IDS)
         grouped = model(input_ids=IDS).logits
@@ -183,7 +172,7 @@ def test_cross_attention_groups_key_and_value_only(monkeypatch: pytest.MonkeyPat
 
 
 def test_activation_checkpointing_runs_every_layer_on_its_own(monkeypatch: pytest.MonkeyPatch) -> None:
-    model = _adapt(_llama())
+    model = _adapt(llama())
     model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model.train()
     plain = copy.deepcopy(model)
@@ -225,7 +214,7 @@ def test_grouped_function_gradcheck_with_a_mask() -> None:
 def test_inputs_of_few_tokens_never_group(monkeypatch: pytest.MonkeyPatch) -> None:
     """Decoding steps (a few tokens) run per layer; a prefill of the same model still groups."""
     monkeypatch.setattr(lora_groups, "MIN_TOKENS", 10)
-    model = _adapt(_llama()).eval()
+    model = _adapt(llama()).eval()
     q = model.get_submodule("model.layers.0.self_attn.q_proj")
     with torch.no_grad():
         for _ in range(2):
@@ -240,25 +229,10 @@ def test_inputs_of_few_tokens_never_group(monkeypatch: pytest.MonkeyPatch) -> No
         assert torch.allclose(short, model(input_ids=IDS[:, :4]).logits, atol=1e-5)
 
 
-def _dora(dropout: float = 0.0) -> nn.Module:
-    from peftkit.methods.dora import DoRALinear
-
-    model = _llama()
-    pk.apply(model, pk.DoRA(target_modules="all-linear", rank=4, alpha=8, dropout=dropout))
-    gen = torch.Generator().manual_seed(4)
-    with torch.no_grad():
-        for layer in model.modules():
-            if isinstance(layer, DoRALinear):
-                B = layer.lora_B["default"].weight
-                B.copy_(torch.randn(B.shape, generator=gen) * 0.3)
-                layer.lora_magnitude_vector["default"].mul_(1 + 0.1 * torch.rand(layer.out_features, generator=gen))
-    return model
-
-
 @pytest.mark.parametrize("dropout", [0.0, 0.2])
 def test_dora_siblings_group_and_match(monkeypatch: pytest.MonkeyPatch, dropout: float) -> None:
     """Dropout 0: the straightforward DoRA formula. Dropout > 0: the ungrouped fast path from the same seed."""
-    model = _dora(dropout)
+    model = dora_llama(dropout)
     plain = copy.deepcopy(model)
     _step(model)
     attn = "model.layers.0.self_attn."
@@ -304,7 +278,7 @@ def test_grouped_dora_gradcheck_with_a_mask() -> None:
 
 def test_disabling_adapters_between_steps_keeps_the_group(monkeypatch: pytest.MonkeyPatch) -> None:
     """Preference training alternates adapter and reference (adapters disabled) forwards: both exact, group kept."""
-    model = _adapt(_llama())
+    model = _adapt(llama())
     plain = copy.deepcopy(model)
     _step(model)
     q = model.get_submodule("model.layers.0.self_attn.q_proj")

@@ -7,6 +7,7 @@ import math
 
 import pytest
 import torch
+from tests.perf.shared import assert_matches_hf, llama
 from torch import nn
 
 import peftkit as pk
@@ -107,21 +108,12 @@ def test_dropout_layer_output_has_the_same_law_as_hf_style_dropout() -> None:
     assert torch.allclose(values[values != 0], torch.full_like(values[values != 0], 1 / (1 - p)))
 
 
-def _model() -> nn.Module:
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    torch.manual_seed(0)
-    cfg = LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-                      num_key_value_heads=2, vocab_size=96, max_position_embeddings=64)
-    return LlamaForCausalLM(cfg)
-
-
 def _straightforward(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(lora_kernels, "supports", lambda *a: False)
 
 
 def test_model_level_fast_path_matches_straightforward_path(monkeypatch: pytest.MonkeyPatch) -> None:
-    model = _model()
+    model = llama()
     pk.apply(model, pk.LoRA(target_modules="all-linear", rank=4, alpha=8))
     for layer in model.modules():
         if isinstance(layer, LoRALinear):
@@ -144,29 +136,18 @@ def test_model_level_fast_path_matches_straightforward_path(monkeypatch: pytest.
 
 def test_fast_path_matches_hf_peft_outputs_and_gradients() -> None:
     peft = pytest.importorskip("peft")
-    model = _model()
+    model = llama()
     pk.apply(model, pk.LoRA(target_modules=["q_proj", "v_proj", "down_proj"], rank=4, alpha=8))
     for layer in model.modules():
         if isinstance(layer, LoRALinear):
             nn.init.normal_(layer.lora_B["default"].weight)
-    hf = peft.get_peft_model(_model(), peft.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj",
+    hf = peft.get_peft_model(llama(), peft.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj",
                                                                                             "down_proj"]))
-    missing, unexpected = hf.base_model.model.load_state_dict(model.state_dict(), strict=False)
-    assert not missing and not unexpected
-    ids = torch.randint(0, 96, (2, 9), generator=torch.Generator().manual_seed(1))
-    ours, theirs = model(input_ids=ids, labels=ids), hf(input_ids=ids, labels=ids)
-    assert torch.allclose(ours.logits, theirs.logits, atol=1e-5)
-    ours.loss.backward()
-    theirs.loss.backward()
-    hf_grads = {n.removeprefix("base_model.model."): p.grad for n, p in hf.named_parameters() if p.requires_grad}
-    ours_grads = {n: p.grad for n, p in model.named_parameters() if p.requires_grad}
-    assert ours_grads.keys() == hf_grads.keys()
-    for name, grad in ours_grads.items():
-        assert torch.allclose(grad, hf_grads[name], atol=1e-5), name
+    assert_matches_hf(model, hf)
 
 
 def test_dropout_post_and_no_grad_paths_still_work() -> None:
-    model = _model()
+    model = llama()
     pk.apply(model, pk.LoRA(target_modules=["q_proj"], rank=4, alpha=8, dropout=0.1, dropout_position="post"))
     ids = torch.randint(0, 96, (2, 9))
     model(input_ids=ids, labels=ids).loss.backward()

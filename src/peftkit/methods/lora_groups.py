@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import threading
 import weakref
+from collections.abc import Iterable
 from typing import Any
 
 import torch
@@ -66,6 +67,40 @@ def _version(x: torch.Tensor) -> int:
         return int(x._version)
     except RuntimeError:  # inference tensors carry no version counter
         return -1
+
+
+def _shared_grads(needs: tuple[bool, ...], ranks: tuple[int, ...], gbs: list[torch.Tensor], inp: torch.Tensor,
+                  a_cat: torch.Tensor, keep: torch.Tensor | None, terms: Iterable[tuple[torch.Tensor, torch.Tensor]]
+                  ) -> tuple[list[torch.Tensor | None], torch.Tensor | None]:
+    """What a group's backward computes once for all siblings.
+
+    Args:
+        needs: the node's ``needs_input_grad`` (``x`` at 1, the ``Aᵢ`` from 5 on).
+        ranks: each sibling's rank; gbs: each sibling's ``sᵢ·(∂yᵢ)Bᵢ`` (tokens × rᵢ, zeros if unused).
+        inp: the saved adapter input (``x`` or ``keep ⊙ x``); a_cat: ``[A₁; …; Aₙ]``; keep: the mask or None.
+        terms: the base terms ``(G, W)`` of ``∂x = keep⊙(Σ gbᵢ Aᵢ) + Σ G W``, consumed only if ``x`` needs one.
+
+    Returns:
+        ``([∂A₁, …, ∂Aₙ], ∂x)``: one ``[gb₁ … gbₙ]ᵀ inp`` product split by rows, and every term of ``∂x``
+        accumulated into one buffer (``None`` where not needed).
+    """
+    n = len(ranks)
+    gb = torch.cat(gbs, dim=1) if n > 1 else gbs[0]
+    grad_As: list[torch.Tensor | None] = [None] * n
+    if any(needs[5:5 + n]):
+        grad_a = gb.t() @ inp
+        start = 0
+        for i, rank in enumerate(ranks):
+            grad_As[i] = grad_a[start:start + rank] if needs[5 + i] else None
+            start += rank
+    grad_x = None
+    if needs[1]:
+        grad_x = gb @ a_cat
+        if keep is not None:
+            apply_keep_(grad_x, keep)
+        for grad, W in terms:
+            grad_x.addmm_(grad, W)
+    return grad_As, grad_x
 
 
 class GroupedLoRA(torch.autograd.Function):
@@ -105,8 +140,6 @@ class GroupedLoRA(torch.autograd.Function):
         n = len(ranks)
         inp, keep, h, a_cat, *rest = ctx.saved_tensors
         Bs, Ws = rest[:n], rest[n:]
-        need_x = ctx.needs_input_grad[1]
-        need_A = any(ctx.needs_input_grad[5:5 + n])
         need_B = ctx.needs_input_grad[5 + n:5 + 2 * n]
         gbs: list[torch.Tensor] = []
         grad_Bs: list[torch.Tensor | None] = []
@@ -119,22 +152,8 @@ class GroupedLoRA(torch.autograd.Function):
                 gbs.append((grad @ B).mul_(scale))
                 grad_Bs.append(torch.mm(h[:, start:start + rank].t(), grad).t().mul_(scale) if need_B[i] else None)
             start += rank
-        gb = torch.cat(gbs, dim=1) if n > 1 else gbs[0]
-        grad_As: list[torch.Tensor | None] = [None] * n
-        if need_A:
-            grad_a = gb.t() @ inp
-            start = 0
-            for i, rank in enumerate(ranks):
-                grad_As[i] = grad_a[start:start + rank] if ctx.needs_input_grad[5 + i] else None
-                start += rank
-        grad_x = None
-        if need_x:
-            grad_x = gb @ a_cat  # every term below is accumulated into this one buffer
-            if keep is not None:
-                apply_keep_(grad_x, keep)
-            for grad, W in zip(grads, Ws, strict=True):
-                if grad is not None:
-                    grad_x.addmm_(grad, W)
+        terms = ((grad, W) for grad, W in zip(grads, Ws, strict=True) if grad is not None)
+        grad_As, grad_x = _shared_grads(ctx.needs_input_grad, ranks, gbs, inp, a_cat, keep, terms)
         return (None, grad_x, None, None, None, *grad_As, *grad_Bs, *([None] * (2 * n)))
 
 
@@ -198,22 +217,8 @@ class GroupedDoRA(torch.autograd.Function):
                 if needs[5 + n + i]:
                     grad_Bs[i] = torch.mm(h[:, start:start + rank].t(), grad).t().mul_((g * scale)[:, None])
             start += rank
-        gb = torch.cat(gbs, dim=1) if n > 1 else gbs[0]
-        grad_As: list[torch.Tensor | None] = [None] * n
-        if any(needs[5:5 + n]):
-            grad_a = gb.t() @ inp
-            start = 0
-            for i, rank in enumerate(ranks):
-                grad_As[i] = grad_a[start:start + rank] if needs[5 + i] else None
-                start += rank
-        grad_x = None
-        if needs[1]:
-            grad_x = gb @ a_cat
-            if keep is not None:
-                apply_keep_(grad_x, keep)
-            for grad, W, g in zip(grads, Ws, gs, strict=True):
-                if grad is not None:
-                    grad_x.addmm_(*scaled_rows(grad, g, W))
+        terms = (scaled_rows(grad, g, W) for grad, W, g in zip(grads, Ws, gs, strict=True) if grad is not None)
+        grad_As, grad_x = _shared_grads(needs, ranks, gbs, inp, a_cat, keep, terms)
         return (None, grad_x, None, None, None, *grad_As, *grad_Bs, *grad_Ms, *([None] * (3 * n)))
 
 
