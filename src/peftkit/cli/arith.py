@@ -28,14 +28,10 @@ _TASKS = {"CAUSAL_LM": "causal_lm", "SEQ_2_SEQ_LM": "seq2seq", "SEQ_CLS": "class
 
 
 def _base_model(model_path: str, task: str | None, task_type: str | None, num_labels: int) -> nn.Module:
-    from peftkit.train.config import config_from_dict
-    from peftkit.train.tasks import build_model
+    from peftkit.train.tasks import build_model, model_config
 
     task = task or _TASKS.get(task_type or "", "causal_lm")
-    cfg = config_from_dict(
-        {"checkpoint": {"pretrained": model_path}, "model": {"task": task, "num_labels": num_labels}}
-    )
-    return build_model(cfg, num_labels)
+    return build_model(model_config(model_path, task, num_labels), num_labels)
 
 
 def _check_same_base(configs: list[dict[str, Any]], dirs: list[str]) -> None:

@@ -17,6 +17,7 @@ mid-write leaves either the previous checkpoints or the complete new one, never 
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -24,6 +25,7 @@ import random
 import re
 import shutil
 import uuid
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -91,19 +93,37 @@ def save_checkpoint(
     Returns:
         The checkpoint directory.
     """
-    root = Path(save_dir)
-    root.mkdir(parents=True, exist_ok=True)
-    final = root / f"step-{step}"
-    token = uuid.uuid4().hex[:8]
-    tmp = root / f".tmp-step-{step}-{token}"
-    tmp.mkdir()
-    try:
+    final = Path(save_dir) / f"step-{step}"
+    with staged(final, keep_last) as tmp:
         _write_contents(tmp, model, optimizer, trainable, {**trainer_state, "step": step}, config_yaml, save_adapter)
-        publish(tmp, final, keep_last, token)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp)
     return final
+
+
+@contextlib.contextmanager
+def staged(final: Path, keep_last: int, token: str | None = None, owner: bool = True) -> Iterator[Path]:
+    """A temporary directory beside ``final`` to write a checkpoint into; it is published when the block ends.
+
+    On success the directory is renamed to ``final`` and older checkpoints are pruned (:func:`publish`);
+    on an exception it is removed, leaving the previous checkpoints as they were.
+
+    Args:
+        final: the checkpoint directory (``<save_dir>/step-<N>``); its parent is created.
+        keep_last: keep this many newest checkpoints (0: all).
+        token: makes the temporary names unique (default: a random one); every rank of a run passes the same.
+        owner: whether this process creates, publishes and removes the directory (rank 0 alone, when
+            several processes write into it).
+    """
+    token = token or uuid.uuid4().hex[:8]
+    tmp = final.parent / f".tmp-{final.name}-{token}"
+    if owner:
+        tmp.mkdir(parents=True)
+    try:
+        yield tmp
+        if owner:
+            publish(tmp, final, keep_last, token)
+    finally:
+        if owner and tmp.exists():
+            shutil.rmtree(tmp)
 
 
 def publish(tmp: Path, final: Path, keep_last: int, token: str) -> None:

@@ -70,6 +70,13 @@ def _eval_examples(cfg: RunConfig, tok: Tokenizer, data: str | None) -> tuple[li
     return held, labels
 
 
+def _checkpoint_model(path: str | Path, cfg: RunConfig, tok: Tokenizer, num_labels: int, adapted: bool) -> nn.Module:
+    """The run's base model (vocabulary checked against ``tok``), with the checkpoint's trained state if ``adapted``."""
+    model = build_model(cfg, num_labels)
+    check_vocab(model, tok)
+    return attach_checkpoint(model, path, cfg) if adapted else model
+
+
 def evaluate_checkpoint(
     path: str | Path, data: str | None = None, overrides: list[str] | None = None
 ) -> dict[str, dict[str, float]]:
@@ -89,10 +96,7 @@ def evaluate_checkpoint(
     device = pick_device(cfg.train.device)
     out = {}
     for kind in ("base", "adapted"):
-        model = build_model(cfg, len(labels))
-        check_vocab(model, tok)
-        if kind == "adapted":
-            attach_checkpoint(model, path, cfg)
+        model = _checkpoint_model(path, cfg, tok, len(labels), adapted=kind == "adapted")
         model.to(device)
         out[kind] = evaluate(model, examples, cfg.model.task, tok, cfg.eval, device)
     return out
@@ -110,9 +114,7 @@ def merge_checkpoint(path: str | Path, out_dir: str | Path, overrides: list[str]
         import json
 
         labels = json.loads(state.read_text()).get("labels", [])
-    model = build_model(cfg, len(labels))
-    check_vocab(model, tok)
-    attach_checkpoint(model, path, cfg)
+    model = _checkpoint_model(path, cfg, tok, len(labels), adapted=True)
     if pk.list_adapters(model):
         model = pk.unload(model, merge=True)
     out = Path(out_dir)
@@ -135,17 +137,10 @@ def inspect_model(
         options: the method's fields (``rank``, ``target_modules``, ...).
     """
     import peftkit as pk
-    from peftkit.train.config import config_from_dict
-    from peftkit.train.tasks import peft_config
+    from peftkit.train.tasks import model_config, peft_config
 
     peft = {"method": method or "none", **(options or {})}
-    cfg = config_from_dict(
-        {
-            "checkpoint": {"pretrained": model_path},
-            "model": {"task": task, "num_labels": 2 if task == "classification" else 0},
-            "peft": peft,
-        }
-    )
+    cfg = model_config(model_path, task, 2 if task == "classification" else 0, peft)
     model = build_model(cfg, 2)
     trainable, total = pk.count_parameters(model)
     if method is None or method == "none":

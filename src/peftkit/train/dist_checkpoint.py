@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import functools
 import json
-import shutil
 import uuid
 from pathlib import Path
 from typing import Any
@@ -179,12 +178,9 @@ def save_checkpoint(
         ctx.barrier()
         return final
     token = [uuid.uuid4().hex[:8] if ctx.is_main else ""]
-    torch.distributed.broadcast_object_list(token, src=0)
-    tmp = root / f".tmp-step-{step}-{token[0]}"
-    if ctx.is_main:
-        tmp.mkdir(parents=True)
-    ctx.barrier()
-    try:
+    torch.distributed.broadcast_object_list(token, src=0)  # every rank writes into rank 0's directory
+    with ckpt.staged(final, keep_last, token[0], owner=ctx.is_main) as tmp:
+        ctx.barrier()  # rank 0 has created it
         params = dict(model.named_parameters())
         weights = full_tensors({n: params[n] for n in trainable})
         if save_adapter:
@@ -194,11 +190,7 @@ def save_checkpoint(
         if ctx.is_main:
             save_file(weights, str(tmp / "trainable.safetensors"))
             ckpt.write_trainer_files(tmp, {**trainer_state, "step": step}, config_yaml)
-            ckpt.publish(tmp, final, keep_last, token[0])
-    finally:
-        if ctx.is_main and tmp.exists():
-            shutil.rmtree(tmp)
-    ctx.barrier()
+    ctx.barrier()  # rank 0 has published it
     return final
 
 

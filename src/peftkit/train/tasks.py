@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 from peftkit.errors import ConfigError, require
-from peftkit.train.config import PEFT_METHODS, RunConfig
+from peftkit.train.config import PEFT_METHODS, RunConfig, config_from_dict
 from peftkit.train.tokenizer import ByteTokenizer, Tokenizer, load_tokenizer
 
 AUTO_CLASSES = {
@@ -43,6 +43,26 @@ def _config_dict(pretrained: str | dict[str, Any]) -> dict[str, Any] | None:
     if (p / "config.json").exists():
         return dict(json.loads((p / "config.json").read_text()))
     raise ConfigError(f"checkpoint.pretrained={pretrained!r} has neither weights nor config.json")
+
+
+def model_config(model_path: str, task: str, num_labels: int = 0, peft: dict[str, Any] | None = None) -> RunConfig:
+    """A run config that names only a model (and ``peft``), defaults elsewhere.
+
+    The config of the commands that start from a model rather than a run (``inspect``, ``combine``, ``prune``).
+
+    Args:
+        model_path: a local model directory or ``config.json`` (``checkpoint.pretrained``).
+        task: the model's task head (``model.task``).
+        num_labels: ``model.num_labels``.
+        peft: the ``peft`` section (default: the config's default).
+
+    Raises:
+        ConfigError: a value is invalid.
+    """
+    data: dict[str, Any] = {"checkpoint": {"pretrained": model_path}, "model": {"task": task, "num_labels": num_labels}}
+    if peft is not None:
+        data["peft"] = peft
+    return config_from_dict(data)
 
 
 def build_model(cfg: RunConfig, num_labels: int = 0) -> nn.Module:
