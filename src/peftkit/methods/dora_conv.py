@@ -7,7 +7,6 @@ stores that magnitude with singleton dims, ``(1, out, 1, …)``, and so does pef
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 from typing import Any, ClassVar, cast
 
 import torch
@@ -27,10 +26,6 @@ class DoRAConv(_DoRAMixin, LoRAConv):
     """
 
     adapter_containers: ClassVar[tuple[str, ...]] = ("lora_A", "lora_B", "lora_magnitude_vector")
-
-    def __init__(self, base_layer: nn.Module) -> None:
-        super().__init__(base_layer)
-        self._init_dora()
 
     def _oriented(self) -> torch.Tensor:
         return self._base_weight().flatten(1)
@@ -63,9 +58,12 @@ class DoRAConv(_DoRAMixin, LoRAConv):
         magnitude = cast(torch.Tensor, self.lora_magnitude_vector[name])
         return (magnitude.reshape(-1) / norm).detach()  # (out,): m / ‖·‖ per output channel
 
-    def delete_adapter(self, name: str) -> None:
-        super().delete_adapter(name)
-        self._delete_dora(name)
+    def _channel_norms(self, weight: torch.Tensor) -> torch.Tensor:
+        norms: torch.Tensor = weight.flatten(1).norm(dim=1)
+        return norms
+
+    def _per_row(self, factor: torch.Tensor) -> torch.Tensor:
+        return self._per_channel(factor, "weight")
 
     def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
         result: torch.Tensor = self.base_layer(x, *args, **kwargs)
@@ -85,41 +83,3 @@ class DoRAConv(_DoRAMixin, LoRAConv):
             update = (g - 1) * base_out.to(h.dtype) + g * (B(A(drop(h))) * self.scaling[name])
             out = out + update.to(out.dtype)
         return out
-
-    def delta_weight(self, name: str) -> torch.Tensor:
-        """W' − W (out, in, *kernel): the change merging adapter ``name`` makes to the current base weight."""
-        if name not in self.lora_magnitude_vector:
-            return super().delta_weight(name)
-        W = self._base_weight().detach()
-        combined = W + super().delta_weight(name).to(W.dtype)
-        factor = self._dora_factor(name, combined.flatten(1).norm(dim=1)).to(W.dtype)
-        return self._per_channel(factor, "weight") * combined - W
-
-    def merge(self, names: Sequence[str], safe: bool = False, where: str = "") -> None:
-        for name in names:
-            if name in self.merged_adapters or not self.has_adapter(name):
-                continue
-            if name not in self.lora_magnitude_vector:
-                super().merge([name], safe, where)
-                continue
-            W = self._working_weight()  # fp32 over a half-precision base: one rounding, at the end
-            combined = W + LoRAConv.delta_weight(self, name).to(W.dtype)
-            norm = combined.flatten(1).norm(dim=1)
-            merged = self._per_channel(self._dora_factor(name, norm).to(W.dtype), "weight") * combined
-            if safe:
-                self.check_finite(merged, where or type(self.base_layer).__name__, name)
-            self._write_merged(name, merged, where)
-            self._merge_norms[name] = norm  # unmerging needs the norm of the weight before merging
-            self._forget_norms()
-            self.merged_adapters.append(name)
-
-    def unmerge(self, names: Sequence[str] | None = None) -> None:
-        for name in [n for n in reversed(self.merged_adapters) if names is None or n in names]:
-            if name not in self._merge_norms:
-                super().unmerge([name])
-                continue
-            W = self._working_weight()
-            factor = self._per_channel(self._dora_factor(name, self._merge_norms.pop(name)).to(W.dtype), "weight")
-            self._write_merged(name, W / factor - LoRAConv.delta_weight(self, name).to(W.dtype), "")
-            self._forget_norms()
-            self.merged_adapters.remove(name)

@@ -11,7 +11,6 @@ as in HF PEFT. A plain LoRA adapter on the same layer (no magnitude) adds its up
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 from typing import Any, ClassVar, cast
 
 import torch
@@ -27,19 +26,11 @@ class DoRALinear(_DoRAMixin, LoRALinear):
 
     adapter_containers: ClassVar[tuple[str, ...]] = ("lora_A", "lora_B", "lora_magnitude_vector")
 
-    def __init__(self, base_layer: nn.Module) -> None:
-        super().__init__(base_layer)
-        self._init_dora()
-
     def _oriented(self) -> torch.Tensor:
         return self.kind.weight(self.base_layer)
 
     def _factors(self, name: str) -> tuple[torch.Tensor, torch.Tensor]:
         return self.factor_weights(name)
-
-    def delete_adapter(self, name: str) -> None:
-        super().delete_adapter(name)
-        self._delete_dora(name)
 
     def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
         # One DoRA adapter on a frozen nn.Linear: the whole formula in one autograd node (lora_kernels), shared
@@ -64,45 +55,6 @@ class DoRALinear(_DoRAMixin, LoRALinear):
             out = out + update.to(out.dtype)
         return out
 
-    def delta_weight(self, name: str) -> torch.Tensor:
-        """W' − W: the change merging adapter ``name`` makes to the current base weight."""
-        if name not in self.lora_magnitude_vector:
-            return super().delta_weight(name)
-        W = self._base_weight().detach()
-        lora = super().delta_weight(name).to(W.dtype)
-        factor = self._dora_factor(name, (W + lora).norm(dim=1)).to(W.dtype)
-        return factor[:, None] * (W + lora) - W
-
-    def merge(self, names: Sequence[str], safe: bool = False, where: str = "") -> None:
-        for name in names:
-            if name in self.merged_adapters or not self.has_adapter(name):
-                continue
-            if name not in self.lora_magnitude_vector:
-                super().merge([name], safe, where)
-                continue
-            W = self._working_weight()  # fp32 over half/quantized bases: one rounding (or re-quantization)
-            combined = W + LoRALinear.delta_weight(self, name).to(W.dtype)
-            norm = combined.norm(dim=1)
-            merged = self._dora_factor(name, norm).to(W.dtype)[:, None] * combined
-            if safe:
-                self.check_finite(merged, where or type(self.base_layer).__name__, name)
-            self._write_merged(name, merged, where)  # a quantized base keeps and logs its error
-            self._merge_norms[name] = norm  # unmerging needs the norm of the weight before merging
-            self._forget_norms()
-            self.merged_adapters.append(name)
-
-    def unmerge(self, names: Sequence[str] | None = None) -> None:
-        for name in [n for n in reversed(self.merged_adapters) if names is None or n in names]:
-            if name not in self._merge_norms:
-                super().unmerge([name])
-                continue
-            W = self._working_weight()
-            factor = self._dora_factor(name, self._merge_norms.pop(name)).to(W.dtype)
-            self._write_merged(name, W / factor[:, None] - LoRALinear.delta_weight(self, name).to(W.dtype), "")
-            self.merge_errors.pop(name, None)
-            self._forget_norms()
-            self.merged_adapters.remove(name)
-
 
 class DoRAEmbedding(_DoRAMixin, LoRAEmbedding):
     """DoRA on ``nn.Embedding``: magnitude and norm per embedding dimension (the columns of the table E).
@@ -113,19 +65,21 @@ class DoRAEmbedding(_DoRAMixin, LoRAEmbedding):
     adapter_containers: ClassVar[tuple[str, ...]] = ("lora_embedding_A", "lora_embedding_B", "lora_magnitude_vector")
     base_layer: nn.Embedding  # LoRAEmbedding's, over the mixin's nn.Module
 
-    def __init__(self, base_layer: nn.Embedding) -> None:
-        super().__init__(base_layer)
-        self._init_dora()
-
     def _oriented(self) -> torch.Tensor:
         return self.base_layer.weight.T  # (dim, vocab): rows are embedding dimensions, update s·B A
 
     def _factors(self, name: str) -> tuple[torch.Tensor, torch.Tensor]:
         return self.factors(name)
 
-    def delete_adapter(self, name: str) -> None:
-        super().delete_adapter(name)
-        self._delete_dora(name)
+    def _channel_norms(self, weight: torch.Tensor) -> torch.Tensor:
+        norms: torch.Tensor = weight.norm(dim=0)  # E is (vocab, dim): one norm per column
+        return norms
+
+    def _per_row(self, factor: torch.Tensor) -> torch.Tensor:
+        return factor[None, :]
+
+    def _dora_working_weight(self) -> torch.Tensor:
+        return self._base_weight().detach()  # merged in the table's own dtype, not through fp32
 
     def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
         result: torch.Tensor = self.base_layer(x, *args, **kwargs)
@@ -139,38 +93,3 @@ class DoRAEmbedding(_DoRAMixin, LoRAEmbedding):
             g = self.lora_magnitude_vector[name] / self.weight_norm(name)
             result = result + ((g - 1) * base.to(lora.dtype) + g * lora).to(result.dtype)
         return result
-
-    def delta_weight(self, name: str) -> torch.Tensor:
-        if name not in self.lora_magnitude_vector:
-            return super().delta_weight(name)
-        W = self._base_weight().detach()
-        combined = W + super().delta_weight(name).to(W.dtype)
-        factor = self._dora_factor(name, combined.norm(dim=0)).to(W.dtype)
-        return combined * factor[None, :] - W
-
-    def merge(self, names: Sequence[str], safe: bool = False, where: str = "") -> None:
-        for name in names:
-            if name in self.merged_adapters or not self.has_adapter(name):
-                continue
-            if name not in self.lora_magnitude_vector:
-                super().merge([name], safe, where)
-                continue
-            W = self._base_weight().detach()
-            combined = W + LoRAEmbedding.delta_weight(self, name).to(W.dtype)
-            norm = combined.norm(dim=0)
-            merged = combined * self._dora_factor(name, norm).to(W.dtype)[None, :]
-            if safe:
-                self.check_finite(merged, where or "Embedding", name)
-            self._set_base_weight(merged)
-            self._merge_norms[name] = norm
-            self.merged_adapters.append(name)
-
-    def unmerge(self, names: Sequence[str] | None = None) -> None:
-        for name in [n for n in reversed(self.merged_adapters) if names is None or n in names]:
-            if name not in self._merge_norms:
-                super().unmerge([name])
-                continue
-            W = self._base_weight().detach()
-            factor = self._dora_factor(name, self._merge_norms.pop(name)).to(W.dtype)
-            self._set_base_weight(W / factor[None, :] - LoRAEmbedding.delta_weight(self, name).to(W.dtype))
-            self.merged_adapters.remove(name)

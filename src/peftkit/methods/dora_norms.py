@@ -1,4 +1,4 @@
-"""DoRA's weight norms and magnitudes, shared by its layers (:mod:`peftkit.methods.dora` has the formula).
+"""DoRA's weight norms, magnitudes and merging, shared by its layers (:mod:`peftkit.methods.dora` has the formula).
 
 The norm ‖W + s·BA‖ is detached from the graph (paper §4.3, as in Hugging Face PEFT): gradients reach m, A and B,
 not through ‖·‖. m starts at ‖W + s·BA‖, so a fresh adapter leaves outputs unchanged. The row norms are computed
@@ -12,10 +12,13 @@ evaluation it is computed once).
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any, cast
 
 import torch
 from torch import nn
+
+from peftkit.methods.lora_layers import LoRALayer
 
 
 def row_norms(W: torch.Tensor, A: torch.Tensor, B: torch.Tensor, scale: float,
@@ -33,15 +36,19 @@ def row_norms(W: torch.Tensor, A: torch.Tensor, B: torch.Tensor, scale: float,
     return (w_sq + 2 * scale * cross + scale * scale * lora_sq).clamp_min(0).sqrt()
 
 
-class _DoRAMixin:
-    """Magnitudes, cached detached norms and merging shared by the DoRA layers."""
+class _DoRAMixin(LoRALayer):
+    """What the DoRA layers share: magnitudes, cached detached norms, merging and unmerging.
+
+    Placed before its LoRA layer class (``class DoRALinear(_DoRAMixin, LoRALinear)``), so ``super()`` here is that
+    class: a plain LoRA adapter on the layer (no magnitude) merges as LoRA does. Each layer supplies its own math:
+    ``_oriented`` and ``_factors`` (for the cached norms), and ``_channel_norms``, ``_per_row`` and ``_dora_factor``
+    for the base weight in its stored shape (defaults: an (out, in) weight with one magnitude per row).
+    """
 
     lora_magnitude_vector: nn.ParameterDict
-    scaling: dict[str, float]
-    merged_adapters: list[str]
-    base_layer: nn.Module
 
-    def _init_dora(self) -> None:
+    def __init__(self, base_layer: nn.Module) -> None:
+        super().__init__(base_layer)
         self.lora_magnitude_vector = nn.ParameterDict()
         self._norm_cache: dict[str, tuple[tuple[Any, ...], torch.Tensor]] = {}
         self._w_sq: tuple[tuple[Any, ...], torch.Tensor] | None = None
@@ -55,6 +62,19 @@ class _DoRAMixin:
 
     def _factors(self, name: str) -> tuple[torch.Tensor, torch.Tensor]:
         raise NotImplementedError
+
+    # The same for a weight in its stored shape (``_base_weight``): the norm per magnitude entry, and a
+    # per-entry vector shaped to scale the weight.
+    def _channel_norms(self, weight: torch.Tensor) -> torch.Tensor:
+        norms: torch.Tensor = weight.norm(dim=1)  # Tensor.norm is untyped
+        return norms
+
+    def _per_row(self, factor: torch.Tensor) -> torch.Tensor:
+        return factor[:, None]
+
+    def _dora_working_weight(self) -> torch.Tensor:
+        """The base weight a DoRA merge or unmerge reads and rewrites (fp32 over half-precision bases)."""
+        return self._working_weight()
 
     def _base_key(self) -> tuple[Any, ...]:
         base: nn.Module = self.base_layer
@@ -108,7 +128,8 @@ class _DoRAMixin:
         self._factor_cache[name] = ((norm, *key), factor)  # a recomputed norm is a new tensor object
         return factor
 
-    def _delete_dora(self, name: str) -> None:
+    def delete_adapter(self, name: str) -> None:
+        super().delete_adapter(name)
         self._norm_cache.pop(name, None)
         self._merge_norms.pop(name, None)
         self._factor_cache.pop(name, None)
@@ -123,3 +144,42 @@ class _DoRAMixin:
     def _dora_factor(self, name: str, norm: torch.Tensor) -> torch.Tensor:
         magnitude = cast(torch.Tensor, self.lora_magnitude_vector[name])
         return (magnitude / norm).detach()
+
+    def delta_weight(self, name: str) -> torch.Tensor:
+        """W' − W, in the base weight's shape: the change merging adapter ``name`` makes to the current base weight."""
+        if name not in self.lora_magnitude_vector:
+            return super().delta_weight(name)
+        W = self._base_weight().detach()
+        combined = W + super().delta_weight(name).to(W.dtype)
+        factor = self._dora_factor(name, self._channel_norms(combined)).to(W.dtype)
+        return self._per_row(factor) * combined - W
+
+    def merge(self, names: Sequence[str], safe: bool = False, where: str = "") -> None:
+        for name in names:
+            if name in self.merged_adapters or not self.has_adapter(name):
+                continue
+            if name not in self.lora_magnitude_vector:
+                super().merge([name], safe, where)
+                continue
+            W = self._dora_working_weight()
+            combined = W + super().delta_weight(name).to(W.dtype)  # the LoRA update s·BA, in W's shape
+            norm = self._channel_norms(combined)
+            merged = self._per_row(self._dora_factor(name, norm).to(W.dtype)) * combined
+            if safe:
+                self.check_finite(merged, where or type(self.base_layer).__name__, name)
+            self._write_merged(name, merged, where)  # a quantized base keeps and logs its error
+            self._merge_norms[name] = norm  # unmerging needs the norm of the weight before merging
+            self._forget_norms()
+            self.merged_adapters.append(name)
+
+    def unmerge(self, names: Sequence[str] | None = None) -> None:
+        for name in [n for n in reversed(self.merged_adapters) if names is None or n in names]:
+            if name not in self._merge_norms:
+                super().unmerge([name])
+                continue
+            W = self._dora_working_weight()
+            factor = self._per_row(self._dora_factor(name, self._merge_norms.pop(name)).to(W.dtype))
+            self._write_merged(name, W / factor - super().delta_weight(name).to(W.dtype), "")
+            self.merge_errors.pop(name, None)
+            self._forget_norms()
+            self.merged_adapters.remove(name)
