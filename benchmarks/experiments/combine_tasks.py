@@ -1,6 +1,7 @@
 """Two tasks, two LoRA (or DoRA) adapters, every ``pk.combine`` method: each combination's loss on both tasks.
 
-    .venv/bin/python benchmarks/experiments/combine_tasks.py [--method lora|dora|both] [--steps 300] [--json out.json]
+    .venv/bin/python benchmarks/experiments/combine_tasks.py [--method lora|dora|both] [--steps 300] \
+        [--json benchmarks/results/combine_tasks.json]
 
 A small MLP (32 → 64 → 64 → 8, random "pretrained" weights) is the base. Task A and task B are
 regression onto teachers = the base with a random rank-4 change to its first layer; task A's inputs
