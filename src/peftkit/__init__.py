@@ -31,6 +31,7 @@ from peftkit.methods.ia3 import IA3
 from peftkit.methods.lora import LoRA
 from peftkit.methods.prefix import PrefixTuning
 from peftkit.methods.prompt import PromptTuning
+from peftkit.methods.ptuning import PTuning
 from peftkit.methods.roles import register_architecture
 from peftkit.quant import estimate_training_memory, memory_report, prepare_for_kbit_training, quantize
 
@@ -46,6 +47,7 @@ __all__ = [
     "DoRA",
     "IA3",
     "LoRA",
+    "PTuning",
     "PrefixTuning",
     "PromptTuning",
     "PruneReport",

@@ -1,4 +1,4 @@
-"""Prompt tuning, and the in-place hooks every prompt-learning method (prompt, prefix tuning) shares.
+"""Prompt tuning, and the in-place hooks every prompt-learning method (prompt, prefix, P-tuning) shares.
 
 Paper: Lester, Al-Rfou and Constant, "The Power of Scale for Parameter-Efficient Prompt Tuning",
 EMNLP 2021 (https://arxiv.org/abs/2104.08691).
@@ -90,6 +90,10 @@ class PromptEmbedding(nn.Module):
         self.num_virtual_tokens = num_virtual_tokens
         self.embedding = nn.Embedding(total_tokens, token_dim)
 
+    def prompt(self) -> torch.Tensor:
+        """The virtual tokens' embeddings, (total tokens, d); the encoder of an encoder-decoder uses the first m."""
+        return self.embedding.weight
+
     def saved_table(self) -> torch.Tensor:
         return self.embedding.weight
 
@@ -113,7 +117,7 @@ class PromptEmbedding(nn.Module):
             return  # decoding: the prompt is in the cache already
         if embeds is None:
             embeds = input_embeddings(model)(ids)
-        kwargs["inputs_embeds"] = torch.cat([self.embedding.weight[:m].expand(batch, -1, -1).to(embeds.dtype),
+        kwargs["inputs_embeds"] = torch.cat([self.prompt()[:m].expand(batch, -1, -1).to(embeds.dtype),
                                              embeds], dim=1)
         kwargs["input_ids"] = None
         labels = kwargs.get("labels")
@@ -133,7 +137,7 @@ class PromptEmbedding(nn.Module):
         mask = kwargs.get("attention_mask")
         if mask is not None and mask.dim() == 2 and mask.shape[1] == length:
             kwargs["attention_mask"] = extend_mask(mask, m)
-        kwargs["inputs_embeds"] = torch.cat([self.embedding.weight[:m].expand(embeds.shape[0], -1, -1)
+        kwargs["inputs_embeds"] = torch.cat([self.prompt()[:m].expand(embeds.shape[0], -1, -1)
                                              .to(embeds.dtype), embeds], dim=1)
         kwargs["input_ids"] = None
 
@@ -183,7 +187,7 @@ class PromptLearningLayer(AdapterLayer):
 
     def merge(self, names: Sequence[str], safe: bool = False, where: str = "") -> None:
         raise MergeError(
-            f"prompt-learning adapters {list(names)} cannot be merged: virtual tokens (prompt/prefix tuning) add "
+            f"prompt-learning adapters {list(names)} cannot be merged: virtual tokens (prompt, prefix, P-tuning) add "
             "inputs to the model rather than change a weight. Keep them as adapters, or use LoRA to merge."
         )
 

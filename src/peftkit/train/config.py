@@ -67,6 +67,7 @@ PEFT_METHODS: dict[str, str | None] = {
     "adapter": "Adapter",
     "prompt_tuning": "PromptTuning",
     "prefix_tuning": "PrefixTuning",
+    "p_tuning": "PTuning",
 }
 
 
