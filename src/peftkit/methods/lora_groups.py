@@ -374,6 +374,8 @@ def fused_forward(layer: Any, x: torch.Tensor, dora: bool = False) -> torch.Tens
         layer: a ``LoRALinear``, or a ``DoRALinear`` with ``dora=True``.
         x: its input.
     """
+    if torch.compiler.is_compiling():
+        return None  # traced by torch.compile: the straightforward formula, which the compiler fuses itself
     grouping = _grouping(x)
     entry = _GROUP_OF.get(layer) if grouping else None
     if entry is not None:
