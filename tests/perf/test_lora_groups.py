@@ -298,7 +298,7 @@ def test_disabling_adapters_between_steps_keeps_the_group(monkeypatch: pytest.Mo
 
 
 def test_torch_compile_gives_the_eager_loss_and_gradients() -> None:
-    """A compiled model (which traces the straightforward formula) equals eager execution."""
+    """A compiled model (traced through the per-layer path) equals eager execution."""
     model = _adapt(llama(layers=1))
     eager = copy.deepcopy(model)
     compiled = torch.compile(model, backend="eager")

@@ -375,7 +375,7 @@ def fused_forward(layer: Any, x: torch.Tensor, dora: bool = False) -> torch.Tens
         x: its input.
     """
     if torch.compiler.is_compiling():
-        return None  # traced by torch.compile: the straightforward formula, which the compiler fuses itself
+        return None  # traced by torch.compile: the per-layer path, without groups or cached plans
     grouping = _grouping(x)
     entry = _GROUP_OF.get(layer) if grouping else None
     if entry is not None:
