@@ -21,6 +21,8 @@ R = mean over factors of ‖PᵀP − I‖_F, ‖QQᵀ − I‖_F is added to th
 before ``zero_grad()``. The final masks are saved as ``rank_pattern``; the file holds only kept triplets.
 The allocator's state (EMAs, masks) travels with training checkpoints (:mod:`peftkit.methods.adalora_state`),
 so a resumed run allocates exactly as an uninterrupted one.
+Layers: :class:`SVDLinear` (linear-like) here, :class:`~peftkit.methods.adalora_conv.SVDConv2d` (``nn.Conv2d``,
+its kernel flattened to out × in·kH·kW, so the allocator treats both alike) in :mod:`peftkit.methods.adalora_conv`.
 """
 
 from __future__ import annotations
@@ -35,7 +37,7 @@ from torch import nn
 from peftkit.core.config import AdapterConfig
 from peftkit.core.registry import LINEAR_KINDS, LinearKind, linear_kind, register_method
 from peftkit.core.state import adapter_layers, get_state
-from peftkit.errors import ConfigError
+from peftkit.errors import ConfigError, UnsupportedLayerError
 from peftkit.methods.adalora_state import (
     _ALLOCATORS,
     adalora_adapters,
@@ -51,7 +53,7 @@ from peftkit.methods.lora_layers import LoRALayer, adapter_dtype
 # The checkpoint-state functions live in adalora_state; importing them from here keeps working.
 __all__ = ["AdaLoRA", "RankAllocator", "SVDLinear", "adalora_adapters", "adalora_step", "allocator_state_dict",
            "allocator_states", "check_allocator_state", "load_allocator_state", "load_allocator_states",
-           "orthogonality_loss"]
+           "orthogonality_loss", "svd_layer_type"]
 
 _EPS = 1e-5  # HF PEFT's guard in α / (r₀ + ε)
 
@@ -63,16 +65,21 @@ class SVDLinear(LoRALayer):
 
     def __init__(self, base_layer: nn.Module) -> None:
         super().__init__(base_layer)
-        kind = linear_kind(base_layer)
-        if kind is None:
-            raise ConfigError(f"{type(base_layer).__name__} is not a linear-like layer")
-        self.in_features, self.out_features = kind.in_features(base_layer), kind.out_features(base_layer)
+        self.in_features, self.out_features = self._factor_features(base_layer)
         self.lora_A = nn.ParameterDict()  # Q, (r, in)
         self.lora_B = nn.ParameterDict()  # P, (out, r)
         self.lora_E = nn.ParameterDict()  # λ, (r, 1)
         self.ranknum = nn.ParameterDict()  # r₀, frozen (a parameter, as in HF PEFT, so counts agree)
         #: Triplets kept by the last allocation (``None``: all); applied when saving.
         self.rank_mask: dict[str, torch.Tensor] = {}
+
+    @staticmethod
+    def _factor_features(base_layer: nn.Module) -> tuple[int, int]:
+        """(columns of Q, rows of P) for ``base_layer``; raises ConfigError if it is not linear-like."""
+        kind = linear_kind(base_layer)
+        if kind is None:
+            raise ConfigError(f"{type(base_layer).__name__} is not a linear-like layer")
+        return kind.in_features(base_layer), kind.out_features(base_layer)
 
     def add(self, name: str, rank: int, initial_rank: int, alpha: float, dropout: float) -> None:
         weight = self._base_weight()
@@ -128,6 +135,15 @@ class SVDLinear(LoRALayer):
             h = self.lora_dropout[name](x.to(A.dtype))
             result = result + ((h @ (A * E).T @ B.T) * self.factor(name)).to(result.dtype)
         return result
+
+
+def svd_layer_type(module: nn.Module) -> type[SVDLinear] | None:
+    """The AdaLoRA layer class that wraps ``module`` (``None``: AdaLoRA cannot adapt it)."""
+    from peftkit.methods.adalora_conv import SVDConv2d  # adalora_conv subclasses SVDLinear, defined here
+
+    if isinstance(module, nn.Conv2d):
+        return SVDConv2d
+    return SVDLinear if linear_kind(module) is not None else None
 
 
 def _svd_layers(model: nn.Module, name: str) -> Iterator[tuple[str, SVDLinear]]:
@@ -312,13 +328,35 @@ class AdaLoRA(AdapterConfig):
             raise ConfigError(f"orth_reg_weight={self.orth_reg_weight!r} must be ≥ 0")
 
     def supports(self, module: nn.Module) -> bool:
-        return isinstance(module, SVDLinear) or linear_kind(module) is not None
+        return isinstance(module, SVDLinear) or svd_layer_type(module) is not None
 
     def supported_layer_names(self) -> list[str]:
-        return LINEAR_KINDS.names()
+        return sorted({*LINEAR_KINDS.names(), "Conv2d"})
+
+    def resolve(self, model: nn.Module) -> list[str]:
+        """The shared target resolution, refusing grouped convolutions before the model is touched.
+
+        Raises:
+            UnsupportedLayerError: a target is an ``nn.Conv2d`` with ``groups > 1`` (named, with the fix).
+        """
+        targets = super().resolve(model)
+        for qualname in targets:
+            module = model.get_submodule(qualname)
+            base = module.base_layer if isinstance(module, SVDLinear) else module
+            if isinstance(base, nn.Conv2d) and base.groups != 1:
+                raise UnsupportedLayerError(f"AdaLoRA cannot adapt {qualname!r}: a Conv2d with groups={base.groups} "
+                                            f"(groups=1 only). Leave it out with exclude_modules=[{qualname!r}]")
+        return targets
 
     def transform(self, module: nn.Module, qualname: str, adapter_name: str) -> nn.Module:
-        layer = module if isinstance(module, SVDLinear) else SVDLinear(module)
+        if isinstance(module, SVDLinear):
+            layer = module
+        else:
+            layer_type = svd_layer_type(module)
+            if layer_type is None:  # resolve() only selects supported layers; a guard for direct callers
+                raise UnsupportedLayerError(f"AdaLoRA cannot adapt {qualname!r} ({type(module).__name__}); it "
+                                            f"supports {', '.join(self.supported_layer_names())}")
+            layer = layer_type(module)
         pattern = self.rank_pattern.get(qualname)
         rank = sum(pattern) if pattern is not None else self.init_rank  # a loaded adapter is stored pruned
         layer.add(adapter_name, rank, self.init_rank, self.alpha, self.dropout)
