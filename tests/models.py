@@ -20,6 +20,18 @@ class Arch:
     output: str = "logits"
 
 
+#: A tiny Llama as a training config's ``model.config`` (random init; the byte-level test tokenizer has 260 ids).
+LLAMA_CONFIG = {
+    "model_type": "llama",
+    "vocab_size": 260,
+    "hidden_size": 32,
+    "intermediate_size": 64,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 4,
+    "num_key_value_heads": 2,
+}
+
+
 def _ids(vocab: int = 96, batch: int = 2, seq: int = 7) -> torch.Tensor:
     return torch.randint(0, vocab, (batch, seq), generator=torch.Generator().manual_seed(1))
 

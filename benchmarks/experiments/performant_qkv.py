@@ -21,14 +21,13 @@ import json
 import platform
 import subprocess
 import sys
-from collections.abc import Callable
 from pathlib import Path
 
 import torch
 from torch import nn
 
 sys.path.insert(0, str(Path(__file__).parent))
-from common import ALPHA, FULL, QUICK, RANK, Shape, batch, build_model, median, round_robin, setup_torch  # noqa: E402
+from common import ALPHA, FULL, QUICK, RANK, Shape, build_model, median, round_robin, setup_torch, step_fn  # noqa: E402
 
 QKV = ["q_proj", "k_proj", "v_proj"]
 DROPOUT = 0.05
@@ -50,22 +49,6 @@ def make(name: str, shape: Shape) -> nn.Module:
     return model.train()
 
 
-def step(model: nn.Module, shape: Shape) -> Callable[[], float]:
-    ids = batch(shape)
-    inner = model.get_base_model() if hasattr(model, "get_base_model") else model
-    embeds = inner.get_input_embeddings()(ids).detach()
-    params = [p for p in model.parameters() if p.requires_grad]
-
-    def run() -> float:
-        for p in params:
-            p.grad = None
-        out = model(inputs_embeds=embeds.clone().requires_grad_(True), labels=ids)
-        out.loss.backward()
-        return float(out.loss.detach())
-
-    return run
-
-
 def _git_revision() -> str:
     try:
         return subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, check=True).stdout.strip()
@@ -82,7 +65,7 @@ def main() -> None:
     setup_torch()
     shape = QUICK if args.quick else FULL
     names = ["base", "pk_performant", "pk_separate", "hf_separate"]
-    fns = {name: step(make(name, shape), shape) for name in names}
+    fns = {name: step_fn("adapter", make(name, shape), shape) for name in names}
     times = round_robin(fns, rounds=args.rounds, warmup=2)
     medians = {k: median(v) for k, v in times.items()}
     ratios = {

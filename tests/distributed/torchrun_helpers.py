@@ -11,17 +11,9 @@ from pathlib import Path
 from typing import Any
 
 import yaml
+from tests.models import LLAMA_CONFIG
 
-LLAMA = {
-    "model_type": "llama",
-    "vocab_size": 260,
-    "hidden_size": 32,
-    "intermediate_size": 64,
-    "num_hidden_layers": 2,
-    "num_attention_heads": 4,
-    "num_key_value_heads": 2,
-    "max_position_embeddings": 64,
-}
+LLAMA = {**LLAMA_CONFIG, "max_position_embeddings": 64}
 TEXT = ("the cat sat on the mat and the dog ran to the sun while the bird sang over the tree by the car " * 6).split()
 
 

@@ -7,17 +7,9 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from tests.models import LLAMA_CONFIG
 
-LLAMA = {
-    "model_type": "llama",
-    "vocab_size": 260,
-    "hidden_size": 32,
-    "intermediate_size": 64,
-    "num_hidden_layers": 2,
-    "num_attention_heads": 4,
-    "num_key_value_heads": 2,
-    "max_position_embeddings": 256,
-}
+LLAMA = {**LLAMA_CONFIG, "max_position_embeddings": 256}
 T5 = {
     "model_type": "t5",
     "vocab_size": 260,
