@@ -6,6 +6,7 @@ the formula ``W x + b + Σ s·B A x`` over the adapters that should be active, c
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Callable
 
 import pytest
@@ -154,3 +155,19 @@ def test_parameters_swapped_behind_the_modules_back_are_used() -> None:
     base._parameters["weight"] = nn.Parameter(base.weight.detach() * 2, requires_grad=False)
     up._parameters["weight"] = nn.Parameter(up.weight.detach() + 1)
     _check(model, layer, ["default"])
+
+
+def test_copies_and_pickles_carry_no_forward_cache() -> None:
+    import io
+
+    model, layer = _layer()
+    _check(model, layer, ["default"])
+    assert "_plan" in layer.__dict__
+    buffer = io.BytesIO()
+    torch.save(model, buffer)
+    buffer.seek(0)
+    loaded = torch.load(buffer, weights_only=False)  # a pickle this test wrote itself
+    twin = copy.deepcopy(model)
+    for other in (loaded, twin):
+        assert "_plan" not in other[0].__dict__
+        _check(other, other[0], ["default"])

@@ -19,6 +19,8 @@ from peftkit.core.epoch import own, touch, watched
 from peftkit.errors import MergeError, ShapeMismatchError
 
 #: Attributes whose assignment or in-place change may change what ``forward`` runs (see peftkit.core.epoch).
+#: Per-process forward caches kept in a layer's ``__dict__`` (lora_kernels), left out of copies and pickles.
+_CACHES = ("_plan", "_factor")
 _WATCHED = frozenset({"active_adapters", "merged_adapters", "disabled", "scaling", "dropout_position", "base_layer"})
 
 
@@ -48,6 +50,13 @@ class AdapterLayer(nn.Module):
         if name in _WATCHED:
             value = watched(value)  # lists and dicts report their mutations from now on
         super().__setattr__(name, value)
+
+    def __getstate__(self) -> dict[str, Any]:
+        # Forward caches (see peftkit.core.epoch) are per process: a copy or an unpickled model derives its own.
+        state: dict[str, Any] = super().__getstate__()  # type: ignore[no-untyped-call]
+        for key in _CACHES:
+            state.pop(key, None)
+        return state
 
     def _apply(self, fn: Any, recurse: bool = True) -> AdapterLayer:
         result: AdapterLayer = super()._apply(fn, recurse)  # type: ignore[no-untyped-call]
