@@ -29,6 +29,7 @@ from peftkit.methods.convert import convert
 from peftkit.methods.dora import DoRA
 from peftkit.methods.ia3 import IA3
 from peftkit.methods.lora import LoRA
+from peftkit.methods.multitask_prompt import MultitaskPromptTuning
 from peftkit.methods.prefix import PrefixTuning
 from peftkit.methods.prompt import PromptTuning
 from peftkit.methods.ptuning import PTuning
@@ -47,6 +48,7 @@ __all__ = [
     "DoRA",
     "IA3",
     "LoRA",
+    "MultitaskPromptTuning",
     "PTuning",
     "PrefixTuning",
     "PromptTuning",

@@ -97,6 +97,10 @@ class PromptEmbedding(nn.Module):
     def saved_table(self) -> torch.Tensor:
         return self.embedding.weight
 
+    def batch_prompt(self, batch: int) -> torch.Tensor:
+        """The m virtual tokens put in front of each of ``batch`` inputs, (batch, m, d)."""
+        return self.prompt()[: self.num_virtual_tokens].expand(batch, -1, -1)
+
     def prepare(self, model: nn.Module, kwargs: dict[str, Any]) -> None:
         """Rewrite the top model's keyword arguments in place (see the module docstring)."""
         m, task = self.num_virtual_tokens, task_of(model)
@@ -117,8 +121,7 @@ class PromptEmbedding(nn.Module):
             return  # decoding: the prompt is in the cache already
         if embeds is None:
             embeds = input_embeddings(model)(ids)
-        kwargs["inputs_embeds"] = torch.cat([self.prompt()[:m].expand(batch, -1, -1).to(embeds.dtype),
-                                             embeds], dim=1)
+        kwargs["inputs_embeds"] = torch.cat([self.batch_prompt(batch).to(embeds.dtype), embeds], dim=1)
         kwargs["input_ids"] = None
         labels = kwargs.get("labels")
         if task == "causal" and labels is not None:
@@ -221,6 +224,8 @@ def _hook(layer: PromptLearningLayer, step: str) -> PreHook:
     def hook(mod: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
         prepare = getattr(layer.current(), step, None)
         if prepare is None:
+            if "task_ids" in kwargs:  # adapters disabled: the multitask prompt's selector is not the model's
+                return args, {k: v for k, v in kwargs.items() if k != "task_ids"}
             return None
         kwargs = _bind(mod.forward, args, kwargs)
         prepare(mod, kwargs)
@@ -314,9 +319,7 @@ class PromptTuning(AdapterConfig):
             return torch.randint(0, vocab, (total,))
         if self.init != "text":
             return None
-        ids = list(self.tokenizer(self.init_text)["input_ids"])
-        ids = (ids * math.ceil(total / len(ids)))[:total]  # HF PEFT: repeat, then cut
-        return torch.tensor(ids, dtype=torch.long)
+        return text_token_ids(self.tokenizer, cast(str, self.init_text), total)
 
     def remove(self, model: nn.Module, name: str) -> None:
         detach(model, name)
@@ -345,6 +348,13 @@ _HF_PROMPT_FIELDS = frozenset(
     "peft_type task_type num_virtual_tokens prompt_tuning_init prompt_tuning_init_text tokenizer_name_or_path "
     "tokenizer_kwargs inference_mode modules_to_save".split()
 )
+
+
+def text_token_ids(tokenizer: Any, text: str, total: int) -> torch.Tensor:
+    """The token ids of ``text``, repeated then cut to ``total`` (HF PEFT's ``TEXT`` initialisation)."""
+    ids = list(tokenizer(text)["input_ids"])
+    ids = (ids * math.ceil(total / len(ids)))[:total]
+    return torch.tensor(ids, dtype=torch.long)
 
 
 def saved_table(model: nn.Module, name: str) -> dict[str, torch.Tensor]:
