@@ -69,6 +69,19 @@ def _version(x: torch.Tensor) -> int:
         return -1
 
 
+def _save(ctx: Any, meta: tuple[tuple[int, ...], tuple[float, ...]], *tensors: torch.Tensor | None) -> None:
+    """Save a group node's tensors and ``(ranks, scales)``; an unused sibling's gradient arrives as ``None``."""
+    ctx.set_materialize_grads(False)
+    ctx.save_for_backward(*tensors)
+    ctx.meta = meta
+
+
+def _restore(ctx: Any) -> tuple[tuple[int, ...], tuple[float, ...], int, tuple[Any, ...]]:
+    """``(ranks, scales, n, saved tensors)`` of a group node."""
+    ranks, scales = ctx.meta
+    return ranks, scales, len(ranks), ctx.saved_tensors
+
+
 def _shared_grads(needs: tuple[bool, ...], ranks: tuple[int, ...], gbs: list[torch.Tensor], inp: torch.Tensor,
                   a_cat: torch.Tensor, keep: torch.Tensor | None, terms: Iterable[tuple[torch.Tensor, torch.Tensor]]
                   ) -> tuple[list[torch.Tensor | None], torch.Tensor | None]:
@@ -129,16 +142,12 @@ class GroupedLoRA(torch.autograd.Function):
             outs.append(out.addmm_(h[:, start:start + rank], B.t(), alpha=scale))
             start += rank
         if ctx is not None:
-            ctx.set_materialize_grads(False)
-            ctx.save_for_backward(inp, keep, h, a_cat, *Bs, *Ws)
-            ctx.meta = meta
+            _save(ctx, meta, inp, keep, h, a_cat, *Bs, *Ws)
         return tuple(outs)
 
     @staticmethod
     def backward(ctx: Any, *grads: torch.Tensor | None) -> tuple[torch.Tensor | None, ...]:
-        ranks, scales = ctx.meta
-        n = len(ranks)
-        inp, keep, h, a_cat, *rest = ctx.saved_tensors
+        ranks, scales, n, (inp, keep, h, a_cat, *rest) = _restore(ctx)
         Bs, Ws = rest[:n], rest[n:]
         need_B = ctx.needs_input_grad[5 + n:5 + 2 * n]
         gbs: list[torch.Tensor] = []
@@ -190,16 +199,12 @@ class GroupedDoRA(torch.autograd.Function):
             ws.append(w)
             gs.append(g)
         if ctx is not None:
-            ctx.set_materialize_grads(False)
-            ctx.save_for_backward(inp, keep, h, a_cat, *Bs, *Ws, *ws, *gs, *norms)
-            ctx.meta = meta
+            _save(ctx, meta, inp, keep, h, a_cat, *Bs, *Ws, *ws, *gs, *norms)
         return tuple(outs)
 
     @staticmethod
     def backward(ctx: Any, *grads: torch.Tensor | None) -> tuple[torch.Tensor | None, ...]:
-        ranks, scales = ctx.meta
-        n = len(ranks)
-        inp, keep, h, a_cat, *rest = ctx.saved_tensors
+        ranks, scales, n, (inp, keep, h, a_cat, *rest) = _restore(ctx)
         Bs, Ws, ws, gs, norms = (rest[k * n:(k + 1) * n] for k in range(5))
         needs = ctx.needs_input_grad
         gbs: list[torch.Tensor] = []
