@@ -22,22 +22,21 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, ClassVar, cast
+from typing import Any, cast
 
 import torch
 from safetensors.torch import load_file
 from torch import nn
 
-from peftkit.core.config import AdapterConfig
 from peftkit.core.registry import register_method
 from peftkit.errors import CheckpointError, ConfigError, ShapeMismatchError
 from peftkit.methods.prompt import (
     ATTR,
     PromptEmbedding,
+    PromptLearningConfig,
     PromptLearningLayer,
     attach,
     check_virtual_tokens,
-    detach,
     hf_prompt_dict,
     input_embeddings,
     is_seq2seq,
@@ -101,7 +100,7 @@ class MultitaskPromptEmbedding(PromptEmbedding):
 
 @register_method
 @dataclass
-class MultitaskPromptTuning(AdapterConfig):
+class MultitaskPromptTuning(PromptLearningConfig):
     """A shared prompt rescaled per task by a low-rank matrix; each call passes ``task_ids``.
 
     Attributes:
@@ -120,7 +119,6 @@ class MultitaskPromptTuning(AdapterConfig):
     """
 
     peft_type = "MULTITASK_PROMPT_TUNING"
-    key_prefix: ClassVar[str] = "base_model."
 
     num_virtual_tokens: int = 20
     num_tasks: int = 1
@@ -192,9 +190,6 @@ class MultitaskPromptTuning(AdapterConfig):
                     f"this adapter needs {tuple(own[key].shape)}; match num_virtual_tokens and num_ranks to it"
                 )
             own[key].copy_(value)
-
-    def remove(self, model: nn.Module, name: str) -> None:
-        detach(model, name)
 
     def extra_tensors(self, model: nn.Module, name: str) -> dict[str, torch.Tensor]:
         layer = cast(PromptLearningLayer, getattr(model, ATTR))

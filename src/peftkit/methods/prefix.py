@@ -24,27 +24,25 @@ from __future__ import annotations
 
 import inspect
 from dataclasses import dataclass
-from typing import Any, ClassVar
+from typing import Any
 
 import torch
 from torch import nn
 
-from peftkit.core.config import AdapterConfig
 from peftkit.core.registry import register_method
 from peftkit.errors import ConfigError
 from peftkit.methods.prompt import (
     ATTR,
+    PromptLearningConfig,
     attach,
     cache_key,
     cache_length,
     check_virtual_tokens,
-    detach,
     extend_mask,
     hf_prompt_dict,
     is_seq2seq,
     model_dims,
     saved_modules,
-    saved_table,
 )
 
 
@@ -127,7 +125,7 @@ class PrefixEncoder(nn.Module):
 
 @register_method
 @dataclass
-class PrefixTuning(AdapterConfig):
+class PrefixTuning(PromptLearningConfig):
     """Learned key/value prefixes.
 
     Attributes:
@@ -137,7 +135,6 @@ class PrefixTuning(AdapterConfig):
     """
 
     peft_type = "PREFIX_TUNING"
-    key_prefix: ClassVar[str] = "base_model."
 
     num_virtual_tokens: int = 20
     prefix_projection: bool = False
@@ -164,12 +161,6 @@ class PrefixTuning(AdapterConfig):
                                           self.prefix_projection, d["num_transformer_submodules"]))
         self.extra = {**self.extra, **d}  # written to adapter_config.json
         return [ATTR]
-
-    def remove(self, model: nn.Module, name: str) -> None:
-        detach(model, name)
-
-    def extra_tensors(self, model: nn.Module, name: str) -> dict[str, torch.Tensor]:
-        return saved_table(model, name)
 
     def to_hf_dict(self, targets: list[str], module_names: list[str]) -> dict[str, Any]:
         own = {"prefix_projection": self.prefix_projection, "init_weights": None}

@@ -272,9 +272,23 @@ def detach(model: nn.Module, name: str) -> None:
         del model._modules[ATTR]
 
 
+class PromptLearningConfig(AdapterConfig):
+    """What every prompt-learning method (prompt, prefix, P-tuning, multi-task) shares: its module lives in the
+    model's :class:`PromptLearningLayer`, its keys carry HF PEFT's ``base_model.`` prefix, and its file holds the
+    prompt table."""
+
+    key_prefix: ClassVar[str] = "base_model."
+
+    def remove(self, model: nn.Module, name: str) -> None:
+        detach(model, name)
+
+    def extra_tensors(self, model: nn.Module, name: str) -> dict[str, torch.Tensor]:
+        return saved_table(model, name)
+
+
 @register_method
 @dataclass
-class PromptTuning(AdapterConfig):
+class PromptTuning(PromptLearningConfig):
     """Learned virtual tokens in front of the input.
 
     Attributes:
@@ -287,7 +301,6 @@ class PromptTuning(AdapterConfig):
     """
 
     peft_type = "PROMPT_TUNING"
-    key_prefix: ClassVar[str] = "base_model."
 
     num_virtual_tokens: int = 20
     init: str = "random"
@@ -320,12 +333,6 @@ class PromptTuning(AdapterConfig):
         if self.init != "text":
             return None
         return text_token_ids(self.tokenizer, cast(str, self.init_text), total)
-
-    def remove(self, model: nn.Module, name: str) -> None:
-        detach(model, name)
-
-    def extra_tensors(self, model: nn.Module, name: str) -> dict[str, torch.Tensor]:
-        return saved_table(model, name)
 
     def to_hf_dict(self, targets: list[str], module_names: list[str]) -> dict[str, Any]:
         own = {

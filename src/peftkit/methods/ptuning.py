@@ -23,25 +23,23 @@ virtual tokens, all passed through the encoder together, of which the encoder in
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, ClassVar
+from typing import Any
 
 import torch
 from torch import nn
 
-from peftkit.core.config import AdapterConfig
 from peftkit.core.registry import register_method
 from peftkit.errors import ConfigError
 from peftkit.methods.prompt import (
     ATTR,
     PromptEmbedding,
+    PromptLearningConfig,
     attach,
     check_virtual_tokens,
-    detach,
     hf_prompt_dict,
     is_seq2seq,
     model_dims,
     saved_modules,
-    saved_table,
 )
 
 ENCODER_TYPES = ("MLP", "LSTM")
@@ -88,7 +86,7 @@ class PromptEncoder(PromptEmbedding):
 
 @register_method
 @dataclass
-class PTuning(AdapterConfig):
+class PTuning(PromptLearningConfig):
     """Virtual tokens from a trained prompt encoder (HF PEFT's ``PromptEncoderConfig``).
 
     Attributes:
@@ -103,7 +101,6 @@ class PTuning(AdapterConfig):
     """
 
     peft_type = "P_TUNING"
-    key_prefix: ClassVar[str] = "base_model."
 
     num_virtual_tokens: int = 20
     encoder_reparameterization_type: str = "MLP"
@@ -150,12 +147,6 @@ class PTuning(AdapterConfig):
         attach(model, name, module)
         self.extra = {**self.extra, **d}  # written to adapter_config.json
         return [ATTR]
-
-    def remove(self, model: nn.Module, name: str) -> None:
-        detach(model, name)
-
-    def extra_tensors(self, model: nn.Module, name: str) -> dict[str, torch.Tensor]:
-        return saved_table(model, name)
 
     def to_hf_dict(self, targets: list[str], module_names: list[str]) -> dict[str, Any]:
         own = {
