@@ -121,6 +121,16 @@ def randomize_adapters(model: nn.Module, seed: int = 0) -> None:
                         tensor.copy_(torch.randn(tensor.shape, generator=gen) * 0.1)
 
 
+def perturb_dora(model: nn.Module, seed: int = 0) -> None:
+    """Random B and magnitudes off their initial norms, so every DoRA term is exercised."""
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_" in name:
+                noise = torch.randn(p.shape, generator=gen)
+                p.mul_(1 + 0.2 * noise) if "magnitude" in name else p.add_(0.1 * noise)
+
+
 def train_losses(model: nn.Module, loss: Callable[[], torch.Tensor], lr: float, steps: int = 8) -> list[float]:
     """Losses of ``steps`` AdamW steps on the model's trainable parameters; ``loss()`` runs one forward."""
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr)

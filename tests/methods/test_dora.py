@@ -12,21 +12,11 @@ import peftkit as pk
 from peftkit.core.state import adapter_layers
 from peftkit.methods.dora import DoRAEmbedding, DoRALinear, row_norms
 
-from models import build
+from models import build, perturb_dora
 
 IDS = torch.randint(0, 96, (2, 6), generator=torch.Generator().manual_seed(5))
 # Llama: linear layers and the token embedding; GPT-2: Conv1D (fan_in_fan_out) layers.
 TARGETS = {"llama": ["q_proj", "v_proj", "down_proj", "embed_tokens"], "gpt2": ["c_attn", "c_proj", "wte"]}
-
-
-def _randomize(model: nn.Module, seed: int = 0) -> None:
-    """Random B and a magnitude off its initial norm, so the DoRA path is really exercised."""
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if "lora_" in name:
-                noise = torch.randn(p.shape, generator=gen)
-                p.mul_(1 + 0.2 * noise) if "magnitude" in name else p.add_(0.1 * noise)
 
 
 def test_row_norms_equal_the_dense_norm() -> None:
@@ -40,7 +30,7 @@ def test_hf_peft_adapter_loads_with_equal_logits(arch: str, tmp_path) -> None:
     from peft import LoraConfig, get_peft_model
 
     hf = get_peft_model(build(arch), LoraConfig(r=4, lora_alpha=8, target_modules=TARGETS[arch], use_dora=True))
-    _randomize(hf)
+    perturb_dora(hf)
     hf.eval()
     hf.save_pretrained(tmp_path)
     model = pk.load_adapter(build(arch), tmp_path)
@@ -55,7 +45,7 @@ def test_peftkit_adapter_loads_in_hf_peft_with_equal_logits(arch: str, tmp_path)
     from peft import PeftModel
 
     model = pk.apply(build(arch), pk.DoRA(target_modules=TARGETS[arch], rank=4, alpha=8, use_rslora=True))
-    _randomize(model)
+    perturb_dora(model)
     pk.save_adapter(model, tmp_path)
     config = json.loads((tmp_path / "adapter_config.json").read_text())
     assert config["use_dora"] is True and config["peft_type"] == "LORA"
@@ -67,7 +57,7 @@ def test_fresh_adapter_is_identity_and_merge_unmerge_exact() -> None:
     base = build("llama")
     model = pk.apply(copy.deepcopy(base), pk.DoRA(target_modules=TARGETS["llama"], rank=4))
     torch.testing.assert_close(model(IDS).logits, base(IDS).logits, rtol=0, atol=1e-5)  # B = 0, m = ‖W‖
-    _randomize(model)
+    perturb_dora(model)
     unmerged = model(IDS).logits
     weights = {k: v.clone() for k, v in model.state_dict().items() if "base_layer" in k}
     pk.merge(model)

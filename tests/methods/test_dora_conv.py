@@ -16,6 +16,8 @@ from peftkit.core.state import adapter_layers
 from peftkit.errors import UnsupportedLayerError
 from peftkit.methods.dora import DoRAConv
 
+from models import perturb_dora
+
 TARGETS = ["c1", "c2", "c3"]
 
 
@@ -45,16 +47,6 @@ def _model(bias: bool) -> nn.Module:
 
 
 X = torch.randn(2, 3, 64, generator=torch.Generator().manual_seed(1))
-
-
-def _randomize(model: nn.Module, seed: int = 0) -> None:
-    """Random B and magnitudes off their initial norms, so every DoRA term is exercised."""
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if "lora_" in name:
-                noise = torch.randn(p.shape, generator=gen)
-                p.mul_(1 + 0.2 * noise) if "magnitude" in name else p.add_(0.1 * noise)
 
 
 def _grads(model: nn.Module) -> dict[str, torch.Tensor]:
@@ -88,7 +80,7 @@ def test_hf_peft_adapter_loads_with_equal_outputs(bias: bool, tmp_path: Path) ->
     from peft import LoraConfig, get_peft_model
 
     hf = get_peft_model(_model(bias), LoraConfig(r=2, lora_alpha=4, target_modules=TARGETS, use_dora=True))
-    _randomize(hf)
+    perturb_dora(hf)
     hf.eval()
     hf.save_pretrained(tmp_path)
     model = pk.load_adapter(_model(bias), tmp_path)
@@ -105,7 +97,7 @@ def test_peftkit_adapter_loads_in_hf_peft_with_equal_outputs_and_gradients(bias:
     from peft import PeftModel
 
     model = pk.apply(_model(bias), pk.DoRA(target_modules=TARGETS, rank=3, alpha=6, use_rslora=True))
-    _randomize(model, seed=1)
+    perturb_dora(model, seed=1)
     pk.save_adapter(model, tmp_path)
     config = json.loads((tmp_path / "adapter_config.json").read_text())
     assert config["use_dora"] is True and config["peft_type"] == "LORA"
@@ -124,7 +116,7 @@ def test_peftkit_adapter_loads_in_hf_peft_with_equal_outputs_and_gradients(bias:
 @pytest.mark.parametrize("bias", [True, False])
 def test_merge_equals_unmerged_and_unmerge_restores(bias: bool) -> None:
     model = pk.apply(_model(bias), pk.DoRA(target_modules=TARGETS, rank=2, alpha=4))
-    _randomize(model)
+    perturb_dora(model)
     unmerged = model(X).detach()
     weights = {k: v.clone() for k, v in model.state_dict().items() if "base_layer" in k}
     pk.merge(model)
@@ -141,7 +133,7 @@ def test_merge_equals_unmerged_and_unmerge_restores(bias: bool) -> None:
 
 def test_delta_weight_is_the_merged_change() -> None:
     model = pk.apply(_model(True), pk.DoRA(target_modules=["c2"], rank=2, alpha=4))
-    _randomize(model)
+    perturb_dora(model)
     layer = model.c2
     before = layer.base_layer.weight.detach().clone()
     delta = layer.delta_weight("default")
@@ -153,7 +145,7 @@ def test_dropout_acts_on_the_adapter_branch_only() -> None:
     torch.manual_seed(0)
     base = nn.Conv2d(3, 4, kernel_size=3, padding=1)
     model = pk.apply(nn.Sequential(base), pk.DoRA(target_modules=["0"], rank=2, alpha=4, dropout=0.5))
-    _randomize(model)
+    perturb_dora(model)
     layer = model[0]
     layer.train()
     x = torch.randn(2, 3, 6, 6)
@@ -182,6 +174,6 @@ def test_grouped_conv_is_refused_before_the_model_changes() -> None:
 
 def test_unbatched_input_matches_batched() -> None:
     model = pk.apply(_model(True), pk.DoRA(target_modules=TARGETS, rank=2, alpha=4))
-    _randomize(model)
+    perturb_dora(model)
     x = torch.randn(2, 4, 8, 8)
     torch.testing.assert_close(model.c2(x[0]), model.c2(x)[0], rtol=0, atol=1e-6)
