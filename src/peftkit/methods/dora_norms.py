@@ -53,7 +53,6 @@ class _DoRAMixin(LoRALayer):
         self._norm_cache: dict[str, tuple[tuple[Any, ...], torch.Tensor]] = {}
         self._w_sq: tuple[tuple[Any, ...], torch.Tensor] | None = None
         self._merge_norms: dict[str, torch.Tensor] = {}
-        self._factor_cache: dict[str, tuple[tuple[Any, ...], torch.Tensor]] = {}
 
     # The weight the norm is taken over, oriented (rows the magnitude scales, ·), and the factors so that
     # its update is scale · B A.
@@ -116,29 +115,20 @@ class _DoRAMixin(LoRALayer):
         return norm
 
     def inference_factor(self, name: str, magnitude: torch.Tensor) -> torch.Tensor:
-        """``m/‖W + s·BA‖`` (detached) for a forward without gradients, recomputed only when the norm or the
-        magnitude changed: decoding a token then costs no extra kernel for it."""
-        norm = self.weight_norm(name)
-        key = (magnitude.data_ptr(), magnitude._version)
-        hit = self._factor_cache.get(name)
-        if hit is not None and hit[0][0] is norm and hit[0][1:] == key:
-            return hit[1]
+        """``m/‖W + s·BA‖`` (detached) for a forward without gradients. The fused path caches it per layer
+        (``lora_kernels.fused_dora_forward``), so decoding a token costs no extra kernel for it."""
         with torch.no_grad():
-            factor = magnitude.detach() / norm
-        self._factor_cache[name] = ((norm, *key), factor)  # a recomputed norm is a new tensor object
-        return factor
+            return magnitude.detach() / self.weight_norm(name)
 
     def delete_adapter(self, name: str) -> None:
         super().delete_adapter(name)
         self._norm_cache.pop(name, None)
         self._merge_norms.pop(name, None)
-        self._factor_cache.pop(name, None)
 
     def _forget_norms(self) -> None:
         # A re-quantized base gets new buffers whose addresses may repeat older ones: drop the cached norms
         # rather than trust the (data_ptr, version) key across merges.
         self._norm_cache.clear()
-        self._factor_cache.clear()
         self._w_sq = None
 
     def _dora_factor(self, name: str, norm: torch.Tensor) -> torch.Tensor:

@@ -408,9 +408,4 @@ def fused_forward(layer: Any, x: torch.Tensor, dora: bool = False) -> torch.Tens
         return out
     if grouping:
         _track(layer, x, (name, p, False))
-    elif p == 0.0 and not torch.is_grad_enabled():
-        # Inference on a few tokens (decoding): three kernels and as little Python as possible around them.
-        out = F.linear(x, weight, bias)
-        out.view(-1, out.shape[-1]).addmm_(F.linear(x, A).view(-1, A.shape[0]), B.t(), alpha=scale)
-        return out
     return linear_lora(x, weight, bias, A, B, scale, p, p > 0, name, layer)

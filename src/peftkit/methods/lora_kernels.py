@@ -30,7 +30,7 @@ import torch
 from peftkit.core.epoch import EPOCH
 from peftkit.methods.lora_dropout import apply_keep, apply_keep_, dropout_input, keep_mask
 
-__all__ = ["DoRALinearFn", "LoRAUpdate", "fused_dora_forward", "fused_forward", "keep_mask", "linear_lora",
+__all__ = ["DoRALinearFn", "LoRAUpdate", "fused_dora_forward", "keep_mask", "linear_lora",
            "lora_update", "plain_adapter", "scaled_rows", "supports"]
 
 
@@ -204,15 +204,6 @@ def plain_adapter(layer: Any, x: torch.Tensor) -> tuple[Any, ...] | None:
             or weight.dtype is not A.dtype or _any_autocast()):
         return None  # (an input of the wrong width fails in F.linear with the same error as the base layer's)
     return name, weight, bias, A, up["weight"], scale, (drop.p if drop is not None and drop.training else 0.0)
-
-
-def fused_forward(layer: Any, x: torch.Tensor) -> torch.Tensor | None:
-    """The whole ``LoRALinear`` forward in one node when it is one adapter on a frozen ``nn.Linear``, else None."""
-    plan = plain_adapter(layer, x)
-    if plan is None:
-        return None
-    name, weight, bias, A, B, scale, p = plan
-    return linear_lora(x, weight, bias, A, B, scale, p, p > 0, name, layer)
 
 
 def supports(x: torch.Tensor, A: torch.Tensor, result: torch.Tensor) -> bool:
