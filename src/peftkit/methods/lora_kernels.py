@@ -133,13 +133,13 @@ def linear_lora(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
     Returns:
         The layer output ``(..., out)``.
     """
-    if not torch.is_grad_enabled() and not (training and p > 0):
-        # Inference: as few kernel launches as possible (decoding one token is all overhead).
-        result = torch.nn.functional.linear(x, weight, bias)
-        h = torch.nn.functional.linear(x, A)
-        result.view(-1, result.shape[-1]).addmm_(h.view(-1, h.shape[-1]), B.t(), alpha=scale)
-        return result
     x2 = x.reshape(-1, x.shape[-1])
+    if not torch.is_grad_enabled() and not (training and p > 0):
+        # Inference: as few kernel launches as possible (decoding one token is all overhead). On 2-D inputs
+        # F.linear is one BLAS call; on 3-D ones it goes through matmul's reshapes.
+        result = torch.nn.functional.linear(x2, weight, bias)
+        result.addmm_(torch.nn.functional.linear(x2, A), B.t(), alpha=scale)
+        return result.view(*x.shape[:-1], weight.shape[0])
     keep, dropped = _dropout(x, p, training, name, owner)
     out: torch.Tensor = LoRAUpdate.apply(None, x2, A, B, scale, keep, p, weight, bias,  # type: ignore[no-untyped-call]
                                          dropped)
@@ -301,9 +301,10 @@ def fused_dora_forward(layer: Any, x: torch.Tensor, plan: tuple[Any, ...] | None
         else:
             g = layer.inference_factor(name, magnitude)
             layer.__dict__["_factor"] = (key, g)
-        y = torch.nn.functional.linear(x, weight)
-        y.view(-1, y.shape[-1]).addmm_(torch.nn.functional.linear(x, A).view(-1, A.shape[0]), B.t(), alpha=scale)
-        return y.mul_(g) if bias is None else y.mul_(g).add_(bias)
+        x2 = x.reshape(-1, x.shape[-1])
+        y = torch.nn.functional.linear(x2, weight).addmm_(torch.nn.functional.linear(x2, A), B.t(), alpha=scale)
+        y = y.mul_(g) if bias is None else y.mul_(g).add_(bias)
+        return y.view(*x.shape[:-1], weight.shape[0])
     keep, dropped = _dropout(x, p, p > 0, name, layer)
     args = (x.reshape(-1, x.shape[-1]), magnitude, A, B, weight, bias, layer.weight_norm(name), scale, keep, p,
             dropped)
