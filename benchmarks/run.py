@@ -1,12 +1,14 @@
 """The benchmark runner: peftkit against HF PEFT on the reference Llama (issue 10), as ratios of medians.
 
-    .venv/bin/python benchmarks/run.py [--quick] [--rounds N] [--only train,inference,ops,memory] [--out DIR]
+    .venv/bin/python benchmarks/run.py [--quick] [--rounds N] [--only train,inference,ops,memory,breakdown] [--out DIR]
 
 Experiments (``benchmarks/experiments/``): ``train_step`` (full fine-tuning, the lower bound, HF PEFT and
 peftkit LoRA/DoRA with dropout 0 and 0.05, round-robin in one process), ``inference`` (unmerged prefill and
 one-token decode against the base model), ``adapter_ops`` (merge, save, load) and ``memory`` (saved activations
-and peak memory of a training step, one process per variant). Writes ``bench.json`` (environment, git revision,
-raw timings, ratios) and ``bench.md`` (the ratio table with the issue's targets) under ``--out``.
+and peak memory of a training step, one process per variant) and ``breakdown`` (each variant's profiled step
+split into the model's own products, the adapters' rank-r products, dropout masks and the rest). Writes
+``bench.json`` (environment, git revision, raw timings, ratios), ``bench.md`` (the ratio table with the issue's
+targets and the breakdown) and ``breakdown.png`` under ``--out``.
 """
 
 from __future__ import annotations
@@ -25,13 +27,14 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE / "experiments"))
 
 import adapter_ops  # noqa: E402
+import breakdown  # noqa: E402
 import inference  # noqa: E402
 import memory  # noqa: E402
 import torch  # noqa: E402
 import train_step  # noqa: E402
 from common import ALPHA, FULL, QUICK, RANK, THREADS, setup_torch  # noqa: E402
 
-EXPERIMENTS = ("train", "inference", "ops", "memory")
+EXPERIMENTS = ("train", "inference", "ops", "memory", "breakdown")
 
 
 def git(*args: str) -> str:
@@ -81,6 +84,9 @@ def markdown(result: dict[str, Any]) -> str:
             rss = row.get("peak_rss_delta_bytes")
             lines.append(f"| {name} | {'' if saved is None else f'{saved / 2**20:.1f}'} | "
                          f"{'' if rss is None else f'{rss / 2**20:.1f}'} |")
+    if "breakdown" in result:
+        lines += ["", "Where a training step's time goes (profiled ms per step; `experiments/breakdown.py`):", "",
+                  breakdown.markdown(result["breakdown"]).rstrip()]
     skipped = {k: v for exp in EXPERIMENTS for k, v in result.get(exp, {}).get("skipped", {}).items()}
     if skipped:
         lines += ["", "Skipped: " + "; ".join(f"{k} ({v})" for k, v in skipped.items())]
@@ -112,6 +118,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "inference": lambda: inference.run(shape, args.rounds),
         "ops": lambda: adapter_ops.run(shape, args.rounds),
         "memory": lambda: memory.run(shape, args.quick),
+        "breakdown": lambda: breakdown.run(shape, max(2, args.rounds // 2)),
     }
     for exp in only:
         t0 = time.perf_counter()
@@ -127,6 +134,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     stem += "" if set(only) == set(EXPERIMENTS) else "-" + "-".join(only)
     (args.out / f"{stem}.json").write_text(json.dumps(result, indent=1) + "\n")
     (args.out / f"{stem}.md").write_text(markdown(result))
+    if "breakdown" in result:
+        breakdown.plot(result["breakdown"], args.out / f"{stem}-breakdown.png")
     print(f"wrote {args.out / stem}.json and .md ({result['wall_s']:.0f} s)")
     return result
 
