@@ -20,6 +20,7 @@ from typing import Any
 
 import torch
 
+_np: Any
 try:
     import numpy as _np
 except ImportError:  # torch runs without NumPy; masks then come from torch's own generator
