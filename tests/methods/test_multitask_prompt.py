@@ -116,6 +116,34 @@ def test_each_example_gets_its_own_task_prompt() -> None:
     assert torch.allclose(module.task_prompts(torch.tensor([2]))[0], expected)
 
 
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+def test_generate_takes_task_ids_and_equals_full_forward_decoding(arch: str) -> None:
+    """generate(task_ids=...) as in HF PEFT: the cached decoding equals greedy full forward passes with the same
+    task ids, and the generation hook goes with the adapter."""
+    model = build(arch)
+    pk.apply(model, ours_config(arch))
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.requires_grad:
+                p.copy_(torch.randn_like(p) * 0.5)
+    model.generation_config.eos_token_id = None  # decode every step, like the reference
+    inputs = {k: v for k, v in batch(arch).items() if k != "labels"}
+    ids, mask = inputs["input_ids"], inputs["attention_mask"]
+    with torch.no_grad():
+        got = model.generate(**inputs, task_ids=TASK_IDS, max_new_tokens=3, do_sample=False)
+        for _ in range(3):
+            step = model(input_ids=ids, attention_mask=mask, task_ids=TASK_IDS).logits[:, -1]
+            ids = torch.cat([ids, step.argmax(-1, keepdim=True)], dim=1)
+            mask = torch.cat([mask, mask.new_ones(mask.shape[0], 1)], dim=1)
+        with pytest.raises(ConfigError, match="needs task_ids"):
+            model.generate(**inputs, max_new_tokens=1, do_sample=False)
+    assert torch.equal(got, ids)
+    pk.delete_adapter(model, "default")
+    assert "prepare_inputs_for_generation" not in model.__dict__
+    with torch.no_grad(), pytest.raises(ValueError, match="task_ids"):  # transformers' own check is back
+        model.generate(**inputs, task_ids=TASK_IDS, max_new_tokens=1)
+
+
 def test_task_ids_are_required_checked_and_never_reach_the_model() -> None:
     model = build("llama")
     inputs = batch("llama")

@@ -37,6 +37,7 @@ from peftkit.errors import AdapterStateError, ConfigError, MergeError
 
 ATTR = "prompt_encoder"
 _HANDLES = "_peftkit_prompt_hooks"
+_GENERATION = "prepare_inputs_for_generation"  # an instance attribute shadowing the model's method (_PassTaskIds)
 
 
 def model_dims(model: nn.Module) -> dict[str, int]:
@@ -234,6 +235,27 @@ def _hook(layer: PromptLearningLayer, step: str) -> PreHook:
     return hook
 
 
+class _PassTaskIds:
+    """The model's ``prepare_inputs_for_generation``, also taking ``task_ids`` and handing them to each forward
+    call (whose pre-hook takes them out again), so that ``model.generate(..., task_ids=...)`` works for
+    multi-task prompts as in HF PEFT. ``transformers`` accepts only the generation arguments this signature
+    names, so it is the wrapped method's own plus ``task_ids``."""
+
+    def __init__(self, inner: Callable[..., dict[str, Any]]) -> None:
+        self.inner = inner
+        params = list(inspect.signature(inner).parameters.values())
+        if all(p.name != "task_ids" for p in params):
+            at = next((i for i, p in enumerate(params) if p.kind is p.VAR_KEYWORD), len(params))
+            params.insert(at, inspect.Parameter("task_ids", inspect.Parameter.KEYWORD_ONLY, default=None))
+        self.__signature__ = inspect.Signature(params)
+
+    def __call__(self, *args: Any, task_ids: torch.Tensor | None = None, **kwargs: Any) -> dict[str, Any]:
+        inputs = self.inner(*args, **kwargs)
+        if task_ids is not None:
+            inputs["task_ids"] = task_ids
+        return inputs
+
+
 def attach(model: nn.Module, name: str, module: nn.Module) -> None:
     """Add prompt module ``name`` to the model's prompt encoder, installing the hooks on first use."""
     layer = getattr(model, ATTR, None)
@@ -253,6 +275,8 @@ def attach(model: nn.Module, name: str, module: nn.Module) -> None:
             # A head that takes no KV cache (BERT classifiers): prefix tuning goes through the backbone.
             handles.append(backbone.register_forward_pre_hook(_hook(layer, "prepare_backbone"), with_kwargs=True))
         model.__dict__[_HANDLES] = handles
+        if callable(getattr(model, "prepare_inputs_for_generation", None)):
+            model.__dict__[_GENERATION] = _PassTaskIds(model.prepare_inputs_for_generation)
     ref = input_embeddings(model).weight
     layer.prompt_modules[name] = module.to(device=ref.device)
 
@@ -268,6 +292,8 @@ def detach(model: nn.Module, name: str) -> None:
     # ``delete_adapter``/``unload`` may already have swapped the emptied layer for its placeholder.
     for handle in model.__dict__.pop(_HANDLES, []):
         handle.remove()
+    if isinstance(model.__dict__.get(_GENERATION), _PassTaskIds):
+        del model.__dict__[_GENERATION]
     if ATTR in model._modules:
         del model._modules[ATTR]
 
