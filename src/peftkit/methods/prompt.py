@@ -275,8 +275,9 @@ def attach(model: nn.Module, name: str, module: nn.Module) -> None:
             # A head that takes no KV cache (BERT classifiers): prefix tuning goes through the backbone.
             handles.append(backbone.register_forward_pre_hook(_hook(layer, "prepare_backbone"), with_kwargs=True))
         model.__dict__[_HANDLES] = handles
-        if callable(getattr(model, "prepare_inputs_for_generation", None)):
-            model.__dict__[_GENERATION] = _PassTaskIds(model.prepare_inputs_for_generation)
+        prepare_generation = getattr(model, _GENERATION, None)
+        if callable(prepare_generation):
+            model.__dict__[_GENERATION] = _PassTaskIds(prepare_generation)
     ref = input_embeddings(model).weight
     layer.prompt_modules[name] = module.to(device=ref.device)
 
