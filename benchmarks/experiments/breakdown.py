@@ -5,8 +5,7 @@ Every operator the step runs (``torch.profiler``, self CPU time) falls into one 
 - ``base products``: the model's own matrix products and attention (the lower bound runs exactly these);
 - ``rank-r products``: matrix products with an operand at most ``4·rank`` wide, i.e. the adapters' own
   (``x Aᵀ``, ``h Bᵀ``, ``∂y B``, ``hᵀ∂y``, …);
-- ``dropout masks``: drawing and applying masks (``random_``, ``bernoulli_``, peftkit's NumPy draws,
-  comparisons, bitwise ANDs);
+- ``dropout masks``: drawing and applying masks (``random_``, ``bernoulli_``, comparisons, bitwise ANDs);
 - ``other``: element-wise work, norms, softmax, copies, autograd bookkeeping.
 
 What a variant adds over the lower bound, per kind, shows which part of an adapter's overhead is which. The
@@ -30,8 +29,7 @@ KINDS = ("base products", "rank-r products", "dropout masks", "other")
 PRODUCTS = {"aten::mm", "aten::addmm", "aten::addmm_", "aten::bmm", "aten::baddbmm"}
 ATTENTION_PREFIX = "aten::_scaled_dot_product"
 DROPOUT = {"aten::random_", "aten::bernoulli_", "aten::bernoulli", "aten::native_dropout",
-           "aten::native_dropout_backward", "aten::bitwise_and", "aten::bitwise_and_", "aten::ge", "aten::neg_",
-           "peftkit::random_words"}
+           "aten::native_dropout_backward", "aten::bitwise_and", "aten::bitwise_and_", "aten::ge", "aten::neg_"}
 #: Composite operators whose time is all in the operators they call (counted there, not here).
 COMPOSITE = {"aten::matmul", "aten::linear", "aten::dropout", "aten::feature_dropout"}
 
@@ -119,7 +117,7 @@ def plot(result: dict[str, Any], path: Path) -> Path | None:
         return None
     rows = result["seconds_per_step"]
     names = list(rows)
-    fig, ax = plt.subplots(figsize=(8, 0.5 * len(names) + 1.5))
+    fig, ax = plt.subplots(figsize=(8, 0.5 * len(names) + 2))
     left = [0.0] * len(names)
     for kind in KINDS:
         widths = [rows[name][kind] * 1e3 for name in names]
@@ -130,7 +128,7 @@ def plot(result: dict[str, Any], path: Path) -> Path | None:
     ax.invert_yaxis()
     ax.set_xlabel("profiled CPU time per training step (ms)")
     ax.set_title("Where the step time goes (dashed: the lower bound)")
-    ax.legend(loc="lower right", fontsize=8)
+    ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.15), ncol=len(KINDS), fontsize=8, frameon=False)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)

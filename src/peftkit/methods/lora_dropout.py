@@ -3,9 +3,8 @@
 HF PEFT draws a float Bernoulli tensor per projection with ``nn.Dropout`` and multiplies by it; on CPU the draw
 alone is a sixth of a LoRA training step. Here:
 
-- :func:`keep_mask` draws 16 random bits per element (four elements per 64-bit random word) when that
-  represents ``p`` to within 2⁻¹⁰ of its value, else 32 bits per element, from NumPy's SFC64 generator
-  seeded from torch's (:func:`random_words`);
+- :func:`keep_mask` draws 15 random bits per element (four elements per 64-bit random word) when that
+  represents ``p`` to within 2⁻¹⁰ of its value, else 31/32 bits per element;
 - :func:`apply_keep` zeroes dropped elements by AND-ing the float bits with an int8 -1/0 mask (1 byte per
   element to save for backward), faster than ``torch.where`` or ``masked_fill`` on a boolean mask;
 - :func:`dropout_input` draws one mask per input tensor and hands the same mask and dropped-out copy to the
@@ -20,16 +19,10 @@ from typing import Any
 
 import torch
 
-_np: Any
-try:
-    import numpy as _np
-except ImportError:  # torch runs without NumPy; masks then come from torch's own generator
-    _np = None
-
-_SPAN16 = 2**16
-_HALF16 = 2**15
-_SPAN32 = 2**32
-_HALF32 = 2**31
+_INT32_SPAN = 2**32
+_LOW31_SPAN = 2**31
+_SPAN15 = 2**15
+_LOW15_BITS = 0x7FFF_7FFF_7FFF_7FFF  # clears the top bit of each 16-bit slot of a random 64-bit word
 _INT_OF_SIZE = {8: torch.int64, 4: torch.int32, 2: torch.int16, 1: torch.int8}
 
 
@@ -40,29 +33,16 @@ def _numel(shape: torch.Size | tuple[int, ...]) -> int:
     return numel
 
 
-def random_words(n: int, device: torch.device | str = "cpu", generator: torch.Generator | None = None
-                 ) -> torch.Tensor:
-    """``n`` random 64-bit words (``torch.int64``), every bit uniform and independent.
-
-    On CPU the words come from NumPy's SFC64 generator (twice as fast as torch's Mersenne Twister), seeded with
-    one 63-bit number drawn from ``generator`` (default: torch's global generator), so ``torch.manual_seed``
-    and saved RNG states make masks reproducible. Elsewhere, or without NumPy, torch draws them on ``device``.
-    """
-    if _np is not None and torch.device(device).type == "cpu":
-        seed = int(torch.empty((), dtype=torch.int64).random_(generator=generator))
-        with torch.profiler.record_function("peftkit::random_words"):  # NumPy's time, visible to torch's profiler
-            return torch.from_numpy(_np.random.SFC64(seed).random_raw(n).view(_np.int64))
-    return torch.empty(n, dtype=torch.int64, device=device).random_(-(2**63), None, generator=generator)
-
-
 def keep_mask(shape: torch.Size | tuple[int, ...], p: float, device: torch.device | str = "cpu",
               generator: torch.Generator | None = None) -> torch.Tensor:
     """A boolean mask of ``shape`` whose entries are independently ``True`` with probability ``1 - p``.
 
-    From :func:`random_words`: when ``q = round(p·2¹⁶)/2¹⁶`` is within ``2⁻¹⁰·p`` of ``p``, each word gives four
-    elements, its 16-bit slots read as signed integers (uniform on [-2¹⁵, 2¹⁵)); an element is dropped when
-    its slot is below ``round(p·2¹⁶) - 2¹⁵``, i.e. with probability exactly ``q``. Otherwise (small ``p``)
-    each word gives two elements compared at 32 bits (drop probability ``round(p·2³²)/2³²``).
+    ``Tensor.random_()`` on int64 fills 63 uniform bits per word (the top bit is 0) from the same generator as
+    ``torch.rand`` (so ``torch.manual_seed`` makes masks reproducible). When ``q = round(p·2¹⁵)/2¹⁵`` is within
+    ``2⁻¹⁰·p`` of ``p``, each word gives four elements: its 16-bit slots with the top bit cleared are uniform on
+    [0, 2¹⁵) and an element is dropped when its slot is below ``p·2¹⁵``, i.e. with probability exactly ``q``.
+    Otherwise (small ``p``) each word gives two elements compared at 32 resp. 31 bits (drop probability
+    ``round(p·2³²)/2³²`` resp. ``round(p·2³¹)/2³¹``).
 
     Args:
         shape: the mask's shape.
@@ -74,12 +54,18 @@ def keep_mask(shape: torch.Size | tuple[int, ...], p: float, device: torch.devic
         A ``torch.bool`` tensor: ``True`` where the element is kept.
     """
     numel = _numel(shape)
-    threshold = round(p * _SPAN16)
-    if abs(threshold / _SPAN16 - p) <= p / 1024:
-        slots = random_words((numel + 3) // 4, device, generator).view(torch.int16)
-        return torch.ge(slots, threshold - _HALF16)[:numel].view(shape)
-    halves = random_words((numel + 1) // 2, device, generator).view(torch.int32)
-    return torch.ge(halves, min(round(p * _SPAN32) - _HALF32, _HALF32 - 1))[:numel].view(shape)
+    threshold = round(p * _SPAN15)
+    if abs(threshold / _SPAN15 - p) <= p / 1024:
+        words = torch.empty((numel + 3) // 4, dtype=torch.int64, device=device).random_(generator=generator)
+        slots = words.bitwise_and_(_LOW15_BITS).view(torch.int16)
+        return torch.ge(slots, threshold)[:numel].view(shape)
+    pairs = (numel + 1) // 2
+    words = torch.empty(pairs, dtype=torch.int64, device=device).random_(generator=generator)
+    halves = words.view(torch.int32).view(pairs, 2)
+    keep = torch.empty(pairs, 2, dtype=torch.bool, device=device)
+    torch.ge(halves[:, 0], round(p * _INT32_SPAN) - _LOW31_SPAN, out=keep[:, 0])
+    torch.ge(halves[:, 1], round(p * _LOW31_SPAN), out=keep[:, 1])
+    return keep.view(-1)[:numel].view(shape)
 
 
 def _bits(keep: torch.Tensor, t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
