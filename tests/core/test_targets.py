@@ -63,6 +63,18 @@ def test_all_linear_skips_output_and_classifier_heads(arch: str, head: str) -> N
     assert set(every_linear) - set(names) == {n for n in every_linear if n.split(".")[0] in ("lm_head", "classifier")}
 
 
+def test_all_linear_on_an_adapted_model_finds_the_same_layers() -> None:
+    """A second adapter with ``all-linear`` goes on the layers the first one wrapped (they stand for the linear
+    layers inside them), not an error that nothing matches."""
+    model = build("llama")
+    pk.apply(model, pk.LoRA(target_modules="all-linear"))
+    pk.apply(model, pk.LoRA(target_modules="all-linear", rank=2), name="second")
+    from peftkit.core.state import get_state
+
+    assert get_state(model).targets["second"] == adapted_names(model)
+    assert model.model.layers[0].self_attn.q_proj.lora_A["second"].weight.shape[0] == 2
+
+
 def test_no_match_names_the_pattern_and_near_misses() -> None:
     model = build("llama")
     with pytest.raises(TargetNotFoundError, match=r"'q_prj'.*q_proj"):
