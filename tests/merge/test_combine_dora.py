@@ -172,14 +172,13 @@ def test_dare_with_a_seed_is_reproducible() -> None:
 
 
 def test_mixing_dora_and_lora_is_refused_and_changes_nothing() -> None:
-    # A plain LoRA adapter cannot even join the DoRA layers, so there is never a mixed pair to combine.
-    with pytest.raises(ConfigError, match="already adapted by DoRA"):
-        _model(kind_b=pk.LoRA)
-    model = _model()
+    # A plain LoRA adapter may sit on DoRA layers (as in HF PEFT), but combining it with a DoRA one is refused.
+    model = _model(kind_b=pk.LoRA)
     before = set(get_state(model).configs)
-    with pytest.raises(ConfigError, match="already adapted by DoRA"):
-        pk.apply(model, pk.LoRA(target_modules=TARGETS), name="c")
+    with pytest.raises(ConfigError, match=r"\['a'\] are DoRA and \['b'\] plain LoRA"):
+        combine(model, WEIGHTS, method="svd", name="mix", rank=2)
     assert set(get_state(model).configs) == before
+    assert all("mix" not in layer.adapter_names for _, layer in adapter_layers(model))
 
 
 def test_combined_dora_adapter_round_trips_through_disk(tmp_path: Path) -> None:

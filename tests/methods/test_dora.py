@@ -53,6 +53,35 @@ def test_peftkit_adapter_loads_in_hf_peft_with_equal_logits(arch: str, tmp_path)
     torch.testing.assert_close(hf(IDS).logits, model(IDS).logits, rtol=0, atol=1e-5)
 
 
+@pytest.mark.parametrize("dora_first", [False, True])
+def test_lora_and_dora_adapters_share_layers_as_in_hf_peft(dora_first: bool, tmp_path) -> None:
+    """HF PEFT keeps a LoRA and a DoRA adapter on the same layers; loading both, in either order, gives its
+    logits for each, and saving both gives files HF PEFT loads back to the same logits."""
+    from peft import LoraConfig, PeftModel, get_peft_model
+
+    targets = TARGETS["llama"][:3]
+    hf = get_peft_model(build("llama"), LoraConfig(r=4, lora_alpha=8, target_modules=targets))
+    hf.add_adapter("d", LoraConfig(r=2, lora_alpha=4, target_modules=targets, use_dora=True))
+    perturb_dora(hf)
+    hf.eval().save_pretrained(tmp_path / "hf")
+    model = build("llama")
+    order = [("d", tmp_path / "hf" / "d"), ("default", tmp_path / "hf")]
+    for name, path in order if dora_first else order[::-1]:
+        pk.load_adapter(model, path, name=name)
+    layer = model.model.layers[0].self_attn.q_proj
+    assert isinstance(layer, DoRALinear) and set(layer.lora_magnitude_vector) == {"d"}
+    pk.save_adapter(model, tmp_path / "pk")
+    back = PeftModel.from_pretrained(build("llama"), tmp_path / "pk").eval()
+    back.load_adapter(tmp_path / "pk" / "d", adapter_name="d")
+    with torch.no_grad():
+        for name in ("default", "d"):
+            pk.set_adapter(model, name)
+            hf.set_adapter(name)
+            back.set_adapter(name)
+            torch.testing.assert_close(model(IDS).logits, hf(IDS).logits, rtol=0, atol=1e-5)
+            torch.testing.assert_close(back(IDS).logits, hf(IDS).logits, rtol=0, atol=1e-5)
+
+
 def test_fresh_adapter_is_identity_and_merge_unmerge_exact() -> None:
     base = build("llama")
     model = pk.apply(copy.deepcopy(base), pk.DoRA(target_modules=TARGETS["llama"], rank=4))

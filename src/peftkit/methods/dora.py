@@ -76,8 +76,9 @@ class DoRA(LoRA):
             raise ConfigError("DoRA adapters do not share A across projections; shared_A must be empty")
 
     def supports(self, module: nn.Module) -> bool:
-        if isinstance(module, LoRALayer):
-            return isinstance(module, DORA_LAYERS)
+        if isinstance(module, LoRALayer):  # a DoRA layer, or a plain LoRA one (upgraded in place by transform)
+            cls = dora_layer_class(module.base_layer)
+            return isinstance(module, DORA_LAYERS) or (cls is not None and type(module) in cls.__bases__)
         return dora_layer_class(module) is not None
 
     def supported_layer_names(self) -> list[str]:
@@ -107,6 +108,10 @@ class DoRA(LoRA):
         return cls
 
     def transform(self, module: nn.Module, qualname: str, adapter_name: str) -> nn.Module:
+        if isinstance(module, LoRALayer) and not isinstance(module, DORA_LAYERS):
+            cls = dora_layer_class(module.base_layer)
+            assert cls is not None and issubclass(cls, _DoRAMixin)  # guaranteed by supports()
+            module = cls.upgrade(module)  # its LoRA adapters stay plain LoRA adapters
         layer = super().transform(module, qualname, adapter_name)
         layer.add_magnitude(adapter_name)  # type: ignore[operator]
         return layer

@@ -13,7 +13,7 @@ evaluation it is computed once).
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any, cast
+from typing import Any, ClassVar, cast
 
 import torch
 from torch import nn
@@ -47,12 +47,26 @@ class _DoRAMixin(LoRALayer):
 
     lora_magnitude_vector: nn.ParameterDict
 
+    takes_plain_lora: ClassVar[bool] = True
+
     def __init__(self, base_layer: nn.Module) -> None:
         super().__init__(base_layer)
+        self._init_dora()
+
+    def _init_dora(self) -> None:
         self.lora_magnitude_vector = nn.ParameterDict()
         self._norm_cache: dict[str, tuple[tuple[Any, ...], torch.Tensor]] = {}
         self._w_sq: tuple[tuple[Any, ...], torch.Tensor] | None = None
         self._merge_norms: dict[str, torch.Tensor] = {}
+
+    @classmethod
+    def upgrade(cls, layer: LoRALayer) -> _DoRAMixin:
+        """Turn a plain LoRA layer into this DoRA layer class in place (same object, its adapters kept as plain
+        LoRA adapters), so that a DoRA adapter can be added next to them."""
+        layer.__class__ = cls
+        dora = cast(_DoRAMixin, layer)
+        dora._init_dora()
+        return dora
 
     # The weight the norm is taken over, oriented (rows the magnitude scales, ·), and the factors so that
     # its update is scale · B A.

@@ -119,8 +119,9 @@ class LoRA(AdapterConfig):
         return targets
 
     def supports(self, module: nn.Module) -> bool:
-        if isinstance(module, LoRALayer):  # a second adapter only on a wrapper LoRA itself would have made
-            return type(module) is lora_layer_class(module.base_layer)
+        if isinstance(module, LoRALayer):  # a second adapter only on a wrapper LoRA itself would have made,
+            cls = lora_layer_class(module.base_layer)  # or on its DoRA form (which runs plain LoRA adapters too)
+            return cls is not None and (type(module) is cls or (module.takes_plain_lora and isinstance(module, cls)))
         return lora_layer_class(module) is not None
 
     def supported_layer_names(self) -> list[str]:
