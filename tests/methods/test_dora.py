@@ -82,6 +82,21 @@ def test_lora_and_dora_adapters_share_layers_as_in_hf_peft(dora_first: bool, tmp
             torch.testing.assert_close(back(IDS).logits, hf(IDS).logits, rtol=0, atol=1e-5)
 
 
+def test_a_plain_lora_adapter_on_dora_layers_takes_the_fused_lora_path() -> None:
+    torch.manual_seed(0)
+    model = pk.apply(build("llama"), pk.LoRA(target_modules=["q_proj"], rank=2, alpha=4))
+    perturb_dora(model)
+    plain = copy.deepcopy(model)
+    pk.apply(model, pk.DoRA(target_modules=["q_proj"], rank=2, alpha=4), name="d")
+    pk.set_adapter(model, "default")
+    layer = model.model.layers[0].self_attn.q_proj
+    assert isinstance(layer, DoRALinear)
+    x = torch.randn(2, 5, layer.in_features, requires_grad=True)
+    out = layer(x)
+    assert type(out.grad_fn.next_functions[0][0]).__name__ == "LoRAUpdateBackward"  # (under a view)
+    torch.testing.assert_close(out, plain.model.layers[0].self_attn.q_proj(x), rtol=0, atol=1e-6)
+
+
 def test_fresh_adapter_is_identity_and_merge_unmerge_exact() -> None:
     base = build("llama")
     model = pk.apply(copy.deepcopy(base), pk.DoRA(target_modules=TARGETS["llama"], rank=4))

@@ -17,6 +17,7 @@ from tests.perf.shared import llama
 from torch import nn
 
 import peftkit as pk
+from peftkit.core.state import get_state
 from peftkit.methods import lora_groups
 from peftkit.methods.lora_layers import LoRALinear
 
@@ -86,6 +87,15 @@ def _delete_and_readd_b(model: nn.Module, rng: random.Random) -> None:
     _perturb(model, rng)
 
 
+def _add_dora(model: nn.Module, rng: random.Random) -> None:
+    """A DoRA adapter next to the LoRA ones (their layers become DoRA layers that keep them as plain LoRA)."""
+    if "d" not in get_state(model).configs:
+        pk.apply(model, pk.DoRA(target_modules="all-linear", rank=2, alpha=4), name="d")
+        model.to(layers(model)[0].lora_A["default"].weight.dtype)
+        _perturb(model, rng)
+    pk.set_adapter(model, rng.choice(["d", "default"]))
+
+
 def _merge_round_trip(model: nn.Module, rng: random.Random) -> None:
     pk.merge(model)
     pk.unmerge(model)
@@ -97,7 +107,7 @@ def _train_eval(model: nn.Module, rng: random.Random) -> None:
 
 OPS: list[Callable[[nn.Module, random.Random], None]] = [
     _perturb, _switch, _scaling, _dtype, _unfreeze_one_base, _call_one_layer_alone, _reload_one_factor,
-    _delete_and_readd_b, _merge_round_trip, _train_eval]
+    _delete_and_readd_b, _merge_round_trip, _train_eval, _add_dora]
 
 
 def check(model: nn.Module) -> None:

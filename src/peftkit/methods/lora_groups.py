@@ -401,7 +401,7 @@ def fused_forward(layer: Any, x: torch.Tensor, dora: bool = False) -> torch.Tens
     if plan is None:
         return None
     name, weight, bias, A, B, scale, p = plan
-    if dora:
+    if dora and name in layer._modules["lora_magnitude_vector"]._parameters:  # (else a plain LoRA adapter)
         out = fused_dora_forward(layer, x, plan)
         if out is not None and grouping:
             _track(layer, x, (name, p, True))
