@@ -74,13 +74,9 @@ def _head_names(model: nn.Module) -> set[str]:
 def _all_linear(model: nn.Module) -> list[str]:
     from peftkit.core.registry import linear_kind
 
-    def base(module: nn.Module) -> nn.Module:  # an adapter layer stands for the layer it wraps
-        while isinstance(module, AdapterLayer):
-            module = module.base_layer
-        return module
-
     heads = _head_names(model)
-    return [n for n, m in iter_modules(model) if n and n not in heads and linear_kind(base(m)) is not None]
+    return [n for n, m in iter_modules(model) if n and n not in heads  # an adapter layer stands for its base
+            and linear_kind(m.base_layer if isinstance(m, AdapterLayer) else m) is not None]
 
 
 register_alias("all-linear", _all_linear)

@@ -78,7 +78,7 @@ class DoRA(LoRA):
     def supports(self, module: nn.Module) -> bool:
         if isinstance(module, LoRALayer):  # a DoRA layer, or a plain LoRA one (upgraded in place by transform)
             cls = dora_layer_class(module.base_layer)
-            return isinstance(module, DORA_LAYERS) or (cls is not None and type(module) in cls.__bases__)
+            return isinstance(module, DORA_LAYERS) or (cls is not None and issubclass(cls, type(module)))
         return dora_layer_class(module) is not None
 
     def supported_layer_names(self) -> list[str]:
