@@ -15,7 +15,9 @@ from typing import Any, ClassVar, Protocol, cast
 from torch import nn
 
 from peftkit.core.config import AdapterConfig
+from peftkit.core.layer import AdapterLayer
 from peftkit.core.matching import first_match
+from peftkit.core.modules_to_save import ModulesToSave
 from peftkit.core.registry import LINEAR_KINDS, register_method
 from peftkit.errors import ConfigError
 from peftkit.methods.lora_layers import LORA_LAYERS, LoRALayer, lora_layer_class
@@ -160,7 +162,7 @@ class LoRA(AdapterConfig):
 
     def extra_tensors(self, model: nn.Module, name: str) -> dict[str, Any]:
         """Trained biases (``bias="all"``/``"lora_only"``) under their full HF PEFT keys."""
-        paths = {id(m): path for path, m in model.named_modules()}
+        paths = hf_module_paths(model, name)
         return {f"base_model.model.{paths[id(m)]}.bias": m.bias for m in bias_modules(model, self.bias)}
 
     # -- adapter_config.json ---------------------------------------------------------------------
@@ -254,14 +256,27 @@ _HF_LORA_FIELDS = frozenset(
 
 
 def bias_modules(model: nn.Module, mode: str) -> list[nn.Module]:
-    """Modules whose bias trains under ``bias=mode``."""
+    """Modules whose bias trains under ``bias=mode`` (each once: an adapter layer's is its base layer's)."""
     if mode == "none":
         return []
     if mode == "lora_only":
         candidates = [m.base_layer for m in model.modules() if isinstance(m, LoRALayer)]
     else:
-        candidates = list(model.modules())
+        candidates = [m for m in model.modules() if not isinstance(m, AdapterLayer)]
     return [m for m in candidates if isinstance(getattr(m, "bias", None), nn.Parameter)]
+
+
+def hf_module_paths(model: nn.Module, name: str) -> dict[int, str]:
+    """Module id → its path under HF PEFT's names: inside a ``modules_to_save`` wrapper the original is
+    ``original_module`` and adapter ``name``'s copy ``modules_to_save`` (another adapter's keeps its name after
+    it, as HF PEFT writes them); everything else keeps its own path."""
+    paths = {id(m): path for path, m in model.named_modules()}
+    for path, module in model.named_modules():
+        if isinstance(module, ModulesToSave):
+            paths[id(module.base_layer)] = f"{path}.original_module"
+            for adapter, copy in module.copies.items():
+                paths[id(copy)] = f"{path}.modules_to_save" + ("" if adapter == name else f".{adapter}")
+    return paths
 
 
 def _as_list(value: Any) -> list[str]:

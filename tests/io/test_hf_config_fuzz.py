@@ -1,0 +1,109 @@
+"""Random HF PEFT LoRA/DoRA configurations, both ways: HF PEFT → peftkit → HF PEFT gives the same logits.
+
+Each case draws a configuration HF PEFT users write (a subset of targets or ``all-linear``, rank and alpha,
+rsLoRA, DoRA, regex rank/alpha patterns, ``layers_to_transform``, ``exclude_modules``, ``bias``,
+``modules_to_save``), builds it with HF PEFT on a tiny model, moves every adapter tensor off its initial value,
+and checks that peftkit loads it with HF PEFT's logits and saves files HF PEFT loads back to the same logits,
+with the same tensors.
+"""
+
+from __future__ import annotations
+
+import random
+from typing import Any
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+import peftkit as pk
+
+from models import build, run
+
+peft = pytest.importorskip("peft")
+
+LEAVES = {
+    "llama": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
+    "gpt2": ["c_attn", "c_proj", "c_fc"],
+    "bert": ["query", "key", "value", "dense"],
+    "t5": ["q", "k", "v", "o", "wi_0", "wi_1", "wo"],
+}
+TASK = {"llama": "CAUSAL_LM", "gpt2": "CAUSAL_LM", "bert": "SEQ_CLS", "t5": "SEQ_2_SEQ_LM"}
+LAYERS = {"llama": "layers", "gpt2": "h", "bert": "layer", "t5": "block"}
+
+
+def draw(rng: random.Random, arch: str) -> dict[str, Any]:
+    """One random LoraConfig's keyword arguments for ``arch``."""
+    leaves = LEAVES[arch]
+    targets: Any = "all-linear" if rng.random() < 0.25 else rng.sample(leaves, rng.randint(1, len(leaves)))
+    named = leaves if targets == "all-linear" else targets
+    kw: dict[str, Any] = {
+        "task_type": TASK[arch], "target_modules": targets, "r": rng.choice([1, 2, 4]),
+        "lora_alpha": rng.choice([1, 4, 8, 16]), "use_rslora": rng.random() < 0.3,
+        "use_dora": rng.random() < 0.3, "bias": rng.choice(["none", "none", "lora_only", "all"]),
+    }
+    if arch == "gpt2":
+        kw["fan_in_fan_out"] = True
+    if rng.random() < 0.4:
+        kw["rank_pattern"] = {rng.choice(named): rng.choice([1, 3])}
+    if rng.random() < 0.4:
+        kw["alpha_pattern"] = {rng.choice(named): rng.choice([2, 5])}
+    if rng.random() < 0.3 and targets != "all-linear":  # (HF PEFT takes layer indices with a list only)
+        kw["layers_to_transform"] = [rng.randint(0, 1)]
+        kw["layers_pattern"] = LAYERS[arch]
+    elif rng.random() < 0.3 and len(named) > 1:
+        kw["exclude_modules"] = [rng.choice(named[1:])]
+    if kw["use_dora"] and kw["bias"] != "none":
+        kw["bias"] = "none"  # (HF PEFT does not combine a trained bias with DoRA)
+    return kw
+
+
+def perturb(model: torch.nn.Module, seed: int) -> None:
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.requires_grad:
+                p.add_(torch.randn(p.shape, generator=gen) * 0.1)
+
+
+@pytest.mark.parametrize("seed", range(32))
+def test_random_hf_configs_round_trip(seed: int, tmp_path) -> None:
+    rng = random.Random(seed)
+    arch = list(LEAVES)[seed % len(LEAVES)]
+    kw = draw(rng, arch)
+    hf = peft.get_peft_model(build(arch), peft.LoraConfig(**kw))
+    perturb(hf, seed)
+    hf.eval()
+    hf.save_pretrained(str(tmp_path / "hf"))
+    with torch.no_grad():
+        want = run(hf, arch)
+    ours = pk.load_adapter(build(arch), tmp_path / "hf")
+    with torch.no_grad():
+        got = run(ours, arch)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5, msg=lambda m: f"{kw}: {m}")
+    pk.save_adapter(ours, tmp_path / "pk")
+    theirs = load_file(str(tmp_path / "hf" / "adapter_model.safetensors"))
+    mine = load_file(str(tmp_path / "pk" / "adapter_model.safetensors"))
+    assert mine.keys() == theirs.keys(), kw
+    for key, tensor in theirs.items():
+        assert torch.equal(mine[key], tensor), key
+    back = peft.PeftModel.from_pretrained(build(arch), str(tmp_path / "pk")).eval()
+    with torch.no_grad():
+        torch.testing.assert_close(run(back, arch), want, rtol=1e-5, atol=1e-5, msg=lambda m: f"{kw}: {m}")
+
+
+def test_bias_all_writes_hf_peft_keys_with_a_saved_classifier(tmp_path) -> None:
+    """bias="all" trains every bias; HF PEFT keys an adapted layer's under ``base_layer`` and a saved module's
+    under ``original_module``/``modules_to_save``, once each: peftkit writes and reads exactly those keys."""
+    hf = peft.get_peft_model(build("bert"), peft.LoraConfig(task_type="SEQ_CLS", target_modules=["query"], r=2,
+                                                            bias="all"))
+    hf.save_pretrained(str(tmp_path / "hf"))
+    ours = pk.apply(build("bert"), pk.LoRA(target_modules=["query"], rank=2, bias="all", task_type="SEQ_CLS"))
+    pk.save_adapter(ours, tmp_path / "pk")
+    theirs = load_file(str(tmp_path / "hf" / "adapter_model.safetensors")).keys()
+    mine = load_file(str(tmp_path / "pk" / "adapter_model.safetensors")).keys()
+    assert mine == theirs
+    prefix = "base_model.model."
+    assert {f"{prefix}bert.encoder.layer.0.attention.self.query.base_layer.bias",
+            f"{prefix}classifier.original_module.bias", f"{prefix}classifier.modules_to_save.bias"} <= set(mine)
+    assert f"{prefix}bert.encoder.layer.0.attention.self.query.bias" not in mine
