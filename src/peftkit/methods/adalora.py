@@ -47,7 +47,7 @@ from peftkit.methods.adalora_state import (
     load_allocator_state,
     load_allocator_states,
 )
-from peftkit.methods.lora import hf_resolve, hf_targets
+from peftkit.methods.lora import hf_modules_to_save, hf_resolve, hf_targets
 from peftkit.methods.lora_layers import LoRALayer, adapter_dtype
 
 # The checkpoint-state functions live in adalora_state; importing them from here keeps working.
@@ -404,5 +404,6 @@ class AdaLoRA(AdapterConfig):
             beta1=float(data.get("beta1", 0.85)), beta2=float(data.get("beta2", 0.85)),
             orth_reg_weight=float(data.get("orth_reg_weight", 0.5)), total_step=int(data.get("total_step") or 1),
             alpha=data.get("lora_alpha", 8), dropout=float(data.get("lora_dropout", 0.0) or 0.0),
-            rank_pattern=pattern, modules_to_save=data.get("modules_to_save") or (), task_type=data.get("task_type"),
+            rank_pattern=pattern, task_type=data.get("task_type"),
+            modules_to_save=hf_modules_to_save(data.get("modules_to_save"), module_names),
         )

@@ -33,7 +33,7 @@ from peftkit.core.layer import AdapterLayer
 from peftkit.core.matching import first_match
 from peftkit.core.registry import LINEAR_KINDS, LinearKind, TypeRegistry, linear_kind, register_method
 from peftkit.errors import ConfigError, MergeError, UnsupportedLayerError
-from peftkit.methods.lora import hf_resolve, hf_targets
+from peftkit.methods.lora import hf_modules_to_save, hf_resolve, hf_targets
 from peftkit.methods.lora_layers import adapter_dtype
 
 #: Convolutions (IA)³ scales per channel, as Hugging Face PEFT does → their number of spatial dimensions.
@@ -256,7 +256,7 @@ class IA3(AdapterConfig):
             feedforward_modules=feedforward,
             exclude_modules=hf_resolve(data.get("exclude_modules"), module_names) if data.get("exclude_modules")
             else (),
-            modules_to_save=data.get("modules_to_save") or (),
+            modules_to_save=hf_modules_to_save(data.get("modules_to_save"), module_names),
             task_type=data.get("task_type"),
             extra={k: v for k, v in data.items() if k not in _HF_FIELDS},
         )

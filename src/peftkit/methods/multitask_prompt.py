@@ -30,6 +30,7 @@ from torch import nn
 
 from peftkit.core.registry import register_method
 from peftkit.errors import CheckpointError, ConfigError, ShapeMismatchError
+from peftkit.methods.lora import hf_modules_to_save
 from peftkit.methods.prompt import (
     ATTR,
     PromptEmbedding,
@@ -41,7 +42,6 @@ from peftkit.methods.prompt import (
     input_embeddings,
     is_seq2seq,
     model_dims,
-    saved_modules,
     text_token_ids,
 )
 
@@ -216,7 +216,7 @@ class MultitaskPromptTuning(PromptLearningConfig):
         # The tensors are read from the file, so the initialisation is not run again on load.
         return cls(num_virtual_tokens=int(data["num_virtual_tokens"]), num_tasks=int(data.get("num_tasks") or 1),
                    num_ranks=int(data.get("num_ranks") or 1), task_type=data.get("task_type"),
-                   modules_to_save=saved_modules(data, module_names),
+                   modules_to_save=hf_modules_to_save(data.get("modules_to_save"), module_names),
                    extra={k: v for k, v in data.items() if k not in _HF_FIELDS})
 
 

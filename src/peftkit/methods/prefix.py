@@ -31,6 +31,7 @@ from torch import nn
 
 from peftkit.core.registry import register_method
 from peftkit.errors import ConfigError
+from peftkit.methods.lora import hf_modules_to_save
 from peftkit.methods.prompt import (
     ATTR,
     PromptLearningConfig,
@@ -42,7 +43,6 @@ from peftkit.methods.prompt import (
     hf_prompt_dict,
     is_seq2seq,
     model_dims,
-    saved_modules,
 )
 
 
@@ -171,4 +171,5 @@ class PrefixTuning(PromptLearningConfig):
         # The file holds the projected table T, so a projection-trained adapter loads as a plain table.
         keep: dict[str, Any] = {k: data[k] for k in ("num_layers", "token_dim", "num_attention_heads") if k in data}
         return cls(num_virtual_tokens=int(data["num_virtual_tokens"]), prefix_projection=False,
-                   task_type=data.get("task_type"), modules_to_save=saved_modules(data, module_names), extra=keep)
+                   task_type=data.get("task_type"), extra=keep,
+                   modules_to_save=hf_modules_to_save(data.get("modules_to_save"), module_names))

@@ -34,6 +34,7 @@ from peftkit.core.config import AdapterConfig
 from peftkit.core.layer import AdapterLayer
 from peftkit.core.registry import register_method
 from peftkit.errors import AdapterStateError, ConfigError, MergeError
+from peftkit.methods.lora import hf_modules_to_save
 
 ATTR = "prompt_encoder"
 _HANDLES = "_peftkit_prompt_hooks"
@@ -374,7 +375,7 @@ class PromptTuning(PromptLearningConfig):
     def from_hf_dict(cls, data: dict[str, Any], module_names: list[str]) -> PromptTuning:
         # The table is read from the file, so the initialisation is irrelevant on load.
         return cls(num_virtual_tokens=int(data["num_virtual_tokens"]), task_type=data.get("task_type"),
-                   modules_to_save=saved_modules(data, module_names),
+                   modules_to_save=hf_modules_to_save(data.get("modules_to_save"), module_names),
                    extra={k: v for k, v in data.items() if k not in _HF_PROMPT_FIELDS})
 
 
@@ -413,12 +414,6 @@ def hf_prompt_dict(
         "revision": None,
         **{k: v for k, v in config.extra.items() if k not in known},
     }
-
-
-def saved_modules(data: dict[str, Any], module_names: list[str]) -> list[str]:
-    """``modules_to_save`` entries that exist on this model (HF PEFT lists ``classifier`` and ``score``)."""
-    leaves = {n.rsplit(".", 1)[-1] for n in module_names} | set(module_names)
-    return [m for m in data.get("modules_to_save") or [] if m in leaves]
 
 
 def check_virtual_tokens(value: Any) -> None:

@@ -30,6 +30,7 @@ from torch import nn
 
 from peftkit.core.registry import register_method
 from peftkit.errors import ConfigError
+from peftkit.methods.lora import hf_modules_to_save
 from peftkit.methods.prompt import (
     ATTR,
     PromptEmbedding,
@@ -39,7 +40,6 @@ from peftkit.methods.prompt import (
     hf_prompt_dict,
     is_seq2seq,
     model_dims,
-    saved_modules,
 )
 
 ENCODER_TYPES = ("MLP", "LSTM")
@@ -169,7 +169,7 @@ class PTuning(PromptLearningConfig):
             encoder_dropout=float(data.get("encoder_dropout") or 0.0),
             fixed_table=True,
             task_type=data.get("task_type"),
-            modules_to_save=saved_modules(data, module_names),
+            modules_to_save=hf_modules_to_save(data.get("modules_to_save"), module_names),
             extra={k: v for k, v in data.items() if k not in _HF_FIELDS},
         )
 
