@@ -47,7 +47,7 @@ from peftkit.methods.adalora_state import (
     load_allocator_state,
     load_allocator_states,
 )
-from peftkit.methods.lora import hf_modules_to_save, hf_resolve, hf_targets
+from peftkit.methods.lora import hf_layer_targets, hf_modules_to_save, hf_targets
 from peftkit.methods.lora_layers import LoRALayer, adapter_dtype
 
 # The checkpoint-state functions live in adalora_state; importing them from here keeps working.
@@ -398,7 +398,7 @@ class AdaLoRA(AdapterConfig):
         pattern = {k.removesuffix(".lora_E"): [bool(v) for v in mask]
                    for k, mask in (data.get("rank_pattern") or {}).items()}
         return cls(
-            target_modules=hf_resolve(data.get("target_modules"), module_names),
+            target_modules=hf_layer_targets(data, module_names),
             init_rank=int(data.get("init_r", 12)), target_rank=int(data.get("target_r", 8)),
             tinit=int(data.get("tinit", 0)), tfinal=int(data.get("tfinal", 0)), deltaT=int(data.get("deltaT", 1)),
             beta1=float(data.get("beta1", 0.85)), beta2=float(data.get("beta2", 0.85)),

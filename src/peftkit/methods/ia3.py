@@ -33,7 +33,7 @@ from peftkit.core.layer import AdapterLayer
 from peftkit.core.matching import first_match
 from peftkit.core.registry import LINEAR_KINDS, LinearKind, TypeRegistry, linear_kind, register_method
 from peftkit.errors import ConfigError, MergeError, UnsupportedLayerError
-from peftkit.methods.lora import hf_modules_to_save, hf_resolve, hf_targets
+from peftkit.methods.lora import hf_layer_targets, hf_modules_to_save, hf_resolve, hf_targets
 from peftkit.methods.lora_layers import adapter_dtype
 
 #: Convolutions (IA)³ scales per channel, as Hugging Face PEFT does → their number of spatial dimensions.
@@ -243,7 +243,7 @@ class IA3(AdapterConfig):
 
     @classmethod
     def from_hf_dict(cls, data: dict[str, Any], module_names: list[str]) -> IA3:
-        targets = hf_resolve(data.get("target_modules"), module_names)
+        targets = hf_layer_targets(data, module_names)
         spec = data.get("feedforward_modules")
         # HF PEFT tests only the targets: a full-match regex, or a plain ``str.endswith`` per key.
         adapted = [n for n in module_names if first_match(n, targets) is not None]

@@ -227,10 +227,8 @@ class LoRA(AdapterConfig):
         ours = dict(data.get("peftkit") or {})
         extra = {k: v for k, v in data.items() if k not in _HF_LORA_FIELDS and k != "peftkit"}
         return cls(
-            target_modules=hf_resolve(data.get("target_modules"), module_names),
+            target_modules=hf_layer_targets(data, module_names),  # the layer indices resolved, as HF PEFT does
             exclude_modules=hf_resolve(data.get("exclude_modules"), module_names),
-            layers=_as_layers(data.get("layers_to_transform")),
-            layers_pattern=_as_list(data.get("layers_pattern")) or cls.layers_pattern,
             rank=int(data.get("r", 8)),
             alpha=data.get("lora_alpha", 8),
             dropout=float(data.get("lora_dropout", 0.0) or 0.0),
@@ -314,6 +312,27 @@ def hf_resolve(spec: Any, module_names: list[str]) -> list[str]:
         regex = re.compile(spec)
         return [n for n in module_names if regex.fullmatch(n)] or [spec]
     return list(spec)
+
+
+def hf_layer_targets(data: dict[str, Any], module_names: list[str]) -> list[str]:
+    """The modules HF PEFT adapts for ``target_modules`` with ``layers_to_transform`` (exclusions apart).
+
+    As HF PEFT: a module named exactly like an entry is taken whatever its layer; one matched by a dotted suffix
+    only when the first index after ``layers_pattern`` (any ``name.N.`` without a pattern) is a listed layer.
+    Without layer indices, or with a regex string (which HF PEFT takes with no layer indices), ``hf_resolve``.
+    """
+    spec, layers = data.get("target_modules"), _as_layers(data.get("layers_to_transform"))
+    if not layers or spec is None or isinstance(spec, str):
+        return hf_resolve(spec, module_names)
+    patterns = _as_list(data.get("layers_pattern"))
+    regexes = [rf"(?:^|.*?\.){re.escape(p)}\.(?P<idx>\d+)\." for p in patterns] or [r".*?\.[^.]*\.(?P<idx>\d+)\."]
+
+    def layer_of(name: str) -> int | None:
+        found = next((m for m in (re.match(r, name) for r in regexes) if m), None)
+        return int(found.group("idx")) if found else None
+
+    return [n for n in module_names if n in spec
+            or (any(n.endswith("." + t) for t in spec) and layer_of(n) in layers)]
 
 
 def hf_modules_to_save(spec: Any, module_names: list[str]) -> list[str]:
