@@ -132,7 +132,7 @@ def draw_other(rng: random.Random, arch: str) -> Any:
     if kind == "adalora":
         return peft.AdaLoraConfig(task_type=task, target_modules=rng.sample(leaves, rng.randint(1, len(leaves))),
                                   init_r=rng.choice([2, 4]), target_r=1, total_step=20, lora_alpha=rng.choice([2, 8]),
-                                  fan_in_fan_out=arch == "gpt2")
+                                  fan_in_fan_out=arch == "gpt2", **layers)
     tokens = rng.choice([1, 3, 5])
     if kind == "prompt":
         return peft.PromptTuningConfig(task_type=task, num_virtual_tokens=tokens)
@@ -144,7 +144,7 @@ def draw_other(rng: random.Random, arch: str) -> Any:
                                     encoder_reparameterization_type=rng.choice(["MLP", "LSTM"]))
 
 
-@pytest.mark.parametrize("seed", range(24))
+@pytest.mark.parametrize("seed", range(40))
 def test_random_hf_configs_of_other_methods_round_trip(seed: int, tmp_path) -> None:
     rng = random.Random(1000 + seed)
     arch = list(LEAVES)[seed % len(LEAVES)]
