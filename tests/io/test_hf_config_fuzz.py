@@ -48,9 +48,11 @@ def draw(rng: random.Random, arch: str) -> dict[str, Any]:
     if arch == "gpt2":
         kw["fan_in_fan_out"] = True
     if rng.random() < 0.4:
-        kw["rank_pattern"] = {rng.choice(named): rng.choice([1, 3])}
+        kw["rank_pattern"] = {pattern_key(rng, named, arch): rng.choice([1, 3])}
     if rng.random() < 0.4:
-        kw["alpha_pattern"] = {rng.choice(named): rng.choice([2, 5])}
+        kw["alpha_pattern"] = {pattern_key(rng, named, arch): rng.choice([2, 5])}
+    if targets != "all-linear" and EMBEDDING[arch] not in targets and rng.random() < 0.2:
+        kw["target_modules"] = rf".*\.({'|'.join(targets)})"  # a regex string, matched in full
     if rng.random() < 0.3 and targets != "all-linear":  # (HF PEFT takes layer indices with a list only)
         kw["layers_to_transform"] = [rng.randint(0, 1)]
         kw["layers_pattern"] = LAYERS[arch]
@@ -59,6 +61,16 @@ def draw(rng: random.Random, arch: str) -> dict[str, Any]:
     if kw["use_dora"] and kw["bias"] != "none":
         kw["bias"] = "none"  # (HF PEFT does not combine a trained bias with DoRA)
     return kw
+
+
+def pattern_key(rng: random.Random, named: list[str], arch: str) -> str:
+    """A rank/alpha pattern key: a leaf name, an alternation of two, or a path regex into one layer."""
+    choice = rng.random()
+    if choice < 0.4 or len(named) < 2:
+        return rng.choice(named)
+    if choice < 0.7:
+        return "|".join(rng.sample(named, 2))
+    return rf"{LAYERS[arch]}\.1\..*{rng.choice(named)}"
 
 
 def perturb(model: torch.nn.Module, seed: int) -> None:

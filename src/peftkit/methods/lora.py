@@ -342,11 +342,12 @@ def hf_modules_to_save(spec: Any, module_names: list[str]) -> list[str]:
 
 
 def hf_pattern(pattern: dict[str, Any], module_names: list[str]) -> dict[str, Any]:
-    """HF PEFT's rank/alpha patterns (``(.*\\.)?KEY$`` regexes) resolved to exact module names."""
+    """HF PEFT's rank/alpha patterns (``(.*\\.)?(KEY)$`` regexes, the first key that matches wins) resolved to
+    exact module names."""
     out: dict[str, Any] = {}
     for name in module_names:
         for key, value in pattern.items():
-            if re.match(rf"(.*\.)?{key}$", name):
+            if re.match(rf"(.*\.)?({key})$", name):
                 out.setdefault(name, value)
                 break
     return out
