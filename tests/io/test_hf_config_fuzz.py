@@ -180,3 +180,44 @@ def test_random_hf_configs_of_other_methods_round_trip(seed: int, tmp_path) -> N
     back = peft.PeftModel.from_pretrained(build(arch), str(tmp_path / "pk")).eval()
     with torch.no_grad():
         torch.testing.assert_close(run(back, arch), want, rtol=1e-5, atol=1e-5, msg=lambda m: f"{config}: {m}")
+
+
+def draw_ours(rng: random.Random, arch: str) -> Any:
+    """A random peftkit LoRA/DoRA config: leaf names, globs and aliases, layer indices, exclusions, patterns."""
+    leaves = LEAVES[arch]
+    targets: Any = rng.choice([
+        lambda: rng.sample(leaves, rng.randint(1, len(leaves))),
+        lambda: "all-linear",
+        lambda: [f"*.{LAYERS[arch]}.1.*.{rng.choice(leaves)}", rng.choice(leaves)],
+        lambda: [rng.choice(leaves), EMBEDDING[arch]],
+    ])()
+    named = leaves if targets == "all-linear" else [t.rsplit(".", 1)[-1] for t in targets]
+    config = pk.DoRA if rng.random() < 0.3 else pk.LoRA
+    kw: dict[str, Any] = {"target_modules": targets, "rank": rng.choice([1, 2, 4]), "alpha": rng.choice([1, 4, 8]),
+                          "use_rslora": rng.random() < 0.3, "task_type": TASK[arch]}
+    if rng.random() < 0.3:
+        kw["layers"] = [rng.randint(0, 1)]
+    elif rng.random() < 0.3 and len(named) > 1:
+        kw["exclude_modules"] = [f"*.0.*.{named[-1]}"]
+    if rng.random() < 0.4:
+        kw["rank_pattern"] = {f"*{rng.choice(named)}": rng.choice([1, 3])}
+    if rng.random() < 0.4:
+        kw["alpha_pattern"] = {rng.choice(named): rng.choice([2, 5])}
+    if config is pk.LoRA and EMBEDDING[arch] not in named:
+        kw["bias"] = rng.choice(["none", "lora_only", "all"])
+    return config(**kw)
+
+
+@pytest.mark.parametrize("seed", range(32))
+def test_random_peftkit_configs_load_in_hf_peft(seed: int, tmp_path) -> None:
+    rng = random.Random(2000 + seed)
+    arch = list(LEAVES)[seed % len(LEAVES)]
+    config = draw_ours(rng, arch)
+    ours = pk.apply(build(arch), config)
+    perturb(ours, seed)
+    with torch.no_grad():
+        want = run(ours, arch)
+    pk.save_adapter(ours, tmp_path)
+    hf = peft.PeftModel.from_pretrained(build(arch), str(tmp_path)).eval()
+    with torch.no_grad():
+        torch.testing.assert_close(run(hf, arch), want, rtol=1e-5, atol=1e-5, msg=lambda m: f"{config}: {m}")
