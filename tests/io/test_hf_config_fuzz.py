@@ -81,35 +81,6 @@ def perturb(model: torch.nn.Module, seed: int) -> None:
                 p.add_(torch.randn(p.shape, generator=gen) * 0.1)
 
 
-@pytest.mark.parametrize("seed", range(40))
-def test_random_hf_configs_round_trip(seed: int, tmp_path) -> None:
-    rng = random.Random(seed)
-    arch = list(LEAVES)[seed % len(LEAVES)]
-    kw = draw(rng, arch)
-    hf = peft.get_peft_model(build(arch), peft.LoraConfig(**kw))
-    perturb(hf, seed)
-    hf.eval()
-    hf.save_pretrained(str(tmp_path / "hf"))
-    with torch.no_grad():
-        want = run(hf, arch)
-    ours = pk.load_adapter(build(arch), tmp_path / "hf")
-    with torch.no_grad():
-        got = run(ours, arch)
-    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5, msg=lambda m: f"{kw}: {m}")
-    pk.save_adapter(ours, tmp_path / "pk")
-    theirs = load_file(str(tmp_path / "hf" / "adapter_model.safetensors"))
-    mine = load_file(str(tmp_path / "pk" / "adapter_model.safetensors"))
-    # HF PEFT also writes the base embedding when an embedding is a target (save_embedding_layers="auto");
-    # peftkit reads it but does not write the frozen table into the adapter.
-    extra = {k for k in theirs.keys() - mine.keys() if k.endswith(f"{EMBEDDING[arch]}.base_layer.weight")}
-    assert mine.keys() == theirs.keys() - extra, kw
-    for key, tensor in mine.items():
-        assert torch.equal(tensor, theirs[key]), key
-    back = peft.PeftModel.from_pretrained(build(arch), str(tmp_path / "pk")).eval()
-    with torch.no_grad():
-        torch.testing.assert_close(run(back, arch), want, rtol=1e-5, atol=1e-5, msg=lambda m: f"{kw}: {m}")
-
-
 def test_bias_all_writes_hf_peft_keys_with_a_saved_classifier(tmp_path) -> None:
     """bias="all" trains every bias; HF PEFT keys an adapted layer's under ``base_layer`` and a saved module's
     under ``original_module``/``modules_to_save``, once each: peftkit writes and reads exactly those keys."""
@@ -156,32 +127,6 @@ def draw_other(rng: random.Random, arch: str) -> Any:
                                     encoder_reparameterization_type=rng.choice(["MLP", "LSTM"]))
 
 
-@pytest.mark.parametrize("seed", range(40))
-def test_random_hf_configs_of_other_methods_round_trip(seed: int, tmp_path) -> None:
-    rng = random.Random(1000 + seed)
-    arch = list(LEAVES)[seed % len(LEAVES)]
-    config = draw_other(rng, arch)
-    hf = peft.get_peft_model(build(arch), config)
-    perturb(hf, seed)
-    hf.eval()
-    hf.save_pretrained(str(tmp_path / "hf"))
-    with torch.no_grad():
-        want = run(hf, arch)
-    ours = pk.load_adapter(build(arch), tmp_path / "hf")
-    with torch.no_grad():
-        got = run(ours, arch)
-    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5, msg=lambda m: f"{config}: {m}")
-    pk.save_adapter(ours, tmp_path / "pk")
-    theirs = load_file(str(tmp_path / "hf" / "adapter_model.safetensors"))
-    mine = load_file(str(tmp_path / "pk" / "adapter_model.safetensors"))
-    assert mine.keys() == theirs.keys(), config
-    for key, tensor in theirs.items():
-        assert torch.equal(mine[key], tensor), key
-    back = peft.PeftModel.from_pretrained(build(arch), str(tmp_path / "pk")).eval()
-    with torch.no_grad():
-        torch.testing.assert_close(run(back, arch), want, rtol=1e-5, atol=1e-5, msg=lambda m: f"{config}: {m}")
-
-
 def draw_ours(rng: random.Random, arch: str) -> Any:
     """A random peftkit LoRA/DoRA config: leaf names, globs and aliases, layer indices, exclusions, patterns."""
     leaves = LEAVES[arch]
@@ -208,21 +153,6 @@ def draw_ours(rng: random.Random, arch: str) -> Any:
     return config(**kw)
 
 
-@pytest.mark.parametrize("seed", range(32))
-def test_random_peftkit_configs_load_in_hf_peft(seed: int, tmp_path) -> None:
-    rng = random.Random(2000 + seed)
-    arch = list(LEAVES)[seed % len(LEAVES)]
-    config = draw_ours(rng, arch)
-    ours = pk.apply(build(arch), config)
-    perturb(ours, seed)
-    with torch.no_grad():
-        want = run(ours, arch)
-    pk.save_adapter(ours, tmp_path)
-    hf = peft.PeftModel.from_pretrained(build(arch), str(tmp_path)).eval()
-    with torch.no_grad():
-        torch.testing.assert_close(run(hf, arch), want, rtol=1e-5, atol=1e-5, msg=lambda m: f"{config}: {m}")
-
-
 def draw_ours_other(rng: random.Random, arch: str) -> Any:
     """A random peftkit IA3, AdaLoRA, prompt, prefix or P-tuning config for ``arch``."""
     leaves, task = LEAVES[arch], TASK[arch]
@@ -246,16 +176,59 @@ def draw_ours_other(rng: random.Random, arch: str) -> Any:
                       encoder_reparameterization_type=rng.choice(["MLP", "LSTM"]))
 
 
-@pytest.mark.parametrize("seed", range(32))
-def test_random_peftkit_configs_of_other_methods_load_in_hf_peft(seed: int, tmp_path) -> None:
-    rng = random.Random(3000 + seed)
+def lora_config(rng: random.Random, arch: str) -> Any:
+    return peft.LoraConfig(**draw(rng, arch))
+
+
+#: (name, draw function, first seed, cases): HF PEFT configurations, then peftkit ones.
+HF_CASES = [("lora", lora_config, 0, 40), ("other", draw_other, 1000, 40)]
+OUR_CASES = [("lora", draw_ours, 2000, 32), ("other", draw_ours_other, 3000, 32)]
+
+
+def cases(table: list[tuple[str, Any, int, int]]) -> list[Any]:
+    return [pytest.param(draw_fn, start + i, id=f"{name}-{i}") for name, draw_fn, start, n in table for i in range(n)]
+
+
+@pytest.mark.parametrize("draw_fn,seed", cases(HF_CASES))
+def test_random_hf_configs_round_trip(draw_fn: Any, seed: int, tmp_path) -> None:
+    rng = random.Random(seed)
     arch = list(LEAVES)[seed % len(LEAVES)]
-    config = draw_ours_other(rng, arch)
+    config = draw_fn(rng, arch)
+    hf = peft.get_peft_model(build(arch), config)
+    perturb(hf, seed)
+    hf.eval().save_pretrained(str(tmp_path / "hf"))
+    with torch.no_grad():
+        want = run(hf, arch)
+    ours = pk.load_adapter(build(arch), tmp_path / "hf")
+    with torch.no_grad():
+        torch.testing.assert_close(run(ours, arch), want, rtol=1e-5, atol=1e-5, msg=lambda m: f"{config}: {m}")
+    pk.save_adapter(ours, tmp_path / "pk")
+    theirs = load_file(str(tmp_path / "hf" / "adapter_model.safetensors"))
+    mine = load_file(str(tmp_path / "pk" / "adapter_model.safetensors"))
+    # HF PEFT also writes the base embedding when an embedding is a target (save_embedding_layers="auto");
+    # peftkit reads it but does not write the frozen table into the adapter.
+    extra = {k for k in theirs.keys() - mine.keys() if k.endswith(f"{EMBEDDING[arch]}.base_layer.weight")}
+    assert mine.keys() == theirs.keys() - extra, config
+    for key, tensor in mine.items():
+        assert torch.equal(tensor, theirs[key]), key
+    assert_hf_loads(tmp_path / "pk", arch, want, config)
+
+
+@pytest.mark.parametrize("draw_fn,seed", cases(OUR_CASES))
+def test_random_peftkit_configs_load_in_hf_peft(draw_fn: Any, seed: int, tmp_path) -> None:
+    rng = random.Random(seed)
+    arch = list(LEAVES)[seed % len(LEAVES)]
+    config = draw_fn(rng, arch)
     ours = pk.apply(build(arch), config)
     perturb(ours, seed)
     with torch.no_grad():
         want = run(ours, arch)
     pk.save_adapter(ours, tmp_path)
-    hf = peft.PeftModel.from_pretrained(build(arch), str(tmp_path)).eval()
+    assert_hf_loads(tmp_path, arch, want, config)
+
+
+def assert_hf_loads(directory: Any, arch: str, want: torch.Tensor, config: Any) -> None:
+    """HF PEFT loads the adapter in ``directory`` onto a fresh model with the logits ``want``."""
+    hf = peft.PeftModel.from_pretrained(build(arch), str(directory)).eval()
     with torch.no_grad():
         torch.testing.assert_close(run(hf, arch), want, rtol=1e-5, atol=1e-5, msg=lambda m: f"{config}: {m}")
