@@ -325,7 +325,7 @@ def hf_layer_targets(data: dict[str, Any], module_names: list[str]) -> list[str]
     if not layers or spec is None or isinstance(spec, str):
         return hf_resolve(spec, module_names)
     patterns = _as_list(data.get("layers_pattern"))
-    regexes = [rf"(?:^|.*?\.){re.escape(p)}\.(?P<idx>\d+)\." for p in patterns] or [r".*?\.[^.]*\.(?P<idx>\d+)\."]
+    regexes = [rf"(?:^|.*?\.){p}\.(?P<idx>\d+)\." for p in patterns] or [r".*?\.[^.]*\.(?P<idx>\d+)\."]
 
     def layer_of(name: str) -> int | None:
         found = next((m for m in (re.match(r, name) for r in regexes) if m), None)
