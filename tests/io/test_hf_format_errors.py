@@ -157,3 +157,19 @@ def test_loaded_adapter_is_frozen_unless_trainable(saved: Path) -> None:
     model = build("llama")
     pk.load_adapter(model, saved, trainable=True)
     assert any(p.requires_grad for p in model.parameters())
+
+
+@pytest.mark.parametrize("field,value", [("lora_bias", True), ("trainable_token_indices", [1, 2]),
+                                         ("layer_replication", [[0, 1]]), ("target_parameters", ["mlp.weight"])])
+def test_hf_lora_options_peftkit_lacks_are_refused_by_name(saved: Path, field: str, value: object) -> None:
+    """An HF PEFT option that changes what the adapter computes is refused, not half-loaded."""
+    data = json.loads((saved / "adapter_config.json").read_text())
+    data[field] = value
+    (saved / "adapter_config.json").write_text(json.dumps(data))
+    model = build("llama")
+    before = snapshot(model)
+    with pytest.raises(ConfigError, match=rf"{field}=.*peftkit does not support"):
+        pk.load_adapter(model, saved)
+    after = snapshot(model)
+    assert after[0] == before[0] and after[2] == before[2]
+    assert all(torch.equal(after[1][k], v) for k, v in before[1].items())

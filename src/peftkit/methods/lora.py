@@ -224,6 +224,13 @@ class LoRA(AdapterConfig):
         for flag, variant in LORA_VARIANTS.items():
             if data.get(flag) and cls is LoRA:
                 return variant.from_hf_dict(data, module_names)
+        unsupported = {k: data[k] for k in _HF_LORA_UNSUPPORTED if data.get(k)}
+        if unsupported:
+            field, value = next(iter(unsupported.items()))
+            raise ConfigError(
+                f"adapter_config.json sets {field}={value!r} ({_HF_LORA_UNSUPPORTED[field]}), an HF PEFT LoRA option "
+                "peftkit does not support; load this adapter with HF PEFT, or save it without that option"
+            )
         ours = dict(data.get("peftkit") or {})
         extra = {k: v for k, v in data.items() if k not in _HF_LORA_FIELDS and k != "peftkit"}
         return cls(
@@ -245,6 +252,17 @@ class LoRA(AdapterConfig):
 
 #: ``adapter_config.json`` flag → the LoRA variant it selects (``"use_dora"`` → DoRA), filled by variants.
 LORA_VARIANTS: dict[str, type[LoRA]] = {}
+
+#: HF PEFT LoRA options that change what the adapter computes and that peftkit does not implement: an adapter
+#: setting one is refused when loaded (its tensors would not fit, or would load and compute something else).
+_HF_LORA_UNSUPPORTED = {
+    "lora_bias": "a trained bias on B",
+    "trainable_token_indices": "trainable token embeddings",
+    "layer_replication": "layers duplicated in the base model",
+    "use_qalora": "QA-LoRA's pooled input",
+    "target_parameters": "LoRA on parameters rather than modules",
+    "alora_invocation_tokens": "activated LoRA",
+}
 
 _HF_LORA_FIELDS = frozenset(
     "peft_type task_type r lora_alpha lora_dropout use_rslora use_dora target_modules exclude_modules "
