@@ -121,13 +121,11 @@ class CanonicalLoRALinear(LoRALinear):
     def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
         result: torch.Tensor = self.base_layer(x, *args, **kwargs)
         for name in self._applied():
-            A = self.lora_A[name]
             if not self.is_canonical(name):
-                B, drop = self.lora_B[name], self.lora_dropout[name]
-                h = x.to(_weight(A).dtype)
-                update = B(A(drop(h))) if self.dropout_position[name] == "pre" else drop(B(A(h)))
-            else:
-                update = self._canonical_update(name, x.to(_weight(next(iter(_parts(A).values()))).dtype))
+                result = result + self._module_update(name, x).to(result.dtype)
+                continue
+            A = self.lora_A[name]
+            update = self._canonical_update(name, x.to(_weight(next(iter(_parts(A).values()))).dtype))
             result = result + (update * self.scaling[name]).to(result.dtype)
         return result
 

@@ -75,8 +75,7 @@ class DoRAConv(_DoRAMixin, LoRAConv):
             A, B, drop = self.lora_A[name], self.lora_B[name], self.lora_dropout[name]
             h = x.to(cast(torch.Tensor, A.weight).dtype)
             if name not in self.lora_magnitude_vector:  # a plain LoRA adapter on the same layer
-                update = B(A(drop(h))) if self.dropout_position[name] == "pre" else drop(B(A(h)))
-                out = out + (update * self.scaling[name]).to(out.dtype)
+                out = out + self._module_update(name, x).to(out.dtype)
                 continue
             magnitude = cast(torch.Tensor, self.lora_magnitude_vector[name])
             g = self._per_channel(magnitude.reshape(-1) / self.weight_norm(name), "output")  # grad reaches m, not ‖·‖

@@ -46,8 +46,7 @@ class DoRALinear(_DoRAMixin, LoRALinear):
             A, B, drop = self.lora_A[name], self.lora_B[name], self.lora_dropout[name]
             h = x.to(cast(torch.Tensor, A.weight).dtype)
             if name not in self.lora_magnitude_vector:  # a plain LoRA adapter on the same layer
-                update = B(A(drop(h))) if self.dropout_position[name] == "pre" else drop(B(A(h)))
-                out = out + (update * self.scaling[name]).to(out.dtype)
+                out = out + self._module_update(name, x).to(out.dtype)
                 continue
             # Dropout on the adapter branch only: g⊙(Wx + s·BA·dropout(x)) + b (module docstring).
             g = self.lora_magnitude_vector[name] / self.weight_norm(name)

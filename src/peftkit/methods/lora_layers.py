@@ -76,6 +76,16 @@ class LoRALayer(AdapterLayer):
         self.lora_dropout[name] = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
         self.dropout_position[name] = dropout_position
 
+    def _module_update(self, name: str, x: torch.Tensor) -> torch.Tensor:
+        """``s·B(A(dropout(x)))`` (``s·dropout(B(A(x)))`` with ``dropout_position="post"``) in the adapter's dtype,
+        for an adapter whose A and B are modules (``lora_A``/``lora_B``): the straightforward formula, which every
+        fused path is tested against."""
+        As, Bs = cast(nn.ModuleDict, self._modules["lora_A"]), cast(nn.ModuleDict, self._modules["lora_B"])
+        A, B, drop = As[name], Bs[name], self.lora_dropout[name]
+        h = x.to(cast(torch.Tensor, A.weight).dtype)
+        update: torch.Tensor = B(A(drop(h))) if self.dropout_position[name] == "pre" else drop(B(A(h)))
+        return update * self.scaling[name]
+
     def delete_adapter(self, name: str) -> None:
         super().delete_adapter(name)
         for table in (self.rank, self.scaling, self.dropout_position):
@@ -192,12 +202,7 @@ class LoRALinear(LoRALayer):
                 result = lora_kernels.lora_update(result, x, A_weight, B_weight, self.scaling[name], p, drop.training,
                                                   name, self)
                 continue
-            h = x.to(A_weight.dtype)
-            if self.dropout_position[name] == "pre":
-                update = B(A(drop(h)))
-            else:
-                update = drop(B(A(h)))
-            result = result + (update * self.scaling[name]).to(result.dtype)
+            result = result + self._module_update(name, x).to(result.dtype)
         return result
 
 
@@ -313,10 +318,7 @@ class LoRAConv(LoRALayer):
     def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
         result: torch.Tensor = self.base_layer(x, *args, **kwargs)
         for name in self._applied():
-            A, B, drop = self.lora_A[name], self.lora_B[name], self.lora_dropout[name]
-            h = x.to(cast(torch.Tensor, A.weight).dtype)
-            update = B(A(drop(h))) if self.dropout_position[name] == "pre" else drop(B(A(h)))
-            result = result + (update * self.scaling[name]).to(result.dtype)
+            result = result + self._module_update(name, x).to(result.dtype)
         return result
 
 
