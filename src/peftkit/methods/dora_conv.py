@@ -70,15 +70,8 @@ class DoRAConv(_DoRAMixin, LoRAConv):
         bias = getattr(self.base_layer, "bias", None)
         # conv(x, W), without the bias: the base term never sees dropout
         base_out = result if bias is None else result - self._per_channel(bias, "output")
-        out = result
-        for name in self._applied():
-            A, B, drop = self.lora_A[name], self.lora_B[name], self.lora_dropout[name]
-            h = x.to(cast(torch.Tensor, A.weight).dtype)
-            if name not in self.lora_magnitude_vector:  # a plain LoRA adapter on the same layer
-                out = out + self._module_update(name, x).to(out.dtype)
-                continue
-            magnitude = cast(torch.Tensor, self.lora_magnitude_vector[name])
-            g = self._per_channel(magnitude.reshape(-1) / self.weight_norm(name), "output")  # grad reaches m, not ‖·‖
-            update = (g - 1) * base_out.to(h.dtype) + g * (B(A(drop(h))) * self.scaling[name])
-            out = out + update.to(out.dtype)
-        return out
+        return self._add_updates(x, result, base_out)
+
+    def _gain(self, name: str) -> torch.Tensor:
+        magnitude = cast(torch.Tensor, self.lora_magnitude_vector[name])
+        return self._per_channel(magnitude.reshape(-1) / self.weight_norm(name), "output")

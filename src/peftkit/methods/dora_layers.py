@@ -11,7 +11,7 @@ as in HF PEFT. A plain LoRA adapter on the same layer (no magnitude) adds its up
 
 from __future__ import annotations
 
-from typing import Any, ClassVar, cast
+from typing import Any, ClassVar
 
 import torch
 from torch import nn
@@ -41,18 +41,7 @@ class DoRALinear(_DoRAMixin, LoRALinear):
         result: torch.Tensor = self.base_layer(x, *args, **kwargs)
         bias = getattr(self.base_layer, "bias", None)
         base_out = result if bias is None else result - bias  # W x: the base term never sees dropout
-        out = result
-        for name in self._applied():
-            A, B, drop = self.lora_A[name], self.lora_B[name], self.lora_dropout[name]
-            h = x.to(cast(torch.Tensor, A.weight).dtype)
-            if name not in self.lora_magnitude_vector:  # a plain LoRA adapter on the same layer
-                out = out + self._module_update(name, x).to(out.dtype)
-                continue
-            # Dropout on the adapter branch only: g⊙(Wx + s·BA·dropout(x)) + b (module docstring).
-            g = self.lora_magnitude_vector[name] / self.weight_norm(name)
-            update = (g - 1) * base_out.to(h.dtype) + g * (B(A(drop(h))) * self.scaling[name])
-            out = out + update.to(out.dtype)
-        return out
+        return self._add_updates(x, result, base_out)
 
 
 class DoRAEmbedding(_DoRAMixin, LoRAEmbedding):

@@ -134,6 +134,26 @@ class _DoRAMixin(LoRALayer):
         with torch.no_grad():
             return magnitude.detach() / self.weight_norm(name)
 
+    def _gain(self, name: str) -> torch.Tensor:
+        """``g = m/‖W + s·BA‖`` shaped to scale the layer's output (gradients reach m, not the detached norm)."""
+        return cast(torch.Tensor, self.lora_magnitude_vector[name]) / self.weight_norm(name)
+
+    def _add_updates(self, x: torch.Tensor, result: torch.Tensor, base_out: torch.Tensor) -> torch.Tensor:
+        """``result`` plus each applied adapter's term, for layers whose A and B are modules (linear, conv).
+
+        A DoRA adapter adds ``(g−1)·Wx + g·s·BA·dropout(x)`` (``base_out`` is ``Wx``, without the bias: dropout acts
+        on the adapter branch only), so the output is ``g⊙(Wx + s·BA·dropout(x)) + b``; a plain LoRA adapter on the
+        same layer adds its own update.
+        """
+        out = result
+        for name in self._applied():
+            update = self._module_update(name, x)
+            if name in self.lora_magnitude_vector:
+                g = self._gain(name)
+                update = (g - 1) * base_out.to(update.dtype) + g * update
+            out = out + update.to(out.dtype)
+        return out
+
     def delete_adapter(self, name: str) -> None:
         super().delete_adapter(name)
         self._norm_cache.pop(name, None)
