@@ -131,6 +131,16 @@ def perturb_dora(model: nn.Module, seed: int = 0) -> None:
                 p.mul_(1 + 0.2 * noise) if "magnitude" in name else p.add_(0.1 * noise)
 
 
+def randomize_trainable(model: nn.Module, scale: float = 0.5) -> nn.Module:
+    """Every trainable tensor drawn from N(0, scale²) (global RNG), so no initial value can hide a bug; returns
+    ``model``."""
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.requires_grad:
+                p.copy_(torch.randn_like(p) * scale)
+    return model
+
+
 def train_losses(model: nn.Module, loss: Callable[[], torch.Tensor], lr: float, steps: int = 8) -> list[float]:
     """Losses of ``steps`` AdamW steps on the model's trainable parameters; ``loss()`` runs one forward."""
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr)

@@ -189,11 +189,15 @@ def cases(table: list[tuple[str, Any, int, int]]) -> list[Any]:
     return [pytest.param(draw_fn, start + i, id=f"{name}-{i}") for name, draw_fn, start, n in table for i in range(n)]
 
 
+def case(draw_fn: Any, seed: int) -> tuple[str, Any]:
+    """Case ``seed``: its architecture (in turn) and the configuration ``draw_fn`` draws for it."""
+    arch = list(LEAVES)[seed % len(LEAVES)]
+    return arch, draw_fn(random.Random(seed), arch)
+
+
 @pytest.mark.parametrize("draw_fn,seed", cases(HF_CASES))
 def test_random_hf_configs_round_trip(draw_fn: Any, seed: int, tmp_path) -> None:
-    rng = random.Random(seed)
-    arch = list(LEAVES)[seed % len(LEAVES)]
-    config = draw_fn(rng, arch)
+    arch, config = case(draw_fn, seed)
     hf = peft.get_peft_model(build(arch), config)
     perturb(hf, seed)
     hf.eval().save_pretrained(str(tmp_path / "hf"))
@@ -216,9 +220,7 @@ def test_random_hf_configs_round_trip(draw_fn: Any, seed: int, tmp_path) -> None
 
 @pytest.mark.parametrize("draw_fn,seed", cases(OUR_CASES))
 def test_random_peftkit_configs_load_in_hf_peft(draw_fn: Any, seed: int, tmp_path) -> None:
-    rng = random.Random(seed)
-    arch = list(LEAVES)[seed % len(LEAVES)]
-    config = draw_fn(rng, arch)
+    arch, config = case(draw_fn, seed)
     ours = pk.apply(build(arch), config)
     perturb(ours, seed)
     with torch.no_grad():

@@ -14,7 +14,7 @@ import peftkit as pk
 from peftkit.errors import CheckpointError, ConfigError, MergeError, ShapeMismatchError
 from peftkit.methods.multitask_prompt import MultitaskPromptEmbedding
 
-from models import build, train_losses
+from models import build, randomize_trainable, train_losses
 
 peft = pytest.importorskip("peft")
 
@@ -31,10 +31,7 @@ def hf_model(arch: str, **kw: object) -> torch.nn.Module:
     config = peft.MultitaskPromptTuningConfig(task_type=TASKS[arch], num_virtual_tokens=M, num_tasks=T, num_ranks=R,
                                               **extra, **kw)
     model = peft.get_peft_model(build(arch), config)
-    with torch.no_grad():
-        for p in model.parameters():
-            if p.requires_grad:
-                p.copy_(torch.randn_like(p) * 0.5)
+    randomize_trainable(model)
     return model.eval()
 
 
@@ -122,10 +119,7 @@ def test_generate_takes_task_ids_and_equals_full_forward_decoding(arch: str) -> 
     task ids, and the generation hook goes with the adapter."""
     model = build(arch)
     pk.apply(model, ours_config(arch))
-    with torch.no_grad():
-        for p in model.parameters():
-            if p.requires_grad:
-                p.copy_(torch.randn_like(p) * 0.5)
+    randomize_trainable(model)
     model.generation_config.eos_token_id = None  # decode every step, like the reference
     inputs = {k: v for k, v in batch(arch).items() if k != "labels"}
     ids, mask = inputs["input_ids"], inputs["attention_mask"]

@@ -9,7 +9,7 @@ from test_prompt import batch, greedy_reference
 import peftkit as pk
 from peftkit.errors import MergeError
 
-from models import build, train_losses
+from models import build, randomize_trainable, train_losses
 
 peft = pytest.importorskip("peft")
 
@@ -37,10 +37,7 @@ def hf_model(arch: str, projection: bool = False):
     config = peft.PrefixTuningConfig(task_type=TASKS[arch], num_virtual_tokens=3, prefix_projection=projection,
                                      encoder_hidden_size=16, **extra)
     model = peft.get_peft_model(make(arch), config)
-    with torch.no_grad():
-        for p in model.parameters():
-            if p.requires_grad:
-                p.copy_(torch.randn_like(p) * 0.5)
+    randomize_trainable(model)
     return model.eval()
 
 
@@ -77,10 +74,7 @@ def test_trainable_parameter_count_equals_hf(arch: str, projection: bool) -> Non
 
 def test_projection_saves_the_projected_table_and_hf_loads_it(tmp_path) -> None:
     ours = pk.apply(build("gpt2"), ours_config("gpt2", projection=True))
-    with torch.no_grad():
-        for p in ours.parameters():
-            if p.requires_grad:
-                p.copy_(torch.randn_like(p) * 0.5)
+    randomize_trainable(ours)
     inputs = inputs_for("gpt2")
     with torch.no_grad():
         want = ours(**inputs).logits

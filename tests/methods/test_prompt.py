@@ -8,7 +8,7 @@ import torch
 import peftkit as pk
 from peftkit.errors import AdapterStateError, ConfigError, MergeError
 
-from models import build, train_losses
+from models import build, randomize_trainable, train_losses
 
 peft = pytest.importorskip("peft")
 
@@ -34,10 +34,7 @@ def hf_model(arch: str, tmp_path, **kw):
     extra = {"modules_to_save": ["classifier"]} if arch == "bert" else {}
     model = peft.get_peft_model(build(arch), peft.PromptTuningConfig(task_type=TASKS[arch], num_virtual_tokens=4,
                                                                      **extra, **kw))
-    with torch.no_grad():
-        for p in model.parameters():
-            if p.requires_grad:
-                p.copy_(torch.randn_like(p) * 0.5)
+    randomize_trainable(model)
     return model.eval()
 
 

@@ -17,7 +17,7 @@ from peftkit.methods.prompt import PromptEmbedding
 from peftkit.methods.ptuning import PromptEncoder
 from peftkit.train.config import PEFT_METHODS
 
-from models import build, train_losses
+from models import build, randomize_trainable, train_losses
 
 peft = pytest.importorskip("peft")
 
@@ -33,10 +33,7 @@ def hf_model(arch: str, kind: str) -> torch.nn.Module:
     config = peft.PromptEncoderConfig(task_type=TASKS[arch], num_virtual_tokens=M, encoder_hidden_size=HIDDEN,
                                       encoder_reparameterization_type=kind, **extra)
     model = peft.get_peft_model(build(arch), config)
-    with torch.no_grad():
-        for p in model.parameters():
-            if p.requires_grad:
-                p.copy_(torch.randn_like(p) * 0.5)
+    randomize_trainable(model)
     return model.eval()
 
 
