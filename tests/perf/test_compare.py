@@ -36,6 +36,20 @@ def test_method_configs_keep_the_run_and_pass_on_only_accepted_options(tmp_path:
     assert full.peft.method == "none" and full.peft.options == {}
     with pytest.raises(ConfigError, match="unknown method 'lorra'.*choose from"):
         method_config(base, "lorra", tmp_path)
+    bitfit = method_config(base, "bitfit", tmp_path)  # LoRA's targets would mean "train these layers' biases"
+    assert "target_modules" not in bitfit.peft.options
+
+
+def test_adalora_takes_its_schedule_length_from_the_run(tmp_path: Path) -> None:
+    cfg = _config(tmp_path)
+    adalora = method_config(config_from_dict(cfg), "adalora", tmp_path)
+    assert adalora.peft.options["total_step"] == 2 and adalora.peft.options["target_modules"] == ["q_proj", "v_proj"]
+    cfg["peft"]["total_step"] = 7
+    assert method_config(config_from_dict(cfg), "adalora", tmp_path).peft.options["total_step"] == 7
+    del cfg["peft"]["total_step"]
+    cfg["train"] = {"epochs": 1, "batch_size": 4}
+    with pytest.raises(ConfigError, match="adalora needs peft.total_step"):
+        method_config(config_from_dict(cfg), "adalora", tmp_path)
 
 
 def test_compare_writes_table_json_and_plots(tmp_path: Path) -> None:
@@ -59,9 +73,15 @@ def test_compare_writes_table_json_and_plots(tmp_path: Path) -> None:
         assert (out / png).read_bytes()[:4] == b"\x89PNG"
 
 
-def test_failed_method_is_a_row_not_a_crash() -> None:
+def test_failed_method_is_a_row_not_a_crash(tmp_path: Path) -> None:
     table = markdown_table({"lora": {"error": "boom"}})
     assert "| lora | failed: boom |" in table
+    # BitFit on a Llama (no biases) fails in its own process: the row holds the error's message, the log the rest.
+    result = compare(config_from_dict(_config(tmp_path)), ["bitfit"], tmp_path / "out")
+    row = result["methods"]["bitfit"]
+    assert row["error"].startswith("peftkit.errors.") and "bias" in row["error"]
+    assert "Traceback" in Path(row["log"]).read_text()
+    assert f"| bitfit | failed: {row['error'][:200]} |" in result["table"]
 
 
 def test_cli_parser_registers_compare() -> None:

@@ -107,3 +107,17 @@ def test_eval_other_tasks(task, run_config, tmp_path, capsys):
     keys = {"loss", "accuracy", "f1"} if task == "classification" else {"loss", "ppl", "exact_match"}
     assert keys <= set(result["base"]) and keys <= set(result["adapted"])
     assert result["base"]["loss"] != result["adapted"]["loss"]
+
+
+def test_overrides_may_follow_the_options(tmp_path, capsys):
+    cfg = tmp_path / "config.json"
+    cfg.write_text(json.dumps(LLAMA))
+    assert main(["inspect", str(cfg), "rank=4", "--target", "q_proj", "--method", "lora"]) == 0
+    before = capsys.readouterr().out
+    assert main(["inspect", str(cfg), "--target", "q_proj", "--method", "lora", "rank=4"]) == 0
+    assert capsys.readouterr().out == before
+    assert main(["inspect", str(cfg), "--target", "q_proj", "--method", "lora"]) == 0
+    assert capsys.readouterr().out != before  # the default rank: the trailing override was not ignored
+    with pytest.raises(SystemExit) as info:
+        main(["inspect", str(cfg), "--method", "lora", "--bogus"])
+    assert info.value.code == 2 and "unrecognized arguments: --bogus" in capsys.readouterr().err

@@ -165,7 +165,14 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``peftkit`` command; returns the exit status."""
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    # KEY=VALUE overrides may come after the options too (argparse alone takes them only before).
+    trailing = "overrides" if hasattr(args, "overrides") else "options" if hasattr(args, "options") else None
+    if extra and trailing and all("=" in e and not e.startswith("-") for e in extra):
+        setattr(args, trailing, [*getattr(args, trailing), *extra])
+    elif extra:
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
     try:
         return int(args.func(args))
     except PeftkitError as exc:

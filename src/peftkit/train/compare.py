@@ -45,6 +45,7 @@ def method_config(base: RunConfig, method: str, out_dir: Path) -> RunConfig:
         raise ConfigError(f"unknown method {method!r} in --methods; choose from {sorted([*PEFT_METHODS, *ALIASES])}")
     data = base.to_dict()
     data["peft"] = {"method": name, **_options_for(name, base.peft.method, dict(base.peft.options))}
+    _fill_steps(data)
     data["checkpoint"] = {**data["checkpoint"], "save_dir": str(out_dir / method), "resume": "none",
                           "save_interval": 0, "keep_last": 1}
     data["logging"] = {**data["logging"], "progress_bar": False, "tensorboard": "false", "plots": False,
@@ -64,8 +65,23 @@ def _options_for(method: str, source_method: str, options: dict[str, Any]) -> di
     cls = getattr(pk, cls_name, None)
     if cls is None:
         raise ConfigError(f"method {method!r} is not available in this peftkit (no peftkit.{cls_name})")
-    fields = {f.name for f in dataclasses.fields(cls)}
+    fields = {f.name for f in dataclasses.fields(cls)} - _NOT_CARRIED.get(method, set())
     return {k: v for k, v in options.items() if k in fields}
+
+
+#: Fields that mean something else for that method, so another method's value is not passed on: BitFit's
+#: ``target_modules`` select modules whose *bias* trains (its default, every bias, is the method).
+_NOT_CARRIED = {"bitfit": {"target_modules", "exclude_modules"}}
+
+
+def _fill_steps(cfg: dict[str, Any]) -> None:
+    """AdaLoRA's schedule needs the run's length: ``total_step`` from ``train.max_steps`` when not given."""
+    peft, steps = cfg["peft"], int(cfg.get("train", {}).get("max_steps") or 0)
+    if peft["method"] == "adalora" and not peft.get("total_step"):
+        if steps <= 0:
+            raise ConfigError("adalora needs peft.total_step (its rank schedule's length) when train.max_steps "
+                              "is not set; add peft.total_step=N or train.max_steps=N")
+        peft["total_step"] = steps
 
 
 # -- one method, in a child process -----------------------------------------------------------------
@@ -168,8 +184,10 @@ def _run_isolated(cfg: RunConfig, run_dir: Path) -> dict[str, Any]:
     proc = subprocess.run([sys.executable, "-m", "peftkit.train.compare", "--child", str(cfg_path), str(result_path)],
                           capture_output=True, text=True, check=False, env=os.environ.copy())
     if proc.returncode != 0 or not result_path.is_file():
-        tail = (proc.stderr or proc.stdout).strip().splitlines()[-5:]
-        return {"error": " | ".join(tail) or f"exit status {proc.returncode}"}
+        log = run_dir / "compare_error.log"  # the whole output; the table shows the error's last line
+        log.write_text(proc.stdout + proc.stderr)
+        lines = (proc.stderr or proc.stdout).strip().splitlines()
+        return {"error": lines[-1] if lines else f"exit status {proc.returncode}", "log": str(log)}
     return json.loads(result_path.read_text())  # type: ignore[no-any-return]
 
 
@@ -261,7 +279,7 @@ def register(sub: Any) -> None:
     p.add_argument("config", help="YAML run config (see configs/)")
     p.add_argument("--methods", required=True, help="comma-separated, e.g. lora,dora,ia3,full")
     p.add_argument("--out", default="runs/compare", help="output directory (default runs/compare)")
-    p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="e.g. train.max_steps=50 (before the options)")
+    p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="e.g. train.max_steps=50")
     p.set_defaults(func=_command)
 
 
