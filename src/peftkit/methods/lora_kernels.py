@@ -293,8 +293,10 @@ def fused_dora_forward(layer: Any, x: torch.Tensor, plan: tuple[Any, ...] | None
     if magnitude is None:
         return None
     if p == 0.0 and not torch.is_grad_enabled():  # inference: g = m/‖·‖ cached while nothing changes
-        # Checking these is 1 µs; the layer's own cache key (every base tensor, through nn.Module) 5 µs.
-        key = (EPOCH.value, *((t.data_ptr(), t._version) for t in (A, B, magnitude, weight)))
+        # Spelled out: a generator over the four tensors costs more than the lookups themselves (decoding one
+        # token is mostly such overhead); the layer's own cache key (every base tensor, through nn.Module) 5 µs.
+        key = (EPOCH.value, A.data_ptr(), A._version, B.data_ptr(), B._version, magnitude.data_ptr(),
+               magnitude._version, weight.data_ptr(), weight._version)
         hit = layer.__dict__.get("_factor")
         if hit is not None and hit[0] == key:
             g = hit[1]
