@@ -34,6 +34,7 @@ from peftkit.methods.prefix import PrefixTuning
 from peftkit.methods.prompt import PromptTuning
 from peftkit.methods.ptuning import PTuning
 from peftkit.methods.roles import register_architecture
+from peftkit.methods.trainable_tokens import TrainableTokens
 from peftkit.quant import estimate_training_memory, memory_report, prepare_for_kbit_training, quantize
 
 __version__ = "0.1.0"
@@ -53,6 +54,7 @@ __all__ = [
     "PrefixTuning",
     "PromptTuning",
     "PruneReport",
+    "TrainableTokens",
     "active_adapters",
     "adalora_step",
     "apply",
