@@ -14,7 +14,13 @@ from torch import nn
 
 import peftkit as pk
 from peftkit.core.state import adapter_layers, get_state
-from peftkit.errors import AdapterStateError, ConfigError, ShapeMismatchError, UnsupportedLayerError
+from peftkit.errors import (
+    AdapterStateError,
+    CheckpointError,
+    ConfigError,
+    ShapeMismatchError,
+    UnsupportedLayerError,
+)
 from peftkit.methods.trainable_tokens import TrainableTokensLayer
 
 from models import build
@@ -276,3 +282,71 @@ def test_loading_rows_of_the_wrong_shape_leaves_the_model_unchanged(tmp_path: Pa
         pk.load_adapter(model, tmp_path)
     _untouched(model)
     assert torch.equal(logits(model), logits(build("llama")))
+
+
+# -- LoRA's trainable_token_indices ------------------------------------------------------------------------
+LORA_TARGETS = {"llama": ["q_proj", "v_proj"], "llama_tied": ["q_proj", "v_proj"], "gpt2": ["c_attn"]}
+
+
+@pytest.mark.parametrize("arch", list(BUILD))
+@pytest.mark.parametrize("as_dict", [False, True])
+def test_lora_trainable_tokens_match_hf_peft_both_ways(arch: str, as_dict: bool, tmp_path: Path) -> None:
+    peft = pytest.importorskip("peft")
+    leaf = EMBEDDING[arch].rsplit(".", 1)[-1]
+    spec = {leaf: TOKENS} if as_dict else TOKENS
+    hf = peft.get_peft_model(BUILD[arch](), peft.LoraConfig(target_modules=LORA_TARGETS[arch],
+                                                            trainable_token_indices=spec))
+    perturb(hf)
+    hf.eval().save_pretrained(str(tmp_path / "hf"))
+    ours = pk.load_adapter(BUILD[arch](), tmp_path / "hf")
+    assert isinstance(ours.get_input_embeddings(), TrainableTokensLayer)
+    assert isinstance(ours.lm_head, TrainableTokensLayer) == TIED[arch]
+    assert torch.allclose(logits(ours), logits(hf), atol=1e-5)
+    pk.save_adapter(ours, tmp_path / "back")
+    theirs, mine = saved_tensors(tmp_path / "hf"), saved_tensors(tmp_path / "back")
+    assert f"base_model.model.{EMBEDDING[arch]}.token_adapter.trainable_tokens_delta" in mine
+    assert sorted(mine) == sorted(theirs) and all(torch.equal(mine[k], theirs[k]) for k in theirs)
+
+    model = pk.apply(BUILD[arch](), pk.LoRA(target_modules=LORA_TARGETS[arch], trainable_token_indices=spec))
+    assert pk.count_parameters(model) == tuple(
+        peft.get_peft_model(BUILD[arch](), peft.LoraConfig(target_modules=LORA_TARGETS[arch],
+                                                           trainable_token_indices=spec)).get_nb_trainable_parameters())
+    perturb(model, seed=3)
+    expected = logits(model)
+    pk.save_adapter(model, tmp_path / "pk")
+    assert json.loads((tmp_path / "pk" / "adapter_config.json").read_text())["trainable_token_indices"] == spec
+    back = peft.PeftModel.from_pretrained(BUILD[arch](), str(tmp_path / "pk")).eval()
+    assert torch.allclose(logits(back), expected, atol=1e-5)
+    pk.merge(model)
+    assert torch.allclose(logits(model), expected, atol=1e-5)
+    plain = pk.unload(model, merge=True)
+    assert not list(adapter_layers(plain)) and torch.allclose(logits(plain), expected, atol=1e-5)
+
+
+def test_lora_trainable_tokens_conflicts_are_refused_before_the_model_changes() -> None:
+    model = build("llama")
+    with pytest.raises(ConfigError, match=r"model.embed_tokens is a LoRA target and an embedding in "
+                                          r"trainable_token_indices"):
+        pk.apply(model, pk.LoRA(target_modules=["q_proj", "embed_tokens"], trainable_token_indices=[1]))
+    _untouched(model)
+    tied = tied_llama()
+    with pytest.raises(ConfigError, match=r"lm_head is a LoRA target and tied to an embedding"):
+        pk.apply(tied, pk.LoRA(target_modules=["q_proj", "lm_head"], trainable_token_indices=[1]))
+    _untouched(tied)
+    with pytest.raises(ConfigError, match=r"token_indices \[100\] are out of range for model.embed_tokens"):
+        pk.apply(model, pk.LoRA(target_modules=["q_proj"], trainable_token_indices={"embed_tokens": [1, 100]}))
+    _untouched(model)
+    with pytest.raises(ConfigError, match=r"trainable_token_indices\['embed_tokens'\]=\[\] must be a non-empty"):
+        pk.LoRA(target_modules=["q_proj"], trainable_token_indices={"embed_tokens": []})
+
+
+def test_lora_file_whose_config_names_tokens_it_lacks_is_refused(tmp_path: Path) -> None:
+    model = pk.apply(build("llama"), pk.LoRA(target_modules=["q_proj"]))
+    pk.save_adapter(model, tmp_path)
+    config = json.loads((tmp_path / "adapter_config.json").read_text())
+    config["trainable_token_indices"] = [1, 2]
+    (tmp_path / "adapter_config.json").write_text(json.dumps(config))
+    fresh = build("llama")
+    with pytest.raises(CheckpointError, match=r"missing keys \['base_model.model.model.embed_tokens.token_adapter"):
+        pk.load_adapter(fresh, tmp_path)
+    _untouched(fresh)

@@ -61,6 +61,8 @@ class LoRA(AdapterConfig):
         shared_A: groups of separate projections (exact qualified names) whose adapters share one A (performant
             LoRA, see :mod:`peftkit.methods.grouped`). The role names ``linear_qkv``/``linear_fc1`` add their
             groups on models with separate projections; the applied config records every group.
+        trainable_token_indices: token ids whose input-embedding rows train too (a list), or module → ids; adds a
+            trainable-tokens adapter of the same name (see :mod:`peftkit.methods.lora_tokens`).
     """
 
     #: Whether role-name groups on separate projections share one A (performant LoRA).
@@ -79,9 +81,13 @@ class LoRA(AdapterConfig):
     alpha_pattern: dict[str, float] = field(default_factory=dict)
     bias: str = "none"
     shared_A: list[list[str]] = field(default_factory=list)
+    trainable_token_indices: list[int] | dict[str, list[int]] | None = None
 
     def __post_init__(self) -> None:
         super().__post_init__()
+        from peftkit.methods.lora_tokens import checked_token_spec
+
+        self.trainable_token_indices = checked_token_spec(self.trainable_token_indices)
         _positive_int("rank", self.rank)
         _positive_number("alpha", self.alpha)
         for key, value in self.rank_pattern.items():
@@ -118,6 +124,9 @@ class LoRA(AdapterConfig):
 
         targets = super().resolve(model)
         plan_groups(self, model, targets)  # validates role names and groups before the model is touched
+        from peftkit.methods.lora_tokens import lora_token_targets
+
+        lora_token_targets(model, self, targets)  # likewise the embeddings of trainable_token_indices
         return targets
 
     def supports(self, module: nn.Module) -> bool:
@@ -159,6 +168,9 @@ class LoRA(AdapterConfig):
         if groups:
             share_down_projections(model, name, groups)
             state.configs[name] = self.replace(shared_A=groups)
+        from peftkit.methods.lora_tokens import add_lora_tokens
+
+        add_lora_tokens(model, name, self)
 
     def extra_tensors(self, model: nn.Module, name: str) -> dict[str, Any]:
         """Trained biases (``bias="all"``/``"lora_only"``) under their full HF PEFT keys."""
@@ -183,6 +195,7 @@ class LoRA(AdapterConfig):
             "alpha_pattern": self.rank_pattern_for(targets, self.alpha_pattern, self.alpha),
             "modules_to_save": list(self.modules_to_save) or None,
             "bias": self.bias,
+            "trainable_token_indices": self.trainable_token_indices,
             "fan_in_fan_out": False,  # set by save_adapter when a target stores its weight transposed
             "init_lora_weights": True,
             "inference_mode": True,
@@ -244,6 +257,7 @@ class LoRA(AdapterConfig):
             alpha_pattern=hf_pattern(data.get("alpha_pattern") or {}, module_names),
             modules_to_save=hf_modules_to_save(data.get("modules_to_save"), module_names),
             bias=data.get("bias", "none") or "none",
+            trainable_token_indices=data.get("trainable_token_indices"),
             task_type=data.get("task_type"),
             extra=extra,
             **ours,
@@ -257,7 +271,6 @@ LORA_VARIANTS: dict[str, type[LoRA]] = {}
 #: setting one is refused when loaded (its tensors would not fit, or would load and compute something else).
 _HF_LORA_UNSUPPORTED = {
     "lora_bias": "a trained bias on B",
-    "trainable_token_indices": "trainable token embeddings",
     "layer_replication": "layers duplicated in the base model",
     "use_qalora": "QA-LoRA's pooled input",
     "target_parameters": "LoRA on parameters rather than modules",
@@ -267,7 +280,7 @@ _HF_LORA_UNSUPPORTED = {
 _HF_LORA_FIELDS = frozenset(
     "peft_type task_type r lora_alpha lora_dropout use_rslora use_dora target_modules exclude_modules "
     "layers_to_transform layers_pattern rank_pattern alpha_pattern modules_to_save bias fan_in_fan_out "
-    "init_lora_weights inference_mode".split()
+    "init_lora_weights inference_mode trainable_token_indices".split()
 )
 
 

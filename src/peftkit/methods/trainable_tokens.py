@@ -30,6 +30,7 @@ from torch.func import functional_call
 from peftkit.core.config import AdapterConfig
 from peftkit.core.layer import AdapterLayer
 from peftkit.core.registry import register_method
+from peftkit.core.state import get_state
 from peftkit.core.walk import iter_modules, set_module
 from peftkit.errors import AdapterStateError, ConfigError
 from peftkit.methods.lora import hf_modules_to_save, hf_resolve, hf_targets
@@ -54,6 +55,9 @@ class TrainableTokensLayer(AdapterLayer):
         self.trainable_tokens_delta = nn.ParameterDict()
         #: adapter name → the rows it replaces.
         self.token_indices: dict[str, list[int]] = {}
+        #: adapter name → its key in the adapter file, where it is not ``trainable_tokens_delta``: HF PEFT keys
+        #: LoRA's trainable tokens ``token_adapter.trainable_tokens_delta``, and saves none for their tied layer.
+        self.file_keys: dict[str, str | None] = {}
 
     @property
     def table(self) -> torch.Tensor:
@@ -84,9 +88,14 @@ class TrainableTokensLayer(AdapterLayer):
         """The rows adapter ``name`` replaces, as they were when it was added."""
         return self.get_buffer(_original_key(name))
 
+    def adapter_tensors(self, name: str) -> dict[str, torch.Tensor]:
+        key = self.file_keys.get(name, "trainable_tokens_delta")
+        return {key: self.trainable_tokens_delta[name]} if key and name in self.trainable_tokens_delta else {}
+
     def delete_adapter(self, name: str) -> None:
         super().delete_adapter(name)
         self.token_indices.pop(name, None)
+        self.file_keys.pop(name, None)
         self._buffers.pop(_original_key(name), None)
 
     def _index(self, name: str) -> torch.Tensor:
@@ -135,6 +144,25 @@ class TrainableTokensLayer(AdapterLayer):
                 self.merged_adapters.remove(name)
 
 
+def checked_indices(field: str, value: Any) -> list[int]:
+    """``value`` as a list of distinct token ids.
+
+    Raises:
+        ConfigError: ``value`` is empty, repeats an id, or holds something other than integers ≥ 0.
+    """
+    indices = list(value) if isinstance(value, Sequence) and not isinstance(value, str) else [value]
+    bad = [i for i in indices if isinstance(i, bool) or not isinstance(i, int) or i < 0]
+    if not indices or bad:
+        raise ConfigError(
+            f"{field}={value!r} must be a non-empty list of token ids (integers ≥ 0)"
+            f"{f'; not token ids: {bad}' if bad else ''}, e.g. the input_ids of your new special tokens"
+        )
+    repeated = sorted({i for i in indices if indices.count(i) > 1})
+    if repeated:
+        raise ConfigError(f"{field} lists {repeated} more than once; give each token id once")
+    return indices
+
+
 def input_embedding_name(model: nn.Module) -> str | None:
     """The qualified name of ``model.get_input_embeddings()`` (or of the adapter layer wrapping it), or ``None``."""
     get = getattr(model, "get_input_embeddings", None)
@@ -172,6 +200,21 @@ def tied_modules(model: nn.Module, embedding: nn.Module) -> list[tuple[str, nn.M
     return found
 
 
+def tie_output_layers(
+    model: nn.Module, name: str, source: TrainableTokensLayer, file_key: str | None = "trainable_tokens_delta"
+) -> None:
+    """Give the modules tied to the input embedding ``source`` its adapter ``name`` (the same parameter).
+
+    ``file_key``: the tied layer's key for it in the adapter file (``None``: not saved there).
+    """
+    for qualname, module in tied_modules(model, source):
+        layer = module if isinstance(module, TrainableTokensLayer) else TrainableTokensLayer(module)
+        layer.add_tied(name, source)
+        layer.file_keys[name] = file_key
+        layer.set_active(get_state(model).active)
+        set_module(model, qualname, layer)
+
+
 @register_method
 @dataclass
 class TrainableTokens(AdapterConfig):
@@ -193,17 +236,7 @@ class TrainableTokens(AdapterConfig):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        indices = list(self.token_indices)
-        bad = [i for i in indices if isinstance(i, bool) or not isinstance(i, int) or i < 0]
-        if not indices or bad:
-            raise ConfigError(
-                f"token_indices={indices!r} must be a non-empty list of token ids (integers ≥ 0)"
-                f"{f'; not token ids: {bad}' if bad else ''}, e.g. the input_ids of your new special tokens"
-            )
-        repeated = sorted({i for i in indices if indices.count(i) > 1})
-        if repeated:
-            raise ConfigError(f"token_indices lists {repeated} more than once; give each token id once")
-        self.token_indices = indices
+        self.token_indices = checked_indices("token_indices", self.token_indices)
         if not isinstance(self.init_weights, bool):
             raise ConfigError(f"init_weights={self.init_weights!r} must be True or False")
 
@@ -249,18 +282,11 @@ class TrainableTokens(AdapterConfig):
 
     def after_apply(self, model: nn.Module, name: str) -> None:
         """Put the input embedding's adapter on the output layer tied to it, as HF PEFT does."""
-        from peftkit.core.state import get_state
-
         embedding = input_embedding_name(model)
         state = get_state(model)
         if embedding is None or embedding not in state.targets[name]:
             return
-        source = cast(TrainableTokensLayer, model.get_submodule(embedding))
-        for qualname, module in tied_modules(model, source):
-            layer = module if isinstance(module, TrainableTokensLayer) else TrainableTokensLayer(module)
-            layer.add_tied(name, source)
-            layer.set_active(state.active)
-            set_module(model, qualname, layer)
+        tie_output_layers(model, name, cast(TrainableTokensLayer, model.get_submodule(embedding)))
 
     # -- adapter_config.json ---------------------------------------------------------------------
     def to_hf_dict(self, targets: list[str], module_names: list[str]) -> dict[str, Any]:
@@ -294,3 +320,4 @@ class TrainableTokens(AdapterConfig):
 _HF_FIELDS = frozenset(
     "peft_type task_type token_indices target_modules init_weights inference_mode modules_to_save".split()
 )
+
