@@ -174,3 +174,13 @@ def test_adalora_hook_called_every_step(run_config, monkeypatch):
     cfg["peft"].pop("alpha")
     summary = train(config_from_dict(cfg))
     assert calls == [0, 1, 2, 3] and len(summary["losses"]) == 4
+
+
+def test_trainable_tokens_run_trains_only_its_rows(run_config):
+    cfg = run_config(train={"max_steps": 3})
+    cfg["peft"] = {"method": "trainable_tokens", "token_indices": [3, 5, 7]}
+    summary = train(config_from_dict(cfg))
+    saved = load_file(str(Path(summary["adapter"]) / "adapter_model.safetensors"))
+    assert json.loads((Path(summary["adapter"]) / "adapter_config.json").read_text())["peft_type"] == "TRAINABLE_TOKENS"
+    (key,) = [k for k in saved if k.endswith("embed_tokens.trainable_tokens_delta")]
+    assert saved[key].shape[0] == 3 and summary["trainable"] == saved[key].numel()

@@ -68,6 +68,7 @@ PEFT_METHODS: dict[str, str | None] = {
     "prompt_tuning": "PromptTuning",
     "prefix_tuning": "PrefixTuning",
     "p_tuning": "PTuning",
+    "trainable_tokens": "TrainableTokens",
 }
 
 
