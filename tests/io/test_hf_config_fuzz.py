@@ -1,7 +1,7 @@
 """Random HF PEFT configurations, both ways: HF PEFT → peftkit → HF PEFT gives the same logits and tensors.
 
 Each case draws a configuration HF PEFT users write (a subset of targets or ``all-linear``, rank and alpha,
-rsLoRA, DoRA, regex rank/alpha patterns, ``layers_to_transform``, ``exclude_modules``, ``bias``,
+rsLoRA, DoRA, regex rank/alpha patterns, ``layers_to_transform``, ``exclude_modules``, ``bias``, ``lora_bias``,
 ``modules_to_save``), builds it with HF PEFT on a tiny model, moves every adapter tensor off its initial value,
 and checks that peftkit loads it with HF PEFT's logits and saves files HF PEFT loads back to the same logits,
 with the same tensors.
@@ -60,6 +60,9 @@ def draw(rng: random.Random, arch: str) -> dict[str, Any]:
         kw["exclude_modules"] = [rng.choice(named[1:])]
     if kw["use_dora"] and kw["bias"] != "none":
         kw["bias"] = "none"  # (HF PEFT does not combine a trained bias with DoRA)
+    # Drawn last, so the other fields of each case do not depend on it. HF PEFT refuses it for DoRA and embeddings.
+    if not kw["use_dora"] and EMBEDDING[arch] not in named and rng.random() < 0.3:
+        kw["lora_bias"] = True
     return kw
 
 
@@ -150,6 +153,7 @@ def draw_ours(rng: random.Random, arch: str) -> Any:
         kw["alpha_pattern"] = {rng.choice(named): rng.choice([2, 5])}
     if config is pk.LoRA and EMBEDDING[arch] not in named:
         kw["bias"] = rng.choice(["none", "lora_only", "all"])
+        kw["lora_bias"] = rng.random() < 0.3
     return config(**kw)
 
 

@@ -164,6 +164,10 @@ class AdapterLayer(nn.Module):
         """The change adapter ``name`` makes to the base weight, in the base weight's orientation."""
         raise MergeError(f"{type(self).__name__} adapters cannot be folded into a weight")
 
+    def check_merge(self, names: Sequence[str], where: str = "") -> None:
+        """Raise ``MergeError`` if merging adapters ``names`` must fail (``where``: this layer's name, for the
+        message), before anything is changed. ``merge`` calls it for every layer first."""
+
     def merge(self, names: Sequence[str], safe: bool = False, where: str = "") -> None:
         """Fold adapters ``names`` into the base weight. Subclasses define how."""
         raise MergeError(f"{type(self).__name__} adapters cannot be folded into a weight")

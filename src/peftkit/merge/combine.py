@@ -15,6 +15,10 @@ With weights wᵢ the methods are:
   (Σ cᵢBᵢ)(Σ cⱼAⱼ) = Σᵢ cᵢ²BᵢAᵢ + Σᵢ≠ⱼ cᵢcⱼBᵢAⱼ — the cross terms make this an approximation of
   Σᵢ wᵢ·ΔWᵢ that is only exact for one adapter; it keeps the rank, which is why it exists.
 
+LoRA adapters with a bias bᵢ on B (``lora_bias``: the update is sᵢ·(BᵢAᵢx + bᵢ)) combine with ``cat`` only, which is
+exact for them too: the new adapter has ``lora_bias`` and b = Σᵢ wᵢsᵢbᵢ (bᵢ = 0 for a source without one). The
+other methods refuse them: they approximate ΔW, and no choice of bias is the method's own.
+
 The new adapter has α = r in every module (scale 1, no rsLoRA): every source's own scale, rsLoRA or
 not, per-module rank and alpha included, is folded into the new factors — Hugging Face PEFT instead
 copies the first source's ``use_rslora`` and mis-scales the result by √r. SVD results are split
@@ -180,6 +184,12 @@ def _check(
                 f"(modules_to_save={list(config.modules_to_save)}, bias={config.bias!r}); combine only mixes "
                 "low-rank factors. Remove them from the adapter first."
             )
+    biased = sorted(a for a in weights if cast(LoRA, state.configs[a]).lora_bias)
+    if biased and canonical != "cat":
+        raise ConfigError(
+            f"adapters {biased} have lora_bias=True (a trained bias on B); only method='cat' combines them "
+            f"(exactly), not method={method!r}"
+        )
     if len(set(kinds.values())) > 1:
         raise ConfigError(
             f"adapters {sorted(a for a, k in kinds.items() if k is DoRA)} are DoRA and "
@@ -251,6 +261,16 @@ def _cat(layer: LoRALayer, weights: Mapping[str, float]) -> tuple[torch.Tensor, 
     return torch.cat(As, dim=0), torch.cat(Bs, dim=1)
 
 
+def _cat_bias(layer: LoRALayer, weights: Mapping[str, float]) -> torch.Tensor | None:
+    """Σᵢ wᵢsᵢbᵢ over the sources with a bias on B (``lora_bias``), or ``None`` when none has one."""
+    terms = []
+    for adapter, weight in weights.items():
+        bias = layer.up_bias(adapter)
+        if bias is not None:
+            terms.append(bias.detach() * (weight * layer.scaling[adapter]))
+    return torch.stack(terms).sum(0) if terms else None
+
+
 def _svd(
     fn: Callable[..., torch.Tensor],
     layer: LoRALayer,
@@ -313,7 +333,8 @@ def combine(
         AdapterNotFoundError: an unknown adapter. AdapterExistsError: ``name`` is taken.
         ConfigError: an unknown method, a missing/out-of-range density, unequal ranks for a
             factor-space method, adapters on different modules or base models, an adapter that is neither
-            LoRA nor DoRA, or a mix of LoRA and DoRA adapters.
+            LoRA nor DoRA, a mix of LoRA and DoRA adapters, or ``lora_bias`` adapters with a method other
+            than ``cat``.
         AdapterStateError: the model has merged adapters.
     """
     canonical, targets, layers = _check(model, weights, method, name, density, majority_sign_method, rank)
@@ -331,10 +352,14 @@ def combine(
     dora = isinstance(first, DoRA)
     new: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
     magnitudes: dict[str, torch.Tensor] = {}
+    biases: dict[str, torch.Tensor] = {}
     with torch.no_grad():
         for qualname, layer in layers:
             if canonical == "cat":
                 new[qualname] = _cat(layer, weights)
+                bias = _cat_bias(layer, weights)
+                if bias is not None:
+                    biases[qualname] = bias
             elif canonical.endswith("_svd"):
                 new[qualname] = _svd(_FACTOR_FNS[base], layer, weights, rank, kwargs)
             else:
@@ -344,7 +369,7 @@ def combine(
                 magnitudes[qualname] = _magnitude(fn, layer, weights, kwargs)
 
     ranks = {q: int(A.shape[0]) for q, (A, _) in new.items()}
-    config = lora_config_for(model, first, ranks)
+    config = lora_config_for(model, first, ranks, lora_bias=bool(biases))
     with torch.random.fork_rng(devices=[]):  # the new factors are overwritten: leave the global RNG alone
         apply(model, config, name=name, activate=False)
     modules = dict(model.named_modules())
@@ -354,13 +379,19 @@ def combine(
             own = cast(Any, modules[qualname]).lora_magnitude_vector[name]
             with torch.no_grad():
                 own.copy_(magnitudes[qualname].to(own.dtype))
+        if qualname in biases:
+            own_bias = cast(torch.Tensor, cast(LoRALayer, modules[qualname]).up_bias(name))
+            with torch.no_grad():
+                own_bias.copy_(biases[qualname].to(own_bias.dtype))
     return model
 
 
 def lora_config_for(
-    model: nn.Module, template: LoRA, ranks: Mapping[str, int], alphas: Mapping[str, float] | None = None
+    model: nn.Module, template: LoRA, ranks: Mapping[str, int], alphas: Mapping[str, float] | None = None,
+    lora_bias: bool = False,
 ) -> LoRA:
-    """A LoRA config adapting exactly the modules of ``ranks`` with those ranks (α = r unless ``alphas``).
+    """A LoRA config adapting exactly the modules of ``ranks`` with those ranks (α = r unless ``alphas``), with a
+    bias on B when ``lora_bias``.
 
     Other fields (dropout, its position, task type, the HF extras such as the base model path) are
     taken from ``template``; a DoRA ``template`` gives a DoRA config.
@@ -379,6 +410,7 @@ def lora_config_for(
         alpha_pattern={q: alphas[q] for q in order} if len(set(alphas.values())) > 1 else {},
         dropout=template.dropout,
         dropout_position=template.dropout_position,
+        lora_bias=lora_bias,
         task_type=template.task_type,
         extra=dict(template.extra),
     )

@@ -10,6 +10,7 @@ from collections.abc import Sequence
 
 from torch import nn
 
+from peftkit.core.layer import AdapterLayer
 from peftkit.core.modules_to_save import ModulesToSave
 from peftkit.core.registry import dequantized
 from peftkit.core.state import _check_names, adapter_layers, get_state
@@ -25,18 +26,28 @@ def merge(model: nn.Module, names: str | Sequence[str] | None = None, safe: bool
         safe: check every merged weight for NaN/Inf before writing it, and refuse (naming the module).
 
     Raises:
-        AdapterNotFoundError: an unknown name. MergeError: a non-finite delta with ``safe``, or a
-            method that cannot be merged.
+        AdapterNotFoundError: an unknown name. MergeError: a non-finite delta with ``safe``, a method
+            that cannot be merged, or a LoRA adapter with ``lora_bias`` on a base layer without a bias (then
+            nothing is merged).
     """
     state = get_state(model)
     if not state.configs:
         raise AdapterNotFoundError("the model has no adapters to merge; add one with pk.apply first")
     wanted = state.active if names is None else ([names] if isinstance(names, str) else list(names))
-    _check_names(model, wanted)
-    layers = [(q, l) for q, l in adapter_layers(model) if any(l.has_adapter(n) for n in wanted)]
-    for qualname, layer in layers:
-        layer.merge([n for n in wanted if layer.has_adapter(n)], safe=safe, where=qualname)
+    for qualname, layer, held in _checked_merge(model, wanted):
+        layer.merge(held, safe=safe, where=qualname)
     return model
+
+
+def _checked_merge(model: nn.Module, names: Sequence[str]) -> list[tuple[str, AdapterLayer, list[str]]]:
+    """``(qualname, layer, the names it holds)`` for the layers holding any of ``names``, once every layer has
+    accepted them (``check_merge``): a refusal leaves every weight as it was."""
+    _check_names(model, names)
+    layers = [(q, layer, [n for n in names if layer.has_adapter(n)]) for q, layer in adapter_layers(model)]
+    layers = [(q, layer, held) for q, layer, held in layers if held]
+    for qualname, layer, held in layers:
+        layer.check_merge(held, where=qualname)
+    return layers
 
 
 def unmerge(model: nn.Module) -> nn.Module:
@@ -64,8 +75,14 @@ def unload(
     Returns:
         ``model`` itself, without adapters. A ``modules_to_save`` copy of a merged adapter replaces
         its original module.
+
+    Raises:
+        MergeError: with ``merge``, as for :func:`merge` (a ``lora_bias`` adapter on a base layer without a bias
+            is refused before the model changes, dequantizing included).
     """
     state = get_state(model)
+    if merge and state.configs:
+        _checked_merge(model, state.active if names is None else names)  # refusals come before any change
     if dequantize:
         for _, layer in adapter_layers(model):
             layer.base_layer = dequantized(layer.base_layer)

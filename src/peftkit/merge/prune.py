@@ -11,6 +11,8 @@ Magnitude pruning zeroes, in each factor, the ``sparsity`` fraction of entries o
 without ``sparsity``, all but the largest entries holding ``energy`` of the factor's squared sum); the
 rank and the file size stay, the nonzero count drops (for sparse storage or kernels).
 
+A bias on B (``lora_bias``) is no part of ΔW = s·BA: both methods keep it as it is.
+
 On a DoRA adapter both act on its low-rank part ΔV = s·BA (the update of the direction) and keep the
 magnitude vector as it is; energies and errors in the report are those of ΔV, and the output drift on
 a batch shows the effect on the full DoRA weight m·(W₀ + ΔV)/‖W₀ + ΔV‖.
@@ -279,8 +281,8 @@ def _apply_rank(
 
 
 def _resize(layer: LoRALayer, name: str, rank: int, use_rslora: bool) -> None:
-    """Re-create adapter ``name`` of ``layer`` at ``rank`` with the same scale, dropout, trainability and DoRA
-    magnitude."""
+    """Re-create adapter ``name`` of ``layer`` at ``rank`` with the same scale, dropout, trainability, DoRA
+    magnitude and bias on B (``lora_bias``)."""
     scale = layer.scaling[name]
     alpha = scale * (math.sqrt(rank) if use_rslora else rank)
     dropout = layer.lora_dropout[name]
@@ -290,10 +292,16 @@ def _resize(layer: LoRALayer, name: str, rank: int, use_rslora: bool) -> None:
     active = list(layer.active_adapters)
     magnitudes = getattr(layer, "lora_magnitude_vector", None)
     magnitude = magnitudes[name].detach().clone() if magnitudes is not None and name in magnitudes else None
+    bias = layer.up_bias(name)
+    bias = None if bias is None else bias.detach().clone()
     layer.delete_adapter(name)
     with torch.random.fork_rng(devices=[]):  # the new factors are overwritten: leave the global RNG alone
-        cast(Any, layer).add(name, rank, alpha, dropout=p, use_rslora=use_rslora, dropout_position=position)
+        cast(Any, layer).add(name, rank, alpha, dropout=p, use_rslora=use_rslora, dropout_position=position,
+                             lora_bias=bias is not None)
     layer.scaling[name] = scale  # exactly the old value, not recomputed through rounding
+    if bias is not None:  # the bias does not depend on the rank: kept as it was
+        with torch.no_grad():
+            cast(torch.Tensor, layer.up_bias(name)).copy_(bias)
     if magnitude is not None:  # add() makes no magnitude: DoRA's is put back unchanged
         cast(Any, layer).lora_magnitude_vector[name] = nn.Parameter(magnitude)
     layer.active_adapters = [n for n in active if layer.has_adapter(n)]

@@ -156,6 +156,11 @@ class CanonicalLoRA(LoRA):
         super().__post_init__()
         if self.shared_A:
             raise ConfigError("CanonicalLoRA has a separate A per part; shared_A must be empty (use pk.LoRA)")
+        if self.lora_bias:
+            raise ConfigError(
+                "CanonicalLoRA does not support lora_bias=True (a trained bias on B); use pk.LoRA(lora_bias=True), "
+                "which adapts a fused projection as a whole, or CanonicalLoRA with lora_bias=False"
+            )
         self._plan: dict[str, tuple[dict[str, torch.Tensor], list[str]]] = {}
 
     def plan(self, model: nn.Module, targets: list[str]) -> dict[str, tuple[dict[str, torch.Tensor], list[str]]]:

@@ -40,7 +40,8 @@ def _common(config: LoRA) -> dict[str, Any]:
     return {
         "rank": config.rank, "alpha": config.alpha, "dropout": config.dropout,
         "dropout_position": config.dropout_position, "use_rslora": config.use_rslora, "init_A": config.init_A,
-        "init_B": config.init_B, "bias": config.bias, "modules_to_save": list(config.modules_to_save),
+        "init_B": config.init_B, "bias": config.bias, "lora_bias": config.lora_bias,
+        "modules_to_save": list(config.modules_to_save),
         "task_type": config.task_type, "extra": dict(config.extra),
     }
 
@@ -128,7 +129,8 @@ def converted(model: nn.Module, name: str, to: str) -> tuple[LoRA, Tensors]:
     """Adapter ``name`` of ``model`` in layout ``to``: its new config and its tensors per module (copies).
 
     Raises:
-        ConfigError: ``to`` is not a layout, or the adapter is not LoRA / CanonicalLoRA.
+        ConfigError: ``to`` is not a layout, the adapter is not LoRA / CanonicalLoRA, or it has ``lora_bias`` and
+            ``to`` is ``"canonical"``.
         AdapterNotFoundError: no adapter ``name``.
     """
     if to not in LAYOUTS:
@@ -143,6 +145,11 @@ def converted(model: nn.Module, name: str, to: str) -> tuple[LoRA, Tensors]:
         raise ConfigError(
             f"adapter {name!r} is {type(config).__name__}; only LoRA and CanonicalLoRA adapters convert between "
             "performant and canonical layouts"
+        )
+    if to == "canonical" and config.lora_bias:
+        raise ConfigError(
+            f"adapter {name!r} has lora_bias=True (a trained bias on B), which CanonicalLoRA does not support; "
+            "keep it in the performant layout (pk.LoRA)"
         )
     modules = dict(model.named_modules())
     targets = [t for t in state.targets[name] if not _is_saved_copy(modules[t])]
@@ -173,13 +180,13 @@ def convert(model: nn.Module, to: str, name: str | None = None) -> nn.Module:
         ``model`` itself.
 
     Raises:
-        ConfigError: an unknown layout or a method other than LoRA/CanonicalLoRA.
+        ConfigError: an unknown layout, a method other than LoRA/CanonicalLoRA, or ``lora_bias`` with
+            ``to="canonical"`` (checked for every adapter before any is converted).
         AdapterStateError: the adapter is merged.
     """
     state = get_state(model)
     names = list(state.configs) if name is None else [name]
-    for n in names:
-        new_config, tensors = converted(model, n, to)
+    for n, (new_config, tensors) in [(n, converted(model, n, to)) for n in names]:
         if new_config is state.configs[n]:
             continue
         merged = [q for q, m in model.named_modules() if isinstance(m, AdapterLayer) and n in m.merged_adapters]

@@ -74,6 +74,11 @@ class DoRA(LoRA):
             raise ConfigError(f"DoRA supports dropout_position='pre' only, got {self.dropout_position!r}")
         if self.shared_A:
             raise ConfigError("DoRA adapters do not share A across projections; shared_A must be empty")
+        if self.lora_bias:
+            raise ConfigError(
+                "DoRA does not support lora_bias=True (a trained bias on B; HF PEFT refuses it too): use "
+                "pk.LoRA(lora_bias=True), or DoRA with lora_bias=False"
+            )
 
     def supports(self, module: nn.Module) -> bool:
         if isinstance(module, LoRALayer):  # a DoRA layer, or a plain LoRA one (upgraded in place by transform)

@@ -179,6 +179,7 @@ class _DoRAMixin(LoRALayer):
         return self._per_row(factor) * combined - W
 
     def merge(self, names: Sequence[str], safe: bool = False, where: str = "") -> None:
+        self.check_merge(names, where)  # a plain LoRA adapter's lora_bias needs a base bias
         for name in names:
             if name in self.merged_adapters or not self.has_adapter(name):
                 continue

@@ -7,6 +7,7 @@ of Large Language Models", ICLR 2022 (https://arxiv.org/abs/2106.09685); rsLoRA:
 
 from __future__ import annotations
 
+import logging
 import math
 import re
 from dataclasses import dataclass, field
@@ -21,6 +22,8 @@ from peftkit.core.modules_to_save import ModulesToSave
 from peftkit.core.registry import LINEAR_KINDS, register_method
 from peftkit.errors import ConfigError
 from peftkit.methods.lora_layers import LORA_LAYERS, LoRALayer, lora_layer_class
+
+logger = logging.getLogger("peftkit")
 
 INIT_METHODS = ("kaiming", "xavier", "gaussian", "zero")
 BIAS_MODES = ("none", "all", "lora_only")
@@ -41,7 +44,7 @@ class _AddsAdapter(Protocol):
     with another ``add`` signature."""
 
     def add(self, name: str, rank: int, alpha: float, *, dropout: float = ..., use_rslora: bool = ...,
-            init_A: str = ..., init_B: str = ..., dropout_position: str = ...) -> None: ...
+            init_A: str = ..., init_B: str = ..., dropout_position: str = ..., lora_bias: bool = ...) -> None: ...
 
 
 @register_method
@@ -58,6 +61,9 @@ class LoRA(AdapterConfig):
         init_A, init_B: ``"kaiming"``, ``"xavier"``, ``"gaussian"`` or ``"zero"``; B = 0 keeps the output unchanged.
         rank_pattern, alpha_pattern: per-module overrides, pattern → value (first matching pattern wins).
         bias: ``"none"``, ``"all"`` (every bias trains and is saved) or ``"lora_only"`` (biases of adapted layers).
+        lora_bias: give B a trained bias b, starting at zero (HF PEFT's ``lora_bias``): the update becomes
+            ``s·(B A dropout(x) + b)``. Linear-like layers and convolutions only; merging adds ``s·b`` to the base
+            layer's bias, so it needs one.
         shared_A: groups of separate projections (exact qualified names) whose adapters share one A (performant
             LoRA, see :mod:`peftkit.methods.grouped`). The role names ``linear_qkv``/``linear_fc1`` add their
             groups on models with separate projections; the applied config records every group.
@@ -80,6 +86,7 @@ class LoRA(AdapterConfig):
     rank_pattern: dict[str, int] = field(default_factory=dict)
     alpha_pattern: dict[str, float] = field(default_factory=dict)
     bias: str = "none"
+    lora_bias: bool = False
     shared_A: list[list[str]] = field(default_factory=list)
     trainable_token_indices: list[int] | dict[str, list[int]] | None = None
 
@@ -103,6 +110,8 @@ class LoRA(AdapterConfig):
             raise ConfigError(f"dropout_position={self.dropout_position!r} must be 'pre' or 'post'")
         if self.bias not in BIAS_MODES:
             raise ConfigError(f"bias={self.bias!r} must be one of {BIAS_MODES}")
+        if not isinstance(self.lora_bias, bool):
+            raise ConfigError(f"lora_bias={self.lora_bias!r} must be True or False")
 
     # -- per-module values -----------------------------------------------------------------------
     def rank_for(self, qualname: str) -> int:
@@ -127,7 +136,21 @@ class LoRA(AdapterConfig):
         from peftkit.methods.lora_tokens import lora_token_targets
 
         lora_token_targets(model, self, targets)  # likewise the embeddings of trainable_token_indices
+        if self.lora_bias:
+            self._check_lora_bias(model, targets)
         return targets
+
+    def _check_lora_bias(self, model: nn.Module, targets: list[str]) -> None:
+        """Refuse ``lora_bias`` on a target whose B cannot carry a bias (an embedding, as in HF PEFT)."""
+        for qualname in targets:
+            module = model.get_submodule(qualname)
+            base = module.base_layer if isinstance(module, LoRALayer) else module
+            if not self.layer_class(base).takes_lora_bias:
+                raise ConfigError(
+                    f"lora_bias=True is not supported on {qualname!r} ({type(base).__name__}; HF PEFT refuses it "
+                    "too): only linear-like layers and convolutions take a bias on B. Leave it out with "
+                    f"exclude_modules=[{qualname!r}], or set lora_bias=False"
+                )
 
     def supports(self, module: nn.Module) -> bool:
         if isinstance(module, LoRALayer):  # a second adapter only on a wrapper LoRA itself would have made,
@@ -154,6 +177,7 @@ class LoRA(AdapterConfig):
             init_A=self.init_A,
             init_B=self.init_B,
             dropout_position=self.dropout_position,
+            lora_bias=self.lora_bias,
         )
         return layer
 
@@ -164,6 +188,11 @@ class LoRA(AdapterConfig):
         for module in bias_modules(model, self.bias):
             module.bias.requires_grad_(True)
         state = get_state(model)
+        if self.lora_bias:  # HF PEFT warns too: training and saving work, merging will not
+            bare = [q for q in state.targets[name] if getattr(model.get_submodule(q), "bias", None) is None]
+            if bare:
+                logger.warning("adapter %r has lora_bias=True; it cannot be merged into layers without a bias: %s%s "
+                               "(%d in all)", name, ", ".join(bare[:3]), " …" if len(bare) > 3 else "", len(bare))
         groups = plan_groups(self, model, state.targets[name])
         if groups:
             share_down_projections(model, name, groups)
@@ -199,7 +228,7 @@ class LoRA(AdapterConfig):
             "fan_in_fan_out": False,  # set by save_adapter when a target stores its weight transposed
             "init_lora_weights": True,
             "inference_mode": True,
-            "lora_bias": False,
+            "lora_bias": self.lora_bias,
             "layer_replication": None,
             "megatron_config": None,
             "megatron_core": "megatron.core",
@@ -258,6 +287,7 @@ class LoRA(AdapterConfig):
             modules_to_save=hf_modules_to_save(data.get("modules_to_save"), module_names),
             bias=data.get("bias", "none") or "none",
             trainable_token_indices=data.get("trainable_token_indices"),
+            lora_bias=bool(data.get("lora_bias", False)),
             task_type=data.get("task_type"),
             extra=extra,
             **ours,
@@ -270,7 +300,6 @@ LORA_VARIANTS: dict[str, type[LoRA]] = {}
 #: HF PEFT LoRA options that change what the adapter computes and that peftkit does not implement: an adapter
 #: setting one is refused when loaded (its tensors would not fit, or would load and compute something else).
 _HF_LORA_UNSUPPORTED = {
-    "lora_bias": "a trained bias on B",
     "layer_replication": "layers duplicated in the base model",
     "use_qalora": "QA-LoRA's pooled input",
     "target_parameters": "LoRA on parameters rather than modules",
@@ -280,18 +309,21 @@ _HF_LORA_UNSUPPORTED = {
 _HF_LORA_FIELDS = frozenset(
     "peft_type task_type r lora_alpha lora_dropout use_rslora use_dora target_modules exclude_modules "
     "layers_to_transform layers_pattern rank_pattern alpha_pattern modules_to_save bias fan_in_fan_out "
-    "init_lora_weights inference_mode trainable_token_indices".split()
+    "init_lora_weights inference_mode trainable_token_indices lora_bias".split()
 )
 
 
 def bias_modules(model: nn.Module, mode: str) -> list[nn.Module]:
-    """Modules whose bias trains under ``bias=mode`` (each once: an adapter layer's is its base layer's)."""
+    """Modules whose bias trains under ``bias=mode`` (each once: an adapter layer's is its base layer's; a bias on
+    B, ``lora_bias``, is the adapter's own tensor, not one of these)."""
     if mode == "none":
         return []
     if mode == "lora_only":
         candidates = [m.base_layer for m in model.modules() if isinstance(m, LoRALayer)]
     else:
-        candidates = [m for m in model.modules() if not isinstance(m, AdapterLayer)]
+        factors = {id(m) for layer in model.modules() if isinstance(layer, LoRALayer)
+                   for attr in layer.adapter_containers for m in getattr(layer, attr).modules()}
+        candidates = [m for m in model.modules() if not isinstance(m, AdapterLayer) and id(m) not in factors]
     return [m for m in candidates if isinstance(getattr(m, "bias", None), nn.Parameter)]
 
 

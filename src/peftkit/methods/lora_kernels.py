@@ -17,8 +17,8 @@ separate kernels for the scale and the sum. :class:`LoRAUpdate` instead (the rec
 
 The gradients are those of the formula above: ``∂B = s·gᵀh``, ``∂A = s·(gB)ᵀ(D⊙x)``, ``∂x = s·D⊙(gB)A``,
 with ``h = (D⊙x)Aᵀ`` saved (it is only r wide). The straightforward path in ``LoRALinear.forward`` stays for
-everything this does not cover (``dropout_position="post"``, mixed dtypes); tests in ``tests/perf`` check
-both agree.
+everything this does not cover (``dropout_position="post"``, mixed dtypes, a bias on B); tests in ``tests/perf``
+check both agree.
 """
 
 from __future__ import annotations
@@ -156,8 +156,11 @@ def _structure(layer: Any) -> tuple[Any, ...] | None:
     (``base``, ``A``, ``B``: the modules' parameter dicts).
 
     Not disabled; exactly one active adapter, not merged, with a plain ``nn.Linear`` A (a shared grouped
-    down-projection computes A itself) and dropout (``nn.Dropout`` or none, ``dropout`` is then ``None``) before
-    A; the base an ``nn.Linear``. Only what :mod:`peftkit.core.epoch` tracks, so the answer is cached.
+    down-projection computes A itself), a B without a bias (``lora_bias``: the kernels here compute ``s·BA``
+    only) and dropout (``nn.Dropout`` or none, ``dropout`` is then ``None``) before A; the base an ``nn.Linear``.
+    Only what :mod:`peftkit.core.epoch` tracks, so the answer is cached. Sibling groups
+    (:mod:`peftkit.methods.lora_groups`) are formed and run only from layers with a plan: a layer without one
+    never joins a group.
     """
     if layer.disabled:
         return None
@@ -172,14 +175,16 @@ def _structure(layer: Any) -> tuple[Any, ...] | None:
     base = modules["base_layer"]
     if type(down) is not torch.nn.Linear or type(base) is not torch.nn.Linear:
         return None
+    up = modules["lora_B"]._modules[name]
+    if up._parameters.get("bias") is not None:
+        return None
     drop = modules["lora_dropout"]._modules[name]
     if type(drop) is torch.nn.Identity:
         drop = None
     elif type(drop) is not torch.nn.Dropout:  # a dropout module of the user's: only the plain path calls it
         return None
     # The modules' parameter dicts, not the tensors: offloading hooks (accelerate) swap entries in them.
-    return (name, base._parameters, down._parameters, modules["lora_B"]._modules[name]._parameters,
-            layer.scaling[name], drop)
+    return (name, base._parameters, down._parameters, up._parameters, layer.scaling[name], drop)
 
 
 def plain_adapter(layer: Any, x: torch.Tensor) -> tuple[Any, ...] | None:

@@ -4,9 +4,11 @@ For a frozen layer W₀ and each active adapter with rank r, factors A (r × in)
 
     x ↦ W₀x + s · B A dropout(x),        s = α / r   (rsLoRA, https://arxiv.org/abs/2312.03732: s = α / √r)
 
-B starts at zero, so a fresh adapter leaves the model's output unchanged. Linear-like layers (``nn.Linear``,
-GPT-2 ``Conv1D``, quantized linears) share :class:`LoRALinear`; embeddings and convolutions have their own
-layer because their factors are applied differently. Tensor names follow Hugging Face PEFT exactly.
+B starts at zero, so a fresh adapter leaves the model's output unchanged. With HF PEFT's ``lora_bias`` B also has
+a trained bias b (starting at zero) and the update is ``s·(B A dropout(x) + b)``; merging adds ``s·b`` to the base
+layer's bias. Linear-like layers (``nn.Linear``, GPT-2 ``Conv1D``, quantized linears) share :class:`LoRALinear`;
+embeddings and convolutions have their own layer because their factors are applied differently. Tensor names
+follow Hugging Face PEFT exactly.
 """
 
 from __future__ import annotations
@@ -22,7 +24,7 @@ from torch import nn
 
 from peftkit.core.layer import AdapterLayer
 from peftkit.core.registry import LinearKind, TypeRegistry, linear_kind
-from peftkit.errors import ConfigError
+from peftkit.errors import ConfigError, MergeError
 from peftkit.methods import lora_groups, lora_kernels
 
 logger = logging.getLogger("peftkit")
@@ -59,6 +61,8 @@ class LoRALayer(AdapterLayer):
     #: Whether plain LoRA adapters may be added next to this layer's own (DoRA layers: a DoRA adapter and a
     #: LoRA one on the same layer, as HF PEFT allows).
     takes_plain_lora: ClassVar[bool] = False
+    #: Whether B may carry a trained bias (HF PEFT's ``lora_bias``): B is a module with a bias.
+    takes_lora_bias: ClassVar[bool] = False
 
     def __init__(self, base_layer: nn.Module) -> None:
         super().__init__(base_layer)
@@ -86,6 +90,18 @@ class LoRALayer(AdapterLayer):
         update: torch.Tensor = B(A(drop(h))) if self.dropout_position[name] == "pre" else drop(B(A(h)))
         return update * self.scaling[name]
 
+    def up_bias(self, name: str) -> torch.Tensor | None:
+        """Adapter ``name``'s trained bias on B (HF PEFT's ``lora_bias``), or ``None`` when it has none."""
+        Bs = self._modules.get("lora_B")
+        B = Bs._modules.get(name) if Bs is not None else None
+        return None if B is None else B._parameters.get("bias")
+
+    def _zero_up_bias(self, name: str) -> None:
+        bias = self.up_bias(name)
+        if bias is not None:
+            with torch.no_grad():
+                bias.zero_()  # as HF PEFT: a fresh adapter leaves the output unchanged
+
     def delete_adapter(self, name: str) -> None:
         super().delete_adapter(name)
         for table in (self.rank, self.scaling, self.dropout_position):
@@ -112,15 +128,46 @@ class LoRALayer(AdapterLayer):
             self.merge_errors[name] = error
             logger.info("merged adapter %r into quantized %s: max abs re-quantization error %.3g", name, where, error)
 
+    def check_merge(self, names: Sequence[str], where: str = "") -> None:
+        for name in names:
+            if self.up_bias(name) is not None and getattr(self.base_layer, "bias", None) is None:
+                kind = type(self.base_layer).__name__
+                raise MergeError(
+                    f"adapter {name!r} at {where or kind} has lora_bias=True (a trained bias on B), but the base "
+                    f"{kind} has no bias to fold it into; nothing was merged. Keep this adapter unmerged, or train "
+                    "it with lora_bias=False"
+                )
+
+    def _shifted_bias(self, name: str, sign: float) -> torch.Tensor | None:
+        """The base bias plus ``sign·s·b`` for adapter ``name``'s bias b on B (in fp32 over half-precision
+        biases), or ``None`` when it has none. Nothing is written."""
+        b = self.up_bias(name)
+        if b is None:
+            return None
+        bias = cast(torch.Tensor, self.base_layer.bias).detach()  # present: see check_merge
+        work = bias.to(torch.promote_types(bias.dtype, torch.float32))
+        return work + (sign * self.scaling[name]) * b.detach().to(device=work.device, dtype=work.dtype)
+
+    def _write_bias(self, bias: torch.Tensor | None) -> None:
+        if bias is not None:
+            own = cast(torch.Tensor, self.base_layer.bias)
+            with torch.no_grad():
+                own.copy_(bias.to(own.dtype))
+
     def merge(self, names: Sequence[str], safe: bool = False, where: str = "") -> None:
+        self.check_merge(names, where)
         for name in names:
             if name in self.merged_adapters or not self.has_adapter(name):
                 continue
             base = self._working_weight()
             merged = base + self.delta_weight(name).to(base.dtype)
+            bias = self._shifted_bias(name, 1.0)
             if safe:
                 self.check_finite(merged, where or type(self.base_layer).__name__, name)
+                if bias is not None:
+                    self.check_finite(bias, where or type(self.base_layer).__name__, name)
             self._write_merged(name, merged, where)
+            self._write_bias(bias)
             self.merged_adapters.append(name)
 
     def unmerge(self, names: Sequence[str] | None = None) -> None:
@@ -128,14 +175,17 @@ class LoRALayer(AdapterLayer):
         for name in todo:
             base = self._working_weight()
             self._write_merged(name, base - self.delta_weight(name).to(base.dtype), "")
+            self._write_bias(self._shifted_bias(name, -1.0))
             self.merge_errors.pop(name, None)
             self.merged_adapters.remove(name)
 
 
 class LoRALinear(LoRALayer):
-    """LoRA on a linear-like layer: ``base(x) + s·B(A(dropout(x)))``."""
+    """LoRA on a linear-like layer: ``base(x) + s·B(A(dropout(x)))`` (B an ``nn.Linear``, with a bias under
+    ``lora_bias``)."""
 
     adapter_containers: ClassVar[tuple[str, ...]] = ("lora_A", "lora_B")
+    takes_lora_bias: ClassVar[bool] = True
 
     def __init__(self, base_layer: nn.Module) -> None:
         super().__init__(base_layer)
@@ -161,14 +211,16 @@ class LoRALinear(LoRALayer):
         return kind
 
     def add(self, name: str, rank: int, alpha: float, *, dropout: float = 0.0, use_rslora: bool = False,
-            init_A: str = "kaiming", init_B: str = "zero", dropout_position: str = "pre") -> None:
+            init_A: str = "kaiming", init_B: str = "zero", dropout_position: str = "pre",
+            lora_bias: bool = False) -> None:
         weight = self.kind.weight(self.base_layer)
         factory: dict[str, Any] = {"device": weight.device, "dtype": adapter_dtype(weight)}
         self.lora_A[name] = nn.Linear(self.in_features, rank, bias=False, **factory)
-        self.lora_B[name] = nn.Linear(rank, self.out_features, bias=False, **factory)
+        self.lora_B[name] = nn.Linear(rank, self.out_features, bias=lora_bias, **factory)
         A, B = self.factor_weights(name)
         init_factor(A, init_A, rank)
         init_factor(B, init_B, rank)
+        self._zero_up_bias(name)
         self._add_common(name, rank, alpha, dropout, use_rslora, dropout_position)
 
     def delta_weight(self, name: str) -> torch.Tensor:
@@ -193,8 +245,9 @@ class LoRALinear(LoRALayer):
             A, B, drop = self.lora_A[name], self.lora_B[name], self.lora_dropout[name]
             A_weight = cast(torch.Tensor, A.weight)
             # A shared down-projection (grouped performant LoRA) computes A(dropout(x)) itself, once per group.
+            # The fused update computes s·BA only: an adapter with a bias on B (lora_bias) takes the plain path.
             pre = self.dropout_position[name] == "pre"
-            if (type(A) is nn.Linear and pre and type(drop) in (nn.Dropout, nn.Identity)
+            if (type(A) is nn.Linear and pre and type(drop) in (nn.Dropout, nn.Identity) and B.bias is None
                     and lora_kernels.supports(x, A_weight, result)):
                 # One fused autograd function (same formula, less saved memory, cheaper dropout masks).
                 p = drop.p if isinstance(drop, nn.Dropout) else 0.0
@@ -227,7 +280,10 @@ class LoRAEmbedding(LoRALayer):
         return cast(torch.Tensor, self.lora_embedding_A[name]), cast(torch.Tensor, self.lora_embedding_B[name])
 
     def add(self, name: str, rank: int, alpha: float, *, dropout: float = 0.0, use_rslora: bool = False,
-            init_A: str = "kaiming", init_B: str = "zero", dropout_position: str = "pre") -> None:
+            init_A: str = "kaiming", init_B: str = "zero", dropout_position: str = "pre",
+            lora_bias: bool = False) -> None:
+        if lora_bias:  # the config refuses it before the model is touched; a guard for direct callers
+            raise ConfigError("lora_bias=True is not supported on nn.Embedding (nor by HF PEFT); use lora_bias=False")
         weight = self.base_layer.weight
         factory: dict[str, Any] = {"device": weight.device, "dtype": adapter_dtype(weight)}
         num, dim = weight.shape
@@ -269,9 +325,11 @@ class LoRAEmbedding(LoRALayer):
 
 
 class LoRAConv(LoRALayer):
-    """LoRA on ``nn.Conv1d/2d/3d``: A is a convolution with the base's kernel (in → r), B a 1×1 one (r → out)."""
+    """LoRA on ``nn.Conv1d/2d/3d``: A is a convolution with the base's kernel (in → r), B a 1×1 one (r → out, with
+    a bias under ``lora_bias``)."""
 
     adapter_containers: ClassVar[tuple[str, ...]] = ("lora_A", "lora_B")
+    takes_lora_bias: ClassVar[bool] = True
 
     def __init__(self, base_layer: nn.Module) -> None:
         super().__init__(base_layer)
@@ -289,17 +347,19 @@ class LoRAConv(LoRALayer):
         return cast(torch.Tensor, self.lora_A[name].weight), cast(torch.Tensor, self.lora_B[name].weight)
 
     def add(self, name: str, rank: int, alpha: float, *, dropout: float = 0.0, use_rslora: bool = False,
-            init_A: str = "kaiming", init_B: str = "zero", dropout_position: str = "pre") -> None:
+            init_A: str = "kaiming", init_B: str = "zero", dropout_position: str = "pre",
+            lora_bias: bool = False) -> None:
         base = self.base_layer
         conv = type(base)
         weight = self._base_weight()
         factory: dict[str, Any] = {"device": weight.device, "dtype": adapter_dtype(weight)}
         self.lora_A[name] = conv(base.in_channels, rank, base.kernel_size, base.stride, base.padding,
                                  base.dilation, bias=False, padding_mode=base.padding_mode, **factory)
-        self.lora_B[name] = conv(rank, base.out_channels, 1, 1, bias=False, **factory)
+        self.lora_B[name] = conv(rank, base.out_channels, 1, 1, bias=lora_bias, **factory)
         A, B = self.factor_weights(name)
         init_factor(A, init_A, rank)
         init_factor(B, init_B, rank)
+        self._zero_up_bias(name)
         self._add_common(name, rank, alpha, dropout, use_rslora, dropout_position)
 
     def delta_weight(self, name: str) -> torch.Tensor:
