@@ -110,6 +110,7 @@ def apply(model: nn.Module, config: AdapterConfig, name: str = "default", activa
         raise ConfigError(f"config must be a peftkit method config such as pk.LoRA(...), got {type(config).__name__}")
     _check_name(model, name)
     _check_not_merged(model)
+    existing = {id(m) for m in model.modules()}
     heads = classifier_heads(model, config)
     if heads:  # on a copy: the user's config object stays reusable on other models
         config = config.replace(modules_to_save=heads)
@@ -155,7 +156,21 @@ def apply(model: nn.Module, config: AdapterConfig, name: str = "default", activa
     post = getattr(config, "after_apply", None)
     if post is not None:
         post(model, name)
+    _inherit_mode(model, existing)
     return model
+
+
+def _inherit_mode(model: nn.Module, existing: set[int]) -> None:
+    """Put the modules an adapter added in the train/eval mode of the module they were added to.
+
+    A module starts in training mode; an adapter added to a model in evaluation mode would otherwise apply
+    dropout in every forward until the next ``model.eval()``.
+    """
+    modes = {"": model.training}
+    for path, module in model.named_modules():  # parents come before their children
+        if id(module) not in existing:
+            module.training = modes.get(path.rpartition(".")[0], model.training) if path else model.training
+        modes[path] = module.training
 
 
 def _remove(model: nn.Module, name: str) -> None:
