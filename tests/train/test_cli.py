@@ -121,3 +121,12 @@ def test_overrides_may_follow_the_options(tmp_path, capsys):
     with pytest.raises(SystemExit) as info:
         main(["inspect", str(cfg), "--method", "lora", "--bogus"])
     assert info.value.code == 2 and "unrecognized arguments: --bogus" in capsys.readouterr().err
+
+
+def test_overrides_may_follow_an_option_taking_several_values(tmp_path, capsys):
+    cfg = tmp_path / "config.json"
+    cfg.write_text(json.dumps(LLAMA))
+    assert main(["inspect", str(cfg), "rank=4", "--method", "lora", "--target", "q_proj", "v_proj"]) == 0
+    before = capsys.readouterr().out
+    assert main(["inspect", str(cfg), "--method", "lora", "--target", "q_proj", "v_proj", "rank=4"]) == 0
+    assert capsys.readouterr().out == before

@@ -11,6 +11,7 @@ import argparse
 import importlib
 import json
 import os
+import re
 import sys
 from collections.abc import Sequence
 from typing import Any
@@ -163,16 +164,31 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+#: A ``section.field=value`` word (a dotted name, then ``=``), as opposed to an option value or a path.
+_ASSIGNMENT = re.compile(r"[A-Za-z_]\w*(?:\.\w+)*=")
+
+
+def _assignments_field(parser: argparse.ArgumentParser, argv: list[str]) -> str | None:
+    """The ``KEY=VALUE`` list (``overrides`` or ``options``) of the command ``argv`` starts with, if it has one."""
+    sub = next((a for a in parser._actions if isinstance(a, argparse._SubParsersAction)), None)
+    command = sub.choices.get(argv[0]) if sub is not None and argv else None
+    if command is None:
+        return None
+    return next((a.dest for a in command._actions if a.dest in ("overrides", "options") and not a.option_strings),
+                None)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``peftkit`` command; returns the exit status."""
     parser = build_parser()
-    args, extra = parser.parse_known_args(argv)
-    # KEY=VALUE overrides may come after the options too (argparse alone takes them only before).
-    trailing = "overrides" if hasattr(args, "overrides") else "options" if hasattr(args, "options") else None
-    if extra and trailing and all("=" in e and not e.startswith("-") for e in extra):
-        setattr(args, trailing, [*getattr(args, trailing), *extra])
-    elif extra:
-        parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    argv = list(sys.argv[1:] if argv is None else argv)
+    field = _assignments_field(parser, argv)
+    # KEY=VALUE may come anywhere after the command, also after an option taking several values (argparse alone
+    # would take it as one of them): such words are set aside and added to the command's list.
+    assignments = [a for a in argv[1:] if field and _ASSIGNMENT.match(a)]
+    args = parser.parse_args([a for a in argv if a not in assignments] if assignments else argv)
+    if field and assignments:
+        setattr(args, field, [*getattr(args, field), *assignments])
     try:
         return int(args.func(args))
     except PeftkitError as exc:
