@@ -55,3 +55,19 @@ def test_estimate_agrees_with_measured_small_model() -> None:
 def test_bad_method() -> None:
     with pytest.raises(ConfigError, match="method='prefix'"):
         estimate_training_memory(nn.Linear(2, 2), method="prefix")
+
+
+@pytest.mark.parametrize("bits", [4, 8])
+def test_quantized_weights_still_count_as_parameters(bits: int) -> None:
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    cfg = LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                      num_key_value_heads=2, vocab_size=100)
+    model = LlamaForCausalLM(cfg)
+    _, total = pk.count_parameters(model)
+    quantize(model, bits=bits)
+    assert pk.count_parameters(model)[1] == total  # packed into buffers, the weights are still the model's
+    pk.prepare_for_kbit_training(model)
+    pk.apply(model, pk.LoRA(target_modules="all-linear", rank=16))
+    lora = sum(p.numel() for n, p in model.named_parameters() if "lora_" in n)
+    assert pk.count_parameters(model) == (lora, total + lora)

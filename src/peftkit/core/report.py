@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import math
 from dataclasses import dataclass
 from typing import cast
 
@@ -14,7 +15,11 @@ from peftkit.core.layer import AdapterLayer
 
 
 def _numel(param: torch.Tensor) -> int:
-    # Quantized weights report the logical element count they stand for.
+    # Quantized weights count the elements they stand for, not their packed bytes (bitsandbytes' 4-bit
+    # parameters keep the original shape in their quantization state).
+    shape = getattr(getattr(param, "quant_state", None), "shape", None)
+    if shape is not None:
+        return math.prod(int(d) for d in shape)
     return int(getattr(param, "logical_numel", param.numel()))
 
 

@@ -76,6 +76,10 @@ class QuantLinear(nn.Module):
         out: Tensor = _DequantLinear.apply(x.to(self.compute_dtype), bias, self)  # type: ignore[no-untyped-call]
         return out.to(dtype)
 
+    def frozen_numel(self) -> int:
+        """The weight's element count: its packed buffers are not parameters, yet parameter counts include it."""
+        return self.in_features * self.out_features
+
     def dequantize(self, dtype: torch.dtype | None = None) -> Tensor:
         """The dense ``(out_features, in_features)`` weight in ``dtype`` (default ``compute_dtype``)."""
         raise NotImplementedError
