@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 import pytest
 import torch
 from torch import nn
@@ -84,8 +86,28 @@ def test_no_match_names_the_pattern_and_near_misses() -> None:
 
 def test_unsupported_type_names_type_and_supported_ones() -> None:
     model = build("llama")
-    with pytest.raises(UnsupportedLayerError, match=r"LlamaRMSNorm.*supported layer types: .*Linear"):
+    with pytest.raises(UnsupportedLayerError, match=r"LlamaRMSNorm.*supported layer types: .*Linear") as info:
         pk.apply(model, pk.LoRA(target_modules=["input_layernorm"]))
+    assert "layers inside" not in str(info.value)  # a norm has none to suggest
+    with pytest.raises(UnsupportedLayerError, match=r"LlamaAttention.*Target the layers inside them .*self_attn\.\*"):
+        pk.apply(model, pk.LoRA(target_modules=["self_attn"]))
+
+
+def test_near_misses_never_offer_container_indices() -> None:
+    model = build("llama")
+    with pytest.raises(TargetNotFoundError) as info:
+        pk.apply(model, pk.LoRA(target_modules=["rank=4"]))
+    assert not re.search(r"'\d+'", str(info.value))
+
+
+@pytest.mark.parametrize("field", ["rank_pattern", "alpha_pattern"])
+def test_a_rank_or_alpha_pattern_matching_no_module_is_an_error(field: str) -> None:
+    model = build("llama")
+    with pytest.raises(ConfigError, match=rf"{field} key 'v_prj' matches no module.*v_proj"):
+        pk.apply(model, pk.LoRA(target_modules=["q_proj", "v_proj"], **{field: {"v_prj": 2}}))
+    assert all(p.requires_grad for p in model.parameters())  # untouched
+    # A key for modules that are not targets is allowed (HF PEFT ignores it too).
+    pk.apply(model, pk.LoRA(target_modules=["q_proj"], rank=4, **{field: {"v_proj": 2}}))
 
 
 def test_layers_filter_that_leaves_nothing_is_an_error() -> None:

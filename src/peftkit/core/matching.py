@@ -113,7 +113,7 @@ def resolve_targets(
         if not hits:
             raise TargetNotFoundError(
                 f"target pattern {pattern!r} matches no module of {type(model).__name__}; "
-                f"closest module names: {_near_misses(pattern, names)}. Use a module's leaf name "
+                f"closest module names: {near_misses(pattern, names)}. Use a module's leaf name "
                 f"(e.g. 'q_proj'), a glob on its qualified name (e.g. '*.layers.0.*.q_proj') or an alias "
                 f"({', '.join(sorted(ALIASES))})."
             )
@@ -129,8 +129,9 @@ def resolve_targets(
             kinds = sorted({type(modules[n]).__name__ for n in hits})
             raise UnsupportedLayerError(
                 f"target pattern {pattern!r} matches only modules of type {', '.join(kinds)}, which this "
-                f"method cannot adapt; supported layer types: {', '.join(supported_names)}. "
-                f"Target the layers inside them instead (e.g. '{hits[0]}.*')."
+                f"method cannot adapt; supported layer types: {', '.join(supported_names)}."
+                + (f" Target the layers inside them instead (e.g. '{hits[0]}.*')."
+                   if any(True for _ in modules[hits[0]].children()) else "")
             )
         selected.update(good)
     result = [n for n in names if n in selected]
@@ -147,8 +148,10 @@ def resolve_targets(
     return result
 
 
-def _near_misses(pattern: str, names: Sequence[str], n: int = 5) -> list[str]:
-    leaves = sorted({name.rsplit(".", 1)[-1] for name in names})
+def near_misses(pattern: str, names: Sequence[str], n: int = 5) -> list[str]:
+    """Up to ``n`` module names (leaf names first) close to ``pattern``, for "did you mean" messages; container
+    indices (``0``, ``1``, … of a ``ModuleList``) are never offered."""
+    leaves = sorted({leaf for name in names if not (leaf := name.rsplit(".", 1)[-1]).isdigit()})
     leaf = pattern.rsplit(".", 1)[-1].replace("*", "")
     close = difflib.get_close_matches(leaf, leaves, n=n, cutoff=0.5)
     if not close:

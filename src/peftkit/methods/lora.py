@@ -17,7 +17,7 @@ from torch import nn
 
 from peftkit.core.config import AdapterConfig
 from peftkit.core.layer import AdapterLayer
-from peftkit.core.matching import first_match
+from peftkit.core.matching import first_match, matches, near_misses
 from peftkit.core.modules_to_save import ModulesToSave
 from peftkit.core.registry import LINEAR_KINDS, register_method
 from peftkit.errors import ConfigError
@@ -138,7 +138,22 @@ class LoRA(AdapterConfig):
         lora_token_targets(model, self, targets)  # likewise the embeddings of trainable_token_indices
         if self.lora_bias:
             self._check_lora_bias(model, targets)
+        self._check_patterns(model)
         return targets
+
+    def _check_patterns(self, model: nn.Module) -> None:
+        """Refuse a rank/alpha pattern key that matches no module of ``model`` (a typo would silently keep the
+        default). One that matches modules which are not targets is allowed, as in HF PEFT."""
+        names: list[str] | None = None
+        for field_name, pattern in (("rank_pattern", self.rank_pattern), ("alpha_pattern", self.alpha_pattern)):
+            for key in pattern:
+                names = names or [n for n, _ in model.named_modules() if n]
+                if not any(matches(n, key) for n in names):
+                    raise ConfigError(
+                        f"{field_name} key {key!r} matches no module of {type(model).__name__}; closest module "
+                        f"names: {near_misses(key, names)}. Keys use the target_modules syntax (e.g. 'v_proj' or "
+                        "'*.layers.0.*.v_proj')"
+                    )
 
     def _check_lora_bias(self, model: nn.Module, targets: list[str]) -> None:
         """Refuse ``lora_bias`` on a target whose B cannot carry a bias (an embedding, as in HF PEFT)."""
