@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import json
+import warnings
 
 import pytest
 import torch
@@ -83,12 +84,36 @@ def test_performant_llama_exports_as_hf_adapter_on_q_k_v(tmp_path) -> None:
     config = json.loads((tmp_path / "adapter_config.json").read_text())
     assert config["peft_type"] == "LORA"
     assert sorted(config["target_modules"]) == ["gate_proj", "k_proj", "q_proj", "up_proj", "v_proj"]
-    hf = PeftModel.from_pretrained(tiny("llama"), tmp_path).eval()
+    # peftkit's own settings (the shared A's groups) are in their own file: HF PEFT warns about unknown keys.
+    assert "peftkit" not in config and "shared_A" in json.loads((tmp_path / "peftkit_config.json").read_text())
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UserWarning)
+        hf = PeftModel.from_pretrained(tiny("llama"), tmp_path).eval()
     torch.testing.assert_close(hf(IDS).logits, reference, rtol=1e-5, atol=1e-5)
     # and back into peftkit, A shared again
     loaded = pk.load_adapter(tiny("llama"), tmp_path)
     attn = loaded.model.layers[1].self_attn
     assert attn.q_proj.lora_A["default"] is attn.v_proj.lora_A["default"]
+    torch.testing.assert_close(loaded(IDS).logits, reference, rtol=0, atol=1e-6)
+    # A plain adapter saved over it leaves no stale settings behind.
+    plain = tiny("llama")
+    pk.apply(plain, pk.LoRA(target_modules=["q_proj"], rank=2))
+    pk.save_adapter(plain, tmp_path)
+    assert not (tmp_path / "peftkit_config.json").exists()
+
+
+def test_settings_inside_adapter_config_json_still_load(tmp_path) -> None:
+    model = tiny("llama")
+    pk.apply(model, pk.LoRA(target_modules=["linear_qkv"], rank=4, alpha=8, init_B="gaussian"))
+    reference = model(IDS).logits
+    pk.save_adapter(model, tmp_path)
+    config = json.loads((tmp_path / "adapter_config.json").read_text())
+    config["peftkit"] = json.loads((tmp_path / "peftkit_config.json").read_text())
+    (tmp_path / "adapter_config.json").write_text(json.dumps(config))  # the layout of earlier peftkit versions
+    (tmp_path / "peftkit_config.json").unlink()
+    loaded = pk.load_adapter(tiny("llama"), tmp_path)
+    attn = loaded.model.layers[1].self_attn
+    assert attn.q_proj.lora_A["default"] is attn.k_proj.lora_A["default"]
     torch.testing.assert_close(loaded(IDS).logits, reference, rtol=0, atol=1e-6)
 
 

@@ -2,7 +2,9 @@
 
 A directory holds ``adapter_config.json`` (HF PEFT's field names) and ``adapter_model.safetensors``
 (keys such as ``base_model.model.<module path>.lora_A.weight``). Several adapters are saved as HF PEFT
-does: ``default`` in the directory itself, every other adapter in a subdirectory named after it.
+does: ``default`` in the directory itself, every other adapter in a subdirectory named after it. Settings HF PEFT
+has no field for (performant LoRA's shared A, Megatron's dropout position) go in ``peftkit_config.json`` beside
+them, which HF PEFT ignores.
 
 Loading is strict where HF PEFT is lenient: missing keys, unexpected keys and shape mismatches are
 errors, and the model is left exactly as it was.
@@ -29,6 +31,9 @@ from peftkit.errors import AdapterNotFoundError, CheckpointError, ConfigError, S
 from peftkit.io.atomic import write_atomic, write_text_atomic
 
 CONFIG_NAME = "adapter_config.json"
+#: peftkit's own settings of an adapter that HF PEFT has no field for (e.g. performant LoRA's shared A), which
+#: HF PEFT would warn about in ``adapter_config.json``; it ignores this file.
+PEFTKIT_NAME = "peftkit_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
 LEGACY_WEIGHTS_NAME = "adapter_model.bin"
 PREFIX = "base_model.model."
@@ -126,6 +131,12 @@ def _write(directory: Path, config: dict[str, Any], state: dict[str, torch.Tenso
         tensors[key] = tensor
     meta = {"format": "pt"}
     write_atomic(directory / WEIGHTS_NAME, lambda tmp: save_file(tensors, str(tmp), metadata=meta))
+    config = dict(config)
+    ours = config.pop("peftkit", None)  # HF PEFT warns about keys it does not know: they get a file of their own
+    if ours:
+        write_text_atomic(directory / PEFTKIT_NAME, json.dumps(ours, indent=2, sort_keys=True) + "\n")
+    else:
+        (directory / PEFTKIT_NAME).unlink(missing_ok=True)  # from an earlier save of another adapter
     write_text_atomic(directory / CONFIG_NAME, json.dumps(config, indent=2, sort_keys=True) + "\n")
 
 
@@ -147,6 +158,12 @@ def read_config(directory: str | Path) -> dict[str, Any]:
         raise CheckpointError(f"{str(path)!r} is not valid JSON ({exc}); the file is corrupt or truncated") from exc
     if not isinstance(data, dict) or "peft_type" not in data:
         raise CheckpointError(f"{str(path)!r} has no 'peft_type' field; it is not a PEFT adapter config")
+    ours = Path(directory) / PEFTKIT_NAME
+    if ours.is_file() and "peftkit" not in data:
+        try:
+            data["peftkit"] = json.loads(ours.read_text(encoding="utf-8"))
+        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+            raise CheckpointError(f"{str(ours)!r} is not valid JSON ({exc}); the file is corrupt or truncated") from exc
     return data
 
 
