@@ -134,6 +134,14 @@ def test_inspect_is_a_dry_run_with_counts() -> None:
     assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
 
 
+def test_inspect_counts_the_copies_of_modules_to_save() -> None:
+    config = pk.LoRA(target_modules=["query", "value"], rank=4, modules_to_save=["classifier"])
+    report = pk.inspect(build("bert"), config)
+    assert report.rows[-1].name == "classifier" and report.rows[-1].layer_type == "Linear (copy)"
+    model = pk.apply(build("bert"), config)
+    assert report.added_params == pk.count_parameters(model)[0]
+
+
 def test_inspect_lists_role_names_and_counts_a_shared_factor_once() -> None:
     model = build("llama")
     report = pk.inspect(model, pk.LoRA(target_modules=["linear_qkv"], rank=4))

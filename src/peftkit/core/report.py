@@ -12,6 +12,7 @@ from torch import nn
 
 from peftkit.core.config import AdapterConfig
 from peftkit.core.layer import AdapterLayer
+from peftkit.core.modules_to_save import ModulesToSave
 
 
 def _numel(param: torch.Tensor) -> int:
@@ -119,6 +120,11 @@ def inspect(model: nn.Module, config: AdapterConfig) -> InspectReport:
         weight = getattr(base, "weight", None)
         shape = tuple(weight.shape) if weight is not None else ()
         rows.append(InspectRow(target, type(base).__name__, shape, sum(p.numel() for p in own), roles.get(target, ())))
+    for saved in get_state(shadow).saved.get(name, []):  # modules_to_save: a trained full copy each
+        copy_ = cast(ModulesToSave, modules[saved]).copies[name]
+        weight = getattr(copy_, "weight", None)
+        rows.append(InspectRow(saved, f"{type(copy_).__name__} (copy)", tuple(weight.shape) if weight is not None
+                               else (), sum(p.numel() for p in copy_.parameters())))
     _, after = count_parameters(shadow)
     if not rows:
         rows.append(InspectRow("(virtual tokens / added modules)", type(config).__name__, (), after - before))
