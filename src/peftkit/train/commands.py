@@ -131,7 +131,8 @@ def inspect_model(
     """A report of what ``method`` would adapt in the model at ``model_path`` (or its parameter count).
 
     Args:
-        model_path: a model directory or config.json (random init is fine: nothing is trained).
+        model_path: a model directory or config.json; only the config is read (the model is built on
+            ``meta``: no weights, no memory).
         task: the model's task head.
         method: a ``peft.method`` name; ``None`` lists the linear layers by leaf name.
         options: the method's fields (``rank``, ``target_modules``, ...).
@@ -141,7 +142,7 @@ def inspect_model(
 
     peft = {"method": method or "none", **(options or {})}
     cfg = model_config(model_path, task, 2 if task == "classification" else 0, peft)
-    model = build_model(cfg, 2)
+    model = build_model(cfg, 2, meta=True)
     trainable, total = pk.count_parameters(model)
     if method is None or method == "none":
         leaves: dict[str, int] = {}

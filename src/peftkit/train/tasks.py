@@ -65,38 +65,58 @@ def model_config(model_path: str, task: str, num_labels: int = 0, peft: dict[str
     return config_from_dict(data)
 
 
-def build_model(cfg: RunConfig, num_labels: int = 0) -> nn.Module:
+def _head_fields(cfg: RunConfig, num_labels: int) -> dict[str, Any]:
+    """Config fields of the task head: ``num_labels`` for classification."""
+    if cfg.model.task != "classification":
+        return {}
+    n = cfg.model.num_labels or num_labels
+    if n <= 0:
+        raise ConfigError("model.num_labels=0 and no labels found in the data; set model.num_labels")
+    return {"num_labels": n}
+
+
+def _config_from_fields(transformers: Any, raw: dict[str, Any], extra: dict[str, Any]) -> Any:
+    """A ``transformers`` config from ``checkpoint.pretrained``'s fields plus the head's."""
+    model_type = raw.pop("model_type", None)
+    if model_type is None:
+        raise ConfigError("checkpoint.pretrained config lacks 'model_type'; add e.g. model_type: llama")
+    fields = {**raw, **extra}
+    config = transformers.AutoConfig.for_model(model_type, **fields)
+    for key, value in fields.items():  # some configs override keyword arguments in __init__
+        if getattr(config, key, value) != value:
+            setattr(config, key, value)
+    return config
+
+
+def build_model(cfg: RunConfig, num_labels: int = 0, *, meta: bool = False) -> nn.Module:
     """The base model of ``cfg`` for its task (no adapter yet).
 
     Args:
         cfg: the run config (``model``, ``checkpoint.pretrained``, ``train.seed``).
         num_labels: classes for classification (``model.num_labels`` wins when set).
+        meta: build on the ``meta`` device from the config alone: structure and shapes, no memory,
+            no weights read (what ``peftkit inspect`` needs, even for 7B-class models).
 
     Raises:
         ConfigError: the pretrained path is unusable, or classification without a label count.
         MissingDependencyError: ``transformers`` is not installed.
     """
-    transformers = require("transformers", "hf")
+    transformers: Any = require("transformers", "hf")
     auto = getattr(transformers, AUTO_CLASSES[cfg.model.task])
     dtype = getattr(torch, cfg.model.dtype)
-    extra: dict[str, Any] = {}
-    if cfg.model.task == "classification":
-        n = cfg.model.num_labels or num_labels
-        if n <= 0:
-            raise ConfigError("model.num_labels=0 and no labels found in the data; set model.num_labels")
-        extra["num_labels"] = n
+    extra = _head_fields(cfg, num_labels)
     raw = _config_dict(cfg.checkpoint.pretrained)  # type: ignore[arg-type]
+    if meta:
+        if raw is None:
+            config = transformers.AutoConfig.from_pretrained(str(cfg.checkpoint.pretrained), **extra)
+        else:
+            config = _config_from_fields(transformers, raw, extra)
+        with torch.device("meta"):
+            return auto.from_config(config).to(dtype)  # type: ignore[no-any-return]
     if raw is None:
         model = auto.from_pretrained(str(cfg.checkpoint.pretrained), dtype=dtype, **extra)
     else:
-        model_type = raw.pop("model_type", None)
-        if model_type is None:
-            raise ConfigError("checkpoint.pretrained config lacks 'model_type'; add e.g. model_type: llama")
-        fields = {**raw, **extra}
-        config = transformers.AutoConfig.for_model(model_type, **fields)  # type: ignore[attr-defined]
-        for key, value in fields.items():  # some configs override keyword arguments in __init__
-            if getattr(config, key, value) != value:
-                setattr(config, key, value)
+        config = _config_from_fields(transformers, raw, extra)
         torch.manual_seed(cfg.train.seed)
         model = auto.from_config(config).to(dtype)
     if cfg.model.gradient_checkpointing:

@@ -1,0 +1,23 @@
+"""``peftkit.train.commands``: inspect, eval and merge of checkpoints as plain functions."""
+
+from __future__ import annotations
+
+import time
+
+from peftkit.train.commands import inspect_model
+
+
+def test_inspect_reads_only_the_config_of_a_7b_model(tmp_path):
+    from transformers import LlamaConfig
+
+    model_dir = tmp_path / "llama7b"
+    LlamaConfig(hidden_size=4096, intermediate_size=11008, num_hidden_layers=32, num_attention_heads=32,
+                vocab_size=32000).save_pretrained(str(model_dir))
+    (model_dir / "model.safetensors").write_bytes(b"not read: inspect needs no weights")
+    t0 = time.perf_counter()
+    report = inspect_model(str(model_dir), method="lora", options={"rank": 8, "target_modules": ["q_proj", "v_proj"]})
+    assert "64 modules adapted, 4,194,304 parameters added" in report
+    assert "of 6,742,609,920" in report  # Llama-2-7B's 6,738,415,616 plus the adapter
+    listing = inspect_model(str(model_dir))
+    assert listing.startswith("LlamaForCausalLM: 6,738,415,616 parameters") and "q_proj" in listing
+    assert time.perf_counter() - t0 < 60
