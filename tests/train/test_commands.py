@@ -3,8 +3,16 @@
 from __future__ import annotations
 
 import time
+from pathlib import Path
+from typing import Any
 
-from peftkit.train.commands import inspect_model
+import torch
+
+from peftkit.train.commands import evaluate_checkpoint, inspect_model
+from peftkit.train.config import config_from_dict
+from peftkit.train.loop import train
+
+from .conftest import BERT
 
 
 def test_inspect_reads_only_the_config_of_a_7b_model(tmp_path):
@@ -21,3 +29,21 @@ def test_inspect_reads_only_the_config_of_a_7b_model(tmp_path):
     listing = inspect_model(str(model_dir))
     assert listing.startswith("LlamaForCausalLM: 6,738,415,616 parameters") and "q_proj" in listing
     assert time.perf_counter() - t0 < 60
+
+
+def _train(cfg: dict[str, Any]) -> Path:
+    train(config_from_dict(cfg))
+    return Path(cfg["checkpoint"]["save_dir"])
+
+
+def test_eval_of_a_pretrained_encoder_with_a_new_head_is_repeatable(run_config, tmp_path):
+    from transformers import BertConfig, BertModel
+
+    torch.manual_seed(0)
+    encoder = tmp_path / "bert"
+    BertModel(BertConfig(**{k: v for k, v in BERT.items() if k != "model_type"})).save_pretrained(str(encoder))
+    cfg = run_config("classification", checkpoint={"pretrained": str(encoder)}, train={"max_steps": 2})
+    run = _train(cfg)
+    first = evaluate_checkpoint(run / "final")
+    torch.manual_seed(123)  # whatever the caller did to the global RNG in between
+    assert evaluate_checkpoint(run / "final") == first

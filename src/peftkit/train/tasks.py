@@ -1,8 +1,9 @@
 """Models per task: build the base ``transformers`` model, its tokenizer and the PEFT method config.
 
 ``checkpoint.pretrained`` is a local model directory (weights loaded), a directory or ``config.json``
-without weights, or ``{"config": {...}}`` (random init, seeded by ``train.seed`` so that the same
-config always gives the same base — evaluation and resume rebuild it identically).
+without weights, or ``{"config": {...}}`` (random init). Whatever starts random — the whole model, or
+a new head on pretrained weights — is seeded by ``train.seed``, so the same config always gives the
+same base: evaluation and resume rebuild it identically.
 """
 
 from __future__ import annotations
@@ -113,12 +114,13 @@ def build_model(cfg: RunConfig, num_labels: int = 0, *, meta: bool = False) -> n
             config = _config_from_fields(transformers, raw, extra)
         with torch.device("meta"):
             return auto.from_config(config).to(dtype)  # type: ignore[no-any-return]
+    # Seeded on every path: random weights (a whole random-init model, or the new head of a
+    # pretrained encoder) are the same each time, so evaluation rebuilds exactly the trained base.
+    torch.manual_seed(cfg.train.seed)
     if raw is None:
         model = auto.from_pretrained(str(cfg.checkpoint.pretrained), dtype=dtype, **extra)
     else:
-        config = _config_from_fields(transformers, raw, extra)
-        torch.manual_seed(cfg.train.seed)
-        model = auto.from_config(config).to(dtype)
+        model = auto.from_config(_config_from_fields(transformers, raw, extra)).to(dtype)
     if cfg.model.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     return model  # type: ignore[no-any-return]
