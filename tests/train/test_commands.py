@@ -7,7 +7,9 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import yaml
 
+from peftkit.cli.main import main
 from peftkit.train.commands import evaluate_checkpoint, inspect_model
 from peftkit.train.config import config_from_dict
 from peftkit.train.loop import train
@@ -47,3 +49,24 @@ def test_eval_of_a_pretrained_encoder_with_a_new_head_is_repeatable(run_config, 
     first = evaluate_checkpoint(run / "final")
     torch.manual_seed(123)  # whatever the caller did to the global RNG in between
     assert evaluate_checkpoint(run / "final") == first
+
+
+def test_a_checkpoint_of_a_run_with_relative_paths_evaluates_from_anywhere(run_config, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    cfg = run_config("classification", train={"max_steps": 2}, checkpoint={"save_interval": 2})
+    cfg["data"]["train"] = "classification.jsonl"  # written into tmp_path by run_config
+    run = _train(cfg)
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    for ckpt in ("final", "step-2"):
+        saved = yaml.safe_load((run / ckpt / "run_config.yaml").read_text())
+        assert saved["data"]["train"] == str(tmp_path / "classification.jsonl")
+        assert set(evaluate_checkpoint(run / ckpt)) == {"base", "adapted"}
+
+
+def test_eval_names_a_missing_data_file(run_config, tmp_path, capsys):
+    run = _train(run_config("classification", train={"max_steps": 1}))
+    assert main(["eval", "-p", str(run / "final"), "--data", "nope.jsonl"]) == 2
+    err = capsys.readouterr().err
+    assert "--data 'nope.jsonl' does not exist" in err and "data.train" not in err

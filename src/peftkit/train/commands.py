@@ -52,6 +52,8 @@ def attach_checkpoint(model: nn.Module, path: str | Path, cfg: RunConfig) -> nn.
 
 def _eval_examples(cfg: RunConfig, tok: Tokenizer, data: str | None) -> tuple[list[Any], list[str]]:
     if data is not None:
+        if not Path(data).exists():
+            raise ConfigError(f"--data {data!r} does not exist; pass a local evaluation file")
         labels = list(cfg.data.labels)
         if cfg.model.task == "classification" and not labels and cfg.data.train:
             labels = load_examples(cfg.data.train, cfg.data.format, "classification", tok, 8, limit=0).labels

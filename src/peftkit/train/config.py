@@ -339,7 +339,13 @@ class RunConfig:
 
 
 # Loading lives in its own module; re-exported here so `from peftkit.train.config import load_config` works.
-from peftkit.train.config_load import apply_overrides, config_from_dict, dump_config, load_config  # noqa: E402
+from peftkit.train.config_load import (  # noqa: E402
+    apply_overrides,
+    config_from_dict,
+    dump_config,
+    load_config,
+    with_absolute_paths,
+)
 
 __all__ = [
     "PEFT_METHODS",
@@ -357,4 +363,5 @@ __all__ = [
     "config_from_dict",
     "dump_config",
     "load_config",
+    "with_absolute_paths",
 ]

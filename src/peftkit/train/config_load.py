@@ -6,6 +6,7 @@ error always names the field, the value and what is allowed; ranges are checked 
 
 from __future__ import annotations
 
+import dataclasses
 import types
 import typing
 from pathlib import Path
@@ -149,3 +150,25 @@ def load_config(path: str | Path | None, overrides: list[str] | None = None) -> 
 def dump_config(config: RunConfig, path: str | Path) -> None:
     """Write ``config`` as YAML to ``path``."""
     Path(path).write_text(yaml.safe_dump(config.to_dict(), sort_keys=False))
+
+
+def with_absolute_paths(config: RunConfig) -> RunConfig:
+    """``config`` with every relative local path that exists made absolute.
+
+    The copy of the config a checkpoint keeps is read from wherever ``peftkit eval`` or ``merge`` runs,
+    so its data files, pretrained directory, tokenizer and cache must not depend on the working
+    directory of the run. Paths that do not exist (yet) are kept as written.
+    """
+
+    def absolute(path: Any) -> Any:
+        if isinstance(path, str) and path and not Path(path).is_absolute() and Path(path).exists():
+            return str(Path(path).resolve())
+        return path
+
+    d, m, c = config.data, config.model, config.checkpoint
+    return dataclasses.replace(
+        config,
+        data=dataclasses.replace(d, train=absolute(d.train), eval=absolute(d.eval), cache_dir=absolute(d.cache_dir)),
+        model=dataclasses.replace(m, tokenizer=absolute(m.tokenizer)),
+        checkpoint=dataclasses.replace(c, pretrained=absolute(c.pretrained), save_dir=absolute(c.save_dir)),
+    )

@@ -28,7 +28,7 @@ from peftkit.train import checkpoint as ckpt
 from peftkit.train import dist_checkpoint as dckpt
 from peftkit.train import dist_failure, distributed
 from peftkit.train.batching import collate, micro_batch, pack, split
-from peftkit.train.config import RunConfig, dump_config
+from peftkit.train.config import RunConfig, dump_config, with_absolute_paths
 from peftkit.train.data import Example, load_examples
 from peftkit.train.evaluate import evaluate
 from peftkit.train.metrics import MetricsLogger, plot_metrics, read_metrics
@@ -191,7 +191,7 @@ def _save(run: Run, step: int, history: list[dict[str, Any]]) -> Path:
         run.optimizer,
         run.trainable,
         {"micro_batches": step * cfg.train.grad_accum, "history": history, "labels": run.labels},
-        yaml.safe_dump(cfg.to_dict(), sort_keys=False),
+        yaml.safe_dump(with_absolute_paths(cfg).to_dict(), sort_keys=False),  # readable from any directory
         save_adapter=cfg.peft.method != "none",
         keep_last=cfg.checkpoint.keep_last,
     )
@@ -287,5 +287,5 @@ def _save_final(run: Run, out: Path) -> Path:
         if run.dist.is_main:
             save_file(weights, str(final / "trainable.safetensors"))
     if run.dist.is_main:
-        dump_config(run.cfg, final / "run_config.yaml")
+        dump_config(with_absolute_paths(run.cfg), final / "run_config.yaml")
     return final
