@@ -13,6 +13,7 @@ from peftkit.cli.main import main
 from peftkit.train.commands import evaluate_checkpoint, inspect_model
 from peftkit.train.config import config_from_dict
 from peftkit.train.loop import train
+from peftkit.train.metrics import read_metrics
 
 from .conftest import BERT
 
@@ -70,3 +71,18 @@ def test_eval_names_a_missing_data_file(run_config, tmp_path, capsys):
     assert main(["eval", "-p", str(run / "final"), "--data", "nope.jsonl"]) == 2
     err = capsys.readouterr().err
     assert "--data 'nope.jsonl' does not exist" in err and "data.train" not in err
+
+
+def _eval_steps(run: Path) -> list[int]:
+    return [r["step"] for r in read_metrics(run / "metrics.jsonl") if "eval_loss" in r]
+
+
+def test_metrics_hold_one_eval_record_per_step_even_when_a_finished_run_is_rerun(run_config):
+    cfg = run_config(train={"max_steps": 6}, eval={"interval": 3})
+    first = train(config_from_dict(cfg))
+    run = Path(cfg["checkpoint"]["save_dir"])
+    assert _eval_steps(run) == [3, 6]
+    lines = (run / "metrics.jsonl").read_text()
+    again = train(config_from_dict({**cfg, "checkpoint": {**cfg["checkpoint"], "resume": "auto"}}))
+    assert (run / "metrics.jsonl").read_text() == lines
+    assert again["eval"] == first["eval"] and again["steps"] == 6

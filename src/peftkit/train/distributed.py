@@ -198,6 +198,10 @@ def wrap(model: nn.Module, ctx: Dist, device: torch.device) -> nn.Module:
 class SilentLogger:
     """What ranks other than 0 log: nothing (same methods as ``MetricsLogger``)."""
 
+    def has(self, step: int, key: str) -> bool:
+        """Nothing is logged here."""
+        return False
+
     def log(self, record: dict[str, Any]) -> None:
         """Drop ``record``."""
 

@@ -231,6 +231,9 @@ def _train(run: Run, t0: float) -> dict[str, Any]:
     params = [p for n, p in run.model.named_parameters() if n in set(run.trainable)]
     run.model.train()
     last_ckpt, fault = None, os.environ.get(FAULT_ENV)
+    final_eval: dict[str, float] = {}
+    if start == run.total_steps:
+        print(f"the run is already complete at step {start}: nothing to train")
     tick = time.perf_counter()
     for step in range(start, run.total_steps):
         record = train_step(run, step, params)
@@ -242,16 +245,19 @@ def _train(run: Run, t0: float) -> dict[str, Any]:
         if done % cfg.logging.log_interval == 0 or done == run.total_steps:
             logger.log(record)
         if cfg.eval.interval and done % cfg.eval.interval == 0 and run.eval:
-            logger.log({"step": done, **{f"eval_{k}": v for k, v in _eval(run).items()}})
+            metrics = _eval(run)
+            logger.log({"step": done, **{f"eval_{k}": v for k, v in metrics.items()}})
+            final_eval = metrics if done == run.total_steps else {}
         if (cfg.checkpoint.save_interval and done % cfg.checkpoint.save_interval == 0) or done == run.total_steps:
             last_ckpt = _save(run, done, history)
         dist_failure.inject_raise(done, run.dist)
         if fault is not None and dist_failure.fault_due(fault, done, run.dist):
             os.kill(os.getpid(), signal.SIGKILL)
-    logger.close()
-    final_eval = _eval(run) if run.eval else {}
-    if final_eval:
+    if not final_eval and run.eval:  # not evaluated at the last step by eval.interval
+        final_eval = _eval(run)
+    if final_eval and not logger.has(run.total_steps, "eval_loss"):  # a finished run re-run logs nothing twice
         logger.log({"step": run.total_steps, **{f"eval_{k}": v for k, v in final_eval.items()}})
+    logger.close()
     adapter_dir = _save_final(run, out)
     if cfg.logging.plots and run.dist.is_main:
         plot_metrics([r for r in read_metrics(out / "metrics.jsonl") if "loss" in r] or history, out)

@@ -32,6 +32,8 @@ class MetricsLogger:
             self.path.unlink()  # a fresh run starts a fresh log
         elif start_step > 0 and self.path.exists():
             self._truncate_after(start_step)
+        # (step, key) of every value in the log, so that a caller can avoid writing one twice
+        self._written = {(r.get("step", 0), k) for r in read_metrics(self.path) for k in r}
         self.tb: Any = None
         if cfg.tensorboard == "true":
             self.tb = require("torch.utils.tensorboard", "tensorboard").SummaryWriter(str(self.dir / "tb"))  # type: ignore[attr-defined]
@@ -57,8 +59,13 @@ class MetricsLogger:
         ]
         self.path.write_text("".join(line + "\n" for line in keep))
 
+    def has(self, step: int, key: str) -> bool:
+        """Whether the log already holds ``key`` for ``step`` (this process's records and a resumed run's)."""
+        return (step, key) in self._written
+
     def log(self, record: dict[str, Any]) -> None:
         """Record ``record`` (must carry ``step``) in the JSONL file and TensorBoard."""
+        self._written.update((record["step"], k) for k in record)
         if self.cfg.jsonl:
             with self.path.open("a") as f:
                 f.write(json.dumps(record) + "\n")
