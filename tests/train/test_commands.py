@@ -6,11 +6,12 @@ import time
 from pathlib import Path
 from typing import Any
 
+import pytest
 import torch
 import yaml
 
 from peftkit.cli.main import main
-from peftkit.train.commands import evaluate_checkpoint, inspect_model
+from peftkit.train.commands import evaluate_checkpoint, inspect_model, merge_checkpoint
 from peftkit.train.config import config_from_dict
 from peftkit.train.loop import train
 from peftkit.train.metrics import read_metrics
@@ -86,3 +87,15 @@ def test_metrics_hold_one_eval_record_per_step_even_when_a_finished_run_is_rerun
     again = train(config_from_dict({**cfg, "checkpoint": {**cfg["checkpoint"], "resume": "auto"}}))
     assert (run / "metrics.jsonl").read_text() == lines
     assert again["eval"] == first["eval"] and again["steps"] == 6
+
+
+@pytest.mark.parametrize(("labels", "expected"), [(["pos", "neg"], ["pos", "neg"]), ([], ["neg", "pos"])])
+def test_merged_classifier_keeps_the_label_names(run_config, tmp_path, labels, expected):
+    from transformers import AutoConfig
+
+    run = _train(run_config("classification", train={"max_steps": 1}, data={"labels": labels}))
+    for ckpt in ("final", "step-1"):
+        merged = merge_checkpoint(run / ckpt, tmp_path / f"merged-{ckpt}")
+        config = AutoConfig.from_pretrained(str(merged))
+        assert config.id2label == dict(enumerate(expected))
+        assert config.label2id == {name: i for i, name in enumerate(expected)}

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any
 
@@ -9,7 +10,7 @@ from torch import nn
 
 from peftkit.errors import CheckpointError, ConfigError
 from peftkit.train.config import RunConfig, load_config
-from peftkit.train.data import load_examples
+from peftkit.train.data import infer_labels, load_examples
 from peftkit.train.evaluate import evaluate
 from peftkit.train.loop import load_data, pick_device
 from peftkit.train.tasks import apply_peft, build_model, build_tokenizer, check_vocab
@@ -50,13 +51,13 @@ def attach_checkpoint(model: nn.Module, path: str | Path, cfg: RunConfig) -> nn.
     raise CheckpointError(f"{str(d)!r} holds neither adapter_config.json nor trainable.safetensors")
 
 
-def _eval_examples(cfg: RunConfig, tok: Tokenizer, data: str | None) -> tuple[list[Any], list[str]]:
+def _eval_examples(
+    path: str | Path, cfg: RunConfig, tok: Tokenizer, data: str | None
+) -> tuple[list[Any], list[str]]:
     if data is not None:
         if not Path(data).exists():
             raise ConfigError(f"--data {data!r} does not exist; pass a local evaluation file")
-        labels = list(cfg.data.labels)
-        if cfg.model.task == "classification" and not labels and cfg.data.train:
-            labels = load_examples(cfg.data.train, cfg.data.format, "classification", tok, 8, limit=0).labels
+        labels = run_labels(path, cfg)
         return load_examples(
             data,
             cfg.data.format,
@@ -94,7 +95,7 @@ def evaluate_checkpoint(
     """
     cfg = checkpoint_config(path, overrides)
     tok = build_tokenizer(cfg)
-    examples, labels = _eval_examples(cfg, tok, data)
+    examples, labels = _eval_examples(path, cfg, tok, data)
     device = pick_device(cfg.train.device)
     out = {}
     for kind in ("base", "adapted"):
@@ -104,21 +105,38 @@ def evaluate_checkpoint(
     return out
 
 
+def run_labels(path: str | Path, cfg: RunConfig) -> list[str]:
+    """The class names of a classification run in label-id order, as training chose them.
+
+    ``data.labels``, else those the checkpoint recorded (``step-N``), else inferred from ``data.train``;
+    empty for other tasks.
+    """
+    if cfg.model.task != "classification":
+        return []
+    if cfg.data.labels:
+        return list(cfg.data.labels)
+    state = Path(path) / "trainer_state.json"
+    if state.is_file():
+        recorded = json.loads(state.read_text()).get("labels", [])
+        if recorded:
+            return [str(name) for name in recorded]
+    return infer_labels(Path(cfg.data.train)) if cfg.data.train and Path(cfg.data.train).exists() else []
+
+
 def merge_checkpoint(path: str | Path, out_dir: str | Path, overrides: list[str] | None = None) -> Path:
     """Fold a checkpoint's adapter into its base and save a plain ``transformers`` model directory."""
     import peftkit as pk
 
     cfg = checkpoint_config(path, overrides)
     tok = build_tokenizer(cfg)
-    labels = cfg.data.labels
-    state = Path(path) / "trainer_state.json"
-    if not labels and state.is_file():
-        import json
-
-        labels = json.loads(state.read_text()).get("labels", [])
+    labels = run_labels(path, cfg)
     model = _checkpoint_model(path, cfg, tok, len(labels), adapted=True)
     if pk.list_adapters(model):
         model = pk.unload(model, merge=True)
+    config: Any = getattr(model, "config", None)
+    if labels and config is not None:  # the class names travel with the merged classifier
+        config.id2label = dict(enumerate(labels))
+        config.label2id = {name: i for i, name in enumerate(labels)}
     out = Path(out_dir)
     model.save_pretrained(str(out))  # type: ignore[operator]
     hf_tok = getattr(tok, "tok", None)
