@@ -130,3 +130,42 @@ def test_overrides_may_follow_an_option_taking_several_values(tmp_path, capsys):
     before = capsys.readouterr().out
     assert main(["inspect", str(cfg), "--method", "lora", "--target", "q_proj", "v_proj", "rank=4"]) == 0
     assert capsys.readouterr().out == before
+
+
+def _error(argv: list[str], capsys) -> str:
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"peftkit {argv[0]}: error: ") and "Traceback" not in err and len(err.splitlines()) == 1
+    return err
+
+
+def test_yaml_syntax_error_names_the_file_and_line(tmp_path, capsys):
+    path = tmp_path / "run.yaml"
+    path.write_text("checkpoint:\n  pretrained: x\ntrain: {max_steps: 3\n")
+    err = _error(["train", str(path)], capsys)
+    assert repr(str(path)) in err and "not valid YAML at line 4" in err
+
+
+@pytest.mark.parametrize(
+    ("fields", "expected"),
+    [
+        ({"model_type": "lama"}, "model_type='lama' is unknown to transformers; did you mean 'llama'"),
+        ({"hidden_size": 66}, "checkpoint.pretrained.config is rejected by transformers: "),
+    ],
+)
+def test_model_configs_transformers_rejects_are_config_errors(tmp_path, capsys, fields, expected):
+    cfg = tmp_path / "config.json"
+    cfg.write_text(json.dumps({**LLAMA, **fields}))
+    err = _error(["inspect", str(cfg)], capsys)
+    assert expected in err and len(err) < 400
+    if "hidden_size" in fields:
+        assert "hidden size (66) is not a multiple of the number of attention heads (4)" in err
+
+
+def test_classifier_rejected_when_built_is_a_config_error(run_config, tmp_path, capsys):
+    cfg = run_config("classification")
+    cfg["checkpoint"]["pretrained"]["config"]["hidden_size"] = 66  # BERT checks this only when built
+    path = tmp_path / "run.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    err = _error(["train", str(path)], capsys)
+    assert "checkpoint.pretrained.config is rejected by transformers: The hidden size (66)" in err

@@ -135,14 +135,20 @@ def load_config(path: str | Path | None, overrides: list[str] | None = None) -> 
         The validated config.
 
     Raises:
-        ConfigError: the file is missing or not a mapping, or any field is invalid.
+        ConfigError: the file is missing, not valid YAML or not a mapping, or any field is invalid.
     """
     data: dict[str, Any] = {}
     if path is not None:
         p = Path(path)
         if not p.is_file():
             raise ConfigError(f"config file {str(p)!r} does not exist; pass the path of a YAML file")
-        data = yaml.safe_load(p.read_text()) or {}
+        try:
+            data = yaml.safe_load(p.read_text()) or {}
+        except yaml.YAMLError as exc:
+            mark = getattr(exc, "problem_mark", None)
+            where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+            problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+            raise ConfigError(f"config file {str(p)!r} is not valid YAML{where}: {problem}; fix the syntax") from None
         _require(isinstance(data, dict), f"config file {str(p)!r}", type(data).__name__, "a YAML mapping")
     return config_from_dict(apply_overrides(data, list(overrides or [])))
 

@@ -8,6 +8,7 @@ same base: evaluation and resume rebuild it identically.
 
 from __future__ import annotations
 
+import difflib
 import json
 from pathlib import Path
 from typing import Any
@@ -76,17 +77,54 @@ def _head_fields(cfg: RunConfig, num_labels: int) -> dict[str, Any]:
     return {"num_labels": n}
 
 
+def _rejections() -> tuple[type[Exception], ...]:
+    """What ``transformers`` raises for config values it rejects (since v5 also huggingface_hub's
+    strict-dataclass validation errors, which are not ``ValueError``)."""
+    try:
+        from huggingface_hub.errors import StrictDataclassError
+    except ImportError:
+        return (ValueError, TypeError)
+    return (ValueError, TypeError, StrictDataclassError)
+
+
+def _rejected(exc: Exception) -> ConfigError:
+    """``exc`` (transformers rejecting ``checkpoint.pretrained.config``) as one line naming the field."""
+    message = " ".join(line.strip() for line in str(exc).splitlines() if line.strip()).rstrip(".")
+    return ConfigError(f"checkpoint.pretrained.config is rejected by transformers: {message}; fix these values")
+
+
 def _config_from_fields(transformers: Any, raw: dict[str, Any], extra: dict[str, Any]) -> Any:
-    """A ``transformers`` config from ``checkpoint.pretrained``'s fields plus the head's."""
+    """A ``transformers`` config from ``checkpoint.pretrained``'s fields plus the head's.
+
+    Raises:
+        ConfigError: no or an unknown ``model_type``, or values ``transformers`` rejects.
+    """
     model_type = raw.pop("model_type", None)
     if model_type is None:
         raise ConfigError("checkpoint.pretrained config lacks 'model_type'; add e.g. model_type: llama")
+    from transformers.models.auto.configuration_auto import CONFIG_MAPPING
+
+    if model_type not in CONFIG_MAPPING:  # transformers' own message lists all ~800 types
+        close = difflib.get_close_matches(str(model_type), list(CONFIG_MAPPING.keys()), n=3)
+        hint = f"did you mean {' or '.join(map(repr, close))}?" if close else "use one, e.g. model_type: llama"
+        raise ConfigError(f"checkpoint.pretrained.config model_type={model_type!r} is unknown to transformers; {hint}")
     fields = {**raw, **extra}
-    config = transformers.AutoConfig.for_model(model_type, **fields)
+    try:
+        config = transformers.AutoConfig.for_model(model_type, **fields)
+    except _rejections() as exc:
+        raise _rejected(exc) from None
     for key, value in fields.items():  # some configs override keyword arguments in __init__
         if getattr(config, key, value) != value:
             setattr(config, key, value)
     return config
+
+
+def _from_config(auto: Any, config: Any) -> nn.Module:
+    """``auto.from_config(config)``; some architectures check their config only when built."""
+    try:
+        return auto.from_config(config)  # type: ignore[no-any-return]
+    except _rejections() as exc:
+        raise _rejected(exc) from None
 
 
 def build_model(cfg: RunConfig, num_labels: int = 0, *, meta: bool = False) -> nn.Module:
@@ -113,14 +151,14 @@ def build_model(cfg: RunConfig, num_labels: int = 0, *, meta: bool = False) -> n
         else:
             config = _config_from_fields(transformers, raw, extra)
         with torch.device("meta"):
-            return auto.from_config(config).to(dtype)  # type: ignore[no-any-return]
+            return _from_config(auto, config).to(dtype)
     # Seeded on every path: random weights (a whole random-init model, or the new head of a
     # pretrained encoder) are the same each time, so evaluation rebuilds exactly the trained base.
     torch.manual_seed(cfg.train.seed)
     if raw is None:
         model = auto.from_pretrained(str(cfg.checkpoint.pretrained), dtype=dtype, **extra)
     else:
-        model = auto.from_config(_config_from_fields(transformers, raw, extra)).to(dtype)
+        model = _from_config(auto, _config_from_fields(transformers, raw, extra)).to(dtype)
     if cfg.model.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     return model  # type: ignore[no-any-return]
