@@ -123,3 +123,16 @@ def test_prune_energy(setup: tuple[Path, list[Path]], tmp_path: Path, capsys: py
     for q in before:
         assert float(after[q].norm() ** 2) >= 0.8 * float(before[q].norm() ** 2) - 1e-6
         assert torch.linalg.matrix_rank(after[q]) < 4
+
+
+def test_out_that_is_a_file_is_a_clear_error(setup, tmp_path, capsys):
+    from peftkit.cli.main import main
+
+    config, dirs = setup
+    afile = tmp_path / "afile"
+    afile.write_text("keep me")
+    for argv in (["combine", *map(str, dirs)], ["prune", str(dirs[0])]):
+        assert main([*argv, "--model", str(config), "--out", str(afile)]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith(f"peftkit {argv[0]}: error: --out {str(afile)!r} is an existing file")
+    assert afile.read_text() == "keep me"

@@ -14,6 +14,7 @@ is written, and each output file is replaced atomically.
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -34,6 +35,12 @@ def _base_model(model_path: str, task: str | None, task_type: str | None, num_la
     return build_model(model_config(model_path, task, num_labels), num_labels)
 
 
+def _check_out(out: str) -> None:
+    """``--out`` must be a directory or not exist yet (checked before any work)."""
+    if Path(out).exists() and not Path(out).is_dir():
+        raise ConfigError(f"--out {out!r} is an existing file, not a directory; pass a new or existing directory")
+
+
 def _check_same_base(configs: list[dict[str, Any]], dirs: list[str]) -> None:
     bases = {d: c.get("base_model_name_or_path") for d, c in zip(dirs, configs, strict=True)}
     if len({b for b in bases.values() if b}) > 1:
@@ -51,6 +58,7 @@ def combine_command(args: argparse.Namespace) -> int:
     from peftkit.io.hf_format import load_adapter, read_config, save_adapter
     from peftkit.merge.combine import combine
 
+    _check_out(args.out)
     dirs = list(args.adapters)
     if len(dirs) < 1:
         raise ConfigError("name at least one adapter directory to combine")
@@ -99,6 +107,7 @@ def prune_command(args: argparse.Namespace) -> int:
     from peftkit.io.hf_format import load_adapter, read_config, save_adapter
     from peftkit.merge.prune import prune
 
+    _check_out(args.out)
     data = read_config(args.adapter)
     if data.get("peft_type") != "LORA":
         raise ConfigError(f"prune reads LoRA adapters; {args.adapter!r} has peft_type {data.get('peft_type')!r}")
