@@ -169,3 +169,12 @@ def test_classifier_rejected_when_built_is_a_config_error(run_config, tmp_path, 
     path.write_text(yaml.safe_dump(cfg))
     err = _error(["train", str(path)], capsys)
     assert "checkpoint.pretrained.config is rejected by transformers: The hidden size (66)" in err
+
+
+def test_a_run_without_training_data_says_so(run_config, tmp_path, capsys):
+    cfg = run_config("causal_lm")
+    del cfg["data"]["train"]
+    path = tmp_path / "run.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    assert main(["train", str(path)]) == 2
+    assert "data.train is not set" in capsys.readouterr().err

@@ -165,7 +165,9 @@ def register_prune(sub: Any) -> None:
     )
     p.add_argument("adapter", metavar="ADAPTER", help="adapter directory")
     p.add_argument("--method", default="rank", choices=["rank", "magnitude"])
-    p.add_argument("--energy", type=float, default=0.99, help="fraction of squared norm kept (default 0.99)")
+    p.add_argument("--energy", type=float, default=0.99,
+                   help="fraction of squared norm kept per module: of each update ΔW with --method rank, "
+                   "of each factor (A, B) with --method magnitude (default 0.99)")
     p.add_argument("--rank", type=int, help="rank to keep in every module (overrides --energy)")
     p.add_argument("--sparsity", type=float, help="with --method magnitude: fraction of entries zeroed")
     _common(p)

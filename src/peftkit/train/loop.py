@@ -24,6 +24,7 @@ import torch
 import yaml
 from torch import nn
 
+from peftkit.errors import ConfigError
 from peftkit.train import checkpoint as ckpt
 from peftkit.train import dist_checkpoint as dckpt
 from peftkit.train import dist_failure, distributed
@@ -71,6 +72,9 @@ def pick_device(name: str) -> torch.device:
 def load_data(cfg: RunConfig, tok: Tokenizer) -> tuple[list[Example], list[Example], list[str]]:
     """Train and held-out examples, and the class names for classification."""
     d, task = cfg.data, cfg.model.task
+    if not d.train:
+        raise ConfigError("data.train is not set; name the training data, e.g. data.train=train.jsonl "
+                          "(JSONL, CSV, Parquet or a datasets directory)")
     kw = {"skip_bad_rows": d.skip_bad_rows, "limit": d.limit, "cache_dir": d.cache_dir}
     train = load_examples(d.train, d.format, task, tok, d.max_length, labels=d.labels, **kw)  # type: ignore[arg-type]
     if train.skipped:
