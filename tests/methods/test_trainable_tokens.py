@@ -350,3 +350,32 @@ def test_lora_file_whose_config_names_tokens_it_lacks_is_refused(tmp_path: Path)
     with pytest.raises(CheckpointError, match=r"missing keys \['base_model.model.model.embed_tokens.token_adapter"):
         pk.load_adapter(fresh, tmp_path)
     _untouched(fresh)
+
+
+@pytest.mark.parametrize("kind", ["embedding", "tied linear"])
+def test_row_and_column_paths_equal_the_updated_table(kind: str) -> None:
+    """The forward that replaces only the trained rows (or logit columns) equals the base layer's forward on the
+    whole updated table, values and gradients, for two adapters at once and repeated tokens."""
+    torch.manual_seed(0)
+    base: nn.Module = nn.Embedding(50, 8) if kind == "embedding" else nn.Linear(8, 50)
+    layer = TrainableTokensLayer(base.requires_grad_(False))
+    layer.add("a", [3, 7, 49])
+    layer.add("b", [0, 11])
+    layer.set_active(["a", "b"])
+    with torch.no_grad():
+        for delta in layer.trainable_tokens_delta.values():
+            delta.add_(torch.randn_like(delta))
+    x = torch.tensor([[3, 3, 0, 5], [49, 11, 7, 2]]) if kind == "embedding" else torch.randn(2, 4, 8)
+    outs, grads = [], []
+    for forward in (layer, lambda t: layer._on_updated_table(t, ["a", "b"])):
+        inp = x if kind == "embedding" else x.clone().requires_grad_(True)
+        out = forward(inp)
+        (out * torch.linspace(-1, 1, out.numel()).view_as(out)).sum().backward()
+        outs.append(out.detach())
+        grads.append([p.grad.clone() for p in layer.trainable_tokens_delta.values()]
+                     + ([] if kind == "embedding" else [inp.grad]))
+        for p in layer.trainable_tokens_delta.values():
+            p.grad = None
+    torch.testing.assert_close(outs[0], outs[1])
+    for ours, reference in zip(grads[0], grads[1], strict=True):
+        torch.testing.assert_close(ours, reference)

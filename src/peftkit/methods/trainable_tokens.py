@@ -118,6 +118,45 @@ class TrainableTokensLayer(AdapterLayer):
         if not names:
             return self.base_layer(x, *args, **kwargs)
         self._check_disjoint(names + self.merged_adapters)
+        base = self.base_layer
+        if not args and not kwargs:
+            if type(base) is nn.Embedding and self._plain_lookup(names):
+                return self._replace_rows(x, names)
+            if type(base) is nn.Linear:
+                return self._replace_columns(x, names)
+        return self._on_updated_table(x, names, *args, **kwargs)
+
+    def _plain_lookup(self, names: Sequence[str]) -> bool:
+        """Whether the embedding is a plain row lookup for these adapters' rows (no renormalisation, sparse or
+        frequency-scaled gradients, and no trained row that is the padding row, whose gradient is zeroed)."""
+        base = cast(nn.Embedding, self.base_layer)
+        return (base.max_norm is None and not base.sparse and not base.scale_grad_by_freq
+                and not any(base.padding_idx in self.token_indices[n] for n in names))
+
+    def _replace_rows(self, x: torch.Tensor, names: Sequence[str]) -> torch.Tensor:
+        """The frozen lookup with the trained rows put in where ``x`` names their tokens: nothing as large as
+        the table is copied (HF PEFT copies the whole table in every forward)."""
+        out = cast(torch.Tensor, self.base_layer(x))
+        for name in names:
+            slot = torch.full((self.table.shape[0],), -1, dtype=torch.long, device=x.device)
+            slot[self._index(name)] = torch.arange(len(self.token_indices[name]), device=x.device)
+            row = slot[x]  # which trained row each token takes, -1: none
+            delta = self.trainable_tokens_delta[name].to(out.dtype)
+            out = torch.where((row >= 0).unsqueeze(-1), nn.functional.embedding(row.clamp(min=0), delta), out)
+        return out
+
+    def _replace_columns(self, x: torch.Tensor, names: Sequence[str]) -> torch.Tensor:
+        """A tied output layer's logits with the trained rows' columns computed from them (``x Dᵀ``)."""
+        out = cast(torch.Tensor, self.base_layer(x))
+        bias = cast(torch.Tensor | None, self.base_layer.bias)
+        for name in names:
+            index = self._index(name)
+            delta = self.trainable_tokens_delta[name].to(x.dtype)
+            out.index_copy_(out.dim() - 1, index, nn.functional.linear(x, delta, None if bias is None else bias[index]))
+        return out
+
+    def _on_updated_table(self, x: torch.Tensor, names: Sequence[str], *args: Any, **kwargs: Any) -> Any:
+        """Any other base layer: its own forward on a copy of the table with the trained rows in place."""
         weight = self.table
         for name in names:  # out of place: gradients reach the trained rows only
             weight = weight.index_copy(0, self._index(name), self.trainable_tokens_delta[name].to(weight.dtype))
