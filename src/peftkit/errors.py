@@ -10,7 +10,8 @@ Messages say what happened, which value caused it, and what to do instead.
     PeftkitError
     ├── ConfigError (ValueError)            a config field out of range, an unknown option
     │   ├── TargetNotFoundError (LookupError)  a target pattern matched no module
-    │   └── UnsupportedLayerError (TypeError)  a target's layer type has no adapter
+    │   ├── UnsupportedLayerError (TypeError)  a target's layer type has no adapter
+    │   └── UnknownFieldError (TypeError)      a config given a field it does not have (``r=8``)
     ├── AdapterExistsError (ValueError)     an adapter name already in use
     ├── AdapterNotFoundError (KeyError)     an adapter name that is not there
     ├── AdapterStateError (RuntimeError)    an operation the model's state forbids (merged, ...)
@@ -38,6 +39,10 @@ class TargetNotFoundError(ConfigError, LookupError):
 
 class UnsupportedLayerError(ConfigError, TypeError):
     """A targeted module has a layer type the method cannot adapt."""
+
+
+class UnknownFieldError(ConfigError, TypeError):
+    """A method config was given a keyword it has no field for (e.g. HF PEFT's ``r`` instead of ``rank``)."""
 
 
 class AdapterExistsError(PeftkitError, ValueError):

@@ -41,6 +41,22 @@ def test_config_errors_are_value_errors() -> None:
         pk.LoRA(target_modules=["q_proj"], rank=0)
 
 
+@pytest.mark.parametrize(("config", "kwargs", "match"), [
+    (pk.LoRA, {"r": 8}, r"'r' is HF PEFT's name: use rank"),
+    (pk.LoRA, {"lora_alpha": 16, "rank": 8}, r"'lora_alpha' is HF PEFT's name: use alpha"),
+    (pk.LoRA, {"use_dora": True}, r"use pk\.DoRA"),
+    (pk.DoRA, {"dropuot": 0.1}, r"'dropuot': did you mean 'dropout'\?"),
+    (pk.AdaLoRA, {"target_r": 4, "total_step": 10}, r"'target_r' is HF PEFT's name: use target_rank"),
+    (pk.IA3, {"rank": 4}, r"'rank' is not a field.*feedforward_modules"),
+])
+def test_unknown_fields_name_the_field_to_use(config: type, kwargs: dict, match: str) -> None:
+    from peftkit.errors import UnknownFieldError
+
+    with pytest.raises(UnknownFieldError, match=match) as info:
+        config(target_modules=["q_proj"], **kwargs)
+    assert isinstance(info.value, TypeError) and isinstance(info.value, ConfigError)  # as Python's own, and ours
+
+
 def test_linear_formula() -> None:
     base = nn.Linear(6, 5)
     model = nn.Sequential(base)

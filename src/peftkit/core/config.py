@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import difflib
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
@@ -10,7 +11,7 @@ from typing import Any, ClassVar
 from torch import nn
 
 from peftkit.core.matching import DEFAULT_LAYER_CONTAINERS, resolve_targets
-from peftkit.errors import ConfigError
+from peftkit.errors import ConfigError, UnknownFieldError
 
 
 def _as_list(value: str | Sequence[str] | None) -> list[str]:
@@ -34,6 +35,26 @@ def infer_task_type(model: nn.Module) -> str | None:
     """HF PEFT's ``task_type`` for a ``transformers`` model class, or ``None``."""
     cls = type(model).__name__
     return next((task for suffix, task in _TASK_TYPES if cls.endswith(suffix)), None)
+
+
+#: HF PEFT's names for peftkit's config fields (or what to use instead), for users writing HF PEFT's spelling.
+_HF_NAMES = {"r": "rank", "lora_alpha": "alpha", "lora_dropout": "dropout", "layers_to_transform": "layers",
+             "init_r": "init_rank", "target_r": "target_rank", "init_lora_weights": "init_A and init_B",
+             "use_dora": "pk.DoRA(...) instead of pk.LoRA(...)"}
+
+
+def _unknown_fields(config: str, unknown: list[str], fields: list[str]) -> str:
+    hints = []
+    for name in unknown:
+        ours = _HF_NAMES.get(name)
+        close = difflib.get_close_matches(name, fields, n=1)
+        if ours is not None:
+            hints.append(f"{name!r} is HF PEFT's name: use {ours}")
+        elif close:
+            hints.append(f"{name!r}: did you mean {close[0]!r}?")
+        else:
+            hints.append(f"{name!r} is not a field")
+    return f"pk.{config} got unknown fields ({'; '.join(hints)}); its fields are {', '.join(fields)}"
 
 
 @dataclass
@@ -60,6 +81,14 @@ class AdapterConfig:
     """
 
     peft_type: ClassVar[str] = ""
+
+    def __new__(cls, *args: Any, **kwargs: Any) -> AdapterConfig:
+        # Checked before the generated __init__, whose TypeError would not say which name was meant.
+        fields = [f.name for f in dataclasses.fields(cls) if f.init]
+        unknown = [k for k in kwargs if k not in fields]
+        if unknown:
+            raise UnknownFieldError(_unknown_fields(cls.__name__, unknown, fields))
+        return super().__new__(cls)
 
     target_modules: str | Sequence[str] = ()
     exclude_modules: str | Sequence[str] = ()
