@@ -6,7 +6,7 @@ import dataclasses
 import difflib
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Self
 
 from torch import nn
 
@@ -82,7 +82,7 @@ class AdapterConfig:
 
     peft_type: ClassVar[str] = ""
 
-    def __new__(cls, *args: Any, **kwargs: Any) -> AdapterConfig:
+    def __new__(cls, *args: Any, **kwargs: Any) -> Self:
         # Checked before the generated __init__, whose TypeError would not say which name was meant.
         fields = [f.name for f in dataclasses.fields(cls) if f.init]
         unknown = [k for k in kwargs if k not in fields]
