@@ -6,12 +6,15 @@ import dataclasses
 import difflib
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any, ClassVar, Self
+from typing import TYPE_CHECKING, Any, ClassVar
 
 from torch import nn
 
 from peftkit.core.matching import DEFAULT_LAYER_CONTAINERS, resolve_targets
 from peftkit.errors import ConfigError, UnknownFieldError
+
+if TYPE_CHECKING:
+    from typing_extensions import Self  # typing.Self from Python 3.11 on
 
 
 def _as_list(value: str | Sequence[str] | None) -> list[str]:
