@@ -178,11 +178,12 @@ def _check(
                 f"adapter {adapter!r} is {type(config).__name__}; combine supports LoRA and DoRA adapters "
                 "(rsLoRA and per-module rank/alpha included)"
             )
-        if config.modules_to_save or config.bias != "none":
+        if config.modules_to_save or config.bias != "none" or config.trainable_token_indices is not None:
             raise ConfigError(
-                f"adapter {adapter!r} also trains full modules "
-                f"(modules_to_save={list(config.modules_to_save)}, bias={config.bias!r}); combine only mixes "
-                "low-rank factors. Remove them from the adapter first."
+                f"adapter {adapter!r} also trains full modules or rows (modules_to_save="
+                f"{list(config.modules_to_save)}, bias={config.bias!r}, trainable_token_indices="
+                f"{config.trainable_token_indices}); combine only mixes low-rank factors. Remove them from the "
+                "adapter first."
             )
     biased = sorted(a for a in weights if cast(LoRA, state.configs[a]).lora_bias)
     if biased and canonical != "cat":
