@@ -168,3 +168,16 @@ def test_merged_adapter_refused() -> None:
     pk.merge(model)
     with pytest.raises(AdapterStateError, match="unmerge"):
         prune(model, "a", target_rank=2)
+
+
+@pytest.mark.parametrize("method", ["rank", "magnitude"])
+def test_trainable_token_rows_are_kept(method: str) -> None:
+    from models import build, randomize_trainable
+
+    model = build("llama")
+    pk.apply(model, pk.LoRA(target_modules=["q_proj", "v_proj"], rank=4, trainable_token_indices=[3, 5]))
+    randomize_trainable(model)
+    rows = {n: p.detach().clone() for n, p in model.named_parameters() if "trainable_tokens_delta" in n}
+    pk.prune(model, "default", method=method, energy=0.5)
+    assert rows and all(torch.equal(p, rows[n]) for n, p in model.named_parameters() if n in rows)
+    assert all(r <= 4 for r in model.model.layers[0].self_attn.q_proj.rank.values())

@@ -223,7 +223,9 @@ def prune(
     config = state.configs[name]
     if not isinstance(config, LoRA) or type(config) not in (LoRA, DoRA):
         raise ConfigError(f"adapter {name!r} is {type(config).__name__}; prune supports LoRA and DoRA adapters")
-    layers = [(q, layer) for q, layer in adapter_layers(model) if layer.has_adapter(name)]
+    # The low-rank layers: trainable-token rows (LoRA's trainable_token_indices) are kept as they are.
+    layers = [(q, layer) for q, layer in adapter_layers(model)
+              if isinstance(layer, LoRALayer) and layer.has_adapter(name)]
     merged = [q for q, layer in layers if name in layer.merged_adapters]
     if merged:
         raise AdapterStateError(
