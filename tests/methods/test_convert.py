@@ -136,3 +136,18 @@ def test_convert_rejects_unknown_layout_and_other_methods() -> None:
         pk.convert(model, to="fused")
     with pytest.raises(ConfigError, match="only LoRA and CanonicalLoRA"):
         pk.convert(copy.deepcopy(model), to="canonical")
+
+
+def test_trainable_token_rows_travel_with_a_conversion(tmp_path) -> None:
+    from models import randomize_trainable
+
+    model = tiny("llama")
+    pk.apply(model, pk.LoRA(target_modules=["linear_qkv"], rank=4, trainable_token_indices=[3, 5]))
+    randomize_trainable(model)
+    reference = model(IDS).logits
+    pk.save_adapter(model, tmp_path, layout="canonical")
+    torch.testing.assert_close(pk.load_adapter(tiny("llama"), tmp_path)(IDS).logits, reference, rtol=0, atol=1e-6)
+    for layout in ("canonical", "performant"):
+        pk.convert(model, to=layout)
+        torch.testing.assert_close(model(IDS).logits, reference, rtol=0, atol=1e-6)
+    assert get_state(model).configs["default"].trainable_token_indices == [3, 5]

@@ -31,6 +31,7 @@ from peftkit.methods.grouped import role_groups
 from peftkit.methods.lora import LoRA
 from peftkit.methods.lora_layers import LoRALinear
 from peftkit.methods.roles import GROUP_ROLES, fused_layout
+from peftkit.methods.trainable_tokens import TrainableTokensLayer
 
 LAYOUTS = ("canonical", "performant")
 Tensors = dict[str, dict[str, torch.Tensor]]  # qualified module name → its adapter tensors (HF local keys)
@@ -41,7 +42,7 @@ def _common(config: LoRA) -> dict[str, Any]:
         "rank": config.rank, "alpha": config.alpha, "dropout": config.dropout,
         "dropout_position": config.dropout_position, "use_rslora": config.use_rslora, "init_A": config.init_A,
         "init_B": config.init_B, "bias": config.bias, "lora_bias": config.lora_bias,
-        "modules_to_save": list(config.modules_to_save),
+        "modules_to_save": list(config.modules_to_save), "trainable_token_indices": config.trainable_token_indices,
         "task_type": config.task_type, "extra": dict(config.extra),
     }
 
@@ -155,6 +156,9 @@ def converted(model: nn.Module, name: str, to: str) -> tuple[LoRA, Tensors]:
     targets = [t for t in state.targets[name] if not _is_saved_copy(modules[t])]
     tensors = {t: {k: v.detach().clone() for k, v in modules[t].adapter_tensors(name).items()}
                for t in state.targets[name] if isinstance(modules[t], AdapterLayer)}
+    for qualname, module in modules.items():  # trainable_token_indices: the rows go along unchanged
+        if isinstance(module, TrainableTokensLayer) and module.has_adapter(name) and module.adapter_tensors(name):
+            tensors[qualname] = {k: v.detach().clone() for k, v in module.adapter_tensors(name).items()}
     if isinstance(config, CanonicalLoRA):
         return (config, tensors) if to == "canonical" else _to_performant(model, config, targets, tensors)
     return _to_canonical(model, config, targets, tensors) if to == "canonical" else (config, tensors)
