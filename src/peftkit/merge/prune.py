@@ -233,7 +233,7 @@ def prune(
         )
     before = _with_only(model, name, batch) if batch is not None else None
     report = PruneReport(adapter=name, method=method)
-    for qualname, layer in cast(list[tuple[str, LoRALayer]], layers):
+    for qualname, layer in layers:
         old = _low_rank_delta(layer, name)
         report.ranks_before[qualname] = layer.rank[name]
         if method == "rank":
