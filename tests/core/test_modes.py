@@ -38,3 +38,13 @@ def test_an_adapter_added_to_a_training_model_trains() -> None:
     layers = model.model.layers
     assert layers[1].self_attn.q_proj.training and layers[1].self_attn.q_proj.lora_dropout["default"].training
     assert not layers[0].self_attn.q_proj.training and not layers[0].self_attn.q_proj.lora_dropout["default"].training
+
+
+def test_rank_pruning_keeps_an_evaluating_adapter_evaluating() -> None:
+    model = build("llama").eval()
+    pk.apply(model, pk.LoRA(target_modules=["q_proj"], rank=4, dropout=0.5))
+    randomize_adapters(model)
+    pk.prune(model, "default", target_rank=2)
+    assert not any(m.training for m in model.modules())
+    with torch.no_grad():
+        torch.testing.assert_close(run(model, "llama"), run(model, "llama"), rtol=0, atol=0)

@@ -48,6 +48,8 @@ def test_config_errors_are_value_errors() -> None:
     (pk.DoRA, {"dropuot": 0.1}, r"'dropuot': did you mean 'dropout'\?"),
     (pk.AdaLoRA, {"target_r": 4, "total_step": 10}, r"'target_r' is HF PEFT's name: use target_rank"),
     (pk.IA3, {"rank": 4}, r"'rank' is not a field.*feedforward_modules"),
+    (pk.IA3, {"r": 4}, r"'r' is not a field"),  # no hint towards a field this config does not have
+    (pk.AdaLoRA, {"r": 4, "total_step": 10}, r"'r' is not a field"),
 ])
 def test_unknown_fields_name_the_field_to_use(config: type, kwargs: dict, match: str) -> None:
     from peftkit.errors import UnknownFieldError

@@ -40,18 +40,20 @@ def infer_task_type(model: nn.Module) -> str | None:
     return next((task for suffix, task in _TASK_TYPES if cls.endswith(suffix)), None)
 
 
-#: HF PEFT's names for peftkit's config fields (or what to use instead), for users writing HF PEFT's spelling.
-_HF_NAMES = {"r": "rank", "lora_alpha": "alpha", "lora_dropout": "dropout", "layers_to_transform": "layers",
-             "init_r": "init_rank", "target_r": "target_rank", "init_lora_weights": "init_A and init_B",
-             "use_dora": "pk.DoRA(...) instead of pk.LoRA(...)"}
+#: HF PEFT's names for peftkit's config fields → (the field that must exist, what to use instead), for users
+#: writing HF PEFT's spelling.
+_HF_NAMES = {"r": ("rank", "rank"), "lora_alpha": ("alpha", "alpha"), "lora_dropout": ("dropout", "dropout"),
+             "layers_to_transform": ("layers", "layers"), "init_r": ("init_rank", "init_rank"),
+             "target_r": ("target_rank", "target_rank"), "init_lora_weights": ("init_A", "init_A and init_B"),
+             "use_dora": ("shared_A", "pk.DoRA(...) instead of pk.LoRA(...)")}
 
 
 def _unknown_fields(config: str, unknown: list[str], fields: list[str]) -> str:
     hints = []
     for name in unknown:
-        ours = _HF_NAMES.get(name)
+        needed, ours = _HF_NAMES.get(name, ("", ""))
         close = difflib.get_close_matches(name, fields, n=1)
-        if ours is not None:
+        if needed in fields:
             hints.append(f"{name!r} is HF PEFT's name: use {ours}")
         elif close:
             hints.append(f"{name!r}: did you mean {close[0]!r}?")

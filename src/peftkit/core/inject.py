@@ -156,11 +156,11 @@ def apply(model: nn.Module, config: AdapterConfig, name: str = "default", activa
     post = getattr(config, "after_apply", None)
     if post is not None:
         post(model, name)
-    _inherit_mode(model, existing)
+    inherit_mode(model, existing)
     return model
 
 
-def _inherit_mode(model: nn.Module, existing: set[int]) -> None:
+def inherit_mode(model: nn.Module, existing: set[int]) -> None:
     """Put the modules an adapter added in the train/eval mode of the module they were added to.
 
     A module starts in training mode; an adapter added to a model in evaluation mode would otherwise apply

@@ -28,6 +28,7 @@ from typing import Any, cast
 import torch
 from torch import nn
 
+from peftkit.core.inject import inherit_mode
 from peftkit.core.state import adapter_layers, get_state, set_adapter
 from peftkit.errors import AdapterNotFoundError, AdapterStateError, ConfigError
 from peftkit.merge.combine import as_matrices, factors, like_factors, write_factors
@@ -297,9 +298,11 @@ def _resize(layer: LoRALayer, name: str, rank: int, use_rslora: bool) -> None:
     bias = layer.up_bias(name)
     bias = None if bias is None else bias.detach().clone()
     layer.delete_adapter(name)
+    existing = {id(m) for m in layer.modules()}
     with torch.random.fork_rng(devices=[]):  # the new factors are overwritten: leave the global RNG alone
         cast(Any, layer).add(name, rank, alpha, dropout=p, use_rslora=use_rslora, dropout_position=position,
                              lora_bias=bias is not None)
+    inherit_mode(layer, existing)  # the new modules evaluate in an evaluating model
     layer.scaling[name] = scale  # exactly the old value, not recomputed through rounding
     if bias is not None:  # the bias does not depend on the rank: kept as it was
         with torch.no_grad():
