@@ -85,7 +85,8 @@ def test_performant_llama_exports_as_hf_adapter_on_q_k_v(tmp_path) -> None:
     assert config["peft_type"] == "LORA"
     assert sorted(config["target_modules"]) == ["gate_proj", "k_proj", "q_proj", "up_proj", "v_proj"]
     # peftkit's own settings (the shared A's groups) are in their own file: HF PEFT warns about unknown keys.
-    assert "peftkit" not in config and "shared_A" in json.loads((tmp_path / "peftkit_config.json").read_text())
+    assert "peftkit" not in config
+    assert "shared_A" in json.loads((tmp_path / "peftkit_config.json").read_text())["settings"]
     with warnings.catch_warnings():
         warnings.simplefilter("error", UserWarning)
         hf = PeftModel.from_pretrained(tiny("llama"), tmp_path).eval()
@@ -108,7 +109,7 @@ def test_settings_inside_adapter_config_json_still_load(tmp_path) -> None:
     reference = model(IDS).logits
     pk.save_adapter(model, tmp_path)
     config = json.loads((tmp_path / "adapter_config.json").read_text())
-    config["peftkit"] = json.loads((tmp_path / "peftkit_config.json").read_text())
+    config["peftkit"] = json.loads((tmp_path / "peftkit_config.json").read_text())["settings"]
     (tmp_path / "adapter_config.json").write_text(json.dumps(config))  # the layout of earlier peftkit versions
     (tmp_path / "peftkit_config.json").unlink()
     loaded = pk.load_adapter(tiny("llama"), tmp_path)
@@ -151,3 +152,46 @@ def test_trainable_token_rows_travel_with_a_conversion(tmp_path) -> None:
         pk.convert(model, to=layout)
         torch.testing.assert_close(model(IDS).logits, reference, rtol=0, atol=1e-6)
     assert get_state(model).configs["default"].trainable_token_indices == [3, 5]
+
+
+def test_settings_file_left_by_an_hf_peft_save_over_it_is_ignored(tmp_path, caplog) -> None:
+    from peft import PeftModel
+
+    model = tiny("llama")
+    pk.apply(model, pk.LoRA(target_modules=["linear_qkv"], rank=4, alpha=8, init_B="gaussian"))
+    pk.save_adapter(model, tmp_path)
+    hf = PeftModel.from_pretrained(tiny("llama"), tmp_path, is_trainable=True)
+    with torch.no_grad():
+        for name, param in hf.named_parameters():
+            if "lora_A" in name:  # HF PEFT trains the q, k and v A's apart
+                param.add_(0.1 * torch.randn_like(param))
+    hf.eval().save_pretrained(tmp_path)  # over peftkit's files; HF PEFT leaves peftkit_config.json there
+    assert (tmp_path / "peftkit_config.json").exists()
+    with caplog.at_level("WARNING", logger="peftkit"):
+        loaded = pk.load_adapter(tiny("llama"), tmp_path)
+    assert "ignoring" in caplog.text and "peftkit_config.json" in caplog.text
+    attn = loaded.model.layers[1].self_attn
+    assert attn.q_proj.lora_A["default"] is not attn.k_proj.lora_A["default"]
+    torch.testing.assert_close(loaded(IDS).logits, hf(IDS).logits, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize(("content", "error", "match"), [
+    ("[1, 2]", "CheckpointError", "holds a JSON list, not an object"),
+    ('{"settings": "post"}', "CheckpointError", "not peftkit's settings file"),
+    (None, "ConfigError", r"keys among .*shared_A"),  # a settings object with a key LoRA does not keep there
+])
+def test_a_corrupt_settings_file_is_a_clear_error(tmp_path, content, error, match) -> None:
+    import hashlib
+
+    from peftkit import errors
+
+    model = tiny("llama")
+    pk.apply(model, pk.LoRA(target_modules=["linear_qkv"], rank=4))
+    pk.save_adapter(model, tmp_path)
+    side = tmp_path / "peftkit_config.json"
+    if content is None:
+        digest = hashlib.sha256((tmp_path / "adapter_config.json").read_bytes()).hexdigest()
+        content = json.dumps({"adapter_config_sha256": digest, "settings": {"rank": 4}})
+    side.write_text(content)
+    with pytest.raises(getattr(errors, error), match=match):
+        pk.load_adapter(tiny("llama"), tmp_path)

@@ -12,7 +12,9 @@ errors, and the model is left exactly as it was.
 
 from __future__ import annotations
 
+import hashlib
 import json
+import logging
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, cast
@@ -29,6 +31,8 @@ from peftkit.core.state import adapter_layers, get_state
 from peftkit.core.walk import iter_modules
 from peftkit.errors import AdapterNotFoundError, CheckpointError, ConfigError, ShapeMismatchError
 from peftkit.io.atomic import write_atomic, write_text_atomic
+
+logger = logging.getLogger("peftkit")
 
 CONFIG_NAME = "adapter_config.json"
 #: peftkit's own settings of an adapter that HF PEFT has no field for (e.g. performant LoRA's shared A), which
@@ -133,11 +137,14 @@ def _write(directory: Path, config: dict[str, Any], state: dict[str, torch.Tenso
     write_atomic(directory / WEIGHTS_NAME, lambda tmp: save_file(tensors, str(tmp), metadata=meta))
     config = dict(config)
     ours = config.pop("peftkit", None)  # HF PEFT warns about keys it does not know: they get a file of their own
+    text = json.dumps(config, indent=2, sort_keys=True) + "\n"
     if ours:
-        write_text_atomic(directory / PEFTKIT_NAME, json.dumps(ours, indent=2, sort_keys=True) + "\n")
+        # Bound to this adapter_config.json: HF PEFT saving another adapter here later leaves this file behind.
+        side = {"adapter_config_sha256": hashlib.sha256(text.encode()).hexdigest(), "settings": ours}
+        write_text_atomic(directory / PEFTKIT_NAME, json.dumps(side, indent=2, sort_keys=True) + "\n")
     else:
         (directory / PEFTKIT_NAME).unlink(missing_ok=True)  # from an earlier save of another adapter
-    write_text_atomic(directory / CONFIG_NAME, json.dumps(config, indent=2, sort_keys=True) + "\n")
+    write_text_atomic(directory / CONFIG_NAME, text)
 
 
 def read_config(directory: str | Path) -> dict[str, Any]:
@@ -152,18 +159,37 @@ def read_config(directory: str | Path) -> dict[str, Any]:
             f"no {CONFIG_NAME} in {str(directory)!r}; point to a directory written by pk.save_adapter or "
             "HF PEFT's save_pretrained"
         )
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise CheckpointError(f"{str(path)!r} is not valid JSON ({exc}); the file is corrupt or truncated") from exc
-    if not isinstance(data, dict) or "peft_type" not in data:
+    raw = path.read_bytes()
+    data = _json_object(path, raw)
+    if "peft_type" not in data:
         raise CheckpointError(f"{str(path)!r} has no 'peft_type' field; it is not a PEFT adapter config")
     ours = Path(directory) / PEFTKIT_NAME
     if ours.is_file() and "peftkit" not in data:
-        try:
-            data["peftkit"] = json.loads(ours.read_text(encoding="utf-8"))
-        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-            raise CheckpointError(f"{str(ours)!r} is not valid JSON ({exc}); the file is corrupt or truncated") from exc
+        side = _json_object(ours, ours.read_bytes())
+        settings = side.get("settings")
+        if not isinstance(settings, dict) or not isinstance(side.get("adapter_config_sha256"), str):
+            raise CheckpointError(f"{str(ours)!r} is not peftkit's settings file (no 'settings' object bound to an "
+                                  f"{CONFIG_NAME}); delete it to load the adapter without peftkit's own settings")
+        if side["adapter_config_sha256"] == hashlib.sha256(raw).hexdigest():
+            data["peftkit"] = settings
+        else:
+            logger.warning("ignoring %s: it was written with another %s (another library saved this adapter "
+                           "over a peftkit one); delete it", ours, CONFIG_NAME)
+    return data
+
+
+def _json_object(path: Path, raw: bytes) -> dict[str, Any]:
+    """The JSON object in file ``path`` (contents ``raw``).
+
+    Raises:
+        CheckpointError: the file is not valid JSON, or holds something other than an object.
+    """
+    try:
+        data = json.loads(raw.decode("utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise CheckpointError(f"{str(path)!r} is not valid JSON ({exc}); the file is corrupt or truncated") from exc
+    if not isinstance(data, dict):
+        raise CheckpointError(f"{str(path)!r} holds a JSON {type(data).__name__}, not an object; the file is corrupt")
     return data
 
 

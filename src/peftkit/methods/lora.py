@@ -7,6 +7,7 @@ of Large Language Models", ICLR 2022 (https://arxiv.org/abs/2106.09685); rsLoRA:
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 import re
@@ -288,9 +289,8 @@ class LoRA(AdapterConfig):
                 f"adapter_config.json sets {field}={value!r} ({_HF_LORA_UNSUPPORTED[field]}), an HF PEFT LoRA option "
                 "peftkit does not support; load this adapter with HF PEFT, or save it without that option"
             )
-        ours = dict(data.get("peftkit") or {})
         extra = {k: v for k, v in data.items() if k not in _HF_LORA_FIELDS and k != "peftkit"}
-        return cls(
+        hf = dict(
             target_modules=hf_layer_targets(data, module_names),  # the layer indices resolved, as HF PEFT does
             exclude_modules=hf_resolve(data.get("exclude_modules"), module_names),
             rank=int(data.get("r", 8)),
@@ -305,8 +305,15 @@ class LoRA(AdapterConfig):
             lora_bias=bool(data.get("lora_bias", False)),
             task_type=data.get("task_type"),
             extra=extra,
-            **ours,
         )
+        ours = data.get("peftkit") or {}  # what peftkit_fields wrote (peftkit_config.json)
+        allowed = {f.name for f in dataclasses.fields(cls)} - set(hf)
+        if not isinstance(ours, dict) or set(ours) - allowed:
+            raise ConfigError(
+                f"peftkit's settings for this adapter ({ours!r}) must be an object with keys among {sorted(allowed)}; "
+                "its peftkit_config.json is corrupt: delete it to load the adapter with HF PEFT's settings only"
+            )
+        return cls(**hf, **ours)
 
 
 #: ``adapter_config.json`` flag → the LoRA variant it selects (``"use_dora"`` → DoRA), filled by variants.
