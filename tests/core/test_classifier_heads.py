@@ -84,3 +84,26 @@ def test_causal_lm_gets_no_head_and_llama_classifier_gets_score() -> None:
                                                      pad_token_id=0))
     pk.apply(cls, pk.LoRA(target_modules=["q_proj"]))
     assert isinstance(cls.score, ModulesToSave)
+
+
+def test_an_hf_peft_file_without_the_head_loads_without_it(tmp_path) -> None:
+    """HF PEFT trains no head without task_type (and never with trainable tokens): such files lack the head, and
+    loading one must not expect it."""
+    from peft import LoraConfig, TrainableTokensConfig, get_peft_model
+
+    for i, config in enumerate([LoraConfig(target_modules=["query"], init_lora_weights=False),
+                                TrainableTokensConfig(token_indices=[5, 7], task_type="SEQ_CLS")]):
+        hf = get_peft_model(build("bert"), config).eval()
+        hf.save_pretrained(tmp_path / str(i))
+        ours = pk.load_adapter(build("bert"), tmp_path / str(i))
+        assert not get_state(ours).saved["default"]
+        inputs = {"input_ids": torch.tensor([[1, 5, 7, 9, 2]])}
+        with torch.no_grad():
+            torch.testing.assert_close(ours(**inputs).logits, hf(**inputs).logits)
+
+
+def test_trainable_tokens_train_no_head_as_in_hf_peft(tmp_path) -> None:
+    model = pk.apply(build("bert"), pk.TrainableTokens(token_indices=[5, 7]))
+    assert not get_state(model).saved["default"]
+    pk.save_adapter(model, tmp_path)
+    assert "modules_to_save" not in json.loads((tmp_path / "adapter_config.json").read_text())

@@ -86,6 +86,9 @@ class AdapterConfig:
     """
 
     peft_type: ClassVar[str] = ""
+    #: Whether ``pk.apply`` trains a sequence classifier's head in full when ``modules_to_save`` is empty, as HF
+    #: PEFT does for this method.
+    adds_heads: ClassVar[bool] = True
 
     def __new__(cls, *args: Any, **kwargs: Any) -> Self:
         # Checked before the generated __init__, whose TypeError would not say which name was meant.

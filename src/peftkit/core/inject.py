@@ -84,7 +84,8 @@ def _check_compatible(model: nn.Module, config: AdapterConfig, targets: list[str
             )
 
 
-def apply(model: nn.Module, config: AdapterConfig, name: str = "default", activate: bool | None = None) -> nn.Module:
+def apply(model: nn.Module, config: AdapterConfig, name: str = "default", activate: bool | None = None, *,
+          train_heads: bool = True) -> nn.Module:
     """Adapt ``model`` in place with a new adapter and return the same object.
 
     Everything is validated before the model is touched: the name, the model's merge state, the
@@ -98,6 +99,8 @@ def apply(model: nn.Module, config: AdapterConfig, name: str = "default", activa
         config: a method config such as ``pk.LoRA(target_modules=["q_proj", "v_proj"])``.
         name: the adapter's name, used by ``set_adapter``, ``save_adapter`` and friends.
         activate: make the new adapter the active one. Default: only if no adapter is active yet.
+        train_heads: give a sequence classifier's head to ``modules_to_save`` when the config names none (above);
+            ``load_adapter`` passes ``False``: an adapter file lists the modules it saved.
 
     Returns:
         ``model`` itself.
@@ -111,7 +114,7 @@ def apply(model: nn.Module, config: AdapterConfig, name: str = "default", activa
     _check_name(model, name)
     _check_not_merged(model)
     existing = {id(m) for m in model.modules()}
-    heads = classifier_heads(model, config)
+    heads = classifier_heads(model, config) if train_heads and config.adds_heads else []
     if heads:  # on a copy: the user's config object stays reusable on other models
         config = config.replace(modules_to_save=heads)
     custom = getattr(config, "inject", None)

@@ -273,7 +273,7 @@ def load_adapter(
     weights = read_weights(directory, legacy_bin=legacy_bin)
     config = config_from_dict(data, model)
     grad_flags = [(p, p.requires_grad) for p in model.parameters()]
-    apply(model, config, name=name, activate=activate)
+    apply(model, config, name=name, activate=activate, train_heads=False)  # the file lists what it saved
     try:
         _load_tensors(model, name, weights, str(directory))
     except Exception:

@@ -267,6 +267,7 @@ class TrainableTokens(AdapterConfig):
     """
 
     peft_type = "TRAINABLE_TOKENS"
+    adds_heads = False  # HF PEFT trains no classifier head with trainable tokens
 
     token_indices: Sequence[int] = ()
     # ``None`` (HF PEFT's spelling of "the input embedding") is stored as the empty list by __post_init__.
