@@ -153,3 +153,11 @@ def test_inspect_lists_role_names_and_counts_a_shared_factor_once() -> None:
     applied = build("llama")
     pk.apply(applied, pk.LoRA(target_modules=["linear_qkv"], rank=4))
     assert pk.count_parameters(applied)[0] == report.added_params
+
+
+def test_inspect_counts_lora_trainable_token_rows() -> None:
+    config = pk.LoRA(target_modules=["q_proj"], rank=4, trainable_token_indices=[5, 6])
+    report = pk.inspect(build("llama"), config)
+    model = pk.apply(build("llama"), config)
+    assert report.added_params == pk.count_parameters(model)[0]
+    assert report.rows[-1].name == "model.embed_tokens"

@@ -120,6 +120,15 @@ def inspect(model: nn.Module, config: AdapterConfig) -> InspectReport:
         weight = getattr(base, "weight", None)
         shape = tuple(weight.shape) if weight is not None else ()
         rows.append(InspectRow(target, type(base).__name__, shape, sum(p.numel() for p in own), roles.get(target, ())))
+    for qualname, module in modules.items():  # layers an adapter adds besides its targets (LoRA's token rows)
+        if (qualname not in set(targets or []) and isinstance(module, AdapterLayer)
+                and not isinstance(module, ModulesToSave) and module.has_adapter(name)):
+            own = [p for p in module.adapter_parameters(name) if id(p) not in seen]
+            seen.update(id(p) for p in own)
+            if own:
+                weight = getattr(module.base_layer, "weight", None)
+                rows.append(InspectRow(qualname, type(module.base_layer).__name__,
+                                       tuple(weight.shape) if weight is not None else (), sum(p.numel() for p in own)))
     for saved in get_state(shadow).saved.get(name, []):  # modules_to_save: a trained full copy each
         copy_ = cast(ModulesToSave, modules[saved]).copies[name]
         weight = getattr(copy_, "weight", None)
