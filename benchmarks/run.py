@@ -16,8 +16,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -30,31 +28,10 @@ import adapter_ops  # noqa: E402
 import breakdown  # noqa: E402
 import inference  # noqa: E402
 import memory  # noqa: E402
-import torch  # noqa: E402
 import train_step  # noqa: E402
-from common import ALPHA, FULL, QUICK, RANK, THREADS, setup_torch  # noqa: E402
+from common import ALPHA, FULL, QUICK, RANK, THREADS, environment, setup_torch  # noqa: E402
 
 EXPERIMENTS = ("train", "inference", "ops", "memory", "breakdown")
-
-
-def git(*args: str) -> str:
-    try:
-        return subprocess.run(["git", *args], cwd=HERE, capture_output=True, text=True, check=True).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
-
-
-def environment() -> dict[str, Any]:
-    import peft
-    import transformers
-
-    return {
-        "python": platform.python_version(), "platform": platform.platform(), "cpu_count": os.cpu_count(),
-        "threads": torch.get_num_threads(), "torch": torch.__version__, "transformers": transformers.__version__,
-        "peft": peft.__version__, "git_revision": git("rev-parse", "HEAD"),
-        "git_dirty": bool(git("status", "--porcelain", "--untracked-files=no")),
-        "load_average_start": os.getloadavg() if hasattr(os, "getloadavg") else None,
-    }
 
 
 def markdown(result: dict[str, Any]) -> str:

@@ -7,10 +7,14 @@ alpha 32 on all seven linear projections.
 
 from __future__ import annotations
 
+import os
+import platform
 import statistics
+import subprocess
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -152,6 +156,31 @@ def step_fn(name: str, model: nn.Module, shape: Shape) -> Callable[[], float]:
         return float(out.loss.detach())
 
     return run
+
+
+# -- provenance ------------------------------------------------------------------------------------
+def git(*args: str) -> str:
+    """``git ARGS`` in this checkout (``"unknown"`` outside one)."""
+    try:
+        return subprocess.run(["git", *args], cwd=Path(__file__).parent, capture_output=True, text=True,
+                              check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+
+
+def environment() -> dict[str, Any]:
+    """What a result depends on: versions, threads, CPU, git revision, and the machine's load at the time."""
+    import peft
+    import transformers
+
+    return {
+        "python": platform.python_version(), "platform": platform.platform(), "cpu_count": os.cpu_count(),
+        "cpu_capability": torch.backends.cpu.get_cpu_capability(), "threads": torch.get_num_threads(),
+        "torch": torch.__version__, "transformers": transformers.__version__, "peft": peft.__version__,
+        "git_revision": git("rev-parse", "HEAD"),
+        "git_dirty": bool(git("status", "--porcelain", "--untracked-files=no")),
+        "load_average_start": os.getloadavg() if hasattr(os, "getloadavg") else None,
+    }
 
 
 # -- timing ---------------------------------------------------------------------------------------

@@ -18,16 +18,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
-import subprocess
 import sys
 from pathlib import Path
 
-import torch
 from torch import nn
 
 sys.path.insert(0, str(Path(__file__).parent))
-from common import ALPHA, FULL, QUICK, RANK, Shape, build_model, median, round_robin, setup_torch, step_fn  # noqa: E402
+from common import ALPHA, FULL, QUICK, RANK, Shape, build_model, environment, median, round_robin, setup_torch, step_fn  # noqa: E402
 
 QKV = ["q_proj", "k_proj", "v_proj"]
 DROPOUT = 0.05
@@ -47,13 +44,6 @@ def make(name: str, shape: Shape) -> nn.Module:
         targets = ["linear_qkv"] if name == "pk_performant" else QKV
         pk.apply(model, pk.LoRA(target_modules=targets, rank=RANK, alpha=ALPHA, dropout=DROPOUT))
     return model.train()
-
-
-def _git_revision() -> str:
-    try:
-        return subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, check=True).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
 
 
 def main() -> None:
@@ -79,10 +69,7 @@ def main() -> None:
         "experiment": "performant_qkv",
         "shape": shape.__dict__, "rank": RANK, "alpha": ALPHA, "dropout": DROPOUT, "rounds": args.rounds,
         "median_step_s": medians, "ratios": ratios, "times_s": times,
-        "environment": {"torch": torch.__version__, "python": platform.python_version(),
-                        "machine": platform.machine(), "threads": torch.get_num_threads(),
-                        "device": "cpu"},
-        "git_revision": _git_revision(),
+        "environment": environment(),
     }
     for k, v in medians.items():
         print(f"{k:>15}: {v * 1000:8.1f} ms/step")

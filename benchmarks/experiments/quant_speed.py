@@ -19,9 +19,8 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import statistics
-import subprocess
+import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -32,6 +31,9 @@ import peftkit as pk
 from peftkit.quant import quantize
 from peftkit.quant.int8 import dequantize_int8, quantize_int8
 from peftkit.quant.nf4 import Packed4bit, code_book, dequantize_4bit, dequantize_absmax, quantize_4bit
+
+sys.path.insert(0, str(Path(__file__).parent))
+from common import environment  # noqa: E402
 
 
 def median_times(fns: dict[str, Callable[[], object]], repeats: int = 11, warmup: int = 2) -> dict[str, float]:
@@ -154,23 +156,6 @@ def bench_step(hidden: int = 512, layers: int = 4, batch: int = 4, seq: int = 25
         },
     )
     return out
-
-
-def environment() -> dict[str, object]:
-    try:
-        git = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, check=False)
-        rev = git.stdout.strip()
-    except OSError:
-        rev = ""
-    return {
-        "torch": torch.__version__,
-        "threads": torch.get_num_threads(),
-        "cpus": os.cpu_count(),
-        "cpu_capability": torch.backends.cpu.get_cpu_capability(),
-        "machine": platform.machine(),
-        "python": platform.python_version(),
-        "git_revision": rev,
-    }
 
 
 def main() -> None:

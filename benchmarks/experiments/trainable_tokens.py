@@ -13,8 +13,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
-import subprocess
 import sys
 from pathlib import Path
 
@@ -22,7 +20,7 @@ import torch
 from torch import nn
 
 sys.path.insert(0, str(Path(__file__).parent))
-from common import median, round_robin, setup_torch  # noqa: E402
+from common import environment, median, round_robin, setup_torch  # noqa: E402
 
 TOKENS = list(range(128_000, 128_016))  # e.g. a chat template's new special tokens
 
@@ -50,13 +48,6 @@ def step(model: nn.Module, ids: torch.Tensor) -> None:
     model(input_ids=ids, labels=ids).loss.backward()
 
 
-def _git_revision() -> str:
-    try:
-        return subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, check=True).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="a small vocabulary for a smoke run")
@@ -75,9 +66,7 @@ def main() -> None:
         "experiment": "trainable_tokens", "vocab": vocab, "hidden": hidden, "batch": [batch, seq],
         "tokens": len(TOKENS), "rounds": args.rounds, "median_step_s": medians,
         "ratios": {"pk / hf": medians["pk"] / medians["hf"]}, "times_s": times,
-        "environment": {"torch": torch.__version__, "python": platform.python_version(),
-                        "machine": platform.machine(), "threads": torch.get_num_threads(), "device": "cpu"},
-        "git_revision": _git_revision(),
+        "environment": environment(),
     }
     for k, v in medians.items():
         print(f"{k:>3}: {v * 1000:8.1f} ms/step")
