@@ -159,3 +159,12 @@ def test_plain_lora_on_a_layer_of_another_lora_variant_is_refused() -> None:
         pk.apply(model, pk.LoRA(target_modules=["q_proj"]), name="second")
     assert [n for n, _ in model.named_modules()] == before
     pk.apply(model, pk.LoRA(target_modules=["v_proj"]), name="third")  # other layers are fine
+
+
+def test_fields_every_method_shares_go_by_name() -> None:
+    """A positional argument is the method's own first field, never target_modules (which applies to all)."""
+    assert pk.LoRA(8).rank == 8
+    assert pk.TrainableTokens([1, 2]).token_indices == [1, 2]
+    assert pk.BitFit(True).train_norms and pk.BitFit(True).target_modules == ["all"]
+    with pytest.raises(TypeError, match="positional"):
+        pk.IA3(["down_proj"], ["k_proj", "down_proj"])  # type: ignore[misc]  # targets only by name

@@ -62,7 +62,7 @@ def _unknown_fields(config: str, unknown: list[str], fields: list[str]) -> str:
     return f"pk.{config} got unknown fields ({'; '.join(hints)}); its fields are {', '.join(fields)}"
 
 
-@dataclass
+@dataclass(kw_only=True)  # fields every method shares go by name; a method's own come first
 class AdapterConfig:
     """Fields shared by every method.
 

@@ -16,7 +16,7 @@ the module's own keys (``base_model.model.<path>.bias``), with ``peft_type: "BIT
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -139,7 +139,7 @@ class BitFit(AdapterConfig):
 
     peft_type = "BITFIT"
 
-    target_modules: str | Sequence[str] = "all"
+    target_modules: str | Sequence[str] = field(default="all", kw_only=True)
     train_norms: bool = False
 
     def __post_init__(self) -> None:

@@ -20,7 +20,7 @@ so does peftkit, so files cross-load both ways.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, cast
 
 import torch
@@ -271,7 +271,7 @@ class TrainableTokens(AdapterConfig):
 
     token_indices: Sequence[int] = ()
     # ``None`` (HF PEFT's spelling of "the input embedding") is stored as the empty list by __post_init__.
-    target_modules: str | Sequence[str] | None = None  # type: ignore[assignment]
+    target_modules: str | Sequence[str] | None = field(default=None, kw_only=True)  # type: ignore[assignment]
     init_weights: bool = True
 
     def __post_init__(self) -> None:
