@@ -207,9 +207,10 @@ def test_several_adapters_switch_combine_and_round_trip(tmp_path: Path) -> None:
     pk.set_adapter(model, ["a", "b"])
     both = logits(model)
     assert not torch.allclose(both, outputs["a"], atol=1e-3) and not torch.allclose(both, outputs["b"], atol=1e-3)
-    pk.set_adapter(model, ["a", "c"])  # both replace token 2
     with pytest.raises(AdapterStateError, match=r"'a' and 'c' both replace token 2"):
-        logits(model)
+        pk.set_adapter(model, ["a", "c"])  # refused before anything changes
+    assert pk.active_adapters(model) == ["a", "b"]
+    assert torch.equal(logits(model), both)
 
     pk.set_adapter(model, ["a", "b"])
     pk.save_adapter(model, tmp_path)

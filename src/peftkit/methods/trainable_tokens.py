@@ -113,6 +113,9 @@ class TrainableTokensLayer(AdapterLayer):
                     )
                 seen[index] = name
 
+    def check_active(self, names: Sequence[str]) -> None:
+        self._check_disjoint([*names, *self.merged_adapters])
+
     def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
         names = self._applied()
         if not names:
