@@ -112,23 +112,21 @@ def inspect(model: nn.Module, config: AdapterConfig) -> InspectReport:
     modules = dict(shadow.named_modules())
     roles = _roles(shadow)
     seen: set[int] = set()  # a factor shared by several layers (performant LoRA's A) counts once
-    for target in targets or []:
-        layer = cast(AdapterLayer, modules[target])
+    # The targets, then layers the adapter adds besides them (LoRA's trainable token rows), each once.
+    listed, known = list(targets or []), set(targets or [])
+    listed += [q for q, m in modules.items() if q not in known and isinstance(m, AdapterLayer)
+               and not isinstance(m, ModulesToSave) and m.has_adapter(name)]
+    for qualname in listed:
+        layer = cast(AdapterLayer, modules[qualname])
         own = [p for p in layer.adapter_parameters(name) if id(p) not in seen]
         seen.update(id(p) for p in own)
+        if not own and qualname not in known:
+            continue  # e.g. a tied output layer sharing the embedding's rows
         base = layer.base_layer
         weight = getattr(base, "weight", None)
         shape = tuple(weight.shape) if weight is not None else ()
-        rows.append(InspectRow(target, type(base).__name__, shape, sum(p.numel() for p in own), roles.get(target, ())))
-    for qualname, module in modules.items():  # layers an adapter adds besides its targets (LoRA's token rows)
-        if (qualname not in set(targets or []) and isinstance(module, AdapterLayer)
-                and not isinstance(module, ModulesToSave) and module.has_adapter(name)):
-            own = [p for p in module.adapter_parameters(name) if id(p) not in seen]
-            seen.update(id(p) for p in own)
-            if own:
-                weight = getattr(module.base_layer, "weight", None)
-                rows.append(InspectRow(qualname, type(module.base_layer).__name__,
-                                       tuple(weight.shape) if weight is not None else (), sum(p.numel() for p in own)))
+        rows.append(InspectRow(qualname, type(base).__name__, shape, sum(p.numel() for p in own),
+                               roles.get(qualname, ())))
     for saved in get_state(shadow).saved.get(name, []):  # modules_to_save: a trained full copy each
         copy_ = cast(ModulesToSave, modules[saved]).copies[name]
         weight = getattr(copy_, "weight", None)
