@@ -7,6 +7,7 @@ alpha 32 on all seven linear projections.
 
 from __future__ import annotations
 
+import json
 import os
 import platform
 import statistics
@@ -181,6 +182,18 @@ def environment() -> dict[str, Any]:
         "git_dirty": bool(git("status", "--porcelain", "--untracked-files=no")),
         "load_average_start": os.getloadavg() if hasattr(os, "getloadavg") else None,
     }
+
+
+def report(medians: dict[str, float], ratios: dict[str, float], result: dict[str, Any], out: Path | None) -> None:
+    """Print the median step times (ms) and the ratios; write ``result`` as JSON to ``out`` if given."""
+    width = max(map(len, [*medians, *ratios]))
+    for key, value in medians.items():
+        print(f"{key:>{width}}: {value * 1000:8.1f} ms/step")
+    for key, value in ratios.items():
+        print(f"{key:>{width}}: {value:.3f}")
+    if out is not None:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps(result, indent=2) + "\n")
 
 
 # -- timing ---------------------------------------------------------------------------------------

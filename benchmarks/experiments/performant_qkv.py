@@ -17,14 +17,26 @@ Prints and writes JSON (medians, ratios, environment, git revision)::
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 
 from torch import nn
 
 sys.path.insert(0, str(Path(__file__).parent))
-from common import ALPHA, FULL, QUICK, RANK, Shape, build_model, environment, median, round_robin, setup_torch, step_fn  # noqa: E402
+from common import (  # noqa: E402
+    ALPHA,
+    FULL,
+    QUICK,
+    RANK,
+    Shape,
+    build_model,
+    environment,
+    median,
+    report,
+    round_robin,
+    setup_torch,
+    step_fn,
+)
 
 QKV = ["q_proj", "k_proj", "v_proj"]
 DROPOUT = 0.05
@@ -71,13 +83,7 @@ def main() -> None:
         "median_step_s": medians, "ratios": ratios, "times_s": times,
         "environment": environment(),
     }
-    for k, v in medians.items():
-        print(f"{k:>15}: {v * 1000:8.1f} ms/step")
-    for k, v in ratios.items():
-        print(f"{k:>33}: {v:.3f}")
-    if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(json.dumps(result, indent=2) + "\n")
+    report(medians, result["ratios"], result, args.out)
 
 
 if __name__ == "__main__":

@@ -12,7 +12,6 @@ Both variants timed interleaved in the same run; the figure is a ratio of median
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 
@@ -20,7 +19,7 @@ import torch
 from torch import nn
 
 sys.path.insert(0, str(Path(__file__).parent))
-from common import environment, median, round_robin, setup_torch  # noqa: E402
+from common import environment, median, report, round_robin, setup_torch  # noqa: E402
 
 TOKENS = list(range(128_000, 128_016))  # e.g. a chat template's new special tokens
 
@@ -68,12 +67,7 @@ def main() -> None:
         "ratios": {"pk / hf": medians["pk"] / medians["hf"]}, "times_s": times,
         "environment": environment(),
     }
-    for k, v in medians.items():
-        print(f"{k:>3}: {v * 1000:8.1f} ms/step")
-    print(f"pk / hf: {result['ratios']['pk / hf']:.3f}")
-    if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(json.dumps(result, indent=2) + "\n")
+    report(medians, result["ratios"], result, args.out)
 
 
 if __name__ == "__main__":
