@@ -68,7 +68,9 @@ class AdapterConfig:
 
     A method that wraps layers implements ``supports``, ``supported_layer_names`` and ``transform``.
     A method that adds modules instead (prompt tuning, ...) defines ``inject(model, name) -> list[str]``
-    and ``remove(model, name)``; ``after_apply(model, name)`` and ``on_set_active(model, name, active)``
+    and ``remove(model, name)``. A wrapping method may also define ``inject_parameters(model, name)``, run after
+    the targets are wrapped (LoRA's ``target_parameters``); ``after_apply(model, name)`` and
+    ``on_set_active(model, name, active)``
     are optional hooks for either kind.
 
     Attributes:

@@ -141,6 +141,9 @@ def apply(model: nn.Module, config: AdapterConfig, name: str = "default", activa
         if custom is None:
             for target in targets:
                 set_module(model, target, config.transform(model.get_submodule(target), target, name))
+            wrap_parameters = getattr(config, "inject_parameters", None)  # LoRA's target_parameters
+            if wrap_parameters is not None:
+                wrap_parameters(model, name)
         for target in saved:
             module = model.get_submodule(target)
             wrapper = module if isinstance(module, ModulesToSave) else ModulesToSave(module)
@@ -178,7 +181,7 @@ def inherit_mode(model: nn.Module, existing: set[int]) -> None:
 
 def _remove(model: nn.Module, name: str) -> None:
     """Drop adapter ``name`` from every layer, restoring base layers that end up with no adapter."""
-    for qualname, layer in list(adapter_layers(model)):
+    for qualname, layer in reversed(list(adapter_layers(model))):  # inner layers first: wrappers may nest
         if layer.has_adapter(name):
             layer.delete_adapter(name)
             if not layer.adapter_names:

@@ -159,6 +159,11 @@ class AdapterLayer(nn.Module):
             for key, value in state.items():
                 own[key].copy_(value.to(own[key].dtype))
 
+    def describe(self, qualname: str) -> tuple[str, str, tuple[int, ...]]:
+        """``(what is adapted, its type, its weight's shape)`` for reports, this layer being at ``qualname``."""
+        weight = getattr(self.base_layer, "weight", None)
+        return qualname, type(self.base_layer).__name__, tuple(weight.shape) if weight is not None else ()
+
     # -- merging ------------------------------------------------------------------------------------
     def delta_weight(self, name: str) -> torch.Tensor:
         """The change adapter ``name`` makes to the base weight, in the base weight's orientation."""

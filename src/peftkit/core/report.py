@@ -122,11 +122,8 @@ def inspect(model: nn.Module, config: AdapterConfig) -> InspectReport:
         seen.update(id(p) for p in own)
         if not own and qualname not in known:
             continue  # e.g. a tied output layer sharing the embedding's rows
-        base = layer.base_layer
-        weight = getattr(base, "weight", None)
-        shape = tuple(weight.shape) if weight is not None else ()
-        rows.append(InspectRow(qualname, type(base).__name__, shape, sum(p.numel() for p in own),
-                               roles.get(qualname, ())))
+        what, kind, shape = layer.describe(qualname)
+        rows.append(InspectRow(what, kind, shape, sum(p.numel() for p in own), roles.get(qualname, ())))
     for saved in get_state(shadow).saved.get(name, []):  # modules_to_save: a trained full copy each
         copy_ = cast(ModulesToSave, modules[saved]).copies[name]
         weight = getattr(copy_, "weight", None)

@@ -185,6 +185,11 @@ def _check(
                 f"{config.trainable_token_indices}); combine only mixes low-rank factors. Remove them from the "
                 "adapter first."
             )
+        if config.target_parameters:
+            raise ConfigError(
+                f"adapter {adapter!r} adapts parameters ({config.target_parameters[:2]}…: one packed LoRA per "
+                "expert), which combine does not mix; combine adapters of modules only"
+            )
     biased = sorted(a for a in weights if cast(LoRA, state.configs[a]).lora_bias)
     if biased and canonical != "cat":
         raise ConfigError(

@@ -92,7 +92,7 @@ def unload(
                 set_module(model, qualname, plain)
     if merge and state.configs:
         merge_adapters(model, state.active if names is None else names)
-    for qualname, layer in list(adapter_layers(model)):
+    for qualname, layer in reversed(list(adapter_layers(model))):  # inner layers first: wrappers may nest
         if isinstance(layer, ModulesToSave):
             set_module(model, qualname, layer.current() if merge else layer.base_layer)
         else:

@@ -224,6 +224,11 @@ def prune(
     config = state.configs[name]
     if not isinstance(config, LoRA) or type(config) not in (LoRA, DoRA):
         raise ConfigError(f"adapter {name!r} is {type(config).__name__}; prune supports LoRA and DoRA adapters")
+    if config.target_parameters:
+        raise ConfigError(
+            f"adapter {name!r} adapts parameters ({config.target_parameters[:2]}…: one packed LoRA per expert), "
+            "which prune does not reduce; prune adapters of modules only"
+        )
     # The low-rank layers: trainable-token rows (LoRA's trainable_token_indices) are kept as they are.
     layers = [(q, layer) for q, layer in adapter_layers(model)
               if isinstance(layer, LoRALayer) and layer.has_adapter(name)]

@@ -38,6 +38,7 @@ from peftkit.core.config import AdapterConfig
 from peftkit.core.registry import LINEAR_KINDS, LinearKind, linear_kind, register_method
 from peftkit.core.state import adapter_layers, get_state
 from peftkit.errors import ConfigError, UnsupportedLayerError
+from peftkit.io.hf_names import hf_layer_targets, hf_modules_to_save, hf_targets
 from peftkit.methods.adalora_state import (
     _ALLOCATORS,
     adalora_adapters,
@@ -47,7 +48,6 @@ from peftkit.methods.adalora_state import (
     load_allocator_state,
     load_allocator_states,
 )
-from peftkit.methods.lora import hf_layer_targets, hf_modules_to_save, hf_targets
 from peftkit.methods.lora_layers import LoRALayer, adapter_dtype
 
 # The checkpoint-state functions live in adalora_state; importing them from here keeps working.

@@ -38,7 +38,7 @@ from peftkit.core.matching import resolve_targets
 from peftkit.core.registry import linear_kind, register_method
 from peftkit.core.walk import iter_modules
 from peftkit.errors import ConfigError, MergeError
-from peftkit.methods.lora import hf_resolve, hf_targets
+from peftkit.io.hf_names import hf_resolve, hf_targets
 from peftkit.methods.lora_layers import adapter_dtype
 from peftkit.methods.roles import ffn_blocks
 

@@ -29,7 +29,7 @@ from peftkit.core.matching import first_match
 from peftkit.core.registry import register_method
 from peftkit.core.walk import iter_modules
 from peftkit.errors import ConfigError, TargetNotFoundError
-from peftkit.methods.lora import hf_resolve, hf_targets
+from peftkit.io.hf_names import hf_resolve, hf_targets
 from peftkit.methods.lora_layers import adapter_dtype
 
 #: Adapter container → the base parameter it stands for.

@@ -152,6 +152,8 @@ class CanonicalLoRA(LoRA):
 
     parts: dict[str, list[str]] = field(default_factory=dict)
 
+    takes_parameters = False
+
     def __post_init__(self) -> None:
         super().__post_init__()
         if self.shared_A:

@@ -147,6 +147,11 @@ def converted(model: nn.Module, name: str, to: str) -> tuple[LoRA, Tensors]:
             f"adapter {name!r} is {type(config).__name__}; only LoRA and CanonicalLoRA adapters convert between "
             "performant and canonical layouts"
         )
+    if config.target_parameters:
+        raise ConfigError(
+            f"adapter {name!r} adapts parameters ({config.target_parameters[:2]}…), which have no performant or "
+            "canonical layout; save it as it is (layout=None)"
+        )
     if to == "canonical" and config.lora_bias:
         raise ConfigError(
             f"adapter {name!r} has lora_bias=True (a trained bias on B), which CanonicalLoRA does not support; "

@@ -33,7 +33,7 @@ from peftkit.core.layer import AdapterLayer
 from peftkit.core.matching import first_match
 from peftkit.core.registry import LINEAR_KINDS, LinearKind, TypeRegistry, linear_kind, register_method
 from peftkit.errors import ConfigError, MergeError, UnsupportedLayerError
-from peftkit.methods.lora import hf_layer_targets, hf_modules_to_save, hf_resolve, hf_targets
+from peftkit.io.hf_names import hf_layer_targets, hf_modules_to_save, hf_resolve, hf_targets
 from peftkit.methods.lora_layers import adapter_dtype
 
 #: Convolutions (IA)³ scales per channel, as Hugging Face PEFT does → their number of spatial dimensions.

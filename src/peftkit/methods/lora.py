@@ -10,7 +10,6 @@ from __future__ import annotations
 import dataclasses
 import logging
 import math
-import re
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, Protocol, cast
 
@@ -22,6 +21,7 @@ from peftkit.core.matching import first_match, matches, near_misses
 from peftkit.core.modules_to_save import ModulesToSave
 from peftkit.core.registry import LINEAR_KINDS, register_method
 from peftkit.errors import ConfigError
+from peftkit.io.hf_names import hf_layer_targets, hf_modules_to_save, hf_parameters, hf_pattern, hf_resolve, hf_targets
 from peftkit.methods.lora_layers import LORA_LAYERS, LoRALayer, lora_layer_class
 
 logger = logging.getLogger("peftkit")
@@ -70,7 +70,14 @@ class LoRA(AdapterConfig):
             groups on models with separate projections; the applied config records every group.
         trainable_token_indices: token ids whose input-embedding rows train too (a list), or module → ids; adds a
             trainable-tokens adapter of the same name (see :mod:`peftkit.methods.lora_tokens`).
+        target_parameters: parameters to adapt directly, by key or dotted suffix (``"experts.gate_up_proj"``):
+            the 3-D expert stacks of mixture-of-experts layers, one rank-r LoRA per expert (HF PEFT's
+            ``target_parameters``, see :mod:`peftkit.methods.lora_params`). ``target_modules`` may then be empty.
+            No dropout or ``lora_bias`` there; every adapter on a model that uses it must name the same parameters.
     """
+
+    #: Whether the method can adapt parameters (``target_parameters``); its variants cannot, as in HF PEFT.
+    takes_parameters: ClassVar[bool] = True
 
     #: Whether role-name groups on separate projections share one A (performant LoRA).
     shares_A: ClassVar[bool] = True
@@ -90,9 +97,11 @@ class LoRA(AdapterConfig):
     lora_bias: bool = False
     shared_A: list[list[str]] = field(default_factory=list)
     trainable_token_indices: list[int] | dict[str, list[int]] | None = None
+    target_parameters: list[str] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         super().__post_init__()
+        self._check_target_parameters()
         from peftkit.methods.lora_tokens import checked_token_spec
 
         self.trainable_token_indices = checked_token_spec(self.trainable_token_indices)
@@ -114,6 +123,26 @@ class LoRA(AdapterConfig):
         if not isinstance(self.lora_bias, bool):
             raise ConfigError(f"lora_bias={self.lora_bias!r} must be True or False")
 
+    def _check_target_parameters(self) -> None:
+        spec = self.target_parameters
+        self.target_parameters = [spec] if isinstance(spec, str) else list(spec or [])
+        if not all(isinstance(t, str) and t for t in self.target_parameters):
+            raise ConfigError(f"target_parameters={spec!r} must be a list of parameter names, e.g. "
+                              "['experts.gate_up_proj', 'experts.down_proj']")
+        if not self.target_parameters:
+            return
+        if not self.takes_parameters:
+            raise ConfigError(f"{type(self).__name__} cannot adapt parameters (target_parameters={spec!r}; HF PEFT "
+                              "refuses it too): use pk.LoRA for them")
+        for name, value, fix in (("dropout", self.dropout, "dropout=0"), ("lora_bias", self.lora_bias,
+                                                                          "lora_bias=False")):
+            if value:
+                raise ConfigError(
+                    f"{name}={value!r} cannot be used with target_parameters={spec!r}: the update of a parameter "
+                    f"is added to the weight, not computed from the input (HF PEFT refuses it too); set {fix}, or "
+                    "put the modules that need it in a second adapter"
+                )
+
     # -- per-module values -----------------------------------------------------------------------
     def rank_for(self, qualname: str) -> int:
         key = first_match(qualname, self.rank_pattern)
@@ -132,7 +161,9 @@ class LoRA(AdapterConfig):
     def resolve(self, model: nn.Module) -> list[str]:
         from peftkit.methods.grouped import plan_groups
 
-        targets = super().resolve(model)
+        targets = super().resolve(model) if self.target_modules or not self.target_parameters else []
+        if self.target_parameters:
+            self.parameter_keys(model, targets)
         plan_groups(self, model, targets)  # validates role names and groups before the model is touched
         from peftkit.methods.lora_tokens import lora_token_targets
 
@@ -142,13 +173,56 @@ class LoRA(AdapterConfig):
         self._check_patterns(model)
         return targets
 
+    def parameter_keys(self, model: nn.Module, module_targets: list[str], name: str = "") -> list[str]:
+        """The keys of the parameters ``target_parameters`` selects on ``model``, checked against the module
+        targets and the model's adapters other than ``name`` (``[]`` without ``target_parameters``).
+
+        Raises:
+            TargetNotFoundError: an entry matches no parameter. ConfigError: a selected parameter belongs to a
+                module target, or another adapter adapts a different set of parameters.
+        """
+        if not self.target_parameters:
+            return []
+        from peftkit.core.state import get_state
+        from peftkit.methods.lora_params import parameter_targets
+
+        keys = parameter_targets(model, self.target_parameters, self.exclude_modules, self.layers,
+                                 self.layers_pattern)
+        both = sorted({k.rpartition(".")[0] for k in keys} & set(module_targets))
+        if both:
+            held = [k for k in keys if k.rpartition(".")[0] in both]
+            raise ConfigError(
+                f"{both[:3]} are module targets and hold target_parameters {held[:3]}; a layer is adapted as a "
+                "module or through its parameters, so remove it from one"
+            )
+        for other, config in get_state(model).configs.items():
+            theirs = getattr(config, "target_parameters", None)
+            if other != name and theirs and set(theirs) != set(keys):
+                raise ConfigError(
+                    f"adapter {other!r} adapts the parameters {sorted(theirs)[:3]}…; every adapter using "
+                    f"target_parameters must adapt the same ones (HF PEFT's rule: they share nested wrappers), but "
+                    f"this one selects {sorted(keys)[:3]}… ({len(keys)} against {len(theirs)})"
+                )
+        return keys
+
+    def inject_parameters(self, model: nn.Module, name: str) -> list[str]:
+        """Add adapter ``name`` on the parameters ``target_parameters`` selects; their keys."""
+        from peftkit.core.state import get_state
+        from peftkit.methods.lora_params import inject_parameters
+
+        keys = self.parameter_keys(model, get_state(model).targets.get(name, []))
+        inject_parameters(model, keys, name, lambda key: (self.rank_for(key), self.alpha_for(key)),
+                          use_rslora=self.use_rslora, init_A=self.init_A, init_B=self.init_B)
+        return keys
+
     def _check_patterns(self, model: nn.Module) -> None:
-        """Refuse a rank/alpha pattern key that matches no module of ``model`` (a typo would silently keep the
-        default). One that matches modules which are not targets is allowed, as in HF PEFT."""
+        """Refuse a rank/alpha pattern key that matches no module (or targeted parameter) of ``model`` (a typo
+        would silently keep the default). One that matches modules which are not targets is allowed, as in HF
+        PEFT."""
         names: list[str] | None = None
         for field_name, pattern in (("rank_pattern", self.rank_pattern), ("alpha_pattern", self.alpha_pattern)):
             for key in pattern:
-                names = names or [n for n, _ in model.named_modules() if n]
+                names = names or [n for n, _ in model.named_modules() if n] + self.parameter_keys(model, [])
                 if not any(matches(n, key) for n in names):
                     raise ConfigError(
                         f"{field_name} key {key!r} matches no module of {type(model).__name__}; closest module "
@@ -212,7 +286,9 @@ class LoRA(AdapterConfig):
         groups = plan_groups(self, model, state.targets[name])
         if groups:
             share_down_projections(model, name, groups)
-            state.configs[name] = self.replace(shared_A=groups)
+        keys = self.parameter_keys(model, state.targets[name], name)
+        if groups or keys:  # the applied config records the exact groups and parameters
+            state.configs[name] = self.replace(shared_A=groups or self.shared_A, target_parameters=keys)
         from peftkit.methods.lora_tokens import add_lora_tokens
 
         add_lora_tokens(model, name, self)
@@ -236,8 +312,8 @@ class LoRA(AdapterConfig):
             "exclude_modules": None,
             "layers_to_transform": None,
             "layers_pattern": None,
-            "rank_pattern": self.rank_pattern_for(targets, self.rank_pattern, self.rank),
-            "alpha_pattern": self.rank_pattern_for(targets, self.alpha_pattern, self.alpha),
+            "rank_pattern": self.rank_pattern_for(targets + self.target_parameters, self.rank_pattern, self.rank),
+            "alpha_pattern": self.rank_pattern_for(targets + self.target_parameters, self.alpha_pattern, self.alpha),
             "modules_to_save": list(self.modules_to_save) or None,
             "bias": self.bias,
             "trainable_token_indices": self.trainable_token_indices,
@@ -246,6 +322,7 @@ class LoRA(AdapterConfig):
             "inference_mode": True,
             "lora_bias": self.lora_bias,
             "layer_replication": None,
+            "target_parameters": hf_parameters(self.target_parameters, module_names) or None,
             "megatron_config": None,
             "megatron_core": "megatron.core",
             "loftq_config": {},
@@ -290,6 +367,7 @@ class LoRA(AdapterConfig):
                 "peftkit does not support; load this adapter with HF PEFT, or save it without that option"
             )
         extra = {k: v for k, v in data.items() if k not in _HF_LORA_FIELDS and k != "peftkit"}
+        targeted = data.get("target_parameters") or []
         hf = dict(
             target_modules=hf_layer_targets(data, module_names),  # the layer indices resolved, as HF PEFT does
             exclude_modules=hf_resolve(data.get("exclude_modules"), module_names),
@@ -297,8 +375,9 @@ class LoRA(AdapterConfig):
             alpha=data.get("lora_alpha", 8),
             dropout=float(data.get("lora_dropout", 0.0) or 0.0),
             use_rslora=bool(data.get("use_rslora", False)),
-            rank_pattern=hf_pattern(data.get("rank_pattern") or {}, module_names),
-            alpha_pattern=hf_pattern(data.get("alpha_pattern") or {}, module_names),
+            rank_pattern=hf_pattern(data.get("rank_pattern") or {}, module_names, bool(targeted)),
+            alpha_pattern=hf_pattern(data.get("alpha_pattern") or {}, module_names, bool(targeted)),
+            target_parameters=targeted,
             modules_to_save=hf_modules_to_save(data.get("modules_to_save"), module_names),
             bias=data.get("bias", "none") or "none",
             trainable_token_indices=data.get("trainable_token_indices"),
@@ -324,14 +403,13 @@ LORA_VARIANTS: dict[str, type[LoRA]] = {}
 _HF_LORA_UNSUPPORTED = {
     "layer_replication": "layers duplicated in the base model",
     "use_qalora": "QA-LoRA's pooled input",
-    "target_parameters": "LoRA on parameters rather than modules",
     "alora_invocation_tokens": "activated LoRA",
 }
 
 _HF_LORA_FIELDS = frozenset(
     "peft_type task_type r lora_alpha lora_dropout use_rslora use_dora target_modules exclude_modules "
     "layers_to_transform layers_pattern rank_pattern alpha_pattern modules_to_save bias fan_in_fan_out "
-    "init_lora_weights inference_mode trainable_token_indices lora_bias".split()
+    "init_lora_weights inference_mode trainable_token_indices lora_bias target_parameters".split()
 )
 
 
@@ -360,79 +438,3 @@ def hf_module_paths(model: nn.Module, name: str) -> dict[int, str]:
             for adapter, copy in module.copies.items():
                 paths[id(copy)] = f"{path}.modules_to_save" + ("" if adapter == name else f".{adapter}")
     return paths
-
-
-def _as_list(value: Any) -> list[str]:
-    if value is None:
-        return []
-    return [value] if isinstance(value, str) else list(value)
-
-
-def _as_layers(value: Any) -> list[int] | None:
-    if value is None:
-        return None
-    return [value] if isinstance(value, int) else list(value)
-
-
-def hf_targets(targets: list[str], module_names: list[str]) -> list[str] | str:
-    """``target_modules`` for HF PEFT that selects exactly ``targets`` among ``module_names``.
-
-    The sorted leaf names when HF PEFT's suffix matching of them selects exactly ``targets`` (readable,
-    and what serving engines expect), otherwise a full-match regex of the exact names.
-    """
-    leaves = sorted({t.rsplit(".", 1)[-1] for t in targets})
-    selected = {n for n in module_names if n.rsplit(".", 1)[-1] in leaves}
-    if selected == set(targets):
-        return leaves
-    return "^(?:" + "|".join(re.escape(t) for t in targets) + ")$"
-
-
-def hf_resolve(spec: Any, module_names: list[str]) -> list[str]:
-    """HF PEFT's ``target_modules``: a list matches names or dotted suffixes; a string is a full-match regex."""
-    if spec is None:
-        return []
-    if isinstance(spec, str):
-        if spec in ("all-linear",):
-            return [spec]
-        regex = re.compile(spec)
-        return [n for n in module_names if regex.fullmatch(n)] or [spec]
-    return list(spec)
-
-
-def hf_layer_targets(data: dict[str, Any], module_names: list[str]) -> list[str]:
-    """The modules HF PEFT adapts for ``target_modules`` with ``layers_to_transform`` (exclusions apart).
-
-    As HF PEFT: a module named exactly like an entry is taken whatever its layer; one matched by a dotted suffix
-    only when the first index after ``layers_pattern`` (any ``name.N.`` without a pattern) is a listed layer.
-    Without layer indices, or with a regex string (which HF PEFT takes with no layer indices), ``hf_resolve``.
-    """
-    spec, layers = data.get("target_modules"), _as_layers(data.get("layers_to_transform"))
-    if not layers or spec is None or isinstance(spec, str):
-        return hf_resolve(spec, module_names)
-    patterns = _as_list(data.get("layers_pattern"))
-    regexes = [rf"(?:^|.*?\.){p}\.(?P<idx>\d+)\." for p in patterns] or [r".*?\.[^.]*\.(?P<idx>\d+)\."]
-
-    def layer_of(name: str) -> int | None:
-        found = next((m for m in (re.match(r, name) for r in regexes) if m), None)
-        return int(found.group("idx")) if found else None
-
-    return [n for n in module_names if n in spec
-            or (any(n.endswith("." + t) for t in spec) and layer_of(n) in layers)]
-
-
-def hf_modules_to_save(spec: Any, module_names: list[str]) -> list[str]:
-    """HF PEFT's ``modules_to_save`` minus entries matching nothing (it adds ``classifier`` and ``score``
-    for every SEQ_CLS model and skips the one that is absent)."""
-    return [m for m in _as_list(spec) if any(n == m or n.endswith("." + m) for n in module_names)]
-
-
-def hf_pattern(pattern: dict[str, Any], module_names: list[str]) -> dict[str, Any]:
-    """HF PEFT's rank/alpha patterns (``(.*\\.)?(KEY)$`` regexes, the first key that matches wins) resolved to
-    exact module names."""
-    out: dict[str, Any] = {}
-    for name in module_names:
-        for key, value in pattern.items():
-            if re.match(rf"(.*\.)?({key})$", name):
-                out.setdefault(name, value)
-                break
-    return out

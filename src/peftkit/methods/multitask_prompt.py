@@ -30,7 +30,7 @@ from torch import nn
 
 from peftkit.core.registry import register_method
 from peftkit.errors import CheckpointError, ConfigError, ShapeMismatchError
-from peftkit.methods.lora import hf_modules_to_save
+from peftkit.io.hf_names import hf_modules_to_save
 from peftkit.methods.prompt import (
     ATTR,
     PromptEmbedding,

@@ -34,7 +34,7 @@ from peftkit.core.config import AdapterConfig
 from peftkit.core.layer import AdapterLayer
 from peftkit.core.registry import register_method
 from peftkit.errors import AdapterStateError, ConfigError, MergeError
-from peftkit.methods.lora import hf_modules_to_save
+from peftkit.io.hf_names import hf_modules_to_save
 
 ATTR = "prompt_encoder"
 _HANDLES = "_peftkit_prompt_hooks"

@@ -33,7 +33,7 @@ from peftkit.core.registry import register_method
 from peftkit.core.state import get_state
 from peftkit.core.walk import iter_modules, set_module
 from peftkit.errors import AdapterStateError, ConfigError
-from peftkit.methods.lora import hf_modules_to_save, hf_resolve, hf_targets
+from peftkit.io.hf_names import hf_modules_to_save, hf_resolve, hf_targets
 from peftkit.methods.lora_layers import adapter_dtype
 
 

@@ -1,0 +1,109 @@
+"""How HF PEFT's ``adapter_config.json`` names modules: its target, layer and pattern conventions, both ways.
+
+HF PEFT reads ``target_modules`` as a full-match regex when it is a string and as names or dotted suffixes when it
+is a list, ``rank_pattern``/``alpha_pattern`` keys as ``(.*\\.)?(KEY)$`` regexes, and ``layers_to_transform``
+with its own layer-index rules. These functions resolve those to exact qualified names on reading, and write names
+HF PEFT matches exactly; every method's config uses them.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Any
+
+__all__ = ["hf_layer_targets", "hf_modules_to_save", "hf_parameters", "hf_pattern", "hf_resolve", "hf_targets"]
+
+
+def _as_list(value: Any) -> list[str]:
+    if value is None:
+        return []
+    return [value] if isinstance(value, str) else list(value)
+
+
+def _as_layers(value: Any) -> list[int] | None:
+    if value is None:
+        return None
+    return [value] if isinstance(value, int) else list(value)
+
+
+def hf_targets(targets: list[str], module_names: list[str]) -> list[str] | str:
+    """``target_modules`` for HF PEFT that selects exactly ``targets`` among ``module_names``.
+
+    The sorted leaf names when HF PEFT's suffix matching of them selects exactly ``targets`` (readable,
+    and what serving engines expect), otherwise a full-match regex of the exact names.
+    """
+    leaves = sorted({t.rsplit(".", 1)[-1] for t in targets})
+    selected = {n for n in module_names if n.rsplit(".", 1)[-1] in leaves}
+    if selected == set(targets):
+        return leaves
+    return "^(?:" + "|".join(re.escape(t) for t in targets) + ")$"
+
+
+def hf_resolve(spec: Any, module_names: list[str]) -> list[str]:
+    """HF PEFT's ``target_modules``: a list matches names or dotted suffixes; a string is a full-match regex."""
+    if spec is None:
+        return []
+    if isinstance(spec, str):
+        if spec in ("all-linear",):
+            return [spec]
+        regex = re.compile(spec)
+        return [n for n in module_names if regex.fullmatch(n)] or [spec]
+    return list(spec)
+
+
+def hf_layer_targets(data: dict[str, Any], module_names: list[str]) -> list[str]:
+    """The modules HF PEFT adapts for ``target_modules`` with ``layers_to_transform`` (exclusions apart).
+
+    As HF PEFT: a module named exactly like an entry is taken whatever its layer; one matched by a dotted suffix
+    only when the first index after ``layers_pattern`` (any ``name.N.`` without a pattern) is a listed layer.
+    Without layer indices, or with a regex string (which HF PEFT takes with no layer indices), ``hf_resolve``.
+    """
+    spec, layers = data.get("target_modules"), _as_layers(data.get("layers_to_transform"))
+    if not layers or spec is None or isinstance(spec, str):
+        return hf_resolve(spec, module_names)
+    patterns = _as_list(data.get("layers_pattern"))
+    regexes = [rf"(?:^|.*?\.){p}\.(?P<idx>\d+)\." for p in patterns] or [r".*?\.[^.]*\.(?P<idx>\d+)\."]
+
+    def layer_of(name: str) -> int | None:
+        found = next((m for m in (re.match(r, name) for r in regexes) if m), None)
+        return int(found.group("idx")) if found else None
+
+    return [n for n in module_names if n in spec
+            or (any(n.endswith("." + t) for t in spec) and layer_of(n) in layers)]
+
+
+def hf_modules_to_save(spec: Any, module_names: list[str]) -> list[str]:
+    """HF PEFT's ``modules_to_save`` minus entries matching nothing (it adds ``classifier`` and ``score``
+    for every SEQ_CLS model and skips the one that is absent)."""
+    return [m for m in _as_list(spec) if any(n == m or n.endswith("." + m) for n in module_names)]
+
+
+def hf_pattern(pattern: dict[str, Any], module_names: list[str], parameters: bool = False) -> dict[str, Any]:
+    """HF PEFT's rank/alpha patterns (``(.*\\.)?(KEY)$`` regexes, the first key that matches wins) resolved to
+    exact module names. With ``parameters`` (an adapter with ``target_parameters``), keys that match no module are
+    kept as they are: they name parameters, which peftkit matches by key or dotted suffix as HF PEFT does."""
+    out: dict[str, Any] = {}
+    used = set()
+    for name in module_names:
+        for key, value in pattern.items():
+            if re.match(rf"(.*\.)?({key})$", name):
+                out.setdefault(name, value)
+                used.add(key)
+                break
+    if parameters:
+        out.update({key: value for key, value in pattern.items() if key not in used})
+    return out
+
+
+def hf_parameters(keys: list[str], module_names: list[str]) -> list[str]:
+    """``target_parameters`` for HF PEFT selecting exactly ``keys``: ``<module leaf>.<parameter>`` when every
+    module with that leaf name holds a selected key (``experts.gate_up_proj``), else the full keys."""
+    out: list[str] = []
+    for key in keys:
+        path, _, parameter = key.rpartition(".")
+        short = f"{path.rpartition('.')[2]}.{parameter}"
+        owners = {n for n in module_names if n.rpartition(".")[2] == short.partition(".")[0]}
+        chosen = short if all(f"{n}.{parameter}" in keys for n in owners) else key
+        if chosen not in out:
+            out.append(chosen)
+    return out
