@@ -68,10 +68,12 @@ class AdapterConfig:
 
     A method that wraps layers implements ``supports``, ``supported_layer_names`` and ``transform``.
     A method that adds modules instead (prompt tuning, ...) defines ``inject(model, name) -> list[str]``
-    and ``remove(model, name)``. A wrapping method may also define ``inject_parameters(model, name)``, run after
-    the targets are wrapped (LoRA's ``target_parameters``); ``after_apply(model, name)`` and
-    ``on_set_active(model, name, active)``
-    are optional hooks for either kind.
+    and ``remove(model, name)``; ``after_apply(model, name)`` and ``on_set_active(model, name, active)``
+    are optional hooks for either kind, as are ``prepare_model(model)`` (reshape the model before targets are
+    resolved; return what undoes it, or ``None``), the class method ``planned_module_names(data, model, names)`` (the
+    names an ``adapter_config.json`` is resolved against, once so reshaped) and ``check_merge(model, name)`` (raise
+    ``MergeError`` to refuse ``pk.merge``). A wrapping method may also define ``inject_parameters(model, name)``, run
+    after the targets are wrapped (LoRA's ``target_parameters``).
 
     Attributes:
         target_modules: patterns selecting the modules to adapt: leaf names (``"q_proj"``), globs on

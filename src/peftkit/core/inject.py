@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
+
 from torch import nn
 
 from peftkit.core.config import AdapterConfig, infer_task_type
@@ -113,6 +116,26 @@ def apply(model: nn.Module, config: AdapterConfig, name: str = "default", activa
         raise ConfigError(f"config must be a peftkit method config such as pk.LoRA(...), got {type(config).__name__}")
     _check_name(model, name)
     _check_not_merged(model)
+    with prepared(model, config):
+        return _add(model, config, name, activate, train_heads)
+
+
+@contextlib.contextmanager
+def prepared(model: nn.Module, config: AdapterConfig) -> Iterator[None]:
+    """Let ``config`` reshape the model before its targets are resolved (its optional ``prepare_model(model)``, which
+    returns what undoes it: LoRA's ``layer_replication``), undone if the block raises."""
+    prepare = getattr(config, "prepare_model", None)
+    undo = prepare(model) if prepare is not None else None
+    try:
+        yield
+    except BaseException:
+        if undo is not None:
+            undo()
+        raise
+
+
+def _add(model: nn.Module, config: AdapterConfig, name: str, activate: bool | None, train_heads: bool) -> nn.Module:
+    """``apply`` once the name, the merge state and the model's shape are settled."""
     existing = {id(m) for m in model.modules()}
     heads = classifier_heads(model, config) if train_heads and config.adds_heads else []
     if heads:  # on a copy: the user's config object stays reusable on other models

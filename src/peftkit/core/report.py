@@ -98,7 +98,7 @@ def inspect(model: nn.Module, config: AdapterConfig) -> InspectReport:
     Returns:
         An :class:`InspectReport`; ``print`` it for a table.
     """
-    from peftkit.core.inject import apply
+    from peftkit.core.inject import apply, prepared
     from peftkit.core.state import get_state
 
     shadow = _meta_copy(model)
@@ -106,8 +106,9 @@ def inspect(model: nn.Module, config: AdapterConfig) -> InspectReport:
     while name in get_state(shadow).configs:
         name += "_"
     _, before = count_parameters(shadow)
-    targets = config.resolve(shadow) if getattr(config, "inject", None) is None else None
-    apply(shadow, config, name=name)
+    with prepared(shadow, config):  # targets on the model as apply reshapes it (LoRA's layer_replication)
+        targets = config.resolve(shadow) if getattr(config, "inject", None) is None else None
+        apply(shadow, config, name=name)
     rows: list[InspectRow] = []
     modules = dict(shadow.named_modules())
     roles = _roles(shadow)

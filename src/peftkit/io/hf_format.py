@@ -25,7 +25,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from peftkit.core.config import AdapterConfig, infer_task_type
-from peftkit.core.inject import apply, delete_adapter
+from peftkit.core.inject import apply, delete_adapter, prepared
 from peftkit.core.registry import METHODS, is_fan_in_fan_out
 from peftkit.core.state import adapter_layers, get_state
 from peftkit.core.walk import iter_modules
@@ -236,7 +236,11 @@ def config_from_dict(data: dict[str, Any], model: nn.Module) -> AdapterConfig:
         raise ConfigError(
             f"unknown peft_type {peft_type!r} in {CONFIG_NAME}; peftkit reads {sorted(METHODS)}"
         )
-    return METHODS[peft_type].from_hf_dict(data, module_names(model))
+    cls = METHODS[peft_type]
+    names = module_names(model)
+    # Targets are resolved against the names the model has once the config reshapes it (LoRA's layer_replication).
+    planned = getattr(cls, "planned_module_names", None)
+    return cls.from_hf_dict(data, planned(data, model, names) if planned is not None else names)
 
 
 def load_adapter(
@@ -273,14 +277,15 @@ def load_adapter(
     weights = read_weights(directory, legacy_bin=legacy_bin)
     config = config_from_dict(data, model)
     grad_flags = [(p, p.requires_grad) for p in model.parameters()]
-    apply(model, config, name=name, activate=activate, train_heads=False)  # the file lists what it saved
-    try:
-        _load_tensors(model, name, weights, str(directory))
-    except Exception:
-        delete_adapter(model, name)
-        for param, flag in grad_flags:
-            param.requires_grad_(flag)
-        raise
+    with prepared(model, config):  # a model reshaped for this adapter (layer_replication) is put back on failure
+        apply(model, config, name=name, activate=activate, train_heads=False)  # the file lists what it saved
+        try:
+            _load_tensors(model, name, weights, str(directory))
+        except Exception:
+            delete_adapter(model, name)
+            for param, flag in grad_flags:
+                param.requires_grad_(flag)
+            raise
     if not trainable:
         for tensor in adapter_state_dict(model, name).values():
             if isinstance(tensor, nn.Parameter):

@@ -43,6 +43,10 @@ def _checked_merge(model: nn.Module, names: Sequence[str]) -> list[tuple[str, Ad
     """``(qualname, layer, the names it holds)`` for the layers holding any of ``names``, once every layer has
     accepted them (``check_merge``): a refusal leaves every weight as it was."""
     _check_names(model, names)
+    for name in names:
+        check = getattr(get_state(model).configs[name], "check_merge", None)
+        if check is not None:
+            check(model, name)
     layers = [(q, layer, [n for n in names if layer.has_adapter(n)]) for q, layer in adapter_layers(model)]
     layers = [(q, layer, held) for q, layer, held in layers if held]
     for qualname, layer, held in layers:

@@ -43,7 +43,7 @@ def _common(config: LoRA) -> dict[str, Any]:
         "dropout_position": config.dropout_position, "use_rslora": config.use_rslora, "init_A": config.init_A,
         "init_B": config.init_B, "bias": config.bias, "lora_bias": config.lora_bias,
         "modules_to_save": list(config.modules_to_save), "trainable_token_indices": config.trainable_token_indices,
-        "task_type": config.task_type, "extra": dict(config.extra),
+        "task_type": config.task_type, "layer_replication": config.layer_replication, "extra": dict(config.extra),
     }
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, Protocol, cast
 
@@ -22,6 +23,7 @@ from peftkit.core.modules_to_save import ModulesToSave
 from peftkit.core.registry import LINEAR_KINDS, register_method
 from peftkit.errors import ConfigError
 from peftkit.io.hf_names import hf_layer_targets, hf_modules_to_save, hf_parameters, hf_pattern, hf_resolve, hf_targets
+from peftkit.methods import lora_replication as replication
 from peftkit.methods.lora_layers import LORA_LAYERS, LoRALayer, lora_layer_class
 
 logger = logging.getLogger("peftkit")
@@ -74,6 +76,10 @@ class LoRA(AdapterConfig):
             the 3-D expert stacks of mixture-of-experts layers, one rank-r LoRA per expert (HF PEFT's
             ``target_parameters``, see :mod:`peftkit.methods.lora_params`). ``target_modules`` may then be empty.
             No dropout or ``lora_bias`` there; every adapter on a model that uses it must name the same parameters.
+        layer_replication: half-open ranges ``[[start, end], …]`` of the original transformer blocks that make up the
+            model's new stack before the adapter is added (HF PEFT's option; ``[[0, 4], [2, 5]]`` gives blocks
+            0 1 2 3 2 3 4). Repeats share base weights, each position has its own adapter; never merged (see
+            :mod:`peftkit.methods.lora_replication`).
     """
 
     #: Whether the method can adapt parameters (``target_parameters``); its variants cannot, as in HF PEFT.
@@ -98,6 +104,7 @@ class LoRA(AdapterConfig):
     shared_A: list[list[str]] = field(default_factory=list)
     trainable_token_indices: list[int] | dict[str, list[int]] | None = None
     target_parameters: list[str] = field(default_factory=list)
+    layer_replication: list[list[int]] | None = None
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -105,6 +112,7 @@ class LoRA(AdapterConfig):
         from peftkit.methods.lora_tokens import checked_token_spec
 
         self.trainable_token_indices = checked_token_spec(self.trainable_token_indices)
+        self.layer_replication = replication.checked_layer_map(self.layer_replication)
         _positive_int("rank", self.rank)
         _positive_number("alpha", self.alpha)
         for key, value in self.rank_pattern.items():
@@ -158,6 +166,16 @@ class LoRA(AdapterConfig):
         return lora_scale(self.rank_for(qualname), self.alpha_for(qualname), self.use_rslora)
 
     # -- wrapping --------------------------------------------------------------------------------
+    def prepare_model(self, model: nn.Module) -> Callable[[], None] | None:
+        return replication.replicate(model, self.layer_replication)
+
+    @classmethod
+    def planned_module_names(cls, data: dict[str, Any], model: nn.Module, names: list[str]) -> list[str]:
+        return replication.planned_names(model, data.get("layer_replication"), names)
+
+    def check_merge(self, model: nn.Module, name: str) -> None:
+        replication.check_merge(self.layer_replication, name)
+
     def resolve(self, model: nn.Module) -> list[str]:
         from peftkit.methods.grouped import plan_groups
 
@@ -292,6 +310,7 @@ class LoRA(AdapterConfig):
         from peftkit.methods.lora_tokens import add_lora_tokens
 
         add_lora_tokens(model, name, self)
+        replication.record(model, name)
 
     def extra_tensors(self, model: nn.Module, name: str) -> dict[str, Any]:
         """Trained biases (``bias="all"``/``"lora_only"``) under their full HF PEFT keys."""
@@ -321,7 +340,7 @@ class LoRA(AdapterConfig):
             "init_lora_weights": True,
             "inference_mode": True,
             "lora_bias": self.lora_bias,
-            "layer_replication": None,
+            "layer_replication": self.layer_replication,
             "target_parameters": hf_parameters(self.target_parameters, module_names) or None,
             "megatron_config": None,
             "megatron_core": "megatron.core",
@@ -382,6 +401,7 @@ class LoRA(AdapterConfig):
             bias=data.get("bias", "none") or "none",
             trainable_token_indices=data.get("trainable_token_indices"),
             lora_bias=bool(data.get("lora_bias", False)),
+            layer_replication=data.get("layer_replication") or None,
             task_type=data.get("task_type"),
             extra=extra,
         )
@@ -401,7 +421,6 @@ LORA_VARIANTS: dict[str, type[LoRA]] = {}
 #: HF PEFT LoRA options that change what the adapter computes and that peftkit does not implement: an adapter
 #: setting one is refused when loaded (its tensors would not fit, or would load and compute something else).
 _HF_LORA_UNSUPPORTED = {
-    "layer_replication": "layers duplicated in the base model",
     "use_qalora": "QA-LoRA's pooled input",
     "alora_invocation_tokens": "activated LoRA",
 }
@@ -409,7 +428,7 @@ _HF_LORA_UNSUPPORTED = {
 _HF_LORA_FIELDS = frozenset(
     "peft_type task_type r lora_alpha lora_dropout use_rslora use_dora target_modules exclude_modules "
     "layers_to_transform layers_pattern rank_pattern alpha_pattern modules_to_save bias fan_in_fan_out "
-    "init_lora_weights inference_mode trainable_token_indices lora_bias target_parameters".split()
+    "init_lora_weights inference_mode trainable_token_indices lora_bias target_parameters layer_replication".split()
 )
 
 

@@ -88,7 +88,7 @@ def init(cfg: RunConfig) -> Dist:
 
     Raises:
         ConfigError: ``ddp``/``fsdp`` without torchrun's environment, or with an optimizer feature or PEFT
-            method that cannot run data-parallel (LISA; GaLore and AdaLoRA under FSDP).
+            method that cannot run data-parallel (LISA; GaLore, AdaLoRA and LoRA's layer_replication under FSDP).
     """
     parallel = cfg.train.parallel
     if parallel not in PARALLEL_MODES:
@@ -112,6 +112,11 @@ def init(cfg: RunConfig) -> Dist:
         raise ConfigError(
             "peft.method='adalora' cannot run with train.parallel='fsdp' (AdaLoRA's rank allocator and "
             "orthogonality penalty need whole factors, FSDP shards them); use train.parallel=ddp"
+        )
+    if parallel == "fsdp" and cfg.peft.options.get("layer_replication"):
+        raise ConfigError(
+            "peft.layer_replication cannot run with train.parallel='fsdp' (replicated blocks share their base "
+            "weights, which FSDP refuses to shard across its per-block groups); use train.parallel=ddp"
         )
     missing = [k for k in ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT") if k not in os.environ]
     if missing:
