@@ -332,6 +332,12 @@ def test_invalid_ranges_are_refused_by_the_config(value: object) -> None:
         pk.LoRA(target_modules=["q_proj"], layer_replication=value)  # type: ignore[arg-type]
 
 
+@pytest.mark.parametrize("init", ["pissa", "pissa_niter_2", "olora"])
+def test_inits_that_rewrite_the_shared_base_weights_are_refused(init: str) -> None:
+    with pytest.raises(ConfigError, match=rf"init='{init}' rewrites the base weights"):
+        pk.LoRA(target_modules=["q_proj"], layer_replication=[[0, 2], [1, 2]], init=init)
+
+
 def test_tuples_are_accepted_as_in_hf_peft() -> None:
     assert pk.LoRA(target_modules=["q_proj"], layer_replication=[(0, 2), (1, 3)]).layer_replication == LAYER_MAP  # type: ignore[list-item]
 

@@ -232,6 +232,7 @@ def test_inspect_lists_each_parameter() -> None:
     ({"dropout": 0.1}, "dropout=0.1 cannot be used with target_parameters"),
     ({"lora_bias": True}, "lora_bias=True cannot be used with target_parameters"),
     ({"target_parameters": [""]}, "must be a list of parameter names"),
+    ({"init": "pissa"}, "init='pissa' cannot initialise target_parameters"),
 ])
 def test_config_refusals(kwargs: dict[str, Any], message: str) -> None:
     with pytest.raises(ConfigError, match=message):

@@ -83,7 +83,8 @@ def adapter_config_dict(model: nn.Module, name: str, config: AdapterConfig | Non
 
 
 def save_adapter(
-    model: nn.Module, directory: str | Path, name: str | Sequence[str] | None = None, *, layout: str | None = None
+    model: nn.Module, directory: str | Path, name: str | Sequence[str] | None = None, *, layout: str | None = None,
+    convert_to_lora: bool = False,
 ) -> None:
     """Write adapters in HF PEFT's layout; each file is replaced atomically.
 
@@ -95,10 +96,16 @@ def save_adapter(
         layout: write LoRA adapters converted to ``"canonical"`` (an A and B per logical part) or
             ``"performant"`` (one A per fused group; a canonical adapter on a fused layer becomes an HF PEFT
             adapter on that layer); ``None`` writes them as they are. The model is not changed.
+        convert_to_lora: write adapters initialised with PiSSA or OLoRA (``pk.LoRA(init=...)``, which changed the
+            base weights) as plain LoRA adapters of twice the rank for the *original* base model, as HF PEFT's
+            ``save_pretrained(path_initial_model_for_weight_conversion=...)`` does
+            (:func:`peftkit.methods.lora_init.as_plain_lora`). The model is not changed.
 
     Raises:
         AdapterNotFoundError: a name is not an adapter of ``model``.
-        ConfigError: an unknown ``layout``, or one asked of an adapter that is not LoRA/CanonicalLoRA.
+        ConfigError: an unknown ``layout``, or one asked of an adapter that is not LoRA/CanonicalLoRA;
+            ``convert_to_lora`` with ``layout``, or for an adapter whose initialisation kept the base weights.
+            Nothing is written then.
     """
     known = list(get_state(model).configs)
     if name is None:
@@ -109,15 +116,25 @@ def save_adapter(
         _config(model, n)
     if not names:
         raise AdapterNotFoundError("the model has no adapters to save; add one with pk.apply first")
+    if convert_to_lora and layout is not None:
+        raise ConfigError("convert_to_lora and layout cannot be combined: save the plain LoRA adapter, load it onto "
+                          "the original model, and save that with layout=")
     single = isinstance(name, str) or len(names) == 1
-    for n in names:
+    outputs = []
+    for n in names:  # every adapter is converted before any file is written
         target = Path(directory) if single or n == "default" else Path(directory) / n
-        if layout is None:
-            _write(target, adapter_config_dict(model, n), adapter_state_dict(model, n))
+        if convert_to_lora:
+            from peftkit.methods.lora_init import as_plain_lora
+
+            outputs.append((target, *as_plain_lora(model, n)))
+        elif layout is None:
+            outputs.append((target, adapter_config_dict(model, n), adapter_state_dict(model, n)))
         else:
             from peftkit.methods.convert import export_adapter
 
-            _write(target, *export_adapter(model, n, layout))
+            outputs.append((target, *export_adapter(model, n, layout)))
+    for target, config, state in outputs:
+        _write(target, config, state)
 
 
 def _write(directory: Path, config: dict[str, Any], state: dict[str, torch.Tensor]) -> None:

@@ -57,6 +57,7 @@ from peftkit.merge import merge_utils as mu
 from peftkit.merge.trim import check_density, check_sign_method
 from peftkit.methods.dora import DoRA
 from peftkit.methods.lora import LoRA
+from peftkit.methods.lora_init import check_plain
 from peftkit.methods.lora_layers import LoRALayer
 
 __all__ = ["COMBINATION_METHODS", "combine"]
@@ -178,6 +179,7 @@ def _check(
                 f"adapter {adapter!r} is {type(config).__name__}; combine supports LoRA and DoRA adapters "
                 "(rsLoRA and per-module rank/alpha included)"
             )
+        check_plain(model, adapter, "pk.combine")
         if config.modules_to_save or config.bias != "none" or config.trainable_token_indices is not None:
             raise ConfigError(
                 f"adapter {adapter!r} also trains full modules or rows (modules_to_save="

@@ -35,6 +35,7 @@ from peftkit.merge.combine import as_matrices, factors, like_factors, write_fact
 from peftkit.merge.trim import magnitude_based_pruning
 from peftkit.methods.dora import DoRA
 from peftkit.methods.lora import LoRA
+from peftkit.methods.lora_init import check_plain
 from peftkit.methods.lora_layers import LoRALayer
 
 __all__ = ["PruneReport", "prune"]
@@ -229,6 +230,7 @@ def prune(
             f"adapter {name!r} adapts parameters ({config.target_parameters[:2]}…: one packed LoRA per expert), "
             "which prune does not reduce; prune adapters of modules only"
         )
+    check_plain(model, name, "pk.prune")
     # The low-rank layers: trainable-token rows (LoRA's trainable_token_indices) are kept as they are.
     layers = [(q, layer) for q, layer in adapter_layers(model)
               if isinstance(layer, LoRALayer) and layer.has_adapter(name)]

@@ -147,6 +147,7 @@ class CanonicalLoRA(LoRA):
 
     peft_type = "CANONICAL_LORA"
     shares_A: ClassVar[bool] = False
+    takes_weight_init: ClassVar[bool] = False  # a fused weight's parts would each need their own decomposition
     #: Part roles (``linear_q``) select parts of fused projections instead of being an error.
     adapts_parts: ClassVar[bool] = True
 

@@ -29,6 +29,7 @@ from peftkit.errors import AdapterNotFoundError, AdapterStateError, CheckpointEr
 from peftkit.methods.canonical import CanonicalLoRA, CanonicalLoRALinear
 from peftkit.methods.grouped import role_groups
 from peftkit.methods.lora import LoRA
+from peftkit.methods.lora_init import check_plain
 from peftkit.methods.lora_layers import LoRALinear
 from peftkit.methods.roles import GROUP_ROLES, fused_layout
 from peftkit.methods.trainable_tokens import TrainableTokensLayer
@@ -152,6 +153,7 @@ def converted(model: nn.Module, name: str, to: str) -> tuple[LoRA, Tensors]:
             f"adapter {name!r} adapts parameters ({config.target_parameters[:2]}…), which have no performant or "
             "canonical layout; save it as it is (layout=None)"
         )
+    check_plain(model, name, "converting between layouts")
     if to == "canonical" and config.lora_bias:
         raise ConfigError(
             f"adapter {name!r} has lora_bias=True (a trained bias on B), which CanonicalLoRA does not support; "

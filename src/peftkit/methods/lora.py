@@ -24,7 +24,8 @@ from peftkit.core.registry import LINEAR_KINDS, register_method
 from peftkit.errors import ConfigError
 from peftkit.io.hf_names import hf_layer_targets, hf_modules_to_save, hf_parameters, hf_pattern, hf_resolve, hf_targets
 from peftkit.methods import lora_replication as replication
-from peftkit.methods.lora_layers import LORA_LAYERS, LoRALayer, lora_layer_class
+from peftkit.methods.lora_init import check_init, check_targets, init_from_hf, initialize
+from peftkit.methods.lora_layers import LORA_LAYERS, LoRALayer, LoRALinear, lora_layer_class
 
 logger = logging.getLogger("peftkit")
 
@@ -62,6 +63,9 @@ class LoRA(AdapterConfig):
         dropout_position: ``"pre"`` (on the input, as HF PEFT) or ``"post"`` (on the adapter output, Megatron).
         use_rslora: scale by α/√r instead of α/r.
         init_A, init_B: ``"kaiming"``, ``"xavier"``, ``"gaussian"`` or ``"zero"``; B = 0 keeps the output unchanged.
+        init: both factors from the base weight instead (HF PEFT's string ``init_lora_weights``, linear-like layers):
+            ``"pissa"``, ``"pissa_niter_<N>"`` (randomized SVD), ``"olora"`` or ``"orthogonal"``. PiSSA and OLoRA
+            replace the base weight by the residual ``W − s·BA``; see :mod:`peftkit.methods.lora_init`.
         rank_pattern, alpha_pattern: per-module overrides, pattern → value (first matching pattern wins).
         bias: ``"none"``, ``"all"`` (every bias trains and is saved) or ``"lora_only"`` (biases of adapted layers).
         lora_bias: give B a trained bias b, starting at zero (HF PEFT's ``lora_bias``): the update becomes
@@ -87,6 +91,8 @@ class LoRA(AdapterConfig):
 
     #: Whether role-name groups on separate projections share one A (performant LoRA).
     shares_A: ClassVar[bool] = True
+    #: Whether ``init`` (PiSSA, OLoRA, orthogonal) may be set.
+    takes_weight_init: ClassVar[bool] = True
 
     peft_type = "LORA"
 
@@ -97,6 +103,7 @@ class LoRA(AdapterConfig):
     use_rslora: bool = False
     init_A: str = "kaiming"
     init_B: str = "zero"
+    init: str | None = None
     rank_pattern: dict[str, int] = field(default_factory=dict)
     alpha_pattern: dict[str, float] = field(default_factory=dict)
     bias: str = "none"
@@ -108,7 +115,6 @@ class LoRA(AdapterConfig):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        self._check_target_parameters()
         from peftkit.methods.lora_tokens import checked_token_spec
 
         self.trainable_token_indices = checked_token_spec(self.trainable_token_indices)
@@ -124,12 +130,19 @@ class LoRA(AdapterConfig):
         for name in ("init_A", "init_B"):
             if getattr(self, name) not in INIT_METHODS:
                 raise ConfigError(f"{name}={getattr(self, name)!r} must be one of {INIT_METHODS}")
+        check_init(self)
         if self.dropout_position not in ("pre", "post"):
             raise ConfigError(f"dropout_position={self.dropout_position!r} must be 'pre' or 'post'")
         if self.bias not in BIAS_MODES:
             raise ConfigError(f"bias={self.bias!r} must be one of {BIAS_MODES}")
         if not isinstance(self.lora_bias, bool):
             raise ConfigError(f"lora_bias={self.lora_bias!r} must be True or False")
+        self._check_target_parameters()
+        if self.layer_replication and self.init not in (None, "orthogonal"):
+            raise ConfigError(
+                f"init={self.init!r} rewrites the base weights, which the blocks repeated by layer_replication="
+                f"{self.layer_replication} share; use init=None (or 'orthogonal'), or no layer_replication"
+            )
 
     def _check_target_parameters(self) -> None:
         spec = self.target_parameters
@@ -139,6 +152,9 @@ class LoRA(AdapterConfig):
                               "['experts.gate_up_proj', 'experts.down_proj']")
         if not self.target_parameters:
             return
+        if self.init is not None:
+            raise ConfigError(f"init={self.init!r} cannot initialise target_parameters={spec!r} (expert stacks are "
+                              "initialised with init_A/init_B); put the parameters in an adapter with init=None")
         if not self.takes_parameters:
             raise ConfigError(f"{type(self).__name__} cannot adapt parameters (target_parameters={spec!r}; HF PEFT "
                               "refuses it too): use pk.LoRA for them")
@@ -189,6 +205,7 @@ class LoRA(AdapterConfig):
         if self.lora_bias:
             self._check_lora_bias(model, targets)
         self._check_patterns(model)
+        check_targets(self, model, targets)
         return targets
 
     def parameter_keys(self, model: nn.Module, module_targets: list[str], name: str = "") -> list[str]:
@@ -282,11 +299,13 @@ class LoRA(AdapterConfig):
             self.alpha_for(qualname),
             dropout=self.dropout,
             use_rslora=self.use_rslora,
-            init_A=self.init_A,
-            init_B=self.init_B,
+            init_A=self.init_A if self.init is None else "zero",  # zero draws no random numbers: HF PEFT's stream
+            init_B=self.init_B if self.init is None else "zero",
             dropout_position=self.dropout_position,
             lora_bias=self.lora_bias,
         )
+        if self.init is not None:
+            initialize(cast(LoRALinear, layer), adapter_name, self.init)  # linear-like: see check_targets
         return layer
 
     def after_apply(self, model: nn.Module, name: str) -> None:
@@ -337,7 +356,7 @@ class LoRA(AdapterConfig):
             "bias": self.bias,
             "trainable_token_indices": self.trainable_token_indices,
             "fan_in_fan_out": False,  # set by save_adapter when a target stores its weight transposed
-            "init_lora_weights": True,
+            "init_lora_weights": self.init or True,
             "inference_mode": True,
             "lora_bias": self.lora_bias,
             "layer_replication": self.layer_replication,
@@ -402,6 +421,7 @@ class LoRA(AdapterConfig):
             trainable_token_indices=data.get("trainable_token_indices"),
             lora_bias=bool(data.get("lora_bias", False)),
             layer_replication=data.get("layer_replication") or None,
+            init=init_from_hf(data.get("init_lora_weights")),
             task_type=data.get("task_type"),
             extra=extra,
         )

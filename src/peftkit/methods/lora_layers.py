@@ -197,6 +197,9 @@ class LoRALinear(LoRALayer):
         #: adapter name → A (``nn.Linear`` in → r, or a down-projection shared across projections) and B (r → out)
         self.lora_A: nn.ModuleDict = nn.ModuleDict()
         self.lora_B: nn.ModuleDict = nn.ModuleDict()
+        #: adapter name → (A₀, B₀) on the CPU, for adapters whose initialisation moved ``s·B₀A₀`` out of the base
+        #: weight (PiSSA, OLoRA: :mod:`peftkit.methods.lora_init`)
+        self.initial_factors: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
 
     def factor_weights(self, name: str) -> tuple[torch.Tensor, torch.Tensor]:
         """Adapter ``name``'s A (r × in) and B (out × r) weights."""
@@ -222,6 +225,14 @@ class LoRALinear(LoRALayer):
         init_factor(B, init_B, rank)
         self._zero_up_bias(name)
         self._add_common(name, rank, alpha, dropout, use_rslora, dropout_position)
+
+    def delete_adapter(self, name: str) -> None:
+        if name in self.merged_adapters:
+            self.unmerge([name])
+        from peftkit.methods.lora_init import restore_base
+
+        restore_base(self, name)  # a PiSSA/OLoRA adapter gives back the part of W it took
+        super().delete_adapter(name)
 
     def delta_weight(self, name: str) -> torch.Tensor:
         # s·B is (out × r): scaling it, not the (out × in) product, saves a full pass over the weight.
