@@ -20,6 +20,7 @@ from torch import nn
 
 import peftkit as pk
 from peftkit.errors import ConfigError, TargetNotFoundError
+from peftkit.methods.lora_layers import LoRALinear
 from peftkit.methods.lora_params import LoRAParameter
 
 from models import randomize_adapters
@@ -168,10 +169,10 @@ def test_rank_pattern_on_a_parameter_matches_hf_peft(tmp_path: Path) -> None:
     torch.testing.assert_close(logits(again), logits(theirs))
 
 
-def test_parameters_beside_module_targets_and_exclusions(tmp_path: Path) -> None:
-    """Attention modules and expert parameters in one adapter; ``exclude_modules`` drops block 0's experts, and HF
-    PEFT reads the remaining ones from the exact keys written."""
-    model = adapted(target_modules=["q_proj"], exclude_modules=["layers.0.mlp.experts"])
+def test_parameters_beside_module_targets_and_a_glob(tmp_path: Path) -> None:
+    """Attention modules and expert parameters in one adapter; a glob selects block 1's experts only, and HF PEFT
+    reads them from the exact keys written."""
+    model = adapted(target_modules=["q_proj"], target_parameters=["*.layers.1.*.gate_up_proj", "*.1.*.down_proj"])
     assert model.model.layers[0].self_attn.q_proj.adapter_names == ["default"]
     wrapped = [name for name, module in model.named_modules() if isinstance(module, LoRAParameter)]
     assert wrapped == ["model.layers.1.mlp.experts", "model.layers.1.mlp.experts.base_layer"]
@@ -181,6 +182,20 @@ def test_parameters_beside_module_targets_and_exclusions(tmp_path: Path) -> None
                                             "model.layers.1.mlp.experts.down_proj"]
     theirs = peft.PeftModel.from_pretrained(moe(), tmp_path).eval()
     torch.testing.assert_close(logits(theirs), logits(model))
+
+
+def test_exclusions_and_layers_leave_parameters_alone_as_in_hf_peft(tmp_path: Path) -> None:
+    torch.manual_seed(5)
+    theirs = peft.get_peft_model(moe(), hf_lora(target_modules=["q_proj"], layers_to_transform=[1],
+                                                exclude_modules=["model.layers.0.mlp.experts"])).eval()
+    theirs.save_pretrained(tmp_path)
+    ours = pk.load_adapter(moe(), tmp_path)
+    assert isinstance(ours.model.layers[0].mlp.experts, LoRAParameter)
+    assert not isinstance(ours.model.layers[0].self_attn.q_proj, LoRALinear)
+    torch.testing.assert_close(logits(ours), logits(theirs))
+    mine = pk.apply(moe(), lora(target_modules=["q_proj"], layers=[1], exclude_modules=["model.layers.0.mlp.experts"]))
+    assert {n for n, m in mine.named_modules() if isinstance(m, LoRAParameter)} == \
+        {n for n, m in ours.named_modules() if isinstance(m, LoRAParameter)}
 
 
 # -- the adapter's life ----------------------------------------------------------------------------------

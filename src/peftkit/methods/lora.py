@@ -79,7 +79,8 @@ class LoRA(AdapterConfig):
         target_parameters: parameters to adapt directly, by key or dotted suffix (``"experts.gate_up_proj"``):
             the 3-D expert stacks of mixture-of-experts layers, one rank-r LoRA per expert (HF PEFT's
             ``target_parameters``, see :mod:`peftkit.methods.lora_params`). ``target_modules`` may then be empty.
-            No dropout or ``lora_bias`` there; every adapter on a model that uses it must name the same parameters.
+            No dropout or ``lora_bias`` there; every adapter on a model that uses it must name the same parameters;
+            ``exclude_modules`` and ``layers`` do not apply to them (as in HF PEFT: select with globs instead).
         layer_replication: half-open ranges ``[[start, end], …]`` of the original transformer blocks that make up the
             model's new stack before the adapter is added (HF PEFT's option; ``[[0, 4], [2, 5]]`` gives blocks
             0 1 2 3 2 3 4). Repeats share base weights, each position has its own adapter; never merged (see
@@ -221,8 +222,7 @@ class LoRA(AdapterConfig):
         from peftkit.core.state import get_state
         from peftkit.methods.lora_params import parameter_targets
 
-        keys = parameter_targets(model, self.target_parameters, self.exclude_modules, self.layers,
-                                 self.layers_pattern)
+        keys = parameter_targets(model, self.target_parameters)
         both = sorted({k.rpartition(".")[0] for k in keys} & set(module_targets))
         if both:
             held = [k for k in keys if k.rpartition(".")[0] in both]

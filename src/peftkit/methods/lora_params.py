@@ -27,7 +27,7 @@ import torch
 from torch import nn
 
 from peftkit.core.layer import AdapterLayer
-from peftkit.core.matching import first_match, layer_index, matches, near_misses
+from peftkit.core.matching import matches, near_misses
 from peftkit.core.walk import iter_modules, set_module
 from peftkit.errors import ConfigError, TargetNotFoundError
 from peftkit.methods.lora_layers import LoRALayer, adapter_dtype, init_factor
@@ -155,13 +155,12 @@ class LoRAParameter(LoRALayer):
         return f"parameter_name={self.parameter_name!r}, num_experts={self.num_experts}"
 
 
-def parameter_targets(model: nn.Module, patterns: Sequence[str], exclude: Sequence[str] = (),
-                      layers: Sequence[int] | None = None, layer_containers: Sequence[str] = ()) -> list[str]:
+def parameter_targets(model: nn.Module, patterns: Sequence[str]) -> list[str]:
     """The keys (``<module path>.<parameter name>``) of the parameters ``patterns`` select, in model order.
 
     A key matches a pattern as a module name does (the name, a dotted suffix such as ``experts.gate_up_proj``, or
-    a glob); ``exclude`` removes keys whose key or module path matches, ``layers`` keeps those blocks. Parameters
-    of other adapter layers (an adapted ``q_proj``'s weight) are not candidates.
+    a glob such as ``*.layers.1.*.gate_up_proj``). As in HF PEFT, ``exclude_modules`` and layer indices do not
+    apply to parameters. Parameters of other adapter layers (an adapted ``q_proj``'s weight) are not candidates.
 
     Raises:
         TargetNotFoundError: a pattern matches no parameter (the closest parameter keys are named).
@@ -180,19 +179,12 @@ def parameter_targets(model: nn.Module, patterns: Sequence[str], exclude: Sequen
                 "suffix of it, e.g. 'experts.gate_up_proj'"
             )
         selected.update(hits)
-    chosen = [k for k in keys if k in selected and first_match(k, exclude) is None
-              and first_match(k.rpartition(".")[0], exclude) is None
-              and (layers is None or layer_index(k, layer_containers) in layers)]
+    chosen = [k for k in keys if k in selected]
     flat = [k for k in chosen if params[k].dim() not in (2, 3)]
     if flat:
         raise ConfigError(
             f"target parameter {flat[0]!r} has shape {tuple(params[flat[0]].shape)}; LoRA adapts 2-D weights "
             "(out × in) and 3-D expert stacks (experts × out × in) only"
-        )
-    if not chosen:
-        raise TargetNotFoundError(
-            f"target_parameters {list(patterns)} select {sorted(selected)[:3]}…, but exclude_modules/layers remove "
-            "them all; loosen the exclusions"
         )
     return chosen
 
