@@ -2,9 +2,9 @@
 
 Each case draws a configuration HF PEFT users write (a subset of targets or ``all-linear``, rank and alpha,
 rsLoRA, DoRA, regex rank/alpha patterns, ``layers_to_transform``, ``exclude_modules``, ``bias``, ``lora_bias``,
-``modules_to_save``), builds it with HF PEFT on a tiny model, moves every adapter tensor off its initial value,
-and checks that peftkit loads it with HF PEFT's logits and saves files HF PEFT loads back to the same logits,
-with the same tensors.
+``modules_to_save``, ``alora_invocation_tokens``), builds it with HF PEFT on a tiny model, moves every adapter
+tensor off its initial value, and checks that peftkit loads it with HF PEFT's logits and saves files HF PEFT
+loads back to the same logits, with the same tensors.
 """
 
 from __future__ import annotations
@@ -31,6 +31,8 @@ LEAVES = {
 TASK = {"llama": "CAUSAL_LM", "gpt2": "CAUSAL_LM", "bert": "SEQ_CLS", "t5": "SEQ_2_SEQ_LM"}
 LAYERS = {"llama": "layers", "gpt2": "h", "bert": "layer", "t5": "block"}
 EMBEDDING = {"llama": "embed_tokens", "gpt2": "wte", "bert": "word_embeddings", "t5": "shared"}
+#: Activated LoRA's invocations, for the test input (models.py): in the middle of row 0 only, at its end, in row 1.
+INVOCATIONS = [[12, 8], [11], [80, 33, 76]]
 
 
 def draw(rng: random.Random, arch: str) -> dict[str, Any]:
@@ -63,6 +65,8 @@ def draw(rng: random.Random, arch: str) -> dict[str, Any]:
     # Drawn last, so the other fields of each case do not depend on it. HF PEFT refuses it for DoRA and embeddings.
     if not kw["use_dora"] and EMBEDDING[arch] not in named and rng.random() < 0.3:
         kw["lora_bias"] = True
+    if not kw["use_dora"] and EMBEDDING[arch] not in named and TASK[arch] == "CAUSAL_LM" and rng.random() < 0.3:
+        kw["alora_invocation_tokens"] = rng.choice(INVOCATIONS)
     return kw
 
 
@@ -154,6 +158,8 @@ def draw_ours(rng: random.Random, arch: str) -> Any:
     if config is pk.LoRA and EMBEDDING[arch] not in named:
         kw["bias"] = rng.choice(["none", "lora_only", "all"])
         kw["lora_bias"] = rng.random() < 0.3
+        if TASK[arch] == "CAUSAL_LM" and rng.random() < 0.3:
+            kw["alora_invocation_tokens"] = rng.choice(INVOCATIONS)
     return config(**kw)
 
 

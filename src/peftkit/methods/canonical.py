@@ -154,6 +154,7 @@ class CanonicalLoRA(LoRA):
     parts: dict[str, list[str]] = field(default_factory=dict)
 
     takes_parameters = False
+    takes_invocation_tokens = False
 
     def __post_init__(self) -> None:
         super().__post_init__()

@@ -69,6 +69,7 @@ class DoRA(LoRA):
     shares_A: ClassVar[bool] = False  # each DoRA layer keeps its own A (its norm is taken over W + s·BA)
 
     takes_parameters = False
+    takes_invocation_tokens = False
 
     def __post_init__(self) -> None:
         super().__post_init__()

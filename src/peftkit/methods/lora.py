@@ -23,6 +23,7 @@ from peftkit.core.modules_to_save import ModulesToSave
 from peftkit.core.registry import LINEAR_KINDS, register_method
 from peftkit.errors import ConfigError
 from peftkit.io.hf_names import hf_layer_targets, hf_modules_to_save, hf_parameters, hf_pattern, hf_resolve, hf_targets
+from peftkit.methods import lora_activated as activated
 from peftkit.methods import lora_replication as replication
 from peftkit.methods.lora_init import check_init, check_targets, init_from_hf, initialize
 from peftkit.methods.lora_layers import LORA_LAYERS, LoRALayer, LoRALinear, lora_layer_class
@@ -85,6 +86,9 @@ class LoRA(AdapterConfig):
             model's new stack before the adapter is added (HF PEFT's option; ``[[0, 4], [2, 5]]`` gives blocks
             0 1 2 3 2 3 4). Repeats share base weights, each position has its own adapter; never merged (see
             :mod:`peftkit.methods.lora_replication`).
+        alora_invocation_tokens: token ids of an invocation sequence: the adapter then acts only from its last
+            occurrence in each sample on, and nowhere in a sample without it (activated LoRA, HF PEFT's field; linear
+            layers only, never merged, see :mod:`peftkit.methods.lora_activated`).
     """
 
     #: Whether the method can adapt parameters (``target_parameters``); its variants cannot, as in HF PEFT.
@@ -94,6 +98,8 @@ class LoRA(AdapterConfig):
     shares_A: ClassVar[bool] = True
     #: Whether ``init`` (PiSSA, OLoRA, orthogonal) may be set.
     takes_weight_init: ClassVar[bool] = True
+    #: Whether ``alora_invocation_tokens`` (activated LoRA) may be set.
+    takes_invocation_tokens: ClassVar[bool] = True
 
     peft_type = "LORA"
 
@@ -113,6 +119,7 @@ class LoRA(AdapterConfig):
     trainable_token_indices: list[int] | dict[str, list[int]] | None = None
     target_parameters: list[str] = field(default_factory=list)
     layer_replication: list[list[int]] | None = None
+    alora_invocation_tokens: list[int] | None = None
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -120,6 +127,7 @@ class LoRA(AdapterConfig):
 
         self.trainable_token_indices = checked_token_spec(self.trainable_token_indices)
         self.layer_replication = replication.checked_layer_map(self.layer_replication)
+        self.alora_invocation_tokens = activated.checked_tokens(self.alora_invocation_tokens)
         _positive_int("rank", self.rank)
         _positive_number("alpha", self.alpha)
         for key, value in self.rank_pattern.items():
@@ -139,6 +147,7 @@ class LoRA(AdapterConfig):
         if not isinstance(self.lora_bias, bool):
             raise ConfigError(f"lora_bias={self.lora_bias!r} must be True or False")
         self._check_target_parameters()
+        activated.check_config(self)
         if self.layer_replication and self.init not in (None, "orthogonal"):
             raise ConfigError(
                 f"init={self.init!r} rewrites the base weights, which the blocks repeated by layer_replication="
@@ -192,6 +201,7 @@ class LoRA(AdapterConfig):
 
     def check_merge(self, model: nn.Module, name: str) -> None:
         replication.check_merge(self.layer_replication, name)
+        activated.check_merge(self, name)
 
     def resolve(self, model: nn.Module) -> list[str]:
         from peftkit.methods.grouped import plan_groups
@@ -207,6 +217,7 @@ class LoRA(AdapterConfig):
             self._check_lora_bias(model, targets)
         self._check_patterns(model)
         check_targets(self, model, targets)
+        activated.check_targets(self, model, targets)
         return targets
 
     def parameter_keys(self, model: nn.Module, module_targets: list[str], name: str = "") -> list[str]:
@@ -306,6 +317,8 @@ class LoRA(AdapterConfig):
         )
         if self.init is not None:
             initialize(cast(LoRALinear, layer), adapter_name, self.init)  # linear-like: see check_targets
+        if self.alora_invocation_tokens:
+            activated.activate(layer, adapter_name, self.alora_invocation_tokens)
         return layer
 
     def after_apply(self, model: nn.Module, name: str) -> None:
@@ -330,6 +343,11 @@ class LoRA(AdapterConfig):
 
         add_lora_tokens(model, name, self)
         replication.record(model, name)
+        if self.alora_invocation_tokens:
+            activated.attach(model, name, self)
+
+    def remove(self, model: nn.Module, name: str) -> None:
+        activated.detach(model, name)
 
     def extra_tensors(self, model: nn.Module, name: str) -> dict[str, Any]:
         """Trained biases (``bias="all"``/``"lora_only"``) under their full HF PEFT keys."""
@@ -360,6 +378,7 @@ class LoRA(AdapterConfig):
             "inference_mode": True,
             "lora_bias": self.lora_bias,
             "layer_replication": self.layer_replication,
+            "alora_invocation_tokens": self.alora_invocation_tokens,
             "target_parameters": hf_parameters(self.target_parameters, module_names) or None,
             "megatron_config": None,
             "megatron_core": "megatron.core",
@@ -421,6 +440,7 @@ class LoRA(AdapterConfig):
             trainable_token_indices=data.get("trainable_token_indices"),
             lora_bias=bool(data.get("lora_bias", False)),
             layer_replication=data.get("layer_replication") or None,
+            alora_invocation_tokens=data.get("alora_invocation_tokens"),
             init=init_from_hf(data.get("init_lora_weights")),
             task_type=data.get("task_type"),
             extra=extra,
@@ -442,13 +462,13 @@ LORA_VARIANTS: dict[str, type[LoRA]] = {}
 #: setting one is refused when loaded (its tensors would not fit, or would load and compute something else).
 _HF_LORA_UNSUPPORTED = {
     "use_qalora": "QA-LoRA's pooled input",
-    "alora_invocation_tokens": "activated LoRA",
 }
 
 _HF_LORA_FIELDS = frozenset(
     "peft_type task_type r lora_alpha lora_dropout use_rslora use_dora target_modules exclude_modules "
     "layers_to_transform layers_pattern rank_pattern alpha_pattern modules_to_save bias fan_in_fan_out "
-    "init_lora_weights inference_mode trainable_token_indices lora_bias target_parameters layer_replication".split()
+    "init_lora_weights inference_mode trainable_token_indices lora_bias target_parameters layer_replication "
+    "alora_invocation_tokens".split()
 )
 
 

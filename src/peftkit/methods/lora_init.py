@@ -201,12 +201,18 @@ def check_targets(config: LoRA, model: nn.Module, targets: list[str]) -> None:
 
 def check_plain(model: nn.Module, name: str, action: str) -> None:
     """Refuse ``action`` on adapter ``name`` if its initialisation changed the base weight: its factors hold the
-    weight's principal part, so rescaling, truncating or re-laying them out would change the base model too.
+    weight's principal part, so rescaling, truncating or re-laying them out would change the base model too. Also
+    refused: activated LoRA adapters (``alora_invocation_tokens``), whose update applies from their invocation on only.
 
     Raises:
         ConfigError: naming the adapter and the way out (saving it as a plain LoRA adapter).
     """
-    init = getattr(get_state(model).configs.get(name), "init", None)
+    config = get_state(model).configs.get(name)
+    tokens = getattr(config, "alora_invocation_tokens", None)
+    if tokens:
+        raise ConfigError(f"{action} does not support adapter {name!r}: it is an activated LoRA adapter "
+                          f"(alora_invocation_tokens={tokens}), whose update applies from its invocation on only")
+    init = getattr(config, "init", None)
     if changes_base(init):
         raise ConfigError(
             f"{action} does not support adapter {name!r}: its init={init!r} moved part of the base weight into its "

@@ -156,8 +156,9 @@ def _structure(layer: Any) -> tuple[Any, ...] | None:
     (``base``, ``A``, ``B``: the modules' parameter dicts).
 
     Not disabled; exactly one active adapter, not merged, with a plain ``nn.Linear`` A (a shared grouped
-    down-projection computes A itself), a B without a bias (``lora_bias``: the kernels here compute ``s·BA``
-    only) and dropout (``nn.Dropout`` or none, ``dropout`` is then ``None``) before A; the base an ``nn.Linear``.
+    down-projection computes A itself), a plain ``nn.Linear`` B without a bias (``lora_bias``: the kernels here
+    compute ``s·BA`` only) and dropout (``nn.Dropout`` or none, ``dropout`` is then ``None``) before A; the base an
+    ``nn.Linear``.
     Only what :mod:`peftkit.core.epoch` tracks, so the answer is cached. Sibling groups
     (:mod:`peftkit.methods.lora_groups`) are formed and run only from layers with a plan: a layer without one
     never joins a group.
@@ -176,8 +177,8 @@ def _structure(layer: Any) -> tuple[Any, ...] | None:
     if type(down) is not torch.nn.Linear or type(base) is not torch.nn.Linear:
         return None
     up = modules["lora_B"]._modules[name]
-    if up._parameters.get("bias") is not None:
-        return None
+    if type(up) is not torch.nn.Linear or up._parameters.get("bias") is not None:
+        return None  # an activated LoRA's B (lora_activated) masks its output itself
     drop = modules["lora_dropout"]._modules[name]
     if type(drop) is torch.nn.Identity:
         drop = None

@@ -256,10 +256,11 @@ class LoRALinear(LoRALayer):
             A, B, drop = self.lora_A[name], self.lora_B[name], self.lora_dropout[name]
             A_weight = cast(torch.Tensor, A.weight)
             # A shared down-projection (grouped performant LoRA) computes A(dropout(x)) itself, once per group.
-            # The fused update computes s·BA only: an adapter with a bias on B (lora_bias) takes the plain path.
+            # The fused update computes s·BA only: an adapter with a bias on B (lora_bias) takes the plain path, as
+            # does an activated LoRA adapter, whose B masks its output (lora_activated).
             pre = self.dropout_position[name] == "pre"
-            if (type(A) is nn.Linear and pre and type(drop) in (nn.Dropout, nn.Identity) and B.bias is None
-                    and lora_kernels.supports(x, A_weight, result)):
+            if (type(A) is nn.Linear and type(B) is nn.Linear and pre and type(drop) in (nn.Dropout, nn.Identity)
+                    and B.bias is None and lora_kernels.supports(x, A_weight, result)):
                 # One fused autograd function (same formula, less saved memory, cheaper dropout masks).
                 p = drop.p if isinstance(drop, nn.Dropout) else 0.0
                 B_weight = cast(torch.Tensor, B.weight)
