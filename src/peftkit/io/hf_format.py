@@ -340,11 +340,16 @@ def _key_list(label: str, keys: list[str]) -> str:
 def _saved_base_embeddings(
     model: nn.Module, weights: dict[str, torch.Tensor], own: dict[str, torch.Tensor]
 ) -> dict[str, torch.Tensor]:
-    """Base embedding weights HF PEFT saves beside LoRA on embeddings (``save_embedding_layers``)."""
+    """Base weights HF PEFT saves beside an adapter on the input or output embedding (``save_embedding_layers``,
+    on by default when ``embed_tokens`` or ``lm_head`` is a target): ``embed_tokens.base_layer.weight``,
+    ``lm_head.base_layer.weight``."""
+    heads = [getattr(model, attr)() for attr in ("get_input_embeddings", "get_output_embeddings")
+             if callable(getattr(model, attr, None))]
     found: dict[str, torch.Tensor] = {}
     for qualname, layer in adapter_layers(model):
         key = f"{PREFIX}{qualname}.base_layer.weight"
-        if key in weights and key not in own and isinstance(layer.base_layer, nn.Embedding):
+        embedding = isinstance(layer.base_layer, nn.Embedding) or any(layer is h or layer.base_layer is h for h in heads)
+        if key in weights and key not in own and embedding:
             found[key] = layer.base_layer.weight
     return found
 
