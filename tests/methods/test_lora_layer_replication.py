@@ -182,6 +182,14 @@ def test_stack_is_hf_peft_s_with_shared_base_tensors(arch: str) -> None:
     assert len(set(_base_tensors(ours).values())) == len(set(_base_tensors(build(arch)).values()))
 
 
+def test_blocks_follow_the_model_config() -> None:
+    """The copies keep the model's config object (HF PEFT deep-copies it): later changes to it reach every block."""
+    model = pk.apply(build("llama"), pk.LoRA(target_modules=["q_proj"], layer_replication=LAYER_MAP))
+    assert all(block.self_attn.config is model.config for block in blocks(model))
+    model.set_attn_implementation("eager")
+    assert [block.self_attn.config._attn_implementation for block in blocks(model)] == ["eager"] * len(ORDER)
+
+
 def _base_tensors(module: nn.Module) -> dict[str, int]:
     """Name (as before wrapping) → storage address of every parameter and buffer that is not an adapter's."""
     tensors = [*module.named_parameters(remove_duplicate=False), *module.named_buffers(remove_duplicate=False)]
@@ -284,23 +292,48 @@ def test_second_adapter_shares_the_replication_and_saves_with_it(tmp_path: Path)
     torch.testing.assert_close(logits(mixed), want, rtol=0, atol=0)
 
 
-def test_merge_is_refused_and_unload_and_delete_keep_the_stack() -> None:
+def test_merge_is_refused_and_unload_without_merge_and_delete_keep_the_stack() -> None:
     model = pk.apply(build("llama"), pk.LoRA(target_modules=["q_proj"], layer_replication=LAYER_MAP))
+    pk.apply(model, pk.IA3(target_modules=["k_proj", "down_proj"], feedforward_modules=["down_proj"]), name="ia3")
     randomize_adapters(model, seed=8)
     before = {k: v.clone() for k, v in model.state_dict().items()}
-    for call in (lambda: pk.merge(model), lambda: pk.unload(model, merge=True)):
-        with pytest.raises(MergeError, match=r"replicated blocks.*share their base weights.*nothing was merged"):
-            call()
+    for names in ("default", "ia3"):  # any method's adapter on the shared blocks, not only the replicating one
+        with pytest.raises(MergeError, match=rf"\['{names}'\] sit on replicated blocks.*share their base weights.*"
+                                             r"nothing was\s+merged.*pk\.unload\(model\)"):
+            pk.merge(model, names)
         assert all(torch.equal(model.state_dict()[k], v) for k, v in before.items())
+    pk.delete_adapter(model, "ia3")
     with pk.disable_adapters(model):
         base = logits(model)
     plain = pk.unload(model, merge=False)  # as HF PEFT: the replicated base model, weights still shared
     assert not list(adapter_layers(plain)) and len(blocks(plain)) == len(ORDER)
+    assert blocks(plain)[1].self_attn.q_proj.weight is blocks(plain)[2].self_attn.q_proj.weight
     torch.testing.assert_close(logits(plain), base, rtol=0, atol=0)
     pk.apply(plain, pk.LoRA(target_modules=["v_proj"]), name="later")  # recorded with the stack it sits on
     assert get_state(plain).configs["later"].layer_replication == LAYER_MAP  # type: ignore[attr-defined]
     pk.delete_adapter(plain, "later")
     assert len(blocks(plain)) == len(ORDER) and replication_of(plain) is not None
+
+
+def test_unload_with_merge_gives_every_position_its_own_weights(tmp_path: Path) -> None:
+    """What ``peftkit merge`` writes: a plain model of the new depth, each repeat with its own merged update."""
+    from transformers import AutoModelForCausalLM
+
+    model = pk.apply(build("qwen2"), pk.LoRA(target_modules=TARGETS["qwen2"], layer_replication=LAYER_MAP))
+    randomize_adapters(model, seed=8)
+    want = logits(model)
+    merged = pk.unload(model)
+    stack = blocks(merged)
+    assert not list(adapter_layers(merged)) and replication_of(merged) is None
+    assert stack[1].self_attn.q_proj.weight is not stack[2].self_attn.q_proj.weight
+    assert stack[1].mlp.up_proj.weight is not stack[2].mlp.up_proj.weight
+    torch.testing.assert_close(stack[1].mlp.up_proj.weight, stack[2].mlp.up_proj.weight, rtol=0, atol=0)
+    torch.testing.assert_close(logits(merged), want, rtol=1e-5, atol=1e-5)
+    merged.save_pretrained(str(tmp_path))  # shared tensors would be refused here
+    again = AutoModelForCausalLM.from_pretrained(str(tmp_path)).eval()
+    assert again.config.num_hidden_layers == len(ORDER)
+    assert again.config.layer_types == [QWEN2_TYPES[i] for i in ORDER]
+    torch.testing.assert_close(logits(again), want, rtol=1e-5, atol=1e-5)
 
 
 def test_convert_and_layouts_keep_the_replication(tmp_path: Path) -> None:

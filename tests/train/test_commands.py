@@ -99,3 +99,19 @@ def test_merged_classifier_keeps_the_label_names(run_config, tmp_path, labels, e
         config = AutoConfig.from_pretrained(str(merged))
         assert config.id2label == dict(enumerate(expected))
         assert config.label2id == {name: i for i, name in enumerate(expected)}
+
+
+def test_a_layer_replication_run_merges_into_a_plain_model_of_the_new_depth(run_config, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    import peftkit as pk
+    from peftkit.train.commands import checkpoint_config
+    from peftkit.train.tasks import build_model
+
+    run = _train(run_config(peft={"layer_replication": [[0, 2], [1, 2]]}, train={"max_steps": 2}))
+    merged = AutoModelForCausalLM.from_pretrained(str(merge_checkpoint(run / "final", tmp_path / "merged"))).eval()
+    adapted = pk.load_adapter(build_model(checkpoint_config(run / "final")), run / "final").eval()
+    assert merged.config.num_hidden_layers == 3
+    ids = torch.arange(3, 30).reshape(3, 9)
+    with torch.no_grad():
+        torch.testing.assert_close(merged(ids).logits, adapted(ids).logits, rtol=1e-5, atol=1e-5)

@@ -16,6 +16,7 @@ from peftkit.core.registry import dequantized
 from peftkit.core.state import _check_names, adapter_layers, get_state
 from peftkit.core.walk import set_module
 from peftkit.errors import AdapterNotFoundError
+from peftkit.methods import lora_replication as replication
 
 
 def merge(model: nn.Module, names: str | Sequence[str] | None = None, safe: bool = False) -> nn.Module:
@@ -39,9 +40,12 @@ def merge(model: nn.Module, names: str | Sequence[str] | None = None, safe: bool
     return model
 
 
-def _checked_merge(model: nn.Module, names: Sequence[str]) -> list[tuple[str, AdapterLayer, list[str]]]:
+def _checked_merge(model: nn.Module, names: Sequence[str], *, untie: bool = False
+                   ) -> list[tuple[str, AdapterLayer, list[str]]]:
     """``(qualname, layer, the names it holds)`` for the layers holding any of ``names``, once every layer has
-    accepted them (``check_merge``): a refusal leaves every weight as it was."""
+    accepted them (``check_merge``): a refusal leaves every weight as it was. Layers in blocks repeated by LoRA's
+    ``layer_replication`` share their base weights and are refused, unless ``untie`` (``unload``) first gives each
+    block its own, once everything else has been checked."""
     _check_names(model, names)
     for name in names:
         check = getattr(get_state(model).configs[name], "check_merge", None)
@@ -51,6 +55,9 @@ def _checked_merge(model: nn.Module, names: Sequence[str]) -> list[tuple[str, Ad
     layers = [(q, layer, held) for q, layer, held in layers if held]
     for qualname, layer, held in layers:
         layer.check_merge(held, where=qualname)
+    if untie:
+        replication.untie(model)
+    replication.check_merge(model, [(q, held) for q, _, held in layers])
     return layers
 
 
@@ -78,15 +85,16 @@ def unload(
 
     Returns:
         ``model`` itself, without adapters. A ``modules_to_save`` copy of a merged adapter replaces
-        its original module.
+        its original module. With ``merge``, blocks repeated by LoRA's ``layer_replication`` first get their own
+        copies of the weights they share, so that each takes its own update: a plain model of the new depth.
 
     Raises:
         MergeError: with ``merge``, as for :func:`merge` (a ``lora_bias`` adapter on a base layer without a bias
             is refused before the model changes, dequantizing included).
     """
     state = get_state(model)
-    if merge and state.configs:
-        _checked_merge(model, state.active if names is None else names)  # refusals come before any change
+    if merge and state.configs:  # refusals come before any change; blocks repeated by layer_replication are untied
+        _checked_merge(model, state.active if names is None else names, untie=True)
     if dequantize:
         for _, layer in adapter_layers(model):
             layer.base_layer = dequantized(layer.base_layer)

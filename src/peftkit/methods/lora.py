@@ -84,7 +84,8 @@ class LoRA(AdapterConfig):
             ``exclude_modules`` and ``layers`` do not apply to them (as in HF PEFT: select with globs instead).
         layer_replication: half-open ranges ``[[start, end], …]`` of the original transformer blocks that make up the
             model's new stack before the adapter is added (HF PEFT's option; ``[[0, 4], [2, 5]]`` gives blocks
-            0 1 2 3 2 3 4). Repeats share base weights, each position has its own adapter; never merged (see
+            0 1 2 3 2 3 4). Repeats share base weights, each position has its own adapter; merged only by
+            ``pk.unload``, which first gives every position its own weights (see
             :mod:`peftkit.methods.lora_replication`).
         alora_invocation_tokens: token ids of an invocation sequence: the adapter then acts only from its last
             occurrence in each sample on, and nowhere in a sample without it (activated LoRA, HF PEFT's field; linear
@@ -200,7 +201,6 @@ class LoRA(AdapterConfig):
         return replication.planned_names(model, data.get("layer_replication"), names)
 
     def check_merge(self, model: nn.Module, name: str) -> None:
-        replication.check_merge(self.layer_replication, name)
         activated.check_merge(self, name)
 
     def resolve(self, model: nn.Module) -> list[str]:

@@ -18,16 +18,18 @@ shared); and peftkit also rewrites ``config.layer_types`` (per-block attention k
 blocks, which HF PEFT 0.21 leaves at the old length (such models then fail in its forward).
 
 The replication belongs to the model, not to one adapter (HF PEFT keeps it through ``delete_adapter`` and
-``unload`` too): a later adapter must ask for the same ranges or none (it is then recorded with the model's, so it
-saves and loads like the first), and a different replication is refused. Replicated blocks share their base
-weights, so adapters on them are never merged (HF PEFT refuses too).
+``unload(merge=False)`` too): a later adapter, of any method, must ask for the same ranges or none (it is then
+recorded with the model's, so it saves and loads like the first), and a different replication is refused.
+Replicated blocks share their base weights, so ``pk.merge`` refuses adapters on them (HF PEFT refuses merging too);
+``pk.unload(model, merge=True)`` first gives every position its own copy of the weights (:func:`untie`), which
+makes a plain model of the new depth.
 """
 
 from __future__ import annotations
 
 import copy
 import itertools
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, cast
 
@@ -165,9 +167,13 @@ def _check_same(model: nn.Module, layer_map: LayerMap) -> bool:
     return True
 
 
-def _share(block: nn.Module) -> nn.Module:
-    """A copy of ``block`` holding the very same parameters and buffers (the memo keeps deepcopy from copying)."""
+def _share(block: nn.Module, config: Any) -> nn.Module:
+    """A copy of ``block`` holding the very same parameters, buffers and model ``config`` (the memo keeps deepcopy
+    from copying them): a copied config would keep the old layer count and miss later changes to the model's, such
+    as ``model.set_attn_implementation("eager")``."""
     memo: dict[int, Any] = {id(t): t for t in itertools.chain(block.parameters(), block.buffers())}
+    if config is not None:
+        memo[id(config)] = config
     return copy.deepcopy(block, memo)
 
 
@@ -185,12 +191,12 @@ def replicate(model: nn.Module, layer_map: LayerMap | None) -> Callable[[], None
         return None
     path, owner, blocks = _check_model(model, layer_map)
     order = _order(layer_map)
-    new = nn.ModuleList(_share(blocks[i]) for i in order)
+    config: Any = getattr(owner, "config", None)
+    new = nn.ModuleList(_share(blocks[i], config) for i in order)
     for position, block in enumerate(new):
         for module in block.modules():
             if hasattr(module, "layer_idx"):  # the KV-cache slot, as HF PEFT sets it
                 cast(Any, module).layer_idx = position
-    config: Any = getattr(owner, "config", None)
     saved = {k: getattr(config, k) for k in ("num_hidden_layers", "layer_types") if hasattr(config, k)}
     parent, _, leaf = path.rpartition(".")
     holder = model.get_submodule(parent) if parent else model
@@ -232,14 +238,46 @@ def planned_names(model: nn.Module, value: Any, names: list[str]) -> list[str]:
     return names[:first] + renamed + [n for n in names[first:] if n not in inside]
 
 
-def check_merge(layer_map: LayerMap | None, name: str) -> None:
-    """Refuse merging an adapter on replicated blocks (they share their base weights)."""
-    if layer_map:
+def check_merge(model: nn.Module, layers: Sequence[tuple[str, Sequence[str]]]) -> None:
+    """Refuse merging into ``layers`` (``(qualified name, adapter names)``) that sit in the model's replicated stack,
+    whose blocks share their base weights.
+
+    Raises:
+        MergeError: naming the adapters and the way to a plain model (:func:`untie`, which ``pk.unload`` runs).
+    """
+    current = replication_of(model)
+    if current is None:
+        return
+    names = sorted({n for qualname, held in layers if qualname.startswith(current.path + ".") for n in held})
+    if names:
         raise MergeError(
-            f"adapter {name!r} sits on replicated blocks (layer_replication={layer_map!r}), which share their base "
-            "weights: folding one position's update into them would change its copies too, so nothing was merged "
-            "(HF PEFT refuses this as well). Keep the adapter unmerged"
+            f"adapters {names} sit on replicated blocks (layer_replication={current.layer_map!r}), which share their "
+            "base weights: folding one position's update into them would change its copies too, so nothing was "
+            "merged (HF PEFT refuses this as well). Keep them unmerged, or call pk.unload(model) for a plain model "
+            "in which every position has its own weights"
         )
+
+
+def untie(model: nn.Module) -> None:
+    """Give every position of the model's replicated stack its own copy of each parameter and buffer it shares with
+    an earlier position, and forget the replication: each block can then take its own merged update, and the model
+    is a plain one of the new depth (``save_pretrained`` writes it, as mergekit's passthrough merge would). Nothing
+    happens on a model without replication.
+    """
+    current = replication_of(model)
+    if current is None:
+        return
+    seen: set[int] = set()
+    for block in model.get_submodule(current.path).children():
+        copies: dict[int, Any] = {}  # one copy per shared tensor, also where two modules of a block hold it
+        for module in block.modules():
+            for key, tensor in [*module.named_parameters(recurse=False), *module.named_buffers(recurse=False)]:
+                if id(tensor) in seen:
+                    if id(tensor) not in copies:
+                        copies[id(tensor)] = copy.deepcopy(tensor)
+                    setattr(module, key, copies[id(tensor)])
+        seen.update(id(t) for t in itertools.chain(block.parameters(), block.buffers()))
+    del model.__dict__[_ATTR]
 
 
 def record(model: nn.Module, name: str) -> None:
