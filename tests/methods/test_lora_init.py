@@ -305,12 +305,25 @@ def test_hf_spelling_and_other_methods_name_the_field() -> None:
     ("gpt2", {"target_modules": ["c_attn"], "init": "olora"}, r"init='olora' is not supported on "
                                                               r"'transformer.h.0.attn.c_attn' \(Conv1D"),
     ("llama", {"target_modules": ["linear_qkv"]}, r"cannot share one A"),
+    ("gpt2", {"target_modules": ["c_attn", "lm_head"]}, r"init='pissa' rewrites the weight of 'lm_head', which "
+                                                        r"\['transformer.wte'\] share \(tied embeddings"),
 ])
 def test_unsupported_targets_are_refused_before_the_model_changes(arch: str, kwargs: dict, match: str) -> None:
     model = build(arch) if arch != "convnet" else ConvNet()
     before = {k: v.clone() for k, v in model.state_dict().items()}
     with pytest.raises(ConfigError, match=match):
         pk.apply(model, pk.LoRA(**{"rank": 4, "init": "pissa", **kwargs}))
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+
+
+def test_blocks_an_earlier_adapter_replicated_are_refused() -> None:
+    """The second adapter names no layer_replication of its own, but its targets sit on the model's shared blocks."""
+    model = pk.apply(build("llama"), pk.LoRA(target_modules=["q_proj"], layer_replication=[[0, 2], [1, 2]]))
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(ConfigError, match=r"init='olora' rewrites the weight of 'model.layers.1.self_attn.v_proj', "
+                                          r"which \['model.layers.2.self_attn.v_proj'\] share"):
+        pk.apply(model, pk.LoRA(target_modules=["v_proj"], rank=4, init="olora"), name="second")
+    assert pk.list_adapters(model) == ["default"] and model.state_dict().keys() == before.keys()
     assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
 
 

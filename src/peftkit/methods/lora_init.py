@@ -161,8 +161,8 @@ def check_targets(config: LoRA, model: nn.Module, targets: list[str]) -> None:
 
     Raises:
         ConfigError: a target that is not linear-like (embeddings, convolutions), a quantized or non-float base
-            weight (PiSSA, OLoRA), a rank above ``min(in, out)``, OLoRA on a transposed (GPT-2 ``Conv1D``) weight,
-            or projections that share one A (performant LoRA's groups).
+            weight or one that other modules share (PiSSA, OLoRA), a rank above ``min(in, out)``, OLoRA on a
+            transposed (GPT-2 ``Conv1D``) weight, or projections that share one A (performant LoRA's groups).
     """
     init = config.init
     if init is None:
@@ -174,6 +174,9 @@ def check_targets(config: LoRA, model: nn.Module, targets: list[str]) -> None:
         raise ConfigError(f"init={init!r} computes A from each layer's own weight, so the projections {groups[0]} "
                           "cannot share one A; target them by name (e.g. ['q_proj', 'k_proj', 'v_proj']) instead "
                           "of a role name, or use pk.DoRA")
+    holders: dict[int, list[str]] = {}  # parameter → every module path holding it (tied or replicated weights)
+    for key, param in model.named_parameters(remove_duplicate=False):
+        holders.setdefault(id(param), []).append(key.rpartition(".")[0])
     for qualname in targets:
         module = model.get_submodule(qualname)
         base = module.base_layer if isinstance(module, LoRALayer) else module
@@ -189,6 +192,12 @@ def check_targets(config: LoRA, model: nn.Module, targets: list[str]) -> None:
             raise ConfigError(f"init={init!r} rewrites the base weight, which needs a float one; {qualname!r} is a "
                               f"{what} with {getattr(weight, 'dtype', 'no dense weight')}. Apply it to the "
                               "unquantized model")
+        others = [h for h in holders.get(id(weight), []) if h != qualname and not h.startswith(qualname + ".")]
+        if others:
+            raise ConfigError(f"init={init!r} rewrites the weight of {qualname!r}, which {others[:3]} share (tied "
+                              "embeddings, or blocks repeated by layer_replication): they would change too, and the "
+                              f"model's output with them. Leave it out with exclude_modules=[{qualname!r}], or use "
+                              "init=None (or 'orthogonal')")
         rank, limit = config.rank_for(qualname), min(kind.in_features(base), kind.out_features(base))
         if rank > limit:
             raise ConfigError(f"init={init!r} takes {rank} directions of {qualname!r}'s weight, which has only "
