@@ -19,6 +19,7 @@ from safetensors.torch import load_file
 from torch import nn
 
 import peftkit as pk
+from peftkit.core.modules_to_save import ModulesToSave
 from peftkit.errors import ConfigError, TargetNotFoundError
 from peftkit.methods.lora_layers import LoRALinear
 from peftkit.methods.lora_params import LoRAParameter
@@ -260,9 +261,13 @@ def test_dora_cannot_adapt_parameters() -> None:
 
 
 @pytest.mark.parametrize(("config", "error", "message"), [
-    (lora(target_parameters=["experts.gate_proj"]), TargetNotFoundError, "closest parameter names: .*gate_up_proj"),
+    (lora(target_parameters=["experts.gate_proj"]), TargetNotFoundError,
+     r"closest parameters: \['experts.gate_up_proj', 'experts.down_proj'\]"),
     (lora(target_parameters=["input_layernorm.weight"]), ConfigError, "3-D expert stacks"),
     (lora(target_parameters=["q_proj.weight"], target_modules=["q_proj"]), ConfigError, "module targets and hold"),
+    (lora(modules_to_save=["experts"]), ConfigError, r"'model.layers.0.mlp.experts.gate_up_proj' lies inside "
+                                                     r"'model.layers.0.mlp.experts', which modules_to_save"),
+    (lora(modules_to_save=["mlp"]), ConfigError, r"lies inside 'model.layers.0.mlp', which modules_to_save=\['mlp'\]"),
 ])
 def test_bad_targets_leave_the_model_unchanged(config: pk.LoRA, error: type[Exception], message: str) -> None:
     model = moe()
@@ -270,7 +275,16 @@ def test_bad_targets_leave_the_model_unchanged(config: pk.LoRA, error: type[Exce
     with pytest.raises(error, match=message):
         pk.apply(model, config)
     assert model.state_dict().keys() == before.keys() and not pk.list_adapters(model)
-    assert not any(isinstance(m, LoRAParameter) for m in model.modules())
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+    assert not any(isinstance(m, (LoRAParameter, ModulesToSave)) for m in model.modules())
+
+
+def test_a_model_without_expert_stacks_says_so() -> None:
+    """Suggestions are entries that would work (a module and its parameter), never a bare ``weight``."""
+    dense = transformers.LlamaForCausalLM(transformers.LlamaConfig(**COMMON))
+    with pytest.raises(TargetNotFoundError, match=r"closest parameters: \[[^]]*'gate_proj.weight'[^]]*\]; it has no "
+                                                  r"3-D expert stacks \(adapt its linear layers with target_modules\)"):
+        pk.apply(dense, lora())
 
 
 def test_a_second_adapter_must_adapt_the_same_parameters() -> None:

@@ -208,7 +208,7 @@ class LoRA(AdapterConfig):
 
         targets = super().resolve(model) if self.target_modules or not self.target_parameters else []
         if self.target_parameters:
-            self.parameter_keys(model, targets)
+            self._check_saved_parameters(self.parameter_keys(model, targets))
         plan_groups(self, model, targets)  # validates role names and groups before the model is touched
         from peftkit.methods.lora_tokens import lora_token_targets
 
@@ -260,6 +260,18 @@ class LoRA(AdapterConfig):
         inject_parameters(model, keys, name, lambda key: (self.rank_for(key), self.alpha_for(key)),
                           use_rslora=self.use_rslora, init_A=self.init_A, init_B=self.init_B)
         return keys
+
+    def _check_saved_parameters(self, keys: list[str]) -> None:
+        """Refuse target parameters inside a ``modules_to_save`` module: its trained copy would hold the wrapper."""
+        for key in keys:
+            parts = key.split(".")[:-1]
+            outer = next((".".join(parts[:i]) for i in range(1, len(parts) + 1)
+                          if first_match(".".join(parts[:i]), self.modules_to_save) is not None), None)
+            if outer is not None:
+                raise ConfigError(
+                    f"target parameter {key!r} lies inside {outer!r}, which modules_to_save={self.modules_to_save} "
+                    "trains in full; a module is either trained in full or adapted, so remove it from one of the two"
+                )
 
     def _check_patterns(self, model: nn.Module) -> None:
         """Refuse a rank/alpha pattern key that matches no module (or targeted parameter) of ``model`` (a typo

@@ -20,6 +20,7 @@ the parameter registered first innermost: HF PEFT's nesting, hence its state-dic
 
 from __future__ import annotations
 
+import difflib
 from collections.abc import Sequence
 from typing import Any, ClassVar, cast
 
@@ -27,7 +28,7 @@ import torch
 from torch import nn
 
 from peftkit.core.layer import AdapterLayer
-from peftkit.core.matching import matches, near_misses
+from peftkit.core.matching import matches
 from peftkit.core.walk import iter_modules, set_module
 from peftkit.errors import ConfigError, TargetNotFoundError
 from peftkit.methods.lora_layers import LoRALayer, adapter_dtype, init_factor
@@ -174,9 +175,9 @@ def parameter_targets(model: nn.Module, patterns: Sequence[str]) -> list[str]:
         hits = [k for k in keys if matches(k, pattern)]
         if not hits:
             raise TargetNotFoundError(
-                f"target_parameters entry {pattern!r} matches no parameter of {type(model).__name__}; closest "
-                f"parameter names: {near_misses(pattern, keys)}. Entries name a parameter by its key or a dotted "
-                "suffix of it, e.g. 'experts.gate_up_proj'"
+                f"target_parameters entry {pattern!r} matches no parameter of {type(model).__name__}; "
+                f"{_closest(pattern, params)}. Entries name a parameter by its key or a dotted suffix of it, e.g. "
+                "'experts.gate_up_proj'"
             )
         selected.update(hits)
     chosen = [k for k in keys if k in selected]
@@ -187,6 +188,23 @@ def parameter_targets(model: nn.Module, patterns: Sequence[str]) -> list[str]:
             "(out × in) and 3-D expert stacks (experts × out × in) only"
         )
     return chosen
+
+
+def _closest(pattern: str, params: dict[str, nn.Parameter]) -> str:
+    """The adaptable parameters closest to ``pattern``, written as entries (``experts.gate_up_proj``, not a bare
+    ``weight``, which would select every weight), expert stacks first; or that the model has no expert stacks."""
+    entries: dict[str, int] = {}
+    for key, param in params.items():
+        path, _, name = key.rpartition(".")
+        leaf = next((part for part in reversed(path.split(".")) if not part.isdigit()), "")
+        if param.dim() in (2, 3):
+            entries.setdefault(f"{leaf}.{name}" if leaf else name, param.dim())
+    stacks = sorted(e for e, dim in entries.items() if dim == 3)
+    close = difflib.get_close_matches(pattern, stacks + sorted(set(entries) - set(stacks)), n=5, cutoff=0.5)
+    found = [f"closest parameters: {close}"] if close else [f"its expert stacks: {stacks[:5]}"] if stacks else []
+    if not stacks:
+        found.append("it has no 3-D expert stacks (adapt its linear layers with target_modules)")
+    return "; ".join(found)
 
 
 def inject_parameters(model: nn.Module, keys: Sequence[str], name: str, rank_alpha: Any, **options: Any) -> None:
