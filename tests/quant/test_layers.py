@@ -142,6 +142,17 @@ def test_quantize_twice_is_an_error() -> None:
         quantize(net)
 
 
+def test_an_adapted_model_is_refused_so_its_factors_stay_trainable() -> None:
+    import peftkit as pk
+
+    net = pk.apply(_Net(), pk.LoRA(target_modules=["proj"]))
+    with pytest.raises(ConfigError, match=r"the model has adapters \(\['default'\]\); pk.quantize quantizes a base "
+                                          r"model, so quantize first and then add adapters with pk.apply"):
+        quantize(net)
+    assert not any(isinstance(m, (Linear4bit, Linear8bit)) for m in net.modules())
+    assert pk.count_parameters(net)[0] == 8 * (50 + 30)  # rank 8: A and B, still trainable
+
+
 def test_non_float_layer_refused() -> None:
     net = _Net()
     net.proj.weight = nn.Parameter(net.proj.weight.data.to(torch.int32), requires_grad=False)

@@ -17,6 +17,7 @@ import torch
 from torch import nn
 
 from peftkit.core.matching import first_match
+from peftkit.core.state import adapter_layers, get_state
 from peftkit.core.walk import set_module
 from peftkit.errors import ConfigError
 from peftkit.quant.layers import Linear4bit, Linear8bit, QuantLinear
@@ -93,11 +94,18 @@ def quantize(
         ``model``, with every matched linear layer replaced.
 
     Raises:
-        ConfigError: bad ``bits``/``quant_type``/``block_size``/``backend``, a model already quantized,
-            no linear layer left to quantize, or a layer whose weight is not float.
+        ConfigError: bad ``bits``/``quant_type``/``block_size``/``backend``, a model already quantized or holding
+            adapters, no linear layer left to quantize, or a layer whose weight is not float.
         MissingDependencyError: ``backend="bitsandbytes"`` without bitsandbytes installed.
     """
     _check_args(bits, quant_type, block_size, backend)
+    adapted = [n for n, _ in adapter_layers(model)]
+    if adapted:  # their factors are nn.Linear too: they would be quantized and frozen
+        raise ConfigError(
+            f"the model has adapters ({sorted(get_state(model).configs) or adapted[:3]}); pk.quantize quantizes a base "
+            "model, so quantize first and then add adapters with pk.apply (QLoRA), or quantize the model "
+            "pk.unload returns"
+        )
     already = [n for n, m in model.named_modules() if isinstance(m, QuantLinear) or _is_bnb(m)]
     if already:
         raise ConfigError(
