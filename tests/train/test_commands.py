@@ -35,6 +35,19 @@ def test_inspect_reads_only_the_config_of_a_7b_model(tmp_path):
     assert time.perf_counter() - t0 < 60
 
 
+def test_inspect_lists_the_expert_stacks_target_parameters_reaches(tmp_path):
+    from transformers import MixtralConfig
+
+    MixtralConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                  num_key_value_heads=2, num_local_experts=4, vocab_size=64).save_pretrained(str(tmp_path))
+    listing = inspect_model(str(tmp_path))
+    assert listing.endswith("expert stacks (target_parameters) by name:\n"
+                            "  experts.down_proj        x2  (4, 32, 64)\n"
+                            "  experts.gate_up_proj     x2  (4, 128, 32)")
+    report = inspect_model(str(tmp_path), method="lora", options={"target_parameters": ["experts.down_proj"]})
+    assert "2 modules adapted" in report and "model.layers.1.mlp.experts.down_proj" in report
+
+
 def _train(cfg: dict[str, Any]) -> Path:
     train(config_from_dict(cfg))
     return Path(cfg["checkpoint"]["save_dir"])

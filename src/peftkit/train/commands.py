@@ -170,5 +170,12 @@ def inspect_model(
             if isinstance(mod, nn.Linear) or type(mod).__name__ == "Conv1D":
                 leaves[name.rsplit(".", 1)[-1]] = leaves.get(name.rsplit(".", 1)[-1], 0) + 1
         rows = "\n".join(f"  {k:<24} x{v}" for k, v in sorted(leaves.items()))
-        return f"{type(model).__name__}: {total:,d} parameters\nlinear layers by name:\n{rows}"
+        stacks: dict[str, list[Any]] = {}  # mixture-of-experts weights, which only target_parameters reaches
+        for key, param in model.named_parameters():
+            if param.dim() == 3:
+                entry = ".".join(key.split(".")[-2:])
+                stacks.setdefault(entry, [tuple(param.shape), 0])[1] += 1
+        listing = "".join(f"\n  {k:<24} x{n}  {shape}" for k, (shape, n) in sorted(stacks.items()))
+        more = f"\nexpert stacks (target_parameters) by name:{listing}" if stacks else ""
+        return f"{type(model).__name__}: {total:,d} parameters\nlinear layers by name:\n{rows}{more}"
     return str(pk.inspect(model, peft_config(cfg)))
