@@ -367,8 +367,31 @@ def test_invalid_ranges_are_refused_by_the_config(value: object) -> None:
 
 @pytest.mark.parametrize("init", ["pissa", "pissa_niter_2", "olora"])
 def test_inits_that_rewrite_the_shared_base_weights_are_refused(init: str) -> None:
-    with pytest.raises(ConfigError, match=rf"init='{init}' rewrites the base weights"):
-        pk.LoRA(target_modules=["q_proj"], layer_replication=[[0, 2], [1, 2]], init=init)
+    model = build("llama")
+    before = snapshot(model)
+    with pytest.raises(ConfigError, match=rf"init='{init}' rewrites the weight of 'model.layers.1.self_attn.q_proj', "
+                                          r"which \['model.layers.2.self_attn.q_proj'\] share"):
+        pk.apply(model, pk.LoRA(target_modules=["q_proj"], layer_replication=LAYER_MAP, init=init))
+    assert_unchanged(model, before)
+    # Blocks that appear once (positions 0 and 3) own their weights: the residual changes nothing else.
+    model = pk.apply(build("llama"), pk.LoRA(target_modules=["q_proj"], layers=[0, 3], layer_replication=LAYER_MAP,
+                                             init=init))
+    torch.testing.assert_close(logits(model), logits(expanded_by_copying(build("llama"))), rtol=0, atol=1e-5)
+
+
+def test_an_init_outside_the_repeated_blocks_saves_and_loads_both_ways(tmp_path: Path) -> None:
+    """A later adapter is recorded with the model's replication: PiSSA beside it must still load."""
+    model = pk.apply(build("llama"), pk.LoRA(target_modules=["q_proj"], layer_replication=LAYER_MAP))
+    pk.apply(model, pk.LoRA(target_modules=["lm_head"], rank=4, init="pissa"), name="pissa")
+    pk.set_adapter(model, "pissa")
+    randomize_adapters(model, seed=4)
+    want = logits(model)
+    pk.save_adapter(model, tmp_path, "pissa")
+    config = json.loads((tmp_path / "adapter_config.json").read_text())
+    assert (config["init_lora_weights"], config["layer_replication"]) == ("pissa", LAYER_MAP)
+    torch.testing.assert_close(logits(pk.load_adapter(build("llama"), tmp_path)), want, rtol=0, atol=1e-5)
+    hf = peft.PeftModel.from_pretrained(build("llama"), str(tmp_path)).eval()
+    torch.testing.assert_close(logits(hf), want, rtol=0, atol=1e-5)
 
 
 def test_tuples_are_accepted_as_in_hf_peft() -> None:

@@ -149,11 +149,6 @@ class LoRA(AdapterConfig):
             raise ConfigError(f"lora_bias={self.lora_bias!r} must be True or False")
         self._check_target_parameters()
         activated.check_config(self)
-        if self.layer_replication and self.init not in (None, "orthogonal"):
-            raise ConfigError(
-                f"init={self.init!r} rewrites the base weights, which the blocks repeated by layer_replication="
-                f"{self.layer_replication} share; use init=None (or 'orthogonal'), or no layer_replication"
-            )
 
     def _check_target_parameters(self) -> None:
         spec = self.target_parameters
