@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import copy
 import json
+import logging
 from pathlib import Path
 from typing import Any
 
@@ -285,6 +286,17 @@ def test_a_model_without_expert_stacks_says_so() -> None:
     with pytest.raises(TargetNotFoundError, match=r"closest parameters: \[[^]]*'gate_proj.weight'[^]]*\]; it has no "
                                                   r"3-D expert stacks \(adapt its linear layers with target_modules\)"):
         pk.apply(dense, lora())
+
+
+def test_a_pattern_on_the_module_that_holds_the_parameters_is_named(caplog: pytest.LogCaptureFixture) -> None:
+    """As in HF PEFT a parameter's rank is looked up by its key; a key naming only its module changes nothing."""
+    with caplog.at_level(logging.WARNING, logger="peftkit"):
+        model = pk.apply(moe(), lora(rank_pattern={"experts": 2, "experts.down_proj": 6}))
+    assert ("rank_pattern key 'experts' matches the modules holding the target parameters, not the parameters: it "
+            "changes nothing. Name the parameters, e.g. 'experts.gate_up_proj'") in caplog.text
+    assert "experts.down_proj" not in caplog.text
+    experts = model.model.layers[0].mlp.experts
+    assert (experts.rank, experts.base_layer.rank) == ({"default": 6}, {"default": 4})
 
 
 def test_a_second_adapter_must_adapt_the_same_parameters() -> None:

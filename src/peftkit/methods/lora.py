@@ -210,7 +210,7 @@ class LoRA(AdapterConfig):
         lora_token_targets(model, self, targets)  # likewise the embeddings of trainable_token_indices
         if self.lora_bias:
             self._check_lora_bias(model, targets)
-        self._check_patterns(model)
+        self._check_patterns(model, targets)
         check_targets(self, model, targets)
         activated.check_targets(self, model, targets)
         return targets
@@ -268,20 +268,27 @@ class LoRA(AdapterConfig):
                     "trains in full; a module is either trained in full or adapted, so remove it from one of the two"
                 )
 
-    def _check_patterns(self, model: nn.Module) -> None:
+    def _check_patterns(self, model: nn.Module, targets: list[str]) -> None:
         """Refuse a rank/alpha pattern key that matches no module (or targeted parameter) of ``model`` (a typo
         would silently keep the default). One that matches modules which are not targets is allowed, as in HF
-        PEFT."""
+        PEFT; one that matches only the modules holding target parameters is named in a warning, since it changes
+        nothing (a parameter's rank is looked up by its own key, as in HF PEFT)."""
         names: list[str] | None = None
+        keys = self.parameter_keys(model, []) if self.rank_pattern or self.alpha_pattern else []
         for field_name, pattern in (("rank_pattern", self.rank_pattern), ("alpha_pattern", self.alpha_pattern)):
             for key in pattern:
-                names = names or [n for n, _ in model.named_modules() if n] + self.parameter_keys(model, [])
+                names = names or [n for n, _ in model.named_modules() if n] + keys
                 if not any(matches(n, key) for n in names):
                     raise ConfigError(
                         f"{field_name} key {key!r} matches no module of {type(model).__name__}; closest module "
                         f"names: {near_misses(key, names)}. Keys use the target_modules syntax (e.g. 'v_proj' or "
                         "'*.layers.0.*.v_proj')"
                     )
+                owners = [k for k in keys if matches(k.rpartition(".")[0], key)]
+                if owners and not any(matches(n, key) for n in keys + targets):
+                    logger.warning("%s key %r matches the modules holding the target parameters, not the parameters: "
+                                   "it changes nothing. Name the parameters, e.g. %r", field_name, key,
+                                   f"{key}.{owners[0].rpartition('.')[2]}")
 
     def _check_lora_bias(self, model: nn.Module, targets: list[str]) -> None:
         """Refuse ``lora_bias`` on a target whose B cannot carry a bias (an embedding, as in HF PEFT)."""
