@@ -114,3 +114,13 @@ def test_example_configs_parse():
         first = f.read_text().splitlines()[0]
         assert first.startswith("# ") and "peftkit" in first, f"{f.name} must open with the command that runs it"
         load_config(f)
+
+
+def test_the_loading_module_imports_first_too():
+    """``config`` re-exports ``config_load``, which imports ``config``: either may be imported first."""
+    import subprocess
+    import sys
+
+    code = "from peftkit.train.config_load import load_config; from peftkit.train.config import RunConfig"
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
