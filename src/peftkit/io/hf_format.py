@@ -348,9 +348,9 @@ def _saved_base_embeddings(
     found: dict[str, torch.Tensor] = {}
     for qualname, layer in adapter_layers(model):
         key = f"{PREFIX}{qualname}.base_layer.weight"
-        embedding = isinstance(layer.base_layer, nn.Embedding) or any(layer is h or layer.base_layer is h for h in heads)
+        embedding = isinstance(layer.base_layer, nn.Embedding) or any(h in (layer, layer.base_layer) for h in heads)
         if key in weights and key not in own and embedding:
-            found[key] = layer.base_layer.weight
+            found[key] = cast(torch.Tensor, layer.base_layer.weight)
     return found
 
 
