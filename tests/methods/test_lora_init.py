@@ -277,7 +277,7 @@ def test_inspect_leaves_the_model_alone() -> None:
 @pytest.mark.parametrize("kwargs,match", [
     ({"init": "pissa_niter_"}, r"init='pissa_niter_' must be one of \('pissa', 'pissa_niter_<N>', 'olora'"),
     ({"init": "pissa_niter_x"}, r"init='pissa_niter_x' must be one of"),
-    ({"init": "loftq"}, r"init='loftq' must be one of"),
+    ({"init": "LoftQ"}, r"init='LoftQ' must be one of"),
     ({"init": True}, r"init=True must be one of"),
     ({"init": "pissa", "init_A": "gaussian"}, r"leave init_A and init_B at their defaults"),
     ({"init": "olora", "lora_bias": True}, r"lora_bias=True is not supported with init='olora'"),

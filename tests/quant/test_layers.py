@@ -142,15 +142,19 @@ def test_quantize_twice_is_an_error() -> None:
         quantize(net)
 
 
-def test_an_adapted_model_is_refused_so_its_factors_stay_trainable() -> None:
+def test_an_adapted_model_quantizes_its_bases_and_keeps_the_factors_trainable() -> None:
     import peftkit as pk
+    from peftkit.methods.lora_layers import LoRALinear
 
     net = pk.apply(_Net(), pk.LoRA(target_modules=["proj"]))
-    with pytest.raises(ConfigError, match=r"the model has adapters \(\['default'\]\); pk.quantize quantizes a base "
-                                          r"model, so quantize first and then add adapters with pk.apply"):
-        quantize(net)
-    assert not any(isinstance(m, (Linear4bit, Linear8bit)) for m in net.modules())
+    quantize(net)
+    layer = net.proj
+    assert isinstance(layer, LoRALinear) and isinstance(layer.base_layer, Linear4bit)
+    assert all(type(m) is nn.Linear for m in (layer.lora_A["default"], layer.lora_B["default"]))
     assert pk.count_parameters(net)[0] == 8 * (50 + 30)  # rank 8: A and B, still trainable
+    out = layer(torch.randn(3, 50))
+    out.sum().backward()
+    assert layer.lora_A["default"].weight.grad is not None
 
 
 def test_non_float_layer_refused() -> None:

@@ -25,7 +25,7 @@ from peftkit.errors import ConfigError
 from peftkit.io.hf_names import hf_layer_targets, hf_modules_to_save, hf_parameters, hf_pattern, hf_resolve, hf_targets
 from peftkit.methods import lora_activated as activated
 from peftkit.methods import lora_replication as replication
-from peftkit.methods.lora_init import check_init, check_targets, init_from_hf, initialize
+from peftkit.methods.lora_init import check_init, check_targets, init_from_hf, initialize, loftq_config, loftq_from_hf
 from peftkit.methods.lora_layers import LORA_LAYERS, LoRALayer, LoRALinear, lora_layer_class
 
 logger = logging.getLogger("peftkit")
@@ -66,7 +66,10 @@ class LoRA(AdapterConfig):
         init_A, init_B: ``"kaiming"``, ``"xavier"``, ``"gaussian"`` or ``"zero"``; B = 0 keeps the output unchanged.
         init: both factors from the base weight instead (HF PEFT's string ``init_lora_weights``, linear-like layers):
             ``"pissa"``, ``"pissa_niter_<N>"`` (randomized SVD), ``"olora"`` or ``"orthogonal"``. PiSSA and OLoRA
-            replace the base weight by the residual ``W − s·BA``; see :mod:`peftkit.methods.lora_init`.
+            replace the base weight by the residual ``W − s·BA``; ``"loftq"`` by its quantized form Q, with
+            ``s·BA ≈ W − Q`` (quantize the model afterwards); see :mod:`peftkit.methods.lora_init`.
+        loftq_bits, loftq_iter: LoftQ's quantization (4: NF4, 8: int8) and alternating steps (HF PEFT's
+            ``loftq_config``); only with ``init="loftq"``.
         rank_pattern, alpha_pattern: per-module overrides, pattern → value (first matching pattern wins).
         bias: ``"none"``, ``"all"`` (every bias trains and is saved) or ``"lora_only"`` (biases of adapted layers).
         lora_bias: give B a trained bias b, starting at zero (HF PEFT's ``lora_bias``): the update becomes
@@ -112,6 +115,8 @@ class LoRA(AdapterConfig):
     init_A: str = "kaiming"
     init_B: str = "zero"
     init: str | None = None
+    loftq_bits: int = 4
+    loftq_iter: int = 1
     rank_pattern: dict[str, int] = field(default_factory=dict)
     alpha_pattern: dict[str, float] = field(default_factory=dict)
     bias: str = "none"
@@ -330,7 +335,7 @@ class LoRA(AdapterConfig):
             lora_bias=self.lora_bias,
         )
         if self.init is not None:
-            initialize(cast(LoRALinear, layer), adapter_name, self.init)  # linear-like: see check_targets
+            initialize(cast(LoRALinear, layer), adapter_name, self)  # linear-like: see check_targets
         if self.alora_invocation_tokens:
             activated.activate(layer, adapter_name, self.alora_invocation_tokens)
         return layer
@@ -396,7 +401,7 @@ class LoRA(AdapterConfig):
             "target_parameters": hf_parameters(self.target_parameters, module_names) or None,
             "megatron_config": None,
             "megatron_core": "megatron.core",
-            "loftq_config": {},
+            "loftq_config": loftq_config(self),
             "base_model_name_or_path": None,
             "revision": None,
             **self.extra,
@@ -456,6 +461,7 @@ class LoRA(AdapterConfig):
             layer_replication=data.get("layer_replication") or None,
             alora_invocation_tokens=data.get("alora_invocation_tokens"),
             init=init_from_hf(data.get("init_lora_weights")),
+            **loftq_from_hf(data),
             task_type=data.get("task_type"),
             extra=extra,
         )
@@ -482,7 +488,7 @@ _HF_LORA_FIELDS = frozenset(
     "peft_type task_type r lora_alpha lora_dropout use_rslora use_dora target_modules exclude_modules "
     "layers_to_transform layers_pattern rank_pattern alpha_pattern modules_to_save bias fan_in_fan_out "
     "init_lora_weights inference_mode trainable_token_indices lora_bias target_parameters layer_replication "
-    "alora_invocation_tokens".split()
+    "alora_invocation_tokens loftq_config".split()
 )
 
 

@@ -101,7 +101,7 @@ def check_config(config: LoRA) -> None:
                           f"{config.target_parameters} (HF PEFT refuses it too): an update added to a weight acts on "
                           "every token. Adapt those parameters in a second adapter")
     if changes_base(config.init):
-        raise ConfigError(f"init={config.init!r} moves part of each base weight into the adapter, so the tokens before "
+        raise ConfigError(f"init={config.init!r} rewrites each base weight, so the tokens before "
                           f"the invocation (alora_invocation_tokens={tokens}) would no longer see the base model; use "
                           "init=None or 'orthogonal'")
 

@@ -1,4 +1,4 @@
-"""LoRA factors initialised from the base weight: PiSSA, OLoRA and orthogonal (``pk.LoRA(init=...)``).
+"""LoRA factors initialised from the base weight: PiSSA, OLoRA, orthogonal and LoftQ (``pk.LoRA(init=...)``).
 
 For a base weight W (out × in) and an adapter of rank r and scale s:
 
@@ -10,6 +10,9 @@ For a base weight W (out × in) and an adapter of rank r and scale s:
   ``B = Q[:, :r]`` (orthonormal columns) and ``A = R[:r]``.
 * **orthogonal** (https://datta0.github.io/posts/rethink-lora-init/#orthogonal-initialisation): A and B are random
   projections onto the odd and even rows of a random orthogonal r × r matrix, so ``BA = 0`` while both are non-zero.
+* **LoftQ** (Li et al., 2023, https://arxiv.org/abs/2310.08659): the base weight becomes its quantized form Q and
+  ``s·BA`` the best rank-r approximation of ``W − Q`` (alternately, ``loftq_iter`` times); see
+  :mod:`peftkit.methods.lora_loftq`. The model then quantizes (``pk.quantize``) with a smaller error than plain QLoRA.
 
 PiSSA and OLoRA replace the base weight by the residual ``W_res = W − s·BA``, so that the model computes exactly
 what it did before (up to rounding): the adapter then trains the weight's principal (or leading QR) directions.
@@ -40,12 +43,13 @@ from peftkit.core.registry import is_fan_in_fan_out, linear_kind
 from peftkit.core.state import adapter_layers, get_state
 from peftkit.errors import ConfigError
 from peftkit.methods.lora_layers import LoRALayer, LoRALinear
+from peftkit.methods.lora_loftq import LOFTQ_BITS, loftq
 
 if TYPE_CHECKING:
     from peftkit.methods.lora import LoRA
 
 #: The accepted values of ``LoRA.init``, as they read in messages.
-INIT_FORMS = ("pissa", "pissa_niter_<N>", "olora", "orthogonal")
+INIT_FORMS = ("pissa", "pissa_niter_<N>", "olora", "orthogonal", "loftq")
 _NITER = re.compile(r"pissa_niter_(\d+)")
 _FLOAT_BASES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
@@ -58,9 +62,10 @@ def check_init(config: LoRA) -> None:
             ``"orthogonal"``, or a config class that cannot take it.
     """
     init = config.init
+    check_loftq(config)
     if init is None:
         return
-    if not isinstance(init, str) or not (init in ("pissa", "olora", "orthogonal") or _NITER.fullmatch(init)):
+    if not isinstance(init, str) or not (init in ("pissa", "olora", "orthogonal", "loftq") or _NITER.fullmatch(init)):
         raise ConfigError(f"init={init!r} must be one of {INIT_FORMS} (N: the number of subspace iterations of the "
                           "randomized SVD, e.g. 'pissa_niter_4'), or None for init_A/init_B")
     if not type(config).takes_weight_init:
@@ -79,19 +84,59 @@ def check_init(config: LoRA) -> None:
                               f"matrix each), got {', '.join(f'{k}={v}' for k, v in odd.items())}")
 
 
+def check_loftq(config: LoRA) -> None:
+    """Validate ``loftq_bits``/``loftq_iter``: HF PEFT's ``LoftQConfig`` values, set only with ``init="loftq"``.
+
+    Raises:
+        ConfigError: bits other than 4 or 8, an iteration count below 1, or either set without ``init="loftq"``.
+    """
+    bits, iters = config.loftq_bits, config.loftq_iter
+    if isinstance(bits, bool) or bits not in LOFTQ_BITS:
+        raise ConfigError(f"loftq_bits={bits!r} must be 4 (NF4) or 8 (int8), the quantizations HF PEFT's LoftQ runs")
+    if isinstance(iters, bool) or not isinstance(iters, int) or iters < 1:
+        raise ConfigError(f"loftq_iter={iters!r} must be a positive integer (the alternating steps, e.g. 1 or 5)")
+    if config.init != "loftq" and (bits, iters) != (4, 1):
+        raise ConfigError(f"loftq_bits={bits!r}/loftq_iter={iters!r} only apply with init='loftq' (got "
+                          f"init={config.init!r}); set init='loftq', or leave them at their defaults (4, 1)")
+
+
 def changes_base(init: str | None) -> bool:
-    """Whether initialisation ``init`` replaces the base weight by a residual (PiSSA, OLoRA)."""
-    return init is not None and (init == "olora" or init.startswith("pissa"))
+    """Whether initialisation ``init`` rewrites the base weight (PiSSA, OLoRA: a residual; LoftQ: its quantized
+    form)."""
+    return init is not None and (init in ("olora", "loftq") or init.startswith("pissa"))
+
+
+def moves_weight(init: str | None) -> bool:
+    """Whether initialisation ``init`` moved part of the base weight into the factors (PiSSA, OLoRA), so that they
+    are only meaningful next to the residual: LoftQ's factors are a plain adapter of its quantized base."""
+    return changes_base(init) and init != "loftq"
 
 
 def init_from_hf(value: Any) -> str | None:
     """``LoRA.init`` for HF PEFT's ``init_lora_weights``: one of :data:`INIT_FORMS`, else ``None`` (the other values
-    are initialisations of ``init_A``/``init_B``, or HF PEFT's own (CorDA, LoftQ, ...) whose factors the file holds:
+    are initialisations of ``init_A``/``init_B``, or HF PEFT's own (CorDA, EVA, ...) whose factors the file holds:
     those adapters load as plain LoRA, onto the base model they were saved for)."""
-    if isinstance(value, str) and (value.lower() in ("olora", "orthogonal") or value == "pissa"
+    if isinstance(value, str) and (value.lower() in ("olora", "orthogonal") or value in ("pissa", "loftq")
                                    or _NITER.fullmatch(value)):
         return value.lower()
     return None
+
+
+def loftq_config(config: LoRA) -> dict[str, int]:
+    """HF PEFT's ``loftq_config`` for ``config``: ``{}`` unless ``init="loftq"``."""
+    return {"loftq_bits": config.loftq_bits, "loftq_iter": config.loftq_iter} if config.init == "loftq" else {}
+
+
+def loftq_from_hf(data: dict[str, Any]) -> dict[str, Any]:
+    """``loftq_bits``/``loftq_iter`` from an ``adapter_config.json`` dict (HF PEFT ignores ``loftq_config``
+    without ``init_lora_weights: "loftq"``, and so does this)."""
+    loftq = data.get("loftq_config") or {}
+    if data.get("init_lora_weights") != "loftq":
+        return {}
+    if not isinstance(loftq, dict) or not loftq:
+        raise ConfigError(f"adapter_config.json sets init_lora_weights='loftq' with loftq_config={loftq!r}; HF PEFT "
+                          "needs {'loftq_bits': 4, 'loftq_iter': 1} or similar there: fix the file")
+    return {"loftq_bits": loftq.get("loftq_bits", 4), "loftq_iter": loftq.get("loftq_iter", 1)}
 
 
 # -- the factors --------------------------------------------------------------------------------------------------
@@ -122,9 +167,11 @@ def orthogonal(rank: int, in_features: int, out_features: int) -> tuple[torch.Te
     return A.contiguous(), B.contiguous()
 
 
-def initialize(layer: LoRALinear, name: str, init: str) -> None:
-    """Write adapter ``name``'s factors for ``init`` (its rank and scale already set); PiSSA and OLoRA also replace
-    the base weight by the residual ``W − s·BA`` and keep the factors they started from (``initial_factors``)."""
+def initialize(layer: LoRALinear, name: str, config: LoRA) -> None:
+    """Write adapter ``name``'s factors for ``config.init`` (its rank and scale already set); PiSSA and OLoRA also
+    replace the base weight by the residual ``W − s·BA`` and keep the factors they started from
+    (``initial_factors``); LoftQ replaces it by its quantized form."""
+    init = cast(str, config.init)
     A, B = layer.factor_weights(name)
     weight = layer.kind.weight(layer.base_layer)
     if A.device.type == "meta" or weight.device.type == "meta":  # pk.inspect's structural copy: nothing to compute
@@ -132,6 +179,9 @@ def initialize(layer: LoRALinear, name: str, init: str) -> None:
     rank, scale = layer.rank[name], layer.scaling[name]
     if init == "orthogonal":
         A0, B0 = orthogonal(rank, layer.in_features, layer.out_features)
+    elif init == "loftq":  # the base weight becomes its quantized form; s·BA ≈ W − Q is a plain adapter of it
+        A0, B0, quantized = loftq(weight, rank, scale, config.loftq_bits, config.loftq_iter)
+        layer.kind.set_weight(layer.base_layer, quantized)
     else:
         work = weight.detach().to(torch.promote_types(weight.dtype, torch.float32))
         niter = _NITER.fullmatch(init)
@@ -153,6 +203,11 @@ def restore_base(layer: LoRALinear, name: str) -> None:
     work = layer._working_weight()
     A0, B0 = (t.to(device=work.device, dtype=work.dtype) for t in initial)
     layer._set_base_weight(work + layer.scaling[name] * B0 @ A0)
+
+
+_LOFTQ_ORDER = (" and quantize afterwards (pk.apply(model, pk.LoRA(init='loftq', ...)), then pk.quantize(model)); "
+                "to load a LoftQ adapter onto a quantized model, save it with convert_to_lora=True (a plain adapter "
+                "of the LoftQ base)")
 
 
 # -- validation at resolve time and the conversion to plain LoRA --------------------------------------------------
@@ -191,7 +246,7 @@ def check_targets(config: LoRA, model: nn.Module, targets: list[str]) -> None:
         if not isinstance(weight, torch.Tensor) or weight.dtype not in _FLOAT_BASES:
             raise ConfigError(f"init={init!r} rewrites the base weight, which needs a float one; {qualname!r} is a "
                               f"{what} with {getattr(weight, 'dtype', 'no dense weight')}. Apply it to the "
-                              "unquantized model")
+                              "unquantized model" + (_LOFTQ_ORDER if init == "loftq" else ""))
         others = [h for h in holders.get(id(weight), []) if h != qualname and not h.startswith(qualname + ".")]
         if others:
             raise ConfigError(f"init={init!r} rewrites the weight of {qualname!r}, which {others[:3]} share (tied "
@@ -202,6 +257,10 @@ def check_targets(config: LoRA, model: nn.Module, targets: list[str]) -> None:
         if rank > limit:
             raise ConfigError(f"init={init!r} takes {rank} directions of {qualname!r}'s weight, which has only "
                               f"{limit} (min(in, out)); lower the rank or set rank_pattern={{{qualname!r}: {limit}}}")
+        if init == "loftq" and is_fan_in_fan_out(base):
+            raise ConfigError(f"init='loftq' is not supported on {qualname!r} ({what}, a transposed weight): HF PEFT "
+                              "quantizes and decomposes the stored (in × out) matrix and cannot run such an adapter, "
+                              "and pk.quantize keeps these layers in float. Leave it out with exclude_modules")
         if init == "olora" and is_fan_in_fan_out(base):
             raise ConfigError(f"init='olora' is not supported on {qualname!r} ({what}, a transposed weight): HF PEFT "
                               "decomposes the stored (in × out) matrix and cannot run such an adapter, so it would "
@@ -222,7 +281,7 @@ def check_plain(model: nn.Module, name: str, action: str) -> None:
         raise ConfigError(f"{action} does not support adapter {name!r}: it is an activated LoRA adapter "
                           f"(alora_invocation_tokens={tokens}), whose update applies from its invocation on only")
     init = getattr(config, "init", None)
-    if changes_base(init):
+    if moves_weight(init):
         raise ConfigError(
             f"{action} does not support adapter {name!r}: its init={init!r} moved part of the base weight into its "
             f"factors. Save it with pk.save_adapter(model, path, {name!r}, convert_to_lora=True) and load that onto "
@@ -233,6 +292,10 @@ def check_plain(model: nn.Module, name: str, action: str) -> None:
 def as_plain_lora(model: nn.Module, name: str) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
     """Adapter ``name`` (PiSSA or OLoRA) as a plain LoRA adapter for the original base weights:
     ``(adapter_config.json dict, tensors under HF PEFT keys)``. The model is unchanged.
+
+    A LoftQ adapter becomes a plain LoRA adapter of the same factors for the *LoftQ* base (W − s·BA is not of low
+    rank there): ``init_lora_weights: true``, as HF PEFT's LoftQ example saves it, so that it loads onto that base,
+    quantized or not, without recomputing LoftQ.
 
     Each ``A`` becomes ``[A; A₀]`` and each ``B`` ``[B | −B₀]``, so the rank doubles; α doubles as well (×√2 with
     rsLoRA, rank and α patterns alike) so the scale is unchanged. HF PEFT converts the same way, but refuses rsLoRA
@@ -250,6 +313,8 @@ def as_plain_lora(model: nn.Module, name: str) -> tuple[dict[str, Any], dict[str
         raise ConfigError(f"adapter {name!r} did not change the base weights (init={getattr(config, 'init', None)!r}"
                           "); it already is a plain LoRA adapter: save it without convert_to_lora")
     state = {k: v.detach() for k, v in adapter_state_dict(model, name).items()}
+    if config.init == "loftq":
+        return adapter_config_dict(model, name, config=config.replace(init=None, loftq_bits=4, loftq_iter=1)), state
     for qualname, layer in adapter_layers(model):
         if not (isinstance(layer, LoRALinear) and layer.has_adapter(name)):
             continue

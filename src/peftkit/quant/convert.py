@@ -16,8 +16,8 @@ from typing import Any, Literal
 import torch
 from torch import nn
 
+from peftkit.core.layer import AdapterLayer
 from peftkit.core.matching import first_match
-from peftkit.core.state import adapter_layers, get_state
 from peftkit.core.walk import set_module
 from peftkit.errors import ConfigError
 from peftkit.quant.layers import Linear4bit, Linear8bit, QuantLinear
@@ -39,7 +39,10 @@ class QuantSpec:
 
 def _candidates(model: nn.Module, skip: Sequence[str]) -> list[tuple[str, nn.Linear]]:
     """Every ``nn.Linear`` not matched by ``skip``; layers used by ``nn.MultiheadAttention`` stay float
-    (it reads ``out_proj.weight`` directly instead of calling the layer)."""
+    (it reads ``out_proj.weight`` directly instead of calling the layer), and so do an adapter's own factors (a
+    model adapted before it is quantized, as LoftQ's is, keeps its adapters in float and quantizes their bases)."""
+    factors = {id(m) for layer in model.modules() if isinstance(layer, AdapterLayer)
+               for attr in layer.adapter_containers for m in getattr(layer, attr).modules()}
     inside_mha = {
         f"{name}.{child}" if name else child
         for name, m in model.named_modules()
@@ -49,7 +52,8 @@ def _candidates(model: nn.Module, skip: Sequence[str]) -> list[tuple[str, nn.Lin
     return [
         (name, m)
         for name, m in model.named_modules()
-        if isinstance(m, nn.Linear) and name not in inside_mha and first_match(name, skip) is None
+        if isinstance(m, nn.Linear) and name not in inside_mha and id(m) not in factors
+        and first_match(name, skip) is None
     ]
 
 
@@ -94,18 +98,12 @@ def quantize(
         ``model``, with every matched linear layer replaced.
 
     Raises:
-        ConfigError: bad ``bits``/``quant_type``/``block_size``/``backend``, a model already quantized or holding
-            adapters, no linear layer left to quantize, or a layer whose weight is not float.
+        ConfigError: bad ``bits``/``quant_type``/``block_size``/``backend``, a model already quantized, no linear
+            layer left to quantize, or a layer whose weight is not float. (On a model that holds adapters only the base
+            layers are quantized; the adapters' factors stay float and trainable.)
         MissingDependencyError: ``backend="bitsandbytes"`` without bitsandbytes installed.
     """
     _check_args(bits, quant_type, block_size, backend)
-    adapted = [n for n, _ in adapter_layers(model)]
-    if adapted:  # their factors are nn.Linear too: they would be quantized and frozen
-        raise ConfigError(
-            f"the model has adapters ({sorted(get_state(model).configs) or adapted[:3]}); pk.quantize quantizes a base "
-            "model, so quantize first and then add adapters with pk.apply (QLoRA), or quantize the model "
-            "pk.unload returns"
-        )
     already = [n for n, m in model.named_modules() if isinstance(m, QuantLinear) or _is_bnb(m)]
     if already:
         raise ConfigError(
