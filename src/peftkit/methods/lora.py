@@ -24,6 +24,7 @@ from peftkit.core.registry import LINEAR_KINDS, register_method
 from peftkit.errors import ConfigError
 from peftkit.io.hf_names import hf_layer_targets, hf_modules_to_save, hf_parameters, hf_pattern, hf_resolve, hf_targets
 from peftkit.methods import lora_activated as activated
+from peftkit.methods import lora_params
 from peftkit.methods import lora_replication as replication
 from peftkit.methods.lora_init import check_init, check_targets, init_from_hf, initialize, loftq_config, loftq_from_hf
 from peftkit.methods.lora_layers import LORA_LAYERS, LoRALayer, LoRALinear, lora_layer_class
@@ -152,31 +153,8 @@ class LoRA(AdapterConfig):
             raise ConfigError(f"bias={self.bias!r} must be one of {BIAS_MODES}")
         if not isinstance(self.lora_bias, bool):
             raise ConfigError(f"lora_bias={self.lora_bias!r} must be True or False")
-        self._check_target_parameters()
+        lora_params.check_config(self)
         activated.check_config(self)
-
-    def _check_target_parameters(self) -> None:
-        spec = self.target_parameters
-        self.target_parameters = [spec] if isinstance(spec, str) else list(spec or [])
-        if not all(isinstance(t, str) and t for t in self.target_parameters):
-            raise ConfigError(f"target_parameters={spec!r} must be a list of parameter names, e.g. "
-                              "['experts.gate_up_proj', 'experts.down_proj']")
-        if not self.target_parameters:
-            return
-        if self.init is not None:
-            raise ConfigError(f"init={self.init!r} cannot initialise target_parameters={spec!r} (expert stacks are "
-                              "initialised with init_A/init_B); put the parameters in an adapter with init=None")
-        if not self.takes_parameters:
-            raise ConfigError(f"{type(self).__name__} cannot adapt parameters (target_parameters={spec!r}; HF PEFT "
-                              "refuses it too): use pk.LoRA for them")
-        for name, value, fix in (("dropout", self.dropout, "dropout=0"), ("lora_bias", self.lora_bias,
-                                                                          "lora_bias=False")):
-            if value:
-                raise ConfigError(
-                    f"{name}={value!r} cannot be used with target_parameters={spec!r}: the update of a parameter "
-                    f"is added to the weight, not computed from the input (HF PEFT refuses it too); set {fix}, or "
-                    "put the modules that need it in a second adapter"
-                )
 
     # -- per-module values -----------------------------------------------------------------------
     def rank_for(self, qualname: str) -> int:
@@ -208,7 +186,7 @@ class LoRA(AdapterConfig):
 
         targets = super().resolve(model) if self.target_modules or not self.target_parameters else []
         if self.target_parameters:
-            self._check_saved_parameters(self.parameter_keys(model, targets))
+            lora_params.selected(self, model, targets)
         plan_groups(self, model, targets)  # validates role names and groups before the model is touched
         from peftkit.methods.lora_tokens import lora_token_targets
 
@@ -220,58 +198,14 @@ class LoRA(AdapterConfig):
         activated.check_targets(self, model, targets)
         return targets
 
-    def parameter_keys(self, model: nn.Module, module_targets: list[str], name: str = "") -> list[str]:
-        """The keys of the parameters ``target_parameters`` selects on ``model``, checked against the module
-        targets and the model's adapters other than ``name`` (``[]`` without ``target_parameters``).
-
-        Raises:
-            TargetNotFoundError: an entry matches no parameter. ConfigError: a selected parameter belongs to a
-                module target, or another adapter adapts a different set of parameters.
-        """
-        if not self.target_parameters:
-            return []
-        from peftkit.core.state import get_state
-        from peftkit.methods.lora_params import parameter_targets
-
-        keys = parameter_targets(model, self.target_parameters)
-        both = sorted({k.rpartition(".")[0] for k in keys} & set(module_targets))
-        if both:
-            held = [k for k in keys if k.rpartition(".")[0] in both]
-            raise ConfigError(
-                f"{both[:3]} are module targets and hold target_parameters {held[:3]}; a layer is adapted as a "
-                "module or through its parameters, so remove it from one"
-            )
-        for other, config in get_state(model).configs.items():
-            theirs = getattr(config, "target_parameters", None)
-            if other != name and theirs and set(theirs) != set(keys):
-                raise ConfigError(
-                    f"adapter {other!r} adapts the parameters {sorted(theirs)[:3]}…; every adapter using "
-                    f"target_parameters must adapt the same ones (HF PEFT's rule: they share nested wrappers), but "
-                    f"this one selects {sorted(keys)[:3]}… ({len(keys)} against {len(theirs)})"
-                )
-        return keys
-
     def inject_parameters(self, model: nn.Module, name: str) -> list[str]:
         """Add adapter ``name`` on the parameters ``target_parameters`` selects; their keys."""
         from peftkit.core.state import get_state
-        from peftkit.methods.lora_params import inject_parameters
 
-        keys = self.parameter_keys(model, get_state(model).targets.get(name, []))
-        inject_parameters(model, keys, name, lambda key: (self.rank_for(key), self.alpha_for(key)),
-                          use_rslora=self.use_rslora, init_A=self.init_A, init_B=self.init_B)
+        keys = lora_params.selected(self, model, get_state(model).targets.get(name, []))
+        lora_params.inject_parameters(model, keys, name, lambda key: (self.rank_for(key), self.alpha_for(key)),
+                                      use_rslora=self.use_rslora, init_A=self.init_A, init_B=self.init_B)
         return keys
-
-    def _check_saved_parameters(self, keys: list[str]) -> None:
-        """Refuse target parameters inside a ``modules_to_save`` module: its trained copy would hold the wrapper."""
-        for key in keys:
-            parts = key.split(".")[:-1]
-            outer = next((".".join(parts[:i]) for i in range(1, len(parts) + 1)
-                          if first_match(".".join(parts[:i]), self.modules_to_save) is not None), None)
-            if outer is not None:
-                raise ConfigError(
-                    f"target parameter {key!r} lies inside {outer!r}, which modules_to_save={self.modules_to_save} "
-                    "trains in full; a module is either trained in full or adapted, so remove it from one of the two"
-                )
 
     def _check_patterns(self, model: nn.Module, targets: list[str]) -> None:
         """Refuse a rank/alpha pattern key that matches no module (or targeted parameter) of ``model`` (a typo
@@ -279,7 +213,7 @@ class LoRA(AdapterConfig):
         PEFT; one that matches only the modules holding target parameters is named in a warning, since it changes
         nothing (a parameter's rank is looked up by its own key, as in HF PEFT)."""
         names: list[str] | None = None
-        keys = self.parameter_keys(model, []) if self.rank_pattern or self.alpha_pattern else []
+        keys = lora_params.selected(self, model, []) if self.rank_pattern or self.alpha_pattern else []
         for field_name, pattern in (("rank_pattern", self.rank_pattern), ("alpha_pattern", self.alpha_pattern)):
             for key in pattern:
                 names = names or [n for n, _ in model.named_modules() if n] + keys
@@ -355,7 +289,7 @@ class LoRA(AdapterConfig):
         groups = plan_groups(self, model, state.targets[name])
         if groups:
             share_down_projections(model, name, groups)
-        keys = self.parameter_keys(model, state.targets[name], name)
+        keys = lora_params.selected(self, model, state.targets[name], name)
         if groups or keys:  # the applied config records the exact groups and parameters
             state.configs[name] = self.replace(shared_A=groups or self.shared_A, target_parameters=keys)
         from peftkit.methods.lora_tokens import add_lora_tokens

@@ -22,18 +22,21 @@ from __future__ import annotations
 
 import difflib
 from collections.abc import Sequence
-from typing import Any, ClassVar, cast
+from typing import TYPE_CHECKING, Any, ClassVar, cast
 
 import torch
 from torch import nn
 
 from peftkit.core.layer import AdapterLayer
-from peftkit.core.matching import matches
+from peftkit.core.matching import first_match, matches
 from peftkit.core.walk import iter_modules, set_module
 from peftkit.errors import ConfigError, TargetNotFoundError
 from peftkit.methods.lora_layers import LoRALayer, adapter_dtype, init_factor
 
-__all__ = ["LoRAParameter", "inject_parameters", "owner_of", "parameter_targets"]
+if TYPE_CHECKING:
+    from peftkit.methods.lora import LoRA
+
+__all__ = ["LoRAParameter", "check_config", "inject_parameters", "owner_of", "parameter_targets", "selected"]
 
 
 def owner_of(module: nn.Module) -> nn.Module:
@@ -225,3 +228,73 @@ def inject_parameters(model: nn.Module, keys: Sequence[str], name: str, rank_alp
             set_module(model, path, layer)
         rank, alpha = rank_alpha(key)
         layer.add(name, rank, alpha, **options)
+
+
+# -- the config's side: validation and selection (called by pk.LoRA) ---------------------------------------------
+def check_config(config: LoRA) -> None:
+    """Normalise ``config.target_parameters`` to a list and refuse what cannot go with it (``__post_init__``).
+
+    Raises:
+        ConfigError: entries that are not names, or ``init``, a LoRA variant, dropout or ``lora_bias`` with them.
+    """
+    spec = config.target_parameters
+    config.target_parameters = [spec] if isinstance(spec, str) else list(spec or [])
+    if not all(isinstance(t, str) and t for t in config.target_parameters):
+        raise ConfigError(f"target_parameters={spec!r} must be a list of parameter names, e.g. "
+                          "['experts.gate_up_proj', 'experts.down_proj']")
+    if not config.target_parameters:
+        return
+    if config.init is not None:
+        raise ConfigError(f"init={config.init!r} cannot initialise target_parameters={spec!r} (expert stacks are "
+                          "initialised with init_A/init_B); put the parameters in an adapter with init=None")
+    if not config.takes_parameters:
+        raise ConfigError(f"{type(config).__name__} cannot adapt parameters (target_parameters={spec!r}; HF PEFT "
+                          "refuses it too): use pk.LoRA for them")
+    for name, value, fix in (("dropout", config.dropout, "dropout=0"), ("lora_bias", config.lora_bias,
+                                                                        "lora_bias=False")):
+        if value:
+            raise ConfigError(
+                f"{name}={value!r} cannot be used with target_parameters={spec!r}: the update of a parameter "
+                f"is added to the weight, not computed from the input (HF PEFT refuses it too); set {fix}, or "
+                "put the modules that need it in a second adapter"
+            )
+
+
+def selected(config: LoRA, model: nn.Module, module_targets: list[str], name: str = "") -> list[str]:
+    """The keys of the parameters ``config.target_parameters`` selects on ``model``, checked against the module
+    targets, ``modules_to_save`` and the model's adapters other than ``name`` (``[]`` without target_parameters).
+
+    Raises:
+        TargetNotFoundError: an entry matches no parameter. ConfigError: a selected parameter belongs to a
+            module target or lies inside a ``modules_to_save`` module, or another adapter adapts a different set.
+    """
+    if not config.target_parameters:
+        return []
+    from peftkit.core.state import get_state
+
+    keys = parameter_targets(model, config.target_parameters)
+    both = sorted({k.rpartition(".")[0] for k in keys} & set(module_targets))
+    if both:
+        held = [k for k in keys if k.rpartition(".")[0] in both]
+        raise ConfigError(
+            f"{both[:3]} are module targets and hold target_parameters {held[:3]}; a layer is adapted as a "
+            "module or through its parameters, so remove it from one"
+        )
+    for key in keys:  # a trained full copy of a module would hold the wrapper
+        parts = key.split(".")[:-1]
+        outer = next((".".join(parts[:i]) for i in range(1, len(parts) + 1)
+                      if first_match(".".join(parts[:i]), config.modules_to_save) is not None), None)
+        if outer is not None:
+            raise ConfigError(
+                f"target parameter {key!r} lies inside {outer!r}, which modules_to_save={config.modules_to_save} "
+                "trains in full; a module is either trained in full or adapted, so remove it from one of the two"
+            )
+    for other, theirs_config in get_state(model).configs.items():
+        theirs = getattr(theirs_config, "target_parameters", None)
+        if other != name and theirs and set(theirs) != set(keys):
+            raise ConfigError(
+                f"adapter {other!r} adapts the parameters {sorted(theirs)[:3]}…; every adapter using "
+                f"target_parameters must adapt the same ones (HF PEFT's rule: they share nested wrappers), but "
+                f"this one selects {sorted(keys)[:3]}… ({len(keys)} against {len(theirs)})"
+            )
+    return keys
