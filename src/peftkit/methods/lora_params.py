@@ -68,10 +68,7 @@ class LoRAParameter(LoRALayer):
         elif len(shape) == 2:
             self.num_experts, self.out_features, self.in_features, self.transposed = 1, shape[0], shape[1], False
         else:
-            raise ConfigError(
-                f"target parameter {parameter_name!r} has shape {tuple(shape)}; LoRA adapts 2-D weights (out × in) "
-                "and 3-D expert stacks (experts × out × in) only"
-            )
+            raise _not_adaptable(parameter_name, shape)
         self.lora_A: nn.ModuleDict = nn.ModuleDict()
         self.lora_B: nn.ModuleDict = nn.ModuleDict()
 
@@ -186,11 +183,13 @@ def parameter_targets(model: nn.Module, patterns: Sequence[str]) -> list[str]:
     chosen = [k for k in keys if k in selected]
     flat = [k for k in chosen if params[k].dim() not in (2, 3)]
     if flat:
-        raise ConfigError(
-            f"target parameter {flat[0]!r} has shape {tuple(params[flat[0]].shape)}; LoRA adapts 2-D weights "
-            "(out × in) and 3-D expert stacks (experts × out × in) only"
-        )
+        raise _not_adaptable(flat[0], params[flat[0]].shape)
     return chosen
+
+
+def _not_adaptable(name: str, shape: torch.Size) -> ConfigError:
+    return ConfigError(f"target parameter {name!r} has shape {tuple(shape)}; LoRA adapts 2-D weights (out × in) and "
+                       "3-D expert stacks (experts × out × in) only")
 
 
 def _closest(pattern: str, params: dict[str, nn.Parameter]) -> str:
