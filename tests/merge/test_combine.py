@@ -275,6 +275,10 @@ def test_all_methods_run_and_leave_sources_alone() -> None:
         ({"method": "cat", "rank": 4}, ConfigError, "rank=4"),
         ({"name": "a"}, AdapterExistsError, "'a' already exists"),
         ({"weights": {"a": "x", "b": 1.0}}, ConfigError, "'x'"),
+        ({"weights": {"a": float("nan"), "b": 1.0}}, ConfigError, "weight for 'a' is nan; weights must be finite"),
+        ({"weights": {"a": 0.5, "b": float("-inf")}}, ConfigError, "weight for 'b' is -inf"),
+        ({"method": "dare_ties", "density": 0.5, "seed": "7"}, ConfigError, r"seed='7' must be an integer"),
+        ({"method": "dare_linear", "density": 0.5, "seed": 1.5}, ConfigError, r"seed=1.5 must be an integer"),
     ],
 )
 def test_bad_input_changes_nothing(kwargs: dict[str, Any], error: type[Exception], match: str) -> None:

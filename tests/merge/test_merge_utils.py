@@ -221,3 +221,11 @@ def test_mismatched_inputs() -> None:
         mu.task_arithmetic([{"a": torch.zeros(2), "b": torch.zeros(2)}, {"a": torch.zeros(2)}], [1.0, 1.0])
     with pytest.raises(ConfigError, match="unknown"):
         mu.prune(torch.zeros(3), 0.5, "l1")  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_non_finite_weight_refused(bad: float) -> None:
+    with pytest.raises(ConfigError, match=rf"weight 1 is {bad!r}; weights must be finite"):
+        mu.task_arithmetic(_tasks(), [0.5, bad, 0.5])
+    with pytest.raises(ConfigError, match=rf"weight 0 is {bad!r}"):
+        mu.ties(_tasks(), torch.tensor([bad, 1.0, 1.0]), 0.5)

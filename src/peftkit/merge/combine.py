@@ -43,6 +43,7 @@ arXiv:2306.01708), DARE (Yu et al., 2023, arXiv:2311.03099).
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any, cast
 
@@ -134,6 +135,7 @@ def _check(
     density: float | None,
     majority_sign_method: str,
     rank: int | None,
+    seed: int | None,
 ) -> tuple[str, list[str], list[tuple[str, LoRALayer]]]:
     """Validate everything before the model is touched; return (canonical method, targets, layers)."""
     state = get_state(model)
@@ -149,6 +151,8 @@ def _check(
             )
         if isinstance(weight, bool) or not isinstance(weight, int | float):
             raise ConfigError(f"weight for {adapter!r} is {weight!r}; weights must be numbers")
+        if not math.isfinite(weight):
+            raise ConfigError(f"weight for {adapter!r} is {weight!r}; weights must be finite numbers")
     if method not in COMBINATION_METHODS:
         raise ConfigError(f"method={method!r} is unknown; use one of {list(COMBINATION_METHODS)}")
     if not isinstance(name, str) or not name or "." in name:
@@ -171,6 +175,8 @@ def _check(
         not canonical.endswith("_svd") or isinstance(rank, bool) or not isinstance(rank, int) or rank < 1
     ):
         raise ConfigError(f"rank={rank!r} must be a positive integer, and is used only by the *svd methods")
+    if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)):
+        raise ConfigError(f"seed={seed!r} must be an integer (or None for the global torch generator)")
     kinds = {adapter: type(state.configs[adapter]) for adapter in weights}
     for adapter in weights:
         config = state.configs[adapter]
@@ -339,13 +345,13 @@ def combine(
 
     Raises:
         AdapterNotFoundError: an unknown adapter. AdapterExistsError: ``name`` is taken.
-        ConfigError: an unknown method, a missing/out-of-range density, unequal ranks for a
-            factor-space method, adapters on different modules or base models, an adapter that is neither
-            LoRA nor DoRA, a mix of LoRA and DoRA adapters, or ``lora_bias`` adapters with a method other
-            than ``cat``.
+        ConfigError: an unknown method, a non-finite weight, a non-integer seed, a missing/out-of-range
+            density, unequal ranks for a factor-space method, adapters on different modules or base models, an
+            adapter that is neither LoRA nor DoRA, a mix of LoRA and DoRA adapters, or ``lora_bias`` adapters with
+            a method other than ``cat``.
         AdapterStateError: the model has merged adapters.
     """
-    canonical, targets, layers = _check(model, weights, method, name, density, majority_sign_method, rank)
+    canonical, targets, layers = _check(model, weights, method, name, density, majority_sign_method, rank, seed)
     base = canonical.removesuffix("_svd")
     kwargs: dict[str, Any] = {}
     if base in _NEEDS_DENSITY:

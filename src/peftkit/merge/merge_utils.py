@@ -25,6 +25,7 @@ sign-election primitives (``prune``, ``calculate_majority_sign_mask``, ...) live
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import TypeVar
 
@@ -72,7 +73,11 @@ def _weight_list(weights: Weights, count: int) -> list[float]:
             f"got {len(values)} weights for {count} task tensors: pass exactly one weight per task "
             f"(weights={values!r})"
         )
-    return [float(w) for w in values]
+    floats = [float(w) for w in values]
+    for index, weight in enumerate(floats):
+        if not math.isfinite(weight):
+            raise ConfigError(f"weight {index} is {weight!r}; weights must be finite numbers (weights={floats!r})")
+    return floats
 
 
 def _check_shapes(tensors: Sequence[torch.Tensor], key: str | None = None) -> None:
@@ -185,7 +190,8 @@ def task_arithmetic(task_tensors: Sequence[_T], weights: Weights) -> _T:
         The merged tensor (or state dict), in the dtype of the first task tensor.
 
     Raises:
-        ConfigError: no tasks, a weight count that differs from the task count, or mismatched shapes/keys.
+        ConfigError: no tasks, a weight count that differs from the task count, a non-finite weight, or
+            mismatched shapes/keys.
     """
     return _merge(task_tensors, weights, _weighted_sum)
 
@@ -202,7 +208,7 @@ def magnitude_prune(task_tensors: Sequence[_T], weights: Weights, density: float
         The merged tensor (or state dict).
 
     Raises:
-        ConfigError: ``density`` outside (0, 1], a wrong weight count, or mismatched shapes/keys.
+        ConfigError: ``density`` outside (0, 1], a wrong weight count or a non-finite weight, or mismatched shapes/keys.
     """
     return _trimmed_merge(task_tensors, weights, density, "magnitude", None)
 
@@ -222,8 +228,8 @@ def ties(
         The merged tensor (or state dict).
 
     Raises:
-        ConfigError: ``density`` outside (0, 1], unknown ``majority_sign_method``, a wrong weight count,
-            or mismatched shapes/keys.
+        ConfigError: ``density`` outside (0, 1], unknown ``majority_sign_method``, a wrong weight count or a
+            non-finite weight, or mismatched shapes/keys.
     """
     return _trimmed_merge(task_tensors, weights, density, "magnitude", majority_sign_method)
 
@@ -244,7 +250,7 @@ def dare_linear(
         The merged tensor (or state dict).
 
     Raises:
-        ConfigError: ``density`` outside (0, 1], a wrong weight count, or mismatched shapes/keys.
+        ConfigError: ``density`` outside (0, 1], a wrong weight count or a non-finite weight, or mismatched shapes/keys.
     """
     return _trimmed_merge(task_tensors, weights, density, "random", None, generator)
 
@@ -270,7 +276,7 @@ def dare_ties(
         The merged tensor (or state dict).
 
     Raises:
-        ConfigError: ``density`` outside (0, 1], unknown ``majority_sign_method``, a wrong weight count,
-            or mismatched shapes/keys.
+        ConfigError: ``density`` outside (0, 1], unknown ``majority_sign_method``, a wrong weight count or a
+            non-finite weight, or mismatched shapes/keys.
     """
     return _trimmed_merge(task_tensors, weights, density, "random", majority_sign_method, generator)
