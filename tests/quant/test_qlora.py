@@ -92,6 +92,50 @@ def test_merge_into_quantized_base_and_dequantized_unload() -> None:
         torch.testing.assert_close(plain(input_ids=ids).logits, expected, atol=1e-4, rtol=1e-4)
 
 
+@pytest.mark.parametrize("compute_dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("bits", [4, 8])
+def test_merge_reads_the_quantized_base_in_fp32(bits: int, compute_dtype: torch.dtype) -> None:
+    """The merged weight is quantize(dequantize_fp32(W) + ΔW): no rounding to the compute dtype on the way, so a
+    zero update leaves the weight as it was (NF4: bit for bit; int8: its row scales within one fp32 rounding)."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(96, 40), nn.Linear(40, 24))
+    quantize(model, bits=bits, double_quant=False, compute_dtype=compute_dtype, skip=())
+    before = [m.dequantize(torch.float32) for m in model]
+    codes = [m.qweight.clone() for m in model]
+    pk.apply(model, pk.LoRA(target_modules=["0", "1"], rank=4))  # B = 0
+    pk.merge(model)
+    pk.unload(model, merge=False)
+    for layer, weight, code in zip(model, before, codes, strict=True):
+        assert torch.equal(layer.qweight, code)
+        torch.testing.assert_close(layer.dequantize(torch.float32), weight, rtol=2e-7, atol=0)
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(96, 40), nn.Linear(40, 24))
+    quantize(model, bits=bits, double_quant=False, compute_dtype=compute_dtype, skip=())
+    pk.apply(model, pk.LoRA(target_modules=["0", "1"], rank=4, init_B="gaussian"))
+    layer = model[0]
+    expected = type(layer.base_layer)(
+        layer.base_layer.dequantize(torch.float32) + layer.delta_weight("default").detach(),
+        compute_dtype=compute_dtype, **({"double_quant": False} if bits == 4 else {}),
+    )
+    pk.merge(model)
+    torch.testing.assert_close(layer.base_layer.dequantize(torch.float32), expected.dequantize(torch.float32),
+                               rtol=0, atol=0)
+
+
+def test_merge_and_unmerge_log_what_they_did(caplog: pytest.LogCaptureFixture) -> None:
+    torch.manual_seed(0)
+    model = quantize(nn.Sequential(nn.Linear(64, 32)), compute_dtype=torch.float32, skip=())
+    pk.apply(model, pk.LoRA(target_modules=["0"], rank=4, init_B="gaussian"))
+    with caplog.at_level("INFO", logger="peftkit"):
+        pk.merge(model)
+        pk.unmerge(model)
+    messages = [r.getMessage() for r in caplog.records]
+    assert len(messages) == 2
+    assert messages[0].startswith("merged adapter 'default' into quantized 0: max abs re-quantization error")
+    assert messages[1].startswith("unmerged adapter 'default' from a quantized Linear4bit: max abs re-quantization")
+
+
 def test_adapter_trained_on_4bit_base_loads_in_hf_peft(tmp_path: Path) -> None:
     peft = pytest.importorskip("peft")
     model = _llama()

@@ -58,12 +58,15 @@ class LinearKind:
     ``weight`` returns the dense weight in ``(out_features, in_features)`` orientation and the layer's
     compute dtype (dequantized for quantized layers); ``set_weight`` stores such a tensor back
     (re-quantizing where needed) and returns the absolute error it introduced, or ``None`` when exact.
+    ``merge_weight``, where given, returns the same weight in fp32 without the rounding to the compute dtype:
+    merging reads it, so that adding ΔW and re-quantizing rounds once (a zero ΔW changes nothing).
     """
 
     in_features: Callable[[nn.Module], int]
     out_features: Callable[[nn.Module], int]
     weight: Callable[[nn.Module], torch.Tensor]
     set_weight: Callable[[nn.Module, torch.Tensor], float | None]
+    merge_weight: Callable[[nn.Module], torch.Tensor] | None = None
 
 
 def _weight(m: nn.Module) -> torch.Tensor:

@@ -204,7 +204,6 @@ class _DoRAMixin(LoRALayer):
                 continue
             W = self._dora_working_weight()
             factor = self._per_row(self._dora_factor(name, self._merge_norms.pop(name)).to(W.dtype))
-            self._write_merged(name, W / factor - super().delta_weight(name).to(W.dtype), "")
-            self.merge_errors.pop(name, None)
+            self._write_unmerged(name, W / factor - super().delta_weight(name).to(W.dtype))
             self._forget_norms()
             self.merged_adapters.remove(name)

@@ -128,6 +128,14 @@ class LoRALayer(AdapterLayer):
             self.merge_errors[name] = error
             logger.info("merged adapter %r into quantized %s: max abs re-quantization error %.3g", name, where, error)
 
+    def _write_unmerged(self, name: str, weight: torch.Tensor) -> None:
+        """Store the weight with adapter ``name`` taken out again; a quantized base logs its re-quantization error."""
+        error = self._set_base_weight(weight)
+        self.merge_errors.pop(name, None)
+        if error is not None:
+            logger.info("unmerged adapter %r from a quantized %s: max abs re-quantization error %.3g", name,
+                        type(self.base_layer).__name__, error)
+
     def check_merge(self, names: Sequence[str], where: str = "") -> None:
         for name in names:
             if self.up_bias(name) is not None and getattr(self.base_layer, "bias", None) is None:
@@ -174,9 +182,8 @@ class LoRALayer(AdapterLayer):
         todo = [n for n in reversed(self.merged_adapters) if names is None or n in names]
         for name in todo:
             base = self._working_weight()
-            self._write_merged(name, base - self.delta_weight(name).to(base.dtype), "")
+            self._write_unmerged(name, base - self.delta_weight(name).to(base.dtype))
             self._write_bias(self._shifted_bias(name, -1.0))
-            self.merge_errors.pop(name, None)
             self.merged_adapters.remove(name)
 
 
@@ -244,6 +251,10 @@ class LoRALinear(LoRALayer):
 
     def _set_base_weight(self, weight: torch.Tensor) -> float | None:
         return self.kind.set_weight(self.base_layer, weight)
+
+    def _working_weight(self) -> torch.Tensor:
+        read = self.kind.merge_weight  # a quantized base: dequantized in fp32, not through its compute dtype
+        return read(self.base_layer).detach() if read is not None else super()._working_weight()
 
     def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
         # One adapter on a frozen nn.Linear: base and update in one autograd node (lora_kernels), shared with
