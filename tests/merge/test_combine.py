@@ -189,6 +189,40 @@ def test_matches_hf_add_weighted_adapter(tmp_path: Path, method: str, kwargs: di
         torch.testing.assert_close(ours[idx].delta_weight("mix"), expected, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("method", ["dare_linear", "dare_ties"])
+def test_dare_matches_hf_add_weighted_adapter_after_its_init_draws(tmp_path: Path, method: str) -> None:
+    """Under one global seed HF PEFT first initialises the new adapter's factors from the global generator, then
+    draws DARE's masks; combine (seed=None) draws the masks first. Replaying HF's init draws gives its result."""
+    import math
+
+    peft = pytest.importorskip("peft")
+    torch.manual_seed(0)
+    base = nn.Sequential(nn.Linear(10, 12), nn.ReLU(), nn.Linear(12, 9))
+    state = {k: v.clone() for k, v in base.state_dict().items()}
+    config = {"target_modules": ["0", "2"], "r": 4, "lora_alpha": 6}
+    hf = peft.get_peft_model(base, peft.LoraConfig(**config), adapter_name="first")
+    hf.add_adapter("second", peft.LoraConfig(**{**config, "lora_alpha": 3}))
+    for n, p in hf.named_parameters():
+        if "lora_" in n:
+            nn.init.normal_(p)
+    hf.save_pretrained(str(tmp_path))
+    ours = nn.Sequential(nn.Linear(10, 12), nn.ReLU(), nn.Linear(12, 9))
+    ours.load_state_dict(state)
+    pk.load_adapter(ours, tmp_path / "first", name="a")
+    pk.load_adapter(ours, tmp_path / "second", name="b")
+
+    torch.manual_seed(5)
+    hf.add_weighted_adapter(["first", "second"], [0.6, 0.4], "mix", combination_type=method, density=0.5)
+    torch.manual_seed(5)
+    for fan_in, fan_out in ((10, 12), (12, 9)):  # HF's new lora_A / lora_B, then its kaiming init of A
+        A, _ = nn.Linear(fan_in, 4, bias=False), nn.Linear(4, fan_out, bias=False)
+        nn.init.kaiming_uniform_(A.weight, a=math.sqrt(5))
+    combine(ours, {"a": 0.6, "b": 0.4}, method=method, name="mix", density=0.5)
+    for idx in (0, 2):
+        expected = hf.base_model.model[idx].get_delta_weight("mix").detach()
+        torch.testing.assert_close(ours[idx].delta_weight("mix"), expected, rtol=1e-5, atol=1e-5)
+
+
 @pytest.mark.parametrize("method", ["dare_linear", "dare_ties", "dare_linear_svd", "dare_ties_svd"])
 def test_dare_matches_direct_formula(method: str) -> None:
     """Recompute with merge_utils in HF PEFT's order: module by module; A then B (or the dense ΔW)."""

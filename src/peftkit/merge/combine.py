@@ -338,7 +338,9 @@ def combine(
         rank: the new rank for the ``*svd`` methods (default: the largest source rank of each module).
         density: fraction of entries kept, in (0, 1], for ties / dare / magnitude_prune methods.
         majority_sign_method: ``"total"`` or ``"frequency"`` for the ties methods.
-        seed: seeds DARE's random drops (``None``: the global torch generator, as Hugging Face PEFT).
+        seed: seeds DARE's random drops (``None``: the global torch generator, as Hugging Face PEFT; its
+            ``add_weighted_adapter`` first initialises the new adapter from that generator, so under one
+            ``torch.manual_seed`` its masks are later draws than these).
 
     Returns:
         ``model`` itself.
