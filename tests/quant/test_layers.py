@@ -129,11 +129,26 @@ def test_quantize_replaces_linears_but_skips_head_and_attention_internals() -> N
         ({"block_size": 100}, "block_size=100"),
         ({"backend": "gptq"}, "backend='gptq'"),
         ({"skip": ("proj", "lm_head", "out_proj")}, "no nn.Linear layer to quantize"),
+        ({"skip": ("lm_hed",)}, r"skip pattern 'lm_hed' matches no module of this model \(close: \['lm_head'"),
+        ({"skip": ("lm_head", "layers.*")}, "skip pattern 'layers.*' matches no module"),
+        ({"compute_dtype": torch.int8}, "compute_dtype=torch.int8 is not supported"),
+        ({"compute_dtype": "bfloat16"}, "compute_dtype='bfloat16' is not supported; use torch.float32"),
+        ({"bits": 8, "quant_type": "fp4"}, "quant_type='fp4' and block_size=64 apply to bits=4 only"),
+        ({"bits": 8, "block_size": 128}, "block_size=128 apply to bits=4 only"),
     ],
 )
 def test_quantize_bad_arguments(kwargs: dict[str, object], message: str) -> None:
+    net = _Net()
     with pytest.raises(ConfigError, match=message):
-        quantize(_Net(), **kwargs)  # type: ignore[arg-type]
+        quantize(net, **kwargs)  # type: ignore[arg-type]
+    assert not any(isinstance(m, (Linear4bit, Linear8bit)) for m in net.modules())
+
+
+def test_skip_as_one_string_is_one_pattern() -> None:
+    net = quantize(_Net(), skip="lm_head")
+    assert isinstance(net.proj, Linear4bit) and type(net.lm_head) is nn.Linear
+    net = quantize(_Net(), skip="proj")
+    assert type(net.proj) is nn.Linear and isinstance(net.lm_head, Linear4bit)
 
 
 def test_quantize_twice_is_an_error() -> None:

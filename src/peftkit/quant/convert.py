@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from peftkit.core.layer import AdapterLayer
-from peftkit.core.matching import first_match
+from peftkit.core.matching import first_match, matches, near_misses
 from peftkit.core.walk import set_module
 from peftkit.errors import ConfigError
 from peftkit.quant.layers import Linear4bit, Linear8bit, QuantLinear
@@ -57,14 +57,42 @@ def _candidates(model: nn.Module, skip: Sequence[str]) -> list[tuple[str, nn.Lin
     ]
 
 
-def _check_args(bits: int, quant_type: str, block_size: int, backend: str) -> None:
+_COMPUTE_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+def _check_args(bits: int, quant_type: str, block_size: int, compute_dtype: torch.dtype, backend: str) -> None:
     if bits not in (4, 8):
         raise ConfigError(f"bits={bits!r} is not supported; use 4 (NF4/FP4) or 8 (int8)")
     if bits == 4:
         check_quant_type(quant_type)
         check_block_size(block_size)
+    elif quant_type != "nf4" or block_size != 64:
+        raise ConfigError(
+            f"quant_type={quant_type!r} and block_size={block_size!r} apply to bits=4 only; with bits=8 (one int8 "
+            "scale per row) leave them at their defaults"
+        )
+    if compute_dtype not in _COMPUTE_DTYPES:
+        raise ConfigError(
+            f"compute_dtype={compute_dtype!r} is not supported; use torch.float32, torch.float16 or torch.bfloat16"
+        )
     if backend not in ("peftkit", "bitsandbytes"):
         raise ConfigError(f"backend={backend!r} is not supported; use 'peftkit' or 'bitsandbytes'")
+
+
+def _skip_patterns(model: nn.Module, skip: str | Sequence[str] | None) -> list[str]:
+    """``skip`` as a list of patterns (a str is one pattern). The default, ``lm_head``, may match nothing; a pattern
+    given explicitly must match some module, lest a misspelt name quantize the layer it meant to keep."""
+    if skip is None:
+        return ["lm_head"]
+    patterns = [skip] if isinstance(skip, str) else list(skip)
+    names = [n for n, _ in model.named_modules() if n]
+    for pattern in patterns:
+        if not isinstance(pattern, str) or not any(matches(n, pattern) for n in names):
+            raise ConfigError(
+                f"skip pattern {pattern!r} matches no module of this model (close: "
+                f"{near_misses(str(pattern), names)}); fix or drop it"
+            )
+    return patterns
 
 
 def quantize(
@@ -74,7 +102,7 @@ def quantize(
     double_quant: bool = True,
     block_size: int = 64,
     compute_dtype: torch.dtype = torch.bfloat16,
-    skip: Sequence[str] = ("lm_head",),
+    skip: str | Sequence[str] | None = None,
     backend: Backend = "peftkit",
 ) -> nn.Module:
     """Replace the model's ``nn.Linear`` layers in place by frozen quantized ones.
@@ -90,7 +118,8 @@ def quantize(
         block_size: weights per constant (4 bits only): 32, 64, ..., 4096.
         compute_dtype: dtype of the dequantized weight and of the matmul.
         skip: layers to leave in float: leaf names (``lm_head``) or globs on qualified names
-            (``model.layers.0.*``), matched as ``target_modules`` are.
+            (``model.layers.0.*``), matched as ``target_modules`` are; a str is one pattern. Default
+            (``None``): ``lm_head``, where the model has one. A pattern given here must match some module.
         backend: ``"peftkit"`` (pure PyTorch, any device) or ``"bitsandbytes"`` (its ``Linear4bit`` /
             ``Linear8bitLt``; needs bitsandbytes and a CUDA GPU).
 
@@ -98,12 +127,15 @@ def quantize(
         ``model``, with every matched linear layer replaced.
 
     Raises:
-        ConfigError: bad ``bits``/``quant_type``/``block_size``/``backend``, a model already quantized, no linear
+        ConfigError: bad ``bits``/``quant_type``/``block_size``/``compute_dtype``/``backend`` (``quant_type`` and
+            ``block_size`` other than their defaults with ``bits=8``), a ``skip`` pattern that matches no module,
+            a model already quantized, no linear
             layer left to quantize, or a layer whose weight is not float. (On a model that holds adapters only the base
             layers are quantized; the adapters' factors stay float and trainable.)
         MissingDependencyError: ``backend="bitsandbytes"`` without bitsandbytes installed.
     """
-    _check_args(bits, quant_type, block_size, backend)
+    _check_args(bits, quant_type, block_size, compute_dtype, backend)
+    skip = _skip_patterns(model, skip)
     already = [n for n, m in model.named_modules() if isinstance(m, QuantLinear) or _is_bnb(m)]
     if already:
         raise ConfigError(
