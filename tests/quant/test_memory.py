@@ -52,6 +52,29 @@ def test_estimate_agrees_with_measured_small_model() -> None:
     assert frozen == pytest.approx(estimate.weights_by_dtype["fp32"], rel=0.01)
 
 
+def test_estimate_targets_as_lora_resolves_them() -> None:
+    """A str is one pattern and ``all-linear`` is the alias LoRA knows: the same count as the adapter it estimates."""
+    shape = {"vocab_size": 256, "hidden_size": 128, "intermediate_size": 256, "num_hidden_layers": 2}
+    meta = _llama(True, **shape)
+    for targets in ("q_proj", "all-linear", ["all-linear"], ["*.layers.0.*.q_proj", "v_proj"]):
+        estimate = estimate_training_memory(meta, method="qlora", rank=8, target_modules=targets)
+        model = pk.apply(_llama(False, **shape), pk.LoRA(target_modules=targets, rank=8))
+        assert estimate.trainable_params == memory_report(model).trainable_params > 0
+    one, listed = (estimate_training_memory(meta, method="qlora", skip=s).quantized for s in ("lm_head", ["lm_head"]))
+    assert one == listed
+
+
+def test_estimate_refuses_targets_that_match_nothing() -> None:
+    from peftkit.errors import TargetNotFoundError, UnsupportedLayerError
+
+    meta = _llama(True, vocab_size=256, hidden_size=128, intermediate_size=256, num_hidden_layers=2)
+    with pytest.raises(TargetNotFoundError, match=r"'qproj' matches no module .*closest module names: \['q_proj'"):
+        estimate_training_memory(meta, method="qlora", target_modules=["qproj"])
+    with pytest.raises(UnsupportedLayerError, match="'embed_tokens' matches only modules of type Embedding"):
+        estimate_training_memory(meta, method="lora", target_modules="embed_tokens")
+    assert estimate_training_memory(nn.Linear(2, 2), method="lora").trainable_params == 0  # default: those present
+
+
 def test_bad_method() -> None:
     with pytest.raises(ConfigError, match="method='prefix'"):
         estimate_training_memory(nn.Linear(2, 2), method="prefix")

@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from peftkit.core.matching import first_match
+from peftkit.core.matching import first_match, resolve_targets
 from peftkit.errors import ConfigError
 from peftkit.quant.layers import QuantLinear, quantized_nbytes
 
@@ -109,21 +109,16 @@ def memory_report(model: nn.Module, optimizer_bytes_per_param: int = 8) -> Memor
 _BITS = {"nf4": 4 + 8 / 64 + 32 / (64 * 256), "fp16": 16.0, "bf16": 16.0, "fp32": 32.0, "int8": 8.0}
 
 
+_DEFAULT_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+
 def estimate_training_memory(
     model: nn.Module,
     method: str = "lora",
     rank: int = 16,
-    target_modules: Sequence[str] = (
-        "q_proj",
-        "k_proj",
-        "v_proj",
-        "o_proj",
-        "gate_proj",
-        "up_proj",
-        "down_proj",
-    ),
+    target_modules: str | Sequence[str] | None = None,
     dtype: str = "fp16",
-    skip: Sequence[str] = ("lm_head",),
+    skip: str | Sequence[str] = ("lm_head",),
 ) -> MemoryReport:
     """Estimate training memory (without activations) for ``model``'s shape; no tensor is allocated.
 
@@ -133,7 +128,9 @@ def estimate_training_memory(
             ``"lora"`` (frozen ``dtype`` base), ``"qlora"`` (frozen NF4 base, double-quantized, for the
             linear layers not in ``skip``; the rest stays in ``dtype``) or ``"qlora8"`` (int8 base).
         rank: LoRA rank, for ``"lora"``/``"qlora"``.
-        target_modules: the layers carrying adapters (names or globs, as in ``target_modules``).
+        target_modules: the layers carrying adapters (names, globs or ``"all-linear"``, as in ``target_modules``;
+            a str is one pattern), each of which must match a linear layer. Default: Llama's attention and MLP
+            projections (``q_proj`` … ``down_proj``), those the model has.
         dtype: the base's float format: ``"fp16"``, ``"bf16"`` or ``"fp32"``.
         skip: linear layers a QLoRA base keeps in ``dtype`` (the output head by default).
 
@@ -142,7 +139,15 @@ def estimate_training_memory(
 
     Raises:
         ConfigError: unknown ``method`` or ``dtype``.
+        TargetNotFoundError: a ``target_modules`` pattern matches no module (not checked for ``"full"``).
+        UnsupportedLayerError: a pattern matches only layers that are not ``nn.Linear``.
     """
+    if target_modules is None:
+        names = {n.rsplit(".", 1)[-1] for n, m in model.named_modules() if isinstance(m, nn.Linear)}
+        targets = [t for t in _DEFAULT_TARGETS if t in names]
+    else:
+        targets = [target_modules] if isinstance(target_modules, str) else list(target_modules)
+    skip = [skip] if isinstance(skip, str) else list(skip)
     if method not in ("full", "lora", "qlora", "qlora8"):
         raise ConfigError(f"method={method!r} is not supported; use 'full', 'lora', 'qlora' or 'qlora8'")
     if dtype not in ("fp16", "bf16", "fp32"):
@@ -157,11 +162,14 @@ def estimate_training_memory(
         report.gradients = total * (2 if half else 4)
         report.optimizer = total * (12 if half else 8)
         return report
+    linear = ["Linear"]
+    adapted = set(resolve_targets(model, targets, supported=lambda m: isinstance(m, nn.Linear), supported_names=linear)
+                  if targets else ())
     base_bits = {"lora": _BITS[dtype], "qlora": _BITS["nf4"], "qlora8": _BITS["int8"]}[method]
     quantized = 0
     for name, m in model.named_modules():
         if isinstance(m, nn.Linear):
-            if first_match(name, target_modules) is not None:
+            if name in adapted:
                 report.trainable_params += rank * (m.in_features + m.out_features)
             if method != "lora" and first_match(name, skip) is None:
                 quantized += m.weight.numel()
