@@ -84,3 +84,18 @@ def test_zero_update_merge_leaves_linear4bit_codes_alone() -> None:
     pk.merge(model)
     assert torch.equal(model[0].base_layer.weight.data, codes)
     assert model[0].merge_errors["default"] == 0.0
+
+
+def test_memory_report_counts_bitsandbytes_layers_as_quantized() -> None:
+    """Codes and constants (double quantization's too) count as quantized bytes, as for peftkit's own layers."""
+    from peftkit.quant import memory_report, quantize
+
+    linear = _float()
+    layer = bnb.nn.Linear4bit(64, 32, bias=True, quant_type="nf4", compress_statistics=True)
+    layer.weight = bnb.nn.Params4bit(linear.weight.detach().clone(), requires_grad=False, quant_type="nf4")
+    layer.bias = nn.Parameter(linear.bias.detach().clone(), requires_grad=False)
+    for bits, theirs in ((4, nn.Sequential(layer.to("cpu"))), (8, _int8(linear))):
+        ours = quantize(nn.Sequential(_float()), bits=bits, skip=())
+        mine, report = memory_report(ours), memory_report(theirs)
+        assert report.quantized == mine.quantized > 0
+        assert report.weights_by_dtype == mine.weights_by_dtype == {"float32": 32 * 4}  # the bias only

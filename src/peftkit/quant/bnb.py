@@ -140,6 +140,22 @@ def _to_linear8(m: Any) -> nn.Module:
     return linear.requires_grad_(False)
 
 
+def packed_tensors(m: nn.Module) -> list[torch.Tensor] | None:
+    """The tensors that store a bitsandbytes ``Linear4bit`` / ``Linear8bitLt`` weight (codes and constants, double
+    quantization's included), or ``None`` for any other module (and for an 8-bit layer holding fp16 weights)."""
+    kind = f"{type(m).__module__}.{type(m).__qualname__}"
+    weight = getattr(m, "weight", None)
+    if kind == "bitsandbytes.nn.modules.Linear4bit" and getattr(weight, "quant_state", None) is not None:
+        state = cast(Any, weight).quant_state
+        nested = [state.state2.absmax, state.offset] if getattr(state, "nested", False) else []
+        return [t for t in (cast(torch.Tensor, weight), state.absmax, *nested) if isinstance(t, torch.Tensor)]
+    if kind == "bitsandbytes.nn.modules.Linear8bitLt" and weight is not None and weight.dtype == torch.int8:
+        scb = getattr(weight, "SCB", None)
+        scb = scb if scb is not None else cast(Any, m).state.SCB
+        return [t for t in (cast(torch.Tensor, weight), scb) if isinstance(t, torch.Tensor)]
+    return None
+
+
 _FEATURES: dict[str, Any] = {
     "in_features": lambda m: int(getattr(m, "in_features")),  # noqa: B009
     "out_features": lambda m: int(getattr(m, "out_features")),  # noqa: B009

@@ -24,6 +24,7 @@ from torch import nn
 
 from peftkit.core.matching import first_match, resolve_targets
 from peftkit.errors import ConfigError
+from peftkit.quant.bnb import packed_tensors
 from peftkit.quant.layers import QuantLinear, quantized_nbytes
 
 GIB = 1024**3
@@ -35,7 +36,7 @@ class MemoryReport:
 
     Attributes:
         weights_by_dtype: bytes of frozen float parameters and buffers, by dtype name.
-        quantized: bytes of quantized weights and their constants.
+        quantized: bytes of quantized weights and their constants (peftkit's layers and bitsandbytes').
         trainable: bytes of trainable parameters (adapters, or everything in full fine-tuning).
         trainable_params: number of trainable parameters.
         gradients: bytes of their gradients (same dtype as the parameters).
@@ -88,6 +89,9 @@ def memory_report(model: nn.Module, optimizer_bytes_per_param: int = 8) -> Memor
         if isinstance(module, QuantLinear):
             report.quantized += quantized_nbytes(module)
             quantized_ids.update(id(b) for b in module.buffers(recurse=False))
+        elif (packed := packed_tensors(module)) is not None:  # bitsandbytes' layers: codes are uint8/int8 parameters
+            report.quantized += sum(_nbytes(t) for t in packed)
+            quantized_ids.update(id(t) for t in packed)
     seen: set[int] = set()
     tensors = [*model.named_parameters(remove_duplicate=True), *model.named_buffers(remove_duplicate=True)]
     for _, t in tensors:
