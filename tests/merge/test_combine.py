@@ -325,14 +325,46 @@ def test_bad_input_changes_nothing(kwargs: dict[str, Any], error: type[Exception
     assert snapshot.keys() == model.state_dict().keys()
 
 
-def test_different_targets_refused() -> None:
+def test_different_targets_combine_over_their_union() -> None:
     torch.manual_seed(0)
     model = Tiny().double()
-    pk.apply(model, pk.LoRA(target_modules=["q", "v"]), name="a")
-    pk.apply(model, pk.LoRA(target_modules=["q"]), name="b")
-    with pytest.raises(ConfigError, match=r"adapt different modules \(only 'a': \['v'\]"):
-        combine(model, {"a": 1.0, "b": 1.0})
-    assert list_adapters(model) == ["a", "b"]
+    pk.apply(model, pk.LoRA(target_modules=["q", "v"], rank=3), name="a")
+    pk.apply(model, pk.LoRA(target_modules=["q", "conv"], rank=2, alpha=5), name="b")
+    _randomize(model)
+    combine(model, {"a": 0.7, "b": -0.4}, method="cat", name="mix")
+    assert sorted(get_state(model).targets["mix"]) == ["conv", "q", "v"]
+    layers = dict(adapter_layers(model))
+    assert layers["q"].rank["mix"] == 5 and layers["v"].rank["mix"] == 3 and layers["conv"].rank["mix"] == 2
+    for name, present in (("q", {"a": 0.7, "b": -0.4}), ("v", {"a": 0.7}), ("conv", {"b": -0.4})):
+        layer = layers[name]
+        expected = sum(w * layer.delta_weight(a) for a, w in present.items())
+        torch.testing.assert_close(layer.delta_weight("mix"), expected, rtol=0, atol=1e-12)
+    combine(model, {"a": 1.0, "b": 1.0}, method="dare_ties_svd", name="dare", density=0.5, seed=1)
+    assert sorted(get_state(model).targets["dare"]) == ["conv", "q", "v"]
+
+
+@pytest.mark.parametrize(("method", "kwargs"), [("cat", {}), ("svd", {}), ("linear", {}), ("ties", {"density": 0.5})])
+def test_different_targets_match_hf_add_weighted_adapter(tmp_path: Path, method: str, kwargs: dict[str, Any]) -> None:
+    peft = pytest.importorskip("peft")
+    torch.manual_seed(0)
+    base = nn.Sequential(nn.Linear(10, 12), nn.ReLU(), nn.Linear(12, 9))
+    state = {k: v.clone() for k, v in base.state_dict().items()}
+    hf = peft.get_peft_model(base, peft.LoraConfig(target_modules=["0", "2"], r=4, lora_alpha=6), adapter_name="first")
+    hf.add_adapter("second", peft.LoraConfig(target_modules=["0"], r=4, lora_alpha=3))
+    for n, p in hf.named_parameters():
+        if "lora_" in n:
+            nn.init.normal_(p)
+    hf.save_pretrained(str(tmp_path))
+    ours = nn.Sequential(nn.Linear(10, 12), nn.ReLU(), nn.Linear(12, 9))
+    ours.load_state_dict(state)
+    pk.load_adapter(ours, tmp_path / "first", name="a")
+    pk.load_adapter(ours, tmp_path / "second", name="b")
+
+    hf.add_weighted_adapter(["first", "second"], [0.6, -0.3], "mix", combination_type=method, **kwargs)
+    combine(ours, {"a": 0.6, "b": -0.3}, method=method, name="mix", **kwargs)
+    for idx in (0, 2):
+        expected = hf.base_model.model[idx].get_delta_weight("mix").detach()
+        torch.testing.assert_close(ours[idx].delta_weight("mix"), expected, rtol=1e-5, atol=1e-5)
 
 
 def test_different_base_models_refused() -> None:

@@ -37,6 +37,10 @@ combined as a task vector, measured from the point where the adapter is the iden
 
 The result is a DoRA adapter (``use_dora: true`` on disk).
 
+Adapters of different modules combine over the union of their modules: in a module a source does not adapt, its
+update is zero and it takes no part in that module's merge (its weight, density draws and sign votes included),
+as in Hugging Face PEFT.
+
 References: task arithmetic (Ilharco et al., 2023, arXiv:2212.04089), TIES (Yadav et al., 2023,
 arXiv:2306.01708), DARE (Yu et al., 2023, arXiv:2311.03099).
 """
@@ -211,16 +215,8 @@ def _check(
             "(a LoRA adapter has no magnitude to combine with DoRA's)"
         )
     names = list(weights)
-    targets = sorted(state.targets[names[0]])
-    for adapter in names[1:]:
-        other = sorted(state.targets[adapter])
-        if other != targets:
-            only_a, only_b = sorted(set(targets) - set(other)), sorted(set(other) - set(targets))
-            raise ConfigError(
-                f"adapters {names[0]!r} and {adapter!r} adapt different modules "
-                f"(only {names[0]!r}: {only_a[:4]}, "
-                f"only {adapter!r}: {only_b[:4]}); combine adapters trained with the same target_modules"
-            )
+    # Every module any source adapts; in a module a source does not adapt, its update is zero (as in HF PEFT).
+    targets = sorted(set().union(*(state.targets[adapter] for adapter in names)))
     _check_extras(state.configs, names)
     layers = [(q, cast(LoRALayer, layer)) for q, layer in adapter_layers(model) if q in set(targets)]
     for qualname, layer in layers:
@@ -229,7 +225,7 @@ def _check(
                 f"{qualname} has merged adapters {layer.merged_adapters}; call pk.unmerge first"
             )
         if canonical in _FACTOR_FNS:
-            ranks = {a: layer.rank[a] for a in names}
+            ranks = {a: layer.rank[a] for a in names if layer.has_adapter(a)}
             if len(set(ranks.values())) > 1:
                 raise ConfigError(
                     f"method={method!r} needs equal ranks, but {qualname} has ranks {ranks}; use 'cat' or an "
@@ -348,7 +344,7 @@ def combine(
     Raises:
         AdapterNotFoundError: an unknown adapter. AdapterExistsError: ``name`` is taken.
         ConfigError: an unknown method, a non-finite weight, a non-integer seed, a missing/out-of-range
-            density, unequal ranks for a factor-space method, adapters on different modules or base models, an
+            density, unequal ranks for a factor-space method, adapters of different base models, an
             adapter that is neither LoRA nor DoRA, a mix of LoRA and DoRA adapters, or ``lora_bias`` adapters with
             a method other than ``cat``.
         AdapterStateError: the model has merged adapters.
@@ -361,7 +357,8 @@ def combine(
     if base in _NEEDS_SIGN:
         kwargs["majority_sign_method"] = majority_sign_method
     if base.startswith("dare") and seed is not None:
-        device = factors(layers[0][1], next(iter(weights)))[0].device
+        layer0 = layers[0][1]
+        device = factors(layer0, next(a for a in weights if layer0.has_adapter(a)))[0].device
         kwargs["generator"] = torch.Generator(device=device).manual_seed(seed)
 
     first = cast(LoRA, get_state(model).configs[next(iter(weights))])  # checked by _check
@@ -371,18 +368,19 @@ def combine(
     biases: dict[str, torch.Tensor] = {}
     with torch.no_grad():
         for qualname, layer in layers:
+            present = {a: w for a, w in weights.items() if layer.has_adapter(a)}  # the others add nothing here
             if canonical == "cat":
-                new[qualname] = _cat(layer, weights)
-                bias = _cat_bias(layer, weights)
+                new[qualname] = _cat(layer, present)
+                bias = _cat_bias(layer, present)
                 if bias is not None:
                     biases[qualname] = bias
             elif canonical.endswith("_svd"):
-                new[qualname] = _svd(_FACTOR_FNS[base], layer, weights, rank, kwargs)
+                new[qualname] = _svd(_FACTOR_FNS[base], layer, present, rank, kwargs)
             else:
-                new[qualname] = _factor_merge(_FACTOR_FNS[base], layer, weights, kwargs)
+                new[qualname] = _factor_merge(_FACTOR_FNS[base], layer, present, kwargs)
             if dora:
                 fn = _FACTOR_FNS["task_arithmetic" if canonical == "cat" else base]
-                magnitudes[qualname] = _magnitude(fn, layer, weights, kwargs)
+                magnitudes[qualname] = _magnitude(fn, layer, present, kwargs)
 
     ranks = {q: int(A.shape[0]) for q, (A, _) in new.items()}
     config = lora_config_for(model, first, ranks, lora_bias=bool(biases))
