@@ -144,6 +144,18 @@ def test_quantize_bad_arguments(kwargs: dict[str, object], message: str) -> None
     assert not any(isinstance(m, (Linear4bit, Linear8bit)) for m in net.modules())
 
 
+@pytest.mark.parametrize("bits", [4, 8])
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_non_finite_weights_refused_before_any_layer_changes(bits: int, bad: float) -> None:
+    net = _Net()
+    with torch.no_grad():
+        net.lm_head.weight[3, 5] = bad
+    with pytest.raises(ConfigError, match=r"layer 'lm_head' has 1 non-finite weight\(s\) \(NaN or Inf\)"):
+        quantize(net, bits=bits, skip=())
+    assert type(net.proj) is nn.Linear and type(net.lm_head) is nn.Linear
+    quantize(net, bits=bits)  # the default keeps lm_head in float
+
+
 def test_skip_as_one_string_is_one_pattern() -> None:
     net = quantize(_Net(), skip="lm_head")
     assert isinstance(net.proj, Linear4bit) and type(net.lm_head) is nn.Linear

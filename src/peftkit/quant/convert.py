@@ -129,7 +129,7 @@ def quantize(
     Raises:
         ConfigError: bad ``bits``/``quant_type``/``block_size``/``compute_dtype``/``backend`` (``quant_type`` and
             ``block_size`` other than their defaults with ``bits=8``), a ``skip`` pattern that matches no module,
-            a model already quantized, no linear
+            a model already quantized, a layer with NaN or Inf weights, no linear
             layer left to quantize, or a layer whose weight is not float. (On a model that holds adapters only the base
             layers are quantized; the adapters' factors stay float and trainable.)
         MissingDependencyError: ``backend="bitsandbytes"`` without bitsandbytes installed.
@@ -150,6 +150,13 @@ def quantize(
             check_float(linear.weight)
         except ConfigError as exc:
             raise ConfigError(f"layer {name!r}: {exc}") from None
+        if linear.weight.device.type != "meta" and not bool(torch.isfinite(linear.weight).all()):
+            bad = int((~torch.isfinite(linear.weight)).sum())
+            # one NaN or Inf poisons its block's constant, and through double quantization's mean every constant
+            raise ConfigError(
+                f"layer {name!r} has {bad} non-finite weight(s) (NaN or Inf); quantizing would spread them over the "
+                "layer. Fix or reload the weights, or leave the layer in float with skip="
+            )
     spec = QuantSpec(bits, quant_type, double_quant, block_size, compute_dtype)
     for name, linear in targets:
         set_module(model, name, _convert(linear, spec, backend))
