@@ -96,18 +96,21 @@ def test_merge_into_quantized_base_and_dequantized_unload() -> None:
 @pytest.mark.parametrize("bits", [4, 8])
 def test_merge_reads_the_quantized_base_in_fp32(bits: int, compute_dtype: torch.dtype) -> None:
     """The merged weight is quantize(dequantize_fp32(W) + ΔW): no rounding to the compute dtype on the way, so a
-    zero update leaves the weight as it was (NF4: bit for bit; int8: its row scales within one fp32 rounding)."""
+    zero update leaves the weight as it was (NF4: bit for bit; int8: row scales within an fp32 rounding per merge)."""
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(96, 40), nn.Linear(40, 24))
     quantize(model, bits=bits, double_quant=False, compute_dtype=compute_dtype, skip=())
     before = [m.dequantize(torch.float32) for m in model]
     codes = [m.qweight.clone() for m in model]
-    pk.apply(model, pk.LoRA(target_modules=["0", "1"], rank=4))  # B = 0
-    pk.merge(model)
-    pk.unload(model, merge=False)
-    for layer, weight, code in zip(model, before, codes, strict=True):
-        assert torch.equal(layer.qweight, code)
-        torch.testing.assert_close(layer.dequantize(torch.float32), weight, rtol=2e-7, atol=0)
+    for method in (pk.LoRA(target_modules=["0", "1"], rank=4),  # B = 0
+                   pk.IA3(target_modules=["0", "1"], feedforward_modules=["1"]),  # l = 1
+                   pk.AdaLoRA(target_modules=["0", "1"], init_rank=4, target_rank=2, total_step=10)):  # λ = 0
+        pk.apply(model, method)
+        pk.merge(model)
+        pk.unload(model, merge=False)
+        for layer, weight, code in zip(model, before, codes, strict=True):
+            assert torch.equal(layer.qweight, code), type(method).__name__
+            torch.testing.assert_close(layer.dequantize(torch.float32), weight, rtol=1e-6, atol=0)
 
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(96, 40), nn.Linear(40, 24))

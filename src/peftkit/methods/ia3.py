@@ -143,7 +143,8 @@ class IA3Layer(AdapterLayer):
         vec = self.ia3_l[name].detach().flatten()
         if inverse:
             vec = 1.0 / vec
-        weight = self.kind.weight(self.base_layer).detach()
+        read = self.kind.merge_weight or self.kind.weight  # a quantized base: in fp32, rounded once when re-quantized
+        weight = read(self.base_layer).detach()
         factor = self._weight_factor(vec)
         self.kind.set_weight(self.base_layer, (weight * factor.to(weight.dtype)).to(weight.dtype))
         bias = getattr(self.base_layer, "bias", None)

@@ -118,6 +118,9 @@ class LoRALayer(AdapterLayer):
 
     def _working_weight(self) -> torch.Tensor:
         """The base weight to merge into: fp32 for half-precision and quantized bases (one rounding, at the end)."""
+        kind = linear_kind(self.base_layer)
+        if kind is not None and kind.merge_weight is not None:  # dequantized in fp32, not via the compute dtype
+            return kind.merge_weight(self.base_layer).detach()
         base = self._base_weight().detach()
         return base.float() if base.dtype in (torch.float16, torch.bfloat16) else base
 
@@ -251,10 +254,6 @@ class LoRALinear(LoRALayer):
 
     def _set_base_weight(self, weight: torch.Tensor) -> float | None:
         return self.kind.set_weight(self.base_layer, weight)
-
-    def _working_weight(self) -> torch.Tensor:
-        read = self.kind.merge_weight  # a quantized base: dequantized in fp32, not through its compute dtype
-        return read(self.base_layer).detach() if read is not None else super()._working_weight()
 
     def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
         # One adapter on a frozen nn.Linear: base and update in one autograd node (lora_kernels), shared with
