@@ -141,13 +141,15 @@ def test_applying_to_merged_model_is_refused_and_nothing_changes() -> None:
 
 def test_safe_merge_refuses_non_finite_delta_and_names_module() -> None:
     model = build("llama")
-    pk.apply(model, pk.LoRA(target_modules=["q_proj"]))
-    weight = model.model.layers[1].self_attn.q_proj.base_layer.weight.clone()
+    pk.apply(model, pk.LoRA(target_modules=["q_proj"], init_B="gaussian"))
+    weights = [layer.self_attn.q_proj.base_layer.weight.clone() for layer in model.model.layers]
     with torch.no_grad():
         model.model.layers[1].self_attn.q_proj.lora_B["default"].weight[0, 0] = float("inf")
-    with pytest.raises(MergeError, match=r"model\.layers\.1\.self_attn\.q_proj"):
+    with pytest.raises(MergeError, match=r"model\.layers\.1\.self_attn\.q_proj .*nothing was merged"):
         pk.merge(model, safe=True)
-    assert torch.equal(model.model.layers[1].self_attn.q_proj.base_layer.weight, weight)
+    for layer, weight in zip(model.model.layers, weights, strict=True):  # layer 0, merged first, too
+        assert torch.equal(layer.self_attn.q_proj.base_layer.weight, weight)
+        assert not layer.self_attn.q_proj.merged_adapters
 
 
 def test_plain_lora_on_a_layer_of_another_lora_variant_is_refused() -> None:

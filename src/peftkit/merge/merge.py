@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+import torch
 from torch import nn
 
 from peftkit.core.layer import AdapterLayer
@@ -15,7 +16,7 @@ from peftkit.core.modules_to_save import ModulesToSave
 from peftkit.core.registry import dequantized
 from peftkit.core.state import _check_names, adapter_layers, get_state
 from peftkit.core.walk import set_module
-from peftkit.errors import AdapterNotFoundError
+from peftkit.errors import AdapterNotFoundError, MergeError
 from peftkit.methods import lora_replication as replication
 
 
@@ -24,7 +25,8 @@ def merge(model: nn.Module, names: str | Sequence[str] | None = None, safe: bool
 
     Args:
         names: adapters to merge; ``None`` merges the active adapters.
-        safe: check every merged weight for NaN/Inf before writing it, and refuse (naming the module).
+        safe: refuse (naming the module) an adapter with a NaN/Inf parameter before anything merges, and check
+            every merged weight for NaN/Inf before writing it.
 
     Raises:
         AdapterNotFoundError: an unknown name. MergeError: a non-finite delta with ``safe``, a method
@@ -35,9 +37,24 @@ def merge(model: nn.Module, names: str | Sequence[str] | None = None, safe: bool
     if not state.configs:
         raise AdapterNotFoundError("the model has no adapters to merge; add one with pk.apply first")
     wanted = state.active if names is None else ([names] if isinstance(names, str) else list(names))
-    for qualname, layer, held in _checked_merge(model, wanted):
-        layer.merge(held, safe=safe, where=qualname)
+    layers = _checked_merge(model, wanted)
+    if safe:
+        _check_finite_parameters(layers)
+    for qualname, layer, held in layers:
+        layer.merge(held, safe=safe, where=qualname)  # each merged weight is checked too (an overflowing update)
     return model
+
+
+def _check_finite_parameters(layers: Sequence[tuple[str, AdapterLayer, list[str]]]) -> None:
+    """Refuse, before any layer merges, an adapter with a NaN or Inf parameter: its update would be non-finite, and
+    finding that layer by layer would leave the layers before it merged."""
+    for qualname, layer, held in layers:
+        for name in held:
+            if not all(bool(torch.isfinite(p).all()) for p in layer.adapter_parameters(name)):
+                raise MergeError(
+                    f"adapter {name!r} at {qualname} has NaN or Inf in its parameters; nothing was merged. Inspect or "
+                    "retrain the adapter, or delete it with pk.delete_adapter."
+                )
 
 
 def _checked_merge(model: nn.Module, names: Sequence[str], *, untie: bool = False
