@@ -260,6 +260,16 @@ def test_seed_reproduces_and_global_rng_untouched_by_exact_methods() -> None:
     assert torch.equal(torch.random.get_rng_state(), before)
 
 
+def test_one_source_still_gets_its_method() -> None:
+    """Unlike HF PEFT (which switches to linear), ties on one adapter trims its factors to the density."""
+    model = _model(same_rank=True)
+    combine(model, {"b": 1.0}, method="ties", density=0.5, name="one")
+    for _, layer in adapter_layers(model):
+        A, B = factors(layer, "one")
+        assert int((A == 0).sum()) == A.numel() - int(0.5 * A.numel())
+        assert int((B == 0).sum()) == B.numel() - int(0.5 * B.numel())
+
+
 def test_linear_caveat_exact_for_one_adapter() -> None:
     model = _model(same_rank=True)
     combine(model, {"b": 0.8}, method="linear", name="one")

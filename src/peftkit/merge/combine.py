@@ -41,6 +41,9 @@ Adapters of different modules combine over the union of their modules: in a modu
 update is zero and it takes no part in that module's merge (its weight, density draws and sign votes included),
 as in Hugging Face PEFT.
 
+With a single source adapter Hugging Face PEFT replaces any method by ``linear`` (density ignored); here the method
+still applies, so e.g. ``ties`` with ``density=0.5`` trims that adapter's factors.
+
 References: task arithmetic (Ilharco et al., 2023, arXiv:2212.04089), TIES (Yadav et al., 2023,
 arXiv:2306.01708), DARE (Yu et al., 2023, arXiv:2311.03099).
 """
