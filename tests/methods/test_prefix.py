@@ -7,7 +7,7 @@ import torch
 from test_prompt import batch, greedy_reference
 
 import peftkit as pk
-from peftkit.errors import MergeError
+from peftkit.errors import ConfigError, MergeError
 
 from models import build, randomize_trainable, train_losses
 
@@ -131,3 +131,29 @@ def test_training_lowers_the_loss() -> None:
     inputs = inputs_for("gpt2")
     losses = train_losses(model, lambda: model(**inputs).loss, lr=0.01)
     assert losses[-1] < losses[0] - 0.05
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2", "t5"])
+def test_gradient_checkpointing_is_refused_by_name_before_anything_changes(arch: str) -> None:
+    # Checkpointed layers drop the KV cache in training, so the prefix would be lost (HF PEFT refuses it too).
+    model = make(arch)
+    model.gradient_checkpointing_enable()
+    with pytest.raises(ConfigError, match="gradient checkpointing.*gradient_checkpointing_disable"):
+        pk.apply(model, ours_config(arch))
+    assert not hasattr(model, "prompt_encoder") and pk.list_adapters(model) == []
+
+    model = make(arch)  # enabled after the adapter: training is refused, evaluation still sees the prefix
+    pk.apply(model, ours_config(arch))
+    randomize_trainable(model)
+    inputs = inputs_for(arch)
+    with torch.no_grad():
+        want = model(**inputs).logits
+    model.gradient_checkpointing_enable()
+    with torch.no_grad():
+        assert torch.allclose(model(**inputs).logits, want, atol=1e-6)
+    model.train()
+    with pytest.raises(ConfigError, match="gradient checkpointing"):
+        model(**inputs)
+    model.gradient_checkpointing_disable()
+    model(**inputs).loss.backward()
+    assert model.prompt_encoder.prompt_modules["default"].embedding.weight.grad is not None

@@ -46,6 +46,24 @@ from peftkit.methods.prompt import (
 )
 
 
+def check_no_checkpointing(model: nn.Module) -> None:
+    """Refuse activation checkpointing, under which the prefix would be lost.
+
+    ``transformers``' checkpointed layers drop the KV cache in training (a cache updated again when the
+    backward pass replays the layer would be wrong), and the cache is what carries the prefix. HF PEFT
+    refuses it too.
+
+    Raises:
+        ConfigError: a submodule of ``model`` has ``gradient_checkpointing`` on.
+    """
+    if any(getattr(m, "gradient_checkpointing", False) is True for m in model.modules()):
+        raise ConfigError(
+            f"prefix tuning cannot train {type(model).__name__} with gradient checkpointing: its checkpointed layers "
+            "drop the KV cache that carries the prefix. Call model.gradient_checkpointing_disable() (or set "
+            "model.gradient_checkpointing: false), or use pk.PromptTuning / pk.PTuning, which work with it."
+        )
+
+
 def kv_dims(model: nn.Module) -> tuple[int, int]:
     """(d_kv, key/value heads), as HF PEFT provisions them (grouped-query attention included)."""
     dims = model_dims(model)
@@ -97,6 +115,8 @@ class PrefixEncoder(nn.Module):
         if key not in inspect.signature(model.forward).parameters and "past_key_values" not in \
                 inspect.signature(model.forward).parameters:
             return  # a classifier head without a cache argument: the backbone hook does it
+        if model.training and torch.is_grad_enabled():  # when transformers drops the cache (evaluation keeps it)
+            check_no_checkpointing(model)
         m = self.num_virtual_tokens
         cache = kwargs.pop("past_key_values", None) if key != "past_key_values" else None
         cache = kwargs.get(key) if kwargs.get(key) is not None else cache
@@ -155,6 +175,7 @@ class PrefixTuning(PromptLearningConfig):
                 "encoder_hidden_size": self.encoder_hidden_size or token_dim}
 
     def inject(self, model: nn.Module, name: str) -> list[str]:
+        check_no_checkpointing(model)
         d = self.dims(model)
         attach(model, name, PrefixEncoder(self.num_virtual_tokens, d["token_dim"], d["num_layers"],
                                           d["num_attention_heads"], d["encoder_hidden_size"],
