@@ -138,6 +138,31 @@ def test_text_init_uses_the_word_embeddings_of_the_text() -> None:
         pk.PromptTuning(init="text")
 
 
+@pytest.mark.parametrize("config", [pk.PromptTuning, pk.MultitaskPromptTuning])
+@pytest.mark.parametrize(("ids", "match"), [([], "into no tokens"),
+                                            ([5, 96], r"token ids \[96\] outside the model's 96"),
+                                            ([-1], r"token ids \[-1\] outside")])
+def test_text_init_with_ids_the_model_cannot_embed_is_refused_before_anything_changes(config, ids, match) -> None:
+    model = build("gpt2")
+    with pytest.raises(ConfigError, match=match):
+        pk.apply(model, config(num_virtual_tokens=4, init="text", init_text="abc",
+                               tokenizer=lambda text: {"input_ids": ids}))
+    assert not hasattr(model, "prompt_encoder") and pk.list_adapters(model) == []
+
+
+def test_unmatched_modules_to_save_leaves_the_model_without_a_prompt() -> None:
+    model = build("llama")
+    inputs = batch("llama")
+    with torch.no_grad():
+        base = model(**inputs).logits
+    with pytest.raises(ConfigError, match="modules_to_save pattern 'nonexistent'"):
+        pk.apply(model, pk.PromptTuning(num_virtual_tokens=4, modules_to_save=["lm_head", "nonexistent"]))
+    assert not hasattr(model, "prompt_encoder") and not model._forward_pre_hooks
+    assert sum(p.numel() for p in model.parameters()) == sum(p.numel() for p in build("llama").parameters())
+    with torch.no_grad():
+        assert torch.equal(model(**inputs).logits, base)
+
+
 def test_positional_input_ids_and_training_lowers_the_loss() -> None:
     model = build("llama")
     model.train()

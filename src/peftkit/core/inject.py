@@ -140,13 +140,14 @@ def _add(model: nn.Module, config: AdapterConfig, name: str, activate: bool | No
     heads = classifier_heads(model, config) if train_heads and config.adds_heads else []
     if heads:  # on a copy: the user's config object stays reusable on other models
         config = config.replace(modules_to_save=heads)
+    # Resolved before a method's own ``inject`` adds its modules, so a bad pattern leaves the model untouched.
+    saved = _resolve_modules_to_save(model, list(config.modules_to_save))
     custom = getattr(config, "inject", None)
     if custom is not None:  # methods that add modules rather than wrap layers (prompt tuning, ...)
         targets = custom(model, name)
     else:
         targets = config.resolve(model)
         _check_compatible(model, config, targets)
-    saved = _resolve_modules_to_save(model, list(config.modules_to_save))
     if heads:  # a head the user adapts explicitly is not copied too (HF PEFT keeps such heads out of the targets)
         saved = [s for s in saved if not any(t == s or t.startswith(s + ".") or s.startswith(t + ".") for t in targets)]
         config.modules_to_save = [h for h in heads if any(first_match(s, [h]) for s in saved)]

@@ -157,7 +157,8 @@ class MultitaskPromptTuning(PromptLearningConfig):
         words = input_embeddings(model)
         with torch.no_grad():
             if self.init == "text":
-                ids = text_token_ids(self.tokenizer, cast(str, self.init_text), self.num_virtual_tokens)
+                ids = text_token_ids(self.tokenizer, cast(str, self.init_text), self.num_virtual_tokens,
+                                      words.num_embeddings)
                 module.embedding.weight.copy_(words(ids.to(words.weight.device)).float())
             elif self.init in SOURCE_INITS:
                 self._copy_source(module)

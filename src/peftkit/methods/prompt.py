@@ -360,7 +360,7 @@ class PromptTuning(PromptLearningConfig):
             return torch.randint(0, vocab, (total,))
         if self.init != "text":
             return None
-        return text_token_ids(self.tokenizer, cast(str, self.init_text), total)
+        return text_token_ids(self.tokenizer, cast(str, self.init_text), total, vocab)
 
     def to_hf_dict(self, targets: list[str], module_names: list[str]) -> dict[str, Any]:
         own = {
@@ -385,9 +385,19 @@ _HF_PROMPT_FIELDS = frozenset(
 )
 
 
-def text_token_ids(tokenizer: Any, text: str, total: int) -> torch.Tensor:
-    """The token ids of ``text``, repeated then cut to ``total`` (HF PEFT's ``TEXT`` initialisation)."""
-    ids = list(tokenizer(text)["input_ids"])
+def text_token_ids(tokenizer: Any, text: str, total: int, vocab: int) -> torch.Tensor:
+    """The token ids of ``text``, repeated then cut to ``total`` (HF PEFT's ``TEXT`` initialisation).
+
+    Raises:
+        ConfigError: the tokenizer gives no ids for ``text``, or ids outside the model's ``vocab`` embeddings.
+    """
+    ids = [int(i) for i in tokenizer(text)["input_ids"]]
+    if not ids:
+        raise ConfigError(f"the tokenizer turns init_text={text!r} into no tokens; give a text it tokenizes")
+    bad = [i for i in ids if not 0 <= i < vocab]
+    if bad:
+        raise ConfigError(f"the tokenizer gives init_text={text!r} token ids {bad[:5]} outside the model's "
+                          f"{vocab} input embeddings; pass the tokenizer that belongs to the model")
     ids = (ids * math.ceil(total / len(ids)))[:total]
     return torch.tensor(ids, dtype=torch.long)
 
