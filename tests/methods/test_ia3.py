@@ -92,6 +92,25 @@ def test_feedforward_must_be_subset_of_targets() -> None:
         pk.apply(build("llama"), pk.IA3(target_modules=["k_proj"], feedforward_modules=["down_proj"]))
 
 
+@pytest.mark.parametrize("arch", ["llama", "gpt2", "t5"])  # BERT's CASES also scale the attention's output.dense
+def test_role_names_select_the_feedforward_targets_as_their_module_names_do(arch: str, tmp_path) -> None:
+    peft = pytest.importorskip("peft")
+    config = pk.IA3(target_modules=["linear_k", "linear_v", "linear_fc2"], feedforward_modules=["linear_fc2"])
+    by_role = pk.apply(build(arch), config)
+    by_name = adapted(arch)
+    layers = {n: m.is_feedforward for n, m in by_role.named_modules() if isinstance(m, IA3Layer)}
+    assert layers == {n: m.is_feedforward for n, m in by_name.named_modules() if isinstance(m, IA3Layer)}
+    assert any(layers.values()) and not all(layers.values())
+    by_role.load_state_dict(by_name.state_dict())
+    with torch.no_grad():
+        expected = run(by_name, arch)
+        assert torch.allclose(run(by_role, arch), expected, atol=1e-6)
+    pk.save_adapter(by_role, tmp_path)
+    hf = peft.PeftModel.from_pretrained(build(arch), str(tmp_path)).eval()
+    with torch.no_grad():
+        assert torch.allclose(run(hf, arch), expected, atol=1e-5)
+
+
 @pytest.mark.parametrize("arch", ["llama", "gpt2"])
 def test_save_load_and_hf_cross_loading(arch: str, tmp_path) -> None:
     peft = pytest.importorskip("peft")

@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, cast
 
 import torch
@@ -30,7 +30,7 @@ from torch import nn
 
 from peftkit.core.config import AdapterConfig, _as_list
 from peftkit.core.layer import AdapterLayer
-from peftkit.core.matching import first_match
+from peftkit.core.matching import ALIASES, first_match
 from peftkit.core.registry import LINEAR_KINDS, LinearKind, TypeRegistry, linear_kind, register_method
 from peftkit.errors import ConfigError, MergeError, UnsupportedLayerError
 from peftkit.io.hf_names import hf_layer_targets, hf_modules_to_save, hf_resolve, hf_targets
@@ -179,14 +179,17 @@ class IA3(AdapterConfig):
     """(IA)³: rescale the outputs of ``target_modules`` and the inputs of ``feedforward_modules``.
 
     Attributes:
-        feedforward_modules: patterns (same syntax as ``target_modules``) selecting the targets whose
-            *input* is scaled, typically the FFN's second projection (``down_proj``, ``wo``, GPT-2
-            ``mlp.c_proj``). Each must select at least one target.
+        feedforward_modules: patterns (same syntax as ``target_modules``, aliases such as ``linear_fc2``
+            included) selecting the targets whose *input* is scaled, typically the FFN's second projection
+            (``down_proj``, ``wo``, GPT-2 ``mlp.c_proj``). Each must select at least one target.
     """
 
     peft_type = "IA3"
 
     feedforward_modules: str | Sequence[str] = ()
+    #: The module names the aliases among ``feedforward_modules`` stood for on the models this config was
+    #: applied to (an alias needs the model to resolve; a module's name keeps its role across models).
+    _alias_feedforward: set[str] = field(default_factory=set, init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -199,12 +202,18 @@ class IA3(AdapterConfig):
         return supported_names()
 
     def is_feedforward(self, qualname: str) -> bool:
-        return first_match(qualname, list(self.feedforward_modules)) is not None
+        patterns = [p for p in self.feedforward_modules if p not in ALIASES]
+        return qualname in self._alias_feedforward or first_match(qualname, patterns) is not None
 
     def resolve(self, model: nn.Module) -> list[str]:
         targets = super().resolve(model)
         for pattern in self.feedforward_modules:
-            if first_match_any(pattern, targets) is None:
+            if pattern in ALIASES:
+                hits = set(ALIASES[pattern](model)) & set(targets)
+                self._alias_feedforward.update(hits)
+            else:
+                hits = {t for t in targets if first_match(t, [pattern]) is not None}
+            if not hits:
                 raise ConfigError(
                     f"feedforward_modules entry {pattern!r} selects none of the targets {targets[:6]}; "
                     "feedforward_modules must be a subset of target_modules"
@@ -272,11 +281,6 @@ _HF_FIELDS = frozenset(
 def supported_names() -> list[str]:
     """The layer types (IA)³ can scale, for error messages."""
     return sorted(set(LINEAR_KINDS.names()) | set(CONV_KINDS.names()))
-
-
-def first_match_any(pattern: str, names: list[str]) -> str | None:
-    """The first of ``names`` that ``pattern`` matches, or ``None``."""
-    return next((n for n in names if first_match(n, [pattern]) is not None), None)
 
 
 def _hf_feedforward(feedforward: list[str], targets: list[str]) -> list[str] | str:
