@@ -135,6 +135,31 @@ def test_checkpoint_has_no_pickles_and_adapter_loads_alone(run_config):
     assert all(torch.equal(params[k], v) for k, v in trained.items())
 
 
+def test_lisa_run_resumed_between_resamplings_matches_uninterrupted(run_config, tmp_path):
+    # Killed after step 5, resumed from step-4: steps 4 and 5 lie inside the sampling window that began at step
+    # 3, so the resumed run must train that window's layers (and only those), not every layer until step 6.
+    cfg = run_config(
+        peft={"method": "none"},
+        checkpoint={"save_interval": 2, "keep_last": 1},
+        train={"max_steps": 6},
+        optimizer={"lisa_layers": 1, "lisa_interval": 3, "lr": 0.01},
+    )
+    path = tmp_path / "cfg.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    full = _run_cli(path, f"checkpoint.save_dir={tmp_path / 'full'}")
+    assert full.returncode == 0, full.stderr
+    assert _run_cli(path, f"checkpoint.save_dir={tmp_path / 'cut'}", env={FAULT_ENV: "5"}).returncode != 0
+    resumed = _run_cli(path, f"checkpoint.save_dir={tmp_path / 'cut'}", "checkpoint.resume=auto")
+    assert resumed.returncode == 0, resumed.stderr
+    assert "step-4" in resumed.stdout
+
+    def losses(run: str) -> list[float]:
+        lines = (tmp_path / run / "metrics.jsonl").read_text().splitlines()
+        return [r["loss"] for r in map(json.loads, lines) if "loss" in r]
+
+    assert losses("full") == losses("cut") and len(losses("full")) == 6
+
+
 def test_lisa_and_galore_runs(run_config):
     lisa = train(
         config_from_dict(

@@ -139,7 +139,8 @@ def setup(cfg: RunConfig, ctx: distributed.Dist | None = None) -> Run:
 def train_step(run: Run, step: int, params: list[nn.Parameter]) -> dict[str, Any]:
     """One optimizer step (all micro-batches); returns its metrics record."""
     cfg = run.cfg
-    if run.lisa is not None and step % run.lisa.interval == 0:
+    # Also on the first step of a run resumed inside a sampling window, which must train that window's layers.
+    if run.lisa is not None and (step % run.lisa.interval == 0 or not run.lisa.active):
         run.lisa.update(step)
     lr = run.schedule.apply(step)
     loss_sum, tokens = 0.0, 0
