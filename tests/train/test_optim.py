@@ -156,3 +156,26 @@ def test_lisa_trains_only_sampled_layers():
     changed = {n for n, p in net.named_parameters() if not torch.equal(p, before[n])}
     expected = {f"layers.{i}.{k}" for i in active for k in ("weight", "bias")}
     assert changed == expected | {"embed.weight", "head.weight", "head.bias"}
+
+
+def test_lisa_samples_an_encoder_decoder_over_both_stacks():
+    from models import build
+
+    model = build("t5")
+    blocks = [*model.encoder.block, *model.decoder.block]
+    lisa = Lisa(model, layers=1, interval=1, seed=0)
+    assert lisa.layer_list == blocks
+    trained = set()
+    for step in range(12):
+        active = lisa.update(step)
+        training = [i for i, block in enumerate(blocks) if any(p.requires_grad for p in block.parameters())]
+        assert training == active and len(active) == 1  # one block of the four, the decoder's included
+        trained.update(active)
+    assert trained == {0, 1, 2, 3}
+    assert model.shared.weight.requires_grad and model.lm_head.weight.requires_grad
+
+
+def test_lisa_without_named_stacks_takes_the_longest_list():
+    net = nn.Sequential(nn.ModuleList(nn.Linear(4, 4) for _ in range(2)),
+                        nn.ModuleList(nn.Linear(4, 4) for _ in range(3)))
+    assert list(Lisa(net, layers=1, interval=1, seed=0).layer_list) == list(net[1])

@@ -14,7 +14,8 @@ Adam runs on R (moments in the low-rank space): ``M ← β₁M + (1-β₁)R``, `
 with optimizer memory O(r·n) instead of O(m·n).
 
 **LISA** (Pan et al., 2024, arXiv:2403.17919): train only ``k`` randomly chosen transformer layers
-at a time, re-sampled every ``interval`` steps; embeddings and head (everything outside the layer
+at a time (drawn from all of the model's layer stacks: an encoder-decoder's encoder and decoder blocks
+together), re-sampled every ``interval`` steps; embeddings and head (everything outside the layer
 list) stay trainable. The sample depends only on (seed, step), so a resumed run samples the same.
 """
 
@@ -181,29 +182,33 @@ class GaLoreAdamW(torch.optim.Optimizer):
         return loss
 
 
-def find_layer_list(model: nn.Module) -> tuple[str, nn.ModuleList]:
-    """The model's transformer-layer list: the longest ``nn.ModuleList`` of same-type blocks.
+def find_layer_lists(model: nn.Module) -> list[tuple[str, nn.ModuleList]]:
+    """The model's stacks of transformer layers: each ``nn.ModuleList`` of two or more same-type blocks, not inside
+    another such list. Where some are named like layer stacks (``layers``, ``layer``, ``h``, ``block``, ``blocks``)
+    those are returned, so an encoder-decoder gives both its stacks (T5's ``encoder.block`` and
+    ``decoder.block``); otherwise the longest list.
 
     Raises:
         ConfigError: the model has no such list (LISA needs one).
     """
+    from peftkit.core.matching import DEFAULT_LAYER_CONTAINERS
     from peftkit.errors import ConfigError
 
-    best: tuple[str, nn.ModuleList] | None = None
-    for name, mod in model.named_modules():
-        is_stack = isinstance(mod, nn.ModuleList) and len(mod) >= 2 and len({type(m) for m in mod}) == 1
-        if is_stack and (best is None or len(mod) > len(best[1])):
-            best = (name, mod)
-    if best is None:
+    stacks = [(name, mod) for name, mod in model.named_modules()
+              if isinstance(mod, nn.ModuleList) and len(mod) >= 2 and len({type(m) for m in mod}) == 1]
+    stacks = [(name, mod) for name, mod in stacks if not any(name.startswith(f"{outer}.") for outer, _ in stacks)]
+    if not stacks:
         raise ConfigError(
             "optimizer.lisa_layers > 0 but the model has no list of transformer layers "
             "(an nn.ModuleList of same-type blocks); set optimizer.lisa_layers=0"
         )
-    return best
+    named = [(name, mod) for name, mod in stacks if name.rsplit(".", 1)[-1] in DEFAULT_LAYER_CONTAINERS]
+    return named or [max(stacks, key=lambda found: len(found[1]))]
 
 
 class Lisa:
-    """LISA layer sampling: only ``k`` layers of the layer list train at a time.
+    """LISA layer sampling: only ``k`` layers of the model's layer stacks (see :func:`find_layer_lists`; an
+    encoder-decoder's two count as one list) train at a time.
 
     Args:
         model: the model; its parameters that are trainable now form the trainable set.
@@ -213,7 +218,9 @@ class Lisa:
     """
 
     def __init__(self, model: nn.Module, layers: int, interval: int, seed: int) -> None:
-        self.name, self.layer_list = find_layer_list(model)
+        stacks = find_layer_lists(model)
+        self.name = ", ".join(name for name, _ in stacks)
+        self.layer_list: list[nn.Module] = [layer for _, stack in stacks for layer in stack]
         self.k = min(layers, len(self.layer_list))
         self.interval = interval
         self.seed = seed
