@@ -4,6 +4,7 @@ batch mixing tasks, per-example task selection, the task_ids hook, source-task i
 from __future__ import annotations
 
 import json
+import re
 
 import pytest
 import torch
@@ -154,6 +155,10 @@ def test_task_ids_are_required_checked_and_never_reach_the_model() -> None:
         model(**inputs, task_ids=torch.tensor([0, 3]))
     with pytest.raises(ConfigError, match=r"shape \(3,\)"):
         model(**inputs, task_ids=torch.tensor([0, 1, 2]))
+    for plain in (1, [0, 1]):  # not a tensor: named, with the form to pass
+        given = re.escape(f"task_ids={plain!r} is a {type(plain).__name__}")
+        with pytest.raises(ConfigError, match=rf"{given}.*torch.tensor"):
+            model(**inputs, task_ids=plain)
     with pk.disable_adapters(model):  # the base model runs, and task_ids are dropped for it
         assert torch.equal(logits(model, inputs).logits, base)
     with pytest.raises(MergeError, match="virtual tokens"):
