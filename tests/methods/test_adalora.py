@@ -125,3 +125,26 @@ def test_orthogonality_penalty_is_added_to_the_loss_in_training() -> None:
     assert torch.allclose(with_penalty, plain + 0.3 * penalty, atol=1e-5)
     A = next(layer for _, layer in adapter_layers(model)).lora_A["default"]
     assert penalty > 0 and torch.isfinite(penalty) and A.shape == (6, 32)
+
+
+def test_step_without_gradients_or_without_an_active_adalora_adapter_is_refused() -> None:
+    model = pk.apply(build("llama"), config())
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.requires_grad:
+                p.normal_()  # a mask from importances that were never measured would be arbitrary
+    before = {n: p.clone() for n, p in model.named_parameters()}
+    for step in (0, 5):  # warm-up and a masking step: both read the gradients
+        with pytest.raises(pk.errors.AdapterStateError, match="no gradient.*after loss.backward"):
+            pk.adalora_step(model, step)
+    assert all(torch.equal(p, before[n]) for n, p in model.named_parameters())
+    assert get_state(model).configs["default"].rank_pattern == {}
+
+    ids = ARCHS["llama"].inputs()["input_ids"]
+    model(input_ids=ids, labels=ids).loss.backward()
+    pk.adalora_step(model, 0)  # with gradients it runs
+    pk.apply(model, pk.LoRA(target_modules=["k_proj"]), name="other", activate=True)
+    with pytest.raises(pk.errors.AdapterStateError, match=r"no active AdaLoRA adapter.*active: \['other'\]"):
+        pk.adalora_step(model, 1)
+    with pytest.raises(pk.errors.AdapterStateError, match=r"no active AdaLoRA adapter.*adapters: \[\]"):
+        pk.adalora_step(build("llama"), 0)

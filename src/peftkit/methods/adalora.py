@@ -37,7 +37,7 @@ from torch import nn
 from peftkit.core.config import AdapterConfig
 from peftkit.core.registry import LINEAR_KINDS, LinearKind, linear_kind, register_method
 from peftkit.core.state import adapter_layers, get_state
-from peftkit.errors import ConfigError, UnsupportedLayerError
+from peftkit.errors import AdapterStateError, ConfigError, UnsupportedLayerError
 from peftkit.io.hf_names import hf_layer_targets, hf_modules_to_save, hf_targets
 from peftkit.methods.adalora_state import (
     _ALLOCATORS,
@@ -195,6 +195,17 @@ class RankAllocator:
         return budget, step % c.deltaT == 0
 
     def update_importance(self, model: nn.Module) -> None:
+        """Fold the factors' current gradients into the importance EMAs.
+
+        Raises:
+            AdapterStateError: no factor has a gradient (called before ``backward()`` or after ``zero_grad()``),
+                which would leave the importances, and so the ranks kept, unrelated to the loss.
+        """
+        if all(p.grad is None for _, p in self.factors()):
+            raise AdapterStateError(
+                f"pk.adalora_step found no gradient on the factors of AdaLoRA adapter {self.name!r}: call it after "
+                "loss.backward() (and optimizer.step()) and before optimizer.zero_grad()"
+            )
         b1, b2 = self.config.beta1, self.config.beta2
         with torch.no_grad():
             for key, p in self.factors():
@@ -271,8 +282,18 @@ def adalora_step(model: nn.Module, step: int) -> None:
 
     Args:
         model: a model with an AdaLoRA adapter. step: the global training step (from 0).
+
+    Raises:
+        AdapterStateError: no AdaLoRA adapter is active, or (on a step that updates importances) none of its
+            factors has a gradient.
     """
     state = get_state(model)
+    if not any(isinstance(state.configs.get(name), AdaLoRA) for name in state.active):
+        raise AdapterStateError(
+            f"pk.adalora_step: no active AdaLoRA adapter on {type(model).__name__} (adapters: "
+            f"{sorted(state.configs)}, active: {list(state.active)}); apply pk.AdaLoRA or activate it with "
+            "pk.set_adapter"
+        )
     allocators = model.__dict__.setdefault(_ALLOCATORS, {})
     for name in state.active:
         config = state.configs.get(name)
