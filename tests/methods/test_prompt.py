@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 
@@ -136,6 +138,34 @@ def test_text_init_uses_the_word_embeddings_of_the_text() -> None:
     assert torch.equal(table, model.get_input_embeddings().weight[ids])
     with pytest.raises(ConfigError, match="init_text"):
         pk.PromptTuning(init="text")
+
+
+class _NamedTokenizer:
+    name_or_path = "my-org/my-tokenizer"
+
+    def __call__(self, text: str) -> dict[str, list[int]]:
+        return {"input_ids": [ord(c) % 96 for c in text]}
+
+
+@pytest.mark.parametrize("config", [pk.PromptTuning, pk.MultitaskPromptTuning])
+@pytest.mark.parametrize(("tokenizer", "init"), [(_NamedTokenizer(), "TEXT"),
+                                                 (lambda text: {"input_ids": [1, 2]}, "RANDOM")])
+def test_text_init_adapter_loads_in_hf_peft_with_or_without_a_tokenizer_name(config, tokenizer, init,
+                                                                             tmp_path) -> None:
+    # HF PEFT refuses prompt_tuning_init TEXT without a tokenizer path, so a nameless tokenizer's init is RANDOM.
+    model = build("llama")
+    tasks = {"num_tasks": 2} if config is pk.MultitaskPromptTuning else {}
+    pk.apply(model, config(num_virtual_tokens=4, init="text", init_text="abc", tokenizer=tokenizer, **tasks))
+    pk.save_adapter(model, tmp_path)
+    saved = json.loads((tmp_path / "adapter_config.json").read_text())
+    assert saved["prompt_tuning_init"] == init and saved["prompt_tuning_init_text"] == "abc"
+    assert saved["tokenizer_name_or_path"] == getattr(tokenizer, "name_or_path", None)
+    hf = peft.PeftModel.from_pretrained(build("llama"), str(tmp_path)).eval()
+    inputs = {k: v for k, v in batch("llama").items() if k != "labels"}
+    if tasks:
+        inputs["task_ids"] = torch.tensor([0, 1])
+    with torch.no_grad():
+        assert torch.allclose(hf(**inputs).logits, model(**inputs).logits, atol=1e-5)
 
 
 @pytest.mark.parametrize("config", [pk.PromptTuning, pk.MultitaskPromptTuning])

@@ -38,6 +38,7 @@ from peftkit.methods.prompt import (
     PromptLearningLayer,
     attach,
     check_virtual_tokens,
+    hf_init_fields,
     hf_prompt_dict,
     input_embeddings,
     is_seq2seq,
@@ -203,10 +204,11 @@ class MultitaskPromptTuning(PromptLearningConfig):
 
     def to_hf_dict(self, targets: list[str], module_names: list[str]) -> dict[str, Any]:
         # A loaded adapter's own init fields sit in ``extra`` and are written back unchanged.
+        init, tokenizer = hf_init_fields(INITS[self.init], self.tokenizer)
         own = {
-            "prompt_tuning_init": INITS[self.init],
+            "prompt_tuning_init": init,
             "prompt_tuning_init_text": self.init_text,
-            "tokenizer_name_or_path": getattr(self.tokenizer, "name_or_path", None),
+            "tokenizer_name_or_path": tokenizer,
             "tokenizer_kwargs": None,
             "prompt_tuning_init_state_dict_path": self.init_state_dict_path,
             "prompt_tuning_init_task": self.init_task,

@@ -363,10 +363,12 @@ class PromptTuning(PromptLearningConfig):
         return text_token_ids(self.tokenizer, cast(str, self.init_text), total, vocab)
 
     def to_hf_dict(self, targets: list[str], module_names: list[str]) -> dict[str, Any]:
+        hf_init = {"random": "RANDOM", "text": "TEXT", "sample_vocab": "SAMPLE_VOCAB"}[self.init]
+        init, tokenizer = hf_init_fields(hf_init, self.tokenizer)
         own = {
-            "prompt_tuning_init": {"random": "RANDOM", "text": "TEXT", "sample_vocab": "SAMPLE_VOCAB"}[self.init],
+            "prompt_tuning_init": init,
             "prompt_tuning_init_text": self.init_text,
-            "tokenizer_name_or_path": getattr(self.tokenizer, "name_or_path", None),
+            "tokenizer_name_or_path": tokenizer,
             "tokenizer_kwargs": None,
         }
         return hf_prompt_dict(self, self.num_virtual_tokens, own, _HF_PROMPT_FIELDS)
@@ -383,6 +385,17 @@ _HF_PROMPT_FIELDS = frozenset(
     "peft_type task_type num_virtual_tokens prompt_tuning_init prompt_tuning_init_text tokenizer_name_or_path "
     "tokenizer_kwargs inference_mode modules_to_save".split()
 )
+
+
+def hf_init_fields(init: str, tokenizer: Any) -> tuple[str, str | None]:
+    """HF PEFT's ``prompt_tuning_init`` and ``tokenizer_name_or_path`` for an adapter initialised as ``init``.
+
+    HF PEFT refuses to load a ``TEXT`` init without a tokenizer path, although loading reads the table from the
+    file and never runs the init; so a text init from a tokenizer without a ``name_or_path`` (a function, or one
+    built in memory) is written as ``RANDOM``, with ``prompt_tuning_init_text`` kept as the record of the text.
+    """
+    name = getattr(tokenizer, "name_or_path", None) or None
+    return ("RANDOM" if init == "TEXT" and name is None else init), name
 
 
 def text_token_ids(tokenizer: Any, text: str, total: int, vocab: int) -> torch.Tensor:
