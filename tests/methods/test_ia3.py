@@ -78,13 +78,36 @@ def test_identity_init_merge_unmerge_and_disable(arch: str) -> None:
         assert torch.allclose(run(model, arch), unmerged, atol=1e-5)
 
 
-def test_zero_scaling_cannot_be_merged() -> None:
+def test_zero_scaling_cannot_be_merged_and_no_layer_is() -> None:
     model = build("llama")
     pk.apply(model, pk.IA3(target_modules=["v_proj"]))
+    vectors = [p for p in model.parameters() if p.requires_grad]
     with torch.no_grad():
-        next(p for p in model.parameters() if p.requires_grad).zero_()
+        vectors[0].fill_(2.0)
+        vectors[-1].zero_()  # the last layer's vector: the first layer is checked (and was merged) before it
+    weights = {n: p.clone() for n, p in model.named_parameters() if n.endswith("base_layer.weight")}
     with pytest.raises(MergeError, match="zero scaling"):
         pk.merge(model)
+    assert all(torch.equal(p, weights[n]) for n, p in model.named_parameters() if n in weights)
+    assert not any(m.merged_adapters for m in model.modules() if isinstance(m, IA3Layer))
+
+
+@pytest.mark.parametrize("other", [pk.Adapter(), pk.PromptTuning(num_virtual_tokens=3)])
+def test_merging_beside_an_adapter_that_cannot_merge_changes_no_weight(other) -> None:
+    model = build("llama")
+    pk.apply(model, pk.IA3(target_modules=["v_proj"]), name="ia3")
+    pk.apply(model, other, name="other")
+    pk.set_adapter(model, ["ia3", "other"])
+    randomize_adapters(model)
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.requires_grad:
+                p.add_(1.0)
+    weights = {n: p.clone() for n, p in model.named_parameters() if n.endswith("base_layer.weight")}
+    with pytest.raises(MergeError, match="cannot be merged"):
+        pk.merge(model)
+    assert all(torch.equal(p, weights[n]) for n, p in model.named_parameters() if n in weights)
+    assert not any(m.merged_adapters for m in model.modules() if isinstance(m, IA3Layer))
 
 
 def test_feedforward_must_be_subset_of_targets() -> None:

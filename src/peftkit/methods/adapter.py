@@ -124,6 +124,9 @@ class BottleneckLayer(AdapterLayer):
         return (h, *out[1:]) if isinstance(out, tuple) else h
 
     def merge(self, names: Sequence[str], safe: bool = False, where: str = "") -> None:
+        self.check_merge(names, where)
+
+    def check_merge(self, names: Sequence[str], where: str = "") -> None:
         raise MergeError(
             f"the bottleneck adapters {list(names)} at {where or type(self.base_layer).__name__} cannot be merged: "
             f"a {self.mode} adapter applies a non-linearity ({self.mode} A(h) = W_up σ(W_down h)) that no weight "

@@ -152,18 +152,23 @@ class IA3Layer(AdapterLayer):
             with torch.no_grad():
                 bias.mul_(vec.to(bias.dtype))
 
-    def merge(self, names: Sequence[str], safe: bool = False, where: str = "") -> None:
+    def check_merge(self, names: Sequence[str], where: str = "") -> None:
         for name in names:
             if name in self.merged_adapters or not self.has_adapter(name):
                 continue
-            vec = self.ia3_l[name].detach()
-            if safe:
-                self.check_finite(vec, where or type(self.base_layer).__name__, name)
-            if bool((vec == 0).any()):
+            if bool((self.ia3_l[name].detach() == 0).any()):
                 raise MergeError(
                     f"IA3 adapter {name!r} at {where or 'this layer'} has zero scaling entries; merging would "
                     "erase those weight rows/columns for good (unmerge divides by the vector). Keep it unmerged."
                 )
+
+    def merge(self, names: Sequence[str], safe: bool = False, where: str = "") -> None:
+        self.check_merge(names, where)
+        for name in names:
+            if name in self.merged_adapters or not self.has_adapter(name):
+                continue
+            if safe:
+                self.check_finite(self.ia3_l[name].detach(), where or type(self.base_layer).__name__, name)
             self._fold(name, inverse=False)
             self.merged_adapters.append(name)
 

@@ -191,6 +191,9 @@ class PromptLearningLayer(AdapterLayer):
         raise RuntimeError("the prompt encoder is applied through hooks on the model, not called directly")
 
     def merge(self, names: Sequence[str], safe: bool = False, where: str = "") -> None:
+        self.check_merge(names, where)
+
+    def check_merge(self, names: Sequence[str], where: str = "") -> None:
         raise MergeError(
             f"prompt-learning adapters {list(names)} cannot be merged: virtual tokens (prompt, prefix, P-tuning) add "
             "inputs to the model rather than change a weight. Keep them as adapters, or use LoRA to merge."
