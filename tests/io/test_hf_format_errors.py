@@ -159,7 +159,14 @@ def test_loaded_adapter_is_frozen_unless_trainable(saved: Path) -> None:
     assert any(p.requires_grad for p in model.parameters())
 
 
-@pytest.mark.parametrize("field,value", [("use_qalora", True)])
+@pytest.mark.parametrize("field,value", [
+    ("use_qalora", True),
+    ("use_bdlora", {"target_modules_bd_a": ["v_proj"], "target_modules_bd_b": ["q_proj"], "nblocks": 2}),
+    ("kasa_config", {"beta": 1e-4, "gamma": 1e-3}),
+    ("monteclora_config", {"num_samples": 8}),
+    ("velora_config", {"num_groups": 4, "scale": 1.0, "init_type": "batch_average"}),
+    ("arrow_config", {"top_k": 2}),
+])
 def test_hf_lora_options_peftkit_lacks_are_refused_by_name(saved: Path, field: str, value: object) -> None:
     """An HF PEFT option that changes what the adapter computes is refused, not half-loaded."""
     data = json.loads((saved / "adapter_config.json").read_text())

@@ -416,6 +416,11 @@ LORA_VARIANTS: dict[str, type[LoRA]] = {}
 #: setting one is refused when loaded (its tensors would not fit, or would load and compute something else).
 _HF_LORA_UNSUPPORTED = {
     "use_qalora": "QA-LoRA's pooled input",
+    "use_bdlora": "BD-LoRA's block-diagonal factors",
+    "kasa_config": "KaSA's singular-value diagonal and truncated base weights",
+    "monteclora_config": "MonteCLoRA's Monte Carlo sampler",
+    "velora_config": "VeLoRA's compressed-activation projections",
+    "arrow_config": "Arrow's routing between adapters",
 }
 
 _HF_LORA_FIELDS = frozenset(
