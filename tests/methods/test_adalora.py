@@ -148,3 +148,49 @@ def test_step_without_gradients_or_without_an_active_adalora_adapter_is_refused(
         pk.adalora_step(model, 1)
     with pytest.raises(pk.errors.AdapterStateError, match=r"no active AdaLoRA adapter.*adapters: \[\]"):
         pk.adalora_step(build("llama"), 0)
+
+
+def _randomized_hf_adalora(arch: str, **kw) -> torch.nn.Module:
+    hf_config = peft.AdaLoraConfig(init_r=4, target_r=2, total_step=10, **kw)
+    hf = peft.get_peft_model(build(arch), hf_config)
+    torch.manual_seed(1)
+    with torch.no_grad():
+        for p in hf.parameters():
+            if p.requires_grad:
+                p.add_(torch.randn_like(p) * 0.3)
+    return hf.eval()
+
+
+@pytest.mark.parametrize("exclude", [["c_fc"], r".*\.0\..*"])
+def test_hf_exclude_modules_are_left_out_on_loading(exclude: object, tmp_path) -> None:
+    hf = _randomized_hf_adalora("gpt2", target_modules=["c_attn", "c_fc"], exclude_modules=exclude)
+    hf.save_pretrained(str(tmp_path))
+    loaded = pk.load_adapter(build("gpt2"), tmp_path)
+    assert sorted(get_state(loaded).targets["default"]) == sorted(
+        n.removeprefix("base_model.model.") for n, m in hf.named_modules() if hasattr(m, "lora_E"))
+    with torch.no_grad():
+        assert torch.allclose(run(loaded, "gpt2"), run(hf, "gpt2"), atol=1e-5)
+
+
+@pytest.mark.parametrize("bias", ["all", "lora_only"])
+def test_trained_biases_cross_load_both_ways(bias: str, tmp_path) -> None:
+    hf = _randomized_hf_adalora("bert", target_modules=["query", "value"], bias=bias, task_type="SEQ_CLS")
+    hf.save_pretrained(str(tmp_path / "hf"))
+    loaded = pk.load_adapter(build("bert"), tmp_path / "hf")
+    with torch.no_grad():
+        expected = run(hf, "bert")
+        assert torch.allclose(run(loaded, "bert"), expected, atol=1e-5)
+    # peftkit trains the same biases, saves them, and HF PEFT reads them back
+    ours = pk.apply(build("bert"), pk.AdaLoRA(target_modules=["query", "value"], init_rank=4, target_rank=2,
+                                              total_step=10, bias=bias))
+    def biases(model: torch.nn.Module, prefix: str = "") -> set[str]:
+        return {n.removeprefix(prefix) for n, p in model.named_parameters()
+                if p.requires_grad and n.endswith(".bias") and "classifier" not in n}
+
+    assert biases(ours) == biases(hf, "base_model.model.") and biases(ours)
+    ours.load_state_dict(loaded.state_dict())
+    pk.save_adapter(ours, tmp_path / "pk")
+    assert json.loads((tmp_path / "pk" / "adapter_config.json").read_text())["bias"] == bias
+    back = peft.PeftModel.from_pretrained(build("bert"), str(tmp_path / "pk")).eval()
+    with torch.no_grad():
+        assert torch.allclose(run(back, "bert"), expected, atol=1e-5)

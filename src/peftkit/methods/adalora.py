@@ -38,7 +38,7 @@ from peftkit.core.config import AdapterConfig
 from peftkit.core.registry import LINEAR_KINDS, LinearKind, linear_kind, register_method
 from peftkit.core.state import adapter_layers, get_state
 from peftkit.errors import AdapterStateError, ConfigError, UnsupportedLayerError
-from peftkit.io.hf_names import hf_layer_targets, hf_modules_to_save, hf_targets
+from peftkit.io.hf_names import hf_layer_targets, hf_modules_to_save, hf_resolve, hf_targets
 from peftkit.methods.adalora_state import (
     _ALLOCATORS,
     adalora_adapters,
@@ -48,6 +48,7 @@ from peftkit.methods.adalora_state import (
     load_allocator_state,
     load_allocator_states,
 )
+from peftkit.methods.lora import BIAS_MODES, bias_modules, hf_module_paths
 from peftkit.methods.lora_layers import LoRALayer, adapter_dtype
 
 # The checkpoint-state functions live in adalora_state; importing them from here keeps working.
@@ -314,6 +315,8 @@ class AdaLoRA(AdapterConfig):
         beta1, beta2: EMA factors of importance and uncertainty. orth_reg_weight: weight of R in the loss.
         total_step: the number of training steps (required). alpha [lora_alpha], dropout [lora_dropout].
         rank_pattern: qualified name → kept-triplet mask, filled by training or read from a file.
+        bias: ``"none"``, ``"all"`` (every bias trains and is saved) or ``"lora_only"`` (biases of adapted
+            layers), as for :class:`~peftkit.methods.lora.LoRA`.
     """
 
     peft_type = "ADALORA"
@@ -330,9 +333,12 @@ class AdaLoRA(AdapterConfig):
     alpha: float = 8
     dropout: float = 0.0
     rank_pattern: dict[str, list[bool]] = field(default_factory=dict)
+    bias: str = "none"
 
     def __post_init__(self) -> None:
         super().__post_init__()
+        if self.bias not in BIAS_MODES:
+            raise ConfigError(f"bias={self.bias!r} must be one of {BIAS_MODES}")
         for name in ("init_rank", "target_rank", "deltaT"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
@@ -384,6 +390,9 @@ class AdaLoRA(AdapterConfig):
         return layer
 
     def after_apply(self, model: nn.Module, name: str) -> None:
+        for module in bias_modules(model, self.bias):
+            module.bias.requires_grad_(True)
+
         def add_penalty(mod: nn.Module, args: Any, output: Any) -> Any:
             loss = getattr(output, "loss", None)
             state = get_state(mod)
@@ -400,6 +409,11 @@ class AdaLoRA(AdapterConfig):
             handle.remove()
         model.__dict__.get(_ALLOCATORS, {}).pop(name, None)
 
+    def extra_tensors(self, model: nn.Module, name: str) -> dict[str, Any]:
+        """Trained biases (``bias="all"``/``"lora_only"``) under their full HF PEFT keys."""
+        paths = hf_module_paths(model, name)
+        return {f"base_model.model.{paths[id(m)]}.bias": m.bias for m in bias_modules(model, self.bias)}
+
     def to_hf_dict(self, targets: list[str], module_names: list[str]) -> dict[str, Any]:
         return {
             "peft_type": self.peft_type, "task_type": self.task_type,
@@ -409,7 +423,7 @@ class AdaLoRA(AdapterConfig):
             "orth_reg_weight": self.orth_reg_weight, "total_step": self.total_step,
             "lora_alpha": self.alpha, "lora_dropout": self.dropout, "r": 8,
             "rank_pattern": {f"{k}.lora_E": v for k, v in self.rank_pattern.items()} or None,
-            "modules_to_save": list(self.modules_to_save) or None, "bias": "none",
+            "modules_to_save": list(self.modules_to_save) or None, "bias": self.bias,
             "fan_in_fan_out": False, "init_lora_weights": True, "inference_mode": True,
             "base_model_name_or_path": None, "revision": None,
         }
@@ -426,5 +440,7 @@ class AdaLoRA(AdapterConfig):
             orth_reg_weight=float(data.get("orth_reg_weight", 0.5)), total_step=int(data.get("total_step") or 1),
             alpha=data.get("lora_alpha", 8), dropout=float(data.get("lora_dropout", 0.0) or 0.0),
             rank_pattern=pattern, task_type=data.get("task_type"),
+            exclude_modules=hf_resolve(data.get("exclude_modules"), module_names),
             modules_to_save=hf_modules_to_save(data.get("modules_to_save"), module_names),
+            bias=data.get("bias") or "none",
         )
