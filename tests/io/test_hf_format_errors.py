@@ -179,3 +179,17 @@ def test_hf_lora_options_peftkit_lacks_are_refused_by_name(saved: Path, field: s
     after = snapshot(model)
     assert after[0] == before[0] and after[2] == before[2]
     assert all(torch.equal(after[1][k], v) for k, v in before[1].items())
+
+
+def test_a_directory_holding_only_named_adapters_names_their_subdirectories(saved: Path, tmp_path: Path) -> None:
+    """HF PEFT's save_pretrained puts every adapter not called ``default`` in a subdirectory of its name."""
+    parent = tmp_path / "several"
+    for name in ("first", "second"):
+        (parent / name).mkdir(parents=True)
+        for file in saved.iterdir():
+            (parent / name / file.name).write_bytes(file.read_bytes())
+    model = build("llama")
+    before = snapshot(model)
+    with pytest.raises(CheckpointError, match=r"subdirectories 'first', 'second'.*several/first', name='first'"):
+        pk.load_adapter(model, parent)
+    assert_untouched(model, before)

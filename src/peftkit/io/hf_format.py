@@ -172,6 +172,14 @@ def read_config(directory: str | Path) -> dict[str, Any]:
     """
     path = Path(directory) / CONFIG_NAME
     if not path.is_file():
+        # Adapters not called "default" are saved in subdirectories named after them (HF PEFT's layout too).
+        named = sorted(p.parent.name for p in Path(directory).glob(f"*/{CONFIG_NAME}"))
+        if named:
+            listed = ", ".join(repr(n) for n in named)
+            raise CheckpointError(
+                f"no {CONFIG_NAME} in {str(directory)!r}, but its subdirectories {listed} hold adapters; load one "
+                f"with pk.load_adapter(model, {str(Path(directory) / named[0])!r}, name={named[0]!r})"
+            )
         raise CheckpointError(
             f"no {CONFIG_NAME} in {str(directory)!r}; point to a directory written by pk.save_adapter or "
             "HF PEFT's save_pretrained"
