@@ -40,7 +40,12 @@ def hf_targets(targets: list[str], module_names: list[str]) -> list[str] | str:
 
 
 def hf_resolve(spec: Any, module_names: list[str]) -> list[str]:
-    """HF PEFT's ``target_modules``: a list matches names or dotted suffixes; a string is a full-match regex."""
+    """HF PEFT's ``target_modules``: a list matches names or dotted suffixes; a string is a full-match regex.
+
+    List entries naming no module are left out, as HF PEFT needs only one entry to match (lists written for several
+    architectures, such as ``["q_proj", "query_key_value"]``); when none matches, the list is returned whole, so that
+    peftkit's error names the patterns.
+    """
     if spec is None:
         return []
     if isinstance(spec, str):
@@ -48,7 +53,8 @@ def hf_resolve(spec: Any, module_names: list[str]) -> list[str]:
             return [spec]
         regex = re.compile(spec)
         return [n for n in module_names if regex.fullmatch(n)] or [spec]
-    return list(spec)
+    present = [t for t in spec if any(n == t or n.endswith("." + t) for n in module_names)]
+    return present or list(spec)
 
 
 def hf_layer_targets(data: dict[str, Any], module_names: list[str]) -> list[str]:
