@@ -107,3 +107,35 @@ def test_trainable_tokens_train_no_head_as_in_hf_peft(tmp_path) -> None:
     assert not get_state(model).saved["default"]
     pk.save_adapter(model, tmp_path)
     assert "modules_to_save" not in json.loads((tmp_path / "adapter_config.json").read_text())
+
+
+def _bert_head_model(cls_name: str) -> nn.Module:
+    import transformers
+
+    torch.manual_seed(0)
+    config = transformers.BertConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                                     vocab_size=96, max_position_embeddings=64)
+    return getattr(transformers, cls_name)(config).eval()
+
+
+def _head_outputs(model: nn.Module) -> torch.Tensor:
+    out = model(**INPUTS)
+    return out.start_logits if getattr(out, "logits", None) is None else out.logits
+
+
+@pytest.mark.parametrize("cls_name,task,head", [("BertForTokenClassification", "TOKEN_CLS", "classifier"),
+                                                ("BertForQuestionAnswering", "QUESTION_ANS", "qa_outputs")])
+@pytest.mark.parametrize("method", list(METHODS))
+def test_token_classifier_and_question_answering_heads_train_as_in_hf_peft(
+        cls_name: str, task: str, head: str, method: str, tmp_path) -> None:
+    """HF PEFT trains these heads for TOKEN_CLS and QUESTION_ANS too, and its loader needs them in the file."""
+    ours_config, hf_config = METHODS[method]
+    model = pk.apply(_bert_head_model(cls_name), ours_config())  # task_type inferred from the model class
+    assert isinstance(getattr(model, head), ModulesToSave)
+    hf = peft.get_peft_model(_bert_head_model(cls_name), hf_config(task_type=task))
+    assert pk.count_parameters(model) == tuple(hf.get_nb_trainable_parameters())
+    _randomize(model)
+    pk.save_adapter(model, tmp_path)
+    back = peft.PeftModel.from_pretrained(_bert_head_model(cls_name), str(tmp_path)).eval()
+    with torch.no_grad():
+        assert torch.allclose(_head_outputs(back), _head_outputs(model), atol=1e-5)

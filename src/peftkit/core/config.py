@@ -84,9 +84,10 @@ class AdapterConfig:
         layers: keep only modules inside these transformer-block indices (``None``: all blocks).
         layers_pattern: names of the containers whose numbered children are the blocks.
         modules_to_save: modules trained in full (a copy per adapter) and saved with the adapter, such
-            as a classification head. When empty on a sequence classifier (``task_type="SEQ_CLS"``, or a
-            ``*ForSequenceClassification`` model) ``pk.apply`` adds its head, ``classifier`` or ``score``
-            (whichever exists and is not itself a target), as Hugging Face PEFT does.
+            as a classification head. When empty on a sequence or token classifier (``task_type="SEQ_CLS"`` or
+            ``"TOKEN_CLS"``, or a ``*ForSequenceClassification``/``*ForTokenClassification`` model) ``pk.apply`` adds
+            its head, ``classifier`` or ``score`` (whichever exists and is not itself a target), and on a
+            question-answering model (``"QUESTION_ANS"``) ``qa_outputs``, as Hugging Face PEFT does.
         task_type: Hugging Face PEFT's task type (``"CAUSAL_LM"``, ``"SEQ_CLS"``, ...), written to
             ``adapter_config.json``; inferred from the model class when ``None``.
     """

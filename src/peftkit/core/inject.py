@@ -58,22 +58,24 @@ def _resolve_modules_to_save(model: nn.Module, patterns: list[str]) -> list[str]
     return found
 
 
-#: Sequence-classification heads Hugging Face PEFT trains in full for ``task_type="SEQ_CLS"``.
+#: Classification heads Hugging Face PEFT trains in full for ``task_type="SEQ_CLS"``.
 CLASSIFIER_HEADS = ("classifier", "score")
+#: Task type → the heads HF PEFT's model class for it trains in full (and its loader expects in the file).
+TASK_HEADS = {"SEQ_CLS": CLASSIFIER_HEADS, "TOKEN_CLS": CLASSIFIER_HEADS, "QUESTION_ANS": ("qa_outputs",)}
 
 
 def classifier_heads(model: nn.Module, config: AdapterConfig) -> list[str]:
-    """The heads to add to ``modules_to_save`` for a sequence classifier, as HF PEFT does (none if any are given).
+    """The heads to add to ``modules_to_save`` for a classifier, as HF PEFT does (none if any are given).
 
-    A sequence classifier is a config with ``task_type="SEQ_CLS"``, or without a task type on a model class named
-    ``*ForSequenceClassification``; its head is ``classifier`` or ``score``, whichever exists.
+    The task is the config's ``task_type``, or without one the model class's (``*ForSequenceClassification`` →
+    ``SEQ_CLS``, ``*ForTokenClassification`` → ``TOKEN_CLS``, ``*ForQuestionAnswering`` → ``QUESTION_ANS``); its
+    heads are ``classifier`` or ``score`` (whichever exists) for the first two and ``qa_outputs`` for the last.
     """
     if config.modules_to_save:
         return []
-    if (config.task_type or infer_task_type(model)) != "SEQ_CLS":
-        return []
+    heads = TASK_HEADS.get(config.task_type or infer_task_type(model) or "", ())
     names = [n for n, _ in iter_modules(model) if n]
-    return [head for head in CLASSIFIER_HEADS if any(first_match(n, [head]) for n in names)]
+    return [head for head in heads if any(first_match(n, [head]) for n in names)]
 
 
 def _check_compatible(model: nn.Module, config: AdapterConfig, targets: list[str]) -> None:
@@ -93,9 +95,10 @@ def apply(model: nn.Module, config: AdapterConfig, name: str = "default", activa
 
     Everything is validated before the model is touched: the name, the model's merge state, the
     targets and their layer types. Base parameters are frozen; the new adapter's parameters are
-    trainable when it is active. A sequence classifier (``task_type="SEQ_CLS"``, or a
-    ``*ForSequenceClassification`` model) given no ``modules_to_save`` trains its head (``classifier`` /
-    ``score``) in full, as Hugging Face PEFT does; the adapter's stored config lists it.
+    trainable when it is active. A sequence or token classifier (``task_type="SEQ_CLS"``/``"TOKEN_CLS"``, or a
+    ``*ForSequenceClassification``/``*ForTokenClassification`` model) given no ``modules_to_save`` trains its head
+    (``classifier`` / ``score``) in full, as Hugging Face PEFT does, and a question-answering model its
+    ``qa_outputs``; the adapter's stored config lists it.
 
     Args:
         model: any ``nn.Module``.
