@@ -139,3 +139,22 @@ def test_token_classifier_and_question_answering_heads_train_as_in_hf_peft(
     back = peft.PeftModel.from_pretrained(_bert_head_model(cls_name), str(tmp_path)).eval()
     with torch.no_grad():
         assert torch.allclose(_head_outputs(back), _head_outputs(model), atol=1e-5)
+
+
+@pytest.mark.parametrize("method", list(METHODS))
+def test_an_adapter_leaving_the_head_to_the_base_model_loads_in_hf_peft(method: str, tmp_path) -> None:
+    """HF PEFT's sequence classifier adds its head to modules_to_save when loading and then needs its weights:
+    they are written as the base head's, so its copy computes what the base head does."""
+    ours_config, _ = METHODS[method]
+    model = pk.apply(build("bert"), ours_config(modules_to_save=["pooler"]))
+    assert isinstance(model.classifier, nn.Linear)  # the explicit choice wins: the head stays frozen
+    _randomize(model)
+    pk.save_adapter(model, tmp_path)
+    assert json.loads((tmp_path / "adapter_config.json").read_text())["modules_to_save"] == ["pooler", "classifier"]
+    back = peft.PeftModel.from_pretrained(build("bert"), str(tmp_path)).eval()
+    again = pk.load_adapter(build("bert"), tmp_path)
+    with torch.no_grad():
+        expected = model(**INPUTS).logits
+        assert torch.allclose(back(**INPUTS).logits, expected, atol=1e-5)
+        assert torch.allclose(again(**INPUTS).logits, expected, atol=1e-5)
+    assert pk.list_adapters(model) == ["default"] and isinstance(model.classifier, nn.Linear)  # saving changed nothing

@@ -25,7 +25,9 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from peftkit.core.config import AdapterConfig, infer_task_type
-from peftkit.core.inject import apply, delete_adapter, prepared
+from peftkit.core.inject import TASK_HEADS, apply, delete_adapter, prepared
+from peftkit.core.layer import AdapterLayer
+from peftkit.core.modules_to_save import ModulesToSave
 from peftkit.core.registry import METHODS, is_fan_in_fan_out
 from peftkit.core.state import adapter_layers, get_state
 from peftkit.core.walk import iter_modules
@@ -133,8 +135,35 @@ def save_adapter(
             from peftkit.methods.convert import export_adapter
 
             outputs.append((target, *export_adapter(model, n, layout)))
-    for target, config, state in outputs:
-        _write(target, config, state)
+    for n, (target, config, state) in zip(names, outputs, strict=True):
+        _write(target, *_with_task_heads(model, n, config, state))
+
+
+def _with_task_heads(
+    model: nn.Module, name: str, config: dict[str, Any], state: dict[str, torch.Tensor]
+) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+    """``config`` and ``state`` with the heads HF PEFT's model class for the task adds to ``modules_to_save`` when it
+    loads the adapter (a sequence classifier's ``classifier``/``score``, ...), which its loader then needs in the file.
+
+    A head the adapter leaves to the base model (explicit ``modules_to_save`` without it) is written with the base
+    head's weights, so HF PEFT's copy computes what the base head does; a head adapted by some method is left as is.
+    """
+    listed = list(config.get("modules_to_save") or [])
+    missing = [h for h in TASK_HEADS.get(config.get("task_type") or "", ()) if h not in listed]
+    if not missing or "modules_to_save" not in config:  # a config without the field gets no heads in HF PEFT
+        return config, state
+    root = getattr(_config(model, name), "key_prefix", PREFIX)
+    state = dict(state)
+    for qualname, _ in iter_modules(model):
+        head = next((h for h in missing if qualname == h or qualname.endswith("." + h)), None)
+        module = model.get_submodule(qualname) if head is not None else None
+        if isinstance(module, ModulesToSave):  # another adapter's copy: this one computes with the base head
+            module = module.base_layer
+        if head is None or module is None or isinstance(module, AdapterLayer):
+            continue
+        state.update({f"{root}{qualname}.{key}": value for key, value in module.state_dict().items()})
+        listed += [head] if head not in listed else []
+    return {**config, "modules_to_save": listed or None}, state
 
 
 def _write(directory: Path, config: dict[str, Any], state: dict[str, torch.Tensor]) -> None:
