@@ -262,6 +262,7 @@ class LoRALinear(LoRALayer):
         if fused is not None:
             return fused
         result: torch.Tensor = self.base_layer(x, *args, **kwargs)
+        dtype = result.dtype  # updates in a wider dtype (fp32 adapters on a bf16 base) are added before rounding
         for name in self._applied():
             A, B, drop = self.lora_A[name], self.lora_B[name], self.lora_dropout[name]
             A_weight = cast(torch.Tensor, A.weight)
@@ -277,8 +278,8 @@ class LoRALinear(LoRALayer):
                 result = lora_kernels.lora_update(result, x, A_weight, B_weight, self.scaling[name], p, drop.training,
                                                   name, self)
                 continue
-            result = result + self._module_update(name, x).to(result.dtype)
-        return result
+            result = result + self._module_update(name, x)
+        return result.to(dtype)
 
 
 class LoRAEmbedding(LoRALayer):
@@ -340,10 +341,11 @@ class LoRAEmbedding(LoRALayer):
 
     def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
         result: torch.Tensor = self.base_layer(x, *args, **kwargs)
+        dtype = result.dtype  # as in LoRALinear: rounded once, after the updates
         for name in self._applied():
             A, B = self.factors(name)
-            result = result + ((self.embed(x, A.T) @ B.T) * self.scaling[name]).to(result.dtype)
-        return result
+            result = result + (self.embed(x, A.T) @ B.T) * self.scaling[name]
+        return result.to(dtype)
 
 
 class LoRAConv(LoRALayer):
@@ -399,9 +401,10 @@ class LoRAConv(LoRALayer):
 
     def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
         result: torch.Tensor = self.base_layer(x, *args, **kwargs)
+        dtype = result.dtype  # as in LoRALinear: rounded once, after the updates
         for name in self._applied():
-            result = result + self._module_update(name, x).to(result.dtype)
-        return result
+            result = result + self._module_update(name, x)
+        return result.to(dtype)
 
 
 #: Base-layer type → LoRA layer class; linear-like kinds (``LINEAR_KINDS``) fall back to ``LoRALinear``.
