@@ -160,3 +160,24 @@ def test_adapter_trained_on_4bit_base_loads_in_hf_peft(tmp_path: Path) -> None:
         base_only = hf(input_ids=ids).logits
     assert (ours - theirs).abs().mean() < 0.1 * theirs.abs().mean()
     assert (ours - theirs).abs().mean() < (ours - base_only).abs().mean()
+
+
+@pytest.mark.parametrize("quantized", [True, False])
+def test_fp32_update_is_rounded_as_in_hf_peft(quantized: bool) -> None:
+    """HF PEFT adds an fp32 update to a bf16 float base's output before rounding, but rounds it first on a
+    bitsandbytes base."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(64, 64))
+    if quantized:
+        quantize(model, bits=4, compute_dtype=torch.bfloat16)
+    else:
+        model.to(torch.bfloat16)
+    pk.apply(model, pk.LoRA(target_modules=["0"], rank=4, init_B="gaussian"))
+    layer = model[0]
+    x = torch.randn(16, 64).to(torch.bfloat16)
+    with torch.no_grad():
+        base = layer.base_layer(x)
+        update = layer.lora_B["default"](layer.lora_A["default"](x.float())) * layer.scaling["default"]
+        expected = base + update.to(torch.bfloat16) if quantized else (base + update).to(torch.bfloat16)
+        assert layer.lora_A["default"].weight.dtype == torch.float32
+        assert torch.equal(model(x), expected)

@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from peftkit.core.layer import AdapterLayer
-from peftkit.core.registry import LinearKind, TypeRegistry, linear_kind
+from peftkit.core.registry import DEQUANTIZERS, LinearKind, TypeRegistry, linear_kind
 from peftkit.errors import ConfigError, MergeError
 from peftkit.methods import lora_groups, lora_kernels
 
@@ -262,7 +262,10 @@ class LoRALinear(LoRALayer):
         if fused is not None:
             return fused
         result: torch.Tensor = self.base_layer(x, *args, **kwargs)
-        dtype = result.dtype  # updates in a wider dtype (fp32 adapters on a bf16 base) are added before rounding
+        # As HF PEFT: an update in a wider dtype (fp32 adapters on a bf16 base) is added before the sum is rounded,
+        # except on a quantized base, whose bitsandbytes layers there round the update first.
+        dtype = result.dtype
+        quantized = DEQUANTIZERS.lookup(type(self.base_layer)) is not None
         for name in self._applied():
             A, B, drop = self.lora_A[name], self.lora_B[name], self.lora_dropout[name]
             A_weight = cast(torch.Tensor, A.weight)
@@ -278,7 +281,8 @@ class LoRALinear(LoRALayer):
                 result = lora_kernels.lora_update(result, x, A_weight, B_weight, self.scaling[name], p, drop.training,
                                                   name, self)
                 continue
-            result = result + self._module_update(name, x)
+            update = self._module_update(name, x)
+            result = result + (update.to(dtype) if quantized else update)
         return result.to(dtype)
 
 
