@@ -139,13 +139,14 @@ def test_several_active_adapters_are_summed_and_merge_together(arch: str) -> Non
     assert not torch.equal(out_a, out_b) and not torch.equal(out_ab, base)
 
 
+@pytest.mark.parametrize("use_dora", [False, True])
 @pytest.mark.parametrize("arch", ["llama", "convnet"])
-def test_half_precision_base_with_fp32_adapters_rounds_once_as_hf_peft(arch: str, tmp_path) -> None:
+def test_half_precision_base_with_fp32_adapters_rounds_once_as_hf_peft(arch: str, use_dora: bool, tmp_path) -> None:
     """On a bf16 model HF PEFT keeps the adapter in fp32, adds the update to the base output in fp32 and rounds the
     sum once: outputs agree bit for bit (rounding the update first differs by an ulp)."""
     peft = pytest.importorskip("peft")
-    hf = peft.get_peft_model(build(arch).to(torch.bfloat16),
-                             peft.LoraConfig(target_modules=ARCHS[arch].targets, r=4, init_lora_weights=False))
+    hf = peft.get_peft_model(build(arch).to(torch.bfloat16), peft.LoraConfig(
+        target_modules=ARCHS[arch].targets, r=4, init_lora_weights=False, use_dora=use_dora))
     hf.eval().save_pretrained(str(tmp_path))
     ours = pk.load_adapter(build(arch).to(torch.bfloat16), tmp_path)
     assert {p.dtype for n, p in ours.named_parameters() if "lora_" in n} == {torch.float32}

@@ -76,8 +76,8 @@ class DoRAEmbedding(_DoRAMixin, LoRAEmbedding):
             A, B = self.factors(name)
             lora = (self.embed(x, A.T) @ B.T) * self.scaling[name]
             if name not in self.lora_magnitude_vector:
-                result = result + lora.to(result.dtype)
+                result = result + lora
                 continue
             g = self.lora_magnitude_vector[name] / self.weight_norm(name)
-            result = result + ((g - 1) * base.to(lora.dtype) + g * lora).to(result.dtype)
-        return result
+            result = result + ((g - 1) * base.to(lora.dtype) + g * lora)
+        return result.to(base.dtype)  # rounded once, after the updates, as in LoRAEmbedding

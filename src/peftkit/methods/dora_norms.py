@@ -18,6 +18,7 @@ from typing import Any, ClassVar, cast
 import torch
 from torch import nn
 
+from peftkit.core.registry import DEQUANTIZERS
 from peftkit.methods.lora_layers import LoRALayer
 
 
@@ -145,14 +146,16 @@ class _DoRAMixin(LoRALayer):
         on the adapter branch only), so the output is ``g⊙(Wx + s·BA·dropout(x)) + b``; a plain LoRA adapter on the
         same layer adds its own update.
         """
+        # Rounded as in LoRALinear.forward: once, after the updates, except on a quantized base.
+        quantized = DEQUANTIZERS.lookup(type(self.base_layer)) is not None
         out = result
         for name in self._applied():
             update = self._module_update(name, x)
             if name in self.lora_magnitude_vector:
                 g = self._gain(name)
                 update = (g - 1) * base_out.to(update.dtype) + g * update
-            out = out + update.to(out.dtype)
-        return out
+            out = out + (update.to(result.dtype) if quantized else update)
+        return out.to(result.dtype)
 
     def delete_adapter(self, name: str) -> None:
         super().delete_adapter(name)
