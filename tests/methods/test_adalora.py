@@ -194,3 +194,18 @@ def test_trained_biases_cross_load_both_ways(bias: str, tmp_path) -> None:
     back = peft.PeftModel.from_pretrained(build("bert"), str(tmp_path / "pk")).eval()
     with torch.no_grad():
         assert torch.allclose(run(back, "bert"), expected, atol=1e-5)
+
+
+def test_half_precision_base_rounds_once_as_hf_peft(tmp_path) -> None:
+    """HF PEFT adds the fp32 update to a half-precision base output in place: one rounding, bit for bit here."""
+    model = pk.apply(build("llama").to(torch.float16), config())
+    torch.manual_seed(2)
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.requires_grad:
+                p.add_(torch.randn_like(p) * 0.3)
+    assert {p.dtype for p in model.parameters() if p.requires_grad} == {torch.float32}
+    pk.save_adapter(model, tmp_path)
+    hf = peft.PeftModel.from_pretrained(build("llama").to(torch.float16), str(tmp_path)).eval()
+    with torch.no_grad():
+        assert torch.equal(run(model, "llama"), run(hf, "llama"))

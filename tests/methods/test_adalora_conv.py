@@ -166,3 +166,13 @@ def test_grouped_conv_is_refused_before_the_model_changes() -> None:
     with pytest.raises(UnsupportedLayerError, match="groups=2.*exclude_modules"):
         pk.apply(model, config())
     assert not any(True for _ in adapter_layers(model))
+
+
+def test_half_precision_base_rounds_once_as_hf_peft(tmp_path: Path) -> None:
+    """HF PEFT adds the fp32 conv update to a half-precision base output in place: one rounding, bit for bit here."""
+    model = pk.apply(_model().to(torch.bfloat16), config())
+    _randomize(model)
+    pk.save_adapter(model, tmp_path)
+    hf = peft.PeftModel.from_pretrained(_model().to(torch.bfloat16), str(tmp_path)).eval()
+    with torch.no_grad():
+        assert torch.equal(model(X.to(torch.bfloat16)), hf(X.to(torch.bfloat16)))

@@ -134,7 +134,8 @@ class SVDLinear(LoRALayer):
         for name in self._applied():
             A, B, E = self.lora_A[name], self.lora_B[name], self.lora_E[name]
             h = self.lora_dropout[name](x.to(A.dtype))
-            result = result + ((h @ (A * E).T @ B.T) * self.factor(name)).to(result.dtype)
+            # As HF PEFT's in-place add: the update joins the base output in its own (wider) dtype, then rounds.
+            result = (result + (h @ (A * E).T @ B.T) * self.factor(name)).to(result.dtype)
         return result
 
 

@@ -70,5 +70,5 @@ class SVDConv2d(SVDLinear):
             h = self.lora_dropout[name](x.to(A.dtype))
             # _conv_forward honours the base's padding_mode; for the default "zeros" this is HF PEFT's conv2d call.
             delta = self.conv._conv_forward(h, self.delta_weight(name), None)
-            result = result + delta.to(result.dtype)
+            result = (result + delta).to(result.dtype)  # rounded after the sum, as in SVDLinear
         return result
