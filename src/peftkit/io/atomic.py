@@ -8,6 +8,8 @@ import tempfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
+from peftkit.errors import ConfigError
+
 
 @contextlib.contextmanager
 def atomic_path(path: str | Path) -> Iterator[Path]:
@@ -34,3 +36,26 @@ def write_atomic(path: str | Path, write: Callable[[Path], object]) -> None:
 
 def write_text_atomic(path: str | Path, text: str) -> None:
     write_atomic(path, lambda tmp: tmp.write_text(text, encoding="utf-8"))
+
+
+def output_dir(path: str | Path, name: str) -> Path:
+    """Create the output directory ``path`` (and its parents) if needed, before any work is spent on it.
+
+    Args:
+        path: the directory.
+        name: what the user set to choose it (``checkpoint.save_dir``, ``--out``), for the message.
+
+    Raises:
+        ConfigError: ``path`` is an existing file, or it cannot be created or written.
+    """
+    p = Path(path)
+    if p.exists() and not p.is_dir():
+        raise ConfigError(f"{name}={str(p)!r} is a file, not a directory; choose a directory to write into")
+    try:
+        p.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise ConfigError(f"{name}={str(p)!r} cannot be created ({exc.strerror or exc}); "
+                          "choose a writable directory") from None
+    if not os.access(p, os.W_OK | os.X_OK):
+        raise ConfigError(f"{name}={str(p)!r} is not writable; choose a writable directory")
+    return p

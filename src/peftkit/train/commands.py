@@ -9,6 +9,7 @@ from typing import Any
 from torch import nn
 
 from peftkit.errors import CheckpointError, ConfigError
+from peftkit.io.atomic import output_dir
 from peftkit.train.config import RunConfig, load_config
 from peftkit.train.data import infer_labels, load_examples
 from peftkit.train.evaluate import evaluate
@@ -128,6 +129,10 @@ def merge_checkpoint(path: str | Path, out_dir: str | Path, overrides: list[str]
     import peftkit as pk
 
     cfg = checkpoint_config(path, overrides)
+    if Path(out_dir).resolve() == Path(path).resolve():
+        raise ConfigError(f"--out {str(out_dir)!r} is the checkpoint itself; write the merged model to another "
+                          "directory")
+    out = output_dir(out_dir, "--out")
     tok = build_tokenizer(cfg)
     labels = run_labels(path, cfg)
     model = _checkpoint_model(path, cfg, tok, len(labels), adapted=True)
@@ -137,7 +142,6 @@ def merge_checkpoint(path: str | Path, out_dir: str | Path, overrides: list[str]
     if labels and config is not None:  # the class names travel with the merged classifier
         config.id2label = dict(enumerate(labels))
         config.label2id = {name: i for i, name in enumerate(labels)}
-    out = Path(out_dir)
     model.save_pretrained(str(out))  # type: ignore[operator]
     hf_tok = getattr(tok, "tok", None)
     if hf_tok is not None:

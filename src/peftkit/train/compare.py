@@ -27,8 +27,10 @@ from typing import Any
 import yaml
 
 from peftkit.errors import ConfigError, require
+from peftkit.io.atomic import output_dir
 from peftkit.train.config import PEFT_METHODS, RunConfig, config_from_dict, load_config
 from peftkit.train.metrics import process_memory
+from peftkit.train.tasks import peft_config
 
 #: Method names accepted besides :data:`PEFT_METHODS` keys.
 ALIASES = {"full": "none"}
@@ -38,7 +40,7 @@ def method_config(base: RunConfig, method: str, out_dir: Path) -> RunConfig:
     """``base`` with ``peft`` set to ``method`` and outputs under ``out_dir/method``; quiet, no resume.
 
     Raises:
-        ConfigError: ``method`` is not a known method.
+        ConfigError: ``method`` is not a known method, or the config's fields are invalid for it.
     """
     name = ALIASES.get(method, method)
     if name not in PEFT_METHODS:
@@ -50,7 +52,9 @@ def method_config(base: RunConfig, method: str, out_dir: Path) -> RunConfig:
                           "save_interval": 0, "keep_last": 1}
     data["logging"] = {**data["logging"], "progress_bar": False, "tensorboard": "false", "plots": False,
                        "jsonl": True}
-    return config_from_dict(data)
+    cfg = config_from_dict(data)
+    peft_config(cfg)  # the method's own fields (rank > 0, ...), checked here rather than in the child process
+    return cfg
 
 
 def _options_for(method: str, source_method: str, options: dict[str, Any]) -> dict[str, Any]:
@@ -156,14 +160,13 @@ def compare(config: str | Path | RunConfig, methods: list[str], out_dir: str | P
         ``{"methods": {method: row}, "table": markdown, "files": [paths]}``; a failed method's row holds ``error``.
 
     Raises:
-        ConfigError: no methods, an unknown method, or an invalid config.
+        ConfigError: no methods, an unknown method, an invalid config, or an ``out_dir`` that is a file.
     """
     if not methods:
         raise ConfigError("--methods is empty; give a comma-separated list such as lora,dora,ia3,full")
     base = config if isinstance(config, RunConfig) else load_config(config, overrides)
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    configs = {m: method_config(base, m, out) for m in methods}  # validates every method before any training
+    configs = {m: method_config(base, m, Path(out_dir)) for m in methods}  # validates all before any training
+    out = output_dir(out_dir, "--out")
     rows: dict[str, dict[str, Any]] = {}
     for method, cfg in configs.items():
         print(f"compare: training {method} …", flush=True)

@@ -25,6 +25,7 @@ import yaml
 from torch import nn
 
 from peftkit.errors import ConfigError
+from peftkit.io.atomic import output_dir
 from peftkit.train import checkpoint as ckpt
 from peftkit.train import dist_checkpoint as dckpt
 from peftkit.train import dist_failure, distributed
@@ -211,6 +212,7 @@ def train(cfg: RunConfig) -> dict[str, Any]:
         ``adapter`` (``save_dir/final``), ``trainable`` and ``total`` parameter counts, ``seconds``.
     """
     t0 = time.perf_counter()
+    output_dir(cfg.checkpoint.save_dir, "checkpoint.save_dir")  # before the model is built and trained
     ctx = distributed.init(cfg)
     with dist_failure.guard(ctx, cfg.checkpoint.save_dir):
         return _train(setup(cfg, ctx), t0)

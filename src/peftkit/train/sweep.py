@@ -14,8 +14,10 @@ from pathlib import Path
 from typing import Any
 
 from peftkit.errors import require
+from peftkit.io.atomic import output_dir
 from peftkit.train.config import load_config
 from peftkit.train.loop import train
+from peftkit.train.tasks import peft_config
 
 COLUMNS = (
     "rank",
@@ -46,9 +48,13 @@ def run_sweep(
         alphas: alphas to run for each rank; ``None`` uses ``alpha_per_rank · rank``.
         alpha_per_rank: alpha/rank when ``alphas`` is not given (seed 002: 2).
         overrides: extra ``key.sub=value`` overrides applied to every run.
+
+    Raises:
+        ConfigError: any run's config is invalid (checked for all of them before the first trains), or
+            ``checkpoint.save_dir`` is a file or not writable.
     """
     base = load_config(config, overrides)
-    rows = []
+    runs = []
     for rank in ranks:
         for alpha in alphas or [alpha_per_rank * rank]:
             out = f"{base.checkpoint.save_dir}/r{rank}-a{alpha:g}"
@@ -62,31 +68,34 @@ def run_sweep(
                     "logging.plots=false",
                 ],
             )
-            s = train(cfg)
-            norms = s["grad_norms"]
-            rows.append(
-                {
-                    "rank": rank,
-                    "alpha": alpha,
-                    "trainable": s["trainable"],
-                    "total": s["total"],
-                    "trainable_pct": 100 * s["trainable"] / s["total"],
-                    "first_loss": s["losses"][0],
-                    "last_loss": s["losses"][-1],
-                    "mean_grad_norm": sum(norms) / len(norms),
-                    "last_grad_norm": norms[-1],
-                    "seconds": s["seconds"],
-                    "losses": s["losses"],
-                    "grad_norms": norms,
-                }
-            )
-    root = Path(base.checkpoint.save_dir)
-    root.mkdir(parents=True, exist_ok=True)
+            peft_config(cfg)  # every run's method fields are checked before the first one trains
+            runs.append((rank, alpha, cfg))
+    root = output_dir(base.checkpoint.save_dir, "checkpoint.save_dir")
+    rows = [_row(rank, alpha, train(cfg)) for rank, alpha, cfg in runs]
     (root / "sweep.json").write_text(json.dumps(rows, indent=1))
     (root / "sweep.md").write_text(format_table(rows) + "\n")
     if base.logging.plots:
         plot_sweep(rows, root / "sweep.png")
     return rows
+
+
+def _row(rank: int, alpha: float, s: dict[str, Any]) -> dict[str, Any]:
+    """One table row from a run's :func:`~peftkit.train.loop.train` summary."""
+    norms = s["grad_norms"]
+    return {
+        "rank": rank,
+        "alpha": alpha,
+        "trainable": s["trainable"],
+        "total": s["total"],
+        "trainable_pct": 100 * s["trainable"] / s["total"],
+        "first_loss": s["losses"][0],
+        "last_loss": s["losses"][-1],
+        "mean_grad_norm": sum(norms) / len(norms),
+        "last_grad_norm": norms[-1],
+        "seconds": s["seconds"],
+        "losses": s["losses"],
+        "grad_norms": norms,
+    }
 
 
 def plot_sweep(rows: list[dict[str, Any]], path: Path) -> Path:
