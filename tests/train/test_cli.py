@@ -178,3 +178,25 @@ def test_a_run_without_training_data_says_so(run_config, tmp_path, capsys):
     path.write_text(yaml.safe_dump(cfg))
     assert main(["train", str(path)]) == 2
     assert "data.train is not set" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    ("device", "expected"),
+    [
+        ("gpu0", "train.device='gpu0' is not a device name; allowed: auto, cpu, cuda"),
+        ("meta", "train.device='meta' cannot be used on this machine (meta tensors hold no data)"),
+        ("cuda:99", "train.device='cuda:99' cannot be used on this machine ("),
+    ],
+)
+def test_a_device_the_machine_lacks_is_a_config_error_before_resuming(run_config, tmp_path, capsys, device, expected):
+    cfg = run_config("causal_lm", train={"max_steps": 2})
+    path = tmp_path / "run.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    assert main(["train", str(path)]) == 0
+    run = Path(cfg["checkpoint"]["save_dir"])
+    saved = {p: p.read_bytes() for p in run.rglob("*") if p.is_file()}
+    capsys.readouterr()
+    err = _error(["train", str(path), "train.max_steps=4", f"train.device={device}"], capsys)
+    assert expected in err
+    assert {p: p.read_bytes() for p in run.rglob("*") if p.is_file()} == saved
+    assert expected in _error(["eval", "-p", str(run / "final"), f"train.device={device}"], capsys)

@@ -144,7 +144,30 @@ def pick_device(ctx: Dist, name: str) -> torch.device:
     """``auto`` → this rank's CUDA device (``cuda:LOCAL_RANK``) when available, else CPU."""
     if name == "auto":
         return torch.device(f"cuda:{ctx.local_rank}" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
+    return usable_device(name)
+
+
+def usable_device(name: str) -> torch.device:
+    """The device ``train.device=name`` names, once a tensor could be put on it.
+
+    Raises:
+        ConfigError: ``name`` is not a device, or this machine has no such device (``cuda`` without CUDA, an
+            index past the last GPU).
+    """
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise ConfigError(f"train.device={name!r} is not a device name; allowed: auto, cpu, cuda, cuda:N, "
+                          "or another torch device such as xpu or mps") from None
+    try:
+        if device.type == "meta":  # holds no values: nothing could be trained or evaluated on it
+            raise RuntimeError("meta tensors hold no data")
+        torch.empty(0, device=device)
+    except (RuntimeError, AssertionError) as exc:  # torch's "not compiled with CUDA enabled" is an assertion
+        reason = (str(exc).strip() or type(exc).__name__).splitlines()[0].split(". ")[0][:120]
+        raise ConfigError(f"train.device={name!r} cannot be used on this machine ({reason}); "
+                          "set train.device=auto, cpu or an available cuda:N") from None
+    return device
 
 
 def seed_rank(ctx: Dist, seed: int, step: int) -> None:

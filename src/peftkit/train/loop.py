@@ -64,10 +64,10 @@ class Run:
 
 
 def pick_device(name: str) -> torch.device:
-    """``auto`` → CUDA when available, else CPU; anything else as given."""
+    """``auto`` → CUDA when available, else CPU; anything else once a tensor could be put on it."""
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
+    return distributed.usable_device(name)
 
 
 def load_data(cfg: RunConfig, tok: Tokenizer) -> tuple[list[Example], list[Example], list[str]]:
