@@ -209,3 +209,26 @@ def test_trainable_tokens_run_trains_only_its_rows(run_config):
     assert json.loads((Path(summary["adapter"]) / "adapter_config.json").read_text())["peft_type"] == "TRAINABLE_TOKENS"
     (key,) = [k for k in saved if k.endswith("embed_tokens.trainable_tokens_delta")]
     assert saved[key].shape[0] == 3 and summary["trainable"] == saved[key].numel()
+
+
+@pytest.mark.parametrize(
+    ("change", "expected"),
+    [
+        ({"peft": {"rank": 8}}, "_A.default.weight' of shape (4, 32) does not fit the model (the model's is (8, 32"),
+        ({"peft": {"method": "dora"}}, "has no tensor for 'model.layers.0.self_attn.q_proj.lora_magnitude_vector"),
+        ({"optimizer": {"loraplus_ratio": 16}}, "the optimizer state is corrupt or belongs to another run"),
+    ],
+)
+def test_resuming_another_runs_checkpoint_is_refused_and_leaves_it_intact(run_config, change, expected):
+    from peftkit.errors import CheckpointError
+
+    first = run_config(train={"max_steps": 2})
+    train(config_from_dict(first))
+    root = Path(first["checkpoint"]["save_dir"])
+    saved = {p: p.read_bytes() for p in root.rglob("*") if p.is_file()}
+    other = run_config(train={"max_steps": 4}, **change)
+    other["checkpoint"]["resume"] = "auto"
+    with pytest.raises(CheckpointError) as info:
+        train(config_from_dict(other))
+    assert expected in str(info.value) and "start afresh in another checkpoint.save_dir" in str(info.value)
+    assert {p: p.read_bytes() for p in root.rglob("*") if p.is_file()} == saved

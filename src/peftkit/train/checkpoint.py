@@ -241,11 +241,20 @@ def resolve_resume(resume: str, save_dir: str | Path) -> Path | None:
     return path
 
 
-def load_checkpoint(path: str | Path, model: nn.Module, optimizer: torch.optim.Optimizer | None) -> dict[str, Any]:
+def load_checkpoint(
+    path: str | Path, model: nn.Module, optimizer: torch.optim.Optimizer | None, trainable: list[str] | None = None
+) -> dict[str, Any]:
     """Restore trained tensors, optimizer, AdaLoRA allocator and RNG states from ``path``; returns the trainer state.
 
+    Args:
+        path: a ``step-N`` directory.
+        model: receives the trained tensors.
+        optimizer: receives the optimizer state (``None``: not restored).
+        trainable: the parameters this run trains; each must be in the checkpoint (``None``: not checked).
+
     Raises:
-        CheckpointError: a file is missing or a saved tensor does not fit the model.
+        CheckpointError: a file is missing or corrupt, or the checkpoint was written by a run of another
+            model or method; nothing is restored then.
     """
     d = Path(path)
     try:
@@ -253,19 +262,33 @@ def load_checkpoint(path: str | Path, model: nn.Module, optimizer: torch.optim.O
         state = json.loads((d / STATE_FILE).read_text())
     except (OSError, ValueError) as exc:
         raise CheckpointError(f"checkpoint {str(d)!r} is incomplete or corrupt: {exc}") from exc
-    restore_allocator_files(d, model, int(state.get("step", 0)))  # first: it checks everything before changing
     params = dict(model.named_parameters())
-    for name, value in weights.items():
-        with torch.no_grad():
-            fitting_parameter(d, params, name, value).copy_(value)
+    targets = {name: fitting_parameter(d, params, name, value) for name, value in weights.items()}
+    unsaved = [name for name in trainable or [] if name not in weights]
+    if unsaved:
+        raise CheckpointError(f"checkpoint {str(d)!r} has no tensor for {unsaved[0]!r} ({len(unsaved)} trained "
+                              f"parameters missing): it was written by another model or method; {_AFRESH}")
+    restore_allocator_files(d, model, int(state.get("step", 0)))  # first to change: it checks all before changing
+    with torch.no_grad():
+        for name, value in weights.items():
+            targets[name].copy_(value)
     if optimizer is not None and (d / "optimizer-sharded").is_dir():  # written by an FSDP run
         from peftkit.train.dist_checkpoint import load_sharded_optimizer
 
         load_sharded_optimizer(d, model, optimizer)
     elif optimizer is not None:
-        meta = json.loads((d / "optimizer.json").read_text())
-        optimizer.load_state_dict(_optimizer_from_files(load_file(str(d / "optimizer.safetensors")), meta))
+        try:
+            meta = json.loads((d / "optimizer.json").read_text())
+            optimizer.load_state_dict(_optimizer_from_files(load_file(str(d / "optimizer.safetensors")), meta))
+        except (OSError, ValueError, KeyError) as exc:
+            raise CheckpointError(f"checkpoint {str(d)!r}: the optimizer state is corrupt or belongs to another "
+                                  f"run ({exc}); {_AFRESH}") from exc
     return restore_trainer_files(d, state)
+
+
+#: What to do with a checkpoint that does not belong to the run being resumed.
+_AFRESH = ("resume it with the config it was written with, or start afresh in another checkpoint.save_dir "
+           "(or with checkpoint.resume=none)")
 
 
 def fitting_parameter(d: Path, params: dict[str, nn.Parameter], name: str, value: torch.Tensor) -> nn.Parameter:
@@ -276,9 +299,10 @@ def fitting_parameter(d: Path, params: dict[str, nn.Parameter], name: str, value
     """
     p = params.get(name)
     if p is None or tuple(p.shape) != tuple(value.shape):
+        model_has = f"the model's is {tuple(p.shape)}" if p is not None else "the model has no such parameter"
         raise CheckpointError(
-            f"checkpoint {str(d)!r} tensor {name!r} does not fit the model "
-            f"(model has {tuple(p.shape) if p is not None else 'no such parameter'})"
+            f"checkpoint {str(d)!r} tensor {name!r} of shape {tuple(value.shape)} does not fit the model "
+            f"({model_has}): it was written by another model or method; {_AFRESH}"
         )
     return p
 

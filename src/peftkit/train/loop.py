@@ -227,7 +227,7 @@ def _train(run: Run, t0: float) -> dict[str, Any]:
         if run.dist.active:
             state = dckpt.load_checkpoint(run.dist, resume, run.model, run.optimizer, cfg.train.seed)
         else:
-            state = ckpt.load_checkpoint(resume, run.model, run.optimizer)
+            state = ckpt.load_checkpoint(resume, run.model, run.optimizer, run.trainable)
         start, history = int(state["step"]), list(state["history"])
         print(f"resumed from {resume} at step {start}")
     distributed.agree(start, run.dist, "the step to start from")
