@@ -200,3 +200,25 @@ def test_a_device_the_machine_lacks_is_a_config_error_before_resuming(run_config
     assert expected in err
     assert {p: p.read_bytes() for p in run.rglob("*") if p.is_file()} == saved
     assert expected in _error(["eval", "-p", str(run / "final"), f"train.device={device}"], capsys)
+
+
+def test_ctrl_c_mid_run_is_one_line_and_the_run_resumes(run_config, tmp_path, capsys, monkeypatch):
+    from peftkit.train import loop
+
+    cfg = run_config("causal_lm", train={"max_steps": 4}, checkpoint={"save_interval": 2, "resume": "auto"})
+    path = tmp_path / "run.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    real = loop.train_step
+
+    def interrupted(run, step, params):
+        if step == 3:
+            raise KeyboardInterrupt
+        return real(run, step, params)
+
+    monkeypatch.setattr(loop, "train_step", interrupted)
+    assert main(["train", str(path)]) == 130
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("peftkit train: interrupted;") and "checkpoint.resume=auto" in err and "Traceback" not in err
+    monkeypatch.setattr(loop, "train_step", real)
+    assert main(["train", str(path)]) == 0
+    assert "resumed from" in capsys.readouterr().out

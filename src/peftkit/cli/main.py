@@ -194,6 +194,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     except PeftkitError as exc:
         print(f"peftkit {args.command}: error: {exc}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:  # Ctrl-C: one line, not a traceback; checkpoints are written atomically
+        hint = _RESUME_HINT if args.command in ("train", "sweep") else ""
+        print(f"\npeftkit {args.command}: interrupted{hint}", file=sys.stderr)
+        return 130  # 128 + SIGINT, as a shell reports it
+
+
+#: What ``train`` and ``sweep`` say when interrupted: finished checkpoints are complete and resumable.
+_RESUME_HINT = ("; the checkpoints already written are complete: run the same command with checkpoint.resume=auto "
+                "to continue from the latest")
 
 
 if __name__ == "__main__":
