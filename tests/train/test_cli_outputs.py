@@ -88,3 +88,26 @@ def test_merge_refuses_a_file_or_the_checkpoint_itself_as_output(config_file, tm
     taken.write_text("mine")
     err = _error(["merge", str(final), "--out", str(taken)], capsys)
     assert f"--out={str(taken)!r} is a file, not a directory" in err and taken.read_text() == "mine"
+
+
+def test_a_sweep_of_a_method_without_rank_says_so_and_trains_nothing(run_config, tmp_path, monkeypatch, capsys):
+    _no_training(monkeypatch)
+    cfg = run_config("causal_lm")
+    cfg["peft"] = {"method": "ia3", "target_modules": ["k_proj", "v_proj"]}
+    path = tmp_path / "ia3.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    err = _error(["sweep", str(path), "--ranks", "2"], capsys)
+    assert "peft.method='ia3' has no rank and alpha to sweep; use a LoRA-family method" in err
+    monkeypatch.undo()
+    err = _error(["train", str(path), "peft.rank=4"], capsys)  # a LoRA field left in another method's section
+    assert "'rank' is not a field" in err and "remove those fields from the config's peft section" in err
+
+
+def test_a_sweep_names_each_run_as_it_starts(config_file, tmp_path, capsys):
+    save_dir = tmp_path / "sweep"
+    assert main(["sweep", str(config_file), "--ranks", "2", "3", f"checkpoint.save_dir={save_dir}",
+                 "logging.plots=false"]) == 0
+    out = capsys.readouterr().out
+    assert f"sweep: training rank 2, alpha 4 (1/2) in {save_dir}/r2-a4" in out
+    assert f"sweep: training rank 3, alpha 6 (2/2) in {save_dir}/r3-a6" in out
+    assert (save_dir / "sweep.md").read_text().count("\n| ") == 2

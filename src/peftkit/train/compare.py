@@ -277,10 +277,12 @@ def register(sub: Any) -> None:
     p = sub.add_parser(
         "compare",
         help="train several PEFT methods on the same model and data and compare them",
-        description="Run CONFIG once per method (only peft changes) and write a table (Markdown, JSON) and plots.",
+        description="Run CONFIG once per method (only peft changes), each in OUT/<method>/ in its own process, "
+        "and write compare.md, compare.json, loss.png and memory_time.png to OUT.",
     )
     p.add_argument("config", help="YAML run config (see configs/)")
-    p.add_argument("--methods", required=True, help="comma-separated, e.g. lora,dora,ia3,full")
+    p.add_argument("--methods", required=True,
+                   help="comma-separated peft.method names, e.g. lora,dora,ia3,full (full: every base weight trains)")
     p.add_argument("--out", default="runs/compare", help="output directory (default runs/compare)")
     p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="e.g. train.max_steps=50")
     p.set_defaults(func=_command)

@@ -13,7 +13,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from peftkit.errors import require
+from peftkit.errors import ConfigError, require
 from peftkit.io.atomic import output_dir
 from peftkit.train.config import load_config
 from peftkit.train.loop import train
@@ -54,6 +54,10 @@ def run_sweep(
             ``checkpoint.save_dir`` is a file or not writable.
     """
     base = load_config(config, overrides)
+    method = peft_config(base)
+    if not hasattr(method, "rank") or not hasattr(method, "alpha"):
+        raise ConfigError(f"peft.method={base.peft.method!r} has no rank and alpha to sweep; use a LoRA-family "
+                          "method (lora, dora, adalora, canonical_lora) or 'peftkit compare' across methods")
     runs = []
     for rank in ranks:
         for alpha in alphas or [alpha_per_rank * rank]:
@@ -71,7 +75,11 @@ def run_sweep(
             peft_config(cfg)  # every run's method fields are checked before the first one trains
             runs.append((rank, alpha, cfg))
     root = output_dir(base.checkpoint.save_dir, "checkpoint.save_dir")
-    rows = [_row(rank, alpha, train(cfg)) for rank, alpha, cfg in runs]
+    rows = []
+    for i, (rank, alpha, cfg) in enumerate(runs, 1):
+        print(f"sweep: training rank {rank}, alpha {alpha:g} ({i}/{len(runs)}) in {cfg.checkpoint.save_dir}",
+              flush=True)
+        rows.append(_row(rank, alpha, train(cfg)))
     (root / "sweep.json").write_text(json.dumps(rows, indent=1))
     (root / "sweep.md").write_text(format_table(rows) + "\n")
     if base.logging.plots:
@@ -150,12 +158,13 @@ def register(sub: Any) -> None:
     p = sub.add_parser(
         "sweep",
         help="run a config over several LoRA ranks/alphas and tabulate",
-        description="Train CONFIG once per rank (and alpha) and print one table of parameter "
-        "counts, loss and gradient norm.",
+        description="Train CONFIG (a LoRA-family method) once per rank and alpha, each run in "
+        "SAVE_DIR/r<rank>-a<alpha> (SAVE_DIR: the config's checkpoint.save_dir), and print one table of parameter "
+        "counts, loss and gradient norm; SAVE_DIR gets sweep.md, sweep.json and (logging.plots) sweep.png.",
     )
     p.add_argument("config", help="YAML run config")
-    p.add_argument("--ranks", type=int, nargs="+", default=[4, 8, 16, 32])
+    p.add_argument("--ranks", type=int, nargs="+", default=[4, 8, 16, 32], help="ranks to run (default: 4 8 16 32)")
     p.add_argument("--alphas", type=float, nargs="+", help="alphas per rank (default: alpha-per-rank x rank)")
-    p.add_argument("--alpha-per-rank", type=float, default=2.0)
+    p.add_argument("--alpha-per-rank", type=float, default=2.0, help="alpha / rank without --alphas (default: 2)")
     p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="overrides for every run")
     p.set_defaults(func=_main)

@@ -210,8 +210,9 @@ def peft_config(cfg: RunConfig) -> Any:
         )
     try:
         return cls(**cfg.peft.options)
-    except TypeError as exc:
-        raise ConfigError(f"peft options {cfg.peft.options} are invalid for {cls_name}: {exc}") from None
+    except TypeError as exc:  # a field another method has, e.g. a LoRA config's rank after peft.method=ia3
+        raise ConfigError(f"peft options {cfg.peft.options} are invalid for {cls_name}: {exc}; remove those "
+                          f"fields from the config's peft section to use peft.method={cfg.peft.method}") from None
 
 
 def apply_peft(model: nn.Module, cfg: RunConfig) -> nn.Module:
