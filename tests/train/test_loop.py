@@ -216,7 +216,7 @@ def test_trainable_tokens_run_trains_only_its_rows(run_config):
     [
         ({"peft": {"rank": 8}}, "_A.default.weight' of shape (4, 32) does not fit the model (the model's is (8, 32"),
         ({"peft": {"method": "dora"}}, "has no tensor for 'model.layers.0.self_attn.q_proj.lora_magnitude_vector"),
-        ({"optimizer": {"loraplus_ratio": 16}}, "the optimizer state is corrupt or belongs to another run"),
+        ({"optimizer": {"loraplus_ratio": 16}}, "the optimizer state belongs to another run"),
     ],
 )
 def test_resuming_another_runs_checkpoint_is_refused_and_leaves_it_intact(run_config, change, expected):
@@ -232,3 +232,34 @@ def test_resuming_another_runs_checkpoint_is_refused_and_leaves_it_intact(run_co
         train(config_from_dict(other))
     assert expected in str(info.value) and "start afresh in another checkpoint.save_dir" in str(info.value)
     assert {p: p.read_bytes() for p in root.rglob("*") if p.is_file()} == saved
+
+
+@pytest.mark.parametrize(
+    ("name", "damage", "expected"),
+    [
+        ("trainable.safetensors", "truncate", "(trainable.safetensors: "),
+        ("optimizer.safetensors", "truncate", "(optimizer.safetensors: "),
+        ("rng.safetensors", "truncate", "(rng.safetensors: "),
+        ("optimizer.json", "truncate", "(optimizer.json: "),
+        ("optimizer.json", "remove", "No such file or directory"),
+        ("trainer_state.json", "no_rng", "(trainer_state.json has no 'python_rng' entry)"),
+    ],
+)
+def test_a_damaged_checkpoint_is_refused_naming_the_file(run_config, name, damage, expected):
+    from peftkit.errors import CheckpointError
+
+    first = run_config(train={"max_steps": 2}, checkpoint={"save_interval": 2})
+    train(config_from_dict(first))
+    path = Path(first["checkpoint"]["save_dir"]) / "step-2" / name
+    if damage == "truncate":
+        path.write_bytes(path.read_bytes()[:40])
+    elif damage == "remove":
+        path.unlink()
+    else:
+        path.write_text(json.dumps({k: v for k, v in json.loads(path.read_text()).items() if k != "python_rng"}))
+    resumed = config_from_dict(run_config(train={"max_steps": 4}, checkpoint={"resume": "auto"}))
+    with pytest.raises(CheckpointError) as info:
+        train(resumed)
+    message = str(info.value)
+    assert "step-2' is incomplete or corrupt" in message and expected in message
+    assert "checkpoint.resume=PATH" in message

@@ -30,6 +30,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
@@ -257,11 +258,14 @@ def load_checkpoint(
             model or method; nothing is restored then.
     """
     d = Path(path)
-    try:
-        weights = load_file(str(d / "trainable.safetensors"))
-        state = json.loads((d / STATE_FILE).read_text())
-    except (OSError, ValueError) as exc:
-        raise CheckpointError(f"checkpoint {str(d)!r} is incomplete or corrupt: {exc}") from exc
+    sharded = (d / "optimizer-sharded").is_dir()  # written by an FSDP run
+    with readable(d):  # every file is read before anything is restored
+        weights = read_tensors(d / "trainable.safetensors")
+        state = _read_state(d)
+        rng = read_tensors(d / "rng.safetensors")
+        if optimizer is not None and not sharded:
+            saved_optimizer = _optimizer_from_files(read_tensors(d / "optimizer.safetensors"),
+                                                    _json(d / "optimizer.json"))
     params = dict(model.named_parameters())
     targets = {name: fitting_parameter(d, params, name, value) for name, value in weights.items()}
     unsaved = [name for name in trainable or [] if name not in weights]
@@ -272,18 +276,57 @@ def load_checkpoint(
     with torch.no_grad():
         for name, value in weights.items():
             targets[name].copy_(value)
-    if optimizer is not None and (d / "optimizer-sharded").is_dir():  # written by an FSDP run
+    if optimizer is not None and sharded:
         from peftkit.train.dist_checkpoint import load_sharded_optimizer
 
         load_sharded_optimizer(d, model, optimizer)
     elif optimizer is not None:
         try:
-            meta = json.loads((d / "optimizer.json").read_text())
-            optimizer.load_state_dict(_optimizer_from_files(load_file(str(d / "optimizer.safetensors")), meta))
-        except (OSError, ValueError, KeyError) as exc:
-            raise CheckpointError(f"checkpoint {str(d)!r}: the optimizer state is corrupt or belongs to another "
-                                  f"run ({exc}); {_AFRESH}") from exc
-    return restore_trainer_files(d, state)
+            optimizer.load_state_dict(saved_optimizer)
+        except (ValueError, KeyError) as exc:
+            raise CheckpointError(f"checkpoint {str(d)!r}: the optimizer state belongs to another run ({exc}); "
+                                  f"{_AFRESH}") from exc
+    return restore_trainer_files(d, state, rng)
+
+
+def _read_state(d: Path) -> dict[str, Any]:
+    """``trainer_state.json``, with the entries a resumed run reads.
+
+    Raises:
+        ValueError: an entry is missing (:func:`readable` makes it a :class:`CheckpointError`).
+    """
+    state: dict[str, Any] = _json(d / STATE_FILE)
+    for key in ("step", "history", "python_rng"):
+        if key not in state:
+            raise ValueError(f"{STATE_FILE} has no {key!r} entry")
+    return state
+
+
+def read_tensors(path: Path) -> dict[str, torch.Tensor]:
+    """A safetensors file; a truncated or corrupt one is a ``ValueError`` naming it."""
+    try:
+        return load_file(str(path))
+    except SafetensorError as exc:  # its message does not name the file
+        raise ValueError(f"{path.name}: {exc}") from exc
+
+
+def _json(path: Path) -> Any:
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"{path.name}: {exc}") from exc
+
+
+@contextlib.contextmanager
+def readable(d: Path) -> Iterator[None]:
+    """Turn a missing, truncated or corrupt file read in the block into a :class:`CheckpointError` on ``d``."""
+    try:
+        yield
+    except (OSError, ValueError, KeyError) as exc:
+        raise CheckpointError(
+            f"checkpoint {str(d)!r} is incomplete or corrupt ({exc}); resume from an earlier one with "
+            f"checkpoint.resume=PATH (or remove this one: checkpoint.resume=auto then takes the previous)"
+        ) from exc
 
 
 #: What to do with a checkpoint that does not belong to the run being resumed.
@@ -307,11 +350,17 @@ def fitting_parameter(d: Path, params: dict[str, nn.Parameter], name: str, value
     return p
 
 
-def restore_trainer_files(d: Path, state: dict[str, Any] | None = None) -> dict[str, Any]:
-    """Restore the RNG states saved in ``d``; returns the trainer state without its Python RNG entry."""
-    if state is None:
-        state = json.loads((d / STATE_FILE).read_text())
-    rng = load_file(str(d / "rng.safetensors"))
+def restore_trainer_files(
+    d: Path, state: dict[str, Any] | None = None, rng: dict[str, torch.Tensor] | None = None
+) -> dict[str, Any]:
+    """Restore the RNG states saved in ``d`` (or given as ``rng``); returns the trainer state without its Python RNG.
+
+    Raises:
+        CheckpointError: ``trainer_state.json`` or ``rng.safetensors`` is missing or corrupt.
+    """
+    with readable(d):
+        state = _read_state(d) if state is None else state
+        rng = read_tensors(d / "rng.safetensors") if rng is None else rng
     torch.set_rng_state(rng["torch"])
     if torch.cuda.is_available():
         cuda = [rng[f"cuda{i}"] for i in range(torch.cuda.device_count()) if f"cuda{i}" in rng]

@@ -210,10 +210,8 @@ def load_checkpoint(
     else:
         from torch.distributed.tensor import DTensor, distribute_tensor
 
-        try:
-            weights = load_file(str(d / "trainable.safetensors"))
-        except (OSError, ValueError) as exc:
-            raise CheckpointError(f"checkpoint {str(d)!r} is incomplete or corrupt: {exc}") from exc
+        with ckpt.readable(d):
+            weights = ckpt.read_tensors(d / "trainable.safetensors")
         params = dict(model.named_parameters())
         with torch.no_grad():
             for name, value in weights.items():
