@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import time
 from pathlib import Path
 from typing import Any
@@ -128,3 +129,16 @@ def test_a_layer_replication_run_merges_into_a_plain_model_of_the_new_depth(run_
     ids = torch.arange(3, 30).reshape(3, 9)
     with torch.no_grad():
         torch.testing.assert_close(merged(ids).logits, adapted(ids).logits, rtol=1e-5, atol=1e-5)
+
+
+def test_eval_shows_progress_per_model_as_training_does(run_config, capsys):
+    cfg = run_config("causal_lm", train={"max_steps": 2}, eval={"max_batches": 2, "batch_size": 2})
+    summary = train(config_from_dict(cfg))
+    capsys.readouterr()
+    evaluate_checkpoint(summary["adapter"], overrides=["logging.progress_bar=true"])
+    err = capsys.readouterr().err
+    for label, total in (("eval base", 2), ("eval adapted", 2), ("eval base (answers)", 4),
+                         ("eval adapted (answers)", 4)):  # eval.max_batches × batch_size answers
+        assert re.search(re.escape(label) + rf":\s+0%\|[^|]*\| 0/{total} ", err), label
+    evaluate_checkpoint(summary["adapter"])  # the run's own logging.progress_bar=false
+    assert "eval base" not in capsys.readouterr().err

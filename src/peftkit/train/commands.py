@@ -102,7 +102,8 @@ def evaluate_checkpoint(
     for kind in ("base", "adapted"):
         model = _checkpoint_model(path, cfg, tok, len(labels), adapted=kind == "adapted")
         model.to(device)
-        out[kind] = evaluate(model, examples, cfg.model.task, tok, cfg.eval, device)
+        label = f"eval {kind}" if cfg.logging.progress_bar else None  # as training shows one
+        out[kind] = evaluate(model, examples, cfg.model.task, tok, cfg.eval, device, label)
     return out
 
 

@@ -44,6 +44,15 @@ def _batches(examples: list[Example], cfg: EvalConfig) -> Iterator[list[Example]
         yield examples[start : start + cfg.batch_size]
 
 
+def _progress(items: Iterator[Any], label: str | None, total: int) -> Iterator[Any]:
+    """``items``, behind a progress bar labelled ``label`` when one is given."""
+    if not label:
+        return items
+    from tqdm.auto import tqdm
+
+    return iter(tqdm(items, desc=label, total=total, leave=False, dynamic_ncols=True))
+
+
 def _label_count(batch: dict[str, torch.Tensor], task: str) -> int:
     labels = batch["labels"]
     if task == "classification":
@@ -59,8 +68,12 @@ def evaluate(
     tok: Tokenizer,
     cfg: EvalConfig,
     device: torch.device | str = "cpu",
+    progress: str | None = None,
 ) -> dict[str, float]:
     """Evaluate ``model`` on ``examples``.
+
+    Args:
+        progress: show a progress bar (on stderr) with this label for the batches and the generated answers.
 
     Returns:
         ``loss`` and ``ppl`` (LMs) or ``loss``, ``accuracy`` and ``f1`` (classification), plus
@@ -69,7 +82,8 @@ def evaluate(
     was_training = model.training
     model.eval()
     total, count, preds, golds = 0.0, 0, [], []
-    for chunk in _batches(examples, cfg):
+    n_batches = -(-len(examples) // cfg.batch_size)
+    for chunk in _progress(_batches(examples, cfg), progress, min(n_batches, cfg.max_batches or n_batches)):
         batch = {k: v.to(device) for k, v in collate(chunk, tok.pad_id, task).items()}
         out = model(**batch)
         n = _label_count(batch, task)
@@ -87,7 +101,7 @@ def evaluate(
         result["ppl"] = math.exp(min(result["loss"], 50.0))
         with_answers = [e for e in examples if e.get("answers")]
         if with_answers:
-            result["exact_match"] = exact_match(model, with_answers, task, tok, cfg, device)
+            result["exact_match"] = exact_match(model, with_answers, task, tok, cfg, device, progress)
     model.train(was_training)
     return result
 
@@ -113,12 +127,13 @@ def exact_match(
     tok: Tokenizer,
     cfg: EvalConfig,
     device: torch.device | str = "cpu",
+    progress: str | None = None,
 ) -> float:
     """Share of examples whose greedy answer equals one reference after SQuAD normalisation."""
     limit = cfg.max_batches * cfg.batch_size if cfg.max_batches else len(examples)
     hits = 0
     subset = examples[:limit]
-    for ex in subset:
+    for ex in _progress(iter(subset), progress and f"{progress} (answers)", len(subset)):
         answer = normalize_answer(_generate(model, ex, task, tok, cfg, device).split("\n")[0])
         hits += any(answer == normalize_answer(ref) for ref in ex["answers"])
     return hits / max(len(subset), 1)
