@@ -263,3 +263,17 @@ def test_a_damaged_checkpoint_is_refused_naming_the_file(run_config, name, damag
     message = str(info.value)
     assert "step-2' is incomplete or corrupt" in message and expected in message
     assert "checkpoint.resume=PATH" in message
+
+
+def test_partial_checkpoints_a_killed_save_left_are_removed_when_the_run_restarts(run_config, capsys):
+    cfg = run_config(train={"max_steps": 2}, checkpoint={"resume": "auto"})
+    root = Path(cfg["checkpoint"]["save_dir"])
+    stale = [root / ".tmp-step-4-0123abcd", root / ".old-step-2-deadbeef"]  # as staged() and publish() name them
+    kept = [root / ".tmp-notes", root / "step-x-0123abcd"]
+    for d in stale + kept:
+        d.mkdir(parents=True)
+        (d / "trainable.safetensors").write_bytes(b"partial")
+    train(config_from_dict(cfg))
+    assert f"removed 2 partial checkpoint(s) an interrupted save left in {root}" in capsys.readouterr().out
+    assert not any(d.exists() for d in stale) and all((d / "trainable.safetensors").is_file() for d in kept)
+    assert [p.name for p in ckpt.list_checkpoints(root)] == ["step-2"]

@@ -38,6 +38,8 @@ from peftkit.errors import CheckpointError
 from peftkit.methods.adalora_state import adalora_adapters, allocator_states, load_allocator_states
 
 _STEP = re.compile(r"^step-(\d+)$")
+#: What :func:`staged` and :func:`publish` leave behind when the process dies mid-save (``token`` is 8 hex digits).
+_STALE = re.compile(r"^\.(tmp|old)-step-\d+-[0-9a-f]{8}$")
 STATE_FILE = "trainer_state.json"
 ALLOCATOR_TENSORS, ALLOCATOR_META = "adalora.safetensors", "adalora.json"
 logger = logging.getLogger("peftkit")
@@ -220,6 +222,19 @@ def list_checkpoints(save_dir: str | Path) -> list[Path]:
         return []
     found = [(int(m.group(1)), p) for p in root.iterdir() if (m := _STEP.match(p.name)) and (p / STATE_FILE).is_file()]
     return [p for _, p in sorted(found)]
+
+
+def remove_stale(save_dir: str | Path) -> int:
+    """Delete the partial checkpoints a killed save left in ``save_dir``; returns how many.
+
+    They are never resumed from (:func:`list_checkpoints` ignores them) but can be as large as a checkpoint.
+    Call it only while no save into ``save_dir`` is under way (at the start of a run, on one process).
+    """
+    root = Path(save_dir)
+    stale = [p for p in root.iterdir() if _STALE.match(p.name) and p.is_dir()] if root.is_dir() else []
+    for p in stale:
+        shutil.rmtree(p)
+    return len(stale)
 
 
 def resolve_resume(resume: str, save_dir: str | Path) -> Path | None:

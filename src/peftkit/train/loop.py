@@ -223,6 +223,8 @@ def _train(run: Run, t0: float) -> dict[str, Any]:
     cfg = run.cfg
     start, history = 0, []
     resume = ckpt.resolve_resume(cfg.checkpoint.resume, cfg.checkpoint.save_dir)
+    if run.dist.is_main and (removed := ckpt.remove_stale(cfg.checkpoint.save_dir)):
+        print(f"removed {removed} partial checkpoint(s) an interrupted save left in {cfg.checkpoint.save_dir}")
     if resume is not None:
         if run.dist.active:
             state = dckpt.load_checkpoint(run.dist, resume, run.model, run.optimizer, cfg.train.seed)
