@@ -277,3 +277,19 @@ def test_partial_checkpoints_a_killed_save_left_are_removed_when_the_run_restart
     assert f"removed 2 partial checkpoint(s) an interrupted save left in {root}" in capsys.readouterr().out
     assert not any(d.exists() for d in stale) and all((d / "trainable.safetensors").is_file() for d in kept)
     assert [p.name for p in ckpt.list_checkpoints(root)] == ["step-2"]
+
+
+def test_resuming_a_checkpoint_past_the_runs_end_is_refused(run_config):
+    from peftkit.errors import CheckpointError
+
+    cfg = run_config(train={"max_steps": 4}, checkpoint={"save_interval": 2, "resume": "auto"})
+    train(config_from_dict(cfg))
+    root = Path(cfg["checkpoint"]["save_dir"])
+    final = {p.name: p.read_bytes() for p in (root / "final").iterdir()}
+    cfg["train"]["max_steps"] = 3
+    with pytest.raises(CheckpointError, match=r"step-4' is at step 4, past the end of this run \(3 steps\); "
+                                              r"set train.max_steps=4 or more"):
+        train(config_from_dict(cfg))
+    assert {p.name: p.read_bytes() for p in (root / "final").iterdir()} == final
+    cfg["train"]["max_steps"] = 4  # the same length: nothing to train, the summary covers the 4 steps
+    assert train(config_from_dict(cfg))["steps"] == 4

@@ -24,7 +24,7 @@ import torch
 import yaml
 from torch import nn
 
-from peftkit.errors import ConfigError
+from peftkit.errors import CheckpointError, ConfigError
 from peftkit.io.atomic import output_dir
 from peftkit.train import checkpoint as ckpt
 from peftkit.train import dist_checkpoint as dckpt
@@ -231,6 +231,11 @@ def _train(run: Run, t0: float) -> dict[str, Any]:
         else:
             state = ckpt.load_checkpoint(resume, run.model, run.optimizer, run.trainable)
         start, history = int(state["step"]), list(state["history"])
+        if start > run.total_steps:  # the loop would not run, and the final adapter would be this later one
+            raise CheckpointError(
+                f"checkpoint {str(resume)!r} is at step {start}, past the end of this run ({run.total_steps} steps); "
+                f"set train.max_steps={start} or more to continue it, or start afresh in another checkpoint.save_dir"
+            )
         print(f"resumed from {resume} at step {start}")
     distributed.agree(start, run.dist, "the step to start from")
     out = Path(cfg.checkpoint.save_dir)
