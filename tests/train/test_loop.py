@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -293,3 +294,23 @@ def test_resuming_a_checkpoint_past_the_runs_end_is_refused(run_config):
     assert {p.name: p.read_bytes() for p in (root / "final").iterdir()} == final
     cfg["train"]["max_steps"] = 4  # the same length: nothing to train, the summary covers the 4 steps
     assert train(config_from_dict(cfg))["steps"] == 4
+
+
+def test_resuming_with_other_settings_warns_naming_them(run_config, capsys):
+    cfg = run_config(train={"max_steps": 4}, checkpoint={"save_interval": 2, "resume": "auto"})
+    train(config_from_dict({**cfg, "train": {**cfg["train"], "max_steps": 2}}))
+    capsys.readouterr()
+    changed = {**cfg, "train": {**cfg["train"], "seed": 5}, "logging": {**cfg["logging"], "log_interval": 3}}
+    train(config_from_dict(changed))
+    err = capsys.readouterr().err
+    assert "with settings other than those it was written with (train.max_steps: 2 -> 4; train.seed: 0 -> 5)" in err
+    assert "log_interval" not in err  # reporting settings do not change the run
+    first = run_config(train={"max_steps": 4}, checkpoint={"save_interval": 2, "resume": "auto",
+                                                           "save_dir": cfg["checkpoint"]["save_dir"] + "-same"})
+    train(config_from_dict(first))
+    for step in ckpt.list_checkpoints(first["checkpoint"]["save_dir"])[1:]:
+        shutil.rmtree(step)  # as if killed after step 2: resumed with the same settings
+    capsys.readouterr()
+    train(config_from_dict(first))
+    out = capsys.readouterr()
+    assert "resumed from" in out.out and "warning" not in out.err

@@ -15,6 +15,7 @@ import functools
 import os
 import random
 import signal
+import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -236,6 +237,8 @@ def _train(run: Run, t0: float) -> dict[str, Any]:
                 f"checkpoint {str(resume)!r} is at step {start}, past the end of this run ({run.total_steps} steps); "
                 f"set train.max_steps={start} or more to continue it, or start afresh in another checkpoint.save_dir"
             )
+        if run.dist.is_main:
+            _warn_changed_settings(resume, cfg)
         print(f"resumed from {resume} at step {start}")
     distributed.agree(start, run.dist, "the step to start from")
     out = Path(cfg.checkpoint.save_dir)
@@ -287,6 +290,32 @@ def _train(run: Run, t0: float) -> dict[str, Any]:
         "total": sum(p.numel() for p in run.model.parameters()),
         "seconds": time.perf_counter() - t0,
     }
+
+
+#: Sections whose fields shape the training trajectory (``checkpoint``, ``logging`` and ``eval`` do not).
+_TRAJECTORY = ("model", "peft", "data", "train", "optimizer", "scheduler")
+
+
+def _warn_changed_settings(resume: Path, cfg: RunConfig) -> None:
+    """Warn when the resumed run's settings differ from those the checkpoint was written with.
+
+    Such a run (a new seed, learning rate or ``max_steps``, which reshapes the schedule, ...) continues from the
+    checkpoint's weights but will not match the uninterrupted run; that may be meant, so it is not an error.
+    """
+    saved_file = resume / "run_config.yaml"
+    if not saved_file.is_file():
+        return
+    saved = yaml.safe_load(saved_file.read_text()) or {}
+    now = yaml.safe_load(yaml.safe_dump(with_absolute_paths(cfg).to_dict()))  # as it is saved: tuples as lists
+    changed = [
+        f"{section}.{key}: {saved.get(section, {}).get(key)!r} -> {now[section].get(key)!r}"
+        for section in _TRAJECTORY
+        for key in sorted(set(saved.get(section) or {}) | set(now[section]))
+        if (saved.get(section) or {}).get(key) != now[section].get(key)
+    ]
+    if changed:
+        print(f"warning: resuming {resume} with settings other than those it was written with "
+              f"({'; '.join(changed)}); the run will not match an uninterrupted one", file=sys.stderr)
 
 
 def _eval(run: Run) -> dict[str, float]:
