@@ -1,4 +1,4 @@
-"""Where the commands write: bad output paths and invalid runs are refused before any training or writing."""
+"""Paths the commands are given and invalid runs: refused by name, before any training or writing."""
 
 from __future__ import annotations
 
@@ -111,3 +111,11 @@ def test_a_sweep_names_each_run_as_it_starts(config_file, tmp_path, capsys):
     assert f"sweep: training rank 2, alpha 4 (1/2) in {save_dir}/r2-a4" in out
     assert f"sweep: training rank 3, alpha 6 (2/2) in {save_dir}/r3-a6" in out
     assert (save_dir / "sweep.md").read_text().count("\n| ") == 2
+
+
+@pytest.mark.parametrize("model", ["missing", "data.jsonl"])
+def test_inspect_names_its_model_argument(model, tmp_path, capsys):
+    (tmp_path / "data.jsonl").write_text("{}\n")
+    path = str(tmp_path / model)
+    err = _error(["inspect", path, "--method", "lora"], capsys)
+    assert f"MODEL {path!r} is not a local model directory or config.json" in err and "checkpoint." not in err

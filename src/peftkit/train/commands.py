@@ -161,10 +161,17 @@ def inspect_model(
         task: the model's task head.
         method: a ``peft.method`` name; ``None`` lists the linear layers by leaf name.
         options: the method's fields (``rank``, ``target_modules``, ...).
+
+    Raises:
+        ConfigError: ``model_path`` is neither a directory nor a ``.json`` file, or a method field is invalid.
     """
     import peftkit as pk
     from peftkit.train.tasks import model_config, peft_config
 
+    given = Path(model_path)
+    if not (given.is_dir() or (given.is_file() and given.suffix == ".json")):
+        raise ConfigError(f"MODEL {model_path!r} is not a local model directory or config.json; pass one "
+                          "(only its config is read)")
     peft = {"method": method or "none", **(options or {})}
     cfg = model_config(model_path, task, 2 if task == "classification" else 0, peft)
     model = build_model(cfg, 2, meta=True)
