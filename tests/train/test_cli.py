@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import pytest
@@ -222,3 +223,17 @@ def test_ctrl_c_mid_run_is_one_line_and_the_run_resumes(run_config, tmp_path, ca
     monkeypatch.setattr(loop, "train_step", real)
     assert main(["train", str(path)]) == 0
     assert "resumed from" in capsys.readouterr().out
+
+
+def test_output_piped_into_a_reader_that_stops_early_ends_quietly(tmp_path, monkeypatch):
+    cfg = tmp_path / "config.json"
+    cfg.write_text(json.dumps(LLAMA))
+    read, write = os.pipe()
+    os.close(read)  # the reader is gone, as after `| head -1`
+    stdout = os.fdopen(write, "w", buffering=1)
+    monkeypatch.setattr("sys.stdout", stdout)
+    try:
+        assert main(["inspect", str(cfg)]) == 141
+        stdout.write("more\n")  # what Python would flush at exit now goes nowhere, without an error
+    finally:
+        stdout.close()

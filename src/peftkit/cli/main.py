@@ -198,6 +198,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         hint = _RESUME_HINT if args.command in ("train", "sweep") else ""
         print(f"\npeftkit {args.command}: interrupted{hint}", file=sys.stderr)
         return 130  # 128 + SIGINT, as a shell reports it
+    except BrokenPipeError:  # the reader left (``peftkit eval --json | head``): stop quietly, as Unix tools do
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # Python's flush at exit would fail again
+        return 141  # 128 + SIGPIPE
 
 
 #: What ``train`` and ``sweep`` say when interrupted: finished checkpoints are complete and resumable.
