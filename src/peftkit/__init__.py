@@ -29,6 +29,7 @@ from peftkit.methods.convert import convert
 from peftkit.methods.dora import DoRA
 from peftkit.methods.ia3 import IA3
 from peftkit.methods.lora import LoRA
+from peftkit.methods.lora_mixed import mixed_batch
 from peftkit.methods.multitask_prompt import MultitaskPromptTuning
 from peftkit.methods.prefix import PrefixTuning
 from peftkit.methods.prompt import PromptTuning
@@ -71,6 +72,7 @@ __all__ = [
     "memory_report",
     "merge",
     "merge_utils",
+    "mixed_batch",
     "prepare_for_kbit_training",
     "print_trainable_parameters",
     "prune",

@@ -19,8 +19,9 @@ from peftkit.core.epoch import own, touch, watched
 from peftkit.errors import MergeError, ShapeMismatchError
 
 #: Attributes whose assignment or in-place change may change what ``forward`` runs (see peftkit.core.epoch).
-#: Per-process forward caches kept in a layer's ``__dict__`` (lora_kernels), left out of copies and pickles.
-_CACHES = ("_plan", "_factor")
+#: Per-process forward caches kept in a layer's ``__dict__`` (lora_kernels), and a ``pk.mixed_batch`` block's row
+#: routing (lora_mixed), left out of copies and pickles.
+_CACHES = ("_plan", "_factor", "_mixed")
 _WATCHED = frozenset({"active_adapters", "merged_adapters", "disabled", "scaling", "dropout_position", "base_layer"})
 
 

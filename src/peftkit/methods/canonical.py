@@ -49,6 +49,7 @@ class CanonicalLoRALinear(LoRALinear):
     """
 
     _perm: torch.Tensor | None
+    mixes_rows: ClassVar[bool] = False  # its forward runs per part; pk.mixed_batch runs it without adapters
 
     def __init__(self, base_layer: nn.Module, layout: dict[str, torch.Tensor]) -> None:
         super().__init__(base_layer)

@@ -12,6 +12,7 @@ from typing import Any, ClassVar, cast
 import torch
 from torch import nn
 
+from peftkit.methods import lora_mixed
 from peftkit.methods.dora_norms import _DoRAMixin
 from peftkit.methods.lora_layers import LoRAConv
 
@@ -66,6 +67,8 @@ class DoRAConv(_DoRAMixin, LoRAConv):
         return self._per_channel(factor, "weight")
 
     def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        if self._mixed is not None:  # rows through different (plain LoRA) adapters (pk.mixed_batch)
+            return lora_mixed.forward(self, self._mixed, x, args, kwargs)
         result: torch.Tensor = self.base_layer(x, *args, **kwargs)
         bias = getattr(self.base_layer, "bias", None)
         # conv(x, W), without the bias: the base term never sees dropout

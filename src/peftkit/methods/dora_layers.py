@@ -16,7 +16,7 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
-from peftkit.methods import lora_groups
+from peftkit.methods import lora_groups, lora_mixed
 from peftkit.methods.dora_norms import _DoRAMixin
 from peftkit.methods.lora_layers import LoRAEmbedding, LoRALinear
 
@@ -33,6 +33,8 @@ class DoRALinear(_DoRAMixin, LoRALinear):
         return self.factor_weights(name)
 
     def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        if self._mixed is not None:  # rows through different (plain LoRA) adapters (pk.mixed_batch)
+            return lora_mixed.forward(self, self._mixed, x, args, kwargs)
         # One DoRA adapter on a frozen nn.Linear: the whole formula in one autograd node (lora_kernels), shared
         # with the sibling projections that read the same input (lora_groups).
         fused = None if args or kwargs else lora_groups.fused_forward(self, x, dora=True)
@@ -70,6 +72,8 @@ class DoRAEmbedding(_DoRAMixin, LoRAEmbedding):
         return self._base_weight().detach()  # merged in the table's own dtype, not through fp32
 
     def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        if self._mixed is not None:  # rows through different (plain LoRA) adapters (pk.mixed_batch)
+            return lora_mixed.forward(self, self._mixed, x, args, kwargs)
         result: torch.Tensor = self.base_layer(x, *args, **kwargs)
         base = result
         for name in self._applied():

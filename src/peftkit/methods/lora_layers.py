@@ -25,7 +25,7 @@ from torch import nn
 from peftkit.core.layer import AdapterLayer
 from peftkit.core.registry import DEQUANTIZERS, LinearKind, TypeRegistry, linear_kind
 from peftkit.errors import ConfigError, MergeError
-from peftkit.methods import lora_groups, lora_kernels
+from peftkit.methods import lora_groups, lora_kernels, lora_mixed
 
 logger = logging.getLogger("peftkit")
 
@@ -63,6 +63,10 @@ class LoRALayer(AdapterLayer):
     takes_plain_lora: ClassVar[bool] = False
     #: Whether B may carry a trained bias (HF PEFT's ``lora_bias``): B is a module with a bias.
     takes_lora_bias: ClassVar[bool] = False
+    #: Whether rows of one batch may go through different adapters here (``pk.mixed_batch``, via ``row_update``).
+    mixes_rows: ClassVar[bool] = False
+    #: The routing of the ``pk.mixed_batch`` block in progress, set in the instance's ``__dict__`` for its duration.
+    _mixed: ClassVar[Any] = None
 
     def __init__(self, base_layer: nn.Module) -> None:
         super().__init__(base_layer)
@@ -89,6 +93,11 @@ class LoRALayer(AdapterLayer):
         h = x.to(cast(torch.Tensor, A.weight).dtype)
         update: torch.Tensor = B(A(drop(h))) if self.dropout_position[name] == "pre" else drop(B(A(h)))
         return update * self.scaling[name]
+
+    def row_update(self, name: str, x: torch.Tensor) -> torch.Tensor:
+        """Adapter ``name``'s update ``s·ΔW x`` (unrounded) for input ``x``: the whole batch, or the rows of a mixed
+        batch that go through it (:mod:`peftkit.methods.lora_mixed`)."""
+        return self._module_update(name, x)
 
     def up_bias(self, name: str) -> torch.Tensor | None:
         """Adapter ``name``'s trained bias on B (HF PEFT's ``lora_bias``), or ``None`` when it has none."""
@@ -196,6 +205,7 @@ class LoRALinear(LoRALayer):
 
     adapter_containers: ClassVar[tuple[str, ...]] = ("lora_A", "lora_B")
     takes_lora_bias: ClassVar[bool] = True
+    mixes_rows: ClassVar[bool] = True
 
     def __init__(self, base_layer: nn.Module) -> None:
         super().__init__(base_layer)
@@ -256,6 +266,8 @@ class LoRALinear(LoRALayer):
         return self.kind.set_weight(self.base_layer, weight)
 
     def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        if self._mixed is not None:  # rows through different adapters (pk.mixed_batch)
+            return lora_mixed.forward(self, self._mixed, x, args, kwargs)
         # One adapter on a frozen nn.Linear: base and update in one autograd node (lora_kernels), shared with
         # the sibling projections that read the same input when there are any (lora_groups).
         fused = None if args or kwargs else lora_groups.fused_forward(self, x)
@@ -294,6 +306,7 @@ class LoRAEmbedding(LoRALayer):
     """
 
     adapter_containers: ClassVar[tuple[str, ...]] = ("lora_embedding_A", "lora_embedding_B")
+    mixes_rows: ClassVar[bool] = True
     base_layer: nn.Embedding
 
     def __init__(self, base_layer: nn.Embedding) -> None:
@@ -343,12 +356,18 @@ class LoRAEmbedding(LoRALayer):
         return F.embedding(x, table, base.padding_idx, base.max_norm, base.norm_type,
                            base.scale_grad_by_freq, base.sparse)
 
+    def row_update(self, name: str, x: torch.Tensor) -> torch.Tensor:
+        A, B = self.factors(name)
+        update: torch.Tensor = (self.embed(x, A.T) @ B.T) * self.scaling[name]
+        return update
+
     def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        if self._mixed is not None:  # rows through different adapters (pk.mixed_batch)
+            return lora_mixed.forward(self, self._mixed, x, args, kwargs)
         result: torch.Tensor = self.base_layer(x, *args, **kwargs)
         dtype = result.dtype  # as in LoRALinear: rounded once, after the updates
         for name in self._applied():
-            A, B = self.factors(name)
-            result = result + (self.embed(x, A.T) @ B.T) * self.scaling[name]
+            result = result + self.row_update(name, x)
         return result.to(dtype)
 
 
@@ -358,6 +377,7 @@ class LoRAConv(LoRALayer):
 
     adapter_containers: ClassVar[tuple[str, ...]] = ("lora_A", "lora_B")
     takes_lora_bias: ClassVar[bool] = True
+    mixes_rows: ClassVar[bool] = True
 
     def __init__(self, base_layer: nn.Module) -> None:
         super().__init__(base_layer)
@@ -404,6 +424,8 @@ class LoRAConv(LoRALayer):
         return None
 
     def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        if self._mixed is not None:  # rows through different adapters (pk.mixed_batch)
+            return lora_mixed.forward(self, self._mixed, x, args, kwargs)
         result: torch.Tensor = self.base_layer(x, *args, **kwargs)
         dtype = result.dtype  # as in LoRALinear: rounded once, after the updates
         for name in self._applied():
