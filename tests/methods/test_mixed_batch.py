@@ -305,6 +305,25 @@ def test_adapters_that_cannot_be_mixed(llama_adapters: nn.Module, config: pk.Ada
         pass
 
 
+def test_canonical_adapters_are_refused_and_off_when_not_named() -> None:
+    """A canonical adapter on GPT-2's fused c_attn (one A and B per part) cannot route rows: refused when named,
+    and off for the block otherwise."""
+    model = pk.apply(build("gpt2"), pk.LoRA(target_modules=["c_fc"], rank=2), name="task1")
+    pk.apply(model, pk.CanonicalLoRA(target_modules=["linear_q", "linear_v"], rank=2), name="canonical")
+    randomize_adapters(model)
+    model.eval()
+    with pytest.raises(UnsupportedLayerError, match="CanonicalLoRALinear"), pk.mixed_batch(model, ["canonical"] * 4):
+        pass
+    names = ["task1", "__base__", "__base__", "task1"]
+    x = ids()
+    pk.set_adapter(model, ["task1", "canonical"])  # active, but not named: off in the block
+    with torch.no_grad():
+        with pk.mixed_batch(model, names):
+            got = output(model, x)
+        for i, want in enumerate(rows_alone(model, x, names)):
+            torch.testing.assert_close(got[i:i + 1], want, rtol=1e-5, atol=1e-6)
+
+
 def test_other_methods_not_named_are_off_for_the_block(llama_adapters: nn.Module) -> None:
     """An IA3 adapter that is active but not named runs nowhere in the block, and again after it."""
     model = llama_adapters
