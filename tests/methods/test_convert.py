@@ -12,7 +12,7 @@ from test_canonical import IDS, tiny
 
 import peftkit as pk
 from peftkit.core.state import get_state
-from peftkit.errors import ConfigError
+from peftkit.errors import AdapterStateError, ConfigError
 
 
 def _perturb_A(model: torch.nn.Module, seed: int = 0) -> None:
@@ -195,3 +195,19 @@ def test_a_corrupt_settings_file_is_a_clear_error(tmp_path, content, error, matc
     side.write_text(content)
     with pytest.raises(getattr(errors, error), match=match):
         pk.load_adapter(tiny("llama"), tmp_path)
+
+
+def test_convert_with_another_adapter_merged_refuses_before_removing_any() -> None:
+    model = tiny("gpt2")
+    pk.apply(model, pk.LoRA(target_modules=["linear_qkv"], rank=4, init_B="gaussian"), name="a")
+    pk.apply(model, pk.LoRA(target_modules=["linear_fc1"], rank=4, init_B="gaussian"), name="b")
+    pk.set_adapter(model, ["a", "b"])
+    pk.merge(model, names=["b"])
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(AdapterStateError, match=r"mlp\.c_fc \(b\).*pk\.unmerge"):
+        pk.convert(model, to="canonical")
+    assert sorted(get_state(model).configs) == ["a", "b"]
+    assert type(get_state(model).configs["a"]) is pk.LoRA
+    after = model.state_dict()
+    assert set(after) == set(before)
+    assert all(torch.equal(after[k], v) for k, v in before.items())

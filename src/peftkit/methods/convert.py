@@ -193,16 +193,20 @@ def convert(model: nn.Module, to: str, name: str | None = None) -> nn.Module:
     Raises:
         ConfigError: an unknown layout, a method other than LoRA/CanonicalLoRA, or ``lora_bias`` with
             ``to="canonical"`` (checked for every adapter before any is converted).
-        AdapterStateError: the adapter is merged.
+        AdapterStateError: an adapter of the model is merged (checked before any is converted).
     """
     state = get_state(model)
     names = list(state.configs) if name is None else [name]
-    for n, (new_config, tensors) in [(n, converted(model, n, to)) for n in names]:
-        if new_config is state.configs[n]:
-            continue
-        merged = [q for q, m in model.named_modules() if isinstance(m, AdapterLayer) and n in m.merged_adapters]
-        if merged:
-            raise AdapterStateError(f"adapter {n!r} is merged at {merged[0]}; call pk.unmerge(model) before pk.convert")
+    changes = [(n, c, t) for n, (c, t) in [(n, converted(model, n, to)) for n in names] if c is not state.configs[n]]
+    # Converting re-adds the adapter, which a model with any merged adapter refuses: check before removing any.
+    merged = sorted({f"{q} ({', '.join(m.merged_adapters)})" for q, m in model.named_modules()
+                     if isinstance(m, AdapterLayer) and m.merged_adapters})
+    if changes and merged:
+        raise AdapterStateError(
+            f"the model has merged adapters at {merged[:3]}{' …' if len(merged) > 3 else ''}; "
+            "call pk.unmerge(model) before pk.convert"
+        )
+    for n, new_config, tensors in changes:
         _replace(model, n, new_config, tensors)
     return model
 
