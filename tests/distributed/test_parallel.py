@@ -8,7 +8,7 @@ from typing import Any
 import pytest
 import torch
 from safetensors.torch import load_file
-from torchrun_helpers import losses, make_config, torchrun
+from torchrun_helpers import TEXT, losses, make_config, torchrun
 
 from peftkit.train import checkpoint as ckpt
 from peftkit.train.config import config_from_dict
@@ -154,3 +154,30 @@ def test_one_rank_raising_ends_every_rank(data_file, work):
     assert "RuntimeError: injected fault after step 2 on rank 1" in done.stderr  # rank 1's own error
     assert "rank 0: stopping because rank 1 failed with RuntimeError: injected fault" in done.stderr
     assert [p.name for p in ckpt.list_checkpoints(work / "raise")] == ["step-1", "step-2"]
+
+
+def test_ddp_weights_ranks_by_their_target_tokens(work):
+    """Responses of different lengths, no packing: the ranks' slices hold different numbers of target tokens,
+    and the loss is still the mean over the whole global batch's targets, as in one process."""
+    import json
+
+    words = TEXT[:40]
+    rows = [{"instruction": " ".join(words[i:i + 2]), "input": "", "output": " ".join(words[i:i + 1 + i % 7])}
+            for i in range(24)]
+    path = work / "instructions.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    configs = []
+    for save_dir, train_section in [("instr-one", {}), ("instr-ddp", {"parallel": "ddp", "batch_size": 2})]:
+        cfg = make_config(path, work / save_dir, train={"max_steps": 2, **train_section})
+        cfg["data"].update({"format": "instruction", "packing": False, "max_length": 160})
+        configs.append(cfg)
+    one = train(config_from_dict(configs[0]))
+    cfg = configs[1]
+    done = torchrun(cfg, work)
+    assert done.returncode == 0, done.stderr[-4000:]
+    assert losses(work / "instr-ddp") == pytest.approx(one["losses"], abs=1e-5)
+    _close(
+        load_file(str(work / "instr-ddp" / "final" / "adapter_model.safetensors")),
+        load_file(str(Path(one["adapter"]) / "adapter_model.safetensors")),
+        1e-5,
+    )

@@ -17,8 +17,9 @@ and rendezvous come from torchrun's environment (``RANK``, ``WORLD_SIZE``, ``LOC
 
 ``train.batch_size`` is the per-rank micro-batch: step ``i`` takes the same global batch of
 ``batch_size × world`` examples a single process with that batch would take, and rank ``r`` keeps its
-``r``-th slice. DDP averages the ranks' gradients, so with equal token counts per rank (packed data, or
-examples of equal length) N ranks with batch ``b`` train exactly like one process with batch ``N·b``.
+``r``-th slice. DDP and FSDP average the ranks' gradients; each rank's loss is weighted by its share of the
+global batch's target tokens (:func:`global_mean_factor`), so N ranks with batch ``b`` train exactly like one
+process with batch ``N·b``, also when the ranks' slices hold different numbers of target tokens.
 
 The failure path (a watchdog per rank, so no rank hangs when another fails) is
 :mod:`peftkit.train.dist_failure`.
@@ -255,6 +256,21 @@ def as_float(value: torch.Tensor | float) -> float:
             value = value.full_tensor()
         return float(value.detach())
     return float(value)
+
+
+def global_mean_factor(items: int, ctx: Dist) -> float:
+    """The factor turning this rank's mean loss over ``items`` terms into its share of the global mean.
+
+    DDP and FSDP average the ranks' gradients. A rank's loss is a mean over its own terms, whose count differs
+    between ranks when the loss covers responses only; scaling by ``world · items / Σ items`` makes the average
+    the mean over every rank's terms, as one process with the whole batch computes it.
+    """
+    if not ctx.active:
+        return 1.0
+    t = torch.tensor([float(items)], dtype=torch.float64, device=_comm_device())
+    torch.distributed.all_reduce(t)
+    total = float(t[0])
+    return ctx.world * items / total if total > 0 else 1.0
 
 
 def reduce_step(loss: float, tokens: int, ctx: Dist) -> tuple[float, int]:

@@ -53,7 +53,8 @@ def _progress(items: Iterator[Any], label: str | None, total: int) -> Iterator[A
     return iter(tqdm(items, desc=label, total=total, leave=False, dynamic_ncols=True))
 
 
-def _label_count(batch: dict[str, torch.Tensor], task: str) -> int:
+def label_count(batch: dict[str, torch.Tensor], task: str) -> int:
+    """How many terms ``transformers`` averages into ``batch``'s loss: examples, or labelled target tokens."""
     labels = batch["labels"]
     if task == "classification":
         return int(labels.numel())
@@ -86,7 +87,7 @@ def evaluate(
     for chunk in _progress(_batches(examples, cfg), progress, min(n_batches, cfg.max_batches or n_batches)):
         batch = {k: v.to(device) for k, v in collate(chunk, tok.pad_id, task).items()}
         out = model(**batch)
-        n = _label_count(batch, task)
+        n = label_count(batch, task)
         total += float(out.loss) * n
         count += n
         if task == "classification":

@@ -33,7 +33,7 @@ from peftkit.train import dist_failure, distributed
 from peftkit.train.batching import collate, micro_batch, pack, split
 from peftkit.train.config import RunConfig, dump_config, with_absolute_paths
 from peftkit.train.data import Example, load_examples
-from peftkit.train.evaluate import evaluate
+from peftkit.train.evaluate import evaluate, label_count
 from peftkit.train.metrics import MetricsLogger, plot_metrics, read_metrics
 from peftkit.train.optim import Lisa, build_optimizer, grad_norm
 from peftkit.train.schedule import Schedule
@@ -160,6 +160,9 @@ def train_step(run: Run, step: int, params: list[nn.Parameter]) -> dict[str, Any
         batch = {k: v.to(run.device) for k, v in collate(chunk, run.tok.pad_id, cfg.model.task).items()}
         with torch.autocast(run.device.type, dtype=torch.bfloat16, enabled=bf16):
             loss = forward_loss(run.forward if run.forward is not None else run.model, batch)
+        if run.dist.active:  # a slice without targets has a NaN mean loss but contributes nothing
+            items = label_count(batch, cfg.model.task)
+            loss = (loss if items else loss.nan_to_num(0.0)) * distributed.global_mean_factor(items, run.dist)
         (loss / cfg.train.grad_accum).backward()  # type: ignore[no-untyped-call]
         loss_sum += float(loss.detach()) / cfg.train.grad_accum
         tokens += int(batch["attention_mask"].sum())
