@@ -55,12 +55,22 @@ def test_ddp_matches_one_process_with_twice_the_batch(reference, ddp_run):
     )
 
 
-def test_ddp_checkpoint_resumes_in_one_process(reference, ddp_run, data_file, work):
+def test_ddp_checkpoint_resumes_in_one_process(reference, ddp_run, data_file, work, capsys):
     cfg = make_config(
         data_file, work / "ddp-to-1", train={"batch_size": 4}, checkpoint={"resume": str(ddp_run / "step-2")}
     )
     summary = train(config_from_dict(cfg))
     assert summary["losses"] == pytest.approx(reference["losses"], abs=1e-5)
+    assert "warning" not in capsys.readouterr().err  # 2 × 2 -> 1 × 4: the same global batch
+
+
+def test_resume_on_fewer_processes_with_the_same_batch_size_warns(ddp_run, data_file, work, capsys):
+    cfg = make_config(
+        data_file, work / "ddp-to-1-half", train={"batch_size": 2}, checkpoint={"resume": str(ddp_run / "step-2")}
+    )
+    train(config_from_dict(cfg))
+    err = capsys.readouterr().err
+    assert "global batch (processes × train.batch_size): 2 × 2 -> 1 × 2; set train.batch_size=4 to keep it" in err
 
 
 @pytest.fixture(scope="module")

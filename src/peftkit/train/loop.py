@@ -200,7 +200,8 @@ def _save(run: Run, step: int, history: list[dict[str, Any]]) -> Path:
         run.model,
         run.optimizer,
         run.trainable,
-        {"micro_batches": step * cfg.train.grad_accum, "history": history, "labels": run.labels},
+        {"micro_batches": step * cfg.train.grad_accum, "history": history, "labels": run.labels,
+         "processes": run.dist.world},
         yaml.safe_dump(with_absolute_paths(cfg).to_dict(), sort_keys=False),  # readable from any directory
         save_adapter=cfg.peft.method != "none",
         keep_last=cfg.checkpoint.keep_last,
@@ -241,7 +242,7 @@ def _train(run: Run, t0: float) -> dict[str, Any]:
                 f"set train.max_steps={start} or more to continue it, or start afresh in another checkpoint.save_dir"
             )
         if run.dist.is_main:
-            _warn_changed_settings(resume, cfg)
+            _warn_changed_settings(resume, cfg, state.get("processes"), run.dist.world)
         print(f"resumed from {resume} at step {start}")
     distributed.agree(start, run.dist, "the step to start from")
     out = Path(cfg.checkpoint.save_dir)
@@ -299,23 +300,35 @@ def _train(run: Run, t0: float) -> dict[str, Any]:
 _TRAJECTORY = ("model", "peft", "data", "train", "optimizer", "scheduler")
 
 
-def _warn_changed_settings(resume: Path, cfg: RunConfig) -> None:
+def _warn_changed_settings(resume: Path, cfg: RunConfig, saved_world: int | None, world: int) -> None:
     """Warn when the resumed run's settings differ from those the checkpoint was written with.
 
     Such a run (a new seed, learning rate or ``max_steps``, which reshapes the schedule, ...) continues from the
     checkpoint's weights but will not match the uninterrupted run; that may be meant, so it is not an error.
+    The number of processes counts too: ``train.batch_size`` is per process, so with another number of
+    processes and the same ``batch_size`` each step takes another global batch.
     """
     saved_file = resume / "run_config.yaml"
     if not saved_file.is_file():
         return
     saved = yaml.safe_load(saved_file.read_text()) or {}
     now = yaml.safe_load(yaml.safe_dump(with_absolute_paths(cfg).to_dict()))  # as it is saved: tuples as lists
+    saved_batch = (saved.get("train") or {}).get("batch_size")
+    by_global_batch = saved_world is not None and isinstance(saved_batch, int)
+    # How the processes share the work does not shape the run; only the global batch does.
+    ignored = {"train.parallel", "train.dist_timeout"} | ({"train.batch_size"} if by_global_batch else set())
     changed = [
         f"{section}.{key}: {saved.get(section, {}).get(key)!r} -> {now[section].get(key)!r}"
         for section in _TRAJECTORY
         for key in sorted(set(saved.get(section) or {}) | set(now[section]))
-        if (saved.get(section) or {}).get(key) != now[section].get(key)
+        if (saved.get(section) or {}).get(key) != now[section].get(key) and f"{section}.{key}" not in ignored
     ]
+    batch = cfg.train.batch_size
+    if saved_world is not None and isinstance(saved_batch, int) and saved_world * saved_batch != world * batch:
+        keep = saved_world * saved_batch / world
+        hint = f"; set train.batch_size={int(keep)} to keep it" if keep.is_integer() else ""
+        changed.append(f"global batch (processes × train.batch_size): {saved_world} × {saved_batch} -> "
+                       f"{world} × {batch}{hint}")
     if changed:
         print(f"warning: resuming {resume} with settings other than those it was written with "
               f"({'; '.join(changed)}); the run will not match an uninterrupted one", file=sys.stderr)
