@@ -103,6 +103,30 @@ def test_parallel_without_torchrun_names_the_launch_command(tmp_path, monkeypatc
     assert "RANK" not in os.environ
 
 
+def test_parallel_none_under_torchrun_with_several_processes_is_refused(monkeypatch):
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    cfg = config_from_dict({"checkpoint": {"pretrained": {"config": {"model_type": "llama"}}}})
+    with pytest.raises(ConfigError, match=r"parallel='none' but torchrun started 2 processes .*parallel=ddp"):
+        init(cfg)
+    monkeypatch.setenv("WORLD_SIZE", "1")
+    assert init(cfg) == Dist()
+
+
+def test_parallel_misuse_is_refused_before_save_dir_is_created(tmp_path, monkeypatch):
+    from peftkit.train.loop import train
+
+    for key in ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
+        monkeypatch.delenv(key, raising=False)
+    save_dir = tmp_path / "run"
+    cfg = config_from_dict({
+        "checkpoint": {"pretrained": {"config": {"model_type": "llama"}}, "save_dir": str(save_dir)},
+        "train": {"parallel": "fsdp"}, "peft": {"method": "lora", "layer_replication": [[0, 1]]},
+    })
+    with pytest.raises(ConfigError, match="layer_replication cannot run with train.parallel='fsdp'"):
+        train(cfg)
+    assert not save_dir.exists()
+
+
 def test_fault_spec_targets_a_step_and_optionally_a_rank():
     assert fault_due("3", 3, Dist("ddp", 1, 2)) and not fault_due("3", 2, Dist())
     assert fault_due("3@1", 3, Dist("ddp", 1, 2)) and not fault_due("3@1", 3, Dist("ddp", 0, 2))

@@ -78,24 +78,25 @@ class Dist:
             torch.distributed.barrier()
 
 
-def init(cfg: RunConfig) -> Dist:
-    """Join the process group ``torchrun`` set up (for ``train.parallel`` ``ddp``/``fsdp``), start the watchdog.
-
-    Args:
-        cfg: the run config (``train.parallel``, ``train.dist_timeout``: the collective timeout).
-
-    Returns:
-        This process's :class:`Dist` (``mode="none"`` for a single process).
+def check(cfg: RunConfig) -> None:
+    """Refuse a ``train.parallel`` setting that cannot run, before anything is set up or written.
 
     Raises:
-        ConfigError: ``ddp``/``fsdp`` without torchrun's environment, or with an optimizer feature or PEFT
-            method that cannot run data-parallel (LISA; GaLore, AdaLoRA and LoRA's layer_replication under FSDP).
+        ConfigError: ``ddp``/``fsdp`` without torchrun's environment, ``none`` under torchrun with several
+            processes, or ``ddp``/``fsdp`` with an optimizer feature or PEFT method that cannot run data-parallel
+            (LISA; GaLore, AdaLoRA and LoRA's layer_replication under FSDP).
     """
     parallel = cfg.train.parallel
     if parallel not in PARALLEL_MODES:
         raise ConfigError(f"train.parallel={parallel!r} is invalid; allowed: {', '.join(PARALLEL_MODES)}")
     if parallel == "none":
-        return Dist()
+        world = os.environ.get("WORLD_SIZE", "1")
+        if world.isdigit() and int(world) > 1:  # each process would train alone and write the same save_dir
+            raise ConfigError(
+                f"train.parallel='none' but torchrun started {world} processes (WORLD_SIZE={world}); "
+                "set train.parallel=ddp or train.parallel=fsdp, or run one process: python -m peftkit train CONFIG"
+            )
+        return
     if cfg.optimizer.lisa_layers:
         raise ConfigError(
             f"optimizer.lisa_layers={cfg.optimizer.lisa_layers} cannot run with train.parallel="
@@ -125,6 +126,24 @@ def init(cfg: RunConfig) -> Dist:
             f"train.parallel={parallel!r} needs torchrun's environment ({', '.join(missing)} "
             f"unset); {_LAUNCH_HINT.format(mode=parallel)}"
         )
+
+
+def init(cfg: RunConfig) -> Dist:
+    """Join the process group ``torchrun`` set up (for ``train.parallel`` ``ddp``/``fsdp``), start the watchdog.
+
+    Args:
+        cfg: the run config (``train.parallel``, ``train.dist_timeout``: the collective timeout).
+
+    Returns:
+        This process's :class:`Dist` (``mode="none"`` for a single process).
+
+    Raises:
+        ConfigError: see :func:`check`.
+    """
+    check(cfg)
+    if cfg.train.parallel == "none":
+        return Dist()
+    parallel = cfg.train.parallel
     dist = torch.distributed
     rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))

@@ -217,6 +217,7 @@ def train(cfg: RunConfig) -> dict[str, Any]:
         ``adapter`` (``save_dir/final``), ``trainable`` and ``total`` parameter counts, ``seconds``.
     """
     t0 = time.perf_counter()
+    distributed.check(cfg)  # a misuse is refused before save_dir is created
     output_dir(cfg.checkpoint.save_dir, "checkpoint.save_dir")  # before the model is built and trained
     ctx = distributed.init(cfg)
     with dist_failure.guard(ctx, cfg.checkpoint.save_dir):
