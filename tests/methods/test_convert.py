@@ -211,3 +211,22 @@ def test_convert_with_another_adapter_merged_refuses_before_removing_any() -> No
     after = model.state_dict()
     assert set(after) == set(before)
     assert all(torch.equal(after[k], v) for k, v in before.items())
+
+
+@pytest.mark.parametrize("kind", ["gpt2", "phi3"])
+def test_modules_to_save_copies_travel_with_a_conversion(kind: str, tmp_path) -> None:
+    model = tiny(kind)
+    base = copy.deepcopy(model)
+    pk.apply(model, pk.LoRA(target_modules=["linear_qkv"], rank=4, init_B="gaussian", modules_to_save=["lm_head"]))
+    with torch.no_grad():
+        model.lm_head.copies["default"].weight.mul_(1.5)  # a trained head, unlike the base one
+    reference = model(IDS).logits
+    for layout in ("canonical", "performant"):
+        pk.save_adapter(model, tmp_path / layout, layout=layout)
+        loaded = pk.load_adapter(copy.deepcopy(base), tmp_path / layout)
+        torch.testing.assert_close(loaded(IDS).logits, reference, rtol=1e-5, atol=1e-5)
+    pk.convert(model, to="canonical")
+    torch.testing.assert_close(model(IDS).logits, reference, rtol=1e-5, atol=1e-5)
+    assert model.lm_head.copies["default"].weight.requires_grad
+    pk.convert(model, to="performant")
+    torch.testing.assert_close(model(IDS).logits, reference, rtol=1e-5, atol=1e-5)

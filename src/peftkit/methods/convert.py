@@ -24,6 +24,7 @@ from torch import nn
 
 from peftkit.core.inject import apply, delete_adapter
 from peftkit.core.layer import AdapterLayer
+from peftkit.core.modules_to_save import ModulesToSave
 from peftkit.core.state import get_state, set_adapter
 from peftkit.errors import AdapterNotFoundError, AdapterStateError, CheckpointError, ConfigError
 from peftkit.methods.canonical import CanonicalLoRA, CanonicalLoRALinear
@@ -163,8 +164,9 @@ def converted(model: nn.Module, name: str, to: str) -> tuple[LoRA, Tensors]:
     targets = [t for t in state.targets[name] if not _is_saved_copy(modules[t])]
     tensors = {t: {k: v.detach().clone() for k, v in modules[t].adapter_tensors(name).items()}
                for t in state.targets[name] if isinstance(modules[t], AdapterLayer)}
-    for qualname, module in modules.items():  # trainable_token_indices: the rows go along unchanged
-        if isinstance(module, TrainableTokensLayer) and module.has_adapter(name) and module.adapter_tensors(name):
+    for qualname, module in modules.items():  # modules_to_save copies, trainable_token_indices rows: unchanged
+        if (isinstance(module, (TrainableTokensLayer, ModulesToSave)) and qualname not in tensors
+                and module.has_adapter(name) and module.adapter_tensors(name)):
             tensors[qualname] = {k: v.detach().clone() for k, v in module.adapter_tensors(name).items()}
     if isinstance(config, CanonicalLoRA):
         return (config, tensors) if to == "canonical" else _to_performant(model, config, targets, tensors)
@@ -172,8 +174,6 @@ def converted(model: nn.Module, name: str, to: str) -> tuple[LoRA, Tensors]:
 
 
 def _is_saved_copy(module: nn.Module) -> bool:
-    from peftkit.core.modules_to_save import ModulesToSave
-
     return isinstance(module, ModulesToSave)
 
 
