@@ -142,3 +142,34 @@ def test_eval_shows_progress_per_model_as_training_does(run_config, capsys):
         assert re.search(re.escape(label) + rf":\s+0%\|[^|]*\| 0/{total} ", err), label
     evaluate_checkpoint(summary["adapter"])  # the run's own logging.progress_bar=false
     assert "eval base" not in capsys.readouterr().err
+
+
+def test_merge_replaces_its_output_whole_and_a_failed_merge_keeps_the_previous(run_config, tmp_path, monkeypatch):
+    from transformers import PreTrainedModel
+
+    run = _train(run_config(train={"max_steps": 1}))
+    out = tmp_path / "merged"
+    out.mkdir()
+    (out / "model-00001-of-00002.safetensors").write_bytes(b"an earlier, sharded export")
+    merge_checkpoint(run / "final", out)
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    assert "model.safetensors" in before and "model-00001-of-00002.safetensors" not in before
+
+    def killed(self, *args, **kwargs):
+        (Path(args[0]) / "model.safetensors").write_bytes(b"torn")
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(PreTrainedModel, "save_pretrained", killed)
+    with pytest.raises(KeyboardInterrupt):
+        merge_checkpoint(run / "final", out)
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".")) == []
+
+
+def test_merge_into_a_directory_holding_the_checkpoint_is_refused(run_config, tmp_path):
+    from peftkit.errors import ConfigError
+
+    run = _train(run_config(train={"max_steps": 1}))
+    with pytest.raises(ConfigError, match=r"--out '.*run' holds the checkpoint or the working directory"):
+        merge_checkpoint(run / "final", run)
+    assert (run / "final" / "adapter_model.safetensors").is_file()

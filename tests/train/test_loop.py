@@ -314,3 +314,43 @@ def test_resuming_with_other_settings_warns_naming_them(run_config, capsys):
     train(config_from_dict(first))
     out = capsys.readouterr()
     assert "resumed from" in out.out and "warning" not in out.err
+
+
+def test_final_of_an_earlier_run_with_another_method_is_replaced_whole(run_config):
+    cfg = run_config(train={"max_steps": 2}, peft={"method": "none", "modules_to_save": None, "target_modules": None},
+                     checkpoint={"resume": "none"})
+    train(config_from_dict(cfg))
+    final = Path(cfg["checkpoint"]["save_dir"]) / "final"
+    assert (final / "trainable.safetensors").is_file()
+    train(config_from_dict(run_config(train={"max_steps": 2}, checkpoint={"resume": "none"})))
+    assert sorted(p.name for p in final.iterdir()) == ["adapter_config.json", "adapter_model.safetensors",
+                                                       "run_config.yaml"]
+
+
+def test_an_interrupted_final_save_leaves_the_previous_final_whole(run_config, monkeypatch):
+    from peftkit.train import loop
+
+    cfg = run_config(train={"max_steps": 2}, checkpoint={"resume": "none"})
+    train(config_from_dict(cfg))
+    root = Path(cfg["checkpoint"]["save_dir"])
+    before = {p.name: p.read_bytes() for p in (root / "final").iterdir()}
+
+    def killed(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(loop, "dump_config", killed)  # the last file of final/ is being written
+    cfg["train"]["seed"] = 1
+    with pytest.raises(KeyboardInterrupt):
+        train(config_from_dict(cfg))
+    assert {p.name: p.read_bytes() for p in (root / "final").iterdir()} == before
+    assert not [p for p in root.iterdir() if p.name.startswith(".")]
+
+
+def test_a_previous_final_moved_aside_by_a_killed_save_is_put_back(tmp_path):
+    old = tmp_path / ".old-final-0123abcd"
+    old.mkdir()
+    (old / "run_config.yaml").write_text("model: {}\n")
+    partial = tmp_path / ".old-step-2-0123abcd"  # no trainer_state.json: never complete
+    partial.mkdir()
+    assert ckpt.remove_stale(tmp_path) == 1
+    assert (tmp_path / "final" / "run_config.yaml").read_text() == "model: {}\n" and not partial.exists()

@@ -7,6 +7,7 @@ import os
 import tempfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 from peftkit.errors import ConfigError
 
@@ -36,6 +37,11 @@ def write_atomic(path: str | Path, write: Callable[[Path], object]) -> None:
 
 def write_text_atomic(path: str | Path, text: str) -> None:
     write_atomic(path, lambda tmp: tmp.write_text(text, encoding="utf-8"))
+
+
+def save_figure(fig: Any, path: str | Path) -> None:
+    """Save a matplotlib figure as PNG to ``path`` atomically (a reader never sees a half-written image)."""
+    write_atomic(path, lambda tmp: fig.savefig(tmp, dpi=100, format="png"))
 
 
 def output_dir(path: str | Path, name: str) -> Path:

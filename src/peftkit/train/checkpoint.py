@@ -39,7 +39,7 @@ from peftkit.methods.adalora_state import adalora_adapters, allocator_states, lo
 
 _STEP = re.compile(r"^step-(\d+)$")
 #: What :func:`staged` and :func:`publish` leave behind when the process dies mid-save (``token`` is 8 hex digits).
-_STALE = re.compile(r"^\.(tmp|old)-step-\d+-[0-9a-f]{8}$")
+_STALE = re.compile(r"^\.(tmp|old)-(step-\d+|final)-[0-9a-f]{8}$")
 STATE_FILE = "trainer_state.json"
 ALLOCATOR_TENSORS, ALLOCATOR_META = "adalora.safetensors", "adalora.json"
 logger = logging.getLogger("peftkit")
@@ -228,13 +228,24 @@ def remove_stale(save_dir: str | Path) -> int:
     """Delete the partial checkpoints a killed save left in ``save_dir``; returns how many.
 
     They are never resumed from (:func:`list_checkpoints` ignores them) but can be as large as a checkpoint.
+    A complete previous checkpoint moved aside (``.old-``) whose replacement never got into place is put back.
     Call it only while no save into ``save_dir`` is under way (at the start of a run, on one process).
     """
     root = Path(save_dir)
-    stale = [p for p in root.iterdir() if _STALE.match(p.name) and p.is_dir()] if root.is_dir() else []
-    for p in stale:
+    stale = [(m, p) for p in root.iterdir() if (m := _STALE.match(p.name)) and p.is_dir()] if root.is_dir() else []
+    removed = 0
+    for m, p in sorted(stale, key=lambda mp: mp[0].group(1) != "old"):  # restore before removing
+        if m.group(1) == "old" and not (root / m.group(2)).exists() and _complete(p):
+            os.replace(p, root / m.group(2))  # killed between publish()'s two renames
+            continue
         shutil.rmtree(p)
-    return len(stale)
+        removed += 1
+    return removed
+
+
+def _complete(d: Path) -> bool:
+    """Whether ``d`` holds the file written last into a ``step-N`` (trainer state) or ``final`` (run config)."""
+    return (d / STATE_FILE).is_file() or (d.name.startswith(".old-final-") and (d / "run_config.yaml").is_file())
 
 
 def resolve_resume(resume: str, save_dir: str | Path) -> Path | None:

@@ -10,6 +10,7 @@ from torch import nn
 
 from peftkit.errors import CheckpointError, ConfigError
 from peftkit.io.atomic import output_dir
+from peftkit.train.checkpoint import staged
 from peftkit.train.config import RunConfig, load_config
 from peftkit.train.data import infer_labels, load_examples
 from peftkit.train.evaluate import evaluate
@@ -126,14 +127,22 @@ def run_labels(path: str | Path, cfg: RunConfig) -> list[str]:
 
 
 def merge_checkpoint(path: str | Path, out_dir: str | Path, overrides: list[str] | None = None) -> Path:
-    """Fold a checkpoint's adapter into its base and save a plain ``transformers`` model directory."""
+    """Fold a checkpoint's adapter into its base and save a plain ``transformers`` model directory.
+
+    ``out_dir`` is written whole into a temporary directory beside it and then renamed into place, replacing
+    what it held before.
+    """
     import peftkit as pk
 
     cfg = checkpoint_config(path, overrides)
-    if Path(out_dir).resolve() == Path(path).resolve():
+    target, source, cwd = Path(out_dir).resolve(), Path(path).resolve(), Path.cwd()
+    if target == source:
         raise ConfigError(f"--out {str(out_dir)!r} is the checkpoint itself; write the merged model to another "
                           "directory")
-    out = output_dir(out_dir, "--out")
+    if target in (cwd, *cwd.parents, *source.parents):  # --out is replaced whole
+        raise ConfigError(f"--out {str(out_dir)!r} holds the checkpoint or the working directory, and is replaced "
+                          "whole by the merged model; write it to a directory of its own")
+    out = output_dir(target, "--out")
     tok = build_tokenizer(cfg)
     labels = run_labels(path, cfg)
     model = _checkpoint_model(path, cfg, tok, len(labels), adapted=True)
@@ -143,10 +152,11 @@ def merge_checkpoint(path: str | Path, out_dir: str | Path, overrides: list[str]
     if labels and config is not None:  # the class names travel with the merged classifier
         config.id2label = dict(enumerate(labels))
         config.label2id = {name: i for i, name in enumerate(labels)}
-    model.save_pretrained(str(out))  # type: ignore[operator]
-    hf_tok = getattr(tok, "tok", None)
-    if hf_tok is not None:
-        hf_tok.save_pretrained(str(out))
+    with staged(out, keep_last=0) as tmp:  # a crash mid-save leaves the previous model whole, no stale shards
+        model.save_pretrained(str(tmp))  # type: ignore[operator]
+        hf_tok = getattr(tok, "tok", None)
+        if hf_tok is not None:
+            hf_tok.save_pretrained(str(tmp))
     return out
 
 

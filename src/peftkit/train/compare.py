@@ -27,7 +27,7 @@ from typing import Any
 import yaml
 
 from peftkit.errors import ConfigError, require
-from peftkit.io.atomic import output_dir
+from peftkit.io.atomic import output_dir, save_figure, write_text_atomic
 from peftkit.train.config import PEFT_METHODS, RunConfig, config_from_dict, load_config
 from peftkit.train.metrics import process_memory
 from peftkit.train.tasks import peft_config
@@ -140,7 +140,7 @@ def run_one(cfg: RunConfig) -> dict[str, Any]:
 
 def _child(config_path: str, result_path: str) -> int:
     row = run_one(load_config(config_path))
-    Path(result_path).write_text(json.dumps(row))
+    write_text_atomic(result_path, json.dumps(row))
     return 0
 
 
@@ -172,8 +172,9 @@ def compare(config: str | Path | RunConfig, methods: list[str], out_dir: str | P
         print(f"compare: training {method} …", flush=True)
         rows[method] = _run_isolated(cfg, out / method) if isolate else run_one(cfg)
     table = markdown_table(rows)
-    (out / "compare.md").write_text(table)
-    (out / "compare.json").write_text(json.dumps({"methods": rows, "config": base.to_dict()}, indent=1, default=str))
+    write_text_atomic(out / "compare.md", table)
+    write_text_atomic(out / "compare.json",
+                      json.dumps({"methods": rows, "config": base.to_dict()}, indent=1, default=str))
     files = [out / "compare.md", out / "compare.json"] + plot(rows, out)
     print(table)
     return {"methods": rows, "table": table, "files": [str(f) for f in files]}
@@ -248,7 +249,7 @@ def plot(rows: dict[str, dict[str, Any]], out: Path) -> list[Path]:
     ax.grid(alpha=0.3)
     ax.legend()
     fig.tight_layout()
-    fig.savefig(out / "loss.png", dpi=100)
+    save_figure(fig, out / "loss.png")
     plt.close(fig)
     fig, (left, right) = plt.subplots(1, 2, figsize=(9, 3.8))
     names = list(ok)
@@ -260,7 +261,7 @@ def plot(rows: dict[str, dict[str, Any]], out: Path) -> list[Path]:
     for axis in (left, right):
         axis.tick_params(axis="x", rotation=30)
     fig.tight_layout()
-    fig.savefig(out / "memory_time.png", dpi=100)
+    save_figure(fig, out / "memory_time.png")
     plt.close(fig)
     return [out / "loss.png", out / "memory_time.png"]
 

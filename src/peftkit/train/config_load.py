@@ -15,6 +15,7 @@ from typing import Any, Literal, Union
 import yaml
 
 from peftkit.errors import ConfigError
+from peftkit.io.atomic import write_text_atomic
 from peftkit.train.config import PeftSection, RunConfig, _require
 
 _SECTION_TYPES = typing.get_type_hints(RunConfig)
@@ -154,8 +155,8 @@ def load_config(path: str | Path | None, overrides: list[str] | None = None) -> 
 
 
 def dump_config(config: RunConfig, path: str | Path) -> None:
-    """Write ``config`` as YAML to ``path``."""
-    Path(path).write_text(yaml.safe_dump(config.to_dict(), sort_keys=False))
+    """Write ``config`` as YAML to ``path`` (atomically: the old file or the whole new one)."""
+    write_text_atomic(path, yaml.safe_dump(config.to_dict(), sort_keys=False))
 
 
 def with_absolute_paths(config: RunConfig) -> RunConfig:

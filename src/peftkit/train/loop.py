@@ -340,18 +340,23 @@ def _eval(run: Run) -> dict[str, float]:
 
 
 def _save_final(run: Run, out: Path) -> Path:
-    """``save_dir/final``: the adapter in HF PEFT format (or the trained tensors for ``peft.method=none``)."""
-    final = out / "final"
-    final.mkdir(parents=True, exist_ok=True)
-    if run.cfg.peft.method != "none":
-        dckpt.save_adapter(run.dist, run.model, final)  # gathered to full tensors under FSDP
-    else:
-        from safetensors.torch import save_file
+    """``save_dir/final``: the adapter in HF PEFT format (or the trained tensors for ``peft.method=none``).
 
-        params = dict(run.model.named_parameters())
-        weights = dckpt.full_tensors({n: params[n] for n in run.trainable})
+    Written into a temporary directory and renamed into place, as the step checkpoints are: an interrupted save
+    leaves the previous ``final/`` whole, and no file of an earlier run (another method's) stays beside the new ones.
+    """
+    final = out / "final"
+    with ckpt.staged(final, keep_last=0, owner=run.dist.is_main) as tmp:  # every rank gathers, rank 0 writes
+        if run.cfg.peft.method != "none":
+            dckpt.save_adapter(run.dist, run.model, tmp)  # gathered to full tensors under FSDP
+        else:
+            from safetensors.torch import save_file
+
+            params = dict(run.model.named_parameters())
+            weights = dckpt.full_tensors({n: params[n] for n in run.trainable})
+            if run.dist.is_main:
+                save_file(weights, str(tmp / "trainable.safetensors"))
         if run.dist.is_main:
-            save_file(weights, str(final / "trainable.safetensors"))
-    if run.dist.is_main:
-        dump_config(with_absolute_paths(run.cfg), final / "run_config.yaml")
+            dump_config(with_absolute_paths(run.cfg), tmp / "run_config.yaml")
+    run.dist.barrier()  # rank 0 has published it
     return final

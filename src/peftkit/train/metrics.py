@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from peftkit.errors import require
+from peftkit.io.atomic import save_figure, write_text_atomic
 from peftkit.train.config import LoggingConfig
 
 PLOTS = (("loss", "loss"), ("lr", "learning rate"), ("grad_norm", "gradient norm"))
@@ -57,7 +58,7 @@ class MetricsLogger:
             for line in self.path.read_text().splitlines()
             if line.strip() and json.loads(line).get("step", 0) <= step
         ]
-        self.path.write_text("".join(line + "\n" for line in keep))
+        write_text_atomic(self.path, "".join(line + "\n" for line in keep))  # a kill here keeps the whole log
 
     def has(self, step: int, key: str) -> bool:
         """Whether the log already holds ``key`` for ``step`` (this process's records and a resumed run's)."""
@@ -117,7 +118,7 @@ def plot_metrics(records: list[dict[str, Any]], out_dir: str | Path) -> list[Pat
         ax.grid(alpha=0.3)
         fig.tight_layout()
         path = Path(out_dir) / f"{key}.png"
-        fig.savefig(path, dpi=100)
+        save_figure(fig, path)
         plt.close(fig)  # type: ignore[attr-defined]
         written.append(path)
     return written

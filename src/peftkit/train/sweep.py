@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from peftkit.errors import ConfigError, require
-from peftkit.io.atomic import output_dir
+from peftkit.io.atomic import output_dir, save_figure
 from peftkit.train.config import load_config
 from peftkit.train.loop import train
 from peftkit.train.tasks import peft_config
@@ -127,7 +127,7 @@ def plot_sweep(rows: list[dict[str, Any]], path: Path) -> Path:
         ax.grid(alpha=0.3)
     norm_ax.legend(fontsize=8)
     fig.tight_layout()
-    fig.savefig(path, dpi=100)
+    save_figure(fig, path)
     plt.close(fig)  # type: ignore[attr-defined]
     return path
 
