@@ -3,19 +3,26 @@
 For each (rank, alpha) — alpha defaults to ``alpha_per_rank · rank`` — run the config with
 ``peft.rank`` / ``peft.alpha`` overridden and ``checkpoint.save_dir`` suffixed, then report trainable
 and total parameters, trainable %, first/last loss and mean/last gradient norm per run, as Markdown
-(``sweep.md``) and JSON (``sweep.json``) in the base ``save_dir``.
+(``sweep.md``) and JSON (``sweep.json``) in the base ``save_dir``, rewritten after every run. A run that fails
+(an exception such as CUDA out of memory, or a loss that is not finite) gets a row with its ``error`` and the
+sweep goes on.
 """
 
 from __future__ import annotations
 
 import argparse
+import gc
 import json
+import math
+import sys
 from pathlib import Path
 from typing import Any
 
+import torch
+
 from peftkit.errors import ConfigError, require
-from peftkit.io.atomic import output_dir, save_figure
-from peftkit.train.config import load_config
+from peftkit.io.atomic import output_dir, save_figure, write_text_atomic
+from peftkit.train.config import RunConfig, load_config
 from peftkit.train.loop import train
 from peftkit.train.tasks import peft_config
 
@@ -41,6 +48,9 @@ def run_sweep(
     overrides: list[str] | None = None,
 ) -> list[dict[str, Any]]:
     """Train ``config`` once per (rank, alpha) and return one result row per run.
+
+    A run that fails gets a row with ``rank``, ``alpha`` and ``error``, and the sweep goes on; ``sweep.json`` and
+    ``sweep.md`` are rewritten after every run, so finished results survive a later run that kills the process.
 
     Args:
         config: a YAML run config with a LoRA-family ``peft`` section.
@@ -75,16 +85,35 @@ def run_sweep(
             peft_config(cfg)  # every run's method fields are checked before the first one trains
             runs.append((rank, alpha, cfg))
     root = output_dir(base.checkpoint.save_dir, "checkpoint.save_dir")
-    rows = []
+    rows: list[dict[str, Any]] = []
     for i, (rank, alpha, cfg) in enumerate(runs, 1):
         print(f"sweep: training rank {rank}, alpha {alpha:g} ({i}/{len(runs)}) in {cfg.checkpoint.save_dir}",
               flush=True)
-        rows.append(_row(rank, alpha, train(cfg)))
-    (root / "sweep.json").write_text(json.dumps(rows, indent=1))
-    (root / "sweep.md").write_text(format_table(rows) + "\n")
-    if base.logging.plots:
+        rows.append(_run(rank, alpha, cfg))
+        # After every run: a later run that fails, or kills the process (out of memory), keeps these results.
+        write_text_atomic(root / "sweep.json", json.dumps(rows, indent=1))
+        write_text_atomic(root / "sweep.md", format_table(rows) + "\n")
+    if base.logging.plots and any("error" not in r for r in rows):
         plot_sweep(rows, root / "sweep.png")
     return rows
+
+
+def _run(rank: int, alpha: float, cfg: RunConfig) -> dict[str, Any]:
+    """Train one run; a run that raises or whose loss is not finite gives a row with its ``error`` instead."""
+    try:
+        summary = train(cfg)
+    except Exception as exc:  # noqa: BLE001 - any failure of one run (NaN, CUDA out of memory, ...) is its row
+        error = f"{type(exc).__name__}: {exc}".splitlines()[0]
+        gc.collect()  # free the failed run's model and optimizer for the next run
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+    else:
+        bad = next((i for i, loss in enumerate(summary["losses"], 1) if not math.isfinite(loss)), None)
+        if bad is None:
+            return _row(rank, alpha, summary)
+        error = f"the training loss is {summary['losses'][bad - 1]} at step {bad}"
+    print(f"sweep: rank {rank}, alpha {alpha:g} failed: {error}", file=sys.stderr, flush=True)
+    return {"rank": rank, "alpha": alpha, "error": error, "save_dir": str(cfg.checkpoint.save_dir)}
 
 
 def _row(rank: int, alpha: float, s: dict[str, Any]) -> dict[str, Any]:
@@ -116,7 +145,7 @@ def plot_sweep(rows: list[dict[str, Any]], path: Path) -> Path:
     mpl.use("Agg")  # type: ignore[attr-defined]
     plt = require("matplotlib.pyplot", "plot")
     fig, (loss_ax, norm_ax) = plt.subplots(1, 2, figsize=(10, 3.8))  # type: ignore[attr-defined]
-    for row in rows:
+    for row in (r for r in rows if "error" not in r):
         label = f"r={row['rank']} α={row['alpha']:g}"
         steps = range(1, len(row["losses"]) + 1)
         loss_ax.plot(steps, row["losses"], label=label)
@@ -142,9 +171,13 @@ def format_table(rows: list[dict[str, Any]]) -> str:
             return f"{value:.4f}"
         return f"{value:.4f}" if isinstance(value, float) else str(value)
 
+    def line(r: dict[str, Any]) -> str:
+        if "error" in r:  # as compare's table: the run's keys, then why it failed
+            return f"| {r['rank']} | {r['alpha']:g} | failed: {r['error'][:200]} |" + " |" * (len(COLUMNS) - 3)
+        return "| " + " | ".join(cell(k, r[k]) for k in COLUMNS) + " |"
+
     lines = ["| " + " | ".join(COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
-    lines += ["| " + " | ".join(cell(k, r[k]) for k in COLUMNS) + " |" for r in rows]
-    return "\n".join(lines)
+    return "\n".join(lines + [line(r) for r in rows])
 
 
 def _main(args: argparse.Namespace) -> int:

@@ -1,0 +1,76 @@
+"""``peftkit sweep``: a failed run is a row of the table, and finished results are on disk after every run."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+import yaml
+
+from peftkit.cli.main import main
+from peftkit.train import sweep
+
+
+@pytest.fixture
+def sweep_file(run_config: Any, tmp_path: Path) -> tuple[Path, Path]:
+    cfg = run_config("causal_lm", train={"max_steps": 2}, data={"eval_fraction": 0})
+    path = tmp_path / "sweep.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    return path, Path(cfg["checkpoint"]["save_dir"])
+
+
+def _failing(monkeypatch: pytest.MonkeyPatch, fail: Any) -> None:
+    """Make the run of rank 4 fail with ``fail(cfg, summary_of_a_real_run)``."""
+    real = sweep.train
+
+    def train(cfg: Any) -> dict[str, Any]:
+        return fail(cfg, real(cfg)) if cfg.peft.options["rank"] == 4 else real(cfg)
+
+    monkeypatch.setattr(sweep, "train", train)
+
+
+def test_a_run_that_raises_is_an_error_row_and_the_sweep_goes_on(sweep_file, monkeypatch, capsys):
+    def out_of_memory(cfg: Any, summary: Any) -> Any:
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+
+    _failing(monkeypatch, out_of_memory)
+    path, root = sweep_file
+    assert main(["sweep", str(path), "--ranks", "2", "4", "8"]) == 0
+    captured = capsys.readouterr()
+    assert "sweep: rank 4, alpha 8 failed: OutOfMemoryError: CUDA out of memory" in captured.err
+    rows = json.loads((root / "sweep.json").read_text())
+    assert [r["rank"] for r in rows] == [2, 4, 8]
+    assert rows[1] == {"rank": 4, "alpha": 8.0, "error": "OutOfMemoryError: CUDA out of memory. Tried to allocate "
+                       "2.00 GiB", "save_dir": str(root / "r4-a8")}
+    assert rows[2]["trainable"] == 4 * rows[0]["trainable"]
+    table = (root / "sweep.md").read_text().splitlines()
+    assert table[3].startswith("| 4 | 8 | failed: OutOfMemoryError: CUDA out of memory")
+    assert table[3].count("|") == table[2].count("|")  # as many cells as a finished run's row
+
+
+def test_a_run_whose_loss_is_not_finite_is_an_error_row(sweep_file, monkeypatch):
+    def diverged(cfg: Any, summary: dict[str, Any]) -> dict[str, Any]:
+        return {**summary, "losses": [summary["losses"][0], math.nan]}
+
+    _failing(monkeypatch, diverged)
+    path, root = sweep_file
+    rows = sweep.run_sweep(str(path), [2, 4])
+    assert rows[1]["error"] == "the training loss is nan at step 2" and "last_loss" not in rows[1]
+    assert "| 4 | 8 | failed: the training loss is nan at step 2 |" in (root / "sweep.md").read_text()
+
+
+def test_results_of_finished_runs_are_on_disk_when_a_later_run_kills_the_sweep(sweep_file, monkeypatch):
+    def killed(cfg: Any, summary: Any) -> Any:
+        raise KeyboardInterrupt
+
+    _failing(monkeypatch, killed)
+    path, root = sweep_file
+    with pytest.raises(KeyboardInterrupt):
+        sweep.run_sweep(str(path), [2, 4])
+    rows = json.loads((root / "sweep.json").read_text())
+    assert [r["rank"] for r in rows] == [2] and len(rows[0]["losses"]) == 2
+    assert len((root / "sweep.md").read_text().splitlines()) == 3
