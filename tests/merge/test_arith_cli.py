@@ -136,3 +136,21 @@ def test_out_that_is_a_file_is_a_clear_error(setup, tmp_path, capsys):
         err = capsys.readouterr().err
         assert err.startswith(f"peftkit {argv[0]}: error: --out {str(afile)!r} is an existing file")
     assert afile.read_text() == "keep me"
+
+
+@pytest.mark.parametrize("model", ["missing", "empty-dir", "notes.txt"])
+def test_a_bad_model_is_named_as_the_model_argument(model, setup, tmp_path, capsys):
+    from peftkit.cli.main import main
+
+    _, dirs = setup
+    (tmp_path / "empty-dir").mkdir()
+    (tmp_path / "notes.txt").write_text("not a model")
+    path, out = str(tmp_path / model), tmp_path / "out"
+    problem = "has neither weights nor config.json" if model == "empty-dir" else \
+        "is not a local model directory or config.json"
+    for argv in (["combine", *map(str, dirs)], ["prune", str(dirs[0])]):
+        assert main([*argv, "--model", path, "--out", str(out)]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith(f"peftkit {argv[0]}: error: --model {path!r} {problem}; pass ")
+        assert "checkpoint." not in err
+    assert not out.exists()

@@ -57,8 +57,10 @@ def combine_command(args: argparse.Namespace) -> int:
     """Run ``peftkit combine``: load the adapters onto ``--model``, combine, save to ``--out``."""
     from peftkit.io.hf_format import load_adapter, read_config, save_adapter
     from peftkit.merge.combine import combine
+    from peftkit.train.tasks import check_model_path
 
     _check_out(args.out)
+    check_model_path(args.model, "--model")
     dirs = list(args.adapters)
     if len(dirs) < 1:
         raise ConfigError("name at least one adapter directory to combine")
@@ -106,8 +108,10 @@ def prune_command(args: argparse.Namespace) -> int:
     """Run ``peftkit prune``: load the adapter onto ``--model``, prune it, save to ``--out``, print the report."""
     from peftkit.io.hf_format import load_adapter, read_config, save_adapter
     from peftkit.merge.prune import prune
+    from peftkit.train.tasks import check_model_path
 
     _check_out(args.out)
+    check_model_path(args.model, "--model")
     data = read_config(args.adapter)
     if data.get("peft_type") != "LORA":
         raise ConfigError(f"prune reads LoRA adapters; {args.adapter!r} has peft_type {data.get('peft_type')!r}")

@@ -15,7 +15,7 @@ from peftkit.train.config import RunConfig, load_config
 from peftkit.train.data import infer_labels, load_examples
 from peftkit.train.evaluate import evaluate
 from peftkit.train.loop import load_data, pick_device
-from peftkit.train.tasks import apply_peft, build_model, build_tokenizer, check_vocab
+from peftkit.train.tasks import apply_peft, build_model, build_tokenizer, check_model_path, check_vocab
 from peftkit.train.tokenizer import Tokenizer
 
 
@@ -173,15 +173,12 @@ def inspect_model(
         options: the method's fields (``rank``, ``target_modules``, ...).
 
     Raises:
-        ConfigError: ``model_path`` is neither a directory nor a ``.json`` file, or a method field is invalid.
+        ConfigError: ``model_path`` is neither a model directory nor a ``.json`` file, or a method field is invalid.
     """
     import peftkit as pk
     from peftkit.train.tasks import model_config, peft_config
 
-    given = Path(model_path)
-    if not (given.is_dir() or (given.is_file() and given.suffix == ".json")):
-        raise ConfigError(f"MODEL {model_path!r} is not a local model directory or config.json; pass one "
-                          "(only its config is read)")
+    check_model_path(model_path, "MODEL")
     peft = {"method": method or "none", **(options or {})}
     cfg = model_config(model_path, task, 2 if task == "classification" else 0, peft)
     model = build_model(cfg, 2, meta=True)

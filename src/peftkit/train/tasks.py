@@ -47,6 +47,23 @@ def _config_dict(pretrained: str | dict[str, Any]) -> dict[str, Any] | None:
     raise ConfigError(f"checkpoint.pretrained={pretrained!r} has neither weights nor config.json")
 
 
+def check_model_path(model_path: str, name: str) -> None:
+    """Refuse a base-model path a command was given that names no local model, calling it ``name`` (``--model``).
+
+    Raises:
+        ConfigError: ``model_path`` is neither a ``.json`` file nor a directory with weights or ``config.json``.
+    """
+    p = Path(model_path)
+    if p.is_file() and p.suffix == ".json":
+        return
+    if not p.is_dir():
+        raise ConfigError(f"{name} {model_path!r} is not a local model directory or config.json; pass one "
+                          "(no hub downloads)")
+    if not any((p / f).exists() for f in (*WEIGHT_FILES, "config.json")):
+        raise ConfigError(f"{name} {model_path!r} has neither weights nor config.json; pass a transformers model "
+                          "directory or its config.json")
+
+
 def model_config(model_path: str, task: str, num_labels: int = 0, peft: dict[str, Any] | None = None) -> RunConfig:
     """A run config that names only a model (and ``peft``), defaults elsewhere.
 
