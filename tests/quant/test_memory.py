@@ -70,8 +70,8 @@ def test_estimate_refuses_targets_that_match_nothing() -> None:
     meta = _llama(True, vocab_size=256, hidden_size=128, intermediate_size=256, num_hidden_layers=2)
     with pytest.raises(TargetNotFoundError, match=r"'qproj' matches no module .*closest module names: \['q_proj'"):
         estimate_training_memory(meta, method="qlora", target_modules=["qproj"])
-    with pytest.raises(UnsupportedLayerError, match="'embed_tokens' matches only modules of type Embedding"):
-        estimate_training_memory(meta, method="lora", target_modules="embed_tokens")
+    with pytest.raises(UnsupportedLayerError, match="'norm' matches only modules of type LlamaRMSNorm"):
+        estimate_training_memory(meta, method="lora", target_modules="norm")
     assert estimate_training_memory(nn.Linear(2, 2), method="lora").trainable_params == 0  # default: those present
 
 
@@ -94,3 +94,23 @@ def test_quantized_weights_still_count_as_parameters(bits: int) -> None:
     pk.apply(model, pk.LoRA(target_modules="all-linear", rank=16))
     lora = sum(p.numel() for n, p in model.named_parameters() if "lora_" in n)
     assert pk.count_parameters(model) == (lora, total + lora)
+
+
+@pytest.mark.parametrize("targets", [["c_attn", "c_proj", "c_fc"], "all-linear", ["c_attn", "wte"]])
+def test_estimate_counts_the_layers_lora_adapts_on_gpt2(targets) -> None:
+    """GPT-2's projections are ``Conv1D`` (weight stored in × out) and its embeddings can carry LoRA too."""
+    config = transformers.GPT2Config(vocab_size=96, n_embd=32, n_layer=2, n_head=2, n_positions=64)
+    with torch.device("meta"):
+        meta = transformers.GPT2LMHeadModel(config)
+    estimate = estimate_training_memory(meta, method="lora", rank=4, target_modules=targets)
+    model = pk.apply(transformers.GPT2LMHeadModel(config), pk.LoRA(target_modules=targets, rank=4))
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    assert estimate.trainable_params == trainable == memory_report(model).trainable_params > 0
+    assert estimate.optimizer == 8 * trainable
+
+
+def test_estimate_counts_lora_on_embeddings_and_convolutions() -> None:
+    model = nn.Sequential(nn.Embedding(50, 8), nn.Conv2d(3, 6, (3, 5)), nn.Conv1d(4, 2, 3), nn.Linear(8, 4))
+    estimate = estimate_training_memory(model, method="lora", rank=2, target_modules=["0", "1", "2", "3"])
+    pk.apply(model, pk.LoRA(target_modules=["0", "1", "2", "3"], rank=2))
+    assert estimate.trainable_params == sum(p.numel() for p in model.parameters() if p.requires_grad)

@@ -16,14 +16,16 @@ ZeRO, Rajbhandari et al., 2020). Activations are not included: they depend on ba
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import torch
 from torch import nn
 
-from peftkit.core.matching import first_match, resolve_targets
-from peftkit.errors import ConfigError
+from peftkit.core.matching import first_match
+from peftkit.core.registry import linear_kind
+from peftkit.errors import ConfigError, UnsupportedLayerError
 from peftkit.quant.bnb import packed_tensors
 from peftkit.quant.layers import QuantLinear, quantized_nbytes
 
@@ -113,6 +115,18 @@ def memory_report(model: nn.Module, optimizer_bytes_per_param: int = 8) -> Memor
 _BITS = {"nf4": 4 + 8 / 64 + 32 / (64 * 256), "fp16": 16.0, "bf16": 16.0, "fp32": 32.0, "int8": 8.0}
 
 
+def _lora_parameters(module: nn.Module, rank: int) -> int:
+    """The parameters of a rank-``rank`` LoRA adapter on ``module`` (A: r × in, B: out × r)."""
+    kind = linear_kind(module)
+    if kind is not None:  # nn.Linear, GPT-2's Conv1D, quantized linears
+        return rank * (kind.in_features(module) + kind.out_features(module))
+    if isinstance(module, nn.Embedding):
+        return rank * (module.num_embeddings + module.embedding_dim)
+    if isinstance(module, (nn.Conv1d, nn.Conv2d, nn.Conv3d)):  # A: a convolution in → r with the base's kernel; B: 1×1
+        return rank * (module.in_channels * math.prod(module.kernel_size) + module.out_channels)
+    raise UnsupportedLayerError(f"no LoRA parameter count for {type(module).__name__}")
+
+
 _DEFAULT_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
 
@@ -133,8 +147,9 @@ def estimate_training_memory(
             linear layers not in ``skip``; the rest stays in ``dtype``) or ``"qlora8"`` (int8 base).
         rank: LoRA rank, for ``"lora"``/``"qlora"``.
         target_modules: the layers carrying adapters (names, globs or ``"all-linear"``, as in ``target_modules``;
-            a str is one pattern), each of which must match a linear layer. Default: Llama's attention and MLP
-            projections (``q_proj`` … ``down_proj``), those the model has.
+            a str is one pattern), each of which must match a layer LoRA adapts (``nn.Linear``, GPT-2's ``Conv1D``,
+            ``nn.Embedding``, ``nn.Conv*d``, ...), counted as ``pk.apply(model, pk.LoRA(...))`` would add it.
+            Default: Llama's attention and MLP projections (``q_proj`` … ``down_proj``), those the model has.
         dtype: the base's float format: ``"fp16"``, ``"bf16"`` or ``"fp32"``.
         skip: linear layers a QLoRA base keeps in ``dtype`` (the output head by default).
 
@@ -144,10 +159,10 @@ def estimate_training_memory(
     Raises:
         ConfigError: unknown ``method`` or ``dtype``.
         TargetNotFoundError: a ``target_modules`` pattern matches no module (not checked for ``"full"``).
-        UnsupportedLayerError: a pattern matches only layers that are not ``nn.Linear``.
+        UnsupportedLayerError: a pattern matches only layers LoRA cannot adapt.
     """
     if target_modules is None:
-        names = {n.rsplit(".", 1)[-1] for n, m in model.named_modules() if isinstance(m, nn.Linear)}
+        names = {n.rsplit(".", 1)[-1] for n, m in model.named_modules() if linear_kind(m) is not None}
         targets = [t for t in _DEFAULT_TARGETS if t in names]
     else:
         targets = [target_modules] if isinstance(target_modules, str) else list(target_modules)
@@ -166,20 +181,20 @@ def estimate_training_memory(
         report.gradients = total * (2 if half else 4)
         report.optimizer = total * (12 if half else 8)
         return report
-    linear = ["Linear"]
-    adapted = set(resolve_targets(model, targets, supported=lambda m: isinstance(m, nn.Linear), supported_names=linear)
-                  if targets else ())
+    from peftkit.methods.lora import LoRA  # here: LoRA's LoftQ initialisation imports peftkit.quant
+
+    # The layers LoRA itself would adapt: its target resolution and its registry of layer kinds.
+    adapted = set(LoRA(target_modules=targets, rank=rank).resolve(model) if targets else ())
     base_bits = {"lora": _BITS[dtype], "qlora": _BITS["nf4"], "qlora8": _BITS["int8"]}[method]
     quantized = 0
     for name, m in model.named_modules():
-        if isinstance(m, nn.Linear):
-            if name in adapted:
-                report.trainable_params += rank * (m.in_features + m.out_features)
-            if method != "lora" and first_match(name, skip) is None:
-                quantized += m.weight.numel()
-                report.quantized += int(m.weight.numel() * base_bits / 8)
-                if method == "qlora8":
-                    report.quantized += 4 * m.out_features
+        if name in adapted:
+            report.trainable_params += _lora_parameters(m, rank)
+        if isinstance(m, nn.Linear) and method != "lora" and first_match(name, skip) is None:  # pk.quantize's
+            quantized += m.weight.numel()
+            report.quantized += int(m.weight.numel() * base_bits / 8)
+            if method == "qlora8":
+                report.quantized += 4 * m.out_features
     report.weights_by_dtype[dtype] = int((total - quantized) * _BITS[dtype] / 8)
     report.trainable = 4 * report.trainable_params
     report.gradients = 4 * report.trainable_params
