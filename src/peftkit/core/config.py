@@ -128,6 +128,15 @@ class AdapterConfig:
             self.layers = list(self.layers)
 
     # -- what the method adapts -------------------------------------------------------------------
+    def for_model(self, model: nn.Module) -> AdapterConfig:
+        """This config as applied to ``model``: a copy with the defaults it takes from the model filled in
+        (LoRA's, AdaLoRA's and IA3's ``target_modules`` per architecture when omitted), else ``self``.
+
+        Raises:
+            ConfigError: a default is needed that ``model``'s architecture has none of.
+        """
+        return self
+
     def supports(self, module: nn.Module) -> bool:
         """True if this method can wrap ``module``."""
         raise NotImplementedError
@@ -140,8 +149,8 @@ class AdapterConfig:
         """Qualified names of the modules this config adapts on ``model`` (see ``resolve_targets``)."""
         if not self.target_modules:
             raise ConfigError(
-                f"{type(self).__name__}.target_modules is empty; name the modules to adapt, "
-                "e.g. target_modules=['q_proj', 'v_proj'] or 'all-linear'"
+                f"{type(self).__name__}.target_modules is empty; name the modules of {type(model).__name__} to "
+                "adapt (target_modules=[...] or 'all-linear')"
             )
         return resolve_targets(
             model,

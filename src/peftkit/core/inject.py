@@ -119,6 +119,7 @@ def apply(model: nn.Module, config: AdapterConfig, name: str = "default", activa
         raise ConfigError(f"config must be a peftkit method config such as pk.LoRA(...), got {type(config).__name__}")
     _check_name(model, name)
     _check_not_merged(model)
+    config = config.for_model(model)  # a copy: the user's config object stays reusable on other models
     with prepared(model, config):
         return _add(model, config, name, activate, train_heads)
 

@@ -101,6 +101,7 @@ def inspect(model: nn.Module, config: AdapterConfig) -> InspectReport:
     from peftkit.core.inject import apply, prepared
     from peftkit.core.state import get_state
 
+    config = config.for_model(model)
     shadow = _meta_copy(model)
     name = "inspect"
     while name in get_state(shadow).configs:

@@ -48,6 +48,7 @@ from peftkit.methods.adalora_state import (
     load_allocator_state,
     load_allocator_states,
 )
+from peftkit.methods.default_targets import ADALORA_TARGETS, default_for
 from peftkit.methods.lora import BIAS_MODES, bias_modules, hf_module_paths
 from peftkit.methods.lora_layers import LoRALayer, adapter_dtype
 
@@ -354,6 +355,12 @@ class AdaLoRA(AdapterConfig):
                 raise ConfigError(f"{name}={getattr(self, name)!r} must be in (0, 1)")
         if self.orth_reg_weight < 0:
             raise ConfigError(f"orth_reg_weight={self.orth_reg_weight!r} must be ≥ 0")
+
+    def for_model(self, model: nn.Module) -> AdapterConfig:
+        """With ``target_modules`` omitted: those HF PEFT's AdaLoRA adapts on this architecture."""
+        if self.target_modules:
+            return self
+        return self.replace(target_modules=list(default_for(ADALORA_TARGETS, model, "AdaLoRA", "target_modules=[...]")))
 
     def supports(self, module: nn.Module) -> bool:
         return isinstance(module, SVDLinear) or svd_layer_type(module) is not None

@@ -34,6 +34,7 @@ from peftkit.core.matching import ALIASES, first_match
 from peftkit.core.registry import LINEAR_KINDS, LinearKind, TypeRegistry, linear_kind, register_method
 from peftkit.errors import ConfigError, MergeError, UnsupportedLayerError
 from peftkit.io.hf_names import hf_layer_targets, hf_modules_to_save, hf_resolve, hf_targets
+from peftkit.methods.default_targets import IA3_TARGETS, default_for
 from peftkit.methods.lora_layers import adapter_dtype
 
 #: Convolutions (IA)³ scales per channel, as Hugging Face PEFT does → their number of spatial dimensions.
@@ -199,6 +200,17 @@ class IA3(AdapterConfig):
     def __post_init__(self) -> None:
         super().__post_init__()
         self.feedforward_modules = _as_list(self.feedforward_modules)
+
+    def for_model(self, model: nn.Module) -> AdapterConfig:
+        """With ``target_modules`` omitted: those HF PEFT's IA3 adapts on this architecture, and its
+        ``feedforward_modules`` unless given."""
+        if self.target_modules:
+            return self
+        targets, feedforward = default_for(
+            IA3_TARGETS, model, "IA3",
+            "target_modules=[...] and feedforward_modules=[...] (the MLP's output projection, one of the targets)")
+        return self.replace(target_modules=list(targets),
+                            feedforward_modules=list(self.feedforward_modules or feedforward))
 
     def supports(self, module: nn.Module) -> bool:
         return isinstance(module, IA3Layer) or supported_kind(module) is not None

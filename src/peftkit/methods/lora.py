@@ -26,6 +26,7 @@ from peftkit.io.hf_names import hf_layer_targets, hf_modules_to_save, hf_paramet
 from peftkit.methods import lora_activated as activated
 from peftkit.methods import lora_params
 from peftkit.methods import lora_replication as replication
+from peftkit.methods.default_targets import LORA_TARGETS, default_for
 from peftkit.methods.lora_init import check_init, check_targets, init_from_hf, initialize, loftq_config, loftq_from_hf
 from peftkit.methods.lora_layers import LORA_LAYERS, LoRALayer, LoRALinear, lora_layer_class
 
@@ -240,6 +241,13 @@ class LoRA(AdapterConfig):
                     "too): only linear-like layers and convolutions take a bias on B. Leave it out with "
                     f"exclude_modules=[{qualname!r}], or set lora_bias=False"
                 )
+
+    def for_model(self, model: nn.Module) -> AdapterConfig:
+        """With ``target_modules`` (and no ``target_parameters``) omitted: those HF PEFT adapts on this architecture."""
+        if self.target_modules or self.target_parameters:
+            return self
+        targets = default_for(LORA_TARGETS, model, type(self).__name__, "target_modules=[...]")
+        return self.replace(target_modules=list(targets))
 
     def supports(self, module: nn.Module) -> bool:
         if isinstance(module, LoRALayer):  # a second adapter only on a wrapper LoRA itself would have made,
