@@ -161,3 +161,12 @@ def test_length_grouped_batches_cover_the_epoch_and_group_lengths():
     spread_plain = sum(max(len(e["input_ids"]) for e in b) - min(len(e["input_ids"]) for e in b) for b in plain)
     assert spread < spread_plain / 3
     assert batches == [micro_batch(exs, 4, 0, k, group_by_length=True) for k in range(16)]
+
+
+def test_a_missing_data_file_is_named_as_given_and_as_the_absolute_path_tried(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(ConfigError) as info:
+        load_examples("data/none.jsonl", "auto", "causal_lm", TOK, 8)
+    assert str(info.value).startswith(
+        f"data file 'data/none.jsonl' does not exist (tried '{tmp_path}/data/none.jsonl': a relative path is resolved "
+        "against the working directory, not the config file's); set data.train/data.eval to an existing local file")

@@ -55,7 +55,9 @@ def read_rows(path: str | Path) -> Iterator[tuple[int, Any]]:
     """
     p = Path(path)
     if not p.exists():
-        raise ConfigError(f"data file {str(p)!r} does not exist; set data.train/data.eval to a local file")
+        raise ConfigError(f"data file {str(path)!r} does not exist (tried {str(p.absolute())!r}: a relative path is "
+                          "resolved against the working directory, not the config file's); set data.train/data.eval "
+                          "to an existing local file, or give its absolute path")
     if p.is_dir():
         datasets = require("datasets", "data")
         for i, row in enumerate(datasets.load_from_disk(str(p)), start=1):  # type: ignore[attr-defined]
