@@ -170,3 +170,16 @@ def test_a_missing_data_file_is_named_as_given_and_as_the_absolute_path_tried(tm
     assert str(info.value).startswith(
         f"data file 'data/none.jsonl' does not exist (tried '{tmp_path}/data/none.jsonl': a relative path is resolved "
         "against the working directory, not the config file's); set data.train/data.eval to an existing local file")
+
+
+def test_writing_the_cache_leaves_another_writers_temporary_file_alone(tmp_path):
+    """Every rank of a distributed run may write the same cache at once: each through a temporary file of its own."""
+    path = _jsonl(tmp_path / "t.jsonl", [{"text": "hello"}])
+    first = load_examples(path, "auto", "causal_lm", TOK, 8, cache_dir=str(tmp_path / "cache"))
+    (cache,) = (tmp_path / "cache").glob("*.json")
+    cache.unlink()
+    theirs = cache.with_suffix(".tmp")
+    theirs.write_text('{"examples": [{"input_ids": [4')  # another rank, halfway through
+    load_examples(path, "auto", "causal_lm", TOK, 8, cache_dir=str(tmp_path / "cache"))
+    assert theirs.read_text() == '{"examples": [{"input_ids": [4'
+    assert json.loads(cache.read_text())["examples"] == first.examples

@@ -183,13 +183,13 @@ def compare(config: str | Path | RunConfig, methods: list[str], out_dir: str | P
 def _run_isolated(cfg: RunConfig, run_dir: Path) -> dict[str, Any]:
     run_dir.mkdir(parents=True, exist_ok=True)
     cfg_path, result_path = run_dir / "compare_config.yaml", run_dir / "compare_result.json"
-    cfg_path.write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+    write_text_atomic(cfg_path, yaml.safe_dump(cfg.to_dict(), sort_keys=False))
     result_path.unlink(missing_ok=True)
     proc = subprocess.run([sys.executable, "-m", "peftkit.train.compare", "--child", str(cfg_path), str(result_path)],
                           capture_output=True, text=True, check=False, env=os.environ.copy())
     if proc.returncode != 0 or not result_path.is_file():
         log = run_dir / "compare_error.log"  # the whole output; the table shows the error's last line
-        log.write_text(proc.stdout + proc.stderr)
+        write_text_atomic(log, proc.stdout + proc.stderr)
         lines = (proc.stderr or proc.stdout).strip().splitlines()
         return {"error": lines[-1] if lines else f"exit status {proc.returncode}", "log": str(log)}
     return json.loads(result_path.read_text())  # type: ignore[no-any-return]

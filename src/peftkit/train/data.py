@@ -32,6 +32,7 @@ from pathlib import Path
 from typing import Any
 
 from peftkit.errors import ConfigError, require
+from peftkit.io.atomic import write_text_atomic
 from peftkit.train.tokenizer import Tokenizer
 
 Example = dict[str, Any]
@@ -301,10 +302,8 @@ def load_examples(
     if not examples:
         raise ConfigError(f"data file {str(p)!r} yielded no usable examples ({skipped} malformed rows skipped)")
     if cache is not None:
-        cache.parent.mkdir(parents=True, exist_ok=True)
-        tmp = cache.with_suffix(".tmp")
-        tmp.write_text(json.dumps({"examples": examples, "skipped": skipped}))
-        tmp.replace(cache)
+        # A temporary file of its own: every rank of a distributed run may write the same cache at once.
+        write_text_atomic(cache, json.dumps({"examples": examples, "skipped": skipped}))
     return LoadedData(examples, skipped, labels)
 
 

@@ -20,6 +20,7 @@ from typing import Any
 import torch
 
 from peftkit.errors import MissingDependencyError
+from peftkit.io.atomic import write_atomic
 from peftkit.train.config import config_from_dict
 from peftkit.train.data import load_examples
 from peftkit.train.evaluate import evaluate
@@ -59,11 +60,13 @@ def tweets(train_size: int, eval_size: int, seed: int = 0) -> tuple[list[dict[st
 
 
 def _write_csv(rows: list[dict[str, str]], path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with path.open("w", encoding="utf-8", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=["text", "label"])
-        w.writeheader()
-        w.writerows(rows)
+    def write(tmp: Path) -> None:
+        with tmp.open("w", encoding="utf-8", newline="") as f:
+            w = csv.DictWriter(f, fieldnames=["text", "label"])
+            w.writeheader()
+            w.writerows(rows)
+
+    write_atomic(path, write)
 
 
 def demo_config(out: Path, epochs: float) -> dict[str, Any]:
