@@ -38,7 +38,8 @@ from peftkit.errors import CheckpointError
 from peftkit.methods.adalora_state import adalora_adapters, allocator_states, load_allocator_states
 
 _STEP = re.compile(r"^step-(\d+)$")
-#: What :func:`staged` and :func:`publish` leave behind when the process dies mid-save (``token`` is 8 hex digits).
+#: What :func:`staged` and :func:`publish` leave behind in a run's ``save_dir`` when the process dies mid-save of a
+#: ``step-N`` or of ``final`` (the token is 8 hex digits).
 _STALE = re.compile(r"^\.(tmp|old)-(step-\d+|final)-[0-9a-f]{8}$")
 STATE_FILE = "trainer_state.json"
 ALLOCATOR_TENSORS, ALLOCATOR_META = "adalora.safetensors", "adalora.json"
@@ -110,7 +111,8 @@ def staged(final: Path, keep_last: int, token: str | None = None, owner: bool = 
     on an exception it is removed, leaving the previous checkpoints as they were.
 
     Args:
-        final: the checkpoint directory (``<save_dir>/step-<N>``); its parent is created.
+        final: the directory to publish (``<save_dir>/step-<N>``, ``<save_dir>/final``, a merged model); its parent
+            is created.
         keep_last: keep this many newest checkpoints (0: all).
         token: makes the temporary names unique (default: a random one); every rank of a run passes the same.
         owner: whether this process creates, publishes and removes the directory (rank 0 alone, when
