@@ -150,7 +150,8 @@ def test_merge_replaces_its_output_whole_and_a_failed_merge_keeps_the_previous(r
     run = _train(run_config(train={"max_steps": 1}))
     out = tmp_path / "merged"
     out.mkdir()
-    (out / "model-00001-of-00002.safetensors").write_bytes(b"an earlier, sharded export")
+    (out / "config.json").write_text("{}")  # an earlier, sharded export
+    (out / "model-00001-of-00002.safetensors").write_bytes(b"shard")
     merge_checkpoint(run / "final", out)
     before = {p.name: p.read_bytes() for p in out.iterdir()}
     assert "model.safetensors" in before and "model-00001-of-00002.safetensors" not in before
@@ -166,10 +167,17 @@ def test_merge_replaces_its_output_whole_and_a_failed_merge_keeps_the_previous(r
     assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".")) == []
 
 
-def test_merge_into_a_directory_holding_the_checkpoint_is_refused(run_config, tmp_path):
+def test_merge_into_a_directory_it_would_wipe_is_refused(run_config, tmp_path):
     from peftkit.errors import ConfigError
 
     run = _train(run_config(train={"max_steps": 1}))
-    with pytest.raises(ConfigError, match=r"--out '.*run' holds the checkpoint or the working directory"):
+    with pytest.raises(ConfigError, match=r"--out '.*run' holds the checkpoint, the base model or the working "
+                                          r"directory, and is replaced whole"):
         merge_checkpoint(run / "final", run)
     assert (run / "final" / "adapter_model.safetensors").is_file()
+    mine = tmp_path / "models"
+    (mine / "other-model").mkdir(parents=True)
+    (mine / "notes.txt").write_text("keep me")
+    with pytest.raises(ConfigError, match=r"--out '.*models' holds files but no model \(config.json\)"):
+        merge_checkpoint(run / "final", mine)
+    assert (mine / "notes.txt").read_text() == "keep me" and (mine / "other-model").is_dir()

@@ -126,23 +126,39 @@ def run_labels(path: str | Path, cfg: RunConfig) -> list[str]:
     return infer_labels(Path(cfg.data.train)) if cfg.data.train and Path(cfg.data.train).exists() else []
 
 
+def _merge_target(out_dir: str | Path, path: str | Path, cfg: RunConfig) -> Path:
+    """``--out`` as an absolute path, checked before any work: it is replaced whole by the merged model.
+
+    Raises:
+        ConfigError: it is the checkpoint, holds it, the base model or the working directory, or holds files
+            but no model (``config.json``).
+    """
+    target, source = Path(out_dir).resolve(), Path(path).resolve()
+    if target == source:
+        raise ConfigError(f"--out {str(out_dir)!r} is the checkpoint itself; write the merged model to another "
+                          "directory")
+    kept = [source, Path.cwd()]
+    if isinstance(cfg.checkpoint.pretrained, str):
+        kept.append(Path(cfg.checkpoint.pretrained).resolve())
+    if any(target == p or target in p.parents for p in kept):
+        raise ConfigError(f"--out {str(out_dir)!r} holds the checkpoint, the base model or the working directory, "
+                          "and is replaced whole by the merged model; write it to a directory of its own")
+    if target.is_dir() and any(target.iterdir()) and not (target / "config.json").is_file():
+        raise ConfigError(f"--out {str(out_dir)!r} holds files but no model (config.json), and is replaced whole by "
+                          "the merged model; choose a new or empty directory, or an earlier merged model's")
+    return target
+
+
 def merge_checkpoint(path: str | Path, out_dir: str | Path, overrides: list[str] | None = None) -> Path:
     """Fold a checkpoint's adapter into its base and save a plain ``transformers`` model directory.
 
     ``out_dir`` is written whole into a temporary directory beside it and then renamed into place, replacing
-    what it held before.
+    what it held before (an earlier merged model; see :func:`_merge_target` for what is refused).
     """
     import peftkit as pk
 
     cfg = checkpoint_config(path, overrides)
-    target, source, cwd = Path(out_dir).resolve(), Path(path).resolve(), Path.cwd()
-    if target == source:
-        raise ConfigError(f"--out {str(out_dir)!r} is the checkpoint itself; write the merged model to another "
-                          "directory")
-    if target in (cwd, *cwd.parents, *source.parents):  # --out is replaced whole
-        raise ConfigError(f"--out {str(out_dir)!r} holds the checkpoint or the working directory, and is replaced "
-                          "whole by the merged model; write it to a directory of its own")
-    out = output_dir(target, "--out")
+    out = output_dir(_merge_target(out_dir, path, cfg), "--out")
     tok = build_tokenizer(cfg)
     labels = run_labels(path, cfg)
     model = _checkpoint_model(path, cfg, tok, len(labels), adapted=True)
