@@ -96,14 +96,15 @@ def test_quantized_weights_still_count_as_parameters(bits: int) -> None:
     assert pk.count_parameters(model) == (lora, total + lora)
 
 
-@pytest.mark.parametrize("targets", [["c_attn", "c_proj", "c_fc"], "all-linear", ["c_attn", "wte"]])
+@pytest.mark.parametrize("targets", [["c_attn", "c_proj", "c_fc"], "all-linear", ["c_attn", "wte"], None])
 def test_estimate_counts_the_layers_lora_adapts_on_gpt2(targets) -> None:
-    """GPT-2's projections are ``Conv1D`` (weight stored in × out) and its embeddings can carry LoRA too."""
+    """GPT-2's projections are ``Conv1D`` (weight stored in × out) and its embeddings can carry LoRA too; without
+    targets, the estimate and pk.LoRA() both take GPT-2's default (``c_attn``)."""
     config = transformers.GPT2Config(vocab_size=96, n_embd=32, n_layer=2, n_head=2, n_positions=64)
     with torch.device("meta"):
         meta = transformers.GPT2LMHeadModel(config)
     estimate = estimate_training_memory(meta, method="lora", rank=4, target_modules=targets)
-    model = pk.apply(transformers.GPT2LMHeadModel(config), pk.LoRA(target_modules=targets, rank=4))
+    model = pk.apply(transformers.GPT2LMHeadModel(config), pk.LoRA(target_modules=targets or (), rank=4))
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     assert estimate.trainable_params == trainable == memory_report(model).trainable_params > 0
     assert estimate.optimizer == 8 * trainable

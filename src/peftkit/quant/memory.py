@@ -149,7 +149,8 @@ def estimate_training_memory(
         target_modules: the layers carrying adapters (names, globs or ``"all-linear"``, as in ``target_modules``;
             a str is one pattern), each of which must match a layer LoRA adapts (``nn.Linear``, GPT-2's ``Conv1D``,
             ``nn.Embedding``, ``nn.Conv*d``, ...), counted as ``pk.apply(model, pk.LoRA(...))`` would add it.
-            Default: Llama's attention and MLP projections (``q_proj`` … ``down_proj``), those the model has.
+            Default: Llama's attention and MLP projections (``q_proj`` … ``down_proj``), those the model has; on a
+            model with none of them, what ``pk.LoRA()`` adapts on its architecture (GPT-2: ``c_attn``), else none.
         dtype: the base's float format: ``"fp16"``, ``"bf16"`` or ``"fp32"``.
         skip: linear layers a QLoRA base keeps in ``dtype`` (the output head by default).
 
@@ -164,6 +165,10 @@ def estimate_training_memory(
     if target_modules is None:
         names = {n.rsplit(".", 1)[-1] for n, m in model.named_modules() if linear_kind(m) is not None}
         targets = [t for t in _DEFAULT_TARGETS if t in names]
+        if not targets:  # not Llama-like: what pk.LoRA() adapts on this architecture, if it has defaults
+            from peftkit.methods.default_targets import LORA_TARGETS, model_type
+
+            targets = list(LORA_TARGETS.get(model_type(model) or "", ()))
     else:
         targets = [target_modules] if isinstance(target_modules, str) else list(target_modules)
     skip = [skip] if isinstance(skip, str) else list(skip)
