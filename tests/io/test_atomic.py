@@ -32,3 +32,33 @@ def test_a_plot_is_saved_as_png_although_its_temporary_name_has_another_suffix(t
     save_figure(fig, tmp_path / "loss.png")
     plt.close(fig)
     assert (tmp_path / "loss.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_a_save_that_fails_on_its_second_adapter_leaves_every_previous_file(tmp_path, monkeypatch):
+    import torch
+    from torch import nn
+
+    import peftkit as pk
+    from peftkit.io import hf_format
+
+    model = nn.Sequential(nn.Linear(4, 4), nn.ReLU(), nn.Linear(4, 2))
+    pk.apply(model, pk.LoRA(target_modules=["0"], rank=2))
+    pk.apply(model, pk.LoRA(target_modules=["2"], rank=2), name="other")
+    pk.save_adapter(model, tmp_path)
+    before = {p.relative_to(tmp_path): p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()}
+    assert Path("other/adapter_model.safetensors") in before
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(1.0)
+    real, calls = hf_format.save_file, []
+
+    def disk_full(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:
+            raise OSError("No space left on device")
+        real(*args, **kwargs)
+
+    monkeypatch.setattr(hf_format, "save_file", disk_full)
+    with pytest.raises(OSError, match="No space left"):
+        pk.save_adapter(model, tmp_path)
+    assert {p.relative_to(tmp_path): p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()} == before

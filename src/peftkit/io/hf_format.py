@@ -12,6 +12,7 @@ errors, and the model is left exactly as it was.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
@@ -32,7 +33,7 @@ from peftkit.core.registry import METHODS, is_fan_in_fan_out
 from peftkit.core.state import adapter_layers, get_state
 from peftkit.core.walk import iter_modules
 from peftkit.errors import AdapterNotFoundError, CheckpointError, ConfigError, ShapeMismatchError
-from peftkit.io.atomic import write_atomic, write_text_atomic
+from peftkit.io.atomic import atomic_path
 
 logger = logging.getLogger("peftkit")
 
@@ -88,7 +89,8 @@ def save_adapter(
     model: nn.Module, directory: str | Path, name: str | Sequence[str] | None = None, *, layout: str | None = None,
     convert_to_lora: bool = False,
 ) -> None:
-    """Write adapters in HF PEFT's layout; each file is replaced atomically.
+    """Write adapters in HF PEFT's layout, atomically: every file is complete before any replaces its old version
+    (``adapter_config.json`` last), so a save that fails leaves the previous files as they were.
 
     Args:
         model: a model adapted with ``pk.apply`` or ``pk.load_adapter``.
@@ -135,8 +137,12 @@ def save_adapter(
             from peftkit.methods.convert import export_adapter
 
             outputs.append((target, *export_adapter(model, n, layout)))
-    for n, (target, config, state) in zip(names, outputs, strict=True):
-        _write(target, *_with_task_heads(model, n, config, state))
+    stale: list[Path] = []
+    with contextlib.ExitStack() as files:  # every file is complete before any replaces its old version
+        for n, (target, config, state) in zip(names, outputs, strict=True):
+            stale += _stage(files, target, *_with_task_heads(model, n, config, state))
+    for path in stale:
+        path.unlink(missing_ok=True)
 
 
 def _with_task_heads(
@@ -166,7 +172,10 @@ def _with_task_heads(
     return {**config, "modules_to_save": listed or None}, state
 
 
-def _write(directory: Path, config: dict[str, Any], state: dict[str, torch.Tensor]) -> None:
+def _stage(files: contextlib.ExitStack, directory: Path, config: dict[str, Any],
+           state: dict[str, torch.Tensor]) -> list[Path]:
+    """Write an adapter's files to temporary files in ``directory``, each replacing its old version when ``files``
+    closes (``adapter_config.json`` last; none if the block raises); returns the stale files to remove then."""
     directory.mkdir(parents=True, exist_ok=True)
     # safetensors refuses tensors that share storage (performant LoRA's one A across q/k/v): copy only those.
     tensors: dict[str, torch.Tensor] = {}
@@ -179,18 +188,18 @@ def _write(directory: Path, config: dict[str, Any], state: dict[str, torch.Tenso
         else:
             storages.add(storage)
         tensors[key] = tensor
-    meta = {"format": "pt"}
-    write_atomic(directory / WEIGHTS_NAME, lambda tmp: save_file(tensors, str(tmp), metadata=meta))
     config = dict(config)
     ours = config.pop("peftkit", None)  # HF PEFT warns about keys it does not know: they get a file of their own
     text = json.dumps(config, indent=2, sort_keys=True) + "\n"
+    # Entered first, so replaced last: the config is what makes the directory an adapter.
+    files.enter_context(atomic_path(directory / CONFIG_NAME)).write_text(text, encoding="utf-8")
     if ours:
         # Bound to this adapter_config.json: HF PEFT saving another adapter here later leaves this file behind.
         side = {"adapter_config_sha256": hashlib.sha256(text.encode()).hexdigest(), "settings": ours}
-        write_text_atomic(directory / PEFTKIT_NAME, json.dumps(side, indent=2, sort_keys=True) + "\n")
-    else:
-        (directory / PEFTKIT_NAME).unlink(missing_ok=True)  # from an earlier save of another adapter
-    write_text_atomic(directory / CONFIG_NAME, text)
+        files.enter_context(atomic_path(directory / PEFTKIT_NAME)).write_text(
+            json.dumps(side, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+    save_file(tensors, str(files.enter_context(atomic_path(directory / WEIGHTS_NAME))), metadata={"format": "pt"})
+    return [] if ours else [directory / PEFTKIT_NAME]  # from an earlier save of another adapter
 
 
 def read_config(directory: str | Path) -> dict[str, Any]:
