@@ -158,3 +158,23 @@ def test_an_adapter_leaving_the_head_to_the_base_model_loads_in_hf_peft(method: 
         assert torch.allclose(back(**INPUTS).logits, expected, atol=1e-5)
         assert torch.allclose(again(**INPUTS).logits, expected, atol=1e-5)
     assert pk.list_adapters(model) == ["default"] and isinstance(model.classifier, nn.Linear)  # saving changed nothing
+
+
+def test_two_adapters_with_their_own_head_cannot_be_active_together() -> None:
+    # One copy computes the head's output; activating both would silently ignore the second's (HF PEFT refuses too).
+    model = pk.apply(build("bert"), METHODS["lora"][0]())
+    pk.apply(model, METHODS["lora"][0](), name="other")
+    pk.apply(model, pk.LoRA(target_modules=["key"], rank=2, modules_to_save=["bert.pooler.dense"]), name="pooler")
+    _randomize(model)
+    before = model(**INPUTS).logits
+    with pytest.raises(pk.errors.AdapterStateError, match=r"\['default', 'other'\].*classifier"):
+        pk.set_adapter(model, ["default", "other"])
+    assert pk.active_adapters(model) == ["default"]
+    assert torch.equal(model(**INPUTS).logits, before)
+    hf = peft.get_peft_model(build("bert"), METHODS["lora"][1](task_type="SEQ_CLS"))
+    hf.add_adapter("other", METHODS["lora"][1](task_type="SEQ_CLS"))
+    with pytest.raises(ValueError, match="Only one adapter"):
+        hf.base_model.set_adapter(["default", "other"])
+    pk.set_adapter(model, ["default", "pooler"])  # different modules: both copies compute
+    assert model.bert.pooler.dense.current() is model.bert.pooler.dense.copies["pooler"]
+    assert model.classifier.current() is model.classifier.copies["default"]

@@ -170,9 +170,10 @@ class AdapterLayer(nn.Module):
         """The change adapter ``name`` makes to the base weight, in the base weight's orientation."""
         raise MergeError(f"{type(self).__name__} adapters cannot be folded into a weight")
 
-    def check_active(self, names: Sequence[str]) -> None:
+    def check_active(self, names: Sequence[str], where: str = "") -> None:
         """Raise ``AdapterStateError`` if adapters ``names`` (those of them this layer holds) cannot be active
-        together here. ``set_adapter`` calls it for every layer before anything changes."""
+        together here (``where``: this layer's name, for the message). ``set_adapter`` calls it for every layer
+        before anything changes."""
 
     def check_merge(self, names: Sequence[str], where: str = "") -> None:
         """Raise ``MergeError`` if merging adapters ``names`` must fail (``where``: this layer's name, for the

@@ -8,11 +8,13 @@ no active adapter has a copy. On disk the copy is saved under the module's own p
 from __future__ import annotations
 
 import copy
+from collections.abc import Sequence
 from typing import Any
 
 from torch import nn
 
 from peftkit.core.layer import AdapterLayer
+from peftkit.errors import AdapterStateError
 
 
 class ModulesToSave(AdapterLayer):
@@ -28,6 +30,16 @@ class ModulesToSave(AdapterLayer):
         duplicate = copy.deepcopy(self.base_layer)
         duplicate.requires_grad_(True)
         self.copies[name] = duplicate
+
+    def check_active(self, names: Sequence[str], where: str = "") -> None:
+        # One copy computes the module's output: a second adapter's copy would be silently ignored (HF PEFT refuses
+        # the same combination).
+        if len(names) > 1:
+            raise AdapterStateError(
+                f"adapters {list(names)} each train their own copy of {where or type(self.base_layer).__name__} "
+                "(modules_to_save), and only one copy can compute its output; activate one of them with "
+                "pk.set_adapter"
+            )
 
     def current(self) -> nn.Module:
         """The module ``forward`` uses: the first active adapter's copy, else the original."""

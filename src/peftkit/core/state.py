@@ -73,14 +73,16 @@ def set_adapter(model: nn.Module, names: str | Sequence[str]) -> None:
     """Make ``names`` the active adapters (several are summed); only their parameters stay trainable.
 
     Raises:
-        AdapterNotFoundError: a name is not an adapter of ``model``. AdapterStateError: adapters that cannot be
-            active together (trainable tokens replacing the same row); nothing is changed.
+        AdapterNotFoundError: a name is not an adapter of ``model``.
+            AdapterStateError: adapters that cannot be active together (trainable tokens replacing the same row,
+            two copies of one ``modules_to_save`` module). Nothing is changed.
     """
     wanted = [names] if isinstance(names, str) else list(names)
     _check_names(model, wanted)
-    layers = [layer for _, layer in adapter_layers(model)]
-    for layer in layers:
-        layer.check_active([n for n in wanted if layer.has_adapter(n)])
+    named = list(adapter_layers(model))
+    for qualname, layer in named:
+        layer.check_active([n for n in wanted if layer.has_adapter(n)], qualname)
+    layers = [layer for _, layer in named]
     state = get_state(model)
     state.active = wanted
     for layer in layers:

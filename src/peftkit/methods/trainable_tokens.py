@@ -113,7 +113,7 @@ class TrainableTokensLayer(AdapterLayer):
                     )
                 seen[index] = name
 
-    def check_active(self, names: Sequence[str]) -> None:
+    def check_active(self, names: Sequence[str], where: str = "") -> None:
         self._check_disjoint([*names, *self.merged_adapters])
 
     def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
