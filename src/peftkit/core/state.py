@@ -10,7 +10,7 @@ from torch import nn
 
 from peftkit.core.config import AdapterConfig
 from peftkit.core.layer import AdapterLayer
-from peftkit.errors import AdapterNotFoundError
+from peftkit.errors import AdapterNotFoundError, ConfigError
 
 _ATTR = "_peftkit_state"
 
@@ -51,7 +51,9 @@ def adapter_layers(model: nn.Module) -> Iterator[tuple[str, AdapterLayer]]:
 
 def _check_names(model: nn.Module, names: Sequence[str]) -> None:
     known = get_state(model).configs
-    for name in names:
+    for i, name in enumerate(names):
+        if name in names[:i]:  # a second mention would add the update twice in forward but fold it in once
+            raise ConfigError(f"adapter {name!r} is named twice in {list(names)}; name each adapter once")
         if name not in known:
             raise AdapterNotFoundError(
                 f"no adapter named {name!r} on this model; its adapters are {sorted(known) or 'none'}. "
@@ -73,7 +75,7 @@ def set_adapter(model: nn.Module, names: str | Sequence[str]) -> None:
     """Make ``names`` the active adapters (several are summed); only their parameters stay trainable.
 
     Raises:
-        AdapterNotFoundError: a name is not an adapter of ``model``.
+        AdapterNotFoundError: a name is not an adapter of ``model``. ConfigError: a name given twice.
             AdapterStateError: adapters that cannot be active together (trainable tokens replacing the same row,
             two copies of one ``modules_to_save`` module). Nothing is changed.
     """

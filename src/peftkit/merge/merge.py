@@ -29,9 +29,9 @@ def merge(model: nn.Module, names: str | Sequence[str] | None = None, safe: bool
             every merged weight for NaN/Inf before writing it.
 
     Raises:
-        AdapterNotFoundError: an unknown name. MergeError: a non-finite delta with ``safe``, a method
-            that cannot be merged, or a LoRA adapter with ``lora_bias`` on a base layer without a bias (then
-            nothing is merged).
+        AdapterNotFoundError: an unknown name. ConfigError: a name given twice. MergeError: a non-finite delta
+            with ``safe``, a method that cannot be merged, or a LoRA adapter with ``lora_bias`` on a base layer
+            without a bias (then nothing is merged).
     """
     state = get_state(model)
     if not state.configs:
