@@ -12,7 +12,7 @@ import peftkit as pk
 from peftkit.core.state import adapter_layers
 from peftkit.methods.dora import DoRAEmbedding, DoRALinear, row_norms
 
-from models import build, perturb_dora
+from models import ARCHS, build, perturb_dora, randomize_adapters, run
 
 IDS = torch.randint(0, 96, (2, 6), generator=torch.Generator().manual_seed(5))
 # Llama: linear layers and the token embedding; GPT-2: Conv1D (fan_in_fan_out) layers.
@@ -154,3 +154,56 @@ def test_embedding_magnitude_is_per_dimension() -> None:
     layer = model.model.embed_tokens
     assert layer.lora_magnitude_vector["default"].shape == (32,)
     torch.testing.assert_close(layer.lora_magnitude_vector["default"], layer.base_layer.weight.norm(dim=0))
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2", "convnet"])
+@pytest.mark.parametrize("order", [["lora", "dora"], ["dora", "lora"]])
+def test_a_dora_adapter_active_beside_lora_merges_to_the_same_outputs(arch: str, order: list[str]) -> None:
+    # A DoRA update depends on the weight it is computed from: it merges first, whatever the active order.
+    targets = ARCHS[arch].targets
+    model = pk.apply(build(arch), pk.LoRA(target_modules=targets, rank=2, alpha=4), name="lora")
+    pk.apply(model, pk.DoRA(target_modules=targets[:3], rank=2, alpha=3), name="dora")
+    randomize_adapters(model, seed=1)
+    weights = {k: v.clone() for k, v in model.state_dict().items() if "base_layer" in k}
+    with torch.no_grad():
+        pk.set_adapter(model, "lora")
+        lora_only = run(model, arch)
+        pk.set_adapter(model, order)
+        both = run(model, arch)
+        pk.merge(model)
+        torch.testing.assert_close(run(model, arch), both, rtol=0, atol=1e-5)
+        with pk.disable_adapters(model):
+            pass
+        torch.testing.assert_close(run(model, arch), both, rtol=0, atol=1e-5)
+        pk.unmerge(model)
+        for key, value in model.state_dict().items():
+            if key in weights:
+                torch.testing.assert_close(value, weights[key], rtol=0, atol=1e-4)  # fp32 round-off, /g
+        pk.merge(model)
+        pk.delete_adapter(model, "dora")  # unmerged although merged before the LoRA adapter
+        torch.testing.assert_close(run(model, arch), lora_only, rtol=0, atol=1e-5)
+
+
+def test_two_active_dora_adapters_on_a_layer_are_not_merged() -> None:
+    # Each computes its update from the unmerged weight; merged in turn, the second would build on the first.
+    model = pk.apply(build("llama"), pk.DoRA(target_modules=TARGETS["llama"], rank=2), name="a")
+    pk.apply(model, pk.DoRA(target_modules=["v_proj"], rank=2), name="b")
+    pk.apply(model, pk.LoRA(target_modules=["v_proj"], rank=2), name="c")
+    randomize_adapters(model, seed=2)
+    pk.set_adapter(model, ["a", "b"])
+    weights = {k: v.clone() for k, v in model.state_dict().items()}
+    with torch.no_grad():
+        both = model(IDS).logits
+        for attempt in (lambda: pk.merge(model), lambda: pk.merge(model, "a"), lambda: pk.unload(model)):
+            with pytest.raises(pk.errors.MergeError, match=r"model.layers.0.self_attn.v_proj: DoRA adapter\(s\) "
+                                                           r"\['a', 'b'\].*nothing was merged"):
+                attempt()
+            assert all(torch.equal(v, weights[k]) for k, v in model.state_dict().items())
+        assert not any(layer.merged_adapters for _, layer in adapter_layers(model))
+        pk.merge(model, "c")  # an inactive adapter: a deliberate change, which the active ones build on
+        pk.unmerge(model)
+        torch.testing.assert_close(model(IDS).logits, both, rtol=0, atol=1e-5)
+        pk.set_adapter(model, ["a", "c"])
+        expected = model(IDS).logits
+        pk.merge(model)
+        torch.testing.assert_close(model(IDS).logits, expected, rtol=0, atol=1e-5)

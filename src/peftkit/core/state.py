@@ -111,7 +111,7 @@ def disable_adapters(model: nn.Module) -> Iterator[None]:
     try:
         yield
     finally:
-        for layer in layers:
-            layer.disabled = previous[id(layer)]
+        for layer in layers:  # merged again while disabled: in their old order, whatever is active
             if merged[id(layer)]:
                 layer.merge(merged[id(layer)])
+            layer.disabled = previous[id(layer)]

@@ -30,8 +30,9 @@ def merge(model: nn.Module, names: str | Sequence[str] | None = None, safe: bool
 
     Raises:
         AdapterNotFoundError: an unknown name. ConfigError: a name given twice. MergeError: a non-finite delta
-            with ``safe``, a method that cannot be merged, or a LoRA adapter with ``lora_bias`` on a base layer
-            without a bias (then nothing is merged).
+            with ``safe``, a method that cannot be merged, a LoRA adapter with ``lora_bias`` on a base layer without
+            a bias, or active adapters beside which a DoRA adapter would compute from a changed weight (then nothing
+            is merged).
     """
     state = get_state(model)
     if not state.configs:

@@ -19,6 +19,7 @@ import torch
 from torch import nn
 
 from peftkit.core.registry import DEQUANTIZERS
+from peftkit.errors import MergeError
 from peftkit.methods.lora_layers import LoRALayer
 
 
@@ -181,13 +182,38 @@ class _DoRAMixin(LoRALayer):
         factor = self._dora_factor(name, self._channel_norms(combined)).to(W.dtype)
         return self._per_row(factor) * combined - W
 
+    def check_merge(self, names: Sequence[str], where: str = "") -> None:
+        """Also refuse a merge that would change what a DoRA adapter computed in ``forward`` sees.
+
+        A DoRA adapter's update depends on the base weight (its norm and ``(g−1)·Wx``), so once another adapter is
+        merged into that weight the adapter computes something else. Merging active adapters keeps the outputs only
+        if the layer's one applied DoRA adapter merges first (``merge`` orders it so) and none stays applied beside
+        the merge. (Merging an inactive adapter changes the outputs on purpose: applied ones then build on it.)
+        """
+        super().check_merge(names, where)
+        applied = self._applied()
+        todo = [n for n in names if n not in self.merged_adapters and self.has_adapter(n)]
+        dora = [n for n in applied if n in self.lora_magnitude_vector]
+        if set(todo) & set(applied) and dora and not (len(dora) == 1 and dora[0] in todo):
+            raise MergeError(
+                f"at {where or type(self.base_layer).__name__}: DoRA adapter(s) {dora} compute their update from "
+                f"the base weight, which merging {todo} changes, so the merged layer would compute other outputs "
+                "than it does now; nothing was merged. Merge each layer's one active DoRA adapter together with "
+                "the adapters active beside it (activate one DoRA adapter with pk.set_adapter), or keep them unmerged"
+            )
+
     def merge(self, names: Sequence[str], safe: bool = False, where: str = "") -> None:
-        self.check_merge(names, where)  # a plain LoRA adapter's lora_bias needs a base bias
+        self.check_merge(names, where)  # lora_bias needs a base bias; DoRA adapters and what merges beside them
+        todo = [n for n in names if n not in self.merged_adapters and self.has_adapter(n)]
+        applied = self._applied()
+        # An applied DoRA adapter first: it is computed from the unmerged weight, the others are not.
+        todo.sort(key=lambda n: not (n in applied and n in self.lora_magnitude_vector))
+        self._merge_in_order(todo, safe, where)
+
+    def _merge_in_order(self, names: Sequence[str], safe: bool = False, where: str = "") -> None:
         for name in names:
-            if name in self.merged_adapters or not self.has_adapter(name):
-                continue
             if name not in self.lora_magnitude_vector:
-                super().merge([name], safe, where)
+                super()._merge_one(name, safe, where)
                 continue
             W = self._dora_working_weight()
             combined = W + super().delta_weight(name).to(W.dtype)  # the LoRA update s·BA, in W's shape
@@ -201,7 +227,13 @@ class _DoRAMixin(LoRALayer):
             self.merged_adapters.append(name)
 
     def unmerge(self, names: Sequence[str] | None = None) -> None:
-        for name in [n for n in reversed(self.merged_adapters) if names is None or n in names]:
+        # A DoRA merge scales the weight it finds, so adapters come out in the reverse of the merge order: those
+        # merged after the first one named come out too, and go back in afterwards.
+        wanted = [n for n in self.merged_adapters if names is None or n in names]
+        if not wanted:
+            return
+        later = self.merged_adapters[self.merged_adapters.index(wanted[0]):]
+        for name in reversed(later):
             if name not in self._merge_norms:
                 super().unmerge([name])
                 continue
@@ -210,3 +242,4 @@ class _DoRAMixin(LoRALayer):
             self._write_unmerged(name, W / factor - super().delta_weight(name).to(W.dtype))
             self._forget_norms()
             self.merged_adapters.remove(name)
+        self._merge_in_order([n for n in later if n not in wanted])

@@ -179,16 +179,20 @@ class LoRALayer(AdapterLayer):
         for name in names:
             if name in self.merged_adapters or not self.has_adapter(name):
                 continue
-            base = self._working_weight()
-            merged = base + self.delta_weight(name).to(base.dtype)
-            bias = self._shifted_bias(name, 1.0)
-            if safe:
-                self.check_finite(merged, where or type(self.base_layer).__name__, name)
-                if bias is not None:
-                    self.check_finite(bias, where or type(self.base_layer).__name__, name)
-            self._write_merged(name, merged, where)
-            self._write_bias(bias)
-            self.merged_adapters.append(name)
+            self._merge_one(name, safe, where)
+
+    def _merge_one(self, name: str, safe: bool, where: str) -> None:
+        """Fold adapter ``name`` (checked, not merged yet) into the base weight."""
+        base = self._working_weight()
+        merged = base + self.delta_weight(name).to(base.dtype)
+        bias = self._shifted_bias(name, 1.0)
+        if safe:
+            self.check_finite(merged, where or type(self.base_layer).__name__, name)
+            if bias is not None:
+                self.check_finite(bias, where or type(self.base_layer).__name__, name)
+        self._write_merged(name, merged, where)
+        self._write_bias(bias)
+        self.merged_adapters.append(name)
 
     def unmerge(self, names: Sequence[str] | None = None) -> None:
         todo = [n for n in reversed(self.merged_adapters) if names is None or n in names]
