@@ -10,6 +10,7 @@ import copy
 
 import pytest
 import torch
+from torch import nn
 
 import peftkit as pk
 from peftkit.core.state import adapter_layers
@@ -155,3 +156,24 @@ def test_half_precision_base_with_fp32_adapters_rounds_once_as_hf_peft(arch: str
         expected = run(hf, arch)
         assert expected.dtype == torch.bfloat16
         assert torch.equal(run(ours, arch), expected)
+
+
+@pytest.mark.parametrize("method", [pk.LoRA, pk.DoRA])
+def test_an_update_to_a_weight_tied_to_another_module_is_not_merged(method: type[pk.LoRA]) -> None:
+    # GPT-2's lm_head uses the token embedding's weight: merging would change the head's outputs too.
+    model = pk.apply(build("gpt2"), method(target_modules=["wte", "c_attn"], rank=2))
+    randomize_adapters(model)
+    weights = {k: v.clone() for k, v in model.state_dict().items()}
+    for attempt in (lambda: pk.merge(model), lambda: pk.unload(model)):
+        with pytest.raises(pk.errors.MergeError, match=r"transformer.wte .*\['lm_head.weight'\].*nothing was merged"):
+            attempt()
+        assert all(torch.equal(v, weights[k]) for k, v in model.state_dict().items())
+    assert pk.list_adapters(model) == ["default"]
+    untied = build("gpt2")
+    untied.lm_head.weight = nn.Parameter(untied.lm_head.weight.detach().clone())
+    pk.apply(untied, method(target_modules=["wte", "c_attn"], rank=2))
+    randomize_adapters(untied)
+    with torch.no_grad():
+        expected = run(untied, "gpt2")
+        pk.merge(untied)
+        assert rel_err(run(untied, "gpt2"), expected) <= 1e-5

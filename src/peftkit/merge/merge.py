@@ -18,6 +18,7 @@ from peftkit.core.state import _check_names, adapter_layers, get_state
 from peftkit.core.walk import set_module
 from peftkit.errors import AdapterNotFoundError, MergeError
 from peftkit.methods import lora_replication as replication
+from peftkit.methods.lora_layers import LoRALayer
 
 
 def merge(model: nn.Module, names: str | Sequence[str] | None = None, safe: bool = False) -> nn.Module:
@@ -31,8 +32,8 @@ def merge(model: nn.Module, names: str | Sequence[str] | None = None, safe: bool
     Raises:
         AdapterNotFoundError: an unknown name. ConfigError: a name given twice. MergeError: a non-finite delta
             with ``safe``, a method that cannot be merged, a LoRA adapter with ``lora_bias`` on a base layer without
-            a bias, or active adapters beside which a DoRA adapter would compute from a changed weight (then nothing
-            is merged).
+            a bias, active adapters beside which a DoRA adapter would compute from a changed weight, or a LoRA update
+            to a weight other modules use too, such as tied embeddings (then nothing is merged).
     """
     state = get_state(model)
     if not state.configs:
@@ -73,10 +74,34 @@ def _checked_merge(model: nn.Module, names: Sequence[str], *, untie: bool = Fals
     layers = [(q, layer, held) for q, layer, held in layers if held]
     for qualname, layer, held in layers:
         layer.check_merge(held, where=qualname)
+    _check_unshared(model, layers)
     if untie:
         replication.untie(model)
     replication.check_merge(model, [(q, held) for q, _, held in layers])
     return layers
+
+
+def _check_unshared(model: nn.Module, layers: Sequence[tuple[str, AdapterLayer, list[str]]]) -> None:
+    """Refuse folding a LoRA update into a base weight that modules outside its layer use too (an output head tied
+    to the input embeddings): their outputs would change with it, where the unmerged adapter changes only its own
+    layer. Blocks repeated by ``layer_replication`` are left to :func:`replication.check_merge`."""
+    holders: dict[int, list[str]] = {}
+    for qualname, parameter in model.named_parameters(remove_duplicate=False):
+        holders.setdefault(id(parameter), []).append(qualname)
+    stack = replication.replication_of(model)
+    for qualname, layer, held in layers:
+        weight = getattr(layer.base_layer, "weight", None)
+        if not isinstance(layer, LoRALayer) or not isinstance(weight, torch.Tensor):
+            continue
+        others = [h for h in holders.get(id(weight), []) if not h.startswith(qualname + ".")]
+        if stack is not None:
+            others = [h for h in others if not h.startswith(stack.path + ".")]
+        if others:
+            raise MergeError(
+                f"adapters {held} at {qualname} would be folded into a weight that {others[:3]} use too (tied "
+                "embeddings), whose outputs would change with it; nothing was merged. Keep the adapter unmerged, or "
+                "untie the weights first (load the model with tie_word_embeddings=False)"
+            )
 
 
 def unmerge(model: nn.Module) -> nn.Module:
