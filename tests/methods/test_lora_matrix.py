@@ -177,3 +177,26 @@ def test_an_update_to_a_weight_tied_to_another_module_is_not_merged(method: type
         expected = run(untied, "gpt2")
         pk.merge(untied)
         assert rel_err(run(untied, "gpt2"), expected) <= 1e-5
+
+
+@pytest.mark.parametrize("method", [pk.LoRA, pk.DoRA])
+@pytest.mark.parametrize("arch", ["llama", "gpt2", "convnet"])
+def test_training_after_an_evaluation_under_inference_mode(arch: str, method: type[pk.LoRA]) -> None:
+    # Caches filled under torch.inference_mode (DoRA's norms, sibling groups' stacked A) hold inference tensors,
+    # which a training forward cannot save for backward.
+    model = pk.apply(build(arch), method(target_modules=ARCHS[arch].targets, rank=2))
+    randomize_adapters(model)
+    fresh = copy.deepcopy(model)
+    ids = torch.randint(0, 96, (2, 40), generator=torch.Generator().manual_seed(0))  # long enough to group
+    inputs = {"input_ids": ids[:, :7]} if arch == "convnet" else {"input_ids": ids}
+    for _ in range(3):  # siblings group after a first call
+        with torch.inference_mode():
+            model(**inputs)
+    grads = []
+    for each in (model, fresh):
+        out = each(**inputs)
+        (out if arch == "convnet" else out.logits).pow(2).mean().backward()
+        grads.append({n: p.grad for n, p in each.named_parameters() if p.requires_grad})
+    assert grads[0].keys() == grads[1].keys()
+    for name, grad in grads[0].items():
+        torch.testing.assert_close(grad, grads[1][name], rtol=0, atol=1e-6)

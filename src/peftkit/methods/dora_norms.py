@@ -117,7 +117,9 @@ class _DoRAMixin(LoRALayer):
     def weight_norm(self, name: str) -> torch.Tensor:
         """‖W + s·BA‖ per row, detached; recomputed only when W, A or B changed."""
         A, B = self._factors(name)
-        base = self._base_key()
+        # A norm computed under torch.inference_mode is an inference tensor, which a later training forward could
+        # not save for backward: the mode is part of the key.
+        base = (*self._base_key(), torch.is_inference_mode_enabled())
         key = (base, A.data_ptr(), A._version, B.data_ptr(), B._version, self.scaling[name], A.device, A.dtype)
         hit = self._norm_cache.get(name)
         if hit is not None and hit[0] == key:

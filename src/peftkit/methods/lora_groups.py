@@ -240,7 +240,7 @@ class _Group:
         self.source: weakref.ref[torch.Tensor] | None = None
         self.version = -1
         self.skipped = False  # the leader's last call could not run the group (adapters disabled, autocast, …)
-        self.a_key: tuple[tuple[int, int], ...] = ()
+        self.a_key: tuple[Any, ...] = ()
         self.a_cat: torch.Tensor | None = None
 
     def disband(self) -> None:
@@ -254,8 +254,9 @@ class _Group:
             _NEVER.add(leader)
 
     def concatenated_a(self, As: list[torch.Tensor]) -> torch.Tensor:
-        """``[A₁; …; Aₙ]`` detached, kept while no A changed (in place or replaced)."""
-        key = tuple((A.data_ptr(), _version(A)) for A in As)
+        """``[A₁; …; Aₙ]`` detached, kept while no A changed (in place or replaced) and the inference mode is the same
+        (a tensor made under ``torch.inference_mode`` cannot be saved for a later backward)."""
+        key = (*((A.data_ptr(), _version(A)) for A in As), torch.is_inference_mode_enabled())
         if self.a_cat is None or key != self.a_key:
             with torch.no_grad():
                 self.a_cat = torch.cat([A.detach() for A in As])
