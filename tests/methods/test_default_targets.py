@@ -109,3 +109,41 @@ def test_inspect_and_given_targets(tmp_path: Path):
     assert {r.name.rsplit(".", 1)[-1] for r in report.rows} == {"q_proj", "v_proj"}
     pk.apply(model, pk.IA3(target_modules=["q_proj"]))  # given targets: no feedforward default is added
     assert list(get_state(model).configs["default"].feedforward_modules) == []
+
+
+@pytest.mark.parametrize(("arch", "targets", "feedforward"), [
+    ("llama", ["k_proj", "v_proj", "down_proj"], None),  # the architecture's feed-forward projection, as in HF PEFT
+    ("llama", ["k_proj", "v_proj", "down_proj"], []),  # explicitly none
+    ("llama", ["q_proj", "v_proj"], None),  # the default names no target: none
+    ("gpt2", ["c_attn", "mlp.c_proj"], None),
+])
+def test_ia3_feedforward_defaults_with_given_targets_follow_hf_peft(arch, targets, feedforward, tmp_path):
+    torch.manual_seed(0)
+    base = MODELS[arch]()
+    torch.manual_seed(0)  # the same weights
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        hf = peft.get_peft_model(MODELS[arch](), peft.IA3Config(target_modules=targets,
+                                                                feedforward_modules=feedforward))
+    scaled_inputs = {n.removeprefix("base_model.model.") for n, m in hf.named_modules()
+                     if hasattr(m, "is_feedforward") and m.is_feedforward}
+    config = pk.IA3(target_modules=targets, feedforward_modules=feedforward)
+    ours = pk.apply(base, config)
+    assert config.feedforward_modules == feedforward  # the user's config is left as given
+    assert {n for n, m in ours.named_modules() if getattr(m, "is_feedforward", False)} == scaled_inputs
+    assert (arch == "llama" and targets[0] == "k_proj" and feedforward is None) <= bool(scaled_inputs)
+    with torch.no_grad():  # non-trivial scaling vectors, the same in both
+        theirs = {n.removeprefix("base_model.model."): q for n, q in hf.named_parameters() if "ia3_l" in n}
+        ours_ia3 = {n: p for n, p in ours.named_parameters() if "ia3_l" in n}
+        assert ours_ia3.keys() == theirs.keys()
+        for name, p in ours_ia3.items():
+            p.copy_(torch.rand_like(p) + 0.5)
+            theirs[name].copy_(p)
+    ids = torch.randint(0, 96, (2, 7), generator=torch.Generator().manual_seed(3))
+    kwargs = {"decoder_input_ids": ids} if arch == "t5" else {}
+    with torch.no_grad():  # (evaluation mode: GPT-2's dropout)
+        assert torch.allclose(ours.eval()(input_ids=ids, **kwargs).logits, hf.eval()(input_ids=ids, **kwargs).logits,
+                              atol=1e-5)
+    pk.save_adapter(ours, tmp_path)  # the file names what was decided; loading it in either library agrees
+    loaded = pk.load_adapter(MODELS[arch](), tmp_path)
+    assert {n for n, m in loaded.named_modules() if getattr(m, "is_feedforward", False)} == scaled_inputs

@@ -34,7 +34,7 @@ from peftkit.core.matching import ALIASES, first_match
 from peftkit.core.registry import LINEAR_KINDS, LinearKind, TypeRegistry, linear_kind, register_method
 from peftkit.errors import ConfigError, MergeError, UnsupportedLayerError
 from peftkit.io.hf_names import hf_layer_targets, hf_modules_to_save, hf_resolve, hf_targets
-from peftkit.methods.default_targets import IA3_TARGETS, default_for
+from peftkit.methods.default_targets import IA3_TARGETS, default_for, model_type
 from peftkit.methods.lora_layers import adapter_dtype
 
 #: Convolutions (IA)³ scales per channel, as Hugging Face PEFT does → their number of spatial dimensions.
@@ -187,30 +187,41 @@ class IA3(AdapterConfig):
     Attributes:
         feedforward_modules: patterns (same syntax as ``target_modules``, aliases such as ``linear_fc2``
             included) selecting the targets whose *input* is scaled, typically the FFN's second projection
-            (``down_proj``, ``wo``, GPT-2 ``mlp.c_proj``). Each must select at least one target.
+            (``down_proj``, ``wo``, GPT-2 ``mlp.c_proj``). Each must select at least one target. ``None`` (the
+            default), as in HF PEFT: the architecture's feed-forward output projection where it is among the
+            targets (none on an architecture without a default); ``[]``: no target scales its input.
     """
 
     peft_type = "IA3"
 
-    feedforward_modules: str | Sequence[str] = ()
+    feedforward_modules: str | Sequence[str] | None = None
     #: The module names the aliases among ``feedforward_modules`` stood for on the models this config was
     #: applied to (an alias needs the model to resolve; a module's name keeps its role across models).
     _alias_feedforward: set[str] = field(default_factory=set, init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        self.feedforward_modules = _as_list(self.feedforward_modules)
+        if self.feedforward_modules is not None:
+            self.feedforward_modules = _as_list(self.feedforward_modules)
 
     def for_model(self, model: nn.Module) -> AdapterConfig:
-        """With ``target_modules`` omitted: those HF PEFT's IA3 adapts on this architecture, and its
-        ``feedforward_modules`` unless given."""
+        """With ``target_modules`` omitted: those HF PEFT's IA3 adapts on this architecture. With
+        ``feedforward_modules`` omitted (``None``): the architecture's, as HF PEFT takes them whether or not the
+        targets were given (those among the targets; none on an architecture without defaults)."""
         if self.target_modules:
-            return self
+            if self.feedforward_modules is not None:
+                return self
+            kind = model_type(model)
+            defaults = IA3_TARGETS[kind][1] if kind in IA3_TARGETS else ()
+            targets = AdapterConfig.resolve(self, model)
+            return self.replace(feedforward_modules=[
+                p for p in defaults if any(first_match(t, [p]) is not None for t in targets)])
         targets, feedforward = default_for(
             IA3_TARGETS, model, "IA3",
             "target_modules=[...] and feedforward_modules=[...] (the MLP's output projection, one of the targets)")
+        given = self.feedforward_modules
         return self.replace(target_modules=list(targets),
-                            feedforward_modules=list(self.feedforward_modules or feedforward))
+                            feedforward_modules=list(feedforward if given is None else given))
 
     def supports(self, module: nn.Module) -> bool:
         return isinstance(module, IA3Layer) or supported_kind(module) is not None
@@ -219,12 +230,12 @@ class IA3(AdapterConfig):
         return supported_names()
 
     def is_feedforward(self, qualname: str) -> bool:
-        patterns = [p for p in self.feedforward_modules if p not in ALIASES]
+        patterns = [p for p in self.feedforward_modules or () if p not in ALIASES]
         return qualname in self._alias_feedforward or first_match(qualname, patterns) is not None
 
     def resolve(self, model: nn.Module) -> list[str]:
         targets = super().resolve(model)
-        for pattern in self.feedforward_modules:
+        for pattern in self.feedforward_modules or ():
             if pattern in ALIASES:
                 hits = set(ALIASES[pattern](model)) & set(targets)
                 self._alias_feedforward.update(hits)
