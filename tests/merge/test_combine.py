@@ -161,8 +161,9 @@ _HF_CASES: list[tuple[str, dict[str, Any]]] = [
 ]
 
 
-@pytest.mark.parametrize(("method", "kwargs"), _HF_CASES)
-def test_matches_hf_add_weighted_adapter(tmp_path: Path, method: str, kwargs: dict[str, Any]) -> None:
+def _hf_pair(tmp_path: Path) -> tuple[Any, nn.Module]:
+    """Two random LoRA adapters in HF PEFT ("first", "second") on a small MLP, and the same base in peftkit with them
+    loaded from HF PEFT's files as "a" and "b"."""
     peft = pytest.importorskip("peft")
     torch.manual_seed(0)
     base = nn.Sequential(nn.Linear(10, 12), nn.ReLU(), nn.Linear(12, 9))
@@ -178,7 +179,12 @@ def test_matches_hf_add_weighted_adapter(tmp_path: Path, method: str, kwargs: di
     ours.load_state_dict(state)
     pk.load_adapter(ours, tmp_path / "first", name="a")
     pk.load_adapter(ours, tmp_path / "second", name="b")
+    return hf, ours
 
+
+@pytest.mark.parametrize(("method", "kwargs"), _HF_CASES)
+def test_matches_hf_add_weighted_adapter(tmp_path: Path, method: str, kwargs: dict[str, Any]) -> None:
+    hf, ours = _hf_pair(tmp_path)
     weights = {"a": 0.6, "b": -0.3}
     hf.add_weighted_adapter(
         ["first", "second"], list(weights.values()), "mix", combination_type=method, **kwargs
@@ -195,21 +201,7 @@ def test_dare_matches_hf_add_weighted_adapter_after_its_init_draws(tmp_path: Pat
     draws DARE's masks; combine (seed=None) draws the masks first. Replaying HF's init draws gives its result."""
     import math
 
-    peft = pytest.importorskip("peft")
-    torch.manual_seed(0)
-    base = nn.Sequential(nn.Linear(10, 12), nn.ReLU(), nn.Linear(12, 9))
-    state = {k: v.clone() for k, v in base.state_dict().items()}
-    config = {"target_modules": ["0", "2"], "r": 4, "lora_alpha": 6}
-    hf = peft.get_peft_model(base, peft.LoraConfig(**config), adapter_name="first")
-    hf.add_adapter("second", peft.LoraConfig(**{**config, "lora_alpha": 3}))
-    for n, p in hf.named_parameters():
-        if "lora_" in n:
-            nn.init.normal_(p)
-    hf.save_pretrained(str(tmp_path))
-    ours = nn.Sequential(nn.Linear(10, 12), nn.ReLU(), nn.Linear(12, 9))
-    ours.load_state_dict(state)
-    pk.load_adapter(ours, tmp_path / "first", name="a")
-    pk.load_adapter(ours, tmp_path / "second", name="b")
+    hf, ours = _hf_pair(tmp_path)
 
     torch.manual_seed(5)
     hf.add_weighted_adapter(["first", "second"], [0.6, 0.4], "mix", combination_type=method, density=0.5)
