@@ -181,3 +181,16 @@ def test_merge_into_a_directory_it_would_wipe_is_refused(run_config, tmp_path):
     with pytest.raises(ConfigError, match=r"--out '.*models' holds files but no model \(config.json\)"):
         merge_checkpoint(run / "final", mine)
     assert (mine / "notes.txt").read_text() == "keep me" and (mine / "other-model").is_dir()
+
+
+def test_merge_removes_the_partial_copies_a_killed_merge_left_beside_its_output(run_config, tmp_path, capsys):
+    run = _train(run_config(train={"max_steps": 1}))
+    out = tmp_path / "merged"
+    torn = tmp_path / ".tmp-merged-0123abcd"  # a merge killed mid-write
+    torn.mkdir()
+    (torn / "model.safetensors").write_bytes(b"torn")
+    other = tmp_path / ".tmp-other-0123abcd"  # another directory's: left alone
+    other.mkdir()
+    merge_checkpoint(run / "final", out)
+    assert not torn.exists() and other.exists() and (out / "config.json").is_file()
+    assert "removed 1 partial copy(ies)" in capsys.readouterr().out

@@ -354,3 +354,28 @@ def test_a_previous_final_moved_aside_by_a_killed_save_is_put_back(tmp_path):
     partial.mkdir()
     assert ckpt.remove_stale(tmp_path) == 1
     assert (tmp_path / "final" / "run_config.yaml").read_text() == "model: {}\n" and not partial.exists()
+
+
+def test_a_publish_killed_between_its_renames_leaves_the_previous_checkpoint_to_put_back(tmp_path, monkeypatch):
+    final = tmp_path / "final"
+    final.mkdir()
+    (final / "run_config.yaml").write_text("old\n")
+    new = tmp_path / ".tmp-final-0123abcd"
+    new.mkdir()
+    (new / "run_config.yaml").write_text("new\n")
+    real_replace, calls = os.replace, []
+
+    def killed_on_second(src, dst):
+        calls.append((src, dst))
+        if len(calls) == 2:  # the new checkpoint's rename into place never happens
+            raise KeyboardInterrupt
+        real_replace(src, dst)
+
+    monkeypatch.setattr(os, "replace", killed_on_second)
+    with pytest.raises(KeyboardInterrupt):
+        ckpt.publish(new, final, keep_last=0, token="0123abcd")
+    monkeypatch.setattr(os, "replace", real_replace)
+    assert not final.exists()
+    assert ckpt.remove_stale(tmp_path) == 1  # the partial new one goes, the complete old one comes back
+    assert (final / "run_config.yaml").read_text() == "old\n"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["final"]

@@ -25,7 +25,7 @@ import random
 import re
 import shutil
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -136,11 +136,12 @@ def publish(tmp: Path, final: Path, keep_last: int, token: str) -> None:
 
     ``token`` names the temporary directory an older checkpoint of the same step is moved to.
     """
+    trash = final.parent / f".old-{final.name}-{token}"
     if final.exists():  # re-saving a step (e.g. after resuming from it): move the old one aside first
-        trash = final.parent / f".old-{final.name}-{token}"
         os.replace(final, trash)
+    os.replace(tmp, final)  # killed before this, the complete old one is still there to put back (remove_stale)
+    if trash.exists():
         shutil.rmtree(trash)
-    os.replace(tmp, final)
     if keep_last:
         for old in list_checkpoints(final.parent)[:-keep_last]:
             shutil.rmtree(old)
@@ -233,11 +234,23 @@ def remove_stale(save_dir: str | Path) -> int:
     A complete previous checkpoint moved aside (``.old-``) whose replacement never got into place is put back.
     Call it only while no save into ``save_dir`` is under way (at the start of a run, on one process).
     """
-    root = Path(save_dir)
-    stale = [(m, p) for p in root.iterdir() if (m := _STALE.match(p.name)) and p.is_dir()] if root.is_dir() else []
+    return _clean(Path(save_dir), _STALE, _complete)
+
+
+def remove_partial_copies(final: Path) -> int:
+    """:func:`remove_stale` for one directory written with :func:`staged` (a merged model): the copies a killed save
+    left beside ``final``, a complete previous one (with its ``config.json``) put back; returns how many went."""
+    pattern = re.compile(rf"^\.(tmp|old)-({re.escape(final.name)})-[0-9a-f]{{8}}$")
+    return _clean(final.parent, pattern, lambda d: (d / "config.json").is_file())
+
+
+def _clean(root: Path, pattern: re.Pattern[str], complete: Callable[[Path], bool]) -> int:
+    """Remove the directories in ``root`` named by ``pattern`` (``.tmp-``/``.old-`` + the final name + token),
+    first putting back an ``.old-`` one that is ``complete`` and whose final name is free."""
+    stale = [(m, p) for p in root.iterdir() if (m := pattern.match(p.name)) and p.is_dir()] if root.is_dir() else []
     removed = 0
     for m, p in sorted(stale, key=lambda mp: mp[0].group(1) != "old"):  # restore before removing
-        if m.group(1) == "old" and not (root / m.group(2)).exists() and _complete(p):
+        if m.group(1) == "old" and not (root / m.group(2)).exists() and complete(p):
             os.replace(p, root / m.group(2))  # killed between publish()'s two renames
             continue
         shutil.rmtree(p)

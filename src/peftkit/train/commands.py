@@ -10,7 +10,7 @@ from torch import nn
 
 from peftkit.errors import CheckpointError, ConfigError
 from peftkit.io.atomic import output_dir
-from peftkit.train.checkpoint import staged
+from peftkit.train.checkpoint import remove_partial_copies, staged
 from peftkit.train.config import RunConfig, load_config
 from peftkit.train.data import infer_labels, load_examples
 from peftkit.train.evaluate import evaluate
@@ -168,6 +168,8 @@ def merge_checkpoint(path: str | Path, out_dir: str | Path, overrides: list[str]
     if labels and config is not None:  # the class names travel with the merged classifier
         config.id2label = dict(enumerate(labels))
         config.label2id = {name: i for i, name in enumerate(labels)}
+    if removed := remove_partial_copies(out):
+        print(f"removed {removed} partial copy(ies) of {out} an interrupted merge left beside it")
     with staged(out, keep_last=0) as tmp:  # a crash mid-save leaves the previous model whole, no stale shards
         model.save_pretrained(str(tmp))  # type: ignore[operator]
         hf_tok = getattr(tok, "tok", None)
