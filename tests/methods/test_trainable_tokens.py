@@ -254,10 +254,11 @@ def test_index_outside_the_vocabulary_is_refused_before_the_model_changes() -> N
     _untouched(model)
 
 
-def test_a_target_that_is_not_an_embedding_is_refused() -> None:
+def test_a_target_that_is_neither_an_embedding_nor_a_linear_layer_is_refused() -> None:
     model = build("llama")
-    with pytest.raises(UnsupportedLayerError, match=r"'q_proj' matches only modules of type Linear.*Embedding"):
-        pk.apply(model, pk.TrainableTokens(token_indices=[1], target_modules=["q_proj"]))
+    with pytest.raises(UnsupportedLayerError, match=r"'input_layernorm' matches only modules of type LlamaRMSNorm"
+                                                    r".*Embedding, Linear"):
+        pk.apply(model, pk.TrainableTokens(token_indices=[1], target_modules=["input_layernorm"]))
     _untouched(model)
     with pytest.raises(ConfigError, match="has no get_input_embeddings"):
         pk.apply(nn.Sequential(nn.Embedding(4, 2)), pk.TrainableTokens(token_indices=[1]))
@@ -380,3 +381,48 @@ def test_row_and_column_paths_equal_the_updated_table(kind: str) -> None:
     torch.testing.assert_close(outs[0], outs[1])
     for ours, reference in zip(grads[0], grads[1], strict=True):
         torch.testing.assert_close(ours, reference)
+
+
+def test_an_untied_output_layer_as_target_matches_hf_peft_both_ways(tmp_path: Path) -> None:
+    peft = pytest.importorskip("peft")
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    def untied() -> nn.Module:
+        torch.manual_seed(0)
+        return LlamaForCausalLM(LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                            num_attention_heads=4, num_key_value_heads=2, vocab_size=96,
+                                            tie_word_embeddings=False)).eval()
+
+    hf = peft.get_peft_model(untied(), peft.TrainableTokensConfig(target_modules=["lm_head"], token_indices=TOKENS))
+    with torch.no_grad():
+        for p in hf.parameters():
+            if p.requires_grad:
+                p.normal_()
+    hf.save_pretrained(str(tmp_path / "hf"))
+    with torch.no_grad():
+        expected = hf(input_ids=IDS).logits
+    ours = pk.load_adapter(untied(), tmp_path / "hf")
+    base = untied()
+    with torch.no_grad():
+        torch.testing.assert_close(ours(input_ids=IDS).logits, expected, rtol=0, atol=1e-6)
+        assert not torch.equal(expected, base(input_ids=IDS).logits)
+        columns = [i for i in range(96) if i not in TOKENS]  # every other logit is the base model's
+        torch.testing.assert_close(ours(input_ids=IDS).logits[..., columns], base(input_ids=IDS).logits[..., columns])
+        pk.merge(ours)
+        torch.testing.assert_close(ours(input_ids=IDS).logits, expected, rtol=0, atol=1e-5)
+        pk.unmerge(ours)
+        assert torch.equal(ours.lm_head.base_layer.weight, base.lm_head.weight)
+    pk.save_adapter(ours, tmp_path / "pk")
+    assert load_file(str(tmp_path / "pk" / "adapter_model.safetensors")).keys() == load_file(
+        str(tmp_path / "hf" / "adapter_model.safetensors")).keys()
+    back = peft.PeftModel.from_pretrained(untied(), str(tmp_path / "pk")).eval()
+    with torch.no_grad():
+        torch.testing.assert_close(back(input_ids=IDS).logits, expected, rtol=0, atol=1e-6)
+
+
+def test_an_output_layer_tied_to_the_embedding_is_refused_as_target() -> None:
+    model = tied_llama()
+    with pytest.raises(ConfigError, match=r"lm_head shares its weight with the input embedding model.embed_tokens.*"
+                                          r"target 'model.embed_tokens' instead"):
+        pk.apply(model, pk.TrainableTokens(token_indices=[1], target_modules=["lm_head"]))
+    assert type(model.lm_head) is nn.Linear and not get_state(model).configs

@@ -284,12 +284,12 @@ class TrainableTokens(AdapterConfig):
             raise ConfigError(f"init_weights={self.init_weights!r} must be True or False")
 
     def supports(self, module: nn.Module) -> bool:
-        if isinstance(module, AdapterLayer):  # a second adapter on an embedding (not on a tied output layer)
-            return isinstance(module, TrainableTokensLayer) and isinstance(module.base_layer, nn.Embedding)
-        return isinstance(module, nn.Embedding)
+        if isinstance(module, AdapterLayer):  # a second adapter (resolve refuses a tied output layer)
+            return isinstance(module, TrainableTokensLayer)
+        return isinstance(module, nn.Embedding) or type(module) is nn.Linear  # an output layer: rows are tokens
 
     def supported_layer_names(self) -> list[str]:
-        return ["Embedding"]
+        return ["Embedding", "Linear"]
 
     def resolve(self, model: nn.Module) -> list[str]:
         if self.target_modules:
@@ -314,8 +314,15 @@ class TrainableTokens(AdapterConfig):
                     f"token_indices {outside} are out of range for {target}, which has {rows} tokens (ids 0 to "
                     f"{rows - 1}); add new tokens to the vocabulary first (model.resize_token_embeddings)"
                 )
-            if target == input_embedding_name(model):
+            embedding = input_embedding_name(model)
+            if target == embedding:
                 tied_modules(model, module)  # refuses an output layer another method holds, before any change
+            elif embedding is not None and any(n == target for n, _ in tied_modules(model, model.get_submodule(
+                    embedding))):
+                raise ConfigError(
+                    f"{target} shares its weight with the input embedding {embedding} (tied word embeddings); "
+                    f"target {embedding!r} instead: its tied output layer takes the same trained rows"
+                )
         return targets
 
     def transform(self, module: nn.Module, qualname: str, adapter_name: str) -> nn.Module:
