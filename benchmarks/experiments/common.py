@@ -7,6 +7,7 @@ alpha 32 on all seven linear projections.
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import platform
@@ -47,6 +48,24 @@ QUICK = Shape(hidden=128, layers=2, heads=4, intermediate=352, vocab=1000, batch
 def setup_torch(threads: int = THREADS) -> None:
     torch.set_num_threads(threads)
     torch.manual_seed(0)
+
+
+def timing_args(doc: str | None, rounds: int, quick: str = "a small model for a smoke run") -> argparse.Namespace:
+    """The options of an interleaved timing experiment (``--quick``, ``--rounds``, ``--out``), parsed from the
+    command line, with torch set up for the run (:func:`setup_torch`).
+
+    Args:
+        doc: the experiment's module docstring (its first line describes the command).
+        rounds: the default number of rounds.
+        quick: what ``--quick`` shrinks, for ``--help``.
+    """
+    parser = argparse.ArgumentParser(description=doc.splitlines()[0] if doc else None)
+    parser.add_argument("--quick", action="store_true", help=quick)
+    parser.add_argument("--rounds", type=int, default=rounds)
+    parser.add_argument("--out", type=Path, default=None)
+    args = parser.parse_args()
+    setup_torch()
+    return args
 
 
 # Per shape: the weights of the first model built with share=True; later ones reuse the very same memory.

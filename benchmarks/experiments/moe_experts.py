@@ -12,7 +12,6 @@ reaches the module (``torch.func.functional_call`` against HF PEFT's parametriza
 
 from __future__ import annotations
 
-import argparse
 import sys
 from pathlib import Path
 
@@ -20,7 +19,7 @@ import torch
 from torch import nn
 
 sys.path.insert(0, str(Path(__file__).parent))
-from common import environment, median, report, round_robin, setup_torch  # noqa: E402
+from common import environment, median, report, round_robin, timing_args  # noqa: E402
 
 PARAMETERS = ["experts.gate_up_proj", "experts.down_proj"]
 MODULES = ["q_proj", "k_proj", "v_proj", "o_proj"]
@@ -65,12 +64,7 @@ def forward(model: nn.Module, ids: torch.Tensor) -> None:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="a small model for a smoke run")
-    parser.add_argument("--rounds", type=int, default=7)
-    parser.add_argument("--out", type=Path, default=None)
-    args = parser.parse_args()
-    setup_torch()
+    args = timing_args(__doc__, rounds=7)
     hidden, layers, inter, batch, seq = (64, 2, 128, 2, 32) if args.quick else (512, 4, 1408, 4, 256)
     ids = torch.randint(0, 8000, (batch, seq), generator=torch.Generator().manual_seed(1))
     models = {name: make(name, hidden, layers, inter).train() for name in ("base", "hf", "pk")}

@@ -16,7 +16,6 @@ Prints and writes JSON (medians, ratios, environment, git revision)::
 
 from __future__ import annotations
 
-import argparse
 import sys
 from pathlib import Path
 
@@ -34,8 +33,8 @@ from common import (  # noqa: E402
     median,
     report,
     round_robin,
-    setup_torch,
     step_fn,
+    timing_args,
 )
 
 QKV = ["q_proj", "k_proj", "v_proj"]
@@ -59,12 +58,7 @@ def make(name: str, shape: Shape) -> nn.Module:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="a small model for a smoke run")
-    parser.add_argument("--rounds", type=int, default=9)
-    parser.add_argument("--out", type=Path, default=None)
-    args = parser.parse_args()
-    setup_torch()
+    args = timing_args(__doc__, rounds=9)
     shape = QUICK if args.quick else FULL
     names = ["base", "pk_performant", "pk_separate", "hf_separate"]
     fns = {name: step_fn("adapter", make(name, shape), shape) for name in names}

@@ -11,7 +11,6 @@ through products only r wide, and of the per-projection work around them::
 
 from __future__ import annotations
 
-import argparse
 import sys
 from pathlib import Path
 
@@ -29,8 +28,8 @@ from common import (  # noqa: E402
     randomize_adapter,
     report,
     round_robin,
-    setup_torch,
     step_fn,
+    timing_args,
 )
 
 RANKS = (1, 4, 16)
@@ -52,12 +51,7 @@ def adapted(lib: str, rank: int, shape: Shape) -> nn.Module:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="a small model for a smoke run")
-    parser.add_argument("--rounds", type=int, default=9)
-    parser.add_argument("--out", type=Path, default=None)
-    args = parser.parse_args()
-    setup_torch()
+    args = timing_args(__doc__, rounds=9)
     shape = QUICK if args.quick else FULL
     fns = {"lower_bound": step_fn("lower_bound", build_model(shape, share=True).requires_grad_(False).train(), shape)}
     for lib in ("pk", "hf"):

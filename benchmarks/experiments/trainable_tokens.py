@@ -11,7 +11,6 @@ Both variants timed interleaved in the same run; the figure is a ratio of median
 
 from __future__ import annotations
 
-import argparse
 import sys
 from pathlib import Path
 
@@ -19,7 +18,7 @@ import torch
 from torch import nn
 
 sys.path.insert(0, str(Path(__file__).parent))
-from common import environment, median, report, round_robin, setup_torch  # noqa: E402
+from common import environment, median, report, round_robin, timing_args  # noqa: E402
 
 TOKENS = list(range(128_000, 128_016))  # e.g. a chat template's new special tokens
 
@@ -48,12 +47,7 @@ def step(model: nn.Module, ids: torch.Tensor) -> None:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="a small vocabulary for a smoke run")
-    parser.add_argument("--rounds", type=int, default=7)
-    parser.add_argument("--out", type=Path, default=None)
-    args = parser.parse_args()
-    setup_torch()
+    args = timing_args(__doc__, rounds=7, quick="a small vocabulary for a smoke run")
     vocab, hidden, batch, seq = (1_000, 64, 2, 32) if args.quick else (128_256, 512, 4, 256)
     ids = torch.randint(0, vocab, (batch, seq), generator=torch.Generator().manual_seed(1))
     ids[:, ::8] = TOKENS[0] % vocab  # the trained tokens occur in the batch
