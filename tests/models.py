@@ -131,13 +131,14 @@ def perturb_dora(model: nn.Module, seed: int = 0) -> None:
                 p.mul_(1 + 0.2 * noise) if "magnitude" in name else p.add_(0.1 * noise)
 
 
-def randomize_trainable(model: nn.Module, scale: float = 0.5) -> nn.Module:
-    """Every trainable tensor drawn from N(0, scale²) (global RNG), so no initial value can hide a bug; returns
-    ``model``."""
+def randomize_trainable(model: nn.Module, scale: float = 0.5, seed: int | None = None) -> nn.Module:
+    """Every trainable tensor drawn from N(0, scale²) (from a generator seeded with ``seed``, else the global RNG),
+    so no initial value can hide a bug; returns ``model``."""
+    gen = None if seed is None else torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for p in model.parameters():
             if p.requires_grad:
-                p.copy_(torch.randn_like(p) * scale)
+                p.copy_(torch.randn_like(p) * scale if gen is None else torch.randn(p.shape, generator=gen) * scale)
     return model
 
 

@@ -23,7 +23,7 @@ from peftkit.methods.lora_activated import ActivatedLinear, invocation_starts, t
 from peftkit.methods.lora_kernels import plain_adapter
 from peftkit.methods.lora_layers import LoRALinear
 
-from models import build, randomize_adapters
+from models import build, randomize_adapters, randomize_trainable
 
 peft = pytest.importorskip("peft")
 
@@ -50,13 +50,7 @@ def batch(rows: list[list[int]] = ROWS) -> dict[str, torch.Tensor]:
 def hf_model(arch: str, **kwargs: Any) -> Any:
     config = peft.LoraConfig(r=4, lora_alpha=8, target_modules=TARGETS[arch], alora_invocation_tokens=INV,
                              task_type="CAUSAL_LM", fan_in_fan_out=arch == "gpt2", **kwargs)
-    model = peft.get_peft_model(build(arch), config)
-    gen = torch.Generator().manual_seed(3)
-    with torch.no_grad():
-        for p in model.parameters():
-            if p.requires_grad:
-                p.copy_(torch.randn(p.shape, generator=gen) * 0.2)
-    return model.eval()
+    return randomize_trainable(peft.get_peft_model(build(arch), config), scale=0.2, seed=3).eval()
 
 
 def ours(arch: str = "llama", **kwargs: Any) -> nn.Module:

@@ -24,7 +24,7 @@ from peftkit.errors import CheckpointError, ConfigError, MergeError, TargetNotFo
 from peftkit.methods.lora_layers import LoRALayer
 from peftkit.methods.lora_replication import find_stack, replication_of
 
-from models import randomize_adapters
+from models import randomize_adapters, randomize_trainable
 
 peft = pytest.importorskip("peft")
 
@@ -107,12 +107,7 @@ def hf_randomized(arch: str, **kwargs: Any) -> nn.Module:
     """An HF PEFT model with ``layer_replication`` whose every trainable tensor is random."""
     hf = peft.get_peft_model(build(arch), peft.LoraConfig(r=4, lora_alpha=8, target_modules=TARGETS[arch],
                                                           layer_replication=LAYER_MAP, **kwargs))
-    gen = torch.Generator().manual_seed(3)
-    with torch.no_grad():
-        for p in hf.parameters():
-            if p.requires_grad:
-                p.copy_(torch.randn(p.shape, generator=gen) * 0.1)
-    return hf.eval()
+    return randomize_trainable(hf, scale=0.1, seed=3).eval()
 
 
 # ------------------------------------------------------------------------------------ HF PEFT parity
