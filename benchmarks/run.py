@@ -1,12 +1,13 @@
 """The benchmark runner: peftkit against HF PEFT on the reference Llama (issue 10), as ratios of medians.
 
-    .venv/bin/python benchmarks/run.py [--quick] [--rounds N] [--only train,inference,ops,memory,breakdown] [--out DIR]
+    .venv/bin/python benchmarks/run.py [--quick] [--rounds N] [--only train,inference,...,arithmetic] [--out DIR]
 
 Experiments (``benchmarks/experiments/``): ``train_step`` (full fine-tuning, the lower bound, HF PEFT and
 peftkit LoRA/DoRA with dropout 0 and 0.05, round-robin in one process), ``inference`` (unmerged prefill and
 one-token decode against the base model), ``adapter_ops`` (merge, save, load) and ``memory`` (saved activations
 and peak memory of a training step, one process per variant) and ``breakdown`` (each variant's profiled step
-split into the model's own products, the adapters' rank-r products, dropout masks and the rest). Writes
+split into the model's own products, the adapters' rank-r products, dropout masks and the rest) and
+``arithmetic`` (the operations a LoRA step adds to the lower bound's: the floor under its step-time ratio). Writes
 ``bench.json`` (environment, git revision, raw timings, ratios), ``bench.md`` (the ratio table with the issue's
 targets and the breakdown) and ``breakdown.png`` under ``--out``.
 """
@@ -25,13 +26,14 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE / "experiments"))
 
 import adapter_ops  # noqa: E402
+import arithmetic  # noqa: E402
 import breakdown  # noqa: E402
 import inference  # noqa: E402
 import memory  # noqa: E402
 import train_step  # noqa: E402
 from common import ALPHA, FULL, QUICK, RANK, THREADS, environment, setup_torch  # noqa: E402
 
-EXPERIMENTS = ("train", "inference", "ops", "memory", "breakdown")
+EXPERIMENTS = ("train", "inference", "ops", "memory", "breakdown", "arithmetic")
 
 
 def markdown(result: dict[str, Any]) -> str:
@@ -96,6 +98,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "ops": lambda: adapter_ops.run(shape, args.rounds),
         "memory": lambda: memory.run(shape, args.quick),
         "breakdown": lambda: breakdown.run(shape, max(2, args.rounds // 2)),
+        "arithmetic": lambda: arithmetic.run(shape),
     }
     for exp in only:
         t0 = time.perf_counter()
