@@ -209,3 +209,45 @@ def test_half_precision_base_rounds_once_as_hf_peft(tmp_path) -> None:
     hf = peft.PeftModel.from_pretrained(build("llama").to(torch.float16), str(tmp_path)).eval()
     with torch.no_grad():
         assert torch.equal(run(model, "llama"), run(hf, "llama"))
+
+
+@pytest.mark.parametrize("delta_t", [2, 3, 12])  # 12: no allocation before the final one
+def test_rank_allocation_matches_hf_update_and_allocate_step_by_step(delta_t: int) -> None:
+    """Same factors and gradients at every step: HF PEFT's allocator and ours keep the same triplets, through the
+    warm-up, the cubic schedule (every deltaT), the final allocation and the fine-tuning after it; the training
+    loss with the orthogonality penalty is HF PEFT's too."""
+    kw = dict(tinit=2, tfinal=3, deltaT=delta_t, total_step=12)
+    hf = peft.get_peft_model(build("llama"), peft.AdaLoraConfig(
+        task_type="CAUSAL_LM", target_modules=TARGETS, init_r=6, target_r=2, lora_alpha=8, orth_reg_weight=0.3, **kw))
+    ours = pk.apply(build("llama"), config(orth_reg_weight=0.3, **kw))
+    pairs = [(getattr(layer, c)["default"], getattr(hf.base_model.model.get_submodule(q), c)["default"])
+             for q, layer in adapter_layers(ours) for c in ("lora_A", "lora_B", "lora_E")]
+    ids = ARCHS["llama"].inputs()["input_ids"]
+    hf.train(), ours.train()
+    with torch.no_grad():
+        for mine, theirs in pairs:
+            theirs.add_(torch.randn_like(theirs) * 0.1)  # B starts at zero: give every factor a gradient
+            mine.copy_(theirs)
+    opt = torch.optim.SGD([theirs for _, theirs in pairs], lr=0.5)
+    for step in range(kw["total_step"]):
+        loss = hf(input_ids=ids, labels=ids).loss
+        torch.testing.assert_close(ours(input_ids=ids, labels=ids).loss, loss, rtol=1e-5, atol=1e-6)
+        loss.backward()
+        opt.step()
+        with torch.no_grad():
+            for mine, theirs in pairs:
+                theirs.grad = torch.randn_like(theirs)  # importances that move between steps
+                mine.copy_(theirs)
+                mine.grad = theirs.grad.clone()
+        hf.base_model.update_and_allocate(step)
+        pk.adalora_step(ours, step)
+        for mine, theirs in pairs:
+            assert torch.equal(mine, theirs), f"step {step}"
+        expected = {k.removesuffix(".lora_E.default"): v for k, v in hf.peft_config["default"].rank_pattern.items()} \
+            if hf.peft_config["default"].rank_pattern else {}
+        assert get_state(ours).configs["default"].rank_pattern == expected, f"step {step}"
+        opt.zero_grad()
+        for mine, _ in pairs:
+            mine.grad = None
+    kept = sum(sum(mask) for mask in get_state(ours).configs["default"].rank_pattern.values())
+    assert kept == 2 * len(list(adapter_layers(ours)))  # the target budget, reached as in HF PEFT

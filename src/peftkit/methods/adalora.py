@@ -257,7 +257,8 @@ class RankAllocator:
             if mask:
                 self.config.rank_pattern = self.mask_to_budget(model, budget)
         elif step == final:
-            self.update_importance(model)
+            # HF PEFT allocates the final budget from the importances up to the previous step: this step's
+            # gradients are not folded in.
             self.config.rank_pattern = self.mask_to_budget(model, self.budget(step)[0])
             self.ema_ipt.clear()
             self.ema_unc.clear()
