@@ -179,3 +179,49 @@ def test_lisa_without_named_stacks_takes_the_longest_list():
     net = nn.Sequential(nn.ModuleList(nn.Linear(4, 4) for _ in range(2)),
                         nn.ModuleList(nn.Linear(4, 4) for _ in range(3)))
     assert list(Lisa(net, layers=1, interval=1, seed=0).layer_list) == list(net[1])
+
+
+@pytest.mark.parametrize("dora", [False, True])
+def test_loraplus_groups_match_hf_peft(dora):
+    """Every trainable parameter gets HF PEFT's ``create_loraplus_optimizer`` learning rate and weight decay (B,
+    biases and LayerNorm parameters fast, biases and LayerNorm without decay), except the two documented
+    differences: DoRA magnitudes keep ``lr``, and LoRA on an embedding follows the A/B rule."""
+    import peft
+    from peft.optimizers import create_loraplus_optimizer
+
+    import peftkit as pk
+
+    from models import build
+
+    targets, saved = ["query", "value", "word_embeddings"], ["classifier", "LayerNorm"]
+    hf_config = peft.LoraConfig(task_type="SEQ_CLS", target_modules=targets, r=2, bias="lora_only", use_dora=dora,
+                                modules_to_save=list(saved))  # HF PEFT appends its head names to the list it gets
+    hf = peft.get_peft_model(build("bert"), hf_config)
+    ours = pk.apply(build("bert"), (pk.DoRA if dora else pk.LoRA)(target_modules=targets, rank=2, bias="lora_only",
+                                                                 modules_to_save=saved))
+    lr, ratio, wd = 1e-3, 16.0, 0.1
+    hf_opt = create_loraplus_optimizer(hf, torch.optim.AdamW, lr=lr, loraplus_lr_ratio=ratio, loraplus_weight_decay=wd)
+    opt = build_optimizer(ours, OptimizerConfig(lr=lr, loraplus_ratio=ratio, weight_decay=wd))
+
+    def settings(model, optimizer, prefix=""):
+        by_id = {id(p): (g["lr"], g["weight_decay"]) for g in optimizer.param_groups for p in g["params"]}
+        # HF PEFT's names → ours: its ModulesToSaveWrapper copies and its DoRA magnitude modules.
+        return {n.removeprefix(prefix).replace(".modules_to_save.", ".copies.")
+                .replace(".lora_magnitude_vector.default.weight", ".lora_magnitude_vector.default"): by_id[id(p)]
+                for n, p in model.named_parameters() if p.requires_grad}
+
+    theirs, mine = settings(hf, hf_opt, "base_model.model."), settings(ours, opt)
+    assert set(mine) == set(theirs)
+    magnitudes = {n for n in mine if ".lora_magnitude_vector." in n}
+    assert bool(magnitudes) == dora
+    for name in magnitudes:
+        assert theirs[name] == pytest.approx((lr * ratio, wd)) and mine[name] == pytest.approx((lr, wd))
+    embedding = {n: mine.pop(n) for n in list(mine) if ".lora_embedding_" in n}
+    for name, (got_lr, got_wd) in embedding.items():
+        assert theirs[name] == pytest.approx((1e-6, wd)) and got_wd == wd
+        assert got_lr == pytest.approx(lr * ratio if "lora_embedding_B" in name else lr)
+    differing = {n: (mine[n], theirs[n]) for n in mine if n not in magnitudes and mine[n] != pytest.approx(theirs[n])}
+    assert differing == {}
+    fast_no_decay = {n for n, setting in mine.items() if setting == pytest.approx((lr * ratio, 0.0))}
+    assert any(n.endswith("LayerNorm.copies.default.weight") for n in fast_no_decay)  # a norm weight: no decay
+    assert any(n.endswith(".bias") for n in fast_no_decay)

@@ -171,7 +171,8 @@ class OptimizerConfig:
     Attributes:
         name: ``adamw``, or ``galore`` (AdamW whose chosen 2-D weights get low-rank projected gradients).
         lr, weight_decay, betas, eps: AdamW's hyper-parameters.
-        loraplus_ratio: LoRA+ — LoRA's B matrices get ``lr * loraplus_ratio`` (0: off; paper: 16).
+        loraplus_ratio: LoRA+ — LoRA's B matrices (and, as in HF PEFT, other 1-D parameters except DoRA
+            magnitudes) get ``lr * loraplus_ratio`` (0: off; paper: 16).
         galore_rank, galore_update_interval, galore_scale: GaLore's projection rank, steps between
             projector refreshes (SVD of the current gradient), and the update scale α.
         galore_targets: globs of the 2-D parameters GaLore projects (default: every 2-D weight

@@ -1,7 +1,11 @@
 """Optimizers: AdamW, LoRA+ parameter groups, GaLore, and LISA layer sampling.
 
 **LoRA+** (Hayou et al., 2024, arXiv:2402.12354): LoRA's B matrices learn ``ratio`` times faster
-than A — they get their own parameter group with ``lr_B = ratio · lr`` (the paper suggests 16).
+than A — they get their own parameter group with ``lr_B = ratio · lr`` (the paper suggests 16). As in HF PEFT's
+``create_loraplus_optimizer`` (and the paper's code), the other trainable 1-D parameters (biases, norm weights) join
+B's learning rate, biases and ``nn.LayerNorm`` parameters without weight decay. Two deliberate differences: DoRA's
+magnitudes keep ``lr`` (HF PEFT: ``ratio · lr``, being 1-D), and LoRA on an embedding follows the same A/B rule (HF
+PEFT: both factors at a fixed ``loraplus_lr_embedding``, 1e-6 by default).
 
 **GaLore** (Zhao et al., 2024, arXiv:2403.03507, Algorithm 1): for a 2-D weight W ∈ R^{m×n} with
 gradient G, every ``T`` steps take ``U, S, Vᵀ = svd(G)``; project to rank r on the shorter side::
@@ -32,19 +36,15 @@ from torch import nn
 from peftkit.train.config import OptimizerConfig
 
 
-def lora_b_parameters(model: nn.Module) -> list[nn.Parameter]:
-    """LoRA's B (up-projection) parameters: those in an adapter layer's ``lora_B``/``lora_embedding_B`` containers.
-
-    Found through the adapter layers (``peftkit.core.layer.AdapterLayer``), never by parameter-name
-    substrings.
-    """
+def _container_parameters(model: nn.Module, containers: tuple[str, ...]) -> list[nn.Parameter]:
+    """The parameters held in the adapter layers' containers named ``containers`` (found by the layers' types)."""
     from peftkit.core.state import adapter_layers
 
     out: list[nn.Parameter] = []
     seen: set[int] = set()
     for _, layer in adapter_layers(model):
         for attr in layer.adapter_containers:
-            if attr not in ("lora_B", "lora_embedding_B"):
+            if attr not in containers:
                 continue
             container = getattr(layer, attr)
             for key in container:
@@ -56,19 +56,45 @@ def lora_b_parameters(model: nn.Module) -> list[nn.Parameter]:
     return out
 
 
+def lora_b_parameters(model: nn.Module) -> list[nn.Parameter]:
+    """LoRA's B (up-projection) parameters: those in an adapter layer's ``lora_B``/``lora_embedding_B`` containers.
+
+    Found through the adapter layers (``peftkit.core.layer.AdapterLayer``), never by parameter-name
+    substrings.
+    """
+    return _container_parameters(model, ("lora_B", "lora_embedding_B"))
+
+
+def _no_decay_ids(model: nn.Module) -> set[int]:
+    """Biases and ``nn.LayerNorm`` parameters: LoRA+ trains them without weight decay, as HF PEFT does."""
+    return {id(p) for module in model.modules() for local, p in module.named_parameters(recurse=False)
+            if local == "bias" or isinstance(module, nn.LayerNorm)}
+
+
 def param_groups(model: nn.Module, cfg: OptimizerConfig) -> list[dict[str, Any]]:
-    """Parameter groups over the trainable parameters: LoRA+ B group and GaLore group when configured.
+    """Parameter groups over the trainable parameters: LoRA+ B groups and GaLore group when configured.
+
+    With LoRA+, B matrices and the other 1-D parameters except DoRA magnitudes get ``lr · loraplus_ratio``
+    (``lora_B``; biases and LayerNorm parameters in ``lora_B_no_decay``, without weight decay).
 
     Returns:
-        Groups with ``params``, ``lr`` and a ``name`` (``default``, ``lora_B``, ``galore``); groups
-        without parameters are left out.
+        Groups with ``params``, ``lr`` and a ``name`` (``default``, ``lora_B``, ``lora_B_no_decay``, ``galore``);
+        groups without parameters are left out.
     """
     named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
-    b_ids = {id(p) for p in lora_b_parameters(model)} if cfg.loraplus_ratio > 0 else set()
-    default, fast, galore = [], [], []
+    b_ids: set[int] = set()
+    slow_ids: set[int] = set()
+    if cfg.loraplus_ratio > 0:
+        b_ids = {id(p) for p in lora_b_parameters(model)}
+        slow_ids = {id(p) for p in _container_parameters(model, ("lora_magnitude_vector",))}
+    no_decay = _no_decay_ids(model)
+    default: list[nn.Parameter] = []
+    fast: list[nn.Parameter] = []
+    fast_no_decay: list[nn.Parameter] = []
+    galore: list[nn.Parameter] = []
     for name, p in named:
-        if id(p) in b_ids:
-            fast.append(p)
+        if id(p) in b_ids or (cfg.loraplus_ratio > 0 and p.dim() == 1 and id(p) not in slow_ids):
+            (fast_no_decay if id(p) in no_decay else fast).append(p)
         elif cfg.name == "galore" and p.dim() == 2 and any(fnmatch.fnmatchcase(name, g) for g in cfg.galore_targets):
             galore.append(p)
         else:
@@ -76,6 +102,7 @@ def param_groups(model: nn.Module, cfg: OptimizerConfig) -> list[dict[str, Any]]
     groups = [
         {"name": "default", "params": default, "lr": cfg.lr},
         {"name": "lora_B", "params": fast, "lr": cfg.lr * cfg.loraplus_ratio},
+        {"name": "lora_B_no_decay", "params": fast_no_decay, "lr": cfg.lr * cfg.loraplus_ratio, "weight_decay": 0.0},
         {
             "name": "galore",
             "params": galore,
