@@ -181,3 +181,40 @@ def test_fp32_update_is_rounded_as_in_hf_peft(quantized: bool) -> None:
         expected = base + update.to(torch.bfloat16) if quantized else (base + update).to(torch.bfloat16)
         assert layer.lora_A["default"].weight.dtype == torch.float32
         assert torch.equal(model(x), expected)
+
+
+@pytest.mark.parametrize("compute_dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("double_quant", [False, True])
+def test_qlora_forward_equals_bitsandbytes_linear4bit_with_hf_peft_lora(
+    double_quant: bool, compute_dtype: torch.dtype
+) -> None:
+    """QLoRA on peftkit's NF4 layer gives bitsandbytes' ``Linear4bit`` + HF PEFT LoRA output bit for bit (same
+    float weights, same factors), with and without double quantization (whose 8-bit block constants agree with
+    bitsandbytes' on this weight: see test_nf4.py for the rare ones that do not)."""
+    bnb = pytest.importorskip("bitsandbytes")
+    peft = pytest.importorskip("peft")
+    torch.manual_seed(0)
+    ours = nn.Sequential(nn.Linear(64, 32))
+    linear = ours[0]
+    layer = bnb.nn.Linear4bit(64, 32, compute_dtype=compute_dtype, compress_statistics=double_quant, quant_type="nf4")
+    layer.weight = bnb.nn.Params4bit(linear.weight.detach().clone(), requires_grad=False, quant_type="nf4",
+                                     compress_statistics=double_quant, blocksize=64)
+    layer.bias = nn.Parameter(linear.bias.detach().clone(), requires_grad=False)
+    reference = nn.Sequential(layer.to("cpu"))  # quantizes the weight
+    reference.is_loaded_in_4bit = True  # as from_pretrained marks it: HF PEFT then wraps it in its bnb LoRA layer
+    quantize(ours, bits=4, quant_type="nf4", double_quant=double_quant, compute_dtype=compute_dtype)
+    pk.apply(ours, pk.LoRA(target_modules=["0"], rank=4, alpha=8, init_B="gaussian"))
+    # Training mode, QLoRA's: in eval mode bitsandbytes' CPU backend switches to a faster, less exact 4-bit kernel.
+    hf = peft.get_peft_model(reference, peft.LoraConfig(target_modules=["0"], r=4, lora_alpha=8)).train()
+    ours.train()
+    hf_layer = hf.base_model.model[0]
+    assert type(hf_layer) is peft.tuners.lora.bnb.Linear4bit
+    with torch.no_grad():
+        for factor in ("lora_A", "lora_B"):
+            getattr(hf_layer, factor)["default"].weight.copy_(getattr(ours[0], factor)["default"].weight)
+    packed = ours[0].base_layer.packed()
+    assert torch.equal(packed.data, layer.weight.data.view(-1))
+    assert torch.equal(packed.absmax, layer.weight.quant_state.absmax)
+    x = torch.randn(5, 64).to(compute_dtype)
+    with torch.no_grad():
+        assert torch.equal(ours(x), hf(x))
