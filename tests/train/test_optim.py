@@ -84,7 +84,7 @@ def _galore_reference(w, grads, rank, scale, lr, betas, eps, wd, interval):
     return w
 
 
-@pytest.mark.parametrize("shape", [(4, 6), (6, 4)])
+@pytest.mark.parametrize("shape", [(4, 6), (6, 4), (5, 5)])  # square: projected on the right, as galore-torch
 def test_galore_update_equals_formula(shape):
     torch.manual_seed(0)
     w0 = torch.randn(shape, dtype=torch.float64)
@@ -118,6 +118,22 @@ def test_galore_plain_group_matches_torch_adamw():
         ours.step()
         ref.step()
     torch.testing.assert_close(a.data, b.data)
+
+
+def test_galore_weight_not_wider_than_the_rank_gets_plain_adamw():
+    """A GaLore-group weight whose shorter side is at most the rank is not projected (nor scaled): AdamW."""
+    torch.manual_seed(2)
+    a = nn.Parameter(torch.randn(3, 8, dtype=torch.float64))
+    b = nn.Parameter(a.detach().clone())
+    ours = GaLoreAdamW([{"params": [a], "galore": True, "rank": 3, "update_interval": 1, "scale": 0.25}], lr=0.01)
+    ref = torch.optim.AdamW([b], lr=0.01, weight_decay=0.0)
+    for _ in range(3):
+        g = torch.randn(3, 8, dtype=torch.float64)
+        a.grad, b.grad = g.clone(), g.clone()
+        ours.step()
+        ref.step()
+    torch.testing.assert_close(a.data, b.data)
+    assert "projector" not in ours.state[a]
 
 
 def test_build_galore_selects_2d_targets():
@@ -156,6 +172,44 @@ def test_lisa_trains_only_sampled_layers():
     changed = {n for n, p in net.named_parameters() if not torch.equal(p, before[n])}
     expected = {f"layers.{i}.{k}" for i in active for k in ("weight", "bias")}
     assert changed == expected | {"embed.weight", "head.weight", "head.bias"}
+
+
+def test_lisa_schedule_is_seeded_uniform_and_frozen_layers_keep_weights_and_moments():
+    """LISA (Pan et al., 2024, Algorithm 1): every ``interval`` steps ``k`` of the N layers are drawn uniformly
+    without replacement, the same draws for the same seed; embedding and head train at every step. A layer left
+    out of a window changes neither its weights nor its AdamW moments, and picks its moments up again when drawn."""
+    lisa, again, other = (Lisa(_Net(), layers=2, interval=3, seed=s) for s in (7, 7, 8))
+    windows = [lisa.sample(3 * w) for w in range(900)]
+    assert windows == [again.sample(3 * w) for w in range(900)]
+    assert windows != [other.sample(3 * w) for w in range(900)]
+    assert all(len(set(w)) == 2 for w in windows)
+    counts = torch.bincount(torch.tensor(windows).flatten(), minlength=6).double() / len(windows)
+    torch.testing.assert_close(counts, torch.full((6,), 2 / 6, dtype=torch.float64), atol=0.05, rtol=0)
+
+    torch.manual_seed(0)
+    net = _Net()
+    lisa = Lisa(net, layers=2, interval=3, seed=7)
+    opt = torch.optim.AdamW(net.parameters(), lr=0.05, weight_decay=0.1)
+    layer_params = [list(layer.parameters()) for layer in net.layers]
+    for step in range(12):
+        if step % lisa.interval == 0:
+            lisa.update(step)
+        assert lisa.active == lisa.sample(step)
+        weights = [[p.detach().clone() for p in params] for params in layer_params]
+        moments = [[opt.state[p]["exp_avg"].clone() if p in opt.state else None for p in params]
+                   for params in layer_params]
+        head = net.head.weight.detach().clone()
+        net(torch.tensor([1, 2, 3])).sum().backward()
+        opt.step()
+        opt.zero_grad()
+        assert not torch.equal(net.head.weight, head)
+        for i, params in enumerate(layer_params):
+            for p, w, m in zip(params, weights[i], moments[i], strict=True):
+                if i in lisa.active:
+                    assert not torch.equal(p, w) and opt.state[p]["exp_avg"] is not None
+                else:
+                    assert torch.equal(p, w)
+                    assert (m is None and p not in opt.state) or torch.equal(opt.state[p]["exp_avg"], m)
 
 
 def test_lisa_samples_an_encoder_decoder_over_both_stacks():
