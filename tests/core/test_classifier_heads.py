@@ -6,6 +6,7 @@ import json
 
 import pytest
 import torch
+from safetensors.torch import load_file
 from torch import nn
 
 import peftkit as pk
@@ -178,3 +179,25 @@ def test_two_adapters_with_their_own_head_cannot_be_active_together() -> None:
     pk.set_adapter(model, ["default", "pooler"])  # different modules: both copies compute
     assert model.bert.pooler.dense.current() is model.bert.pooler.dense.copies["pooler"]
     assert model.classifier.current() is model.classifier.copies["default"]
+
+
+@pytest.mark.parametrize("method", ["lora", "adalora"])
+def test_bias_all_trains_the_head_copy_and_leaves_its_original_frozen(method: str, tmp_path) -> None:
+    """``bias="all"`` trains every bias but the saved head's original (its copy trains), as HF PEFT."""
+    if method == "lora":
+        ours = pk.apply(build("bert"), METHODS["lora"][0](bias="all"))
+        hf = peft.get_peft_model(build("bert"), METHODS["lora"][1](bias="all", task_type="SEQ_CLS"))
+    else:
+        ours = pk.apply(build("bert"), pk.AdaLoRA(target_modules=["query"], init_rank=4, target_rank=2, total_step=10,
+                                                  bias="all"))
+        hf = peft.get_peft_model(build("bert"), peft.AdaLoraConfig(target_modules=["query"], init_r=4, target_r=2,
+                                                                   total_step=10, bias="all", task_type="SEQ_CLS"))
+    trainable = {n.removeprefix("base_model.model.").replace(".modules_to_save.", ".copies.")
+                 for n, p in hf.named_parameters() if p.requires_grad}
+    assert {n for n, p in ours.named_parameters() if p.requires_grad} == trainable
+    assert not ours.classifier.base_layer.bias.requires_grad and ours.classifier.copies["default"].bias.requires_grad
+    assert pk.count_parameters(ours) == tuple(hf.get_nb_trainable_parameters())
+    _randomize(ours)
+    pk.save_adapter(ours, tmp_path)  # the original's bias is still saved, as HF PEFT saves it
+    saved = load_file(tmp_path / "adapter_model.safetensors")
+    assert torch.equal(saved["base_model.model.classifier.original_module.bias"], ours.classifier.base_layer.bias)

@@ -49,7 +49,7 @@ from peftkit.methods.adalora_state import (
     load_allocator_states,
 )
 from peftkit.methods.default_targets import ADALORA_TARGETS, default_for
-from peftkit.methods.lora import BIAS_MODES, bias_modules, hf_module_paths
+from peftkit.methods.lora import BIAS_MODES, bias_modules, hf_module_paths, train_biases
 from peftkit.methods.lora_layers import LoRALayer, adapter_dtype
 
 # The checkpoint-state functions live in adalora_state; importing them from here keeps working.
@@ -399,8 +399,7 @@ class AdaLoRA(AdapterConfig):
         return layer
 
     def after_apply(self, model: nn.Module, name: str) -> None:
-        for module in bias_modules(model, self.bias):
-            module.bias.requires_grad_(True)
+        train_biases(model, self.bias)
 
         def add_penalty(mod: nn.Module, args: Any, output: Any) -> Any:
             loss = getattr(output, "loss", None)

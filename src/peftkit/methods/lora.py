@@ -286,8 +286,7 @@ class LoRA(AdapterConfig):
         from peftkit.core.state import get_state
         from peftkit.methods.grouped import plan_groups, share_down_projections
 
-        for module in bias_modules(model, self.bias):
-            module.bias.requires_grad_(True)
+        train_biases(model, self.bias)
         state = get_state(model)
         if self.lora_bias:  # HF PEFT warns too: training and saving work, merging will not
             bare = [q for q in state.targets[name] if getattr(model.get_submodule(q), "bias", None) is None]
@@ -451,6 +450,15 @@ def bias_modules(model: nn.Module, mode: str) -> list[nn.Module]:
                    for attr in layer.adapter_containers for m in getattr(layer, attr).modules()}
         candidates = [m for m in model.modules() if not isinstance(m, AdapterLayer) and id(m) not in factors]
     return [m for m in candidates if isinstance(getattr(m, "bias", None), nn.Parameter)]
+
+
+def train_biases(model: nn.Module, mode: str) -> None:
+    """Make the biases of ``bias=mode`` trainable, except those of a ``modules_to_save`` original: its adapter's copy
+    trains in its place and the original stays frozen, as in HF PEFT (both are still saved, as HF PEFT saves them)."""
+    originals = {id(wrapper.base_layer) for wrapper in model.modules() if isinstance(wrapper, ModulesToSave)}
+    for module in bias_modules(model, mode):
+        if id(module) not in originals:
+            module.bias.requires_grad_(True)
 
 
 def hf_module_paths(model: nn.Module, name: str) -> dict[int, str]:
