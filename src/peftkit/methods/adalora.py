@@ -17,8 +17,9 @@ mean_j s(P_ji). The total budget b(t) (number of kept triplets) follows the cubi
 
 and every λ_i whose score is among the lowest b₀ − b(t) is set to zero. An orthogonality penalty
 R = mean over factors of ‖PᵀP − I‖_F, ‖QQᵀ − I‖_F is added to the model's loss (weight
-``orth_reg_weight``) by a forward hook. Call ``pk.adalora_step(model, step)`` after ``backward()`` and
-before ``zero_grad()``. The final masks are saved as ``rank_pattern``; the file holds only kept triplets.
+``orth_reg_weight``) by a forward hook, in training mode only (HF PEFT adds it in evaluation too). Call
+``pk.adalora_step(model, step)`` after ``backward()`` and before ``zero_grad()``. The final masks are saved as
+``rank_pattern``; the file holds only kept triplets.
 The allocator's state (EMAs, masks) travels with training checkpoints (:mod:`peftkit.methods.adalora_state`),
 so a resumed run allocates exactly as an uninterrupted one.
 Layers: :class:`SVDLinear` (linear-like) here, :class:`~peftkit.methods.adalora_conv.SVDConv2d` (``nn.Conv2d``,
