@@ -29,6 +29,7 @@ from peftkit.methods.convert import convert
 from peftkit.methods.dora import DoRA
 from peftkit.methods.ia3 import IA3
 from peftkit.methods.lora import LoRA
+from peftkit.methods.lora_eva import init_eva
 from peftkit.methods.lora_mixed import mixed_batch
 from peftkit.methods.multitask_prompt import MultitaskPromptTuning
 from peftkit.methods.prefix import PrefixTuning
@@ -66,6 +67,7 @@ __all__ = [
     "disable_adapters",
     "errors",
     "estimate_training_memory",
+    "init_eva",
     "inspect",
     "list_adapters",
     "load_adapter",

@@ -27,7 +27,15 @@ from peftkit.methods import lora_activated as activated
 from peftkit.methods import lora_params
 from peftkit.methods import lora_replication as replication
 from peftkit.methods.default_targets import LORA_TARGETS, default_for
-from peftkit.methods.lora_init import check_init, check_targets, init_from_hf, initialize, loftq_config, loftq_from_hf
+from peftkit.methods.lora_init import (
+    DATA_INITS,
+    check_init,
+    check_targets,
+    init_from_hf,
+    initialize,
+    loftq_config,
+    loftq_from_hf,
+)
 from peftkit.methods.lora_layers import LORA_LAYERS, LoRALayer, LoRALinear, lora_layer_class
 
 logger = logging.getLogger("peftkit")
@@ -69,7 +77,9 @@ class LoRA(AdapterConfig):
         init: both factors from the base weight instead (HF PEFT's string ``init_lora_weights``, linear-like layers):
             ``"pissa"``, ``"pissa_niter_<N>"`` (randomized SVD), ``"olora"`` or ``"orthogonal"``. PiSSA and OLoRA
             replace the base weight by the residual ``W − s·BA``; ``"loftq"`` by its quantized form Q, with
-            ``s·BA ≈ W − Q`` (quantize the model afterwards); see :mod:`peftkit.methods.lora_init`.
+            ``s·BA ≈ W − Q`` (quantize the model afterwards); see :mod:`peftkit.methods.lora_init`. ``"eva"``: a
+            plain LoRA adapter until ``pk.init_eva(model, batches)`` computes it from data
+            (:mod:`peftkit.methods.lora_eva`).
         loftq_bits, loftq_iter: LoftQ's quantization (4: NF4, 8: int8) and alternating steps (HF PEFT's
             ``loftq_config``); only with ``init="loftq"``.
         rank_pattern, alpha_pattern: per-module overrides, pattern → value (first matching pattern wins).
@@ -104,6 +114,8 @@ class LoRA(AdapterConfig):
     shares_A: ClassVar[bool] = True
     #: Whether ``init`` (PiSSA, OLoRA, orthogonal) may be set.
     takes_weight_init: ClassVar[bool] = True
+    #: Whether ``init`` may name a data-driven initialisation (EVA).
+    takes_data_init: ClassVar[bool] = True
     #: Whether ``alora_invocation_tokens`` (activated LoRA) may be set.
     takes_invocation_tokens: ClassVar[bool] = True
 
@@ -271,8 +283,9 @@ class LoRA(AdapterConfig):
             self.alpha_for(qualname),
             dropout=self.dropout,
             use_rslora=self.use_rslora,
-            init_A=self.init_A if self.init is None else "zero",  # zero draws no random numbers: HF PEFT's stream
-            init_B=self.init_B if self.init is None else "zero",
+            # zero draws no random numbers (HF PEFT's stream); EVA starts as plain LoRA until pk.init_eva
+            init_A=self.init_A if self.init in (None, *DATA_INITS) else "zero",
+            init_B=self.init_B if self.init in (None, *DATA_INITS) else "zero",
             dropout_position=self.dropout_position,
             lora_bias=self.lora_bias,
         )

@@ -49,7 +49,9 @@ if TYPE_CHECKING:
     from peftkit.methods.lora import LoRA
 
 #: The accepted values of ``LoRA.init``, as they read in messages.
-INIT_FORMS = ("pissa", "pissa_niter_<N>", "olora", "orthogonal", "loftq")
+INIT_FORMS = ("pissa", "pissa_niter_<N>", "olora", "orthogonal", "loftq", "eva")
+#: Initialisations computed from data after ``pk.apply``, by their own function (``pk.init_eva``).
+DATA_INITS = ("eva",)
 _NITER = re.compile(r"pissa_niter_(\d+)")
 _FLOAT_BASES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
@@ -65,9 +67,12 @@ def check_init(config: LoRA) -> None:
     check_loftq(config)
     if init is None:
         return
-    if not isinstance(init, str) or not (init in ("pissa", "olora", "orthogonal", "loftq") or _NITER.fullmatch(init)):
+    if not isinstance(init, str) or not (init in ("pissa", "olora", "orthogonal", "loftq", *DATA_INITS)
+                                         or _NITER.fullmatch(init)):
         raise ConfigError(f"init={init!r} must be one of {INIT_FORMS} (N: the number of subspace iterations of the "
                           "randomized SVD, e.g. 'pissa_niter_4'), or None for init_A/init_B")
+    if init in DATA_INITS and not type(config).takes_data_init:
+        raise ConfigError(f"{type(config).__name__} does not support init={init!r}; use pk.LoRA")
     if not type(config).takes_weight_init:
         raise ConfigError(f"{type(config).__name__} does not support init={init!r}; use pk.LoRA or pk.DoRA")
     if (config.init_A, config.init_B) != ("kaiming", "zero"):
@@ -172,6 +177,8 @@ def initialize(layer: LoRALinear, name: str, config: LoRA) -> None:
     replace the base weight by the residual ``W − s·BA`` and keep the factors they started from
     (``initial_factors``); LoftQ replaces it by its quantized form."""
     init = cast(str, config.init)
+    if init in DATA_INITS:  # computed from data later (pk.init_eva): a plain LoRA adapter until then
+        return
     A, B = layer.factor_weights(name)
     weight = layer.kind.weight(layer.base_layer)
     if A.device.type == "meta" or weight.device.type == "meta":  # pk.inspect's structural copy: nothing to compute
