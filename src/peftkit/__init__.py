@@ -29,6 +29,7 @@ from peftkit.methods.convert import convert
 from peftkit.methods.dora import DoRA
 from peftkit.methods.ia3 import IA3
 from peftkit.methods.lora import LoRA
+from peftkit.methods.lora_corda import init_corda
 from peftkit.methods.lora_eva import init_eva
 from peftkit.methods.lora_mixed import mixed_batch
 from peftkit.methods.multitask_prompt import MultitaskPromptTuning
@@ -67,6 +68,7 @@ __all__ = [
     "disable_adapters",
     "errors",
     "estimate_training_memory",
+    "init_corda",
     "init_eva",
     "inspect",
     "list_adapters",

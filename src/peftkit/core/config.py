@@ -45,8 +45,8 @@ def infer_task_type(model: nn.Module) -> str | None:
 _HF_NAMES = {"r": ("rank", "rank"), "lora_alpha": ("alpha", "alpha"), "lora_dropout": ("dropout", "dropout"),
              "layers_to_transform": ("layers", "layers"), "init_r": ("init_rank", "init_rank"),
              "target_r": ("target_rank", "target_rank"),
-             "init_lora_weights": ("init", "init='pissa' | 'pissa_niter_<N>' | 'olora' | 'orthogonal' | 'eva', or "
-                                           "init_A and init_B ('kaiming', 'xavier', 'gaussian', 'zero')"),
+             "init_lora_weights": ("init", "init='pissa' | 'pissa_niter_<N>' | 'olora' | 'orthogonal' | 'eva' | "
+                                           "'corda', or init_A and init_B ('kaiming', 'xavier', 'gaussian', 'zero')"),
              "use_dora": ("shared_A", "pk.DoRA(...) instead of pk.LoRA(...)")}
 
 

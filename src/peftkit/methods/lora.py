@@ -77,9 +77,9 @@ class LoRA(AdapterConfig):
         init: both factors from the base weight instead (HF PEFT's string ``init_lora_weights``, linear-like layers):
             ``"pissa"``, ``"pissa_niter_<N>"`` (randomized SVD), ``"olora"`` or ``"orthogonal"``. PiSSA and OLoRA
             replace the base weight by the residual ``W − s·BA``; ``"loftq"`` by its quantized form Q, with
-            ``s·BA ≈ W − Q`` (quantize the model afterwards); see :mod:`peftkit.methods.lora_init`. ``"eva"``: a
-            plain LoRA adapter until ``pk.init_eva(model, batches)`` computes it from data
-            (:mod:`peftkit.methods.lora_eva`).
+            ``s·BA ≈ W − Q`` (quantize the model afterwards); see :mod:`peftkit.methods.lora_init`. ``"eva"`` and
+            ``"corda"``: a plain LoRA adapter until ``pk.init_eva(model, batches)`` or ``pk.init_corda(model,
+            run_model)`` computes it from data (:mod:`peftkit.methods.lora_eva`, :mod:`peftkit.methods.lora_corda`).
         loftq_bits, loftq_iter: LoftQ's quantization (4: NF4, 8: int8) and alternating steps (HF PEFT's
             ``loftq_config``); only with ``init="loftq"``.
         rank_pattern, alpha_pattern: per-module overrides, pattern → value (first matching pattern wins).

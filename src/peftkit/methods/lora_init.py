@@ -14,8 +14,9 @@ For a base weight W (out × in) and an adapter of rank r and scale s:
   ``s·BA`` the best rank-r approximation of ``W − Q`` (alternately, ``loftq_iter`` times); see
   :mod:`peftkit.methods.lora_loftq`. The model then quantizes (``pk.quantize``) with a smaller error than plain QLoRA.
 
-PiSSA and OLoRA replace the base weight by the residual ``W_res = W − s·BA``, so that the model computes exactly
-what it did before (up to rounding): the adapter then trains the weight's principal (or leading QR) directions.
+PiSSA, OLoRA and CorDA (computed from data by :mod:`peftkit.methods.lora_corda`) replace the base weight by the
+residual ``W_res = W − s·BA``, so that the model computes exactly what it did before (up to rounding): the adapter
+then trains the weight's principal (or leading QR, or context-oriented) directions.
 The arithmetic runs in fp32 (fp64 over fp64 weights) and the residual is written back in the base weight's dtype,
 as in Hugging Face PEFT (whose ``pissa_init``/``olora_init``/``orthogonal_init`` this follows operation for
 operation, random draws included). HF PEFT then rounds the factors to a half-precision base's dtype; peftkit keeps
@@ -49,9 +50,9 @@ if TYPE_CHECKING:
     from peftkit.methods.lora import LoRA
 
 #: The accepted values of ``LoRA.init``, as they read in messages.
-INIT_FORMS = ("pissa", "pissa_niter_<N>", "olora", "orthogonal", "loftq", "eva")
-#: Initialisations computed from data after ``pk.apply``, by their own function (``pk.init_eva``).
-DATA_INITS = ("eva",)
+INIT_FORMS = ("pissa", "pissa_niter_<N>", "olora", "orthogonal", "loftq", "eva", "corda")
+#: Initialisations computed from data after ``pk.apply``, by their own function (``pk.init_eva``, ``pk.init_corda``).
+DATA_INITS = ("eva", "corda")
 _NITER = re.compile(r"pissa_niter_(\d+)")
 _FLOAT_BASES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
@@ -106,9 +107,9 @@ def check_loftq(config: LoRA) -> None:
 
 
 def changes_base(init: str | None) -> bool:
-    """Whether initialisation ``init`` rewrites the base weight (PiSSA, OLoRA: a residual; LoftQ: its quantized
+    """Whether initialisation ``init`` rewrites the base weight (PiSSA, OLoRA, CorDA: a residual; LoftQ: its quantized
     form)."""
-    return init is not None and (init in ("olora", "loftq") or init.startswith("pissa"))
+    return init is not None and (init in ("olora", "loftq", "corda") or init.startswith("pissa"))
 
 
 def moves_weight(init: str | None) -> bool:
@@ -177,7 +178,7 @@ def initialize(layer: LoRALinear, name: str, config: LoRA) -> None:
     replace the base weight by the residual ``W − s·BA`` and keep the factors they started from
     (``initial_factors``); LoftQ replaces it by its quantized form."""
     init = cast(str, config.init)
-    if init in DATA_INITS:  # computed from data later (pk.init_eva): a plain LoRA adapter until then
+    if init in DATA_INITS:  # computed from data later (pk.init_eva, pk.init_corda): a plain LoRA adapter until then
         return
     A, B = layer.factor_weights(name)
     weight = layer.kind.weight(layer.base_layer)
