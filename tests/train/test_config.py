@@ -6,6 +6,7 @@ import pytest
 
 from peftkit.errors import ConfigError
 from peftkit.train.config import apply_overrides, config_from_dict, dump_config, load_config
+from peftkit.train.tasks import peft_config
 
 BASE = {"checkpoint": {"pretrained": {"config": {"model_type": "llama"}}}}
 
@@ -124,3 +125,12 @@ def test_the_loading_module_imports_first_too():
     code = "from peftkit.train.config_load import load_config; from peftkit.train.config import RunConfig"
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert done.returncode == 0, done.stderr
+
+
+@pytest.mark.parametrize("init", ["eva", "corda"])
+def test_data_driven_inits_are_refused_by_a_run(init):
+    cfg = config_from_dict({**BASE, "peft": {"method": "lora", "target_modules": ["q_proj"], "init": init}})
+    with pytest.raises(ConfigError, match=rf"peft.init='{init}' is computed from data after the adapter is applied "
+                                          rf"\(pk.init_{init} in Python\), which a training run does not do"):
+        peft_config(cfg)
+    assert peft_config(config_from_dict({**BASE, "peft": {"method": "lora", "init": "pissa"}})).init == "pissa"

@@ -226,10 +226,16 @@ def peft_config(cfg: RunConfig) -> Any:
             f"(no peftkit.{cls_name}); choose another method"
         )
     try:
-        return cls(**cfg.peft.options)
+        method = cls(**cfg.peft.options)
     except TypeError as exc:  # a field another method has, e.g. a LoRA config's rank after peft.method=ia3
         raise ConfigError(f"peft options {cfg.peft.options} are invalid for {cls_name}: {exc}; remove those "
                           f"fields from the config's peft section to use peft.method={cfg.peft.method}") from None
+    init = getattr(method, "init", None)
+    if init in ("eva", "corda"):  # computed from data by pk.init_eva / pk.init_corda, which a run does not call
+        raise ConfigError(f"peft.init={init!r} is computed from data after the adapter is applied "
+                          f"(pk.init_{init} in Python), which a training run does not do; apply and initialise it "
+                          "in Python and train it with your own loop, or choose another init")
+    return method
 
 
 def apply_peft(model: nn.Module, cfg: RunConfig) -> nn.Module:
