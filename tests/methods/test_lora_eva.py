@@ -86,7 +86,7 @@ def test_factors_ranks_and_scales_equal_hf_peft(arch: str, targets: list[str] | 
         other = hf.base_model.model.get_submodule(qualname)
         A, B = layer.factor_weights("default")
         torch.testing.assert_close(A, other.lora_A["default"].weight, rtol=1e-5, atol=1e-6)
-        assert torch.equal(B, torch.zeros_like(B)) and A.abs().sum() > 0
+        assert torch.equal(B, torch.zeros_like(B)) and A.abs().sum() > 0 and A.requires_grad and B.requires_grad
         assert layer.rank["default"] == other.r["default"]
         assert layer.scaling["default"] == pytest.approx(other.scaling["default"])
         ranks.append(layer.rank["default"])

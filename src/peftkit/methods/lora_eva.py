@@ -260,7 +260,8 @@ def init_eva(
         show_progress: a progress bar with the number of converged layers.
 
     Returns:
-        Each adapted layer's rank (0: its adapter was dropped). The applied config records the ranks and α that
+        Each adapted layer's rank (0: its adapter was dropped). Layers whose rank changed hold new factor tensors:
+        create the optimizer afterwards. The applied config records the ranks and α that
         differ as ``rank_pattern``/``alpha_pattern`` (exact names), as HF PEFT does.
 
     Raises:
