@@ -107,8 +107,9 @@ class Branches(nn.Module):
         return self.a(x) + self.b(x @ self.project)
 
 
-def test_a_layer_given_no_rank_loses_its_adapter_as_in_hf_peft() -> None:
-    """Also tensor batches (every row counts) and a custom forward, against HF PEFT without its token masks."""
+def test_a_layer_given_no_rank_loses_its_adapter_as_in_hf_peft(tmp_path: Path) -> None:
+    """Also tensor batches (every row counts) and a custom forward, against HF PEFT without its token masks; the
+    saved adapter names the remaining target only, and loads in HF PEFT."""
     data = [torch.randn(32, 16, generator=torch.Generator().manual_seed(i)) for i in range(3)]
     torch.manual_seed(0)
     model = pk.apply(Branches(), pk.LoRA(target_modules=["a", "b"], rank=2, alpha=4, init="eva"))
@@ -126,6 +127,14 @@ def test_a_layer_given_no_rank_loses_its_adapter_as_in_hf_peft() -> None:
     assert config.alpha_pattern == hf.peft_config["default"].alpha_pattern == {"b": 8.0}  # type: ignore[attr-defined]
     torch.testing.assert_close(model.b.lora_A["default"].weight, hf.base_model.model.b.lora_A["default"].weight,
                                rtol=1e-5, atol=1e-6)
+    randomize_adapters(model, seed=1)
+    pk.save_adapter(model, tmp_path)
+    assert json.loads((tmp_path / "adapter_config.json").read_text())["target_modules"] == ["b"]
+    torch.manual_seed(0)
+    loaded = peft.PeftModel.from_pretrained(Branches(), str(tmp_path)).eval()
+    x = torch.randn(5, 16, generator=torch.Generator().manual_seed(9))
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(x), model(x), rtol=0, atol=1e-6)
 
 
 def test_tensor_batches_use_every_token_and_a_custom_forward_runs_them() -> None:
