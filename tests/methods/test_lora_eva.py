@@ -239,6 +239,8 @@ def test_bad_input_is_refused_before_the_model_changes(make: object, args: tuple
 def test_eva_is_refused_where_it_cannot_apply() -> None:
     with pytest.raises(ConfigError, match=r"DoRA does not support init='eva'; use pk.LoRA"):
         pk.DoRA(target_modules=["q_proj"], init="eva")
+    with pytest.raises(ConfigError, match=r"CanonicalLoRA does not support init='eva'; use pk.LoRA"):
+        pk.CanonicalLoRA(target_modules=["linear_qkv"], init="eva")
     with pytest.raises(ConfigError, match=r"init='eva' sets both factors; leave init_A and init_B"):
         pk.LoRA(target_modules=["q_proj"], init="eva", init_B="gaussian")
     with pytest.raises(ConfigError, match=r"'evaa' must be one of .*'eva'"):

@@ -66,7 +66,8 @@ class DoRA(LoRA):
     Dropout acts on the adapter branch's input only (``dropout_position="pre"``; see the module docstring).
     """
 
-    takes_data_init: ClassVar[bool] = False  # EVA re-adds adapters at new ranks; DoRA's magnitude is not rebuilt
+    #: EVA re-adds adapters at new ranks and CorDA rewrites W after the magnitudes were taken: they would not follow.
+    takes_data_init: ClassVar[bool] = False
     shares_A: ClassVar[bool] = False  # each DoRA layer keeps its own A (its norm is taken over W + s·BA)
 
     takes_parameters = False

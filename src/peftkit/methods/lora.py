@@ -114,7 +114,7 @@ class LoRA(AdapterConfig):
     shares_A: ClassVar[bool] = True
     #: Whether ``init`` (PiSSA, OLoRA, orthogonal) may be set.
     takes_weight_init: ClassVar[bool] = True
-    #: Whether ``init`` may name a data-driven initialisation (EVA).
+    #: Whether ``init`` may name a data-driven initialisation (EVA, CorDA).
     takes_data_init: ClassVar[bool] = True
     #: Whether ``alora_invocation_tokens`` (activated LoRA) may be set.
     takes_invocation_tokens: ClassVar[bool] = True
@@ -283,7 +283,7 @@ class LoRA(AdapterConfig):
             self.alpha_for(qualname),
             dropout=self.dropout,
             use_rslora=self.use_rslora,
-            # zero draws no random numbers (HF PEFT's stream); EVA starts as plain LoRA until pk.init_eva
+            # zero draws no random numbers (HF PEFT's stream); EVA and CorDA start as plain LoRA (pk.init_eva/_corda)
             init_A=self.init_A if self.init in (None, *DATA_INITS) else "zero",
             init_B=self.init_B if self.init in (None, *DATA_INITS) else "zero",
             dropout_position=self.dropout_position,

@@ -72,7 +72,7 @@ def check_init(config: LoRA) -> None:
                                          or _NITER.fullmatch(init)):
         raise ConfigError(f"init={init!r} must be one of {INIT_FORMS} (N: the number of subspace iterations of the "
                           "randomized SVD, e.g. 'pissa_niter_4'), or None for init_A/init_B")
-    if init in DATA_INITS and not type(config).takes_data_init:
+    if init in DATA_INITS and not (type(config).takes_data_init and type(config).takes_weight_init):
         raise ConfigError(f"{type(config).__name__} does not support init={init!r}; use pk.LoRA")
     if not type(config).takes_weight_init:
         raise ConfigError(f"{type(config).__name__} does not support init={init!r}; use pk.LoRA or pk.DoRA")
