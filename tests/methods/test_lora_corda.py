@@ -5,10 +5,7 @@ and the refusals."""
 
 from __future__ import annotations
 
-import dataclasses
 import json
-import sys
-import types
 from pathlib import Path
 
 import pytest
@@ -25,11 +22,8 @@ from peftkit.methods.lora_layers import LoRALinear
 from models import build, randomize_adapters
 
 peft = pytest.importorskip("peft")
-# HF PEFT's corda.py imports attrs' ``dataclass`` only to declare its eigen-triplet record (attrs is not installed
-# here); the standard library's does the same.
-sys.modules.setdefault("attr", types.SimpleNamespace(dataclass=dataclasses.dataclass))  # type: ignore[arg-type]
 from peft.tuners.lora.config import CordaConfig  # noqa: E402
-from peft.tuners.lora.corda import preprocess_corda  # noqa: E402
+from peft.tuners.lora.corda import preprocess_corda  # noqa: E402  (needs attrs, a test dependency)
 
 IDS = torch.randint(0, 96, (2, 7), generator=torch.Generator().manual_seed(5))
 TARGETS = {"llama": ["q_proj", "v_proj", "down_proj"], "gpt2": ["c_attn", "c_fc"]}
