@@ -68,8 +68,8 @@ def test_explicit_choices_win() -> None:
     assert isinstance(model.bert.pooler, ModulesToSave) and isinstance(model.classifier, nn.Linear)
     model = pk.apply(build("bert"), pk.LoRA(target_modules=["query"], task_type="FEATURE_EXTRACTION"))
     assert isinstance(model.classifier, nn.Linear)
-    # A head the user adapts is not copied as well.
-    model = pk.apply(build("bert"), pk.LoRA(target_modules=["query", "classifier"]))
+    # With a task that has no head of its own, a targeted head is adapted like any other layer.
+    model = pk.apply(build("bert"), pk.LoRA(target_modules=["query", "classifier"], task_type="FEATURE_EXTRACTION"))
     assert type(model.classifier).__name__ == "LoRALinear"
     assert get_state(model).configs["default"].modules_to_save == []
 
@@ -201,3 +201,64 @@ def test_bias_all_trains_the_head_copy_and_leaves_its_original_frozen(method: st
     pk.save_adapter(ours, tmp_path)  # the original's bias is still saved, as HF PEFT saves it
     saved = load_file(tmp_path / "adapter_model.safetensors")
     assert torch.equal(saved["base_model.model.classifier.original_module.bias"], ours.classifier.base_layer.bias)
+
+
+@pytest.mark.parametrize("task_type", ["SEQ_CLS", None])  # None: inferred from BertForSequenceClassification
+def test_a_targeted_head_is_trained_in_full_as_in_hf_peft(task_type: str | None, tmp_path) -> None:
+    """HF PEFT's sequence classifier keeps its head out of the LoRA targets and trains it in full: the same module
+    copies, and the files of each library load in the other with the same logits."""
+    targets = ["query", "classifier"]
+    model = pk.apply(build("bert"), pk.LoRA(target_modules=targets, rank=2, task_type=task_type))
+    hf = peft.get_peft_model(build("bert"), peft.LoraConfig(target_modules=targets, r=2, task_type="SEQ_CLS"))
+    assert isinstance(model.classifier, ModulesToSave)
+    assert type(hf.base_model.model.classifier).__name__ == "ModulesToSaveWrapper"
+    assert sorted(get_state(model).targets["default"]) == sorted(
+        n.removeprefix("base_model.model.").removesuffix(".base_layer")
+        for n, m in hf.named_modules() if n.endswith(".base_layer"))
+    assert pk.count_parameters(model) == tuple(hf.get_nb_trainable_parameters())
+
+    _randomize(model)
+    pk.save_adapter(model, tmp_path / "pk")
+    back = peft.PeftModel.from_pretrained(build("bert"), str(tmp_path / "pk")).eval()
+    _randomize(hf)
+    hf.eval().save_pretrained(str(tmp_path / "hf"))
+    loaded = pk.load_adapter(build("bert"), tmp_path / "hf")
+    assert isinstance(loaded.classifier, ModulesToSave)
+    with torch.no_grad():
+        torch.testing.assert_close(back(**INPUTS).logits, model(**INPUTS).logits)
+        torch.testing.assert_close(loaded(**INPUTS).logits, hf(**INPUTS).logits)
+        with pk.disable_adapters(model):
+            assert not torch.allclose(model(**INPUTS).logits, back(**INPUTS).logits, atol=1e-3)
+
+
+def test_a_targeted_head_is_copied_beside_explicit_modules_to_save(tmp_path) -> None:
+    """HF PEFT adds the head to an explicit ``modules_to_save`` too, and so excludes it from the targets."""
+    config = pk.LoRA(target_modules=["query", "classifier"], rank=2, modules_to_save=["pooler"])
+    model = pk.apply(build("bert"), config)
+    assert isinstance(model.classifier, ModulesToSave) and isinstance(model.bert.pooler, ModulesToSave)
+    assert get_state(model).configs["default"].modules_to_save == ["pooler", "classifier"]
+    assert config.modules_to_save == ["pooler"]  # the user's config is left as given
+    _randomize(model)
+    pk.save_adapter(model, tmp_path)
+    back = peft.PeftModel.from_pretrained(build("bert"), str(tmp_path)).eval()
+    with torch.no_grad():
+        torch.testing.assert_close(back(**INPUTS).logits, model(**INPUTS).logits)
+
+
+def test_targeting_only_the_head_is_refused_before_the_model_changes() -> None:
+    model = build("bert")
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(pk.errors.ConfigError, match=r"select only \['classifier'\].*'SEQ_CLS'.*FEATURE_EXTRACTION"):
+        pk.apply(model, pk.LoRA(target_modules=["classifier"], rank=2))
+    assert not get_state(model).configs
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+    assert isinstance(model.classifier, nn.Linear)
+    with pytest.raises(ValueError, match="only targeted modules that are marked to be saved"):
+        peft.get_peft_model(build("bert"), peft.LoraConfig(target_modules=["classifier"], task_type="SEQ_CLS"))
+
+
+def test_inspect_lists_a_targeted_head_once_as_a_full_copy() -> None:
+    report = pk.inspect(build("bert"), pk.LoRA(target_modules=["query", "classifier"], rank=2))
+    model = pk.apply(build("bert"), pk.LoRA(target_modules=["query", "classifier"], rank=2))
+    assert report.added_params == pk.count_parameters(model)[0]
+    assert [r.name for r in report.rows].count("classifier") == 1

@@ -81,7 +81,7 @@ def test_no_match_names_the_pattern_and_near_misses() -> None:
     model = build("llama")
     with pytest.raises(TargetNotFoundError, match=r"'q_prj'.*q_proj"):
         pk.apply(model, pk.LoRA(target_modules=["q_prj"]))
-    assert not any(p.requires_grad is False for p in model.parameters())  # untouched
+    assert all(p.requires_grad for p in model.parameters())  # untouched
 
 
 def test_unsupported_type_names_type_and_supported_ones() -> None:
@@ -117,7 +117,11 @@ def test_layers_filter_that_leaves_nothing_is_an_error() -> None:
 
 def test_targets_and_modules_to_save_must_not_overlap() -> None:
     with pytest.raises(ConfigError, match="both adapter targets and modules_to_save"):
-        pk.apply(build("bert"), pk.LoRA(target_modules=["classifier"], modules_to_save=["classifier"]))
+        pk.apply(build("bert"), pk.LoRA(target_modules=["query", "pooler.dense"], modules_to_save=["pooler.dense"]))
+    model = build("bert")
+    with pytest.raises(ConfigError, match=r"\['bert.pooler.dense'\] are both adapter targets and modules_to_save"):
+        pk.apply(model, pk.LoRA(target_modules=["query", "pooler.dense"], modules_to_save=["pooler"]))
+    assert all(p.requires_grad for p in model.parameters())  # untouched
 
 
 def test_inspect_is_a_dry_run_with_counts() -> None:

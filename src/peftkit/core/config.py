@@ -86,8 +86,9 @@ class AdapterConfig:
         modules_to_save: modules trained in full (a copy per adapter) and saved with the adapter, such
             as a classification head. When empty on a sequence or token classifier (``task_type="SEQ_CLS"`` or
             ``"TOKEN_CLS"``, or a ``*ForSequenceClassification``/``*ForTokenClassification`` model) ``pk.apply`` adds
-            its head, ``classifier`` or ``score`` (whichever exists and is not itself a target), and on a
-            question-answering model (``"QUESTION_ANS"``) ``qa_outputs``, as Hugging Face PEFT does.
+            its head, ``classifier`` or ``score`` (whichever exists), and on a question-answering model
+            (``"QUESTION_ANS"``) ``qa_outputs``, as Hugging Face PEFT does. For such a task the head is never adapted:
+            a target in it is trained in full instead (added to ``modules_to_save``), as in Hugging Face PEFT.
         task_type: Hugging Face PEFT's task type (``"CAUSAL_LM"``, ``"SEQ_CLS"``, ...), written to
             ``adapter_config.json``; inferred from the model class when ``None``.
     """

@@ -71,11 +71,51 @@ def classifier_heads(model: nn.Module, config: AdapterConfig) -> list[str]:
     ``SEQ_CLS``, ``*ForTokenClassification`` → ``TOKEN_CLS``, ``*ForQuestionAnswering`` → ``QUESTION_ANS``); its
     heads are ``classifier`` or ``score`` (whichever exists) for the first two and ``qa_outputs`` for the last.
     """
-    if config.modules_to_save:
-        return []
+    return [] if config.modules_to_save else task_heads(model, config)
+
+
+def task_heads(model: nn.Module, config: AdapterConfig) -> list[str]:
+    """The heads HF PEFT's model class for the config's task (or the model class's) trains in full, among the model's
+    modules: ``classifier`` / ``score`` for ``SEQ_CLS`` and ``TOKEN_CLS``, ``qa_outputs`` for ``QUESTION_ANS``."""
     heads = TASK_HEADS.get(config.task_type or infer_task_type(model) or "", ())
     names = [n for n, _ in iter_modules(model) if n]
     return [head for head in heads if any(first_match(n, [head]) for n in names)]
+
+
+def _saved_over_targets(
+    model: nn.Module, config: AdapterConfig, saved: list[str], targets: list[str], from_file: bool
+) -> tuple[AdapterConfig, list[str], list[str]]:
+    """HF PEFT never adapts a module inside a ``modules_to_save`` module, and its classifier model classes always
+    add the task's head to ``modules_to_save``: a targeted head (or a layer inside it) is trained in full instead of
+    adapted. An adapter file (``from_file``) means the same for every module it lists in ``modules_to_save``.
+
+    Returns:
+        The config (its ``modules_to_save`` naming a head moved there), the modules to copy and the targets left.
+
+    Raises:
+        ConfigError: every target lies in such a module (HF PEFT refuses that too).
+    """
+    heads = task_heads(model, config) if config.adds_heads else []
+    names = [n for n, _ in iter_modules(model) if n]
+    head_modules = [n for n in names if first_match(n, heads) is not None]
+    protected = [*head_modules, *(saved if from_file else [])]
+    moved = [t for t in targets if any(t == s or t.startswith(s + ".") for s in protected)]
+    if not moved:
+        return config, saved, targets
+    left = [t for t in targets if t not in moved]
+    if not left:
+        raise ConfigError(
+            f"target_modules={list(getattr(config, 'target_modules', []))} select only {moved}, inside the "
+            f"classification head {heads or saved} that task_type={config.task_type or infer_task_type(model)!r} "
+            "trains in full (modules_to_save), as HF PEFT does; target other modules as well, or pass another "
+            "task_type (e.g. 'FEATURE_EXTRACTION') to adapt the head itself"
+        )
+    new = [h for h in head_modules if h not in saved and any(t == h or t.startswith(h + ".") for t in moved)]
+    if new:
+        listed = list(config.modules_to_save)
+        listed += [h for h in heads if h not in listed and any(first_match(n, [h]) for n in new)]
+        config = config.replace(modules_to_save=listed)
+    return config, saved + new, left
 
 
 def _check_compatible(model: nn.Module, config: AdapterConfig, targets: list[str]) -> None:
@@ -150,12 +190,9 @@ def _add(model: nn.Module, config: AdapterConfig, name: str, activate: bool | No
     if custom is not None:  # methods that add modules rather than wrap layers (prompt tuning, ...)
         targets = custom(model, name)
     else:
-        targets = config.resolve(model)
+        config, saved, targets = _saved_over_targets(model, config, saved, config.resolve(model), not train_heads)
         _check_compatible(model, config, targets)
-    if heads:  # a head the user adapts explicitly is not copied too (HF PEFT keeps such heads out of the targets)
-        saved = [s for s in saved if not any(t == s or t.startswith(s + ".") or s.startswith(t + ".") for t in targets)]
-        config.modules_to_save = [h for h in heads if any(first_match(s, [h]) for s in saved)]
-    overlap = sorted(set(saved) & set(targets))
+    overlap = sorted(t for t in targets if any(t == s or t.startswith(s + ".") for s in saved))
     if overlap:
         raise ConfigError(
             f"{overlap} are both adapter targets and modules_to_save; a module is either trained in full "

@@ -108,8 +108,9 @@ def inspect(model: nn.Module, config: AdapterConfig) -> InspectReport:
         name += "_"
     _, before = count_parameters(shadow)
     with prepared(shadow, config):  # targets on the model as apply reshapes it (LoRA's layer_replication)
-        targets = config.resolve(shadow) if getattr(config, "inject", None) is None else None
         apply(shadow, config, name=name)
+    # As apply resolved them: a classification head among the targets is trained in full instead (modules_to_save).
+    targets = get_state(shadow).targets[name] if getattr(config, "inject", None) is None else None
     rows: list[InspectRow] = []
     modules = dict(shadow.named_modules())
     roles = _roles(shadow)
