@@ -376,14 +376,3 @@ def test_different_base_models_refused() -> None:
     state.configs["b"].extra["base_model_name_or_path"] = "org/mistral"
     with pytest.raises(ConfigError, match="different base models"):
         combine(model, WEIGHTS)
-
-
-def test_adapters_training_token_rows_are_refused() -> None:
-    from models import build
-
-    model = build("llama")
-    for name in ("a", "b"):
-        pk.apply(model, pk.LoRA(target_modules=["q_proj"], rank=2, trainable_token_indices=[3]), name=name)
-    with pytest.raises(ConfigError, match=r"trainable_token_indices=\[3\]\); combine only mixes low-rank factors"):
-        combine(model, {"a": 1.0, "b": 1.0})
-    assert list_adapters(model) == ["a", "b"]

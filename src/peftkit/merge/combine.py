@@ -37,6 +37,12 @@ combined as a task vector, measured from the point where the adapter is the iden
 
 The result is a DoRA adapter (``use_dora: true`` on disk).
 
+Modules the sources train in full (``modules_to_save``, e.g. a classifier head) get a copy in the new adapter too,
+combined from the sources' copies as task vectors of the base module with the same merge function as DoRA's
+magnitudes (:mod:`peftkit.merge.combine_saved`); Hugging Face PEFT gives the new adapter untrained copies instead.
+Adapters that train the base model's biases (``bias`` other than ``"none"``, trained in place, with no base value
+kept to measure from) or embedding rows (``trainable_token_indices``) are refused.
+
 Adapters of different modules combine over the union of their modules: in a module a source does not adapt, its
 update is zero and it takes no part in that module's merge (its weight, density draws and sign votes included),
 as in Hugging Face PEFT.
@@ -62,6 +68,7 @@ from peftkit.core.layer import AdapterLayer
 from peftkit.core.state import adapter_layers, get_state
 from peftkit.errors import AdapterExistsError, AdapterNotFoundError, AdapterStateError, ConfigError
 from peftkit.merge import merge_utils as mu
+from peftkit.merge.combine_saved import check_saved, combine_saved, saved_patterns, write_saved
 from peftkit.merge.trim import check_density, check_sign_method
 from peftkit.methods.dora import DoRA
 from peftkit.methods.lora import LoRA
@@ -193,12 +200,11 @@ def _check(
                 "(rsLoRA and per-module rank/alpha included)"
             )
         check_plain(model, adapter, "pk.combine")
-        if config.modules_to_save or config.bias != "none" or config.trainable_token_indices is not None:
+        if config.bias != "none" or config.trainable_token_indices is not None:
             raise ConfigError(
-                f"adapter {adapter!r} also trains full modules or rows (modules_to_save="
-                f"{list(config.modules_to_save)}, bias={config.bias!r}, trainable_token_indices="
-                f"{config.trainable_token_indices}); combine only mixes low-rank factors. Remove them from the "
-                "adapter first."
+                f"adapter {adapter!r} also trains the base model's biases or embedding rows (bias={config.bias!r}, "
+                f"trainable_token_indices={config.trainable_token_indices}), which combine does not mix; combine "
+                "adapters trained with bias='none' and without trainable_token_indices"
             )
         if config.target_parameters:
             raise ConfigError(
@@ -221,6 +227,7 @@ def _check(
     # Every module any source adapts; in a module a source does not adapt, its update is zero (as in HF PEFT).
     targets = sorted(set().union(*(state.targets[adapter] for adapter in names)))
     _check_extras(state.configs, names)
+    check_saved(model, names)
     layers = [(q, cast(LoRALayer, layer)) for q, layer in adapter_layers(model) if q in set(targets)]
     for qualname, layer in layers:
         if layer.merged_adapters:
@@ -348,8 +355,9 @@ def combine(
         AdapterNotFoundError: an unknown adapter. AdapterExistsError: ``name`` is taken.
         ConfigError: an unknown method, a non-finite weight, a non-integer seed, a missing/out-of-range
             density, unequal ranks for a factor-space method, adapters of different base models, an
-            adapter that is neither LoRA nor DoRA, a mix of LoRA and DoRA adapters, or ``lora_bias`` adapters with
-            a method other than ``cat``.
+            adapter that is neither LoRA nor DoRA, a mix of LoRA and DoRA adapters, ``lora_bias`` adapters with
+            a method other than ``cat``, an adapter training base biases (``bias``) or ``trainable_token_indices``,
+            or sources whose ``modules_to_save`` modules nest.
         AdapterStateError: the model has merged adapters.
     """
     canonical, targets, layers = _check(model, weights, method, name, density, majority_sign_method, rank, seed)
@@ -366,6 +374,8 @@ def combine(
 
     first = cast(LoRA, get_state(model).configs[next(iter(weights))])  # checked by _check
     dora = isinstance(first, DoRA)
+    # DoRA magnitudes and modules_to_save copies are combined as dense task vectors (see the module doc).
+    dense_fn = _FACTOR_FNS["task_arithmetic" if canonical == "cat" else base]
     new: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
     magnitudes: dict[str, torch.Tensor] = {}
     biases: dict[str, torch.Tensor] = {}
@@ -382,13 +392,16 @@ def combine(
             else:
                 new[qualname] = _factor_merge(_FACTOR_FNS[base], layer, present, kwargs)
             if dora:
-                fn = _FACTOR_FNS["task_arithmetic" if canonical == "cat" else base]
-                magnitudes[qualname] = _magnitude(fn, layer, present, kwargs)
+                magnitudes[qualname] = _magnitude(dense_fn, layer, present, kwargs)
+        saved = combine_saved(model, weights, dense_fn, kwargs)
 
     ranks = {q: int(A.shape[0]) for q, (A, _) in new.items()}
-    config = lora_config_for(model, first, ranks, lora_bias=bool(biases))
+    config = lora_config_for(model, first, ranks, lora_bias=bool(biases),
+                             modules_to_save=saved_patterns(model, list(weights)))
     with torch.random.fork_rng(devices=[]):  # the new factors are overwritten: leave the global RNG alone
-        apply(model, config, name=name, activate=False)
+        # The new adapter saves exactly its sources' modules: no classifier head of its own beyond theirs.
+        apply(model, config, name=name, activate=False, train_heads=False)
+    write_saved(model, name, saved)
     modules = dict(model.named_modules())
     for qualname, (A, B) in new.items():
         write_factors(cast(AdapterLayer, modules[qualname]), name, A, B)
@@ -405,10 +418,10 @@ def combine(
 
 def lora_config_for(
     model: nn.Module, template: LoRA, ranks: Mapping[str, int], alphas: Mapping[str, float] | None = None,
-    lora_bias: bool = False,
+    lora_bias: bool = False, modules_to_save: Sequence[str] = (),
 ) -> LoRA:
     """A LoRA config adapting exactly the modules of ``ranks`` with those ranks (α = r unless ``alphas``), with a
-    bias on B when ``lora_bias``.
+    bias on B when ``lora_bias``, training ``modules_to_save`` in full.
 
     Other fields (dropout, its position, task type, the HF extras such as the base model path) are
     taken from ``template``; a DoRA ``template`` gives a DoRA config.
@@ -428,6 +441,7 @@ def lora_config_for(
         dropout=template.dropout,
         dropout_position=template.dropout_position,
         lora_bias=lora_bias,
+        modules_to_save=list(modules_to_save),
         task_type=template.task_type,
         extra=dict(template.extra),
     )
