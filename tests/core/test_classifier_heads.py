@@ -11,7 +11,7 @@ from torch import nn
 
 import peftkit as pk
 from peftkit.core.modules_to_save import ModulesToSave
-from peftkit.core.state import get_state
+from peftkit.core.state import adapter_layers, get_state
 
 from models import build
 
@@ -262,3 +262,33 @@ def test_inspect_lists_a_targeted_head_once_as_a_full_copy() -> None:
     model = pk.apply(build("bert"), pk.LoRA(target_modules=["query", "classifier"], rank=2))
     assert report.added_params == pk.count_parameters(model)[0]
     assert [r.name for r in report.rows].count("classifier") == 1
+
+
+def _two_heads() -> nn.Module:
+    model = build("bert")
+    for name in ("a", "b"):
+        pk.apply(model, METHODS["lora"][0](), name=name)
+        pk.set_adapter(model, name)
+        _randomize(model)
+    return model
+
+
+def test_unload_of_a_named_adapter_keeps_its_own_head_copy() -> None:
+    model = _two_heads()
+    pk.set_adapter(model, "b")
+    with torch.no_grad():
+        expected = model(**INPUTS).logits
+        pk.set_adapter(model, "a")  # another adapter active: unload merges "b" and must take b's head
+        plain = pk.unload(model, names=["b"])
+        assert type(plain.classifier) is nn.Linear
+        torch.testing.assert_close(plain(**INPUTS).logits, expected)
+
+
+def test_merging_two_adapters_with_their_own_head_is_refused_before_any_change() -> None:
+    model = _two_heads()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    for call in (lambda: pk.merge(model, ["a", "b"]), lambda: pk.unload(model, names=["a", "b"])):
+        with pytest.raises(pk.errors.MergeError, match=r"\['a', 'b'\] each train their own copy of classifier"):
+            call()
+        assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+        assert not any(layer.merged_adapters for _, layer in adapter_layers(model))

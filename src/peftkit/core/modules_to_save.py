@@ -14,7 +14,7 @@ from typing import Any
 from torch import nn
 
 from peftkit.core.layer import AdapterLayer
-from peftkit.errors import AdapterStateError
+from peftkit.errors import AdapterStateError, MergeError
 
 
 class ModulesToSave(AdapterLayer):
@@ -63,6 +63,14 @@ class ModulesToSave(AdapterLayer):
         if name not in self.copies:
             return {}
         return dict(self.copies[name].state_dict(keep_vars=True))
+
+    def check_merge(self, names: Sequence[str], where: str = "") -> None:
+        # Merged adapters compute together, as active ones do: one copy would be silently ignored.
+        if len(names) > 1:
+            raise MergeError(
+                f"adapters {list(names)} each train their own copy of {where or type(self.base_layer).__name__} "
+                "(modules_to_save), and only one copy can compute its output; nothing was merged. Merge one of them"
+            )
 
     def merge(self, names: Any, safe: bool = False, where: str = "") -> None:
         # Merging keeps the copy in use; ``unload`` later swaps it in for the original.

@@ -33,7 +33,8 @@ def merge(model: nn.Module, names: str | Sequence[str] | None = None, safe: bool
         AdapterNotFoundError: an unknown name. ConfigError: a name given twice. MergeError: a non-finite delta
             with ``safe``, a method that cannot be merged, a LoRA adapter with ``lora_bias`` on a base layer without
             a bias, active adapters beside which a DoRA adapter would compute from a changed weight, or a LoRA update
-            to a weight other modules use too, such as tied embeddings (then nothing is merged).
+            to a weight other modules use too, such as tied embeddings, or two adapters that train their own copy of one
+            ``modules_to_save`` module (then nothing is merged).
     """
     state = get_state(model)
     if not state.configs:
@@ -127,17 +128,20 @@ def unload(
             full-precision weights instead of being re-quantized.
 
     Returns:
-        ``model`` itself, without adapters. A ``modules_to_save`` copy of a merged adapter replaces
-        its original module. With ``merge``, blocks repeated by LoRA's ``layer_replication`` first get their own
-        copies of the weights they share, so that each takes its own update: a plain model of the new depth.
+        ``model`` itself, without adapters. A ``modules_to_save`` copy of a merged adapter (active or named in
+        ``names``) replaces its original module; a module no merged adapter trains keeps its original. With
+        ``merge``, blocks repeated by LoRA's ``layer_replication`` first get their own copies of the weights they
+        share, so that each takes its own update: a plain model of the new depth.
 
     Raises:
-        MergeError: with ``merge``, as for :func:`merge` (a ``lora_bias`` adapter on a base layer without a bias
-            is refused before the model changes, dequantizing included).
+        MergeError: with ``merge``, as for :func:`merge` (a ``lora_bias`` adapter on a base layer without a bias,
+            or two adapters training their own copy of one module, is refused before the model changes, dequantizing
+            included).
     """
     state = get_state(model)
-    if merge and state.configs:  # refusals come before any change; blocks repeated by layer_replication are untied
-        _checked_merge(model, state.active if names is None else names, untie=True)
+    merged = list(state.active if names is None else names) if merge and state.configs else []
+    if merged:  # refusals come before any change; blocks repeated by layer_replication are untied
+        _checked_merge(model, merged, untie=True)
     if dequantize:
         for _, layer in adapter_layers(model):
             layer.base_layer = dequantized(layer.base_layer)
@@ -145,11 +149,12 @@ def unload(
             plain = dequantized(module)
             if plain is not module and qualname:
                 set_module(model, qualname, plain)
-    if merge and state.configs:
-        merge_adapters(model, state.active if names is None else names)
+    if merged:
+        merge_adapters(model, merged)
     for qualname, layer in reversed(list(adapter_layers(model))):  # inner layers first: wrappers may nest
-        if isinstance(layer, ModulesToSave):
-            set_module(model, qualname, layer.current() if merge else layer.base_layer)
+        if isinstance(layer, ModulesToSave):  # the merged adapter's copy (at most one: checked), else the original
+            copy = next((layer.copies[n] for n in merged if n in layer.copies), layer.base_layer)
+            set_module(model, qualname, copy)
         else:
             set_module(model, qualname, layer.base_layer)
     for name, config in list(state.configs.items()):
