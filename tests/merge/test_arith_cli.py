@@ -154,3 +154,46 @@ def test_a_bad_model_is_named_as_the_model_argument(model, setup, tmp_path, caps
         assert err.startswith(f"peftkit {argv[0]}: error: --model {path!r} {problem}; pass ")
         assert "checkpoint." not in err
     assert not out.exists()
+
+
+@pytest.mark.parametrize("kind", ["dora", "modules_to_save"])
+def test_combine_measures_dora_and_saved_modules_from_the_real_base_weights(kind: str, tmp_path: Path) -> None:
+    """Their combination depends on the base weights: a config.json (random weights) is refused before anything is
+    written, a directory with the weights gives copy = base + Σ wᵢ·(copyᵢ − base) from the real base."""
+    config = tmp_path / "config" / "config.json"
+    config.parent.mkdir()
+    config.write_text(json.dumps(LLAMA))
+    weights_dir = tmp_path / "weights"
+    base = _base_model(str(config), "causal_lm", None, 2)
+    with torch.no_grad():  # a base unlike the one config.json builds
+        for p in base.parameters():
+            p.add_(torch.randn_like(p))
+    base.save_pretrained(weights_dir)
+    method = pk.DoRA(target_modules=["q_proj"], rank=2) if kind == "dora" else pk.LoRA(
+        target_modules=["q_proj"], rank=2, modules_to_save=["model.norm"])
+    dirs = []
+    for i in range(2):
+        model = pk.apply(_base_model(str(weights_dir), "causal_lm", None, 2), method)
+        g = torch.Generator().manual_seed(i)
+        for p in (p for p in model.parameters() if p.requires_grad):
+            p.data.add_(torch.randn(p.shape, generator=g))
+        pk.save_adapter(model, tmp_path / f"ad{i}")
+        dirs.append(str(tmp_path / f"ad{i}"))
+    out = tmp_path / "mix"
+    argv = ["combine", *dirs, "--weights", "1", "1", "--out", str(out), "--model"]
+    with pytest.raises(ConfigError, match=r"holds no weights \(a config.json builds random ones\); pass the model dir"):
+        _run([*argv, str(config)])
+    assert not out.exists()
+    assert _run([*argv, str(weights_dir)]) == 0
+
+    def state(directory: str | Path) -> dict[str, torch.Tensor]:
+        from safetensors.torch import load_file
+
+        return load_file(str(Path(directory) / "adapter_model.safetensors"))
+
+    ours, first, second = state(out), state(dirs[0]), state(dirs[1])
+    key = next(k for k in ours if ("magnitude" in k if kind == "dora" else "norm" in k))
+    original = dict(base.named_parameters())["model.norm.weight" if kind != "dora" else
+                                             "model.layers.0.self_attn.q_proj.weight"].detach()
+    reference = original if kind != "dora" else original.norm(dim=1)
+    torch.testing.assert_close(ours[key], first[key] + second[key] - reference)

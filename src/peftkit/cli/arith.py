@@ -6,9 +6,10 @@
     peftkit prune ADAPTER --energy 0.95 --model BASE --out DIR
 
 ``--model`` is the base the adapters were trained on: a local ``transformers`` model directory or its
-``config.json`` (random weights are enough: combining and pruning only read the adapters' factors; the
-base matters for the output drift ``prune`` reports). Everything is read and checked before ``--out``
-is written, and each output file is replaced atomically.
+``config.json`` (random weights are enough where only the adapters' factors are read; the base matters for the
+output drift ``prune`` reports, and ``combine`` of DoRA adapters or of adapters with ``modules_to_save`` measures
+their magnitudes and copies from the base weights, so it needs the directory that holds them). Everything is read
+and checked before ``--out`` is written, and each output file is replaced atomically.
 """
 
 from __future__ import annotations
@@ -53,6 +54,19 @@ def _check_same_base(configs: list[dict[str, Any]], dirs: list[str]) -> None:
         raise ConfigError(f"the adapters have different task types {sorted(map(str, tasks))}")
 
 
+def _check_base_weights(model_path: str, configs: list[dict[str, Any]], dirs: list[str]) -> None:
+    """DoRA magnitudes and ``modules_to_save`` copies combine as offsets from the base weights: refuse random ones."""
+    from peftkit.train.tasks import _config_dict
+
+    needs = [d for d, c in zip(dirs, configs, strict=True) if c.get("use_dora") or c.get("modules_to_save")]
+    if needs and _config_dict(model_path) is not None:
+        raise ConfigError(
+            f"{needs} are DoRA adapters or train modules in full (modules_to_save), which combine relative to the "
+            f"base model's weights, but --model {model_path!r} holds no weights (a config.json builds random ones); "
+            "pass the model directory with the weights the adapters were trained on"
+        )
+
+
 def combine_command(args: argparse.Namespace) -> int:
     """Run ``peftkit combine``: load the adapters onto ``--model``, combine, save to ``--out``."""
     from peftkit.io.hf_format import load_adapter, read_config, save_adapter
@@ -69,6 +83,7 @@ def combine_command(args: argparse.Namespace) -> int:
         raise ConfigError(f"got {len(weights)} weights for {len(dirs)} adapters: pass one --weights value per adapter")
     configs = [read_config(d) for d in dirs]
     _check_same_base(configs, dirs)
+    _check_base_weights(args.model, configs, dirs)
     model = _base_model(args.model, args.task, configs[0].get("task_type"), args.num_labels)
     names = [f"adapter{i}" for i in range(len(dirs))]
     for directory, name in zip(dirs, names, strict=True):
@@ -92,8 +107,11 @@ def combine_command(args: argparse.Namespace) -> int:
 def _factor_A(model: nn.Module, name: str) -> list[torch.Tensor]:
     from peftkit.core.state import adapter_layers
     from peftkit.merge.combine import factors
+    from peftkit.methods.lora_layers import LoRALayer
 
-    return [factors(layer, name)[0] for _, layer in adapter_layers(model) if layer.has_adapter(name)]
+    # The low-rank layers only: a modules_to_save copy has no factors.
+    return [factors(layer, name)[0] for _, layer in adapter_layers(model)
+            if isinstance(layer, LoRALayer) and layer.has_adapter(name)]
 
 
 def _random_batch(model: nn.Module, task: str) -> torch.Tensor | None:
