@@ -231,6 +231,22 @@ def test_a_targeted_head_is_trained_in_full_as_in_hf_peft(task_type: str | None,
             assert not torch.allclose(model(**INPUTS).logits, back(**INPUTS).logits, atol=1e-3)
 
 
+
+def test_an_hf_peft_adapter_of_the_head_without_task_type_round_trips(tmp_path) -> None:
+    """Without a task type HF PEFT adapts a targeted head like any layer and writes no task type: peftkit loads it as
+    such, and saves it again without one, which HF PEFT's loader needs (a SEQ_CLS file would train the head)."""
+    hf = peft.get_peft_model(build("bert"), peft.LoraConfig(target_modules=["query", "classifier"], r=2,
+                                                            init_lora_weights=False)).eval()
+    hf.save_pretrained(str(tmp_path / "hf"))
+    ours = pk.load_adapter(build("bert"), tmp_path / "hf")
+    assert type(ours.classifier).__name__ == "LoRALinear"
+    pk.save_adapter(ours, tmp_path / "pk")
+    assert json.loads((tmp_path / "pk" / "adapter_config.json").read_text())["task_type"] is None
+    back = peft.PeftModel.from_pretrained(build("bert"), str(tmp_path / "pk")).eval()
+    with torch.no_grad():
+        torch.testing.assert_close(ours(**INPUTS).logits, hf(**INPUTS).logits)
+        torch.testing.assert_close(back(**INPUTS).logits, hf(**INPUTS).logits)
+
 def test_a_targeted_head_is_copied_beside_explicit_modules_to_save(tmp_path) -> None:
     """HF PEFT adds the head to an explicit ``modules_to_save`` too, and so excludes it from the targets."""
     config = pk.LoRA(target_modules=["query", "classifier"], rank=2, modules_to_save=["pooler"])

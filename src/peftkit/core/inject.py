@@ -95,7 +95,8 @@ def _saved_over_targets(
     Raises:
         ConfigError: every target lies in such a module (HF PEFT refuses that too).
     """
-    heads = task_heads(model, config) if config.adds_heads else []
+    # A file's task is its own: without a task_type HF PEFT loads it with no head rule (a head may be adapted).
+    heads = task_heads(model, config) if config.adds_heads and (config.task_type or not from_file) else []
     names = [n for n, _ in iter_modules(model) if n]
     head_modules = [n for n in names if first_match(n, heads) is not None]
     protected = [*head_modules, *(saved if from_file else [])]

@@ -28,6 +28,7 @@ from torch import nn
 from peftkit.core.config import AdapterConfig, infer_task_type
 from peftkit.core.inject import TASK_HEADS, apply, delete_adapter, prepared
 from peftkit.core.layer import AdapterLayer
+from peftkit.core.matching import first_match
 from peftkit.core.modules_to_save import ModulesToSave
 from peftkit.core.registry import METHODS, is_fan_in_fan_out
 from peftkit.core.state import adapter_layers, get_state
@@ -72,7 +73,7 @@ def adapter_config_dict(model: nn.Module, name: str, config: AdapterConfig | Non
     names = module_names(model)
     data = config.to_hf_dict(get_state(model).targets[name], names)
     if data.get("task_type") is None:
-        data["task_type"] = infer_task_type(model)
+        data["task_type"] = _inferred_task(model, get_state(model).targets[name])
     name_or_path = getattr(getattr(model, "config", None), "_name_or_path", None)
     if data.get("base_model_name_or_path") is None and name_or_path:
         data["base_model_name_or_path"] = name_or_path
@@ -83,6 +84,17 @@ def adapter_config_dict(model: nn.Module, name: str, config: AdapterConfig | Non
             for t in get_state(model).targets[name]
         )
     return data
+
+
+def _inferred_task(model: nn.Module, targets: Sequence[str]) -> str | None:
+    """The model class's task type, unless the adapter adapts a head of that task (loaded from an HF PEFT file without
+    a task type): HF PEFT's model class for the task would train that head in full instead, so such an adapter is
+    written without a task type, as HF PEFT wrote it."""
+    task = infer_task_type(model)
+    heads = [n for n, _ in iter_modules(model) if n and first_match(n, TASK_HEADS.get(task or "", ())) is not None]
+    if any(t == h or t.startswith(h + ".") for t in targets for h in heads):
+        return None
+    return task
 
 
 def save_adapter(
