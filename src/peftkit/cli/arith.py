@@ -8,8 +8,9 @@
 ``--model`` is the base the adapters were trained on: a local ``transformers`` model directory or its
 ``config.json`` (random weights are enough where only the adapters' factors are read; the base matters for the
 output drift ``prune`` reports, and ``combine`` of DoRA adapters or of adapters with ``modules_to_save`` measures
-their magnitudes and copies from the base weights, so it needs the directory that holds them). Everything is read
-and checked before ``--out`` is written, and each output file is replaced atomically.
+their magnitudes and copies from the base weights, so for adapters trained on a model with weights it needs the
+directory that holds them). Everything is read and checked before ``--out`` is written, and each output file is
+replaced atomically.
 """
 
 from __future__ import annotations
@@ -55,15 +56,18 @@ def _check_same_base(configs: list[dict[str, Any]], dirs: list[str]) -> None:
 
 
 def _check_base_weights(model_path: str, configs: list[dict[str, Any]], dirs: list[str]) -> None:
-    """DoRA magnitudes and ``modules_to_save`` copies combine as offsets from the base weights: refuse random ones."""
+    """DoRA magnitudes and ``modules_to_save`` copies combine as offsets from the base weights: refuse the random ones
+    of a config.json for adapters trained on a model with weights (one that records its path; a config.json base is
+    seeded, so adapters trained on it get the same weights back)."""
     from peftkit.train.tasks import _config_dict
 
-    needs = [d for d, c in zip(dirs, configs, strict=True) if c.get("use_dora") or c.get("modules_to_save")]
+    needs = {d: c["base_model_name_or_path"] for d, c in zip(dirs, configs, strict=True)
+             if (c.get("use_dora") or c.get("modules_to_save")) and c.get("base_model_name_or_path")}
     if needs and _config_dict(model_path) is not None:
         raise ConfigError(
-            f"{needs} are DoRA adapters or train modules in full (modules_to_save), which combine relative to the "
-            f"base model's weights, but --model {model_path!r} holds no weights (a config.json builds random ones); "
-            "pass the model directory with the weights the adapters were trained on"
+            f"{sorted(needs)} are DoRA adapters or train modules in full (modules_to_save), which combine relative to "
+            f"the base model's weights, but --model {model_path!r} holds no weights (a config.json builds random "
+            f"ones); pass the model directory with the weights they were trained on ({sorted(set(needs.values()))})"
         )
 
 
