@@ -35,6 +35,7 @@ from peftkit.core.state import adapter_layers, get_state
 from peftkit.core.walk import iter_modules
 from peftkit.errors import AdapterNotFoundError, CheckpointError, ConfigError, ShapeMismatchError
 from peftkit.io.atomic import atomic_path
+from peftkit.io.hf_names import hf_saved_modules
 
 logger = logging.getLogger("peftkit")
 
@@ -72,6 +73,8 @@ def adapter_config_dict(model: nn.Module, name: str, config: AdapterConfig | Non
     config = config or _config(model, name)
     names = module_names(model)
     data = config.to_hf_dict(get_state(model).targets[name], names)
+    if data.get("modules_to_save"):  # the modules the patterns selected, spelled as HF PEFT matches them
+        data["modules_to_save"] = hf_saved_modules(get_state(model).saved.get(name, []), names)
     if data.get("task_type") is None:
         data["task_type"] = _inferred_task(model, get_state(model).targets[name])
     name_or_path = getattr(getattr(model, "config", None), "_name_or_path", None)

@@ -11,7 +11,10 @@ from __future__ import annotations
 import re
 from typing import Any
 
-__all__ = ["hf_layer_targets", "hf_modules_to_save", "hf_parameters", "hf_pattern", "hf_resolve", "hf_targets"]
+__all__ = [
+    "hf_layer_targets", "hf_modules_to_save", "hf_parameters", "hf_pattern", "hf_resolve", "hf_saved_modules",
+    "hf_targets",
+]
 
 
 def _as_list(value: Any) -> list[str]:
@@ -79,9 +82,33 @@ def hf_layer_targets(data: dict[str, Any], module_names: list[str]) -> list[str]
 
 
 def hf_modules_to_save(spec: Any, module_names: list[str]) -> list[str]:
-    """HF PEFT's ``modules_to_save`` minus entries matching nothing (it adds ``classifier`` and ``score``
-    for every SEQ_CLS model and skips the one that is absent)."""
-    return [m for m in _as_list(spec) if any(n == m or n.endswith("." + m) for n in module_names)]
+    """HF PEFT's ``modules_to_save`` as entries peftkit reads as selecting the same modules, minus entries matching
+    nothing (it adds ``classifier`` and ``score`` for every SEQ_CLS model and skips the one that is absent).
+
+    HF PEFT selects every module whose qualified name ends with an entry as a plain string, so ``"norm"`` also
+    selects ``input_layernorm``. An entry that selects the same modules as a peftkit name or dotted suffix is kept;
+    any other becomes the qualified names of the modules HF PEFT selects.
+    """
+    out: list[str] = []
+    for entry in _as_list(spec):
+        theirs = [n for n in module_names if n.endswith(entry)]
+        ours = [n for n in module_names if n == entry or n.endswith("." + entry)]
+        if theirs:
+            out += [m for m in ([entry] if theirs == ours else theirs) if m not in out]
+    return out
+
+
+def hf_saved_modules(saved: list[str], module_names: list[str]) -> list[str] | None:
+    """``modules_to_save`` for HF PEFT that selects exactly the modules ``saved`` (qualified names), inside which
+    it takes nothing apart: their sorted leaf names when HF PEFT's plain-suffix reading of them selects no other
+    module, otherwise the qualified names (``None`` when nothing is saved)."""
+    if not saved:
+        return None
+    leaves = sorted({s.rsplit(".", 1)[-1] for s in saved})
+    outer = [n for n in module_names if not any(n.startswith(s + ".") for s in saved)]
+    if {n for n in outer if any(n.endswith(leaf) for leaf in leaves)} == set(saved):
+        return leaves
+    return list(saved)
 
 
 def hf_pattern(pattern: dict[str, Any], module_names: list[str], parameters: bool = False) -> dict[str, Any]:
