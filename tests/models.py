@@ -69,6 +69,50 @@ def t5() -> nn.Module:
     return T5ForConditionalGeneration(cfg)
 
 
+#: Shared sizes of the tiny decoder-only models below (hidden 32, 2 layers, 4 heads).
+_SMALL = {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4,
+          "vocab_size": 96, "max_position_embeddings": 64}
+
+
+def qwen2() -> nn.Module:
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    return Qwen2ForCausalLM(Qwen2Config(**_SMALL, num_key_value_heads=2))
+
+
+def mistral() -> nn.Module:
+    from transformers import MistralConfig, MistralForCausalLM
+
+    return MistralForCausalLM(MistralConfig(**_SMALL, num_key_value_heads=2))
+
+
+def gpt_neox() -> nn.Module:
+    from transformers import GPTNeoXConfig, GPTNeoXForCausalLM
+
+    return GPTNeoXForCausalLM(GPTNeoXConfig(**_SMALL))
+
+
+def phi3() -> nn.Module:
+    """Fused ``qkv_proj`` and ``gate_up_proj``, grouped-query attention."""
+    from transformers import Phi3Config, Phi3ForCausalLM
+
+    return Phi3ForCausalLM(Phi3Config(**_SMALL, num_key_value_heads=2, pad_token_id=0))
+
+
+def opt() -> nn.Module:
+    from transformers import OPTConfig, OPTForCausalLM
+
+    return OPTForCausalLM(OPTConfig(hidden_size=32, ffn_dim=64, num_hidden_layers=2, num_attention_heads=4,
+                                    vocab_size=96, max_position_embeddings=64, word_embed_proj_dim=32))
+
+
+def gemma() -> nn.Module:
+    """Tied embeddings, scaled by √hidden in the forward."""
+    from transformers import GemmaConfig, GemmaForCausalLM
+
+    return GemmaForCausalLM(GemmaConfig(**_SMALL, num_key_value_heads=2, head_dim=8))
+
+
 class ConvNet(nn.Module):
     """Embedding, Conv1d, Conv2d and Linear layers in one small model."""
 
@@ -94,16 +138,29 @@ ARCHS: dict[str, Arch] = {
     "t5": Arch(t5, lambda: {"input_ids": _ids(), "decoder_input_ids": _ids(seq=5)}, ["q", "v", "wi_0", "wo"]),
     "convnet": Arch(ConvNet, lambda: {"input_ids": _ids()}, ["embed", "conv1", "conv2", "proj"], output=""),
 }
+#: More decoder-only architectures, kept apart from ARCHS so the tables over ARCHS stay small.
+MORE_ARCHS: dict[str, Arch] = {
+    name: Arch(builder, lambda: {"input_ids": _ids()}, targets)
+    for name, builder, targets in [
+        ("qwen2", qwen2, ["q_proj", "v_proj"]), ("mistral", mistral, ["q_proj", "v_proj"]),
+        ("gpt_neox", gpt_neox, ["query_key_value"]), ("phi3", phi3, ["qkv_proj", "gate_up_proj"]),
+        ("opt", opt, ["q_proj", "v_proj"]), ("gemma", gemma, ["q_proj", "v_proj"]),
+    ]
+}
+
+
+def _arch(arch: str) -> Arch:
+    return ARCHS[arch] if arch in ARCHS else MORE_ARCHS[arch]
 
 
 def build(arch: str, seed: int = 0) -> nn.Module:
     torch.manual_seed(seed)
-    return ARCHS[arch].build().eval()
+    return _arch(arch).build().eval()
 
 
 def run(model: nn.Module, arch: str) -> torch.Tensor:
-    out = model(**ARCHS[arch].inputs())
-    key = ARCHS[arch].output
+    out = model(**_arch(arch).inputs())
+    key = _arch(arch).output
     return getattr(out, key) if key else out
 
 
