@@ -14,7 +14,7 @@ from safetensors.torch import load_file
 
 import peftkit as pk
 
-from models import build
+from models import build, randomize_trainable
 
 peft = pytest.importorskip("peft")
 
@@ -38,3 +38,22 @@ def test_saved_base_embedding_weights_load_as_in_hf_peft(layer: str, tmp_path: P
         expected = theirs(IDS).logits
         torch.testing.assert_close(again(IDS).logits, expected)
         torch.testing.assert_close(ours(IDS).logits, expected)
+
+
+@pytest.mark.parametrize("dora", [False, True])
+def test_a_scaled_embedding_scales_the_update_as_in_hf_peft(dora: bool, tmp_path: Path) -> None:
+    """Gemma multiplies its embedding lookups by √dim (``embed_scale``), and HF PEFT the LoRA or DoRA update with
+    them: adapters on its ``embed_tokens`` give the same logits in both libraries, both ways."""
+    assert float(build("gemma").get_input_embeddings().embed_scale) != 1.0
+    theirs = peft.get_peft_model(build("gemma"), peft.LoraConfig(r=2, target_modules=["embed_tokens"],
+                                                                 use_dora=dora))
+    randomize_trainable(theirs, scale=0.2, seed=5)
+    theirs.eval().save_pretrained(tmp_path / "hf")
+    ours = pk.apply(build("gemma"), (pk.DoRA if dora else pk.LoRA)(target_modules=["embed_tokens"], rank=2))
+    randomize_trainable(ours, scale=0.2, seed=6)
+    pk.save_adapter(ours, tmp_path / "pk")
+    with torch.no_grad():
+        loaded = pk.load_adapter(build("gemma"), tmp_path / "hf")
+        torch.testing.assert_close(loaded(IDS).logits, theirs(IDS).logits, rtol=1e-5, atol=1e-5)
+        again = peft.PeftModel.from_pretrained(build("gemma"), tmp_path / "pk").eval()
+        torch.testing.assert_close(again(IDS).logits, ours.eval()(IDS).logits, rtol=1e-5, atol=1e-5)

@@ -78,7 +78,8 @@ class DoRAEmbedding(_DoRAMixin, LoRAEmbedding):
         base = result
         for name in self._applied():
             A, B = self.factors(name)
-            lora = (self.embed(x, A.T) @ B.T) * self.scaling[name]
+            # A scaled embedding scales the update as it does the lookup; the norm is the table's own (as HF PEFT).
+            lora = self.scaled((self.embed(x, A.T) @ B.T) * self.scaling[name])
             if name not in self.lora_magnitude_vector:
                 result = result + lora
                 continue

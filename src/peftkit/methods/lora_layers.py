@@ -303,7 +303,8 @@ class LoRALinear(LoRALayer):
 
 
 class LoRAEmbedding(LoRALayer):
-    """LoRA on ``nn.Embedding``: ``E[x] + s·(Aᵀ[x] Bᵀ)``, A (r × vocab), B (dim × r).
+    """LoRA on ``nn.Embedding``: ``E[x] + s·(Aᵀ[x] Bᵀ)``, A (r × vocab), B (dim × r); both terms times the
+    embedding's ``embed_scale`` where it has one (a scaled embedding such as Gemma's).
 
     As in HF PEFT, A starts at zero and B Gaussian (the product is zero either way) and no dropout
     is applied to token indices.
@@ -362,7 +363,16 @@ class LoRAEmbedding(LoRALayer):
 
     def row_update(self, name: str, x: torch.Tensor) -> torch.Tensor:
         A, B = self.factors(name)
-        update: torch.Tensor = (self.embed(x, A.T) @ B.T) * self.scaling[name]
+        return self.scaled((self.embed(x, A.T) @ B.T) * self.scaling[name])
+
+    def scaled(self, update: torch.Tensor) -> torch.Tensor:
+        """``update`` times the factor a scaled embedding multiplies its lookups by (``embed_scale``: Gemma's √dim),
+        as the base lookup takes it: so the output equals a lookup in the merged table, as in HF PEFT."""
+        scale = getattr(self.base_layer, "embed_scale", None)
+        if isinstance(scale, torch.Tensor):
+            return update * scale.to(update.dtype)
+        if isinstance(scale, (int, float)) and not isinstance(scale, bool):
+            return update * scale
         return update
 
     def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
