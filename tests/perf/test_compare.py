@@ -6,7 +6,9 @@ import json
 from pathlib import Path
 
 import pytest
+import yaml
 
+from peftkit.cli.main import main
 from peftkit.errors import ConfigError
 from peftkit.train.compare import compare, markdown_table, method_config, register
 from peftkit.train.config import config_from_dict
@@ -82,6 +84,21 @@ def test_failed_method_is_a_row_not_a_crash(tmp_path: Path) -> None:
     assert row["error"].startswith("peftkit.errors.") and "bias" in row["error"]
     assert "Traceback" in Path(row["log"]).read_text()
     assert f"| bitfit | failed: {row['error'][:200]} |" in result["table"]
+
+
+def test_a_failed_method_makes_the_command_exit_3_after_writing_the_others(tmp_path: Path, capsys) -> None:
+    pytest.importorskip("matplotlib")
+    path, out = tmp_path / "run.yaml", tmp_path / "out"
+    path.write_text(yaml.safe_dump(_config(tmp_path)))
+    assert main(["compare", str(path), "--methods", "lora,bitfit", "--out", str(out)]) == 3  # BitFit: no bias here
+    err = capsys.readouterr().err
+    assert err.splitlines()[-1] == (f"peftkit compare: 1 of 2 methods failed (bitfit); their errors are in "
+                                    f"{out / 'compare.json'} and {out / 'compare.md'}; bitfit's output is in "
+                                    f"{out / 'bitfit' / 'compare_error.log'}")
+    rows = json.loads((out / "compare.json").read_text())["methods"]
+    assert "bias" in rows["bitfit"]["error"] and len(rows["lora"]["losses"]) == 2
+    assert "Traceback" in (out / "bitfit" / "compare_error.log").read_text()
+    assert (out / "loss.png").read_bytes()[:4] == b"\x89PNG"
 
 
 def test_cli_parser_registers_compare() -> None:

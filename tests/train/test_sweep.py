@@ -39,9 +39,12 @@ def test_a_run_that_raises_is_an_error_row_and_the_sweep_goes_on(sweep_file, mon
 
     _failing(monkeypatch, out_of_memory)
     path, root = sweep_file
-    assert main(["sweep", str(path), "--ranks", "2", "4", "8"]) == 0
+    assert main(["sweep", str(path), "--ranks", "2", "4", "8"]) == 3  # a script can tell that a run failed
     captured = capsys.readouterr()
     assert "sweep: rank 4, alpha 8 failed: OutOfMemoryError: CUDA out of memory" in captured.err
+    assert captured.err.splitlines()[-1] == (f"peftkit sweep: 1 of 3 runs failed (rank 4 alpha 8); their errors are "
+                                             f"in {root / 'sweep.json'} and {root / 'sweep.md'}")
+    assert "| 8 | 16 |" in captured.out  # the table of every run is printed all the same
     rows = json.loads((root / "sweep.json").read_text())
     assert [r["rank"] for r in rows] == [2, 4, 8]
     assert rows[1] == {"rank": 4, "alpha": 8.0, "error": "OutOfMemoryError: CUDA out of memory. Tried to allocate "

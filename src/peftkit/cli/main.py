@@ -3,6 +3,11 @@
 Every subcommand is a ``register(subparsers)`` function that adds its parser and sets ``func``.
 To add one, write such a function in your module and add one line to :data:`COMMANDS`
 (``"module.path:function"``; a module that fails to import is left out, so optional parts stay optional).
+
+Exit statuses: 0 success; 1 a crash (a Python traceback: a bug to report); 2 an error (a bad option, config or
+file: one ``peftkit COMMAND: error: ...`` line); 3 ``sweep`` or ``compare`` finished but some of its runs failed
+(their errors are rows of the table); 130 interrupted (Ctrl-C); 141 the reader of the output went away
+(``peftkit eval --json | head``).
 """
 
 from __future__ import annotations

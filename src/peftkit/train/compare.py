@@ -7,6 +7,9 @@ tokens/s, final training loss, held-out loss/accuracy, adapter size — is print
 
     peftkit compare CONFIG [KEY=VALUE ...] --methods lora,dora,ia3,full [--out runs/compare]
 
+A method that fails is a ``failed: …`` row (its whole output in ``OUT/<method>/compare_error.log``), the others
+are still tabulated and plotted, and the command exits with status 3, naming the failed methods.
+
 ``full`` trains every base weight (``peft.method=none``). Options in the config's ``peft`` section are passed on
 to every method that has a field of that name (``rank`` reaches LoRA and DoRA, not IA3).
 """
@@ -171,6 +174,8 @@ def compare(config: str | Path | RunConfig, methods: list[str], out_dir: str | P
     for method, cfg in configs.items():
         print(f"compare: training {method} …", flush=True)
         rows[method] = _run_isolated(cfg, out / method) if isolate else run_one(cfg)
+        if "error" in rows[method]:
+            print(f"compare: {method} failed: {rows[method]['error']}", file=sys.stderr, flush=True)
     table = markdown_table(rows)
     write_text_atomic(out / "compare.md", table)
     write_text_atomic(out / "compare.json",
@@ -269,8 +274,15 @@ def plot(rows: dict[str, dict[str, Any]], out: Path) -> list[Path]:
 # -- command line --------------------------------------------------------------------------------------
 def _command(args: argparse.Namespace) -> int:
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
-    compare(args.config, methods, args.out, args.overrides)
-    return 0
+    rows = compare(args.config, methods, args.out, args.overrides)["methods"]
+    failed = {m: r for m, r in rows.items() if "error" in r}
+    if not failed:
+        return 0
+    out = Path(args.out)
+    logs = "".join(f"; {m}'s output is in {r['log']}" for m, r in failed.items() if "log" in r)
+    print(f"peftkit compare: {len(failed)} of {len(rows)} methods failed ({', '.join(failed)}); their errors are in "
+          f"{out / 'compare.json'} and {out / 'compare.md'}{logs}", file=sys.stderr)
+    return 3  # "some runs failed": not 1, Python's status for a crash, nor 2, an error
 
 
 def register(sub: Any) -> None:
@@ -279,7 +291,8 @@ def register(sub: Any) -> None:
         "compare",
         help="train several PEFT methods on the same model and data and compare them",
         description="Run CONFIG once per method (only peft changes), each in OUT/<method>/ in its own process, "
-        "and write compare.md, compare.json, loss.png and memory_time.png to OUT.",
+        "and write compare.md, compare.json, loss.png and memory_time.png to OUT. A method that fails is a "
+        "'failed: ...' row (its output in OUT/<method>/compare_error.log); the exit status is then 3.",
     )
     p.add_argument("config", help="YAML run config (see configs/)")
     p.add_argument("--methods", required=True,

@@ -5,7 +5,7 @@ For each (rank, alpha) — alpha defaults to ``alpha_per_rank · rank`` — run 
 and total parameters, trainable %, first/last loss and mean/last gradient norm per run, as Markdown
 (``sweep.md``) and JSON (``sweep.json``) in the base ``save_dir``, rewritten after every run. A run that fails
 (an exception such as CUDA out of memory, or a loss that is not finite) gets a row with its ``error`` and the
-sweep goes on.
+sweep goes on; the command then exits with status 3, naming the failed runs.
 """
 
 from __future__ import annotations
@@ -167,6 +167,8 @@ def format_table(rows: list[dict[str, Any]]) -> str:
     def cell(key: str, value: Any) -> str:
         if key in ("trainable", "total"):
             return f"{value:,d}"
+        if key == "alpha":  # as a failed run's row writes it: 16, 0.5
+            return f"{value:g}"
         if key == "trainable_pct":
             return f"{value:.4f}"
         return f"{value:.4f}" if isinstance(value, float) else str(value)
@@ -183,7 +185,14 @@ def format_table(rows: list[dict[str, Any]]) -> str:
 def _main(args: argparse.Namespace) -> int:
     rows = run_sweep(args.config, args.ranks, args.alphas, args.alpha_per_rank, args.overrides)
     print(format_table(rows))
-    return 0
+    failed = [r for r in rows if "error" in r]
+    if not failed:
+        return 0
+    root = Path(failed[0]["save_dir"]).parent  # every run's directory is SAVE_DIR/r<rank>-a<alpha>
+    names = ", ".join(f"rank {r['rank']} alpha {r['alpha']:g}" for r in failed)
+    print(f"peftkit sweep: {len(failed)} of {len(rows)} runs failed ({names}); their errors are in "
+          f"{root / 'sweep.json'} and {root / 'sweep.md'}", file=sys.stderr)
+    return 3  # "some runs failed": not 1, Python's status for a crash, nor 2, an error
 
 
 def register(sub: Any) -> None:
@@ -193,7 +202,8 @@ def register(sub: Any) -> None:
         help="run a config over several LoRA ranks/alphas and tabulate",
         description="Train CONFIG (a LoRA-family method) once per rank and alpha, each run in "
         "SAVE_DIR/r<rank>-a<alpha> (SAVE_DIR: the config's checkpoint.save_dir), and print one table of parameter "
-        "counts, loss and gradient norm; SAVE_DIR gets sweep.md, sweep.json and (logging.plots) sweep.png.",
+        "counts, loss and gradient norm; SAVE_DIR gets sweep.md, sweep.json and (logging.plots) sweep.png. A run "
+        "that fails is a 'failed: ...' row and the others go on; the exit status is then 3.",
     )
     p.add_argument("config", help="YAML run config")
     p.add_argument("--ranks", type=int, nargs="+", default=[4, 8, 16, 32], help="ranks to run (default: 4 8 16 32)")
