@@ -133,6 +133,21 @@ def test_overrides_may_follow_an_option_taking_several_values(tmp_path, capsys):
     assert capsys.readouterr().out == before
 
 
+def test_a_removal_override_reaches_the_config_wherever_it_stands(run_config, tmp_path, monkeypatch, capsys):
+    from peftkit.train import loop
+
+    cfg = tmp_path / "run.yaml"
+    cfg.write_text(yaml.safe_dump(run_config("causal_lm", train={"max_steps": 2})))
+    seen = []
+    monkeypatch.setattr(loop, "train", lambda config: seen.append(config) or 1 / 0)  # stop once the config is read
+    with pytest.raises(ZeroDivisionError):
+        main(["train", str(cfg), "~train.max_steps", "~peft.target_modules"])
+    assert seen[0].train.max_steps == 0 and "target_modules" not in seen[0].peft.options
+    # after an option taking several values, the word is an override, not one of the values
+    err = _error(["sweep", str(cfg), "--ranks", "2", "4", "~train.max_step"], capsys)
+    assert "unknown field train.max_step (did you mean train.max_steps?)" in err
+
+
 def _error(argv: list[str], capsys) -> str:
     assert main(argv) == 2
     err = capsys.readouterr().err

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from peftkit.errors import ConfigError
-from peftkit.train.config import apply_overrides, config_from_dict, dump_config, load_config
+from peftkit.train.config import TrainConfig, apply_overrides, config_from_dict, dump_config, load_config
 from peftkit.train.tasks import peft_config
 
 BASE = {"checkpoint": {"pretrained": {"config": {"model_type": "llama"}}}}
@@ -35,7 +35,10 @@ def test_int_accepted_for_float_and_types_kept():
         ({"checkpoint": {}}, "checkpoint.pretrained=None"),
         ({"checkpoint": {"pretrained": {"config": {}}}}, "model_type"),
         ({**BASE, "bogus": {}}, "unknown config section 'bogus'; allowed: checkpoint, model"),
-        ({**BASE, "train": {"batchsize": 2}}, "unknown field train.batchsize; allowed: max_steps"),
+        ({**BASE, "train": {"batchsize": 2}}, "unknown field train.batchsize (did you mean train.batch_size?); "
+         "allowed: max_steps"),
+        ({**BASE, "train": {"max_steps": None}}, "train.max_steps=None is invalid; allowed: an integer (the field is "
+         "not optional); to use its default, 0, remove the field or override it with ~train.max_steps"),
         ({**BASE, "train": {"batch_size": 0}}, "train.batch_size=0 is invalid; allowed: an integer > 0"),
         ({**BASE, "train": {"batch_size": "8"}}, "train.batch_size='8' is invalid; allowed: an integer"),
         ({**BASE, "train": {"batch_size": True}}, "train.batch_size=True"),
@@ -96,6 +99,55 @@ def test_bool_for_tensorboard_literal_is_accepted():
 def test_bad_override_syntax(bad):
     with pytest.raises(ConfigError, match="write section.field=value"):
         apply_overrides({}, [bad])
+
+
+YAML_RUN = """\
+checkpoint:
+  pretrained: {config: {model_type: llama, num_hidden_layers: 2}}
+peft: {method: lora, rank: 8, target_modules: [q_proj]}
+train: {max_steps: 100, batch_size: 2}
+data: {eval: held_out.jsonl}
+"""
+
+
+def test_a_removed_field_takes_its_default_and_null_sets_an_optional_one_to_none(tmp_path):
+    path = tmp_path / "run.yaml"
+    path.write_text(YAML_RUN)
+    cfg = load_config(path, ["~train.max_steps", "~peft.target_modules", "data.eval=null", "~eval",
+                             "~checkpoint.pretrained.config.num_hidden_layers", "~scheduler.warmup_steps"])
+    assert cfg.train.max_steps == TrainConfig().max_steps and cfg.train.batch_size == 2
+    assert cfg.peft.options == {"rank": 8} and cfg.data.eval is None
+    assert cfg.checkpoint.pretrained == {"config": {"model_type": "llama"}}
+    # applied in order: a field set again after its removal keeps the new value, and the reverse
+    assert load_config(path, ["~train.max_steps", "train.max_steps=5"]).train.max_steps == 5
+    assert load_config(path, ["train.max_steps=5", "~train.max_steps"]).train.max_steps == TrainConfig().max_steps
+    assert load_config(path, ["~peft"]).peft.options == {}
+    # a field the new method lacks, set in the file, can be removed after changing the method
+    assert load_config(path, ["peft.method=ia3", "~peft.rank"]).peft.options == {"target_modules": ["q_proj"]}
+
+
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [
+        ("~train.max_step", "unknown field train.max_step (did you mean train.max_steps?); allowed: max_steps, epochs"),
+        ("~peft.rnak", "unknown field peft.rnak (did you mean peft.rank?); allowed: method, target_modules"),
+        ("~trian.max_steps", "unknown config section 'trian' in '~trian.max_steps'; allowed: checkpoint, model"),
+        ("~checkpoint.pretrained", "'~checkpoint.pretrained' would remove checkpoint.pretrained, which is required and "
+         "has no default; override it instead: checkpoint.pretrained=PATH"),
+        ("~checkpoint", "'~checkpoint' would remove checkpoint.pretrained, which is required"),
+        ("~train.max_steps=3", "override '~train.max_steps=3' is invalid; write ~section.field, without a value"),
+        ("~checkpoint.pretrained.config.hidden", "cannot remove checkpoint.pretrained.config.hidden: "
+         "checkpoint.pretrained.config has no key 'hidden'; its keys: model_type, num_hidden_layers"),
+        ("~peft.target_modules.0", "cannot remove peft.target_modules.0: peft.target_modules is ['q_proj'], not a "
+         "mapping"),
+    ],
+)
+def test_removing_what_cannot_be_removed_names_it(tmp_path, override, message):
+    path = tmp_path / "run.yaml"
+    path.write_text(YAML_RUN)
+    with pytest.raises(ConfigError) as info:
+        load_config(path, [override])
+    assert str(info.value).startswith(message)
 
 
 def test_missing_file(tmp_path):

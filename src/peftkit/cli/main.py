@@ -42,10 +42,13 @@ def register_train(sub: Any) -> None:
     p = sub.add_parser(
         "train",
         help="fine-tune from a YAML config",
-        description="Run the fine-tuning described by CONFIG; override fields as section.field=value.",
+        description="Run the fine-tuning described by CONFIG; override fields as section.field=value (YAML "
+        "values; null sets an optional field to null) and remove one, so that its default applies, with "
+        "~section.field (quote it in zsh).",
     )
     p.add_argument("config", help="YAML run config (see configs/)")
-    p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="e.g. train.max_steps=100 peft.rank=16")
+    p.add_argument("overrides", nargs="*", metavar="KEY=VALUE",
+                   help="e.g. train.max_steps=100 peft.rank=16 data.eval=null ~peft.target_modules")
     p.set_defaults(func=_train)
 
 
@@ -171,6 +174,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 #: A ``section.field=value`` word (a dotted name, then ``=``), as opposed to an option value or a path.
 _ASSIGNMENT = re.compile(r"[A-Za-z_]\w*(?:\.\w+)*=")
+#: A ``~section.field`` word: an override that removes a config field (not for ``inspect``'s FIELD=VALUE options).
+_REMOVAL = re.compile(r"~[A-Za-z_]\w*(?:\.\w+)*")
 
 
 def _assignments_field(parser: argparse.ArgumentParser, argv: list[str]) -> str | None:
@@ -190,7 +195,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     field = _assignments_field(parser, argv)
     # KEY=VALUE may come anywhere after the command, also after an option taking several values (argparse alone
     # would take it as one of them): such words are set aside and added to the command's list.
-    assignments = [a for a in argv[1:] if field and _ASSIGNMENT.match(a)]
+    assignments = [a for a in argv[1:]
+                   if field and (_ASSIGNMENT.match(a) or field == "overrides" and _REMOVAL.fullmatch(a))]
     args = parser.parse_args([a for a in argv if a not in assignments] if assignments else argv)
     if field and assignments:
         setattr(args, field, [*getattr(args, field), *assignments])

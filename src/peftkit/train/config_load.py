@@ -7,6 +7,7 @@ error always names the field, the value and what is allowed; ranges are checked 
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import types
 import typing
 from pathlib import Path
@@ -16,7 +17,7 @@ import yaml
 
 from peftkit.errors import ConfigError
 from peftkit.io.atomic import write_text_atomic
-from peftkit.train.config import PeftSection, RunConfig, _require
+from peftkit.train.config import PEFT_METHODS, PeftSection, RunConfig, _require
 
 _SECTION_TYPES = typing.get_type_hints(RunConfig)
 
@@ -79,9 +80,32 @@ def _build_section(section: str, values: Any) -> Any:
     kwargs = {}
     for key, value in values.items():
         if key not in hints:
-            raise ConfigError(f"unknown field {section}.{key}; allowed: {', '.join(hints)}")
+            raise _unknown_field(section, key, hints)
+        if value is None and not _accepts_none(hints[key]):
+            default = _default(cls, key)
+            raise ConfigError(f"{section}.{key}=None is invalid; allowed: {_type_name(hints[key])} (the field is not "
+                              f"optional); to use its default, {default!r}, remove the field or override it with "
+                              f"~{section}.{key}")
         kwargs[key] = _check_value(f"{section}.{key}", value, hints[key])
     return cls(**kwargs)
+
+
+def _unknown_field(section: str, key: str, allowed: typing.Iterable[str]) -> ConfigError:
+    close = difflib.get_close_matches(key, list(allowed), n=1)
+    hint = f" (did you mean {section}.{close[0]}?)" if close else ""
+    return ConfigError(f"unknown field {section}.{key}{hint}; allowed: {', '.join(allowed)}")
+
+
+def _accepts_none(annotation: Any) -> bool:
+    if annotation is Any or annotation is type(None):
+        return True
+    return typing.get_origin(annotation) in (Union, types.UnionType) and type(None) in typing.get_args(annotation)
+
+
+def _default(cls: Any, name: str) -> Any:
+    """The default value of the dataclass field ``name``."""
+    f = next(f for f in dataclasses.fields(cls) if f.name == name)
+    return f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
 
 
 def config_from_dict(data: dict[str, Any]) -> RunConfig:
@@ -105,16 +129,25 @@ def config_from_dict(data: dict[str, Any]) -> RunConfig:
 
 
 def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
-    """Apply ``key.sub=value`` overrides (values parsed as YAML) to nested config data, in place.
+    """Apply overrides to nested config data, in place and in order.
+
+    ``section.field=value`` sets a field (the value is parsed as YAML: ``null`` sets an optional field to
+    ``None``); deeper keys reach into mappings (``checkpoint.pretrained.config.num_hidden_layers=4``).
+    ``~section.field`` removes a field, so that its default applies; ``~section`` removes a whole section.
 
     Raises:
-        ConfigError: an override without ``=`` or without a section.
+        ConfigError: an override that is neither form; removing an unknown section or field, a key a mapping
+            does not have, or ``checkpoint.pretrained`` (required, no default).
     """
     for item in overrides:
+        if item.startswith("~"):
+            _remove(data, item)
+            continue
         key, sep, raw = item.partition("=")
         parts = key.strip().split(".")
         if not sep or len(parts) < 2 or not all(parts):
-            raise ConfigError(f"override {item!r} is invalid; write section.field=value, e.g. train.max_steps=100")
+            raise ConfigError(f"override {item!r} is invalid; write section.field=value, e.g. train.max_steps=100 "
+                              "(or ~section.field to remove a field, so that its default applies)")
         node = data
         for part in parts[:-1]:
             child = node.get(part)
@@ -123,6 +156,54 @@ def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any
             node = child
         node[parts[-1]] = yaml.safe_load(raw) if raw.strip() else ""
     return data
+
+
+def _remove(data: dict[str, Any], item: str) -> None:
+    """Apply a ``~section.field`` override: delete the key, or check that its name is right where it is not set."""
+    parts = item[1:].split(".")
+    if "=" in item or not all(parts):
+        raise ConfigError(f"override {item!r} is invalid; write ~section.field, without a value, to remove a field "
+                          "so that its default applies, e.g. ~train.max_steps")
+    name = ".".join(parts)
+    if name in ("checkpoint", "checkpoint.pretrained"):
+        raise ConfigError(f"{item!r} would remove checkpoint.pretrained, which is required and has no default; "
+                          "override it instead: checkpoint.pretrained=PATH")
+    node: Any = data
+    for depth, part in enumerate(parts[:-1], 1):
+        node = node.get(part)
+        if node is None:
+            break
+        if not isinstance(node, dict):
+            raise ConfigError(f"cannot remove {name}: {'.'.join(parts[:depth])} is {node!r}, not a mapping")
+    if isinstance(node, dict) and parts[-1] in node:  # set: removed, whatever it is (a stale field too)
+        del node[parts[-1]]
+        return
+    # Not set, so its default applies already; but a misspelt name must not pass unnoticed.
+    if parts[0] not in _SECTION_TYPES:
+        raise ConfigError(f"unknown config section {parts[0]!r} in {item!r}; allowed: {', '.join(_SECTION_TYPES)}")
+    if len(parts) >= 2 and parts[0] != "peft":
+        hints = typing.get_type_hints(_SECTION_TYPES[parts[0]])
+        if parts[1] not in hints:
+            raise _unknown_field(parts[0], parts[1], hints)
+    elif len(parts) >= 2 and parts[1] != "method":
+        fields = _method_fields(data.get("peft"))
+        if fields is not None and parts[1] not in fields:
+            raise _unknown_field("peft", parts[1], ["method", *fields])
+    if len(parts) > 2 and isinstance(node, dict):  # inside a field's own mapping: a key there has no default
+        raise ConfigError(f"cannot remove {name}: {'.'.join(parts[:-1])} has no key {parts[-1]!r}; its keys: "
+                          f"{', '.join(map(str, node)) or 'none'}")
+
+
+def _method_fields(peft: Any) -> list[str] | None:
+    """The fields of the config class of ``peft``'s method; ``None`` when that is not known (yet)."""
+    method = peft.get("method", "lora") if isinstance(peft, dict) else "lora"
+    cls_name = PEFT_METHODS.get(method) if isinstance(method, str) else None
+    if cls_name is None:
+        return None
+    import peftkit as pk
+
+    cls = getattr(pk, cls_name, None)
+    return None if cls is None else [f.name for f in dataclasses.fields(cls)]
 
 
 def load_config(path: str | Path | None, overrides: list[str] | None = None) -> RunConfig:
