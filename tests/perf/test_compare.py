@@ -101,6 +101,26 @@ def test_a_failed_method_makes_the_command_exit_3_after_writing_the_others(tmp_p
     assert (out / "loss.png").read_bytes()[:4] == b"\x89PNG"
 
 
+def test_results_of_finished_methods_are_on_disk_when_a_later_one_is_interrupted(tmp_path: Path, monkeypatch,
+                                                                                 capsys) -> None:
+    from peftkit.train import compare as module
+
+    real = module.run_one
+    monkeypatch.setattr(module, "run_one", lambda cfg: real(cfg) if cfg.peft.method == "lora" else _interrupt())
+    out = tmp_path / "out"
+    with pytest.raises(KeyboardInterrupt):
+        compare(config_from_dict(_config(tmp_path)), ["lora", "ia3"], out, isolate=False)
+    assert capsys.readouterr().out.splitlines() == [f"compare: training lora (1/2) in {out / 'lora'}",
+                                                    f"compare: training ia3 (2/2) in {out / 'ia3'}"]
+    rows = json.loads((out / "compare.json").read_text())["methods"]
+    assert list(rows) == ["lora"] and len(rows["lora"]["losses"]) == 2
+    assert (out / "compare.md").read_text() == markdown_table(rows)
+
+
+def _interrupt() -> None:
+    raise KeyboardInterrupt
+
+
 def test_cli_parser_registers_compare() -> None:
     import argparse
 

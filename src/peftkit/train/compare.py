@@ -3,7 +3,8 @@
 Each method runs the user's config with only ``peft`` changed, in its own process (so every peak-memory figure
 is that method's alone), under ``OUT/<method>/``. The table — trainable parameters, peak memory, time per step,
 tokens/s, final training loss, held-out loss/accuracy, adapter size — is printed and written as
-``compare.md`` and ``compare.json``; ``loss.png`` holds the loss curves and ``memory_time.png`` the bars::
+``compare.md`` and ``compare.json`` (rewritten after every method); ``loss.png`` holds the loss curves and
+``memory_time.png`` the bars::
 
     peftkit compare CONFIG [KEY=VALUE ...] --methods lora,dora,ia3,full [--out runs/compare]
 
@@ -171,15 +172,16 @@ def compare(config: str | Path | RunConfig, methods: list[str], out_dir: str | P
     configs = {m: method_config(base, m, Path(out_dir)) for m in methods}  # validates all before any training
     out = output_dir(out_dir, "--out")
     rows: dict[str, dict[str, Any]] = {}
-    for method, cfg in configs.items():
-        print(f"compare: training {method} …", flush=True)
+    for i, (method, cfg) in enumerate(configs.items(), 1):
+        print(f"compare: training {method} ({i}/{len(configs)}) in {out / method}", flush=True)
         rows[method] = _run_isolated(cfg, out / method) if isolate else run_one(cfg)
         if "error" in rows[method]:
             print(f"compare: {method} failed: {rows[method]['error']}", file=sys.stderr, flush=True)
-    table = markdown_table(rows)
-    write_text_atomic(out / "compare.md", table)
-    write_text_atomic(out / "compare.json",
-                      json.dumps({"methods": rows, "config": base.to_dict()}, indent=1, default=str))
+        # After every method: Ctrl-C, or a later method that kills the process, keeps these results.
+        table = markdown_table(rows)
+        write_text_atomic(out / "compare.md", table)
+        write_text_atomic(out / "compare.json",
+                          json.dumps({"methods": rows, "config": base.to_dict()}, indent=1, default=str))
     files = [out / "compare.md", out / "compare.json"] + plot(rows, out)
     print(table)
     return {"methods": rows, "table": table, "files": [str(f) for f in files]}
