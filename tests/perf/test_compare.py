@@ -36,7 +36,7 @@ def test_method_configs_keep_the_run_and_pass_on_only_accepted_options(tmp_path:
     assert "rank" not in ia3.peft.options and ia3.peft.options["target_modules"] == ["q_proj", "v_proj"]
     full = method_config(base, "full", tmp_path)
     assert full.peft.method == "none" and full.peft.options == {}
-    with pytest.raises(ConfigError, match="unknown method 'lorra'.*choose from"):
+    with pytest.raises(ConfigError, match=r"unknown method 'lorra' in --methods \(did you mean 'lora'\?\); choose"):
         method_config(base, "lorra", tmp_path)
     bitfit = method_config(base, "bitfit", tmp_path)  # LoRA's targets would mean "train these layers' biases"
     assert "target_modules" not in bitfit.peft.options

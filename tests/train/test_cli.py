@@ -133,6 +133,13 @@ def test_overrides_may_follow_an_option_taking_several_values(tmp_path, capsys):
     assert capsys.readouterr().out == before
 
 
+def test_an_inspect_field_without_a_value_is_named(tmp_path, capsys):
+    cfg = tmp_path / "config.json"
+    cfg.write_text(json.dumps(LLAMA))
+    err = _error(["inspect", str(cfg), "rank", "--method", "lora"], capsys)
+    assert err == "peftkit inspect: error: method field 'rank' has no value; write FIELD=VALUE, e.g. rank=16\n"
+
+
 def test_a_removal_override_reaches_the_config_wherever_it_stands(run_config, tmp_path, monkeypatch, capsys):
     from peftkit.train import loop
 

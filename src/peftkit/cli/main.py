@@ -21,7 +21,7 @@ import sys
 from collections.abc import Sequence
 from typing import Any
 
-from peftkit.errors import PeftkitError
+from peftkit.errors import ConfigError, PeftkitError
 
 
 def _train(args: argparse.Namespace) -> int:
@@ -83,6 +83,9 @@ def _inspect(args: argparse.Namespace) -> int:
 
     from peftkit.train.commands import inspect_model
 
+    bare = [o for o in args.options if "=" not in o]
+    if bare:
+        raise ConfigError(f"method field {bare[0]!r} has no value; write FIELD=VALUE, e.g. {bare[0]}=16")
     options = {k: yaml.safe_load(v) for k, _, v in (o.partition("=") for o in args.options)}
     if args.target:
         options["target_modules"] = args.target

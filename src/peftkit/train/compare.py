@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import difflib
 import json
 import os
 import statistics
@@ -48,7 +49,10 @@ def method_config(base: RunConfig, method: str, out_dir: Path) -> RunConfig:
     """
     name = ALIASES.get(method, method)
     if name not in PEFT_METHODS:
-        raise ConfigError(f"unknown method {method!r} in --methods; choose from {sorted([*PEFT_METHODS, *ALIASES])}")
+        known = sorted([*PEFT_METHODS, *ALIASES])
+        close = difflib.get_close_matches(method, known, n=1)
+        hint = f" (did you mean {close[0]!r}?)" if close else ""
+        raise ConfigError(f"unknown method {method!r} in --methods{hint}; choose from {known}")
     data = base.to_dict()
     data["peft"] = {"method": name, **_options_for(name, base.peft.method, dict(base.peft.options))}
     _fill_steps(data)

@@ -17,6 +17,7 @@ model offline.
 from __future__ import annotations
 
 import dataclasses
+import difflib
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -86,7 +87,9 @@ class PeftSection:
     options: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
-        _require(self.method in PEFT_METHODS, "peft.method", self.method, ", ".join(PEFT_METHODS))
+        close = difflib.get_close_matches(str(self.method), PEFT_METHODS, n=1)
+        hint = f" (did you mean {close[0]!r}?)" if close else ""
+        _require(self.method in PEFT_METHODS, "peft.method", self.method, ", ".join(PEFT_METHODS) + hint)
 
 
 @dataclass
