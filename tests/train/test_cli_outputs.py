@@ -100,7 +100,9 @@ def test_a_sweep_of_a_method_without_rank_says_so_and_trains_nothing(run_config,
     assert "peft.method='ia3' has no rank and alpha to sweep; use a LoRA-family method" in err
     monkeypatch.undo()
     err = _error(["train", str(path), "peft.rank=4"], capsys)  # a LoRA field left in another method's section
-    assert "'rank' is not a field" in err and "remove those fields from the config's peft section" in err
+    assert "'rank' is not a field" in err
+    assert "remove those fields from the config's peft section (on the command line: ~peft.rank) to use" in err
+    assert main(["train", str(path), "peft.rank=4", "~peft.rank", "train.max_steps=1"]) == 0  # as it says
 
 
 def test_a_sweep_names_each_run_as_it_starts(config_file, tmp_path, capsys):

@@ -8,6 +8,7 @@ same base: evaluation and resume rebuild it identically.
 
 from __future__ import annotations
 
+import dataclasses
 import difflib
 import json
 from pathlib import Path
@@ -228,8 +229,11 @@ def peft_config(cfg: RunConfig) -> Any:
     try:
         method = cls(**cfg.peft.options)
     except TypeError as exc:  # a field another method has, e.g. a LoRA config's rank after peft.method=ia3
-        raise ConfigError(f"peft options {cfg.peft.options} are invalid for {cls_name}: {exc}; remove those "
-                          f"fields from the config's peft section to use peft.method={cfg.peft.method}") from None
+        fields = {f.name for f in dataclasses.fields(cls)}
+        removals = " ".join(f"~peft.{k}" for k in cfg.peft.options if k not in fields)
+        where = f" (on the command line: {removals})" if removals else ""
+        raise ConfigError(f"peft options {cfg.peft.options} are invalid for {cls_name}: {exc}; remove those fields "
+                          f"from the config's peft section{where} to use peft.method={cfg.peft.method}") from None
     init = getattr(method, "init", None)
     if init in ("eva", "corda"):  # computed from data by pk.init_eva / pk.init_corda, which a run does not call
         raise ConfigError(f"peft.init={init!r} is computed from data after the adapter is applied "
