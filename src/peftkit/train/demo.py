@@ -19,8 +19,8 @@ from typing import Any
 
 import torch
 
-from peftkit.errors import MissingDependencyError
-from peftkit.io.atomic import write_atomic
+from peftkit.errors import ConfigError, MissingDependencyError
+from peftkit.io.atomic import output_dir, write_atomic
 from peftkit.train.config import config_from_dict
 from peftkit.train.data import load_examples
 from peftkit.train.evaluate import evaluate
@@ -55,6 +55,9 @@ def tweets(train_size: int, eval_size: int, seed: int = 0) -> tuple[list[dict[st
             for r in csv.DictReader(f)
             if r.get("text", "").strip() and r.get("sentiment") in LABELS
         ]
+    if train_size + eval_size > len(rows):
+        raise ConfigError(f"--train-size {train_size} and --eval-size {eval_size} ask for {train_size + eval_size:,d} "
+                          f"tweets; the corpus has {len(rows):,d}: pass smaller sizes")
     random.Random(seed).shuffle(rows)
     return rows[:train_size], rows[train_size : train_size + eval_size]
 
@@ -101,13 +104,23 @@ def demo_config(out: Path, epochs: float) -> dict[str, Any]:
 def run_demo(
     out_dir: str = "runs/demo", train_size: int = 3000, eval_size: int = 1000, epochs: float = 2.0
 ) -> dict[str, Any]:
-    """Fine-tune, print accuracy before/after, trainable share, time and memory; returns the figures."""
+    """Fine-tune, print accuracy before/after, trainable share, time and memory; returns the figures.
+
+    Raises:
+        ConfigError: a size below 1, more tweets than the corpus has, epochs not above 0, or an ``out_dir`` that
+            cannot be written (checked before anything is written).
+    """
     t0, cpu0 = time.perf_counter(), time.process_time()
-    out = Path(out_dir)
+    for option, value in (("--train-size", train_size), ("--eval-size", eval_size)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ConfigError(f"{option} {value!r} is invalid; pass a number of tweets of at least 1")
+    if not epochs > 0:
+        raise ConfigError(f"--epochs {epochs!r} is invalid; pass a number of passes over the data above 0, e.g. 2")
+    cfg = config_from_dict(demo_config(Path(out_dir), epochs))
     train_rows, eval_rows = tweets(train_size, eval_size)
+    out = output_dir(out_dir, "--out")
     _write_csv(train_rows, out / "data/train.csv")
     _write_csv(eval_rows, out / "data/eval.csv")
-    cfg = config_from_dict(demo_config(out, epochs))
     from transformers.utils import logging as hf_logging
 
     hf_logging.set_verbosity_error()  # type: ignore[no-untyped-call] # the new classifier head's "newly initialized" report is expected
