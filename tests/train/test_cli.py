@@ -16,12 +16,19 @@ from .conftest import LLAMA, T5
 
 
 def test_every_command_has_help(capsys):
-    names = ["train", "eval", "inspect", "merge", "demo", "sweep"]
+    names = ["train", "eval", "inspect", "merge", "demo", "sweep", "compare", "combine", "prune"]
     for name in names:
         with pytest.raises(SystemExit) as info:
             main([name, "--help"])
         assert info.value.code == 0
-        assert "usage: peftkit " + name in capsys.readouterr().out
+        out = capsys.readouterr().out
+        assert "usage: peftkit " + name in out
+        parser = build_parser()._subparsers._group_actions[0].choices[name]  # type: ignore[union-attr]
+        undocumented = [a.dest for a in parser._actions if a.option_strings and not a.help]
+        assert undocumented == [], f"peftkit {name}: options without a help text: {undocumented}"
+    with pytest.raises(SystemExit):
+        main(["--help"])
+    assert "exit status: 0 done; 1 a crash" in capsys.readouterr().out
     assert set(names) <= set(build_parser()._subparsers._group_actions[0].choices)  # type: ignore[union-attr]
 
 

@@ -175,7 +175,8 @@ def register_combine(sub: Any) -> None:
     p.add_argument("--weights", type=float, nargs="+", help="one weight per adapter (default: 1.0 each)")
     p.add_argument("--method", default="cat", choices=COMBINATION_METHODS, help="default: cat (exact)")
     p.add_argument("--density", type=float, help="fraction kept, in (0, 1], for ties/dare/magnitude_prune")
-    p.add_argument("--majority-sign-method", default="total", choices=["total", "frequency"])
+    p.add_argument("--majority-sign-method", default="total", choices=["total", "frequency"],
+                   help="how ties/dare_ties elect each entry's sign: by summed value or by count (default: total)")
     p.add_argument("--rank", type=int, help="new rank for the *svd methods")
     p.add_argument("--seed", type=int, help="seed of DARE's random drops")
     _common(p)
@@ -190,7 +191,8 @@ def register_prune(sub: Any) -> None:
         description="Prune ADAPTER (an HF PEFT LoRA directory) and write the result to --out.",
     )
     p.add_argument("adapter", metavar="ADAPTER", help="adapter directory")
-    p.add_argument("--method", default="rank", choices=["rank", "magnitude"])
+    p.add_argument("--method", default="rank", choices=["rank", "magnitude"],
+                   help="rank: truncate each update's SVD; magnitude: zero the factors' small entries (default: rank)")
     p.add_argument("--energy", type=float, default=0.99,
                    help="fraction of squared norm kept per module: of each update ΔW with --method rank, "
                    "of each factor (A, B) with --method magnitude (default 0.99)")

@@ -100,9 +100,11 @@ def register_inspect(sub: Any) -> None:
         description="Dry run: the modules a PEFT method would adapt in MODEL, with shapes and counts.",
     )
     p.add_argument("model", help="model directory or config.json (weights are not needed)")
-    p.add_argument("--method", help="peft method, e.g. lora (omit to list the linear layers)")
+    p.add_argument("--method", help="a peft.method of 'peftkit train', e.g. lora, dora, ia3 (omit to list the linear "
+                   "layers)")
     p.add_argument("--target", nargs="+", help="target_modules patterns")
-    p.add_argument("--task", default="causal_lm", choices=["causal_lm", "seq2seq", "classification"])
+    p.add_argument("--task", default="causal_lm", choices=["causal_lm", "seq2seq", "classification"],
+                   help="the model head to build (default: causal_lm)")
     p.add_argument("options", nargs="*", metavar="FIELD=VALUE", help="method fields, e.g. rank=16")
     p.set_defaults(func=_inspect)
 
@@ -164,7 +166,12 @@ COMMANDS: list[str] = [
 
 def build_parser() -> argparse.ArgumentParser:
     """The ``peftkit`` parser with every importable subcommand."""
-    parser = argparse.ArgumentParser(prog="peftkit", description="Parameter-efficient fine-tuning.")
+    parser = argparse.ArgumentParser(
+        prog="peftkit",
+        description="Parameter-efficient fine-tuning.",
+        epilog="exit status: 0 done; 1 a crash (a traceback: a bug); 2 an error (one 'error:' line naming the value "
+        "at fault); 3 sweep or compare finished but some runs failed; 130 interrupted; 141 output pipe closed",
+    )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for spec in dict.fromkeys(COMMANDS):  # each once, even if listed twice
         module, _, func = spec.partition(":")
