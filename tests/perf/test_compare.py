@@ -101,6 +101,23 @@ def test_a_failed_method_makes_the_command_exit_3_after_writing_the_others(tmp_p
     assert (out / "loss.png").read_bytes()[:4] == b"\x89PNG"
 
 
+def test_a_method_training_in_its_own_process_reports_its_progress(tmp_path: Path, monkeypatch, capsys) -> None:
+    from peftkit.train import compare as module
+
+    monkeypatch.setattr(module, "PROGRESS_SECONDS", 0.05)
+    cfg = _config(tmp_path)
+    cfg["train"]["max_steps"] = 6
+    out = tmp_path / "out"
+    (out / "lora").mkdir(parents=True)
+    (out / "lora" / "metrics.jsonl").write_text('{"step": 9, "loss": 1.0}\n')  # an earlier comparison's
+    rows = compare(config_from_dict(cfg), ["lora"], out)["methods"]
+    shown = [line for line in capsys.readouterr().out.splitlines() if " at step " in line]
+    steps = [int(line.split(" at step ")[1].split()[0]) for line in shown]
+    assert shown and steps == sorted(set(steps)) and set(steps) <= set(range(1, 7))
+    for line, step in zip(shown, steps, strict=True):  # each line: that step's logged loss
+        assert line == f"compare: lora at step {step} of 6, loss {rows['lora']['losses'][step - 1]:.4f}"
+
+
 def test_results_of_finished_methods_are_on_disk_when_a_later_one_is_interrupted(tmp_path: Path, monkeypatch,
                                                                                  capsys) -> None:
     from peftkit.train import compare as module

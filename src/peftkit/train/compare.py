@@ -1,7 +1,8 @@
 """``peftkit compare``: the same short training for several PEFT methods on one model and dataset.
 
 Each method runs the user's config with only ``peft`` changed, in its own process (so every peak-memory figure
-is that method's alone), under ``OUT/<method>/``. The table — trainable parameters, peak memory, time per step,
+is that method's alone), under ``OUT/<method>/``, with a line of progress (step and loss) every
+:data:`PROGRESS_SECONDS`. The table — trainable parameters, peak memory, time per step,
 tokens/s, final training loss, held-out loss/accuracy, adapter size — is printed and written as
 ``compare.md`` and ``compare.json`` (rewritten after every method); ``loss.png`` holds the loss curves and
 ``memory_time.png`` the bars::
@@ -34,7 +35,7 @@ import yaml
 from peftkit.errors import ConfigError, require
 from peftkit.io.atomic import output_dir, save_figure, write_text_atomic
 from peftkit.train.config import PEFT_METHODS, RunConfig, config_from_dict, load_config
-from peftkit.train.metrics import process_memory
+from peftkit.train.metrics import process_memory, read_metrics
 from peftkit.train.tasks import peft_config
 
 #: Method names accepted besides :data:`PEFT_METHODS` keys.
@@ -191,19 +192,50 @@ def compare(config: str | Path | RunConfig, methods: list[str], out_dir: str | P
     return {"methods": rows, "table": table, "files": [str(f) for f in files]}
 
 
+#: Seconds between the progress lines of a method training in its own process (its last logged step and loss).
+PROGRESS_SECONDS = 30.0
+
+
 def _run_isolated(cfg: RunConfig, run_dir: Path) -> dict[str, Any]:
     run_dir.mkdir(parents=True, exist_ok=True)
     cfg_path, result_path = run_dir / "compare_config.yaml", run_dir / "compare_result.json"
     write_text_atomic(cfg_path, yaml.safe_dump(cfg.to_dict(), sort_keys=False))
     result_path.unlink(missing_ok=True)
-    proc = subprocess.run([sys.executable, "-m", "peftkit.train.compare", "--child", str(cfg_path), str(result_path)],
-                          capture_output=True, text=True, check=False, env=os.environ.copy())
+    (run_dir / "metrics.jsonl").unlink(missing_ok=True)  # the run starts afresh: a record there is this run's
+    proc = subprocess.Popen([sys.executable, "-m", "peftkit.train.compare", "--child", str(cfg_path), str(result_path)],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=os.environ.copy())
+    shown = 0
+    try:
+        while True:
+            try:
+                stdout, stderr = proc.communicate(timeout=PROGRESS_SECONDS)  # no output is lost between tries
+                break
+            except subprocess.TimeoutExpired:
+                shown = _show_progress(run_dir, cfg.train.max_steps, shown)
+    finally:
+        if proc.poll() is None:  # interrupted: the child goes too
+            proc.kill()
+            proc.wait()
     if proc.returncode != 0 or not result_path.is_file():
         log = run_dir / "compare_error.log"  # the whole output; the table shows the error's last line
-        write_text_atomic(log, proc.stdout + proc.stderr)
-        lines = (proc.stderr or proc.stdout).strip().splitlines()
+        write_text_atomic(log, stdout + stderr)
+        lines = (stderr or stdout).strip().splitlines()
         return {"error": lines[-1] if lines else f"exit status {proc.returncode}", "log": str(log)}
     return json.loads(result_path.read_text())  # type: ignore[no-any-return]
+
+
+def _show_progress(run_dir: Path, max_steps: int, shown: int) -> int:
+    """Print the latest step and loss the method's run has logged, if later than ``shown``; return the step shown."""
+    try:
+        records = [r for r in read_metrics(run_dir / "metrics.jsonl") if "loss" in r]
+    except (OSError, ValueError):  # caught mid-write: the next look reads it whole
+        return shown
+    if not records or records[-1]["step"] <= shown:
+        return shown
+    last = records[-1]
+    of = f" of {max_steps}" if max_steps else ""
+    print(f"compare: {run_dir.name} at step {last['step']}{of}, loss {last['loss']:.4f}", flush=True)
+    return int(last["step"])
 
 
 def _fmt(value: Any, spec: str, scale: float = 1.0) -> str:
