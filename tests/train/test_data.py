@@ -98,6 +98,35 @@ def test_malformed_rows_named_or_skipped(tmp_path):
         load_examples(path, "auto", "causal_lm", TOK, 8)
 
 
+def test_jsonl_lines_end_at_newlines_only_and_a_line_not_utf8_is_a_malformed_row(tmp_path):
+    path = tmp_path / "u.jsonl"
+    rows = [{"text": "one\u2028two\x1cthree"}, {"text": "fine"}]  # JSON strings may hold these raw
+    path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
+    examples = load_examples(path, "auto", "causal_lm", TOK, 64).examples
+    assert [TOK.decode(ex["input_ids"]) for ex in examples] == [r["text"] for r in rows]
+    path.write_bytes(b'{"text": "ok"}\n{"text": "caf\xe9"}\n{"text": "fine"}\n')  # line 2 is Latin-1
+    with pytest.raises(ConfigError, match=r"u.jsonl:2: malformed row: not UTF-8 text \(byte 0xe9 at column 14\); "
+                       "save the file as UTF-8"):
+        load_examples(path, "auto", "causal_lm", TOK, 8)
+    data = load_examples(path, "auto", "causal_lm", TOK, 8, skip_bad_rows=True)
+    assert data.skipped == 1 and len(data.examples) == 2
+
+
+def test_a_damaged_json_array_or_parquet_file_is_named(tmp_path):
+    path = tmp_path / "a.json"
+    path.write_text('[{"text": "ok"},\n {"text": "cut')
+    with pytest.raises(ConfigError, match=r"data file '.*a.json' is not valid JSON at line 2, column 11: "
+                       "Unterminated string"):
+        load_examples(path, "auto", "causal_lm", TOK, 8)
+    path.write_bytes(b'[{"text": "\xff"}]')
+    with pytest.raises(ConfigError, match=r"a.json' is not UTF-8 text \(byte 0xff at offset 11\); save it as UTF-8"):
+        load_examples(path, "auto", "causal_lm", TOK, 8)
+    pytest.importorskip("pyarrow")
+    (tmp_path / "p.parquet").write_text("text\nnot parquet\n")
+    with pytest.raises(ConfigError, match=r"p.parquet' cannot be read as Parquet \(.*\); pass a Parquet file"):
+        load_examples(tmp_path / "p.parquet", "auto", "causal_lm", TOK, 8)
+
+
 def test_csv_wrong_columns_and_unknown_extension(tmp_path):
     path = tmp_path / "c.csv"
     path.write_text("text,label\nfine,a\nbroken\n")

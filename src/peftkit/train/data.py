@@ -64,12 +64,18 @@ def read_rows(path: str | Path) -> Iterator[tuple[int, Any]]:
         for i, row in enumerate(datasets.load_from_disk(str(p)), start=1):  # type: ignore[attr-defined]
             yield i, dict(row)
     elif p.suffix in (".jsonl", ".json"):
-        with p.open(encoding="utf-8") as f:
-            text = f.read()
-        if p.suffix == ".json" and text.lstrip().startswith("["):
-            yield from enumerate(json.loads(text), start=1)
+        data = p.read_bytes()
+        if p.suffix == ".json" and data.lstrip().startswith(b"["):
+            yield from enumerate(_json_array(p, data), start=1)
             return
-        for i, line in enumerate(text.splitlines(), start=1):
+        # Lines end at "\n" only: a JSON string may hold U+2028 and other characters str.splitlines() splits at.
+        for i, raw in enumerate(data.split(b"\n"), start=1):
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as exc:
+                yield i, BadRow(f"not UTF-8 text (byte 0x{raw[exc.start]:02x} at column {exc.start + 1}); save the "
+                                "file as UTF-8")
+                continue
             if line.strip():
                 try:
                     yield i, json.loads(line)
@@ -86,12 +92,34 @@ def read_rows(path: str | Path) -> Iterator[tuple[int, Any]]:
             yield reader.line_num, (BadRow("wrong number of columns") if bad else row)
     elif p.suffix == ".parquet":
         pq = require("pyarrow.parquet", "data")
-        yield from enumerate(pq.read_table(str(p)).to_pylist(), start=1)  # type: ignore[attr-defined]
+        try:
+            table = pq.read_table(str(p))  # type: ignore[attr-defined]
+        except (OSError, ValueError) as exc:  # pyarrow's ArrowInvalid is a ValueError
+            raise ConfigError(f"data file {str(p)!r} cannot be read as Parquet ({str(exc).splitlines()[0]}); "
+                              "pass a Parquet file, or give the file the extension of its real format") from None
+        yield from enumerate(table.to_pylist(), start=1)
     else:
         raise ConfigError(
             f"data file {str(p)!r} has unknown type {p.suffix!r}; "
             "allowed: .jsonl, .json, .csv, .parquet or a datasets directory"
         )
+
+
+def _json_array(path: Path, data: bytes) -> list[Any]:
+    """The rows of a ``.json`` file holding one array.
+
+    Raises:
+        ConfigError: the file is not UTF-8 or not valid JSON (named with the line and column).
+    """
+    try:
+        rows = json.loads(data.decode("utf-8"))
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"data file {str(path)!r} is not UTF-8 text (byte 0x{data[exc.start]:02x} at offset "
+                          f"{exc.start}); save it as UTF-8") from None
+    except json.JSONDecodeError as exc:
+        raise ConfigError(f"data file {str(path)!r} is not valid JSON at line {exc.lineno}, column {exc.colno}: "
+                          f"{exc.msg}; fix the file, or write one object per line as .jsonl") from None
+    return rows  # type: ignore[no-any-return]
 
 
 def detect_format(row: dict[str, Any]) -> str:
