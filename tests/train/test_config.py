@@ -154,6 +154,15 @@ def test_removing_what_cannot_be_removed_names_it(tmp_path, override, message):
 def test_missing_file(tmp_path):
     with pytest.raises(ConfigError, match="does not exist"):
         load_config(tmp_path / "nope.yaml")
+    with pytest.raises(ConfigError, match=f"config file {str(tmp_path)!r} is a directory; pass the path of a YAML"):
+        load_config(tmp_path)
+    latin1 = b"checkpoint:\n  pretrained: caf\xe9\n"
+    (tmp_path / "latin1.yaml").write_bytes(latin1)
+    with pytest.raises(ConfigError, match=rf"latin1.yaml' is not UTF-8 text \(byte 0xe9 at offset "
+                       rf"{latin1.index(0xe9)}\); save it as UTF-8"):
+        load_config(tmp_path / "latin1.yaml")
+    (tmp_path / "bom.yaml").write_bytes("\ufeffcheckpoint:\n  pretrained: café\n".encode())  # a BOM is fine
+    assert load_config(tmp_path / "bom.yaml").checkpoint.pretrained == "café"
     (tmp_path / "list.yaml").write_text("- 1\n- 2\n")
     with pytest.raises(ConfigError, match="a YAML mapping"):
         load_config(tmp_path / "list.yaml")
