@@ -30,7 +30,8 @@ import torch
 from torch import nn
 
 from peftkit.core.state import disable_adapters, get_state
-from peftkit.errors import AdapterNotFoundError, ConfigError
+from peftkit.errors import ConfigError
+from peftkit.methods.lora_init import data_init_layers
 from peftkit.methods.lora_layers import LoRALinear
 
 if TYPE_CHECKING:
@@ -62,28 +63,15 @@ class _Covariance:
 
 def _checked(model: nn.Module, run_model: Any, name: str, method: str) -> list[str]:
     """Refuse bad arguments before anything runs; the qualified names of adapter ``name``'s layers."""
-    state = get_state(model)
-    config = state.configs.get(name)
-    if config is None:
-        raise AdapterNotFoundError(f"pk.init_corda: no adapter named {name!r} on this model (its adapters: "
-                                   f"{sorted(state.configs) or 'none'}); first pk.apply(model, "
-                                   "pk.LoRA(init='corda', ...))")
-    if getattr(config, "init", None) != "corda":
-        raise ConfigError(f"pk.init_corda: adapter {name!r} has init={getattr(config, 'init', None)!r}; CorDA "
-                          "initialises an adapter applied with pk.LoRA(init='corda', ...)")
+    names = data_init_layers(model, name, "corda", "CorDA")
     if method not in CORDA_METHODS:
         raise ConfigError(f"method={method!r} must be 'ipm' (instruction-previewed: train the data's main "
                           "directions) or 'kpm' (knowledge-preserved: keep them frozen)")
     if not callable(run_model):
         raise ConfigError(f"run_model={run_model!r} must be a function that runs the model over the data, e.g. "
                           "lambda: [model(**batch) for batch in batches]")
-    names = [q for q in state.targets[name]
-             if isinstance(layer := model.get_submodule(q), LoRALinear) and layer.has_adapter(name)]
     for q in names:
-        layer = cast(LoRALinear, model.get_submodule(q))
-        if name in layer.merged_adapters:
-            raise ConfigError(f"pk.init_corda: adapter {name!r} is merged into {q!r}; pk.unmerge(model) first")
-        if name in layer.initial_factors:
+        if name in cast(LoRALinear, model.get_submodule(q)).initial_factors:
             raise ConfigError(f"pk.init_corda: adapter {name!r} was already initialised by CorDA ({q!r} holds its "
                               "residual weight); apply a new adapter to the original model to run it again")
     return names

@@ -28,7 +28,8 @@ from torch import nn
 
 from peftkit.core.state import disable_adapters, get_state
 from peftkit.core.walk import set_module
-from peftkit.errors import AdapterNotFoundError, ConfigError
+from peftkit.errors import ConfigError
+from peftkit.methods.lora_init import data_init_layers
 from peftkit.methods.lora_layers import LoRALinear
 
 if TYPE_CHECKING:
@@ -151,15 +152,7 @@ def _default_forward(model: nn.Module, batch: Any) -> Any:
 
 def _checked(model: nn.Module, batches: Iterable[Any], name: str, rho: float, tau: float) -> list[str]:
     """Refuse bad arguments before anything runs; the qualified names of adapter ``name``'s layers."""
-    state = get_state(model)
-    config = state.configs.get(name)
-    if config is None:
-        raise AdapterNotFoundError(f"pk.init_eva: no adapter named {name!r} on this model (its adapters: "
-                                   f"{sorted(state.configs) or 'none'}); first pk.apply(model, pk.LoRA(init='eva', "
-                                   "...))")
-    if getattr(config, "init", None) != "eva":
-        raise ConfigError(f"pk.init_eva: adapter {name!r} has init={getattr(config, 'init', None)!r}; EVA "
-                          "initialises an adapter applied with pk.LoRA(init='eva', ...)")
+    names = data_init_layers(model, name, "eva", "EVA")
     if isinstance(rho, bool) or not isinstance(rho, (int, float)) or not math.isfinite(rho) or rho < 1:
         raise ConfigError(f"rho={rho!r} must be a number >= 1 (1: no rank redistribution, 2: up to twice the rank)")
     if isinstance(tau, bool) or not isinstance(tau, (int, float)) or not 0 <= tau <= 1:
@@ -170,11 +163,6 @@ def _checked(model: nn.Module, batches: Iterable[Any], name: str, rho: float, ta
                           f"iterator ({type(batches).__name__})")
     if next(iter(batches), None) is None:
         raise ConfigError("pk.init_eva got no batches: pass at least one batch of model inputs")
-    names = [q for q in state.targets[name]
-             if isinstance(layer := model.get_submodule(q), LoRALinear) and layer.has_adapter(name)]
-    merged = [q for q in names if name in cast(LoRALinear, model.get_submodule(q)).merged_adapters]
-    if merged:
-        raise ConfigError(f"pk.init_eva: adapter {name!r} is merged into {merged[0]!r}; pk.unmerge(model) first")
     return names
 
 

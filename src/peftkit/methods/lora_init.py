@@ -42,7 +42,7 @@ from torch import nn
 
 from peftkit.core.registry import is_fan_in_fan_out, linear_kind
 from peftkit.core.state import adapter_layers, get_state
-from peftkit.errors import ConfigError
+from peftkit.errors import AdapterNotFoundError, ConfigError
 from peftkit.methods.lora_layers import LoRALayer, LoRALinear
 from peftkit.methods.lora_loftq import LOFTQ_BITS, loftq
 
@@ -340,3 +340,27 @@ def as_plain_lora(model: nn.Module, name: str) -> tuple[dict[str, Any], dict[str
         alpha_pattern={k: grow * v for k, v in config.alpha_pattern.items()},
     )
     return adapter_config_dict(model, name, config=plain), state
+
+
+def data_init_layers(model: nn.Module, name: str, init: str, label: str) -> list[str]:
+    """The qualified names of adapter ``name``'s ``LoRALinear`` layers, for ``pk.init_<init>`` (EVA, CorDA).
+
+    Raises:
+        AdapterNotFoundError: the model has no adapter ``name``.
+        ConfigError: it was applied with another ``init``, or it is merged into a layer.
+    """
+    state = get_state(model)
+    config = state.configs.get(name)
+    if config is None:
+        raise AdapterNotFoundError(f"pk.init_{init}: no adapter named {name!r} on this model (its adapters: "
+                                   f"{sorted(state.configs) or 'none'}); first pk.apply(model, "
+                                   f"pk.LoRA(init={init!r}, ...))")
+    if getattr(config, "init", None) != init:
+        raise ConfigError(f"pk.init_{init}: adapter {name!r} has init={getattr(config, 'init', None)!r}; {label} "
+                          f"initialises an adapter applied with pk.LoRA(init={init!r}, ...)")
+    names = [q for q in state.targets[name]
+             if isinstance(layer := model.get_submodule(q), LoRALinear) and layer.has_adapter(name)]
+    merged = [q for q in names if name in cast(LoRALinear, model.get_submodule(q)).merged_adapters]
+    if merged:
+        raise ConfigError(f"pk.init_{init}: adapter {name!r} is merged into {merged[0]!r}; pk.unmerge(model) first")
+    return names
