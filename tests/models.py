@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 from torch import nn
@@ -210,3 +211,11 @@ def train_losses(model: nn.Module, loss: Callable[[], torch.Tensor], lr: float, 
         opt.step()
         losses.append(value.item())
     return losses
+
+
+def lora_layers(model: nn.Module) -> list[tuple[str, Any]]:
+    """``(qualified name, LoRALinear)`` for every linear LoRA layer of ``model``."""
+    from peftkit.core.state import adapter_layers
+    from peftkit.methods.lora_layers import LoRALinear
+
+    return [(q, layer) for q, layer in adapter_layers(model) if isinstance(layer, LoRALinear)]

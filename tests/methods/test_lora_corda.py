@@ -14,12 +14,10 @@ from safetensors.torch import load_file
 from torch import nn
 
 import peftkit as pk
-from peftkit.core.state import adapter_layers
 from peftkit.errors import AdapterNotFoundError, ConfigError
 from peftkit.methods.lora_corda import decompose
-from peftkit.methods.lora_layers import LoRALinear
 
-from models import build, randomize_adapters
+from models import build, lora_layers, randomize_adapters
 
 peft = pytest.importorskip("peft")
 from peft.tuners.lora.config import CordaConfig  # noqa: E402
@@ -44,10 +42,6 @@ def theirs(arch: str, method: str = "ipm", **kwargs: object) -> nn.Module:
                              corda_config=CordaConfig(corda_method=method), **kwargs)
     preprocess_corda(model, config, run_model=lambda: [model(s) for s in SAMPLES])
     return peft.get_peft_model(model, config).eval()
-
-
-def lora_layers(model: nn.Module) -> list[tuple[str, LoRALinear]]:
-    return [(q, layer) for q, layer in adapter_layers(model) if isinstance(layer, LoRALinear)]
 
 
 def logits(model: nn.Module) -> torch.Tensor:

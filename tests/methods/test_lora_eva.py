@@ -13,11 +13,10 @@ from safetensors.torch import load_file
 from torch import nn
 
 import peftkit as pk
-from peftkit.core.state import adapter_layers, get_state
+from peftkit.core.state import get_state
 from peftkit.errors import AdapterNotFoundError, ConfigError
-from peftkit.methods.lora_layers import LoRALinear
 
-from models import build, randomize_adapters
+from models import build, lora_layers, randomize_adapters
 
 peft = pytest.importorskip("peft")
 
@@ -56,10 +55,6 @@ def theirs(arch: str, targets: list[str] | None = None, data: list | None = None
     hf = peft.get_peft_model(model, config)
     peft.initialize_lora_eva_weights(hf, batches() if data is None else data, show_progress_bar=False)
     return hf.eval()
-
-
-def lora_layers(model: nn.Module) -> list[tuple[str, LoRALinear]]:
-    return [(q, layer) for q, layer in adapter_layers(model) if isinstance(layer, LoRALinear)]
 
 
 def logits(model: nn.Module) -> torch.Tensor:

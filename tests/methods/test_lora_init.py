@@ -18,13 +18,12 @@ from safetensors.torch import load_file
 from torch import nn
 
 import peftkit as pk
-from peftkit.core.state import adapter_layers, get_state
+from peftkit.core.state import get_state
 from peftkit.errors import ConfigError, ShapeMismatchError, UnknownFieldError
 from peftkit.io.hf_format import module_names
 from peftkit.methods.lora import hf_pattern
-from peftkit.methods.lora_layers import LoRALinear
 
-from models import ConvNet, build, train_losses
+from models import ConvNet, build, lora_layers, train_losses
 
 peft = pytest.importorskip("peft")
 
@@ -46,10 +45,6 @@ def theirs(arch: str, init: str, seed: int = 7, **kwargs: object) -> nn.Module:
     torch.manual_seed(seed)
     config = peft.LoraConfig(r=4, lora_alpha=8, target_modules=TARGETS[arch], init_lora_weights=init, **kwargs)
     return peft.get_peft_model(model, config).eval()
-
-
-def lora_layers(model: nn.Module) -> list[tuple[str, LoRALinear]]:
-    return [(q, layer) for q, layer in adapter_layers(model) if isinstance(layer, LoRALinear)]
 
 
 def logits(model: nn.Module) -> torch.Tensor:

@@ -17,12 +17,11 @@ import torch
 from torch import nn
 
 import peftkit as pk
-from peftkit.core.state import adapter_layers, get_state
+from peftkit.core.state import get_state
 from peftkit.errors import ConfigError
-from peftkit.methods.lora_layers import LoRALinear
 from peftkit.methods.lora_loftq import loftq
 
-from models import build, train_losses
+from models import build, lora_layers, train_losses
 
 peft = pytest.importorskip("peft")
 bnb = pytest.importorskip("bitsandbytes")
@@ -66,10 +65,6 @@ def hf_loftq_init(weight: torch.Tensor, num_bits: int, reduced_rank: int, num_it
 
 def loftq_model(rank: int = 4, alpha: float = 4, **kwargs: Any) -> nn.Module:
     return pk.apply(build("llama"), pk.LoRA(target_modules=TARGETS, rank=rank, alpha=alpha, init="loftq", **kwargs))
-
-
-def lora_layers(model: nn.Module) -> list[tuple[str, LoRALinear]]:
-    return [(q, layer) for q, layer in adapter_layers(model) if isinstance(layer, LoRALinear)]
 
 
 def logits(model: nn.Module) -> torch.Tensor:
