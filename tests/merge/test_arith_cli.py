@@ -197,3 +197,22 @@ def test_combine_measures_dora_and_saved_modules_from_the_real_base_weights(kind
                                              "model.layers.0.self_attn.q_proj.weight"].detach()
     reference = original if kind != "dora" else original.norm(dim=1)
     torch.testing.assert_close(ours[key], first[key] + second[key] - reference)
+
+
+@pytest.mark.parametrize("where", ["itself", "inside", "parent"])
+def test_out_overlapping_an_input_adapter_is_refused_before_loading(where, setup, tmp_path, capsys):
+    from peftkit.cli.main import main
+
+    config, dirs = setup
+    adapter = dirs[0]
+    out = {"itself": adapter, "inside": adapter / "pruned", "parent": tmp_path}[where]
+    before = {p: p.read_bytes() for p in adapter.iterdir()}
+    missing = str(tmp_path / "no-such-model")  # never loaded: the --out check comes first
+    for argv in (["prune", str(adapter)], ["combine", str(adapter), str(dirs[1])]):
+        assert main([*argv, "--model", missing, "--out", str(out)]) == 2
+        err = capsys.readouterr().err
+        assert err == (f"peftkit {argv[0]}: error: --out {str(out)!r} overlaps the input adapter directory "
+                       f"{str(adapter)!r} (is it, holds it or lies inside it) and would overwrite it; choose another "
+                       "--out\n")
+    assert {p: p.read_bytes() for p in adapter.iterdir()} == before
+    assert not (adapter / "pruned").exists()

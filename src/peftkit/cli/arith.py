@@ -37,10 +37,17 @@ def _base_model(model_path: str, task: str | None, task_type: str | None, num_la
     return build_model(model_config(model_path, task, num_labels), num_labels)
 
 
-def _check_out(out: str) -> None:
-    """``--out`` must be a directory or not exist yet (checked before any work)."""
+def _check_out(out: str, inputs: list[str]) -> None:
+    """``--out`` must be a directory or not exist yet, and apart from the input adapters ``inputs`` (it is written
+    into, so it must neither be one of them, hold one nor lie inside one); checked before any work."""
     if Path(out).exists() and not Path(out).is_dir():
         raise ConfigError(f"--out {out!r} is an existing file, not a directory; pass a new or existing directory")
+    target = Path(out).resolve()
+    for adapter in inputs:
+        source = Path(adapter).resolve()
+        if target == source or source in target.parents or target in source.parents:
+            raise ConfigError(f"--out {out!r} overlaps the input adapter directory {adapter!r} (is it, holds it or "
+                              "lies inside it) and would overwrite it; choose another --out")
 
 
 def _check_same_base(configs: list[dict[str, Any]], dirs: list[str]) -> None:
@@ -77,7 +84,7 @@ def combine_command(args: argparse.Namespace) -> int:
     from peftkit.merge.combine import combine
     from peftkit.train.tasks import check_model_path
 
-    _check_out(args.out)
+    _check_out(args.out, list(args.adapters))
     check_model_path(args.model, "--model")
     dirs = list(args.adapters)
     if len(dirs) < 1:
@@ -132,7 +139,7 @@ def prune_command(args: argparse.Namespace) -> int:
     from peftkit.merge.prune import prune
     from peftkit.train.tasks import check_model_path
 
-    _check_out(args.out)
+    _check_out(args.out, [args.adapter])
     check_model_path(args.model, "--model")
     data = read_config(args.adapter)
     if data.get("peft_type") != "LORA":
