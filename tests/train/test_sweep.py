@@ -77,3 +77,22 @@ def test_results_of_finished_runs_are_on_disk_when_a_later_run_kills_the_sweep(s
     rows = json.loads((root / "sweep.json").read_text())
     assert [r["rank"] for r in rows] == [2] and len(rows[0]["losses"]) == 2
     assert len((root / "sweep.md").read_text().splitlines()) == 3
+
+
+@pytest.mark.parametrize(("options", "message"), [
+    (["--alphas", "8", "--alpha-per-rank", "4"],
+     "--alpha-per-rank is not used with --alphas (which sets every run's alpha); pass one of them"),
+    (["--ranks", "2", "4", "2"], "--ranks lists 2 more than once, whose runs would train into the same directory "
+     "(r<rank>-a<alpha>); list each value once"),
+    (["--alphas", "1", "1.0"], "--alphas lists 1 more than once, whose runs would train into the same directory "
+     "(r<rank>-a<alpha>); list each value once"),
+])
+def test_ignored_or_duplicate_options_are_refused_before_any_run(options, message, sweep_file, monkeypatch, capsys):
+    def train(cfg: Any) -> Any:
+        raise AssertionError("no run trains")
+
+    monkeypatch.setattr(sweep, "train", train)
+    path, root = sweep_file
+    assert main(["sweep", str(path), *options]) == 2
+    assert capsys.readouterr().err == f"peftkit sweep: error: {message}\n"
+    assert not root.exists()

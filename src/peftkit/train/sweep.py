@@ -182,8 +182,23 @@ def format_table(rows: list[dict[str, Any]]) -> str:
     return "\n".join(lines + [line(r) for r in rows])
 
 
+def _check_options(args: argparse.Namespace) -> None:
+    """Refuse option combinations that would be ignored or would train twice into one run directory."""
+    if args.alphas is not None and args.alpha_per_rank is not None:
+        raise ConfigError("--alpha-per-rank is not used with --alphas (which sets every run's alpha); pass one of "
+                          "them")
+    for option, values in (("--ranks", [str(r) for r in args.ranks]),
+                           ("--alphas", [f"{a:g}" for a in args.alphas or []])):
+        twice = next((v for i, v in enumerate(values) if v in values[:i]), None)
+        if twice is not None:
+            raise ConfigError(f"{option} lists {twice} more than once, whose runs would train into the same "
+                              "directory (r<rank>-a<alpha>); list each value once")
+
+
 def _main(args: argparse.Namespace) -> int:
-    rows = run_sweep(args.config, args.ranks, args.alphas, args.alpha_per_rank, args.overrides)
+    _check_options(args)
+    alpha_per_rank = 2.0 if args.alpha_per_rank is None else args.alpha_per_rank
+    rows = run_sweep(args.config, args.ranks, args.alphas, alpha_per_rank, args.overrides)
     print(format_table(rows))
     failed = [r for r in rows if "error" in r]
     if not failed:
@@ -208,6 +223,6 @@ def register(sub: Any) -> None:
     p.add_argument("config", help="YAML run config")
     p.add_argument("--ranks", type=int, nargs="+", default=[4, 8, 16, 32], help="ranks to run (default: 4 8 16 32)")
     p.add_argument("--alphas", type=float, nargs="+", help="alphas per rank (default: alpha-per-rank x rank)")
-    p.add_argument("--alpha-per-rank", type=float, default=2.0, help="alpha / rank without --alphas (default: 2)")
+    p.add_argument("--alpha-per-rank", type=float, help="alpha / rank, without --alphas (default: 2)")
     p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="overrides for every run")
     p.set_defaults(func=_main)
