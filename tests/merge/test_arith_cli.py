@@ -86,7 +86,7 @@ def test_combine_bad_input_writes_nothing(setup: tuple[Path, list[Path]], tmp_pa
     out = tmp_path / "bad"
     with pytest.raises(ConfigError, match="got 3 weights for 2 adapters"):
         _run(["combine", str(a), str(b), "--weights", "1", "1", "1", "--model", str(config), "--out", str(out)])
-    with pytest.raises(ConfigError, match=r"density=1.5 is outside"):
+    with pytest.raises(ConfigError, match=r"--density 1.5 is outside"):
         _run(
             [
                 "combine",
@@ -216,3 +216,32 @@ def test_out_overlapping_an_input_adapter_is_refused_before_loading(where, setup
                        "--out\n")
     assert {p: p.read_bytes() for p in adapter.iterdir()} == before
     assert not (adapter / "pruned").exists()
+
+
+@pytest.mark.parametrize(("argv", "message"), [
+    (["prune", "--rank", "0"], "--rank 0 must be a positive integer"),
+    (["prune", "--energy", "1.5"], "--energy 1.5 is outside (0, 1]: the fraction of squared norm to keep, e.g. 0.99"),
+    (["prune", "--method", "magnitude", "--rank", "2"], "--rank 2 applies to --method 'rank', not 'magnitude'"),
+    (["prune", "--sparsity", "0.5"], "--sparsity 0.5 applies to --method 'magnitude', not 'rank'"),
+    (["prune", "--method", "magnitude", "--sparsity", "1"],
+     "--sparsity 1.0 is outside [0, 1): the fraction of entries zeroed, e.g. 0.5"),
+    (["combine", "--method", "ties"], "--method 'ties' needs --density (fraction of entries kept, in (0, 1])"),
+    (["combine", "--method", "ties", "--density", "2"], "--density 2.0 is outside (0, 1]: it is the fraction of "
+     "entries kept, e.g. --density 0.5 keeps half (1.0 keeps all)"),
+    (["combine", "--density", "0.5"],
+     "--density 0.5 is not used by --method 'cat'; drop it or use ties/dare/magnitude_prune"),
+    (["combine", "--method", "svd", "--rank", "0"],
+     "--rank 0 must be a positive integer, and is used only by the *svd methods"),
+    (["combine", "--weights", "nan", "1"], "--weights nan is not a finite number; pass finite weights"),
+])
+def test_numeric_options_are_checked_before_the_model_loads_and_named_as_options(argv, message, setup, tmp_path,
+                                                                                   capsys):
+    from peftkit.cli.main import main
+
+    _, dirs = setup
+    adapters = [str(dirs[0])] if argv[0] == "prune" else [str(d) for d in dirs]
+    out = tmp_path / "out"
+    missing = str(tmp_path / "no-such-model")  # a model that would fail to load: the options are checked first
+    assert main([argv[0], *adapters, *argv[1:], "--model", missing, "--out", str(out)]) == 2
+    assert capsys.readouterr().err == f"peftkit {argv[0]}: error: {message}\n"
+    assert not out.exists()

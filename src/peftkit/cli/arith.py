@@ -16,6 +16,9 @@ replaced atomically.
 from __future__ import annotations
 
 import argparse
+import math
+import re
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -50,6 +53,18 @@ def _check_out(out: str, inputs: list[str]) -> None:
                               "lies inside it) and would overwrite it; choose another --out")
 
 
+def _as_options(check: Callable[[], object], options: Mapping[str, str]) -> None:
+    """Run the library validator ``check``; its errors name the command-line options (``options``: library argument
+    → option) instead of the library's arguments (``target_rank=3`` → ``--rank 3``)."""
+    try:
+        check()
+    except ConfigError as exc:
+        names = "|".join(map(re.escape, options))
+        message = re.sub(rf"(?<![\w-])({names})=(?![\s,;)]|$)", lambda m: f"{options[m[1]]} ", str(exc))
+        message = re.sub(rf"(?<![\w-])({names})=", lambda m: options[m[1]], message)
+        raise ConfigError(message) from None
+
+
 def _check_same_base(configs: list[dict[str, Any]], dirs: list[str]) -> None:
     bases = {d: c.get("base_model_name_or_path") for d, c in zip(dirs, configs, strict=True)}
     if len({b for b in bases.values() if b}) > 1:
@@ -81,17 +96,22 @@ def _check_base_weights(model_path: str, configs: list[dict[str, Any]], dirs: li
 def combine_command(args: argparse.Namespace) -> int:
     """Run ``peftkit combine``: load the adapters onto ``--model``, combine, save to ``--out``."""
     from peftkit.io.hf_format import load_adapter, read_config, save_adapter
-    from peftkit.merge.combine import combine
+    from peftkit.merge.combine import check_options, combine
     from peftkit.train.tasks import check_model_path
 
     _check_out(args.out, list(args.adapters))
-    check_model_path(args.model, "--model")
     dirs = list(args.adapters)
     if len(dirs) < 1:
         raise ConfigError("name at least one adapter directory to combine")
     weights = list(args.weights) if args.weights is not None else [1.0] * len(dirs)
     if len(weights) != len(dirs):
         raise ConfigError(f"got {len(weights)} weights for {len(dirs)} adapters: pass one --weights value per adapter")
+    if bad := [w for w in weights if not math.isfinite(w)]:
+        raise ConfigError(f"--weights {bad[0]!r} is not a finite number; pass finite weights")
+    _as_options(lambda: check_options(args.method, args.density, args.majority_sign_method, args.rank, args.seed),
+                {"method": "--method", "density": "--density", "majority_sign_method": "--majority-sign-method",
+                 "rank": "--rank", "seed": "--seed"})
+    check_model_path(args.model, "--model")
     configs = [read_config(d) for d in dirs]
     _check_same_base(configs, dirs)
     _check_base_weights(args.model, configs, dirs)
@@ -136,10 +156,12 @@ def _random_batch(model: nn.Module, task: str) -> torch.Tensor | None:
 def prune_command(args: argparse.Namespace) -> int:
     """Run ``peftkit prune``: load the adapter onto ``--model``, prune it, save to ``--out``, print the report."""
     from peftkit.io.hf_format import load_adapter, read_config, save_adapter
-    from peftkit.merge.prune import prune
+    from peftkit.merge.prune import check_options, prune
     from peftkit.train.tasks import check_model_path
 
     _check_out(args.out, [args.adapter])
+    _as_options(lambda: check_options(args.method, args.rank, args.energy, args.sparsity),
+                {"method": "--method", "target_rank": "--rank", "energy": "--energy", "sparsity": "--sparsity"})
     check_model_path(args.model, "--model")
     data = read_config(args.adapter)
     if data.get("peft_type") != "LORA":

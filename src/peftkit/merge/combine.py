@@ -141,6 +141,40 @@ def write_factors(layer: AdapterLayer, name: str, A: torch.Tensor, B: torch.Tens
 # ------------------------------------------------------------------------------------ validation
 
 
+def check_options(
+    method: str, density: float | None, majority_sign_method: str, rank: int | None, seed: int | None
+) -> str:
+    """Validate the options of :func:`combine` that need no model (also for ``peftkit combine`` before it loads one).
+
+    Returns:
+        the canonical method name.
+
+    Raises:
+        ConfigError: an option is invalid or does not apply to ``method``.
+    """
+    if method not in COMBINATION_METHODS:
+        raise ConfigError(f"method={method!r} is unknown; use one of {list(COMBINATION_METHODS)}")
+    canonical = _ALIASES.get(method, method)
+    base = canonical.removesuffix("_svd")
+    if base in _NEEDS_DENSITY:
+        if density is None:
+            raise ConfigError(f"method={method!r} needs density= (fraction of entries kept, in (0, 1])")
+        check_density(density)
+    elif density is not None:
+        raise ConfigError(
+            f"density={density!r} is not used by method={method!r}; drop it or use ties/dare/magnitude_prune"
+        )
+    if base in _NEEDS_SIGN:
+        check_sign_method(majority_sign_method)
+    if rank is not None and (
+        not canonical.endswith("_svd") or isinstance(rank, bool) or not isinstance(rank, int) or rank < 1
+    ):
+        raise ConfigError(f"rank={rank!r} must be a positive integer, and is used only by the *svd methods")
+    if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)):
+        raise ConfigError(f"seed={seed!r} must be an integer (or None for the global torch generator)")
+    return canonical
+
+
 def _check(
     model: nn.Module,
     weights: Mapping[str, float],
@@ -167,30 +201,11 @@ def _check(
             raise ConfigError(f"weight for {adapter!r} is {weight!r}; weights must be numbers")
         if not math.isfinite(weight):
             raise ConfigError(f"weight for {adapter!r} is {weight!r}; weights must be finite numbers")
-    if method not in COMBINATION_METHODS:
-        raise ConfigError(f"method={method!r} is unknown; use one of {list(COMBINATION_METHODS)}")
+    canonical = check_options(method, density, majority_sign_method, rank, seed)
     if not isinstance(name, str) or not name or "." in name:
         raise ConfigError(f"name={name!r} must be a non-empty adapter name without dots, e.g. 'mix'")
     if name in state.configs:
         raise AdapterExistsError(f"an adapter named {name!r} already exists; pass another name=")
-    canonical = _ALIASES.get(method, method)
-    base = canonical.removesuffix("_svd")
-    if base in _NEEDS_DENSITY:
-        if density is None:
-            raise ConfigError(f"method={method!r} needs density= (fraction of entries kept, in (0, 1])")
-        check_density(density)
-    elif density is not None:
-        raise ConfigError(
-            f"density={density!r} is not used by method={method!r}; drop it or use ties/dare/magnitude_prune"
-        )
-    if base in _NEEDS_SIGN:
-        check_sign_method(majority_sign_method)
-    if rank is not None and (
-        not canonical.endswith("_svd") or isinstance(rank, bool) or not isinstance(rank, int) or rank < 1
-    ):
-        raise ConfigError(f"rank={rank!r} must be a positive integer, and is used only by the *svd methods")
-    if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)):
-        raise ConfigError(f"seed={seed!r} must be an integer (or None for the global torch generator)")
     kinds = {adapter: type(state.configs[adapter]) for adapter in weights}
     for adapter in weights:
         config = state.configs[adapter]

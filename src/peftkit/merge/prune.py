@@ -90,7 +90,12 @@ class PruneReport:
         return "\n".join(lines)
 
 
-def _check(method: str, target_rank: int | None, energy: float, sparsity: float | None) -> None:
+def check_options(method: str, target_rank: int | None, energy: float, sparsity: float | None) -> None:
+    """Validate the options of :func:`prune` (also for ``peftkit prune`` before it loads a model).
+
+    Raises:
+        ConfigError: an option is invalid or does not apply to ``method``.
+    """
     if method not in ("rank", "magnitude"):
         raise ConfigError(
             f"method={method!r} is unknown; use 'rank' (SVD) or 'magnitude' (zero small entries)"
@@ -216,7 +221,7 @@ def prune(
         AdapterNotFoundError: no adapter ``name``. AdapterStateError: it is merged.
         ConfigError: an out-of-range option, or an adapter that is neither LoRA nor DoRA.
     """
-    _check(method, target_rank, energy, sparsity)
+    check_options(method, target_rank, energy, sparsity)
     state = get_state(model)
     if name not in state.configs:
         raise AdapterNotFoundError(
