@@ -165,3 +165,15 @@ def test_inspect_counts_lora_trainable_token_rows() -> None:
     model = pk.apply(build("llama"), config)
     assert report.added_params == pk.count_parameters(model)[0]
     assert report.rows[-1].name == "model.embed_tokens"
+
+
+def test_a_pattern_with_commas_that_matches_nothing_says_to_write_a_list() -> None:
+    model = build("llama")
+    with pytest.raises(TargetNotFoundError) as info:
+        pk.apply(model, pk.LoRA(target_modules="q_proj, v_proj"))
+    assert str(info.value).endswith(
+        " A pattern is one name, commas included: to target several, write a list, e.g. "
+        "peft.target_modules=[q_proj,v_proj] on the command line or target_modules=['q_proj', 'v_proj'] in Python.")
+    with pytest.raises(TargetNotFoundError) as info:
+        pk.apply(model, pk.LoRA(target_modules=["q_prj"]))
+    assert "write a list" not in str(info.value)

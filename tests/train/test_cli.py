@@ -266,3 +266,15 @@ def test_output_piped_into_a_reader_that_stops_early_ends_quietly(tmp_path, monk
         stdout.write("more\n")  # what Python would flush at exit now goes nowhere, without an error
     finally:
         stdout.close()
+
+
+def test_train_with_comma_separated_target_modules_says_to_write_a_list(run_config, tmp_path, capsys):
+    cfg = run_config("causal_lm")
+    path = tmp_path / "run.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    assert main(["train", str(path), "peft.target_modules=q_proj,v_proj"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("peftkit train: error: target pattern 'q_proj,v_proj' matches no module")
+    assert err.endswith("write a list, e.g. peft.target_modules=[q_proj,v_proj] on the command line or "
+                        "target_modules=['q_proj', 'v_proj'] in Python.\n")
+    assert not (Path(cfg["checkpoint"]["save_dir"]) / "final").exists()

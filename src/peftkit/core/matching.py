@@ -115,7 +115,7 @@ def resolve_targets(
                 f"target pattern {pattern!r} matches no module of {type(model).__name__}; "
                 f"closest module names: {near_misses(pattern, names)}. Use a module's leaf name "
                 f"(e.g. 'q_proj'), a glob on its qualified name (e.g. '*.layers.0.*.q_proj') or an alias "
-                f"({', '.join(sorted(ALIASES))})."
+                f"({', '.join(sorted(ALIASES))})." + _comma_hint(pattern)
             )
         good = [n for n in hits if supported(modules[n])]
         wrapped = sorted({type(modules[n]).__name__ for n in hits if isinstance(modules[n], AdapterLayer)})
@@ -146,6 +146,16 @@ def resolve_targets(
             f"layers={None if layers is None else list(layers)} are applied; loosen one of them."
         )
     return result
+
+
+def _comma_hint(pattern: str) -> str:
+    """For a pattern with commas (``target_modules=q_proj,v_proj`` on the command line is one string): how to write
+    the list of patterns it was meant to be."""
+    parts = [p.strip() for p in pattern.split(",") if p.strip()]
+    if len(parts) < 2:
+        return ""
+    return (f" A pattern is one name, commas included: to target several, write a list, e.g. "
+            f"peft.target_modules=[{','.join(parts)}] on the command line or target_modules={parts} in Python.")
 
 
 def near_misses(pattern: str, names: Sequence[str], n: int = 5) -> list[str]:
