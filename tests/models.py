@@ -219,3 +219,12 @@ def lora_layers(model: nn.Module) -> list[tuple[str, Any]]:
     from peftkit.methods.lora_layers import LoRALinear
 
     return [(q, layer) for q, layer in adapter_layers(model) if isinstance(layer, LoRALinear)]
+
+
+def assert_factors_match(layer: Any, other: nn.Module, name: str = "default") -> tuple[torch.Tensor, torch.Tensor]:
+    """Assert a peftkit ``LoRALinear``'s A and B equal those of HF PEFT's layer ``other`` within fp32 rounding;
+    returns them."""
+    A, B = layer.factor_weights(name)
+    torch.testing.assert_close(A, other.lora_A[name].weight, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(B, other.lora_B[name].weight, rtol=1e-5, atol=1e-6)
+    return A, B

@@ -17,7 +17,7 @@ import peftkit as pk
 from peftkit.errors import AdapterNotFoundError, ConfigError
 from peftkit.methods.lora_corda import decompose
 
-from models import build, lora_layers, randomize_adapters
+from models import assert_factors_match, build, lora_layers, randomize_adapters
 
 peft = pytest.importorskip("peft")
 from peft.tuners.lora.config import CordaConfig  # noqa: E402
@@ -63,9 +63,7 @@ def test_factors_and_residual_equal_hf_peft_and_output_is_unchanged(arch: str, m
     original = dict(base.named_modules())
     for qualname, layer in lora_layers(model):
         other = hf.base_model.model.get_submodule(qualname)
-        A, B = layer.factor_weights("default")
-        torch.testing.assert_close(A, other.lora_A["default"].weight, rtol=1e-5, atol=1e-6)
-        torch.testing.assert_close(B, other.lora_B["default"].weight, rtol=1e-5, atol=1e-6)
+        A, B = assert_factors_match(layer, other)
         torch.testing.assert_close(layer.base_layer.weight, other.base_layer.weight, rtol=1e-5, atol=1e-6)
         delta = layer.delta_weight("default")
         assert delta.abs().max() > 1e-3 and A.shape[0] == (2 if "down_proj" in qualname and kwargs else 4)

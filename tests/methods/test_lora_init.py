@@ -23,7 +23,7 @@ from peftkit.errors import ConfigError, ShapeMismatchError, UnknownFieldError
 from peftkit.io.hf_format import module_names
 from peftkit.methods.lora import hf_pattern
 
-from models import ConvNet, build, lora_layers, train_losses
+from models import ConvNet, assert_factors_match, build, lora_layers, train_losses
 
 peft = pytest.importorskip("peft")
 
@@ -67,9 +67,7 @@ def test_factors_and_residual_equal_hf_peft_and_output_is_unchanged(arch: str, i
     original = dict(base.named_modules())
     for qualname, layer in lora_layers(model):
         other = hf.base_model.model.get_submodule(qualname)
-        A, B = layer.factor_weights("default")
-        torch.testing.assert_close(A, other.lora_A["default"].weight, rtol=1e-5, atol=1e-6)
-        torch.testing.assert_close(B, other.lora_B["default"].weight, rtol=1e-5, atol=1e-6)
+        A, B = assert_factors_match(layer, other)
         assert A.abs().sum() > 0 and B.abs().sum() > 0
         residual, weight = layer.base_layer.weight, original[qualname].weight
         torch.testing.assert_close(residual, other.base_layer.weight, rtol=1e-5, atol=1e-6)
