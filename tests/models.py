@@ -228,3 +228,23 @@ def assert_factors_match(layer: Any, other: nn.Module, name: str = "default") ->
     torch.testing.assert_close(A, other.lora_A[name].weight, rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(B, other.lora_B[name].weight, rtol=1e-5, atol=1e-6)
     return A, B
+
+
+def assert_hf_conversion_matches(hf: Any, model: nn.Module, init: Any, tmp_path: Any, atol: float) -> None:
+    """Convert ``model``'s trained adapter (PiSSA, OLoRA, CorDA: saved by peftkit with ``convert_to_lora=True`` under
+    ``tmp_path/"pk"``) with HF PEFT's recipe, into ``tmp_path/"hf"``, and assert both files hold the same tensors.
+
+    HF PEFT's recipe: ``hf`` (built with ``init_lora_weights=init``) saves its initial adapter as a plain one, takes
+    ``model``'s trained state (same keys, same residual) and saves with ``path_initial_model_for_weight_conversion``.
+    """
+    from safetensors.torch import load_file
+
+    hf.peft_config["default"].init_lora_weights = True
+    hf.save_pretrained(str(tmp_path / "init"))
+    hf.peft_config["default"].init_lora_weights = init
+    hf.base_model.model.load_state_dict(model.state_dict())
+    hf.save_pretrained(str(tmp_path / "hf"), path_initial_model_for_weight_conversion=str(tmp_path / "init"))
+    mine, want = (load_file(str(tmp_path / d / "adapter_model.safetensors")) for d in ("pk", "hf"))
+    assert mine.keys() == want.keys()
+    for key, tensor in want.items():
+        torch.testing.assert_close(mine[key], tensor, rtol=0, atol=atol, msg=key)

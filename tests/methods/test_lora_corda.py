@@ -10,14 +10,13 @@ from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import load_file
 from torch import nn
 
 import peftkit as pk
 from peftkit.errors import AdapterNotFoundError, ConfigError
 from peftkit.methods.lora_corda import decompose
 
-from models import assert_factors_match, build, lora_layers, randomize_adapters
+from models import assert_factors_match, assert_hf_conversion_matches, build, lora_layers, randomize_adapters
 
 peft = pytest.importorskip("peft")
 from peft.tuners.lora.config import CordaConfig  # noqa: E402
@@ -99,16 +98,7 @@ def test_converted_adapter_equals_hf_peft_conversion_and_loads_in_both(tmp_path:
     want = logits(model)
     pk.save_adapter(model, tmp_path / "pk", convert_to_lora=True)
 
-    hf = theirs("llama")
-    hf.peft_config["default"].init_lora_weights = True  # HF PEFT's recipe: the initial adapter, saved before training
-    hf.save_pretrained(str(tmp_path / "init"))
-    hf.peft_config["default"].init_lora_weights = "corda"
-    hf.base_model.model.load_state_dict(model.state_dict())  # our trained state (same keys, same residual)
-    hf.save_pretrained(str(tmp_path / "hf"), path_initial_model_for_weight_conversion=str(tmp_path / "init"))
-    mine, expected = (load_file(str(tmp_path / d / "adapter_model.safetensors")) for d in ("pk", "hf"))
-    assert mine.keys() == expected.keys()
-    for key, tensor in expected.items():
-        torch.testing.assert_close(mine[key], tensor, rtol=0, atol=1e-5, msg=key)
+    assert_hf_conversion_matches(theirs("llama"), model, "corda", tmp_path, atol=1e-5)
 
     for directory in ("pk", "hf"):  # a plain rank-2r adapter of the original model, in either library
         torch.testing.assert_close(logits(pk.load_adapter(build("llama"), tmp_path / directory)), want,

@@ -23,7 +23,7 @@ from peftkit.errors import ConfigError, ShapeMismatchError, UnknownFieldError
 from peftkit.io.hf_format import module_names
 from peftkit.methods.lora import hf_pattern
 
-from models import ConvNet, assert_factors_match, build, lora_layers, train_losses
+from models import ConvNet, assert_factors_match, assert_hf_conversion_matches, build, lora_layers, train_losses
 
 peft = pytest.importorskip("peft")
 
@@ -145,17 +145,7 @@ def test_converted_adapter_equals_hf_peft_conversion(init: str, tmp_path: Path) 
     model = train(ours("llama", init, **patterns))
     pk.save_adapter(model, tmp_path / "pk", convert_to_lora=True)
 
-    hf = theirs("llama", init, **patterns)
-    hf.peft_config["default"].init_lora_weights = True  # HF PEFT's recipe: the initial adapter, saved before training
-    hf.save_pretrained(str(tmp_path / "init"))
-    hf.peft_config["default"].init_lora_weights = init
-    hf.base_model.model.load_state_dict(model.state_dict())  # our trained state (same keys, same residual)
-    hf.save_pretrained(str(tmp_path / "hf"), path_initial_model_for_weight_conversion=str(tmp_path / "init"))
-
-    mine, want = (load_file(str(tmp_path / d / "adapter_model.safetensors")) for d in ("pk", "hf"))
-    assert mine.keys() == want.keys()
-    for key, tensor in want.items():
-        torch.testing.assert_close(mine[key], tensor, rtol=0, atol=1e-6, msg=key)
+    assert_hf_conversion_matches(theirs("llama", init, **patterns), model, init, tmp_path, atol=1e-6)
     config, hf_config = (json.loads((tmp_path / d / "adapter_config.json").read_text()) for d in ("pk", "hf"))
     assert (config["r"], config["lora_alpha"], config["init_lora_weights"]) == (8, 16, True)
     assert (hf_config["r"], hf_config["lora_alpha"], hf_config["init_lora_weights"]) == (8, 16, True)
