@@ -127,6 +127,32 @@ class _Switch(nn.Module):
         return self.q(x * 2).sum(-1) + self.k(x).sum(-1) + self.v(x).sum(-1)
 
 
+def test_siblings_called_last_group_from_the_next_call_on(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A model whose siblings are its last adapted layers: their run closes only when the next step calls the
+    leader again, mid-call. The group forms there and runs from the step after (it used to break at once)."""
+    torch.manual_seed(0)
+    model = _Switch().requires_grad_(False)
+    pk.apply(model, pk.LoRA(target_modules=["q", "k", "v"], rank=2, alpha=4))
+    for layer in (model.q, model.k, model.v):
+        nn.init.normal_(layer.lora_B["default"].weight)
+    plain = copy.deepcopy(model)
+    inputs = [torch.randn(3, 6, requires_grad=True) for _ in range(4)]
+    grads = []
+    for x in inputs:
+        model(x, "shared").sum().backward()
+        grads.append(x.grad)
+    assert lora_groups.group_of(model.q) == [model.q, model.k, model.v]
+    with monkeypatch.context() as m:
+        _straightforward(m)
+        for x, got in zip(inputs, grads, strict=True):
+            x.grad = None
+            plain(x, "shared").sum().backward()
+            assert torch.allclose(got, x.grad, atol=1e-6)
+    for name in ("q", "k", "v"):
+        assert torch.allclose(getattr(model, name).lora_A["default"].weight.grad,
+                              getattr(plain, name).lora_A["default"].weight.grad, atol=1e-5)
+
+
 @pytest.mark.parametrize("change", ["q only", "other input"])
 def test_a_changed_call_pattern_breaks_the_group_for_good_and_stays_exact(monkeypatch: pytest.MonkeyPatch,
                                                                             change: str) -> None:

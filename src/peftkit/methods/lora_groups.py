@@ -363,6 +363,10 @@ def _track(layer: Any, x: torch.Tensor, key: tuple[str, float, bool]) -> None:
         return
     if _RUN.layers:
         _finish_run()
+        entry = _GROUP_OF.get(layer)
+        if entry is not None:  # the run just closed holds this layer (the model called it again first): its
+            group = entry[0]  # group starts with the next call, and the members now follow this call on their own
+            group.source, group.version, group.skipped = weakref.ref(x), version, True
     _RUN.source, _RUN.version, _RUN.key, _RUN.layers = weakref.ref(x), version, key, [weakref.ref(layer)]
 
 
