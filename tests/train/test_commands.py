@@ -194,3 +194,14 @@ def test_merge_removes_the_partial_copies_a_killed_merge_left_beside_its_output(
     merge_checkpoint(run / "final", out)
     assert not torn.exists() and other.exists() and (out / "config.json").is_file()
     assert "removed 1 partial copy(ies)" in capsys.readouterr().out
+
+
+def test_a_merge_of_a_damaged_checkpoint_leaves_no_empty_out_dir(run_config, tmp_path):
+    from peftkit.errors import PeftkitError
+
+    run = _train(run_config(train={"max_steps": 1}))
+    weights = run / "final" / "adapter_model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:100])
+    with pytest.raises(PeftkitError, match="adapter_model.safetensors"):
+        merge_checkpoint(run / "final", tmp_path / "out" / "merged")
+    assert not (tmp_path / "out").exists()

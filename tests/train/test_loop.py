@@ -379,3 +379,20 @@ def test_a_publish_killed_between_its_renames_leaves_the_previous_checkpoint_to_
     assert ckpt.remove_stale(tmp_path) == 1  # the partial new one goes, the complete old one comes back
     assert (final / "run_config.yaml").read_text() == "old\n"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["final"]
+
+
+def test_a_run_failing_on_its_data_leaves_no_empty_save_dir(run_config, tmp_path):
+    """The save_dir (and the parents the run created for it) go again when the run fails before writing there;
+    an existing directory stays."""
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"instruction": "a", "input": "b", "output": "c"}\n{"instruction": \n', encoding="utf-8")
+    save_dir = tmp_path / "runs" / "new" / "run"
+    cfg = run_config(data={"train": str(bad)}, checkpoint={"save_dir": str(save_dir)})
+    with pytest.raises(Exception, match="bad.jsonl"):
+        train(config_from_dict(cfg))
+    assert not (tmp_path / "runs").exists()
+    save_dir.mkdir(parents=True)
+    (save_dir / "notes.txt").write_text("mine", encoding="utf-8")
+    with pytest.raises(Exception, match="bad.jsonl"):
+        train(config_from_dict(cfg))
+    assert (save_dir / "notes.txt").read_text(encoding="utf-8") == "mine"

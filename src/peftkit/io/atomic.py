@@ -65,3 +65,24 @@ def output_dir(path: str | Path, name: str) -> Path:
     if not os.access(p, os.W_OK | os.X_OK):
         raise ConfigError(f"{name}={str(p)!r} is not writable; choose a writable directory")
     return p
+
+
+@contextlib.contextmanager
+def run_output_dir(path: str | Path, name: str) -> Iterator[Path]:
+    """:func:`output_dir` for the duration of some work: if the work fails before writing anything there, the
+    directories this call created are removed again (a failed run leaves no empty ``save_dir`` behind).
+
+    Only empty directories are removed, so whatever the work did write (checkpoints, partial tables) stays.
+    """
+    p = Path(path).absolute()
+    created = [d for d in (p, *p.parents) if not d.exists()]  # deepest first
+    out = output_dir(path, name)
+    try:
+        yield out
+    except BaseException:
+        for d in created:
+            try:
+                d.rmdir()
+            except OSError:  # not empty (or already gone): keep it and its parents
+                break
+        raise

@@ -9,7 +9,7 @@ from typing import Any
 from torch import nn
 
 from peftkit.errors import CheckpointError, ConfigError
-from peftkit.io.atomic import output_dir
+from peftkit.io.atomic import run_output_dir
 from peftkit.train.checkpoint import remove_partial_copies, staged
 from peftkit.train.config import RunConfig, load_config
 from peftkit.train.data import infer_labels, load_examples
@@ -155,10 +155,17 @@ def merge_checkpoint(path: str | Path, out_dir: str | Path, overrides: list[str]
     ``out_dir`` is written whole into a temporary directory beside it and then renamed into place, replacing
     what it held before (an earlier merged model; see :func:`_merge_target` for what is refused).
     """
-    import peftkit as pk
 
     cfg = checkpoint_config(path, overrides)
-    out = output_dir(_merge_target(out_dir, path, cfg), "--out")
+    with run_output_dir(_merge_target(out_dir, path, cfg), "--out") as out:  # removed again if the merge fails
+        _merge_into(path, cfg, out)
+    return out
+
+
+def _merge_into(path: str | Path, cfg: RunConfig, out: Path) -> None:
+    """The body of :func:`merge_checkpoint`, writing into the existing directory ``out``."""
+    import peftkit as pk
+
     tok = build_tokenizer(cfg)
     labels = run_labels(path, cfg)
     model = _checkpoint_model(path, cfg, tok, len(labels), adapted=True)
@@ -175,7 +182,6 @@ def merge_checkpoint(path: str | Path, out_dir: str | Path, overrides: list[str]
         hf_tok = getattr(tok, "tok", None)
         if hf_tok is not None:
             hf_tok.save_pretrained(str(tmp))
-    return out
 
 
 def inspect_model(

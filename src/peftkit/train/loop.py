@@ -26,7 +26,7 @@ import yaml
 from torch import nn
 
 from peftkit.errors import CheckpointError, ConfigError
-from peftkit.io.atomic import output_dir
+from peftkit.io.atomic import run_output_dir
 from peftkit.train import checkpoint as ckpt
 from peftkit.train import dist_checkpoint as dckpt
 from peftkit.train import dist_failure, distributed
@@ -218,10 +218,11 @@ def train(cfg: RunConfig) -> dict[str, Any]:
     """
     t0 = time.perf_counter()
     distributed.check(cfg)  # a misuse is refused before save_dir is created
-    output_dir(cfg.checkpoint.save_dir, "checkpoint.save_dir")  # before the model is built and trained
-    ctx = distributed.init(cfg)
-    with dist_failure.guard(ctx, cfg.checkpoint.save_dir):
-        return _train(setup(cfg, ctx), t0)
+    # Created before the model is built and trained; removed again if the run fails before writing to it.
+    with run_output_dir(cfg.checkpoint.save_dir, "checkpoint.save_dir"):
+        ctx = distributed.init(cfg)
+        with dist_failure.guard(ctx, cfg.checkpoint.save_dir):
+            return _train(setup(cfg, ctx), t0)
 
 
 def _train(run: Run, t0: float) -> dict[str, Any]:
