@@ -72,6 +72,22 @@ def test_projections_reading_one_input_group_after_a_first_pass() -> None:
     assert lora_groups.group_of(layer(mlp + "down_proj")) is None
 
 
+def test_the_last_siblings_group_from_the_second_pass() -> None:
+    """HF PEFT's default Llama targets (q_proj, v_proj): the first and last adapted layers are sibling pairs. In
+    the second pass the first pair runs as a group, so the last pair's run closes only when its own leader is
+    called again; it groups there (it used to break for good)."""
+    model = _adapt(llama(), target_modules=["q_proj", "v_proj"])
+    attn = f"model.layers.{model.config.num_hidden_layers - 1}.self_attn."
+    pair = [model.get_submodule(attn + "q_proj"), model.get_submodule(attn + "v_proj")]
+    _step(model)
+    assert lora_groups.group_of(model.get_submodule("model.layers.0.self_attn.v_proj")) is not None
+    assert lora_groups.group_of(pair[1]) is None
+    _step(model)
+    assert lora_groups.group_of(pair[1]) == pair
+    _step(model)
+    assert lora_groups.group_of(pair[1]) == pair  # and it holds
+
+
 @pytest.mark.parametrize("kwargs", [{}, {"use_rslora": True, "rank_pattern": {"k_proj": 2, "up_proj": 6},
                                          "alpha_pattern": {"v_proj": 3.0}}])
 def test_grouped_step_equals_the_straightforward_formula(monkeypatch: pytest.MonkeyPatch,

@@ -27,6 +27,7 @@ from torch import nn
 
 from peftkit.errors import CheckpointError, ConfigError
 from peftkit.io.atomic import run_output_dir
+from peftkit.methods.lora_layers import LoRALinear
 from peftkit.train import checkpoint as ckpt
 from peftkit.train import dist_checkpoint as dckpt
 from peftkit.train import dist_failure, distributed
@@ -138,6 +139,42 @@ def setup(cfg: RunConfig, ctx: distributed.Dist | None = None) -> Run:
     )
 
 
+def _micro_batch(run: Run, step: int, j: int) -> dict[str, torch.Tensor]:
+    """Micro-batch ``j`` of optimizer step ``step``, on the run's device."""
+    cfg = run.cfg
+    # the global batch one process with batch_size × world would take; this rank keeps its slice
+    chunk = micro_batch(
+        run.train,
+        cfg.train.batch_size * run.dist.world,
+        cfg.train.seed,
+        step * cfg.train.grad_accum + j,
+        cfg.data.group_by_length,
+    )
+    chunk = distributed.rank_slice(chunk, run.dist)
+    return {k: v.to(run.device) for k, v in collate(chunk, run.tok.pad_id, cfg.model.task).items()}
+
+
+def form_groups(run: Run, step: int) -> None:
+    """Two forward passes without gradients on the first micro-batch of ``step``, the random state put back.
+
+    LoRA projections that read one input (q, k, v; gate, up) run as sibling groups
+    (:mod:`peftkit.methods.lora_groups`), which form over the first two passes. Grouped and per-layer kernels
+    sum the input's gradient in another order, so a run whose first steps ran ungrouped differs in the last bits
+    from one that ran grouped; forming the groups before the first step makes every step of a run, started at
+    step 0 or resumed later, run the same kernels, and a resumed run match an uninterrupted one bit for bit.
+    """
+    if not any(isinstance(m, LoRALinear) for m in run.model.modules()):
+        return
+    batch = _micro_batch(run, step, 0)
+    devices = [run.device] if run.device.type == "cuda" else []
+    bf16 = run.cfg.train.precision == "bf16"
+    # The dropout masks drawn here leave no trace in the random state.
+    with (torch.random.fork_rng(devices=devices), torch.no_grad(),
+          torch.autocast(run.device.type, dtype=torch.bfloat16, enabled=bf16)):
+        for _ in range(2):
+            forward_loss(run.forward if run.forward is not None else run.model, batch)
+
+
 def train_step(run: Run, step: int, params: list[nn.Parameter]) -> dict[str, Any]:
     """One optimizer step (all micro-batches); returns its metrics record."""
     cfg = run.cfg
@@ -148,16 +185,7 @@ def train_step(run: Run, step: int, params: list[nn.Parameter]) -> dict[str, Any
     loss_sum, tokens = 0.0, 0
     bf16 = cfg.train.precision == "bf16"
     for j in range(cfg.train.grad_accum):
-        # the global batch one process with batch_size × world would take; this rank keeps its slice
-        chunk = micro_batch(
-            run.train,
-            cfg.train.batch_size * run.dist.world,
-            cfg.train.seed,
-            step * cfg.train.grad_accum + j,
-            cfg.data.group_by_length,
-        )
-        chunk = distributed.rank_slice(chunk, run.dist)
-        batch = {k: v.to(run.device) for k, v in collate(chunk, run.tok.pad_id, cfg.model.task).items()}
+        batch = _micro_batch(run, step, j)
         with torch.autocast(run.device.type, dtype=torch.bfloat16, enabled=bf16):
             loss = forward_loss(run.forward if run.forward is not None else run.model, batch)
         if run.dist.active:  # a slice without targets has a NaN mean loss but contributes nothing
@@ -253,6 +281,8 @@ def _train(run: Run, t0: float) -> dict[str, Any]:
         logger = MetricsLogger(out, cfg.logging, run.total_steps, start)
     params = [p for n, p in run.model.named_parameters() if n in set(run.trainable)]
     run.model.train()
+    if start < run.total_steps:
+        form_groups(run, start)
     last_ckpt, fault = None, os.environ.get(FAULT_ENV)
     final_eval: dict[str, float] = {}
     if start == run.total_steps:
