@@ -31,6 +31,7 @@ from peftkit.methods.ia3 import IA3
 from peftkit.methods.lora import LoRA
 from peftkit.methods.lora_corda import init_corda
 from peftkit.methods.lora_eva import init_eva
+from peftkit.methods.lora_groups import form_groups
 from peftkit.methods.lora_mixed import mixed_batch
 from peftkit.methods.multitask_prompt import MultitaskPromptTuning
 from peftkit.methods.prefix import PrefixTuning
@@ -68,6 +69,7 @@ __all__ = [
     "disable_adapters",
     "errors",
     "estimate_training_memory",
+    "form_groups",
     "init_corda",
     "init_eva",
     "inspect",

@@ -21,8 +21,9 @@ from collections.abc import Iterable
 from typing import Any, SupportsIndex
 
 import torch
+from torch.optim.optimizer import register_optimizer_step_post_hook
 
-__all__ = ["EPOCH", "TouchDict", "TouchList", "own", "touch", "watched"]
+__all__ = ["EPOCH", "STEPS", "TouchDict", "TouchList", "own", "touch", "watched"]
 
 
 class _Epoch:
@@ -30,6 +31,24 @@ class _Epoch:
 
 
 EPOCH = _Epoch()
+
+
+class _Steps:
+    value = 0
+
+
+#: Optimizer steps taken in this process (any ``torch.optim.Optimizer``). Values derived from parameters (DoRA's
+#: ‖W + sBA‖) are cached under the tensors' version counters, which in-place updates move, and this count:
+#: fused optimizers (``AdamW(fused=True)``, the default of ``transformers.Trainer``) write the parameters
+#: without moving their version counters.
+STEPS = _Steps()
+
+
+def _count_step(*_: Any) -> None:
+    STEPS.value += 1
+
+
+register_optimizer_step_post_hook(_count_step)
 
 
 def touch(*_: Any) -> None:

@@ -7,7 +7,9 @@ without the dense B@A::
     ‖W + sBA‖²ᵢ = ‖Wᵢ‖² + 2s·Σ_k Bᵢₖ (WAᵀ)ᵢₖ + s²·Σ_k (B AAᵀ)ᵢₖ Bᵢₖ
 
 with ‖W‖² cached while the frozen weight is unchanged, and the whole norm cached until A, B or W change (in
-evaluation it is computed once).
+evaluation it is computed once). A change is an in-place write (which moves a tensor's version counter) or an
+optimizer step (:data:`peftkit.core.epoch.STEPS`: fused optimizers write without moving the counters); a write
+through ``.data`` is neither, so change adapter tensors in place under ``torch.no_grad()`` instead.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ from typing import Any, ClassVar, cast
 import torch
 from torch import nn
 
+from peftkit.core.epoch import STEPS
 from peftkit.core.registry import DEQUANTIZERS
 from peftkit.errors import MergeError
 from peftkit.methods.lora_layers import LoRALayer
@@ -97,7 +100,7 @@ class _DoRAMixin(LoRALayer):
             tensors = [*base.parameters(), *base.buffers()]
         else:  # the common case, without the generators' overhead (this runs on every forward)
             tensors = [t for t in (*base._parameters.values(), *base._buffers.values()) if t is not None]
-        return tuple((t.data_ptr(), t._version) for t in tensors)
+        return (STEPS.value, *((t.data_ptr(), t._version) for t in tensors))
 
     def add_magnitude(self, name: str) -> None:
         """Add adapter ``name``'s magnitude, initialised to the current norms (outputs unchanged)."""

@@ -41,7 +41,7 @@ import torch.nn.functional as F
 from peftkit.methods.lora_dropout import apply_keep_, dropout_input
 from peftkit.methods.lora_kernels import fused_dora_forward, linear_lora, plain_adapter, scaled_rows
 
-__all__ = ["GroupedDoRA", "GroupedLoRA", "enabled", "fused_forward", "group_of"]
+__all__ = ["GroupedDoRA", "GroupedLoRA", "enabled", "form_groups", "fused_forward", "group_of"]
 
 #: Switch for grouping (tests turn it off to compare against the per-layer path).
 enabled = True
@@ -230,7 +230,7 @@ class GroupedDoRA(torch.autograd.Function):
 class _Group:
     """Sibling layers (weak references, leader first), the adapter they run, and outputs waiting for pickup."""
 
-    __slots__ = ("a_cat", "a_key", "dora", "members", "name", "p", "pending", "skipped", "source", "version",
+    __slots__ = ("dora", "members", "name", "p", "pending", "skipped", "source", "version",
                  "__weakref__")
 
     def __init__(self, members: list[weakref.ref[Any]], name: str, p: float, dora: bool) -> None:
@@ -240,8 +240,6 @@ class _Group:
         self.source: weakref.ref[torch.Tensor] | None = None
         self.version = -1
         self.skipped = False  # the leader's last call could not run the group (adapters disabled, autocast, …)
-        self.a_key: tuple[Any, ...] = ()
-        self.a_cat: torch.Tensor | None = None
 
     def disband(self) -> None:
         self.pending.clear()
@@ -253,15 +251,12 @@ class _Group:
         if leader is not None:
             _NEVER.add(leader)
 
-    def concatenated_a(self, As: list[torch.Tensor]) -> torch.Tensor:
-        """``[A₁; …; Aₙ]`` detached, kept while no A changed (in place or replaced) and the inference mode is the same
-        (a tensor made under ``torch.inference_mode`` cannot be saved for a later backward)."""
-        key = (*((A.data_ptr(), _version(A)) for A in As), torch.is_inference_mode_enabled())
-        if self.a_cat is None or key != self.a_key:
-            with torch.no_grad():
-                self.a_cat = torch.cat([A.detach() for A in As])
-            self.a_key = key
-        return self.a_cat
+    @staticmethod
+    def concatenated_a(As: list[torch.Tensor]) -> torch.Tensor:
+        """``[A₁; …; Aₙ]`` detached, built on every call: a few rank-r rows, cheaper to copy than to prove unchanged
+        (fused optimizers write parameters without moving their version counters)."""
+        with torch.no_grad():
+            return torch.cat([A.detach() for A in As])
 
     def run(self, x: torch.Tensor) -> torch.Tensor | None:
         """The leader's output, with every sibling's output left pending.
@@ -368,6 +363,26 @@ def _track(layer: Any, x: torch.Tensor, key: tuple[str, float, bool]) -> None:
             group = entry[0]  # group starts with the next call, and the members now follow this call on their own
             group.source, group.version, group.skipped = weakref.ref(x), version, True
     _RUN.source, _RUN.version, _RUN.key, _RUN.layers = weakref.ref(x), version, key, [weakref.ref(layer)]
+
+
+def form_groups(model: torch.nn.Module, *args: Any, **kwargs: Any) -> torch.nn.Module:
+    """Run ``model(*args, **kwargs)`` twice without gradients, the random state put back, so that its sibling
+    projections run as groups from the next call on.
+
+    Groups form over a model's first two passes, and grouped and per-layer nodes sum an input's gradient in
+    another order (the same numbers up to float rounding). A training loop that calls this with a batch of the
+    run before its first step runs the same kernels at every step, so a run resumed from a checkpoint matches
+    the uninterrupted run bit for bit (``peftkit train`` does this). The model's training mode decides the key
+    groups form under, so call it in the mode you train in.
+
+    Returns:
+        ``model``.
+    """
+    device = next((p.device for p in model.parameters()), torch.device("cpu"))
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []), torch.no_grad():
+        for _ in range(2):
+            model(*args, **kwargs)
+    return model
 
 
 def group_of(layer: Any) -> list[Any] | None:

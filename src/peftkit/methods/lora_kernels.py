@@ -27,7 +27,7 @@ from typing import Any
 
 import torch
 
-from peftkit.core.epoch import EPOCH
+from peftkit.core.epoch import EPOCH, STEPS
 from peftkit.methods.lora_dropout import apply_keep, apply_keep_, dropout_input, keep_mask
 
 __all__ = ["DoRALinearFn", "LoRAUpdate", "fused_dora_forward", "keep_mask", "linear_lora",
@@ -301,7 +301,7 @@ def fused_dora_forward(layer: Any, x: torch.Tensor, plan: tuple[Any, ...] | None
     if p == 0.0 and not torch.is_grad_enabled():  # inference: g = m/‖·‖ cached while nothing changes
         # Spelled out: a generator over the four tensors costs more than the lookups themselves (decoding one
         # token is mostly such overhead); the layer's own cache key (every base tensor, through nn.Module) 5 µs.
-        key = (EPOCH.value, A.data_ptr(), A._version, B.data_ptr(), B._version, magnitude.data_ptr(),
+        key = (EPOCH.value, STEPS.value, A.data_ptr(), A._version, B.data_ptr(), B._version, magnitude.data_ptr(),
                magnitude._version, weight.data_ptr(), weight._version)
         hit = layer.__dict__.get("_factor")
         if hit is not None and hit[0] == key:

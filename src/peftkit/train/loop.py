@@ -27,6 +27,7 @@ from torch import nn
 
 from peftkit.errors import CheckpointError, ConfigError
 from peftkit.io.atomic import run_output_dir
+from peftkit.methods import lora_groups
 from peftkit.methods.lora_layers import LoRALinear
 from peftkit.train import checkpoint as ckpt
 from peftkit.train import dist_checkpoint as dckpt
@@ -155,24 +156,14 @@ def _micro_batch(run: Run, step: int, j: int) -> dict[str, torch.Tensor]:
 
 
 def form_groups(run: Run, step: int) -> None:
-    """Two forward passes without gradients on the first micro-batch of ``step``, the random state put back.
-
-    LoRA projections that read one input (q, k, v; gate, up) run as sibling groups
-    (:mod:`peftkit.methods.lora_groups`), which form over the first two passes. Grouped and per-layer kernels
-    sum the input's gradient in another order, so a run whose first steps ran ungrouped differs in the last bits
-    from one that ran grouped; forming the groups before the first step makes every step of a run, started at
-    step 0 or resumed later, run the same kernels, and a resumed run match an uninterrupted one bit for bit.
-    """
+    """Form the model's sibling groups (:func:`peftkit.methods.lora_groups.form_groups`) on the first micro-batch
+    of ``step`` before that step, so every step of a run, started at step 0 or resumed later, runs the same
+    kernels and a resumed run matches an uninterrupted one bit for bit."""
     if not any(isinstance(m, LoRALinear) for m in run.model.modules()):
         return
-    batch = _micro_batch(run, step, 0)
-    devices = [run.device] if run.device.type == "cuda" else []
-    bf16 = run.cfg.train.precision == "bf16"
-    # The dropout masks drawn here leave no trace in the random state.
-    with (torch.random.fork_rng(devices=devices), torch.no_grad(),
-          torch.autocast(run.device.type, dtype=torch.bfloat16, enabled=bf16)):
-        for _ in range(2):
-            forward_loss(run.forward if run.forward is not None else run.model, batch)
+    forward = run.forward if run.forward is not None else run.model
+    with torch.autocast(run.device.type, dtype=torch.bfloat16, enabled=run.cfg.train.precision == "bf16"):
+        lora_groups.form_groups(forward, **_micro_batch(run, step, 0))  # as forward_loss calls it
 
 
 def train_step(run: Run, step: int, params: list[nn.Parameter]) -> dict[str, Any]:
