@@ -28,6 +28,7 @@ from peftkit.methods.canonical import CanonicalLoRA
 from peftkit.methods.convert import convert
 from peftkit.methods.dora import DoRA
 from peftkit.methods.ia3 import IA3
+from peftkit.methods.ln_tuning import LNTuning
 from peftkit.methods.lora import LoRA
 from peftkit.methods.lora_corda import init_corda
 from peftkit.methods.lora_eva import init_eva
@@ -39,6 +40,7 @@ from peftkit.methods.prompt import PromptTuning
 from peftkit.methods.ptuning import PTuning
 from peftkit.methods.roles import register_architecture
 from peftkit.methods.trainable_tokens import TrainableTokens
+from peftkit.methods.vera import VeRA
 from peftkit.quant import estimate_training_memory, memory_report, prepare_for_kbit_training, quantize
 
 __version__ = "0.1.0"
@@ -52,6 +54,7 @@ __all__ = [
     "CanonicalLoRA",
     "DoRA",
     "IA3",
+    "LNTuning",
     "LoRA",
     "MultitaskPromptTuning",
     "PTuning",
@@ -59,6 +62,7 @@ __all__ = [
     "PromptTuning",
     "PruneReport",
     "TrainableTokens",
+    "VeRA",
     "active_adapters",
     "adalora_step",
     "apply",

@@ -70,6 +70,8 @@ PEFT_METHODS: dict[str, str | None] = {
     "prefix_tuning": "PrefixTuning",
     "p_tuning": "PTuning",
     "trainable_tokens": "TrainableTokens",
+    "vera": "VeRA",
+    "ln_tuning": "LNTuning",
 }
 
 
