@@ -63,6 +63,24 @@ def test_projections_are_hf_peft_s_for_the_same_key(key: int) -> None:
     assert torch.equal(layers[0].vera_A["default"], vera_a) and torch.equal(layers[0].vera_B["default"], vera_b)
 
 
+@pytest.mark.parametrize("save_projection", [True, False])
+def test_half_precision_bases_round_the_projections_as_hf_peft_does(save_projection: bool, tmp_path) -> None:
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        hf = peft.get_peft_model(build("llama").to(torch.bfloat16), peft.VeraConfig(
+            target_modules=CASES["llama"][0], r=RANK, save_projection=save_projection))
+    model = pk.apply(build("llama").to(torch.bfloat16), pk.VeRA(target_modules=CASES["llama"][0], rank=RANK))
+    theirs = hf.base_model.model.get_submodule("model.layers.0.self_attn.q_proj")
+    layer = model.get_submodule("model.layers.0.self_attn.q_proj")
+    for attr in ("vera_A", "vera_B"):
+        assert torch.equal(getattr(layer, attr)["default"], getattr(theirs, attr)["default"])
+        assert not torch.equal(getattr(layer, attr)["default"], projections(RANK, 64, 32, 0)[attr == "vera_B"])
+    hf.save_pretrained(str(tmp_path))
+    loaded = pk.load_adapter(build("llama").to(torch.bfloat16), tmp_path)
+    again = loaded.get_submodule("model.layers.0.self_attn.q_proj")
+    assert torch.equal(again.vera_A["default"], layer.vera_A["default"])
+
+
 @pytest.mark.parametrize("arch", list(CASES))
 def test_forward_and_parameters_match_hf_peft(arch: str) -> None:
     hf = hf_vera(arch)

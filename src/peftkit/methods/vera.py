@@ -279,9 +279,11 @@ class VeRA(AdapterConfig):
         if holder is None:
             vera_a, vera_b = projections(self.rank, max(i for i, _ in sizes.values()),
                                          max(o for _, o in sizes.values()), self.projection_prng_key)
-            device = _weight_device(modules[targets[0]])
+            weight = _raw_weight(modules[targets[0]])
+            if weight.dtype in (torch.float16, torch.bfloat16):  # HF PEFT rounds them to a half-precision base's dtype
+                vera_a, vera_b = vera_a.to(weight.dtype).float(), vera_b.to(weight.dtype).float()
             return (SharedProjection(self.save_projection), SharedProjection(self.save_projection),
-                    vera_a.to(device), vera_b.to(device))
+                    vera_a.to(weight.device), vera_b.to(weight.device))
         vera_a, vera_b = cast(torch.Tensor, holder.vera_A.any()), cast(torch.Tensor, holder.vera_B.any())
         for name, other in get_state(model).configs.items():
             if not isinstance(other, VeRA):
@@ -382,9 +384,10 @@ def _features(module: nn.Module) -> tuple[int, int]:
     return kind.in_features(base), kind.out_features(base)
 
 
-def _weight_device(module: nn.Module) -> torch.device:
+def _raw_weight(module: nn.Module) -> torch.Tensor:
+    """The weight tensor as the layer stores it (a quantized layer's packed data)."""
     base = module.base_layer if isinstance(module, VeRALayer) else module
-    return cast(LinearKind, linear_kind(base)).weight(base).device
+    return cast(torch.Tensor, base.weight)
 
 
 def _bias_modules(model: nn.Module, mode: str) -> list[nn.Module]:
