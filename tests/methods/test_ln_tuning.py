@@ -134,3 +134,11 @@ def test_training_lowers_the_loss() -> None:
     ids = torch.randint(0, 96, (2, 7), generator=torch.Generator().manual_seed(1))
     losses = train_losses(model, lambda: model(input_ids=ids, labels=ids).loss, lr=0.1)
     assert losses[-1] < losses[0] - 0.01
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2", "t5", "qwen2"])
+def test_omitted_targets_are_hf_peft_s_defaults(arch: str) -> None:
+    hf = peft.get_peft_model(build(arch), peft.LNTuningConfig())
+    model = pk.apply(build(arch), pk.LNTuning())
+    adapted = {n for n, m in model.named_modules() if isinstance(m, LNTuningLayer)}
+    assert adapted == set(hf.base_model.targeted_module_names) and adapted

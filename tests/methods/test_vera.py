@@ -275,3 +275,15 @@ def test_training_lowers_the_loss() -> None:
     ids = torch.randint(0, 96, (2, 7), generator=torch.Generator().manual_seed(1))
     losses = train_losses(model, lambda: model(input_ids=ids, labels=ids).loss, lr=0.05)
     assert losses[-1] < losses[0] - 0.01
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2", "t5", "qwen2"])
+def test_omitted_targets_are_hf_peft_s_defaults(arch: str) -> None:
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        hf = peft.get_peft_model(build(arch), peft.VeraConfig(r=8))
+    model = pk.apply(build(arch), pk.VeRA(rank=8))
+    assert {n for n, m in model.named_modules() if isinstance(m, VeRALayer)} == set(hf.base_model.targeted_module_names)
+    layer = next(m for m in model.modules() if isinstance(m, VeRALayer))
+    assert torch.equal(layer.vera_A["default"], hf.base_model.vera_A["default"])  # sized alike
+    assert torch.equal(layer.vera_B["default"], hf.base_model.vera_B["default"])
