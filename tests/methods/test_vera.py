@@ -249,7 +249,7 @@ def test_a_second_adapter_must_fit_the_shared_matrices() -> None:
     ({"rank": 0}, ConfigError, "rank=0 must be an integer >= 1"),
     ({"rank": -4}, ConfigError, "rank=-4"),
     ({"rank": True}, ConfigError, "rank=True"),
-    ({"projection_prng_key": -1}, ConfigError, "projection_prng_key=-1"),
+    ({"projection_prng_key": 1.5}, ConfigError, "projection_prng_key=1.5 must be an integer"),
     ({"dropout": 1.0}, ConfigError, r"dropout=1.0 must be in \[0, 1\)"),
     ({"d_initial": float("nan")}, ConfigError, "d_initial=nan"),
     ({"bias": "lora_only"}, ConfigError, "bias='lora_only' must be one of"),

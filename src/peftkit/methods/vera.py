@@ -215,6 +215,11 @@ class VeRA(AdapterConfig):
         init_weights: ``False`` starts from λ_b = 1 and λ_d ~ N(0, 1) instead, as in HF PEFT (for tests).
         bias: ``"none"``, ``"all"`` (every bias of the model trains and is saved) or ``"vera_only"`` (the biases
             of the adapted layers).
+
+    Raises:
+        ConfigError: a field out of range (named with its value); in ``pk.apply``, a second VeRA adapter whose key,
+            rank or ``save_projection`` differs from the first's, or whose layers do not fit the shared matrices.
+        UnsupportedLayerError: in ``pk.apply``, a target that is not linear-like.
     """
 
     peft_type = "VERA"
@@ -233,7 +238,8 @@ class VeRA(AdapterConfig):
     def __post_init__(self) -> None:
         super().__post_init__()
         _checked_int("rank", self.rank, 1)
-        _checked_int("projection_prng_key", self.projection_prng_key, 0)
+        if isinstance(self.projection_prng_key, bool) or not isinstance(self.projection_prng_key, int):
+            raise ConfigError(f"projection_prng_key={self.projection_prng_key!r} must be an integer (a seed, e.g. 0)")
         _checked_bool("save_projection", self.save_projection)
         _checked_bool("init_weights", self.init_weights)
         if isinstance(self.dropout, bool) or not isinstance(self.dropout, (int, float)) or not 0 <= self.dropout < 1:
