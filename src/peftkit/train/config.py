@@ -65,13 +65,13 @@ PEFT_METHODS: dict[str, str | None] = {
     "adalora": "AdaLoRA",
     "ia3": "IA3",
     "bitfit": "BitFit",
+    "vera": "VeRA",
+    "ln_tuning": "LNTuning",
     "adapter": "Adapter",
     "prompt_tuning": "PromptTuning",
     "prefix_tuning": "PrefixTuning",
     "p_tuning": "PTuning",
     "trainable_tokens": "TrainableTokens",
-    "vera": "VeRA",
-    "ln_tuning": "LNTuning",
 }
 
 
