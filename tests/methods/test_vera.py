@@ -183,17 +183,19 @@ def test_saved_projections_are_loaded_not_redrawn(tmp_path) -> None:
     assert torch.equal(logits(loaded, "llama"), logits(model, "llama"))
 
 
-def test_bias_vera_only_trains_saves_and_cross_loads(tmp_path) -> None:
-    hf = hf_vera("gpt2", bias="vera_only")
+@pytest.mark.parametrize("bias", ["vera_only", "all"])
+def test_trained_biases_match_hf_peft_and_cross_load(bias: str, tmp_path) -> None:
+    hf = hf_vera("gpt2", bias=bias)
     with torch.no_grad():
         for name, p in hf.named_parameters():
-            if name.endswith("base_layer.bias"):
+            if name.endswith(".bias") and p.requires_grad:
                 p.add_(0.5)
     hf.save_pretrained(str(tmp_path / "hf"))
-    model = ours("gpt2", bias="vera_only")
+    model = ours("gpt2", bias=bias)
     trainable = {n for n, p in model.named_parameters() if p.requires_grad}
     hf_trainable = {n.removeprefix("base_model.model.") for n, p in hf.named_parameters() if p.requires_grad}
     assert trainable == hf_trainable and any(n.endswith("c_attn.base_layer.bias") for n in trainable)
+    assert any(n.endswith("ln_f.bias") for n in trainable) == (bias == "all")
     loaded = pk.load_adapter(build("gpt2"), tmp_path / "hf")
     assert torch.allclose(logits(loaded, "gpt2"), logits(hf, "gpt2"), atol=1e-6)
     pk.save_adapter(loaded, tmp_path / "pk")
