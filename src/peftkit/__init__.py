@@ -29,6 +29,8 @@ from peftkit.methods.convert import convert
 from peftkit.methods.dora import DoRA
 from peftkit.methods.ia3 import IA3
 from peftkit.methods.ln_tuning import LNTuning
+from peftkit.methods.loha import LoHa
+from peftkit.methods.lokr import LoKr
 from peftkit.methods.lora import LoRA
 from peftkit.methods.lora_corda import init_corda
 from peftkit.methods.lora_eva import init_eva
@@ -55,6 +57,8 @@ __all__ = [
     "DoRA",
     "IA3",
     "LNTuning",
+    "LoHa",
+    "LoKr",
     "LoRA",
     "MultitaskPromptTuning",
     "PTuning",

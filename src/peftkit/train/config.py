@@ -64,6 +64,8 @@ PEFT_METHODS: dict[str, str | None] = {
     "dora": "DoRA",
     "adalora": "AdaLoRA",
     "ia3": "IA3",
+    "loha": "LoHa",
+    "lokr": "LoKr",
     "bitfit": "BitFit",
     "vera": "VeRA",
     "ln_tuning": "LNTuning",
