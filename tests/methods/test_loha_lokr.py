@@ -371,3 +371,14 @@ def test_default_targets_and_the_command_line_method_names() -> None:
     for method, cls in (("loha", pk.LoHa), ("lokr", pk.LoKr)):
         config = peft_config(config_from_dict({**base, "peft": {"method": method, "rank": 4}}))
         assert type(config) is cls and config.rank == 4
+
+
+def test_merging_into_a_weight_tied_to_the_embeddings_is_refused() -> None:
+    from peftkit.errors import MergeError
+
+    model = build("gemma")  # lm_head shares the input embeddings' weight
+    pk.apply(model, pk.LoKr(target_modules=["lm_head"], init_weights=False))
+    weight = model.lm_head.base_layer.weight.clone()
+    with pytest.raises(MergeError, match="tied"):
+        pk.merge(model)
+    assert torch.equal(model.lm_head.base_layer.weight, weight)
