@@ -352,6 +352,8 @@ def test_bad_lokr_fields_and_targets_are_refused() -> None:
         pk.LoKr(r=8)
     with pytest.raises(UnsupportedLayerError, match="Conv1d, Conv2d, Linear"):
         pk.apply(build("llama"), pk.LoKr(target_modules=["embed_tokens"]))
+    with pytest.raises(UnsupportedLayerError, match="matches only modules of type Linear4bit"):
+        pk.apply(pk.quantize(build("llama"), compute_dtype=torch.float32), pk.LoHa(target_modules=["q_proj"]))
     with pytest.raises(UnsupportedLayerError, match="matches only modules of type Conv1D"):
         pk.apply(build("gpt2"), pk.LoHa(target_modules=["c_attn"]))  # GPT-2's Conv1D, as in HF PEFT
     with pytest.raises(ConfigError, match="rank_pattern key 'q_prj' matches no module"):

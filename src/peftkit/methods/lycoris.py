@@ -33,7 +33,7 @@ from torch import nn
 from peftkit.core.config import AdapterConfig
 from peftkit.core.layer import AdapterLayer
 from peftkit.core.matching import first_match, matches, near_misses
-from peftkit.core.registry import TypeRegistry
+from peftkit.core.registry import DEQUANTIZERS, TypeRegistry
 from peftkit.errors import ConfigError, UnsupportedLayerError
 from peftkit.io.hf_names import hf_layer_targets, hf_modules_to_save, hf_pattern, hf_resolve, hf_targets
 from peftkit.methods.default_targets import LORA_TARGETS, default_for
@@ -48,6 +48,14 @@ LYCORIS_KINDS.register(nn.Conv2d, 2)
 
 def supported_names() -> list[str]:
     return LYCORIS_KINDS.names()
+
+
+def spatial_dims(module: nn.Module) -> int | None:
+    """The number of spatial dimensions of a layer LoHa and LoKr adapt (0: linear), or ``None`` for any other layer
+    (a quantized subclass of ``nn.Linear`` too: its weight cannot take ΔW)."""
+    if DEQUANTIZERS.lookup(type(module)) is not None:
+        return None
+    return LYCORIS_KINDS.lookup(type(module))
 
 
 def kaiming(tensor: torch.Tensor) -> None:
@@ -74,7 +82,7 @@ class LycorisLayer(AdapterLayer):
 
     def __init__(self, base_layer: nn.Module) -> None:
         super().__init__(base_layer)
-        spatial = LYCORIS_KINDS.lookup(type(base_layer))
+        spatial = spatial_dims(base_layer)
         if spatial is None:
             raise UnsupportedLayerError(
                 f"{self.method} cannot adapt a {type(base_layer).__name__}; supported layer types: "
@@ -164,15 +172,14 @@ class LycorisLayer(AdapterLayer):
         return result.to(dtype)
 
     # -- merging: W₀ ← W₀ ± ΔW ---------------------------------------------------------------------
+    @torch.no_grad()
     def _fold(self, name: str, sign: float, safe: bool = False, where: str = "") -> None:
         weight = cast(torch.Tensor, self.base_layer.weight)
-        work = weight.detach()
-        work = work.float() if work.dtype in (torch.float16, torch.bfloat16) else work  # one rounding, at the end
-        folded = work + sign * self.delta_weight(name).detach().to(work.dtype)
+        work = weight.float() if weight.dtype in (torch.float16, torch.bfloat16) else weight  # one rounding, at the end
+        folded = work + sign * self.delta_weight(name).to(work.dtype)
         if safe:
             self.check_finite(folded, where or type(self.base_layer).__name__, name)
-        with torch.no_grad():
-            weight.copy_(folded.to(weight.dtype))
+        weight.copy_(folded.to(weight.dtype))
 
     def merge(self, names: Sequence[str], safe: bool = False, where: str = "") -> None:
         for name in names:
@@ -274,7 +281,7 @@ class LycorisConfig(AdapterConfig):
     def supports(self, module: nn.Module) -> bool:
         if isinstance(module, AdapterLayer):  # a second adapter of the same method only
             return type(module) is self.layer_class
-        return LYCORIS_KINDS.lookup(type(module)) is not None
+        return spatial_dims(module) is not None
 
     def supported_layer_names(self) -> list[str]:
         return supported_names()
