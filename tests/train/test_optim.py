@@ -65,6 +65,19 @@ def test_loraplus_puts_b_in_its_own_group():
     assert len(plain.param_groups) == 1
 
 
+@pytest.mark.parametrize("method", ["IA3", "LoHa"])
+def test_loraplus_without_b_matrices_is_refused(method):
+    """LoRA+ speeds up B matrices; a method without them would silently train as plain AdamW."""
+    import peftkit as pk
+    from peftkit.errors import ConfigError
+
+    model = nn.Sequential(nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 4))
+    pk.apply(model, getattr(pk, method)(target_modules=["0", "2"]))
+    with pytest.raises(ConfigError, match=r"optimizer.loraplus_ratio=16 .*set optimizer.loraplus_ratio=0"):
+        build_optimizer(model, OptimizerConfig(lr=1e-3, loraplus_ratio=16))
+    assert len(build_optimizer(model, OptimizerConfig(lr=1e-3)).param_groups) == 1
+
+
 def _galore_reference(w, grads, rank, scale, lr, betas, eps, wd, interval):
     """GaLore Algorithm 1 written out with plain matrix algebra."""
     w = w.clone()

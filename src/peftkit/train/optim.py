@@ -33,6 +33,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from peftkit.errors import ConfigError
 from peftkit.train.config import OptimizerConfig
 
 
@@ -86,6 +87,11 @@ def param_groups(model: nn.Module, cfg: OptimizerConfig) -> list[dict[str, Any]]
     slow_ids: set[int] = set()
     if cfg.loraplus_ratio > 0:
         b_ids = {id(p) for p in lora_b_parameters(model)}
+        if not any(p.requires_grad for p in lora_b_parameters(model)):
+            raise ConfigError(
+                f"optimizer.loraplus_ratio={cfg.loraplus_ratio:g} speeds up LoRA's B matrices, and this model trains "
+                "none (LoRA+ applies to peft.method lora, dora and canonical_lora); set optimizer.loraplus_ratio=0"
+            )
         slow_ids = {id(p) for p in _container_parameters(model, ("lora_magnitude_vector",))}
     no_decay = _no_decay_ids(model)
     default: list[nn.Parameter] = []
@@ -219,7 +225,6 @@ def find_layer_lists(model: nn.Module) -> list[tuple[str, nn.ModuleList]]:
         ConfigError: the model has no such list (LISA needs one).
     """
     from peftkit.core.matching import DEFAULT_LAYER_CONTAINERS
-    from peftkit.errors import ConfigError
 
     stacks = [(name, mod) for name, mod in model.named_modules()
               if isinstance(mod, nn.ModuleList) and len(mod) >= 2 and len({type(m) for m in mod}) == 1]
