@@ -10,7 +10,7 @@ import pytest
 import torch
 
 import peftkit as pk
-from peftkit.cli.arith import _base_model, register_combine, register_prune
+from peftkit.cli.arith import _base_model, register_combine, register_convert, register_prune
 from peftkit.core.state import adapter_layers
 from peftkit.errors import ConfigError
 
@@ -32,6 +32,7 @@ def _run(argv: list[str]) -> int:
     sub = parser.add_subparsers(dest="command", required=True)
     register_combine(sub)
     register_prune(sub)
+    register_convert(sub)
     args = parser.parse_args(argv)
     return int(args.func(args))
 
@@ -245,3 +246,50 @@ def test_numeric_options_are_checked_before_the_model_loads_and_named_as_options
     assert main([argv[0], *adapters, *argv[1:], "--model", missing, "--out", str(out)]) == 2
     assert capsys.readouterr().err == f"peftkit {argv[0]}: error: {message}\n"
     assert not out.exists()
+
+
+def test_convert_rewrites_a_fused_adapter_canonical_and_back_with_the_same_outputs(tmp_path: Path) -> None:
+    """Phi-3's fused qkv_proj: performant LoRA (one A and B over q, k, v) → canonical (an A and B per part) → back."""
+    config = tmp_path / "phi3" / "config.json"
+    config.parent.mkdir()
+    config.write_text(json.dumps({"model_type": "phi3", "vocab_size": 64, "hidden_size": 16, "intermediate_size": 32,
+                                  "num_hidden_layers": 1, "num_attention_heads": 2, "num_key_value_heads": 1,
+                                  "pad_token_id": 0}))
+    model = _base_model(str(config), "causal_lm", None, 2)
+    pk.apply(model, pk.LoRA(target_modules=["linear_qkv"], rank=2, alpha=4, init_B="gaussian"))
+    pk.save_adapter(model, tmp_path / "performant")
+    ids = torch.arange(1, 9)[None]
+
+    def logits(directory: Path) -> torch.Tensor:
+        adapted = pk.load_adapter(_base_model(str(config), "causal_lm", None, 2), directory).eval()
+        with torch.no_grad():
+            return adapted(input_ids=ids).logits
+
+    def peft_type(directory: Path) -> str:
+        return str(json.loads((directory / "adapter_config.json").read_text())["peft_type"])
+
+    common = ["--model", str(config)]
+    assert _run(["convert", str(tmp_path / "performant"), "--to", "canonical", *common,
+                 "--out", str(tmp_path / "canonical")]) == 0
+    assert peft_type(tmp_path / "canonical") == "CANONICAL_LORA"
+    torch.testing.assert_close(logits(tmp_path / "canonical"), logits(tmp_path / "performant"), rtol=0, atol=1e-6)
+    assert _run(["convert", str(tmp_path / "canonical"), "--to", "performant", *common,
+                 "--out", str(tmp_path / "back")]) == 0
+    assert peft_type(tmp_path / "back") == "LORA"
+    torch.testing.assert_close(logits(tmp_path / "back"), logits(tmp_path / "performant"), rtol=0, atol=1e-6)
+
+
+def test_convert_refuses_other_methods_and_writes_nothing(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from peftkit.cli.main import main
+
+    config = tmp_path / "base" / "config.json"
+    config.parent.mkdir()
+    config.write_text(json.dumps(LLAMA))
+    model = _base_model(str(config), "causal_lm", None, 2)
+    pk.apply(model, pk.IA3(target_modules=["v_proj", "down_proj"], feedforward_modules=["down_proj"]))
+    pk.save_adapter(model, tmp_path / "ia3")
+    argv = ["convert", str(tmp_path / "ia3"), "--to", "canonical", "--model", str(config), "--out", str(tmp_path / "o")]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert "convert reads LoRA adapters" in err and "peft_type 'IA3'" in err
+    assert not (tmp_path / "o").exists()

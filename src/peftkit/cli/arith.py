@@ -1,9 +1,10 @@
-"""``peftkit combine`` and ``peftkit prune``: adapter arithmetic on Hugging Face PEFT adapter directories.
+"""``peftkit combine``, ``prune`` and ``convert``: adapter arithmetic on Hugging Face PEFT adapter directories.
 
 ::
 
     peftkit combine A B --weights 0.7 0.3 --method ties --density 0.5 --model BASE --out DIR
     peftkit prune ADAPTER --energy 0.95 --model BASE --out DIR
+    peftkit convert ADAPTER --to canonical --model BASE --out DIR
 
 ``--model`` is the base the adapters were trained on: a local ``transformers`` model directory or its
 ``config.json`` (random weights are enough where only the adapters' factors are read; the base matters for the
@@ -27,7 +28,8 @@ from torch import nn
 
 from peftkit.errors import ConfigError
 
-__all__ = ["combine_command", "prune_command", "register_combine", "register_prune"]
+__all__ = ["combine_command", "convert_command", "prune_command", "register_combine", "register_convert",
+           "register_prune"]
 
 #: HF PEFT ``task_type`` → the model head peftkit builds.
 _TASKS = {"CAUSAL_LM": "causal_lm", "SEQ_2_SEQ_LM": "seq2seq", "SEQ_CLS": "classification"}
@@ -184,6 +186,29 @@ def prune_command(args: argparse.Namespace) -> int:
     return 0
 
 
+def convert_command(args: argparse.Namespace) -> int:
+    """Run ``peftkit convert``: load a LoRA adapter onto ``--model`` and save it in the ``--to`` layout to ``--out``.
+
+    ``canonical``: an A and B per logical part of each fused projection (q, k, v; gate, up), as
+    ``pk.CanonicalLoRA`` trains them; ``performant``: one adapter per fused projection (``pk.LoRA`` on role names).
+    The conversion is exact (``peftkit.methods.convert``): both files give the same outputs.
+    """
+    from peftkit.io.hf_format import load_adapter, read_config, save_adapter
+    from peftkit.train.tasks import check_model_path
+
+    _check_out(args.out, [args.adapter])
+    check_model_path(args.model, "--model")
+    data = read_config(args.adapter)
+    if data.get("peft_type") not in ("LORA", "CANONICAL_LORA"):
+        raise ConfigError(f"convert reads LoRA adapters; {args.adapter!r} has peft_type {data.get('peft_type')!r}")
+    task = args.task or _TASKS.get(data.get("task_type") or "", "causal_lm")
+    model = _base_model(args.model, task, None, args.num_labels)
+    load_adapter(model, args.adapter, name="default", activate=True)
+    save_adapter(model, args.out, "default", layout=args.to)
+    print(f"{args.to} adapter -> {args.out}")
+    return 0
+
+
 def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", required=True, help="base model: a local transformers model directory or config.json")
     p.add_argument("--out", required=True, help="output adapter directory")
@@ -229,3 +254,20 @@ def register_prune(sub: Any) -> None:
     p.add_argument("--sparsity", type=float, help="with --method magnitude: fraction of entries zeroed")
     _common(p)
     p.set_defaults(func=prune_command)
+
+
+def register_convert(sub: Any) -> None:
+    """Add ``peftkit convert`` to the subparsers ``sub``."""
+    from peftkit.methods.convert import LAYOUTS
+
+    p = sub.add_parser(
+        "convert",
+        help="rewrite a LoRA adapter in canonical or performant layout (exact)",
+        description="Rewrite ADAPTER (an HF PEFT LoRA directory) with an A and B per part of each fused projection "
+        "(canonical) or one adapter per fused projection (performant), and write it to --out. The outputs are "
+        "the same.",
+    )
+    p.add_argument("adapter", metavar="ADAPTER", help="adapter directory")
+    p.add_argument("--to", required=True, choices=LAYOUTS, help="the layout to write")
+    _common(p)
+    p.set_defaults(func=convert_command)

@@ -159,6 +159,7 @@ COMMANDS: list[str] = [
     "peftkit.train.sweep:register",
     "peftkit.cli.arith:register_combine",
     "peftkit.cli.arith:register_prune",
+    "peftkit.cli.arith:register_convert",
     "peftkit.train.compare:register",
     # other areas add theirs here, one line each, e.g. "peftkit.merge.cli:register_combine",
 ]
