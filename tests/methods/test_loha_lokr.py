@@ -345,17 +345,34 @@ def test_bad_loha_fields_are_refused(fields: dict[str, Any], message: str) -> No
         pk.LoHa(target_modules=["q_proj"], **fields)
 
 
+#: layer kind → (model builder, target) for layers HF PEFT 0.21.2's LoHa and LoKr do not adapt
+UNSUPPORTED: dict[str, tuple[Callable[[], nn.Module], str]] = {
+    "Conv1D": (lambda: build("gpt2"), "c_attn"),  # GPT-2's transposed linear layer
+    "Embedding": (lambda: build("gpt2"), "wte"),
+    "Conv3d": (lambda: nn.Sequential(nn.Conv3d(2, 4, 3)), "0"),
+}
+
+
+@pytest.mark.parametrize("kind", list(UNSUPPORTED))
+@pytest.mark.parametrize("method", ["loha", "lokr"])
+def test_layers_hf_peft_does_not_adapt_are_refused_as_there(method: str, kind: str) -> None:
+    """HF PEFT 0.21.2 adapts nn.Linear, nn.Conv1d and nn.Conv2d only (it raises TypeError for other targets), so an
+    adapter on any other layer would have no HF PEFT meaning nor a file it loads: peftkit refuses the same layers."""
+    builder, target = UNSUPPORTED[kind]
+    ours, theirs = configs(method, target_modules=[target])
+    with pytest.raises(UnsupportedLayerError, match=f"only modules of type {kind}, .*: Conv1d, Conv2d, Linear"):
+        pk.apply(builder(), ours)
+    with pytest.raises(TypeError, match=f"{kind}'> not supported"):
+        peft.get_peft_model(builder(), theirs)
+
+
 def test_bad_lokr_fields_and_targets_are_refused() -> None:
     with pytest.raises(ConfigError, match="decompose_factor=0 must be -1"):
         pk.LoKr(decompose_factor=0)
     with pytest.raises(UnknownFieldError, match="'r' is HF PEFT's name: use rank"):
         pk.LoKr(r=8)
-    with pytest.raises(UnsupportedLayerError, match="Conv1d, Conv2d, Linear"):
-        pk.apply(build("llama"), pk.LoKr(target_modules=["embed_tokens"]))
     with pytest.raises(UnsupportedLayerError, match="matches only modules of type Linear4bit"):
         pk.apply(pk.quantize(build("llama"), compute_dtype=torch.float32), pk.LoHa(target_modules=["q_proj"]))
-    with pytest.raises(UnsupportedLayerError, match="matches only modules of type Conv1D"):
-        pk.apply(build("gpt2"), pk.LoHa(target_modules=["c_attn"]))  # GPT-2's Conv1D, as in HF PEFT
     with pytest.raises(ConfigError, match="rank_pattern key 'q_prj' matches no module"):
         pk.apply(build("llama"), pk.LoHa(target_modules=["q_proj"], rank_pattern={"q_prj": 2}))
     model = pk.apply(build("llama"), pk.LoHa(target_modules=["q_proj"]))
