@@ -23,6 +23,7 @@ from peftkit.merge.merge import merge, unload, unmerge
 from peftkit.merge.prune import PruneReport, prune
 from peftkit.methods.adalora import AdaLoRA, adalora_step
 from peftkit.methods.adapter import Adapter
+from peftkit.methods.adaption_prompt import AdaptionPrompt
 from peftkit.methods.bitfit import BitFit
 from peftkit.methods.canonical import CanonicalLoRA
 from peftkit.methods.convert import convert
@@ -51,6 +52,7 @@ __all__ = [
     "AdaLoRA",
     "Adapter",
     "AdapterConfig",
+    "AdaptionPrompt",
     "BitFit",
     "COMBINATION_METHODS",
     "CanonicalLoRA",

@@ -83,8 +83,10 @@ def _options_for(method: str, source_method: str, options: dict[str, Any]) -> di
 
 
 #: Fields that mean something else for that method, so another method's value is not passed on: BitFit's
-#: ``target_modules`` select modules whose *bias* trains (its default, every bias, is the method).
-_NOT_CARRIED = {"bitfit": {"target_modules", "exclude_modules"}}
+#: ``target_modules`` select modules whose *bias* trains (its default, every bias, is the method); adaption prompts
+#: take one attention module name and choose their blocks by ``adapter_layers``.
+_NOT_CARRIED = {"bitfit": {"target_modules", "exclude_modules"},
+                "adaption_prompt": {"target_modules", "exclude_modules", "layers"}}
 
 
 def _fill_steps(cfg: dict[str, Any]) -> None:

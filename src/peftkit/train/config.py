@@ -74,6 +74,7 @@ PEFT_METHODS: dict[str, str | None] = {
     "prefix_tuning": "PrefixTuning",
     "p_tuning": "PTuning",
     "trainable_tokens": "TrainableTokens",
+    "adaption_prompt": "AdaptionPrompt",
 }
 
 
