@@ -28,6 +28,7 @@ from peftkit.methods.bitfit import BitFit
 from peftkit.methods.canonical import CanonicalLoRA
 from peftkit.methods.convert import convert
 from peftkit.methods.dora import DoRA
+from peftkit.methods.fourierft import FourierFT
 from peftkit.methods.ia3 import IA3
 from peftkit.methods.ln_tuning import LNTuning
 from peftkit.methods.loha import LoHa
@@ -57,6 +58,7 @@ __all__ = [
     "COMBINATION_METHODS",
     "CanonicalLoRA",
     "DoRA",
+    "FourierFT",
     "IA3",
     "LNTuning",
     "LoHa",

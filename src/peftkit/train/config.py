@@ -75,6 +75,7 @@ PEFT_METHODS: dict[str, str | None] = {
     "p_tuning": "PTuning",
     "trainable_tokens": "TrainableTokens",
     "adaption_prompt": "AdaptionPrompt",
+    "fourierft": "FourierFT",
 }
 
 
