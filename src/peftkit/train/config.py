@@ -68,14 +68,14 @@ PEFT_METHODS: dict[str, str | None] = {
     "lokr": "LoKr",
     "bitfit": "BitFit",
     "vera": "VeRA",
+    "fourierft": "FourierFT",
     "ln_tuning": "LNTuning",
     "adapter": "Adapter",
+    "adaption_prompt": "AdaptionPrompt",
     "prompt_tuning": "PromptTuning",
     "prefix_tuning": "PrefixTuning",
     "p_tuning": "PTuning",
     "trainable_tokens": "TrainableTokens",
-    "adaption_prompt": "AdaptionPrompt",
-    "fourierft": "FourierFT",
 }
 
 
