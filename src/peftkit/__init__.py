@@ -39,6 +39,7 @@ from peftkit.methods.lora_eva import init_eva
 from peftkit.methods.lora_groups import form_groups
 from peftkit.methods.lora_mixed import mixed_batch
 from peftkit.methods.multitask_prompt import MultitaskPromptTuning
+from peftkit.methods.oft import OFT
 from peftkit.methods.prefix import PrefixTuning
 from peftkit.methods.prompt import PromptTuning
 from peftkit.methods.ptuning import PTuning
@@ -65,6 +66,7 @@ __all__ = [
     "LoKr",
     "LoRA",
     "MultitaskPromptTuning",
+    "OFT",
     "PTuning",
     "PrefixTuning",
     "PromptTuning",

@@ -66,6 +66,7 @@ PEFT_METHODS: dict[str, str | None] = {
     "ia3": "IA3",
     "loha": "LoHa",
     "lokr": "LoKr",
+    "oft": "OFT",
     "bitfit": "BitFit",
     "vera": "VeRA",
     "fourierft": "FourierFT",
