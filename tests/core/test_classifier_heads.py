@@ -22,6 +22,8 @@ INPUTS = {"input_ids": torch.randint(1, 96, (2, 6), generator=torch.Generator().
 METHODS = {
     "lora": (lambda **kw: pk.LoRA(target_modules=["query", "value"], rank=2, **kw),
              lambda **kw: peft.LoraConfig(target_modules=["query", "value"], r=2, **kw)),
+    "oft": (lambda **kw: pk.OFT(target_modules=["query", "value"], oft_block_size=8, **kw),
+            lambda **kw: peft.OFTConfig(target_modules=["query", "value"], oft_block_size=8, **kw)),
     "prompt": (lambda **kw: pk.PromptTuning(num_virtual_tokens=3, **kw),
                lambda **kw: peft.PromptTuningConfig(num_virtual_tokens=3, **kw)),
 }
