@@ -365,6 +365,20 @@ def test_hf_files_peftkit_cannot_read_are_refused(tmp_path) -> None:
         pk.load_adapter(build("llama"), tmp_path)
 
 
+def test_cayley_neumann_files_from_before_hf_peft_0_18_load_with_a_warning(tmp_path, caplog) -> None:
+    model = pk.apply(build("llama"), pk.OFT(target_modules=["q_proj"], oft_block_size=8))
+    pk.save_adapter(model, tmp_path)
+    path = tmp_path / "adapter_config.json"
+    written = json.loads(path.read_text())
+    assert written["peft_version"] == "0.21.2"  # the series peftkit computes: HF PEFT does not warn
+    with caplog.at_level(logging.WARNING, logger="peftkit"):
+        pk.load_adapter(build("llama"), tmp_path)
+        assert "Cayley-Neumann" not in caplog.text
+        path.write_text(json.dumps({**written, "peft_version": "0.17.1"}))
+        pk.load_adapter(build("llama"), tmp_path)
+    assert "HF PEFT 0.17.1, before 0.18 changed the Cayley-Neumann series" in caplog.text
+
+
 def test_merging_into_a_weight_tied_to_the_head_is_refused() -> None:
     model = build("gemma")  # lm_head shares the input embeddings' weight
     pk.apply(model, pk.OFT(target_modules=["embed_tokens"], oft_block_size=8, init_weights=False))
