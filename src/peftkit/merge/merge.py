@@ -20,7 +20,7 @@ from peftkit.errors import AdapterNotFoundError, MergeError
 from peftkit.methods import lora_replication as replication
 from peftkit.methods.lora_layers import LoRALayer
 from peftkit.methods.lycoris import LycorisLayer
-from peftkit.methods.oft import OFTLayer
+from peftkit.methods.rotation import RotationLayer
 
 
 def merge(model: nn.Module, names: str | Sequence[str] | None = None, safe: bool = False) -> nn.Module:
@@ -94,7 +94,7 @@ def _check_unshared(model: nn.Module, layers: Sequence[tuple[str, AdapterLayer, 
     stack = replication.replication_of(model)
     for qualname, layer, held in layers:
         weight = getattr(layer.base_layer, "weight", None)
-        if not isinstance(layer, (LoRALayer, LycorisLayer, OFTLayer)) or not isinstance(weight, torch.Tensor):
+        if not isinstance(layer, (LoRALayer, LycorisLayer, RotationLayer)) or not isinstance(weight, torch.Tensor):
             continue
         others = [h for h in holders.get(id(weight), []) if not h.startswith(qualname + ".")]
         if stack is not None:

@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, ClassVar, cast
 
@@ -33,11 +32,12 @@ from torch import nn
 from peftkit.core.config import AdapterConfig
 from peftkit.core.layer import AdapterLayer
 from peftkit.core.registry import DEQUANTIZERS, TypeRegistry, register_method
-from peftkit.errors import ConfigError, MergeError, UnsupportedLayerError
+from peftkit.errors import ConfigError, UnsupportedLayerError
 from peftkit.io.hf_names import hf_layer_targets, hf_modules_to_save, hf_resolve, hf_targets
 from peftkit.methods.default_targets import LORA_TARGETS, default_for
 from peftkit.methods.lora import bias_modules, hf_module_paths, train_biases
 from peftkit.methods.lora_layers import adapter_dtype
+from peftkit.methods.rotation import RotationLayer
 
 logger = logging.getLogger("peftkit")
 
@@ -193,7 +193,7 @@ class OFTRotation(nn.Module):
         return torch.einsum("...rk,rkc->...rc", blocks, self.rotations()).reshape(x.shape)
 
 
-class OFTLayer(AdapterLayer):
+class OFTLayer(RotationLayer):
     """OFT adapters on an ``nn.Linear`` (``base(x R)``), ``nn.Conv2d`` (the filter rotated) or ``nn.Embedding``
     (``embed(ids) R``).
 
@@ -201,6 +201,7 @@ class OFTLayer(AdapterLayer):
         UnsupportedLayerError: ``base_layer`` is of another type, or a Conv2d HF PEFT cannot rotate.
     """
 
+    method = "OFT"
     adapter_containers: ClassVar[tuple[str, ...]] = ("oft_R", "oft_embedding_R")
 
     def __init__(self, base_layer: nn.Module) -> None:
@@ -257,6 +258,11 @@ class OFTLayer(AdapterLayer):
         return cast(torch.Tensor, conv._conv_forward(x, weight.to(conv.weight.dtype), conv.bias))
 
     # -- merging: W ← W Rᵀ (inputs or filter) or W R (embedding vectors) -----------------------------------
+    @property
+    def merges_prefix(self) -> bool:
+        # x R₁ R₂ … through W₀ is W₀ (R₁ R₂ …)ᵀ: the weight holds the last rotations; an embedding's e R₁ R₂, the first
+        return self.kind == "embedding"
+
     def _rotated(self, weight: torch.Tensor, name: str, inverse: bool) -> torch.Tensor:
         """``weight`` with adapter ``name``'s rotation folded in (``inverse``: taken out again, by solving)."""
         rotation = self._rotation(name)
@@ -268,59 +274,6 @@ class OFTLayer(AdapterLayer):
         else:
             grouped = torch.bmm(grouped, factor)
         return grouped.transpose(0, 1).reshape(weight.shape)
-
-    @torch.no_grad()
-    def _fold(self, name: str, inverse: bool, safe: bool = False, where: str = "") -> None:
-        weight = cast(torch.Tensor, self.base_layer.weight)
-        work = weight.float() if weight.dtype in (torch.float16, torch.bfloat16) else weight  # one rounding, at the end
-        folded = self._rotated(work, name, inverse)
-        if safe:
-            self.check_finite(folded, where or type(self.base_layer).__name__, name)
-        weight.copy_(folded.to(weight.dtype))
-
-    def _pending(self) -> list[str]:
-        """Active adapters the forward applies, in order (those not merged)."""
-        return [n for n in self.active_adapters if n not in self.merged_adapters and self.has_adapter(n)]
-
-    def check_merge(self, names: Sequence[str], where: str = "") -> None:
-        # Rotations do not commute: merging some of a layer's active adapters must keep the order they apply in.
-        # The weight holds the merged ones, applied after the unmerged ones to inputs, before them to embeddings.
-        pending = self._pending()
-        merging = [n for n in pending if n in names]
-        if not merging or len(merging) == len(pending):
-            return
-        keep = pending[-len(merging):] if self.kind != "embedding" else pending[:len(merging)]
-        if merging != keep:
-            raise MergeError(
-                f"merging {merging} at {where or type(self.base_layer).__name__} would change the order in which its "
-                f"active OFT adapters {pending} rotate (rotations do not commute); nothing was merged. Merge all of "
-                f"them, or only {keep}"
-            )
-
-    def merge(self, names: Sequence[str], safe: bool = False, where: str = "") -> None:
-        todo = [n for n in names if n not in self.merged_adapters and self.has_adapter(n)]
-        # Active ones so that the merged weight computes what the forward did (the forward applies x R₁ R₂ …:
-        # W₀ (R₁ R₂)ᵀ folds R₂ first; e R₁ R₂ folds R₁ first), inactive ones after, in the order given.
-        active = [n for n in self.active_adapters if n in todo]
-        order = (active if self.kind == "embedding" else active[::-1]) + [n for n in todo if n not in active]
-        for name in order:
-            self._fold(name, inverse=False, safe=safe, where=where)
-            self.merged_adapters.append(name)
-
-    def unmerge(self, names: Sequence[str] | None = None) -> None:
-        """Take adapters ``names`` (default: all) out of the weight. Rotations do not commute: those merged after the
-        first of them are taken out too, and the ones not asked for folded in again."""
-        wanted = [n for n in self.merged_adapters if names is None or n in names]
-        if not wanted:
-            return
-        start = self.merged_adapters.index(wanted[0])
-        tail = self.merged_adapters[start:]
-        for name in reversed(tail):
-            self._fold(name, inverse=True)
-        kept = [n for n in tail if n not in wanted]
-        for name in kept:
-            self._fold(name, inverse=False)
-        self.merged_adapters = self.merged_adapters[:start] + kept
 
 
 def _integer(field_name: str, value: Any, minimum: int, hint: str = "") -> None:
