@@ -25,6 +25,7 @@ from peftkit.methods.adalora import AdaLoRA, adalora_step
 from peftkit.methods.adapter import Adapter
 from peftkit.methods.adaption_prompt import AdaptionPrompt
 from peftkit.methods.bitfit import BitFit
+from peftkit.methods.boft import BOFT
 from peftkit.methods.canonical import CanonicalLoRA
 from peftkit.methods.convert import convert
 from peftkit.methods.dora import DoRA
@@ -55,6 +56,7 @@ __all__ = [
     "Adapter",
     "AdapterConfig",
     "AdaptionPrompt",
+    "BOFT",
     "BitFit",
     "COMBINATION_METHODS",
     "CanonicalLoRA",

@@ -67,6 +67,7 @@ PEFT_METHODS: dict[str, str | None] = {
     "loha": "LoHa",
     "lokr": "LoKr",
     "oft": "OFT",
+    "boft": "BOFT",
     "bitfit": "BitFit",
     "vera": "VeRA",
     "fourierft": "FourierFT",
