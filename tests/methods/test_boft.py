@@ -271,3 +271,22 @@ def test_default_targets_and_the_command_line_method_name() -> None:
     base = {"checkpoint": {"pretrained": {"config": {"model_type": "llama"}}}}
     config = peft_config(config_from_dict({**base, "peft": {"method": "boft", "boft_block_size": 8}}))
     assert type(config) is pk.BOFT and config.boft_block_size == 8
+
+
+def test_hf_peft_file_saved_without_its_cuda_extension_is_refused_by_shape(tmp_path, monkeypatch) -> None:
+    """Without its CUDA extension HF PEFT takes one butterfly factor whatever the config says: its file holds one."""
+    from peftkit.errors import ShapeMismatchError
+
+    monkeypatch.setattr(hf_boft, "get_fbd_cuda", lambda: None)
+    fields = {"target_modules": ["q_proj"], "boft_block_size": 4, "boft_n_butterfly_factor": 2}
+    hf = peft.get_peft_model(build("llama"), peft.BOFTConfig(**fields))
+    randomize_hf(hf)
+    hf.save_pretrained(str(tmp_path))
+    with pytest.raises(ShapeMismatchError, match=r"q_proj.boft_R: the file holds shape \(1, 8, 4, 4\) but the model "
+                                                 r"needs \(2, 8, 4, 4\)"):
+        pk.load_adapter(build("llama"), tmp_path)
+    path = tmp_path / "adapter_config.json"
+    path.write_text(json.dumps({**json.loads(path.read_text()), "boft_n_butterfly_factor": 1}))
+    loaded = pk.load_adapter(build("llama"), tmp_path)  # what HF PEFT computed there
+    with torch.no_grad():
+        torch.testing.assert_close(run(loaded, "llama"), run(hf.eval(), "llama"), rtol=1e-5, atol=1e-6)
