@@ -290,3 +290,20 @@ def test_hf_peft_file_saved_without_its_cuda_extension_is_refused_by_shape(tmp_p
     loaded = pk.load_adapter(build("llama"), tmp_path)  # what HF PEFT computed there
     with torch.no_grad():
         torch.testing.assert_close(run(loaded, "llama"), run(hf.eval(), "llama"), rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("model", ["llama", "conv"])
+def test_half_precision_base_keeps_fp32_tensors_like_hf_peft(model: str) -> None:
+    builder, forward = MODELS[model]
+    fields = {"target_modules": LLAMA if model == "llama" else CONV, "boft_block_size": 4, "init_weights": False}
+    ours = pk.apply(builder().to(torch.bfloat16), pk.BOFT(**fields))
+    hf = peft.get_peft_model(builder().to(torch.bfloat16), peft.BOFTConfig(**fields)).eval()
+    mine = adapter_state_dict(ours, "default")
+    assert {tensor.dtype for tensor in mine.values()} == {torch.float32}
+    with torch.no_grad():
+        for key, value in peft.get_peft_model_state_dict(hf).items():
+            mine[key].copy_(value)
+        inputs = (lambda m: run(m, "llama")) if model == "llama" else (lambda m: m(conv_input().bfloat16()))
+        result = inputs(ours)
+        assert result.dtype == torch.bfloat16
+        torch.testing.assert_close(result, inputs(hf), rtol=0, atol=0)

@@ -401,13 +401,17 @@ def test_default_targets_and_the_command_line_method_name() -> None:
     assert type(config) is pk.OFT and (config.oft_block_size, config.coft) == (16, True)
 
 
-def test_half_precision_base_keeps_fp32_blocks_and_merges_once() -> None:
-    model = pk.apply(build("llama").to(torch.bfloat16), pk.OFT(target_modules=["q_proj"], oft_block_size=8,
-                                                                 init_weights=False))
-    layer = model.get_submodule("model.layers.0.self_attn.q_proj")
-    assert layer.rotations["default"].weight.dtype == torch.float32
+def test_half_precision_base_keeps_fp32_blocks_like_hf_peft_and_merges_once() -> None:
+    fields = {"target_modules": ["q_proj", "down_proj", "embed_tokens"], "oft_block_size": 8, "init_weights": False}
+    model = pk.apply(build("llama").to(torch.bfloat16), pk.OFT(**fields))
+    hf = peft.get_peft_model(build("llama").to(torch.bfloat16), peft.OFTConfig(**fields)).eval()
+    mine = adapter_state_dict(model, "default")
+    assert {tensor.dtype for tensor in mine.values()} == {torch.float32}
     with torch.no_grad():
+        for key, value in hf_adapter_tensors(hf).items():
+            mine[key].copy_(value)
         unmerged = run(model, "llama")
         assert unmerged.dtype == torch.bfloat16
+        assert torch.equal(unmerged, run(hf, "llama"))  # rotated in fp32, rounded where HF PEFT rounds
         pk.merge(model)
         torch.testing.assert_close(run(model, "llama"), unmerged, rtol=0.05, atol=0.05)

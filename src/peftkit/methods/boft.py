@@ -218,7 +218,8 @@ class BOFTLayer(RotationLayer):
             conv = cast(nn.Conv2d, self.base_layer)
             flat = conv.weight.reshape(self.out_features, -1)
             weight = ((rotation @ flat.T.to(rotation.dtype)).T * scale).reshape(conv.weight.shape)
-            return cast(torch.Tensor, conv._conv_forward(x.to(weight.dtype), weight, conv.bias)).to(x.dtype)
+            bias = None if conv.bias is None else conv.bias.to(weight.dtype)  # fp32 over a half-precision base
+            return cast(torch.Tensor, conv._conv_forward(x.to(weight.dtype), weight, bias)).to(x.dtype)
         result = cast(torch.Tensor, self.base_layer((x @ rotation.to(x.dtype)), *args, **kwargs))
         bias = cast(torch.Tensor | None, getattr(self.base_layer, "bias", None))
         if bias is None:
