@@ -30,6 +30,7 @@ from peftkit.methods.canonical import CanonicalLoRA
 from peftkit.methods.convert import convert
 from peftkit.methods.dora import DoRA
 from peftkit.methods.fourierft import FourierFT
+from peftkit.methods.hra import HRA
 from peftkit.methods.ia3 import IA3
 from peftkit.methods.ln_tuning import LNTuning
 from peftkit.methods.loha import LoHa
@@ -62,6 +63,7 @@ __all__ = [
     "CanonicalLoRA",
     "DoRA",
     "FourierFT",
+    "HRA",
     "IA3",
     "LNTuning",
     "LoHa",

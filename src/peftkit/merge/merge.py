@@ -18,6 +18,7 @@ from peftkit.core.state import _check_names, adapter_layers, get_state
 from peftkit.core.walk import set_module
 from peftkit.errors import AdapterNotFoundError, MergeError
 from peftkit.methods import lora_replication as replication
+from peftkit.methods.hra import HRALayer
 from peftkit.methods.lora_layers import LoRALayer
 from peftkit.methods.lycoris import LycorisLayer
 from peftkit.methods.rotation import RotationLayer
@@ -85,7 +86,7 @@ def _checked_merge(model: nn.Module, names: Sequence[str], *, untie: bool = Fals
 
 
 def _check_unshared(model: nn.Module, layers: Sequence[tuple[str, AdapterLayer, list[str]]]) -> None:
-    """Refuse folding a LoRA (or LoHa, LoKr, OFT) update into a base weight that modules outside its layer use too (an
+    """Refuse folding a LoRA (or LoHa, LoKr, OFT, HRA) update into a base weight that modules outside its layer use too (an
     output head tied to the input embeddings): their outputs would change with it, where the unmerged adapter changes
     only its own layer. Blocks repeated by ``layer_replication`` are left to :func:`replication.check_merge`."""
     holders: dict[int, list[str]] = {}
@@ -94,7 +95,7 @@ def _check_unshared(model: nn.Module, layers: Sequence[tuple[str, AdapterLayer, 
     stack = replication.replication_of(model)
     for qualname, layer, held in layers:
         weight = getattr(layer.base_layer, "weight", None)
-        if not isinstance(layer, (LoRALayer, LycorisLayer, RotationLayer)) or not isinstance(weight, torch.Tensor):
+        if not isinstance(layer, (LoRALayer, LycorisLayer, RotationLayer, HRALayer)) or not isinstance(weight, torch.Tensor):
             continue
         others = [h for h in holders.get(id(weight), []) if not h.startswith(qualname + ".")]
         if stack is not None:

@@ -68,6 +68,7 @@ PEFT_METHODS: dict[str, str | None] = {
     "lokr": "LoKr",
     "oft": "OFT",
     "boft": "BOFT",
+    "hra": "HRA",
     "bitfit": "BitFit",
     "vera": "VeRA",
     "fourierft": "FourierFT",
