@@ -40,6 +40,7 @@ from peftkit.methods.lora_corda import init_corda
 from peftkit.methods.lora_eva import init_eva
 from peftkit.methods.lora_groups import form_groups
 from peftkit.methods.lora_mixed import mixed_batch
+from peftkit.methods.miss import MiSS
 from peftkit.methods.multitask_prompt import MultitaskPromptTuning
 from peftkit.methods.oft import OFT
 from peftkit.methods.prefix import PrefixTuning
@@ -69,6 +70,7 @@ __all__ = [
     "LoHa",
     "LoKr",
     "LoRA",
+    "MiSS",
     "MultitaskPromptTuning",
     "OFT",
     "PTuning",

@@ -1,0 +1,376 @@
+"""MiSS: a block of the weight update shared across the whole layer (formerly Bone).
+
+Paper: Kang and Yin, "MiSS: Revisiting the Trade-off in LoRA with an Efficient Shard-Sharing Structure"
+(https://arxiv.org/abs/2409.15371).
+
+A frozen weight W₀ (out × in) is cut along its input into blocks of r columns (the last one shorter when r does not
+divide in). The default variant ("balance", ``init_weights=True``) trains one block D (r × out, ``miss_block``) and
+adds its transpose to every block, ΔW[o, j] = D[j mod r, o]. So the update needs no ΔW::
+
+    x ↦ W₀x + (Σ_k x_k) D         x_k: the k-th block of r input features (x zero-padded to a multiple of r)
+
+``init_weights="mini"`` trains only r × ``mini_r`` and repeats it along the output (D = [M M … M], which needs
+``mini_r`` to divide out). ``init_weights="bat"`` trains one r × r block B_a per block row a of the weight and
+updates each block W_ac of W₀ *with itself*::
+
+    W_ac ← W_ac + W_ac B_a + B_a        (in and out multiples of r)
+
+so the update depends on W₀ (non-linear across shards). Several bat adapters act one after the other in their
+active order, as in Hugging Face PEFT; unmerging solves W_ac (I + B_a) = W'_ac − B_a.
+
+Every variant starts at zero (ΔW = 0); ``init_weights=False`` draws the balance block Kaiming-uniform. Dropout
+(``dropout``, HF PEFT's ``miss_dropout``) acts on the input of the balance and mini updates. Tensor name, shapes,
+the forward's arithmetic (zero padding and dropout masks included) and ``adapter_config.json`` follow Hugging Face
+PEFT 0.21.2. ``nn.Linear`` layers only.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any, cast
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from peftkit.core.config import AdapterConfig
+from peftkit.core.layer import AdapterLayer
+from peftkit.core.registry import DEQUANTIZERS, register_method
+from peftkit.errors import ConfigError, MergeError, UnsupportedLayerError
+from peftkit.io.hf_names import hf_layer_targets, hf_modules_to_save, hf_resolve, hf_targets
+from peftkit.methods.default_targets import LORA_TARGETS, default_for
+from peftkit.methods.lora import bias_modules, hf_module_paths, train_biases
+from peftkit.methods.lora_layers import adapter_dtype
+
+INIT_CHOICES: tuple[bool | str, ...] = (True, False, "bat", "mini")
+BIAS_MODES = ("none", "all", "MiSS_only")
+
+
+def is_plain_linear(module: nn.Module) -> bool:
+    """Whether MiSS can adapt ``module``: an ``nn.Linear`` that is not quantized."""
+    return isinstance(module, nn.Linear) and DEQUANTIZERS.lookup(type(module)) is None
+
+
+def bat_delta(weight: torch.Tensor, block: torch.Tensor) -> torch.Tensor:
+    """The bat update of ``weight`` (out × in): W_ac B_a + B_a in every r × r block, ``block`` (out/r, r, r)."""
+    r = block.shape[-1]
+    blocks = weight.reshape(weight.shape[0] // r, r, weight.shape[1] // r, r).permute(2, 0, 1, 3)  # [c, a]
+    return (blocks @ block + block).permute(1, 2, 0, 3).reshape(weight.shape)
+
+
+def bat_undo(weight: torch.Tensor, block: torch.Tensor) -> torch.Tensor:
+    """The weight whose bat update with ``block`` is ``weight``: W_ac = (W'_ac − B_a)(I + B_a)⁻¹.
+
+    Raises:
+        MergeError: some I + B_a is singular, so the update cannot be undone.
+    """
+    r = block.shape[-1]
+    blocks = weight.reshape(weight.shape[0] // r, r, weight.shape[1] // r, r).permute(2, 0, 1, 3)
+    eye = torch.eye(r, dtype=block.dtype, device=block.device)
+    try:
+        undone = torch.linalg.solve(eye + block, blocks - block, left=False)
+    except RuntimeError as exc:  # torch.linalg.LinAlgError
+        raise MergeError(f"a bat block I + B is singular, so its update cannot be taken out of the weight ({exc})") \
+            from exc
+    return cast(torch.Tensor, undone).permute(1, 2, 0, 3).reshape(weight.shape)
+
+
+class MiSSLayer(AdapterLayer):
+    """MiSS adapters on an ``nn.Linear``: balance and mini adapters add ``(Σ_k x_k) D``; bat adapters update the
+    weight block by block. A layer's adapters are all bat or none (``MiSS.resolve`` checks).
+
+    Raises:
+        UnsupportedLayerError: ``base_layer`` is not a plain ``nn.Linear``.
+    """
+
+    adapter_containers = ("miss_block",)
+
+    def __init__(self, base_layer: nn.Module) -> None:
+        super().__init__(base_layer)
+        if not is_plain_linear(base_layer):
+            raise UnsupportedLayerError(f"MiSS cannot adapt a {type(base_layer).__name__}; supported layer types: "
+                                        "Linear")
+        linear = cast(nn.Linear, base_layer)
+        self.in_features, self.out_features = linear.in_features, linear.out_features
+        self.miss_block = nn.ParameterDict()
+        self.rank: dict[str, int] = {}
+        #: Each adapter's variant: ``"balance"``, ``"bat"`` or ``"mini"``.
+        self.variant: dict[str, str] = {}
+        self.dropout: dict[str, float] = {}
+
+    def add(self, name: str, rank: int, *, init_weights: bool | str = True, mini_r: int = 1,
+            dropout: float = 0.0) -> None:
+        """Add adapter ``name`` (zero, or with ``init_weights=False`` drawn from the global generator on the CPU as
+        HF PEFT draws it; over a half-precision base rounded to its dtype and kept in fp32)."""
+        variant = init_weights if isinstance(init_weights, str) else "balance"
+        shape = {"balance": (rank, self.out_features), "mini": (rank, mini_r),
+                 "bat": (self.out_features // rank, rank, rank)}[variant]
+        block = torch.zeros(shape)
+        if init_weights is False:
+            nn.init.kaiming_uniform_(block, a=math.sqrt(5))
+        weight = cast(torch.Tensor, self.base_layer.weight)
+        self.miss_block[name] = nn.Parameter(block.to(weight.dtype).to(weight.device, adapter_dtype(weight)))
+        self.rank[name] = rank
+        self.variant[name] = variant
+        self.dropout[name] = dropout
+
+    def delete_adapter(self, name: str) -> None:
+        super().delete_adapter(name)
+        for table in (self.rank, self.variant, self.dropout):
+            table.pop(name, None)
+
+    def shared_block(self, name: str) -> torch.Tensor:
+        """A balance or mini adapter's D (r × out): a mini block repeated along the output."""
+        block: torch.Tensor = self.miss_block[name]
+        if self.variant[name] == "mini":
+            return block.repeat(1, self.out_features // block.shape[1])
+        return block
+
+    def delta_weight(self, name: str) -> torch.Tensor:
+        """A balance or mini adapter's ΔW (out × in): Dᵀ repeated along the input, cut to its width."""
+        shared = self.shared_block(name).t()
+        return shared.repeat(1, math.ceil(self.in_features / self.rank[name]))[:, : self.in_features]
+
+    def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        names = self._applied()
+        if names and self.variant[names[0]] == "bat":
+            weight = cast(torch.Tensor, self.base_layer.weight)
+            for name in names:  # one after the other: each updates the weight the previous ones left
+                block = self.miss_block[name]
+                weight = weight.to(block.dtype)
+                weight = weight + bat_delta(weight, block)
+            bias = self.bias
+            return F.linear(x.to(weight.dtype), weight, bias.to(weight.dtype) if bias is not None else None).to(x.dtype)
+        result = cast(torch.Tensor, self.base_layer(x, *args, **kwargs))
+        h = x
+        for name in names:
+            shared = self.shared_block(name)
+            r = shared.shape[0]
+            # Padded in place, as HF PEFT pads: a later adapter's dropout mask then has HF PEFT's shape.
+            h = (F.pad(h, (0, r - h.shape[-1] % r)) if h.shape[-1] % r else h).to(shared.dtype)
+            dropped = F.dropout(h, self.dropout[name], self.training) if self.dropout[name] > 0 else h
+            result = result + dropped.reshape(*h.shape[:-1], h.shape[-1] // r, r).sum(dim=-2) @ shared
+        return result.to(x.dtype)
+
+    # -- merging --------------------------------------------------------------------------------------
+    def check_merge(self, names: Sequence[str], where: str = "") -> None:
+        """Refuse a merge that would reorder active bat adapters: the merged ones act first (they are in the
+        weight), and their updates do not commute. (Balance and mini updates are sums: any order.)"""
+        if not any(self.variant.get(n) == "bat" for n in self.adapter_names):
+            return
+        merged = [*self.merged_adapters, *(n for n in names if n not in self.merged_adapters and self.has_adapter(n))]
+        before, after = self._order(self.merged_adapters), self._order(merged)
+        if before != after:
+            raise MergeError(
+                f"merging {list(names)} at {where or 'Linear'} would apply the active MiSS bat adapters in the order "
+                f"{after} instead of {before} (each updates the weight the previous ones left); merge them in their "
+                "active order (pk.merge(model) merges every active adapter)"
+            )
+
+    def _order(self, merged: Sequence[str]) -> list[str]:
+        active = self.active_adapters
+        return [n for n in merged if n in active] + [n for n in active if n not in merged]
+
+    @torch.no_grad()
+    def _fold(self, name: str, undo: bool, safe: bool = False, where: str = "") -> None:
+        weight = cast(torch.Tensor, self.base_layer.weight)
+        block = self.miss_block[name]
+        work = weight.to(block.dtype)
+        if self.variant[name] == "bat":
+            folded = bat_undo(work, block) if undo else work + bat_delta(work, block)
+        else:
+            folded = work - self.delta_weight(name) if undo else work + self.delta_weight(name)
+        if safe:
+            self.check_finite(folded, where or "Linear", name)
+        weight.copy_(folded.to(weight.dtype))
+
+    def merge(self, names: Sequence[str], safe: bool = False, where: str = "") -> None:
+        for name in names:
+            if name in self.merged_adapters or not self.has_adapter(name):
+                continue
+            self._fold(name, False, safe, where)
+            self.merged_adapters.append(name)
+
+    def unmerge(self, names: Sequence[str] | None = None) -> None:
+        """Take merged adapters out of the weight; bat updates depend on the weight, so those merged after the first
+        one asked for come out too (last first) and go back in afterwards."""
+        wanted = [n for n in self.merged_adapters if names is None or n in names]
+        if not wanted:
+            return
+        peeled = self.merged_adapters[self.merged_adapters.index(wanted[0]):]
+        for name in reversed(peeled):
+            self._fold(name, True)
+            self.merged_adapters.remove(name)
+        self.merge([n for n in peeled if n not in wanted])
+
+
+def _positive_int(field_name: str, value: Any) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+        raise ConfigError(f"{field_name}={value!r} must be a positive integer (e.g. 8)")
+
+
+#: ``adapter_config.json`` fields of every PEFT config that do not change what an adapter computes.
+_HF_BOOKKEEPING = frozenset(
+    "peft_type task_type inference_mode base_model_name_or_path revision auto_mapping peft_version".split())
+_HF_FIELDS = frozenset(
+    "r miss_dropout mini_r target_modules exclude_modules init_weights layers_to_transform layers_pattern bias "
+    "modules_to_save".split())
+
+
+@register_method
+@dataclass
+class MiSS(AdapterConfig):
+    """MiSS: one block of the update shared across the layer (HF PEFT's ``MissConfig``).
+
+    Attributes:
+        rank: the block's width r along the input (HF PEFT: ``r``); at most a target's in_features.
+        dropout: dropout probability on the input of balance and mini updates, in [0, 1) (HF PEFT: ``miss_dropout``).
+        mini_r: the width of a mini block along the output, which it is repeated to fill; must divide every
+            target's out_features. Only with ``init_weights="mini"``.
+        init_weights: the variant: ``True`` (balance, D = 0), ``False`` (balance, D random), ``"bat"`` (a block per
+            block row, updating the weight with itself; r must divide in and out) or ``"mini"``.
+        bias: ``"none"``, ``"all"`` (every bias of the model trains and is saved) or ``"MiSS_only"`` (the biases of
+            the adapted layers).
+
+    Raises:
+        ConfigError: a field out of range (named with its value), ``mini_r`` without ``"mini"``, or dropout with
+            ``"bat"`` (which has none); in ``pk.apply``, a rank or ``mini_r`` a target's shape does not allow, or a
+            bat adapter beside other variants on one layer.
+        UnsupportedLayerError: in ``pk.apply``, a target that is not a plain ``nn.Linear``.
+    """
+
+    peft_type = "MISS"
+
+    rank: int = 64
+    dropout: float = 0.0
+    mini_r: int = 1
+    init_weights: bool | str = True
+    bias: str = "none"
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        _positive_int("rank", self.rank)
+        _positive_int("mini_r", self.mini_r)
+        if isinstance(self.dropout, bool) or not isinstance(self.dropout, (int, float)) or not 0 <= self.dropout < 1:
+            raise ConfigError(f"dropout={self.dropout!r} must be in [0, 1) (e.g. 0.05)")
+        if not any(self.init_weights is c or (isinstance(c, str) and self.init_weights == c) for c in INIT_CHOICES):
+            raise ConfigError(f"init_weights={self.init_weights!r} must be one of "
+                              f"{', '.join(repr(c) for c in INIT_CHOICES)}")
+        if self.bias not in BIAS_MODES:
+            raise ConfigError(f"bias={self.bias!r} must be one of {BIAS_MODES}")
+        if self.mini_r != 1 and self.init_weights != "mini":
+            raise ConfigError(f"mini_r={self.mini_r} is used only with init_weights='mini' (HF PEFT ignores it "
+                              f"otherwise); drop it, or pass init_weights='mini'")
+        if self.dropout and self.init_weights == "bat":
+            raise ConfigError(f"dropout={self.dropout} with init_weights='bat': the bat update has no dropout (HF "
+                              "PEFT ignores miss_dropout there); drop it")
+
+    # -- what the method adapts -------------------------------------------------------------------
+    def for_model(self, model: nn.Module) -> AdapterConfig:
+        """With ``target_modules`` omitted: LoRA's defaults for the architecture, as HF PEFT takes them."""
+        if self.target_modules:
+            return self
+        return self.replace(target_modules=list(default_for(LORA_TARGETS, model, "MiSS", "target_modules=[...]")))
+
+    def supports(self, module: nn.Module) -> bool:
+        if isinstance(module, AdapterLayer):  # a second MiSS adapter only
+            return isinstance(module, MiSSLayer)
+        return is_plain_linear(module)
+
+    def supported_layer_names(self) -> list[str]:
+        return ["Linear"]
+
+    def resolve(self, model: nn.Module) -> list[str]:
+        """The targets, each checked against the shapes the variant needs before the model changes."""
+        targets = super().resolve(model)
+        bat = self.init_weights == "bat"
+        for name in targets:
+            module = model.get_submodule(name)
+            linear = cast(nn.Linear, module.base_layer if isinstance(module, MiSSLayer) else module)
+            fan_in, fan_out, r = linear.in_features, linear.out_features, self.rank
+            if r > fan_in:
+                raise ConfigError(f"rank={r} exceeds the {fan_in} input features of {name}; use at most that")
+            if bat and (fan_in % r or fan_out % r):
+                raise ConfigError(f"rank={r} with init_weights='bat' must divide both sides of {name} "
+                                  f"({fan_out} × {fan_in}), which is cut into r × r blocks")
+            if self.init_weights == "mini" and fan_out % self.mini_r:
+                raise ConfigError(f"mini_r={self.mini_r} must divide the {fan_out} output features of {name}")
+            if isinstance(module, MiSSLayer) and any((v == "bat") != bat for v in module.variant.values()):
+                raise ConfigError(f"{name} holds MiSS adapters of another variant; a bat adapter cannot share a layer "
+                                  "with balance or mini ones (HF PEFT computes every adapter of a layer with the "
+                                  "first one's variant)")
+        return targets
+
+    def transform(self, module: nn.Module, qualname: str, adapter_name: str) -> nn.Module:
+        layer = module if isinstance(module, MiSSLayer) else MiSSLayer(module)
+        layer.add(adapter_name, self.rank, init_weights=self.init_weights, mini_r=self.mini_r, dropout=self.dropout)
+        return layer
+
+    def after_apply(self, model: nn.Module, name: str) -> None:
+        if self.bias == "all":
+            train_biases(model, "all")  # not a modules_to_save original's: its copy trains instead
+        for module in _bias_modules(model, "none" if self.bias == "all" else self.bias):
+            cast(torch.Tensor, module.bias).requires_grad_(True)
+
+    def extra_tensors(self, model: nn.Module, name: str) -> dict[str, torch.Tensor]:
+        """The trained biases, under HF PEFT's keys."""
+        paths = hf_module_paths(model, name)
+        return {f"base_model.model.{paths[id(m)]}.bias": cast(torch.Tensor, m.bias)
+                for m in _bias_modules(model, self.bias)}
+
+    # -- adapter_config.json ---------------------------------------------------------------------
+    def to_hf_dict(self, targets: list[str], module_names: list[str]) -> dict[str, Any]:
+        return {
+            "peft_type": self.peft_type,
+            "task_type": self.task_type,
+            "r": self.rank,
+            "miss_dropout": self.dropout,
+            "mini_r": self.mini_r,
+            "target_modules": hf_targets(targets, module_names),
+            "exclude_modules": None,  # the targets are exact
+            "init_weights": self.init_weights,
+            "layers_to_transform": None,
+            "layers_pattern": None,
+            "bias": self.bias,
+            "modules_to_save": list(self.modules_to_save) or None,
+            "inference_mode": True,
+            "base_model_name_or_path": None,
+            "revision": None,
+            **self.extra,
+        }
+
+    @classmethod
+    def from_hf_dict(cls, data: dict[str, Any], module_names: list[str]) -> MiSS:
+        unknown = {k: v for k, v in data.items() if k not in _HF_FIELDS | _HF_BOOKKEEPING}
+        set_fields = {k: v for k, v in unknown.items() if v not in (None, False, [], {}, "")}
+        if set_fields:  # a newer HF PEFT's option would load and compute something else
+            key, value = next(iter(set_fields.items()))
+            raise ConfigError(
+                f"adapter_config.json sets {key}={value!r}, an option of HF PEFT's MISS that peftkit does not "
+                f"implement (it reads {', '.join(sorted(_HF_FIELDS))}); load this adapter with HF PEFT"
+            )
+        init = data.get("init_weights", True)
+        bias = data.get("bias", "none") or "none"
+        return cls(
+            target_modules=hf_layer_targets(data, module_names),  # layers_to_transform resolved as HF PEFT does
+            exclude_modules=hf_resolve(data.get("exclude_modules"), module_names),
+            modules_to_save=hf_modules_to_save(data.get("modules_to_save"), module_names),
+            task_type=data.get("task_type"),
+            rank=data.get("r", 64),
+            # Options HF PEFT ignores for the file's variant are dropped: they change nothing there either.
+            dropout=0.0 if init == "bat" else data.get("miss_dropout", 0.0) or 0.0,
+            mini_r=data.get("mini_r", 1) if init == "mini" else 1,
+            init_weights=init,
+            bias="MiSS_only" if bias.endswith("_only") else bias,  # HF PEFT reads any "…_only" alike
+            extra={k: v for k, v in data.items() if k in unknown or k in ("auto_mapping", "peft_version")},
+        )
+
+
+def _bias_modules(model: nn.Module, mode: str) -> list[nn.Module]:
+    """Modules whose bias trains under ``bias=mode`` (``"MiSS_only"``: the adapted layers')."""
+    if mode != "MiSS_only":
+        return bias_modules(model, mode)
+    bases = [m.base_layer for m in model.modules() if isinstance(m, MiSSLayer)]
+    return [m for m in bases if isinstance(getattr(m, "bias", None), nn.Parameter)]
