@@ -3,6 +3,7 @@ adapters, files both ways, biases), merging, and what is refused."""
 
 from __future__ import annotations
 
+import copy
 import json
 from collections.abc import Callable
 from typing import Any
@@ -287,12 +288,10 @@ def test_layers_hf_peft_does_not_adapt_are_refused(kind: str) -> None:
         peft.get_peft_model(builder(), hf_config(target_modules=[target], rank=2))
 
 
-def test_more_refusals_default_targets_and_the_command_line_name() -> None:
+def test_variants_and_default_targets_and_the_command_line_name() -> None:
     from peftkit.train.config import config_from_dict
     from peftkit.train.tasks import peft_config
 
-    with pytest.raises(UnsupportedLayerError, match="matches only modules of type Linear4bit"):
-        pk.apply(pk.quantize(build("llama"), compute_dtype=torch.float32), pk.MiSS(target_modules=["q_proj"], rank=4))
     model = pk.apply(build("llama"), pk.MiSS(rank=4))  # LoRA's default targets, as in HF PEFT
     assert sorted(n.rsplit(".", 1)[-1] for n, _ in adapter_layers(model)) == ["q_proj"] * 2 + ["v_proj"] * 2
     with pytest.raises(ConfigError, match="holds MiSS adapters of another variant"):
@@ -320,3 +319,32 @@ def test_a_bat_update_that_cannot_be_undone_is_refused_when_unmerging() -> None:
     with pytest.raises(MergeError, match="I \\+ B is singular"):
         pk.unmerge(model)
     assert model[2].merged_adapters == ["default"]
+
+
+@pytest.mark.parametrize("init", [False, "bat"])
+def test_quantized_layers_compute_with_their_dequantized_weight_and_merge_by_requantizing(init: bool | str) -> None:
+    """As in HF PEFT, MiSS adapts quantized linear layers: balance adds its update to the quantized layer's output, bat
+    updates the dequantized weight; merging re-quantizes (not exact: the error is kept)."""
+    fields: dict[str, Any] = {"target_modules": ["q_proj", "down_proj"], "rank": 8, "init_weights": init}
+    quantized = pk.quantize(build("llama"), compute_dtype=torch.float32)
+    plain = pk.unload(copy.deepcopy(quantized), merge=False, dequantize=True)  # the same weights, in float
+    for model in (quantized, plain):
+        pk.apply(model, pk.MiSS(**fields))
+        randomize_adapters(model, seed=1)
+        with torch.no_grad():  # an update of the weights' size (0.02), which NF4 blocks then resolve
+            for p in model.parameters():
+                p.mul_(0.2 if p.requires_grad else 1.0)
+    with torch.no_grad():
+        expected = run(plain, "llama")
+        torch.testing.assert_close(run(quantized, "llama"), expected, rtol=1e-5, atol=1e-5)
+        with pk.disable_adapters(quantized):
+            base = run(quantized, "llama")
+        pk.merge(quantized, safe=True)
+        layer = quantized.model.layers[0].self_attn.q_proj
+        assert layer.merge_errors["default"] > 0
+        merged = run(quantized, "llama")
+        assert (merged - expected).abs().max() < 0.2 * (expected - base).abs().max()  # ΔW is in, up to rounding
+        pk.unmerge(quantized)
+        assert not layer.merge_errors
+        with pk.disable_adapters(quantized):  # the weight is re-quantized once more: near its old codes
+            assert (run(quantized, "llama") - base).abs().max() < 0.2 * (expected - base).abs().max()

@@ -21,11 +21,12 @@ active order, as in Hugging Face PEFT; unmerging solves W_ac (I + B_a) = W'_ac �
 Every variant starts at zero (ΔW = 0); ``init_weights=False`` draws the balance block Kaiming-uniform. Dropout
 (``dropout``, HF PEFT's ``miss_dropout``) acts on the input of the balance and mini updates. Tensor name, shapes,
 the forward's arithmetic (zero padding and dropout masks included) and ``adapter_config.json`` follow Hugging Face
-PEFT 0.21.2. ``nn.Linear`` layers only.
+PEFT 0.21.2, on ``nn.Linear`` and quantized linear layers (merging into those re-quantizes).
 """
 
 from __future__ import annotations
 
+import logging
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -37,20 +38,27 @@ from torch import nn
 
 from peftkit.core.config import AdapterConfig
 from peftkit.core.layer import AdapterLayer
-from peftkit.core.registry import DEQUANTIZERS, register_method
+from peftkit.core.registry import LINEAR_KINDS, LinearKind, is_fan_in_fan_out, linear_kind, register_method
 from peftkit.errors import ConfigError, MergeError, UnsupportedLayerError
 from peftkit.io.hf_names import hf_layer_targets, hf_modules_to_save, hf_resolve, hf_targets
 from peftkit.methods.default_targets import LORA_TARGETS, default_for
 from peftkit.methods.lora import bias_modules, hf_module_paths, train_biases
 from peftkit.methods.lora_layers import adapter_dtype
 
+logger = logging.getLogger("peftkit")
+
 INIT_CHOICES: tuple[bool | str, ...] = (True, False, "bat", "mini")
 BIAS_MODES = ("none", "all", "MiSS_only")
 
 
-def is_plain_linear(module: nn.Module) -> bool:
-    """Whether MiSS can adapt ``module``: an ``nn.Linear`` that is not quantized."""
-    return isinstance(module, nn.Linear) and DEQUANTIZERS.lookup(type(module)) is None
+def is_linear(module: nn.Module) -> bool:
+    """Whether MiSS can adapt ``module``: an ``nn.Linear`` or a quantized linear layer (those HF PEFT adapts; not
+    GPT-2's transposed ``Conv1D``)."""
+    return linear_kind(module) is not None and not is_fan_in_fan_out(module)
+
+
+def supported_names() -> list[str]:
+    return sorted(set(LINEAR_KINDS.names()) - {"Conv1D"})
 
 
 def bat_delta(weight: torch.Tensor, block: torch.Tensor) -> torch.Tensor:
@@ -78,27 +86,36 @@ def bat_undo(weight: torch.Tensor, block: torch.Tensor) -> torch.Tensor:
 
 
 class MiSSLayer(AdapterLayer):
-    """MiSS adapters on an ``nn.Linear``: balance and mini adapters add ``(Σ_k x_k) D``; bat adapters update the
-    weight block by block. A layer's adapters are all bat or none (``MiSS.resolve`` checks).
+    """MiSS adapters on a linear layer: balance and mini adapters add ``(Σ_k x_k) D`` to the base layer's output;
+    bat adapters update its (dequantized) weight block by block. A layer's adapters are all bat or none
+    (``MiSS.resolve`` checks). Merging into a quantized layer re-quantizes (the error is logged and kept in
+    ``merge_errors``).
 
     Raises:
-        UnsupportedLayerError: ``base_layer`` is not a plain ``nn.Linear``.
+        UnsupportedLayerError: ``base_layer`` is not a linear layer.
     """
 
     adapter_containers = ("miss_block",)
 
     def __init__(self, base_layer: nn.Module) -> None:
         super().__init__(base_layer)
-        if not is_plain_linear(base_layer):
+        if not is_linear(base_layer):
             raise UnsupportedLayerError(f"MiSS cannot adapt a {type(base_layer).__name__}; supported layer types: "
-                                        "Linear")
-        linear = cast(nn.Linear, base_layer)
-        self.in_features, self.out_features = linear.in_features, linear.out_features
+                                        f"{', '.join(supported_names())}")
+        self.in_features = self.kind.in_features(base_layer)
+        self.out_features = self.kind.out_features(base_layer)
         self.miss_block = nn.ParameterDict()
         self.rank: dict[str, int] = {}
         #: Each adapter's variant: ``"balance"``, ``"bat"`` or ``"mini"``.
         self.variant: dict[str, str] = {}
         self.dropout: dict[str, float] = {}
+        #: Adapter name → the largest re-quantization error its merge made in a quantized base weight.
+        self.merge_errors: dict[str, float] = {}
+
+    @property
+    def kind(self) -> LinearKind:
+        # Looked up, not stored: the layer stays picklable (kinds hold lambdas).
+        return cast(LinearKind, linear_kind(self.base_layer))
 
     def add(self, name: str, rank: int, *, init_weights: bool | str = True, mini_r: int = 1,
             dropout: float = 0.0) -> None:
@@ -110,15 +127,17 @@ class MiSSLayer(AdapterLayer):
         block = torch.zeros(shape)
         if init_weights is False:
             nn.init.kaiming_uniform_(block, a=math.sqrt(5))
-        weight = cast(torch.Tensor, self.base_layer.weight)
-        self.miss_block[name] = nn.Parameter(block.to(weight.dtype).to(weight.device, adapter_dtype(weight)))
+        weight, stored = self.kind.weight(self.base_layer), getattr(self.base_layer, "weight", None)
+        if isinstance(stored, torch.Tensor) and stored.dtype.is_floating_point:  # as HF PEFT: a float base's dtype
+            block = block.to(stored.dtype)
+        self.miss_block[name] = nn.Parameter(block.to(weight.device, adapter_dtype(weight)))
         self.rank[name] = rank
         self.variant[name] = variant
         self.dropout[name] = dropout
 
     def delete_adapter(self, name: str) -> None:
         super().delete_adapter(name)
-        for table in (self.rank, self.variant, self.dropout):
+        for table in (self.rank, self.variant, self.dropout, self.merge_errors):
             table.pop(name, None)
 
     def shared_block(self, name: str) -> torch.Tensor:
@@ -136,7 +155,7 @@ class MiSSLayer(AdapterLayer):
     def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
         names = self._applied()
         if names and self.variant[names[0]] == "bat":
-            weight = cast(torch.Tensor, self.base_layer.weight)
+            weight = self.kind.weight(self.base_layer)  # dequantized, in the compute dtype
             for name in names:  # one after the other: each updates the weight the previous ones left
                 block = self.miss_block[name]
                 weight = weight.to(block.dtype)
@@ -175,16 +194,21 @@ class MiSSLayer(AdapterLayer):
 
     @torch.no_grad()
     def _fold(self, name: str, undo: bool, safe: bool = False, where: str = "") -> None:
-        weight = cast(torch.Tensor, self.base_layer.weight)
-        block = self.miss_block[name]
-        work = weight.to(block.dtype)
+        kind, block = self.kind, self.miss_block[name]
+        work = (kind.merge_weight or kind.weight)(self.base_layer).detach().to(block.dtype)  # fp32 over half, quantized
         if self.variant[name] == "bat":
             folded = bat_undo(work, block) if undo else work + bat_delta(work, block)
         else:
             folded = work - self.delta_weight(name) if undo else work + self.delta_weight(name)
         if safe:
             self.check_finite(folded, where or "Linear", name)
-        weight.copy_(folded.to(weight.dtype))
+        error = kind.set_weight(self.base_layer, folded)
+        self.merge_errors.pop(name, None)
+        if error is not None:
+            if not undo:
+                self.merge_errors[name] = error
+            logger.info("%s MiSS adapter %r at a quantized %s: max abs re-quantization error %.3g",
+                        "unmerged" if undo else "merged", name, where or type(self.base_layer).__name__, error)
 
     def merge(self, names: Sequence[str], safe: bool = False, where: str = "") -> None:
         for name in names:
@@ -238,7 +262,7 @@ class MiSS(AdapterConfig):
         ConfigError: a field out of range (named with its value), ``mini_r`` without ``"mini"``, or dropout with
             ``"bat"`` (which has none); in ``pk.apply``, a rank or ``mini_r`` a target's shape does not allow, or a
             bat adapter beside other variants on one layer.
-        UnsupportedLayerError: in ``pk.apply``, a target that is not a plain ``nn.Linear``.
+        UnsupportedLayerError: in ``pk.apply``, a target that is not a linear layer (GPT-2's ``Conv1D`` included).
     """
 
     peft_type = "MISS"
@@ -277,10 +301,10 @@ class MiSS(AdapterConfig):
     def supports(self, module: nn.Module) -> bool:
         if isinstance(module, AdapterLayer):  # a second MiSS adapter only
             return isinstance(module, MiSSLayer)
-        return is_plain_linear(module)
+        return is_linear(module)
 
     def supported_layer_names(self) -> list[str]:
-        return ["Linear"]
+        return supported_names()
 
     def resolve(self, model: nn.Module) -> list[str]:
         """The targets, each checked against the shapes the variant needs before the model changes."""
@@ -288,8 +312,9 @@ class MiSS(AdapterConfig):
         bat = self.init_weights == "bat"
         for name in targets:
             module = model.get_submodule(name)
-            linear = cast(nn.Linear, module.base_layer if isinstance(module, MiSSLayer) else module)
-            fan_in, fan_out, r = linear.in_features, linear.out_features, self.rank
+            base = module.base_layer if isinstance(module, MiSSLayer) else module
+            kind = cast(LinearKind, linear_kind(base))
+            fan_in, fan_out, r = kind.in_features(base), kind.out_features(base), self.rank
             if r > fan_in:
                 raise ConfigError(f"rank={r} exceeds the {fan_in} input features of {name}; use at most that")
             if bat and (fan_in % r or fan_out % r):
