@@ -315,3 +315,18 @@ def test_merging_into_a_weight_tied_to_the_embeddings_is_refused() -> None:
     with pytest.raises(MergeError, match="tied"):
         pk.merge(model)
     assert torch.equal(model.lm_head.base_layer.weight, weight)
+
+
+def test_a_bfloat16_model_keeps_fp32_factors_rounded_as_hf_peft_rounds_them() -> None:
+    """Over a half-precision base HF PEFT rounds the drawn columns to its dtype, keeps them in fp32 and computes in
+    fp32: the same tensors and bit for bit the same outputs."""
+    fields: dict[str, Any] = {"target_modules": ["q_proj", "v_proj"], "rank": 4, "init_weights": False}
+    torch.manual_seed(1)
+    ours = pk.apply(build("llama").to(torch.bfloat16), pk.HRA(**fields))
+    torch.manual_seed(1)
+    hf = peft.get_peft_model(build("llama").to(torch.bfloat16), hf_config(**fields)).eval()
+    mine, theirs = adapter_state_dict(ours, "default"), peft.get_peft_model_state_dict(hf)
+    assert all(mine[k].dtype == torch.float32 and torch.equal(mine[k], v) for k, v in theirs.items())
+    with torch.no_grad():
+        out = run(ours, "llama")
+        assert out.dtype == torch.bfloat16 and torch.equal(out, run(hf, "llama"))

@@ -348,3 +348,20 @@ def test_quantized_layers_compute_with_their_dequantized_weight_and_merge_by_req
         assert not layer.merge_errors
         with pk.disable_adapters(quantized):  # the weight is re-quantized once more: near its old codes
             assert (run(quantized, "llama") - base).abs().max() < 0.2 * (expected - base).abs().max()
+
+
+@pytest.mark.parametrize("init", [False, "bat"])
+def test_a_bfloat16_model_keeps_fp32_blocks_rounded_as_hf_peft_rounds_them(init: bool | str) -> None:
+    fields: dict[str, Any] = {"target_modules": ["q_proj", "v_proj"], "rank": 4, "init_weights": init}
+    torch.manual_seed(1)
+    ours = pk.apply(build("llama").to(torch.bfloat16), pk.MiSS(**fields))
+    torch.manual_seed(1)
+    hf = peft.get_peft_model(build("llama").to(torch.bfloat16), hf_config(**fields)).eval()
+    mine, theirs = adapter_state_dict(ours, "default"), peft.get_peft_model_state_dict(hf)
+    assert all(mine[k].dtype == torch.float32 and torch.equal(mine[k], v) for k, v in theirs.items())
+    randomize_hf(hf)  # the bat blocks start at zero
+    ours.load_state_dict(hf.base_model.model.state_dict())  # the same keys
+    with torch.no_grad():
+        out = run(ours, "llama")
+        assert out.dtype == torch.bfloat16 and torch.equal(out, run(hf, "llama"))
+        assert not torch.equal(out, run(build("llama").to(torch.bfloat16), "llama"))
