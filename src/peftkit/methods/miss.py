@@ -167,7 +167,7 @@ class MiSSLayer(AdapterLayer):
         for name in names:
             shared = self.shared_block(name)
             r = shared.shape[0]
-            # Padded in place, as HF PEFT pads: a later adapter's dropout mask then has HF PEFT's shape.
+            # The padding accumulates over the adapters, as in HF PEFT: a later dropout mask has HF PEFT's shape.
             h = (F.pad(h, (0, r - h.shape[-1] % r)) if h.shape[-1] % r else h).to(shared.dtype)
             dropped = F.dropout(h, self.dropout[name], self.training) if self.dropout[name] > 0 else h
             result = result + dropped.reshape(*h.shape[:-1], h.shape[-1] // r, r).sum(dim=-2) @ shared
