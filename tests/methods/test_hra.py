@@ -330,3 +330,18 @@ def test_a_bfloat16_model_keeps_fp32_factors_rounded_as_hf_peft_rounds_them() ->
     with torch.no_grad():
         out = run(ours, "llama")
         assert out.dtype == torch.bfloat16 and torch.equal(out, run(hf, "llama"))
+
+
+def test_hf_layer_selection_and_modules_to_save_load_as_in_hf_peft(tmp_path) -> None:
+    fields = {"target_modules": ["q_proj", "v_proj"], "rank": 2, "init_weights": False, "layers_to_transform": [1],
+              "layers_pattern": "layers", "exclude_modules": ["v_proj"], "modules_to_save": ["lm_head"]}
+    torch.manual_seed(0)
+    hf = peft.get_peft_model(build("llama"), peft.HRAConfig(**{("r" if k == "rank" else k): v
+                                                               for k, v in fields.items()})).eval()
+    randomize_hf(hf)
+    hf.save_pretrained(str(tmp_path))
+    model = pk.load_adapter(build("llama"), tmp_path)
+    adapted = [n for n, layer in adapter_layers(model) if isinstance(layer, HRALayer)]
+    assert adapted == ["model.layers.1.self_attn.q_proj"]
+    with torch.no_grad():
+        torch.testing.assert_close(run(model, "llama"), run(hf, "llama"), rtol=1e-5, atol=1e-5)

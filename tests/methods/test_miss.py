@@ -249,7 +249,7 @@ def test_hf_files_with_options_their_variant_ignores_load_and_unknown_options_ar
     ({"init_weights": "bone"}, ConfigError, "init_weights='bone' must be one of True, False, 'bat', 'mini'"),
     ({"bias": "miss_only"}, ConfigError, "bias='miss_only' must be one of"),
     ({"r": 8}, UnknownFieldError, "'r' is HF PEFT's name: use rank"),
-    ({"miss_dropout": 0.1}, UnknownFieldError, "'miss_dropout'"),
+    ({"miss_dropout": 0.1}, UnknownFieldError, "'miss_dropout': did you mean 'dropout'"),
 ])
 def test_bad_fields_are_refused(fields: dict[str, Any], error: type[Exception], message: str) -> None:
     with pytest.raises(error, match=message):
