@@ -91,10 +91,10 @@ _FOLDS_INTO_WEIGHT = (LoRALayer, LycorisLayer, RotationLayer, HRALayer, MiSSLaye
 
 
 def _check_unshared(model: nn.Module, layers: Sequence[tuple[str, AdapterLayer, list[str]]]) -> None:
-    """Refuse folding an update (``_FOLDS_INTO_WEIGHT``: LoRA, LoHa, LoKr, OFT, BOFT, HRA, MiSS) into a base weight that modules
-    outside its layer use too (an output head tied to the input embeddings): their outputs would change with it, where
-    the unmerged adapter changes only its own layer. Blocks repeated by ``layer_replication`` are left to
-    :func:`replication.check_merge`."""
+    """Refuse folding an update (``_FOLDS_INTO_WEIGHT``: LoRA, LoHa, LoKr, OFT, BOFT, HRA, MiSS) into a base weight
+    that modules outside its layer use too (an output head tied to the input embeddings): their outputs would change
+    with it, where the unmerged adapter changes only its own layer. Blocks repeated by ``layer_replication`` are left
+    to :func:`replication.check_merge`."""
     holders: dict[int, list[str]] = {}
     for qualname, parameter in model.named_parameters(remove_duplicate=False):
         holders.setdefault(id(parameter), []).append(qualname)
