@@ -62,30 +62,47 @@ def method_config(base: RunConfig, method: str, out_dir: Path) -> RunConfig:
     data["logging"] = {**data["logging"], "progress_bar": False, "tensorboard": "false", "plots": False,
                        "jsonl": True}
     cfg = config_from_dict(data)
-    peft_config(cfg)  # the method's own fields (rank > 0, ...), checked here rather than in the child process
+    try:
+        peft_config(cfg)  # the method's own fields (rank > 0, ...), checked here rather than in the child process
+    except ConfigError as exc:
+        raise ConfigError(f"--methods {method}: {exc}. Set such a field in the config's peft section (e.g. "
+                          "peft.adapter_len=10): each field reaches the compared methods that have it") from exc
     return cfg
 
 
 def _options_for(method: str, source_method: str, options: dict[str, Any]) -> dict[str, Any]:
-    """The config's peft options that ``method``'s config class accepts (all of them for the config's own)."""
+    """The config's peft options that ``method``'s config class has a field for.
+
+    The config's own method also keeps the options no method has, so that a misspelt field is still refused by name;
+    a field of another method (``adapter_len`` in a LoRA config compared with adaption prompts) reaches only the
+    methods that have it.
+    """
     if method == source_method:
-        return options
+        known = set().union(*(_fields(m) for m in PEFT_METHODS))
+        return {k: v for k, v in options.items() if k in _fields(method) or k not in known}
+    fields = _fields(method) - _NOT_CARRIED.get(method, set())
+    return {k: v for k, v in options.items() if k in fields}
+
+
+def _fields(method: str) -> set[str]:
+    """The field names of ``method``'s config class (none for ``none``)."""
     cls_name = PEFT_METHODS[method]
     if cls_name is None:
-        return {}
+        return set()
     import peftkit as pk
 
     cls = getattr(pk, cls_name, None)
     if cls is None:
         raise ConfigError(f"method {method!r} is not available in this peftkit (no peftkit.{cls_name})")
-    fields = {f.name for f in dataclasses.fields(cls)} - _NOT_CARRIED.get(method, set())
-    return {k: v for k, v in options.items() if k in fields}
+    return {f.name for f in dataclasses.fields(cls)}
 
 
 #: Fields that mean something else for that method, so another method's value is not passed on: BitFit's
-#: ``target_modules`` select modules whose *bias* trains (its default, every bias, is the method); adaption prompts
-#: take one attention module name and choose their blocks by ``adapter_layers``.
+#: ``target_modules`` select modules whose *bias* trains (its default, every bias, is the method); LN tuning's select
+#: norm layers (its default: the architecture's); adaption prompts take one attention module name and choose their
+#: blocks by ``adapter_layers``.
 _NOT_CARRIED = {"bitfit": {"target_modules", "exclude_modules"},
+                "ln_tuning": {"target_modules", "exclude_modules"},
                 "adaption_prompt": {"target_modules", "exclude_modules", "layers"}}
 
 
