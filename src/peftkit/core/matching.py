@@ -22,7 +22,7 @@ from fnmatch import fnmatchcase
 from torch import nn
 
 from peftkit.core.layer import AdapterLayer
-from peftkit.core.walk import iter_modules
+from peftkit.core.walk import inside_adapter_layers, iter_modules
 from peftkit.errors import TargetNotFoundError, UnsupportedLayerError
 
 #: alias → function returning the exact qualified names it stands for on a model.
@@ -135,11 +135,22 @@ def resolve_targets(
             )
         selected.update(good)
     result = [n for n in names if n in selected]
+    inside = inside_adapter_layers(model)
+    hidden = [n for n in inside if any(p not in ALIASES and matches(n, p) for p in targets)]
     if exclude:
         result = [n for n in result if first_match(n, exclude) is None]
+        hidden = [n for n in hidden if first_match(n, exclude) is None]
     if layers is not None:
         wanted = set(layers)
         result = [n for n in result if layer_index(n, layer_containers) in wanted]
+        hidden = [n for n in hidden if layer_index(n, layer_containers) in wanted]
+    if hidden:
+        wrapper = model.get_submodule(inside[hidden[0]])
+        raise UnsupportedLayerError(
+            f"targets {list(targets)} select {', '.join(hidden)}, inside {inside[hidden[0]]}, which a "
+            f"{type(wrapper).__name__} wraps: another method cannot adapt modules inside it. Leave them out "
+            "(exclude_modules=[...] or layers=[...]), or delete that adapter first with pk.delete_adapter."
+        )
     if not result:
         raise TargetNotFoundError(
             f"targets {list(targets)} select no module once exclude_modules={list(exclude)} and "

@@ -250,6 +250,15 @@ class AdaptionPrompt(AdapterConfig):
             if not self.supports(model.get_submodule(name)):
                 raise UnsupportedLayerError(f"{name} is a {type(model.get_submodule(name)).__name__}; adaption prompts "
                                             f"wrap {', '.join(self.supported_layer_names())}")
+            inner = [f"{name}.{n}" for n, m in model.get_submodule(name).named_modules()
+                     if n and isinstance(m, AdapterLayer)]
+            if inner:  # wrapped, their names and files would change under the other method's adapter
+                raise UnsupportedLayerError(
+                    f"{name} holds adapters of another method ({', '.join(inner)}); adaption prompts cannot wrap an "
+                    "attention module with adapters inside it. Adapt other modules with that method (e.g. "
+                    "exclude_modules=[...] or layers=[...] sparing the top attention layers), use fewer "
+                    "adapter_layers, or delete that adapter first with pk.delete_adapter."
+                )
         return chosen
 
     def transform(self, module: nn.Module, qualname: str, adapter_name: str) -> nn.Module:
