@@ -151,9 +151,10 @@ def _check(model: nn.Module, names: tuple[str, ...]) -> None:
     for name in sorted(wanted):
         config = state.configs[name]
         if not isinstance(config, LoRA) or getattr(config, "alora_invocation_tokens", None):
-            kind = "an activated LoRA adapter" if isinstance(config, LoRA) else f"a {type(config).__name__} adapter"
-            raise UnsupportedLayerError(f"adapter {name!r} is {kind}; pk.mixed_batch mixes plain LoRA adapters only "
-                                        "(as HF PEFT)")
+            method = "activated LoRA" if isinstance(config, LoRA) else type(config).__name__
+            raise UnsupportedLayerError(f"adapter {name!r} is {'an' if method[0] in 'AEIOU' else 'a'} {method} "
+                                        "adapter; pk.mixed_batch mixes plain LoRA adapters only (as HF PEFT): run its "
+                                        f"rows in a batch of their own after pk.set_adapter(model, {name!r})")
         if state.saved.get(name):
             raise UnsupportedLayerError(f"adapter {name!r} has modules_to_save ({', '.join(state.saved[name])}), "
                                         "which pk.mixed_batch cannot route per row")

@@ -158,7 +158,8 @@ def estimate_training_memory(
         A :class:`MemoryReport` of the estimate (adapters trained in fp32, AdamW).
 
     Raises:
-        ConfigError: unknown ``method`` or ``dtype``.
+        ConfigError: unknown ``method`` (another PEFT method's name or config: apply it on ``meta`` and use
+            :func:`memory_report`) or ``dtype``.
         TargetNotFoundError: a ``target_modules`` pattern matches no module (not checked for ``"full"``).
         UnsupportedLayerError: a pattern matches only layers LoRA cannot adapt.
     """
@@ -172,8 +173,13 @@ def estimate_training_memory(
     else:
         targets = [target_modules] if isinstance(target_modules, str) else list(target_modules)
     skip = [skip] if isinstance(skip, str) else list(skip)
-    if method not in ("full", "lora", "qlora", "qlora8"):
-        raise ConfigError(f"method={method!r} is not supported; use 'full', 'lora', 'qlora' or 'qlora8'")
+    if not isinstance(method, str) or method not in ("full", "lora", "qlora", "qlora8"):
+        shown = repr(method) if isinstance(method, str) else type(method).__name__
+        raise ConfigError(
+            f"method={shown} is not supported: the estimate is for full fine-tuning, LoRA and QLoRA ('full', 'lora', "
+            "'qlora', 'qlora8'). For another method (VeRA, LoHa, adaption prompts, ...), pk.apply it to the model "
+            "built on the meta device and read pk.memory_report(model), which counts its tensors"
+        )
     if dtype not in ("fp16", "bf16", "fp32"):
         raise ConfigError(f"dtype={dtype!r} is not supported; use 'fp16', 'bf16' or 'fp32'")
     report = MemoryReport()

@@ -11,6 +11,7 @@ sweep goes on; the command then exits with status 3, naming the failed runs.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import gc
 import json
 import math
@@ -22,7 +23,7 @@ import torch
 
 from peftkit.errors import ConfigError, require
 from peftkit.io.atomic import output_dir, save_figure, write_text_atomic
-from peftkit.train.config import RunConfig, load_config
+from peftkit.train.config import PEFT_METHODS, RunConfig, load_config
 from peftkit.train.loop import train
 from peftkit.train.tasks import peft_config
 
@@ -53,7 +54,7 @@ def run_sweep(
     ``sweep.md`` are rewritten after every run, so finished results survive a later run that kills the process.
 
     Args:
-        config: a YAML run config with a LoRA-family ``peft`` section.
+        config: a YAML run config whose ``peft.method`` has a rank and an alpha (:func:`sweepable_methods`).
         ranks: ranks to run.
         alphas: alphas to run for each rank; ``None`` uses ``alpha_per_rank · rank``.
         alpha_per_rank: alpha/rank when ``alphas`` is not given (seed 002: 2).
@@ -67,7 +68,7 @@ def run_sweep(
     method = peft_config(base)
     if not hasattr(method, "rank") or not hasattr(method, "alpha"):
         raise ConfigError(f"peft.method={base.peft.method!r} has no rank and alpha to sweep; use a LoRA-family "
-                          "method (lora, dora, adalora, canonical_lora) or 'peftkit compare' across methods")
+                          f"method with both ({', '.join(sweepable_methods())}), or 'peftkit compare' across methods")
     runs = []
     for rank in ranks:
         for alpha in alphas or [alpha_per_rank * rank]:
@@ -96,6 +97,14 @@ def run_sweep(
     if base.logging.plots and any("error" not in r for r in rows):
         plot_sweep(rows, root / "sweep.png")
     return rows
+
+
+def sweepable_methods() -> list[str]:
+    """The ``peft.method`` names whose config has both ``rank`` and ``alpha``, which a sweep sets."""
+    import peftkit as pk
+
+    return [name for name, cls in PEFT_METHODS.items()
+            if cls is not None and {"rank", "alpha"} <= {f.name for f in dataclasses.fields(getattr(pk, cls))}]
 
 
 def _run(rank: int, alpha: float, cfg: RunConfig) -> dict[str, Any]:
