@@ -13,7 +13,8 @@ A method that fails is a ``failed: …`` row (its whole output in ``OUT/<method>
 are still tabulated and plotted, and the command exits with status 3, naming the failed methods.
 
 ``full`` trains every base weight (``peft.method=none``). Options in the config's ``peft`` section are passed on
-to every method that has a field of that name (``rank`` reaches LoRA and DoRA, not IA3).
+to every method that has a field of that name (``rank`` reaches LoRA and DoRA, not IA3; ``adapter_len`` only
+adaption prompts, also from a LoRA config).
 """
 
 from __future__ import annotations
