@@ -331,3 +331,10 @@ def test_sweep_sets_rank_and_alpha_or_refuses_by_name(tmp_path: Path) -> None:
         path.write_text(yaml.safe_dump(_run_config(tmp_path, method)))
         with pytest.raises(ConfigError, match=rf"'{method}' has no rank and alpha to sweep.*loha, lokr"):
             run_sweep(str(path), [2])
+
+
+def test_ln_tuning_without_defaults_names_the_model_s_norm_layers() -> None:
+    # HF PEFT has no LN tuning targets for BERT either: the error lists what to pass, its norm layers.
+    with pytest.raises(ConfigError, match=r"LNTuning has no default target_modules for model_type='bert'.*its norm "
+                                          r"layers: LayerNorm\)$"):
+        pk.apply(build("bert"), pk.LNTuning())

@@ -79,7 +79,7 @@ def model_type(model: nn.Module) -> str | None:
     return value if isinstance(value, str) else None
 
 
-def default_for(table: dict[str, Any], model: nn.Module, method: str, example: str) -> Any:
+def default_for(table: dict[str, Any], model: nn.Module, method: str, example: str, norms: bool = False) -> Any:
     """The entry of ``table`` for ``model``'s architecture.
 
     Args:
@@ -87,19 +87,24 @@ def default_for(table: dict[str, Any], model: nn.Module, method: str, example: s
         model: the model being adapted.
         method: the config class name, for the message (``"LoRA"``).
         example: how to pass targets, for the message (``"target_modules=[...]"``).
+        norms: the method adapts norm layers (LN tuning): the message lists those instead of the linear layers.
 
     Raises:
         ConfigError: ``model`` has no ``config.model_type`` or one without defaults; the message names it and
-            the model's linear layers by leaf name.
+            the model's linear (or norm) layers by leaf name.
     """
     kind = model_type(model)
     if kind in table:
         return table[kind]
     from peftkit.core.registry import linear_kind
 
-    leaves = sorted({n.rsplit(".", 1)[-1] for n, m in model.named_modules() if n and linear_kind(m) is not None})
+    def candidate(m: nn.Module) -> bool:
+        return "Norm" in type(m).__name__ if norms else linear_kind(m) is not None
+
+    leaves = sorted({n.rsplit(".", 1)[-1] for n, m in model.named_modules() if n and candidate(m)})
     what = f"model_type={kind!r}" if kind else f"{type(model).__name__} (it has no config.model_type)"
+    listing = f"its {'norm' if norms else 'linear'} layers: {', '.join(leaves[:12]) or 'none'}"
     raise ConfigError(
         f"{method} has no default target_modules for {what}; pass {example}, naming modules of this model "
-        f"(its linear layers: {', '.join(leaves[:12]) or 'none'}) or 'all-linear'"
+        f"({listing})" + ("" if norms else " or 'all-linear'")
     )

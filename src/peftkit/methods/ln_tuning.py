@@ -122,7 +122,7 @@ class LNTuning(AdapterConfig):
         """With ``target_modules`` omitted: the norms HF PEFT's LN tuning adapts on this architecture."""
         if self.target_modules:
             return self
-        targets = default_for(LN_TUNING_TARGETS, model, "LNTuning", "target_modules=[...] (its norm layers)")
+        targets = default_for(LN_TUNING_TARGETS, model, "LNTuning", "target_modules=[...]", norms=True)
         return self.replace(target_modules=list(targets))
 
     def supports(self, module: nn.Module) -> bool:
