@@ -67,8 +67,11 @@ def run_sweep(
     base = load_config(config, overrides)
     method = peft_config(base)
     if not hasattr(method, "rank") or not hasattr(method, "alpha"):
-        raise ConfigError(f"peft.method={base.peft.method!r} has no rank and alpha to sweep; use a LoRA-family "
-                          f"method with both ({', '.join(sweepable_methods())}), or 'peftkit compare' across methods")
+        rank_only = (" (it has a rank only: train each with 'peftkit train CONFIG peft.rank=N')"
+                     if hasattr(method, "rank") else "")
+        raise ConfigError(f"peft.method={base.peft.method!r} has no rank and alpha to sweep{rank_only}; use a "
+                          f"LoRA-family method with both ({', '.join(sweepable_methods())}), or 'peftkit compare' "
+                          "across methods")
     runs = []
     for rank in ranks:
         for alpha in alphas or [alpha_per_rank * rank]:
