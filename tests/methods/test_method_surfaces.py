@@ -222,6 +222,8 @@ def test_adaption_prompts_and_other_adapters_inside_their_attention_are_refused(
     pk.apply(model, config("adaption_prompt"))
     with pytest.raises(UnsupportedLayerError, match=r"layers\.1\.self_attn\.q_proj.*AdaptionPromptLayer wraps"):
         pk.apply(model, pk.LoRA(target_modules=QV, rank=2), name="lora")
+    with pytest.raises(UnsupportedLayerError, match=r"layers\.1\.self_attn\.q_proj.*AdaptionPromptLayer wraps"):
+        pk.apply(model, pk.LoRA(target_modules="all-linear", rank=2), name="lora")
     pk.apply(model, pk.LoRA(target_modules=QV, rank=2, layers=[0]), name="lora")  # the other blocks are free
     adapted_qs = [n for n, _ in model.named_modules() if n.endswith("q_proj.lora_A")]
     assert adapted_qs == ["model.layers.0.self_attn.q_proj.lora_A"]

@@ -136,7 +136,7 @@ def resolve_targets(
         selected.update(good)
     result = [n for n in names if n in selected]
     inside = inside_adapter_layers(model)
-    hidden = [n for n in inside if any(p not in ALIASES and matches(n, p) for p in targets)]
+    hidden = [n for n, (_, m) in inside.items() if any(_selects(p, n, m) for p in targets)]
     if exclude:
         result = [n for n in result if first_match(n, exclude) is None]
         hidden = [n for n in hidden if first_match(n, exclude) is None]
@@ -145,9 +145,9 @@ def resolve_targets(
         result = [n for n in result if layer_index(n, layer_containers) in wanted]
         hidden = [n for n in hidden if layer_index(n, layer_containers) in wanted]
     if hidden:
-        wrapper = model.get_submodule(inside[hidden[0]])
+        wrapper = model.get_submodule(inside[hidden[0]][0])
         raise UnsupportedLayerError(
-            f"targets {list(targets)} select {', '.join(hidden)}, inside {inside[hidden[0]]}, which a "
+            f"targets {list(targets)} select {', '.join(hidden)}, inside {inside[hidden[0]][0]}, which a "
             f"{type(wrapper).__name__} wraps: another method cannot adapt modules inside it. Leave them out "
             "(exclude_modules=[...] or layers=[...]), or delete that adapter first with pk.delete_adapter."
         )
@@ -157,6 +157,16 @@ def resolve_targets(
             f"layers={None if layers is None else list(layers)} are applied; loosen one of them."
         )
     return result
+
+
+def _selects(pattern: str, name: str, module: nn.Module) -> bool:
+    """Whether ``pattern`` selects ``module`` at ``name`` (for modules ``iter_modules`` does not reach; of the aliases,
+    only ``all-linear`` is checked there)."""
+    if pattern == "all-linear":
+        from peftkit.core.registry import linear_kind
+
+        return linear_kind(module) is not None
+    return pattern not in ALIASES and matches(name, pattern)
 
 
 def _comma_hint(pattern: str) -> str:

@@ -25,21 +25,22 @@ def iter_modules(model: nn.Module) -> Iterator[tuple[str, nn.Module]]:
     yield from visit("", model)
 
 
-def inside_adapter_layers(model: nn.Module) -> dict[str, str]:
+def inside_adapter_layers(model: nn.Module) -> dict[str, tuple[str, nn.Module]]:
     """Modules inside the base layer of an adapter layer (an attention module that adaption prompts wrap), by the name
-    they had before it was wrapped, each with that adapter layer's name. ``iter_modules`` does not reach them.
+    they had before it was wrapped, each with that adapter layer's name and the module. ``iter_modules`` does not reach
+    them.
 
     A ``modules_to_save`` wrapper is left out: a module trained in full has no adapters inside it by design.
     """
     from peftkit.core.layer import AdapterLayer
     from peftkit.core.modules_to_save import ModulesToSave
 
-    found: dict[str, str] = {}
+    found: dict[str, tuple[str, nn.Module]] = {}
     for qualname, module in iter_modules(model):
         if isinstance(module, AdapterLayer) and not isinstance(module, ModulesToSave):
-            for sub, _ in module.base_layer.named_modules():
+            for sub, inner in module.base_layer.named_modules():
                 if sub:
-                    found[f"{qualname}.{sub}" if qualname else sub] = qualname
+                    found[f"{qualname}.{sub}" if qualname else sub] = (qualname, inner)
     return found
 
 
