@@ -323,16 +323,22 @@ def test_compare_routes_each_method_s_options_and_writes_the_table(tmp_path: Pat
     assert all(f"| {m} |" in table for m in names)
 
 
-def test_sweep_sets_rank_and_alpha_or_refuses_by_name(tmp_path: Path) -> None:
+def test_sweep_sets_rank_and_alpha_where_the_method_has_them(tmp_path: Path) -> None:
     path = tmp_path / "run.yaml"
     path.write_text(yaml.safe_dump(_run_config(tmp_path, "loha", max_steps=1)))
-    rows = run_sweep(str(path), [2, 4], overrides=["logging.plots=false", "data.eval_fraction=0"])
+    rows = run_sweep(str(path), [2, 4], overrides=["data.eval_fraction=0"])
     assert [(r["rank"], r["alpha"]) for r in rows] == [(2, 4.0), (4, 8.0)] and all("error" not in r for r in rows)
     assert rows[0]["trainable"] < rows[1]["trainable"]
-    for method in ("vera", "fourierft", "ln_tuning", "adaption_prompt"):
+    path.write_text(yaml.safe_dump(_run_config(tmp_path, "vera", max_steps=1)))  # a rank and no alpha: ranks alone
+    rows = run_sweep(str(path), [2, 4], overrides=["data.eval_fraction=0"])
+    assert [(r["rank"], r["alpha"]) for r in rows] == [(2, None), (4, None)] and all("error" not in r for r in rows)
+    assert rows[0]["trainable"] < rows[1]["trainable"] and (tmp_path / "vera" / "r4" / "final").is_dir()
+    assert "| 4 | - |" in (tmp_path / "vera" / "sweep.md").read_text()
+    with pytest.raises(ConfigError, match="'vera' has a rank but no alpha: drop --alphas"):
+        run_sweep(str(path), [2], alphas=[4.0])
+    for method in ("fourierft", "ln_tuning", "adaption_prompt"):
         path.write_text(yaml.safe_dump(_run_config(tmp_path, method)))
-        rank_only = r" \(it has a rank only: .*peft.rank=N'\)" if method == "vera" else ""
-        with pytest.raises(ConfigError, match=rf"'{method}' has no rank and alpha to sweep{rank_only}; .*loha, lokr"):
+        with pytest.raises(ConfigError, match=rf"'{method}' has no rank to sweep; .*loha, lokr, vera"):
             run_sweep(str(path), [2])
 
 

@@ -97,7 +97,7 @@ def test_a_sweep_of_a_method_without_rank_says_so_and_trains_nothing(run_config,
     path = tmp_path / "ia3.yaml"
     path.write_text(yaml.safe_dump(cfg))
     err = _error(["sweep", str(path), "--ranks", "2"], capsys)
-    assert "peft.method='ia3' has no rank and alpha to sweep; use a LoRA-family method" in err
+    assert "peft.method='ia3' has no rank to sweep; use a method with one (lora, canonical_lora, dora, loha" in err
     monkeypatch.undo()
     err = _error(["train", str(path), "peft.rank=4"], capsys)  # a LoRA field left in another method's section
     assert "'rank' is not a field" in err

@@ -1,7 +1,8 @@
 """``peftkit sweep``: one config, several LoRA ranks/alphas, one table (seed 002's measurements).
 
 For each (rank, alpha) — alpha defaults to ``alpha_per_rank · rank`` — run the config with
-``peft.rank`` / ``peft.alpha`` overridden and ``checkpoint.save_dir`` suffixed, then report trainable
+``peft.rank`` / ``peft.alpha`` overridden and ``checkpoint.save_dir`` suffixed (a method with a rank but no alpha,
+such as VeRA, sweeps its ranks alone, in ``r<rank>``), then report trainable
 and total parameters, trainable %, first/last loss and mean/last gradient norm per run, as Markdown
 (``sweep.md``) and JSON (``sweep.json``) in the base ``save_dir``, rewritten after every run. A run that fails
 (an exception such as CUDA out of memory, or a loss that is not finite) gets a row with its ``error`` and the
@@ -45,7 +46,7 @@ def run_sweep(
     config: str,
     ranks: list[int],
     alphas: list[float] | None = None,
-    alpha_per_rank: float = 2.0,
+    alpha_per_rank: float | None = None,
     overrides: list[str] | None = None,
 ) -> list[dict[str, Any]]:
     """Train ``config`` once per (rank, alpha) and return one result row per run.
@@ -54,34 +55,37 @@ def run_sweep(
     ``sweep.md`` are rewritten after every run, so finished results survive a later run that kills the process.
 
     Args:
-        config: a YAML run config whose ``peft.method`` has a rank and an alpha (:func:`sweepable_methods`).
+        config: a YAML run config whose ``peft.method`` has a rank (:func:`sweepable_methods`); one without an
+            alpha (VeRA) sweeps its ranks alone.
         ranks: ranks to run.
         alphas: alphas to run for each rank; ``None`` uses ``alpha_per_rank · rank``.
-        alpha_per_rank: alpha/rank when ``alphas`` is not given (seed 002: 2).
+        alpha_per_rank: alpha/rank when ``alphas`` is not given (``None``: seed 002's 2).
         overrides: extra ``key.sub=value`` overrides applied to every run.
 
     Raises:
-        ConfigError: any run's config is invalid (checked for all of them before the first trains), or
+        ConfigError: the method has no rank, or no alpha while ``alphas`` or ``alpha_per_rank`` is given; any run's
+            config is invalid (checked for all of them before the first trains), or
             ``checkpoint.save_dir`` is a file or not writable.
     """
     base = load_config(config, overrides)
     method = peft_config(base)
-    if not hasattr(method, "rank") or not hasattr(method, "alpha"):
-        rank_only = (" (it has a rank only: train each with 'peftkit train CONFIG peft.rank=N')"
-                     if hasattr(method, "rank") else "")
-        raise ConfigError(f"peft.method={base.peft.method!r} has no rank and alpha to sweep{rank_only}; use a "
-                          f"LoRA-family method with both ({', '.join(sweepable_methods())}), or 'peftkit compare' "
-                          "across methods")
+    if not hasattr(method, "rank"):
+        raise ConfigError(f"peft.method={base.peft.method!r} has no rank to sweep; use a method with one "
+                          f"({', '.join(sweepable_methods())}), or 'peftkit compare' across methods")
+    has_alpha = hasattr(method, "alpha")
+    if not has_alpha and (alphas is not None or alpha_per_rank is not None):
+        raise ConfigError(f"peft.method={base.peft.method!r} has a rank but no alpha: drop --alphas and "
+                          "--alpha-per-rank to sweep its ranks alone")
     runs = []
     for rank in ranks:
-        for alpha in alphas or [alpha_per_rank * rank]:
-            out = f"{base.checkpoint.save_dir}/r{rank}-a{alpha:g}"
+        for alpha in (alphas or [(2.0 if alpha_per_rank is None else alpha_per_rank) * rank]) if has_alpha else [None]:
+            out = f"{base.checkpoint.save_dir}/r{rank}" + ("" if alpha is None else f"-a{alpha:g}")
             cfg = load_config(
                 config,
                 [
                     *(overrides or []),
                     f"peft.rank={rank}",
-                    f"peft.alpha={alpha}",
+                    *([] if alpha is None else [f"peft.alpha={alpha}"]),
                     f"checkpoint.save_dir={out}",
                     "logging.plots=false",
                 ],
@@ -91,7 +95,7 @@ def run_sweep(
     root = output_dir(base.checkpoint.save_dir, "checkpoint.save_dir")
     rows: list[dict[str, Any]] = []
     for i, (rank, alpha, cfg) in enumerate(runs, 1):
-        print(f"sweep: training rank {rank}, alpha {alpha:g} ({i}/{len(runs)}) in {cfg.checkpoint.save_dir}",
+        print(f"sweep: training {_named(rank, alpha)} ({i}/{len(runs)}) in {cfg.checkpoint.save_dir}",
               flush=True)
         rows.append(_run(rank, alpha, cfg))
         # After every run: a later run that fails, or kills the process (out of memory), keeps these results.
@@ -103,14 +107,24 @@ def run_sweep(
 
 
 def sweepable_methods() -> list[str]:
-    """The ``peft.method`` names whose config has both ``rank`` and ``alpha``, which a sweep sets."""
+    """The ``peft.method`` names whose config has a ``rank``, which a sweep sets (and ``alpha`` where it has one)."""
     import peftkit as pk
 
     return [name for name, cls in PEFT_METHODS.items()
-            if cls is not None and {"rank", "alpha"} <= {f.name for f in dataclasses.fields(getattr(pk, cls))}]
+            if cls is not None and "rank" in {f.name for f in dataclasses.fields(getattr(pk, cls))}]
 
 
-def _run(rank: int, alpha: float, cfg: RunConfig) -> dict[str, Any]:
+def _named(rank: int, alpha: float | None, sep: str = ", ") -> str:
+    """``rank 8, alpha 16`` (``rank 8`` for a method without alpha), for messages."""
+    return f"rank {rank}" + ("" if alpha is None else f"{sep}alpha {alpha:g}")
+
+
+def _alpha(alpha: float | None) -> str:
+    """A table cell: ``16``, ``0.5``, or ``-`` for a method without alpha."""
+    return "-" if alpha is None else f"{alpha:g}"
+
+
+def _run(rank: int, alpha: float | None, cfg: RunConfig) -> dict[str, Any]:
     """Train one run; a run that raises or whose loss is not finite gives a row with its ``error`` instead."""
     try:
         summary = train(cfg)
@@ -124,11 +138,11 @@ def _run(rank: int, alpha: float, cfg: RunConfig) -> dict[str, Any]:
         if bad is None:
             return _row(rank, alpha, summary)
         error = f"the training loss is {summary['losses'][bad - 1]} at step {bad}"
-    print(f"sweep: rank {rank}, alpha {alpha:g} failed: {error}", file=sys.stderr, flush=True)
+    print(f"sweep: {_named(rank, alpha)} failed: {error}", file=sys.stderr, flush=True)
     return {"rank": rank, "alpha": alpha, "error": error, "save_dir": str(cfg.checkpoint.save_dir)}
 
 
-def _row(rank: int, alpha: float, s: dict[str, Any]) -> dict[str, Any]:
+def _row(rank: int, alpha: float | None, s: dict[str, Any]) -> dict[str, Any]:
     """One table row from a run's :func:`~peftkit.train.loop.train` summary."""
     norms = s["grad_norms"]
     return {
@@ -158,7 +172,7 @@ def plot_sweep(rows: list[dict[str, Any]], path: Path) -> Path:
     plt = require("matplotlib.pyplot", "plot")
     fig, (loss_ax, norm_ax) = plt.subplots(1, 2, figsize=(10, 3.8))  # type: ignore[attr-defined]
     for row in (r for r in rows if "error" not in r):
-        label = f"r={row['rank']} α={row['alpha']:g}"
+        label = f"r={row['rank']}" + ("" if row["alpha"] is None else f" α={row['alpha']:g}")
         steps = range(1, len(row["losses"]) + 1)
         loss_ax.plot(steps, row["losses"], label=label)
         norm_ax.plot(steps, row["grad_norms"], label=label)
@@ -180,14 +194,14 @@ def format_table(rows: list[dict[str, Any]]) -> str:
         if key in ("trainable", "total"):
             return f"{value:,d}"
         if key == "alpha":  # as a failed run's row writes it: 16, 0.5
-            return f"{value:g}"
+            return _alpha(value)
         if key == "trainable_pct":
             return f"{value:.4f}"
         return f"{value:.4f}" if isinstance(value, float) else str(value)
 
     def line(r: dict[str, Any]) -> str:
         if "error" in r:  # as compare's table: the run's keys, then why it failed
-            return f"| {r['rank']} | {r['alpha']:g} | failed: {r['error'][:200]} |" + " |" * (len(COLUMNS) - 3)
+            return f"| {r['rank']} | {_alpha(r['alpha'])} | failed: {r['error'][:200]} |" + " |" * (len(COLUMNS) - 3)
         return "| " + " | ".join(cell(k, r[k]) for k in COLUMNS) + " |"
 
     lines = ["| " + " | ".join(COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
@@ -209,14 +223,13 @@ def _check_options(args: argparse.Namespace) -> None:
 
 def _main(args: argparse.Namespace) -> int:
     _check_options(args)
-    alpha_per_rank = 2.0 if args.alpha_per_rank is None else args.alpha_per_rank
-    rows = run_sweep(args.config, args.ranks, args.alphas, alpha_per_rank, args.overrides)
+    rows = run_sweep(args.config, args.ranks, args.alphas, args.alpha_per_rank, args.overrides)
     print(format_table(rows))
     failed = [r for r in rows if "error" in r]
     if not failed:
         return 0
-    root = Path(failed[0]["save_dir"]).parent  # every run's directory is SAVE_DIR/r<rank>-a<alpha>
-    names = ", ".join(f"rank {r['rank']} alpha {r['alpha']:g}" for r in failed)
+    root = Path(failed[0]["save_dir"]).parent  # every run's directory is SAVE_DIR/r<rank>-a<alpha> (or r<rank>)
+    names = ", ".join(_named(r["rank"], r["alpha"], sep=" ") for r in failed)
     print(f"peftkit sweep: {len(failed)} of {len(rows)} runs failed ({names}); their errors are in "
           f"{root / 'sweep.json'} and {root / 'sweep.md'}", file=sys.stderr)
     return 3  # "some runs failed": not 1, Python's status for a crash, nor 2, an error
