@@ -338,7 +338,8 @@ def test_sweep_sets_rank_and_alpha_where_the_method_has_them(tmp_path: Path) -> 
         run_sweep(str(path), [2], alphas=[4.0])
     for method in ("fourierft", "ln_tuning", "adaption_prompt"):
         path.write_text(yaml.safe_dump(_run_config(tmp_path, method)))
-        with pytest.raises(ConfigError, match=rf"'{method}' has no rank to sweep; .*loha, lokr, vera"):
+        listing = r"use a method with one \(lora, .*loha, lokr, .*vera\)"
+        with pytest.raises(ConfigError, match=rf"'{method}' has no rank to sweep; {listing}"):
             run_sweep(str(path), [2])
 
 
