@@ -1,0 +1,379 @@
+"""Training parity with HF PEFT: the same tiny model adapted by both libraries from the same starting tensors, trained
+a few steps with the same optimizer on the same batches, gives the same losses, gradients, evaluation logits and
+saved files.
+
+``tests/io/test_hf_differential.py`` compares forward outputs and files; this net compares what only training shows:
+gradients through the fast paths (custom autograd functions, sibling groups, cached DoRA norms), and caches that must
+follow every optimizer step, including those of ``AdamW(fused=True)`` (``transformers.Trainer``'s default), which
+writes parameters without moving their version counters. peftkit runs in its default mode: groups form over the
+first two calls of a run, for inputs of at least ``lora_groups.MIN_TOKENS`` tokens (cases with short inputs lower it
+to 1, as tests/perf do), so that both the per-layer and the grouped nodes train.
+
+Each case: HF PEFT adapts one copy of the model (``get_peft_model``), its trainable tensors are moved off their
+initial values (a zero B, unit IA3 vectors or untouched embedding rows would hide most bugs), and peftkit gets the
+same tensors, either copied parameter by parameter onto ``pk.apply``'s adapter or through HF PEFT's saved initial
+adapter (``pk.load_adapter(trainable=True)``). Both train with one optimizer class over corresponding parameters in
+the same order; every base-model dropout is set to 0 and the random generator is seeded alike before every call.
+"""
+
+from __future__ import annotations
+
+import copy
+import re
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from torch import nn
+
+import peftkit as pk
+from peftkit.methods import lora_groups
+
+from models import build
+
+peft = pytest.importorskip("peft")
+
+LLAMA_ALL = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+TASK = {"llama": "CAUSAL_LM", "qwen2": "CAUSAL_LM", "gpt2": "CAUSAL_LM", "bert": "SEQ_CLS", "t5": "SEQ_2_SEQ_LM",
+        "convnet": None}
+
+
+# ---------------------------------------------------------------------------------------------------- the cases
+
+
+@dataclass(frozen=True)
+class Case:
+    """One adapter spelled for both libraries, on one architecture."""
+
+    arch: str
+    hf: Callable[[], Any]
+    pk: Callable[[], pk.AdapterConfig]
+    #: ``"copy"``: ``pk.apply`` and copy HF PEFT's perturbed tensors in; ``"load"``: load HF PEFT's saved adapter.
+    init: str = "copy"
+    #: Sequence length of the batches (2 rows each); below 16 the group threshold is lowered to 1 token.
+    seq: int = 20
+    adalora: bool = False
+
+
+def _lora(arch: str, targets: list[str] | str, init: str = "copy", seq: int = 20, **kw: Any) -> Case:
+    """A LoRA/DoRA case from HF PEFT's keywords (peftkit's spelled from them)."""
+    hf_kw = {"task_type": TASK[arch], "target_modules": targets, "r": 4, "lora_alpha": 8, "lora_dropout": 0.0,
+             "fan_in_fan_out": arch == "gpt2"} | kw
+    names = {"r": "rank", "lora_alpha": "alpha", "lora_dropout": "dropout", "layers_to_transform": "layers",
+             "trainable_token_indices": "trainable_token_indices"}
+    pk_kw = {names.get(k, k): v for k, v in hf_kw.items() if k not in ("fan_in_fan_out", "use_dora")}
+    if pk_kw["task_type"] is None:
+        del pk_kw["task_type"]
+    dora = kw.get("use_dora", False)
+    # (copies: HF PEFT adds a classifier's heads to the lists it is given)
+    return Case(arch, lambda: peft.LoraConfig(**copy.deepcopy(hf_kw)),
+                lambda: (pk.DoRA if dora else pk.LoRA)(**copy.deepcopy(pk_kw)), init=init, seq=seq)
+
+
+def _adalora(arch: str, targets: list[str], **kw: Any) -> Case:
+    common = {"tinit": 1, "tfinal": 1, "deltaT": 1, "total_step": 5} | kw
+    return Case(arch, lambda: peft.AdaLoraConfig(task_type=TASK[arch], target_modules=targets, init_r=4, target_r=2,
+                                                 lora_alpha=8, fan_in_fan_out=arch == "gpt2", **common),
+                lambda: pk.AdaLoRA(task_type=TASK[arch], target_modules=targets, init_rank=4, target_rank=2,
+                                   alpha=8, **common), adalora=True)
+
+
+CASES: dict[str, Case] = {
+    # LoRA
+    "lora-llama-qv": _lora("llama", ["q_proj", "v_proj"]),
+    "lora-llama-qv-short": _lora("llama", ["q_proj", "v_proj"], seq=7),
+    "lora-llama-all-linear": _lora("llama", "all-linear"),
+    "lora-llama-all-linear-short": _lora("llama", "all-linear", seq=7),
+    "lora-llama-loaded": _lora("llama", LLAMA_ALL, init="load"),
+    "lora-llama-rslora-patterns": _lora("llama", LLAMA_ALL, use_rslora=True, rank_pattern={"k_proj": 2},
+                                        alpha_pattern={"up_proj": 3}),
+    "lora-qwen2-lora_bias": _lora("qwen2", ["q_proj", "k_proj", "v_proj"], lora_bias=True),
+    "lora-qwen2-bias-all": _lora("qwen2", ["q_proj", "v_proj"], bias="all"),
+    "lora-qwen2-bias-lora_only": _lora("qwen2", ["q_proj", "k_proj", "v_proj"], bias="lora_only"),
+    "lora-llama-embedding": _lora("llama", ["embed_tokens", "q_proj", "v_proj"]),
+    "lora-llama-tokens": _lora("llama", ["q_proj", "v_proj"], trainable_token_indices=[3, 5, 11]),
+    "lora-gpt2-conv1d": _lora("gpt2", ["c_attn", "c_proj", "c_fc"]),
+    "lora-bert-classifier": _lora("bert", ["query", "value"], modules_to_save=["classifier"]),
+    "lora-t5": _lora("t5", ["q", "k", "v", "wi_0"]),
+    "lora-convnet": _lora("convnet", ["embed", "conv1", "conv2", "proj"]),
+    # DoRA
+    "dora-llama-all-linear": _lora("llama", "all-linear", use_dora=True),
+    "dora-llama-all-linear-short": _lora("llama", "all-linear", use_dora=True, seq=7),
+    "dora-llama-loaded": _lora("llama", LLAMA_ALL, init="load", use_dora=True),
+    "dora-gpt2-conv1d": _lora("gpt2", ["c_attn", "c_fc"], use_dora=True),
+    "dora-convnet": _lora("convnet", ["conv1", "conv2", "proj"], use_dora=True),
+    # AdaLoRA
+    "adalora-llama": _adalora("llama", ["q_proj", "k_proj", "v_proj", "down_proj"]),
+    "adalora-gpt2": _adalora("gpt2", ["c_attn", "c_fc"]),
+    # the other methods
+    "ia3-llama": Case("llama", lambda: peft.IA3Config(task_type="CAUSAL_LM", target_modules=["k_proj", "v_proj",
+                                                                                              "down_proj"],
+                                                      feedforward_modules=["down_proj"]),
+                      lambda: pk.IA3(task_type="CAUSAL_LM", target_modules=["k_proj", "v_proj", "down_proj"],
+                                     feedforward_modules=["down_proj"])),
+    "loha-llama": Case("llama", lambda: peft.LoHaConfig(task_type="CAUSAL_LM", target_modules=["q_proj", "down_proj"],
+                                                        r=4, alpha=8),
+                       lambda: pk.LoHa(task_type="CAUSAL_LM", target_modules=["q_proj", "down_proj"], rank=4,
+                                       alpha=8)),
+    "loha-convnet": Case("convnet", lambda: peft.LoHaConfig(target_modules=["conv1", "conv2", "proj"], r=2, alpha=4),
+                         lambda: pk.LoHa(target_modules=["conv1", "conv2", "proj"], rank=2, alpha=4)),
+    "lokr-llama": Case("llama", lambda: peft.LoKrConfig(task_type="CAUSAL_LM", target_modules=["q_proj", "down_proj"],
+                                                        r=4, alpha=8, decompose_both=True),
+                       lambda: pk.LoKr(task_type="CAUSAL_LM", target_modules=["q_proj", "down_proj"], rank=4,
+                                       alpha=8, decompose_both=True)),
+    "lokr-convnet": Case("convnet", lambda: peft.LoKrConfig(target_modules=["conv1", "conv2", "proj"], r=2, alpha=4),
+                         lambda: pk.LoKr(target_modules=["conv1", "conv2", "proj"], rank=2, alpha=4)),
+    "vera-llama": Case("llama", lambda: peft.VeraConfig(task_type="CAUSAL_LM", target_modules=["q_proj", "v_proj"],
+                                                        r=8),
+                       lambda: pk.VeRA(task_type="CAUSAL_LM", target_modules=["q_proj", "v_proj"], rank=8)),
+    "vera-gpt2-bias": Case("gpt2", lambda: peft.VeraConfig(task_type="CAUSAL_LM", target_modules=["c_attn"], r=8,
+                                                           fan_in_fan_out=True, bias="vera_only"),
+                           lambda: pk.VeRA(task_type="CAUSAL_LM", target_modules=["c_attn"], rank=8,
+                                           bias="vera_only")),
+    "ln_tuning-llama": Case("llama", lambda: peft.LNTuningConfig(task_type="CAUSAL_LM"),
+                            lambda: pk.LNTuning(task_type="CAUSAL_LM")),
+    "trainable_tokens-llama": Case("llama", lambda: peft.TrainableTokensConfig(task_type="CAUSAL_LM",
+                                                                                token_indices=[3, 5, 11]),
+                                   lambda: pk.TrainableTokens(task_type="CAUSAL_LM", token_indices=[3, 5, 11])),
+    "prompt-llama": Case("llama", lambda: peft.PromptTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=4),
+                         lambda: pk.PromptTuning(task_type="CAUSAL_LM", num_virtual_tokens=4)),
+    "prompt-t5": Case("t5", lambda: peft.PromptTuningConfig(task_type="SEQ_2_SEQ_LM", num_virtual_tokens=4),
+                      lambda: pk.PromptTuning(task_type="SEQ_2_SEQ_LM", num_virtual_tokens=4)),
+    "prefix-llama": Case("llama", lambda: peft.PrefixTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=4),
+                         lambda: pk.PrefixTuning(task_type="CAUSAL_LM", num_virtual_tokens=4)),
+    "prefix-llama-projection": Case(
+        "llama", lambda: peft.PrefixTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=4, prefix_projection=True,
+                                                 encoder_hidden_size=16),
+        lambda: pk.PrefixTuning(task_type="CAUSAL_LM", num_virtual_tokens=4, prefix_projection=True,
+                                encoder_hidden_size=16)),
+    "ptuning-llama-mlp": Case(
+        "llama", lambda: peft.PromptEncoderConfig(task_type="CAUSAL_LM", num_virtual_tokens=4, encoder_hidden_size=16),
+        lambda: pk.PTuning(task_type="CAUSAL_LM", num_virtual_tokens=4, encoder_hidden_size=16)),
+    "ptuning-bert-lstm": Case(
+        "bert", lambda: peft.PromptEncoderConfig(task_type="SEQ_CLS", num_virtual_tokens=4, encoder_hidden_size=16,
+                                                 encoder_reparameterization_type="LSTM"),
+        lambda: pk.PTuning(task_type="SEQ_CLS", num_virtual_tokens=4, encoder_hidden_size=16,
+                           encoder_reparameterization_type="LSTM")),
+}
+
+
+# ---------------------------------------------------------------------------------------------------- the harness
+
+
+def pk_name(hf_name: str) -> str:
+    """HF PEFT's name of a parameter of its wrapped model, spelled as peftkit's (README: the model inside HF PEFT's
+    wrapper, except DoRA magnitudes, ``modules_to_save`` copies, trained token rows and prompt tables)."""
+    name = hf_name.removeprefix("base_model.model.").removeprefix("base_model.")
+    name = name.replace(".modules_to_save.", ".copies.").replace(".token_adapter.", ".")
+    name = re.sub(r"(lora_magnitude_vector\.[^.]+)\.weight$", r"\1", name)
+    if name.startswith("prompt_encoder."):
+        name = name.replace("prompt_encoder.", "prompt_encoder.prompt_modules.", 1)
+    return name
+
+
+def _no_dropout(model: nn.Module) -> nn.Module:
+    """Every dropout of the base model off (GPT-2 and BERT drop 10 %), so the batches see the same model."""
+    for module in model.modules():
+        if isinstance(module, nn.Dropout):
+            module.p = 0.0
+    cfg = getattr(model, "config", None)
+    for key in ("attention_dropout", "attn_pdrop", "attention_probs_dropout_prob", "dropout_rate"):
+        if cfg is not None and hasattr(cfg, key):
+            setattr(cfg, key, 0.0)
+    return model
+
+
+def batches(arch: str, seq: int, count: int, seed: int = 5) -> list[dict[str, torch.Tensor]]:
+    """``count`` batches of 2 rows with their labels."""
+    gen = torch.Generator().manual_seed(seed)
+    out = []
+    for _ in range(count):
+        ids = torch.randint(1, 96, (2, seq), generator=gen)
+        if arch == "bert":
+            out.append({"input_ids": ids, "labels": torch.randint(0, 3, (2,), generator=gen)})
+        elif arch == "t5":
+            out.append({"input_ids": ids, "labels": torch.randint(1, 96, (2, 5), generator=gen)})
+        elif arch == "convnet":
+            out.append({"input_ids": ids[:, :7], "labels": torch.randint(0, 10, (2,), generator=gen)})
+        else:
+            out.append({"input_ids": ids, "labels": ids})
+    return out
+
+
+def loss_of(model: nn.Module, arch: str, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    if arch == "convnet":
+        return nn.functional.cross_entropy(model(input_ids=batch["input_ids"]), batch["labels"])
+    return model(**batch).loss
+
+
+def logits_of(model: nn.Module, arch: str, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """Evaluation-mode logits under ``no_grad`` (the model goes back to training mode after)."""
+    model.eval()
+    with torch.no_grad():
+        if arch == "convnet":
+            out = model(input_ids=batch["input_ids"])
+        elif arch == "t5":
+            out = model(input_ids=batch["input_ids"], decoder_input_ids=batch["labels"]).logits
+        else:
+            out = model(input_ids=batch["input_ids"]).logits
+    model.train()
+    return out
+
+
+@dataclass
+class Pair:
+    """The two libraries' models for one case, and their trainable parameters in corresponding order."""
+
+    hf: Any
+    ours: nn.Module
+    names: list[str]  # HF PEFT's names
+    hf_params: list[nn.Parameter]
+    pk_params: list[nn.Parameter]
+
+
+def make_pair(case: Case, tmp_path: Path, seed: int = 0) -> Pair:
+    """Both models with the same starting adapter (HF PEFT's initial tensors, each moved by 0.1·N(0, 1))."""
+    hf = peft.get_peft_model(_no_dropout(build(case.arch)), case.hf())
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in hf.parameters():
+            if p.requires_grad:
+                p.add_(0.1 * torch.randn(p.shape, generator=gen))
+    if case.init == "load":
+        hf.save_pretrained(str(tmp_path / "init"))
+        ours = pk.load_adapter(_no_dropout(build(case.arch)), tmp_path / "init", trainable=True)
+    else:
+        ours = pk.apply(_no_dropout(build(case.arch)), case.pk())
+    mine = {n: p for n, p in ours.named_parameters() if p.requires_grad}
+    names, hf_params, pk_params = [], [], []
+    for name, p in hf.named_parameters():
+        if p.requires_grad:
+            names.append(name)
+            hf_params.append(p)
+            pk_params.append(mine.pop(pk_name(name)))
+    assert not mine, f"peftkit trains more than HF PEFT: {sorted(mine)}"
+    with torch.no_grad():
+        for a, b in zip(hf_params, pk_params, strict=True):
+            b.copy_(a)
+    hf.train()
+    ours.train()
+    return Pair(hf, ours, names, hf_params, pk_params)
+
+
+def optimizer(kind: str, params: list[nn.Parameter]) -> torch.optim.Optimizer:
+    if kind == "sgd":
+        return torch.optim.SGD(params, lr=0.1)
+    return torch.optim.AdamW(params, lr=0.01, weight_decay=0.01, fused=kind == "fused", foreach=kind == "foreach")
+
+
+@dataclass
+class Trace:
+    """What one library's run recorded."""
+
+    losses: list[torch.Tensor]
+    grads: list[torch.Tensor]  # at the first step
+    logits: list[torch.Tensor]  # in evaluation after every step
+
+
+def train(model: nn.Module, params: list[nn.Parameter], case: Case, data: list[dict[str, torch.Tensor]],
+          opt_kind: str, steps: int, micro: int = 1, step_hook: Callable[[int], None] | None = None,
+          autocast: bool = False) -> Trace:
+    """``steps`` optimizer steps, each over ``micro`` micro-batches (their mean loss), with evaluation logits after
+    every step; the random generator is seeded before every call."""
+    opt = optimizer(opt_kind, params)
+    trace = Trace([], [], [])
+    for step in range(steps):
+        total = torch.zeros(())
+        for m in range(micro):
+            torch.manual_seed(100 * step + m)
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+                loss = loss_of(model, case.arch, data[step * micro + m]) / micro
+            loss.backward()
+            total += loss.detach().float()
+        trace.losses.append(total)
+        if step == 0:
+            trace.grads = [p.grad.clone() if p.grad is not None else torch.zeros_like(p) for p in params]
+        opt.step()
+        if step_hook is not None:
+            step_hook(step)
+        opt.zero_grad(set_to_none=True)
+        torch.manual_seed(7)
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            trace.logits.append(logits_of(model, case.arch, data[0]).float())
+    return trace
+
+
+def run_both(case: Case, tmp_path: Path, opt_kind: str = "fused", steps: int = 4, micro: int = 1,
+             autocast: bool = False) -> tuple[Pair, Trace, Trace]:
+    pair = make_pair(case, tmp_path)
+    data = batches(case.arch, case.seq, steps * micro)
+    hf_hook = pk_hook = None
+    if case.adalora:
+        def hf_hook(step: int) -> None:
+            pair.hf.base_model.update_and_allocate(step)
+
+        def pk_hook(step: int) -> None:
+            pk.adalora_step(pair.ours, step)
+    theirs = train(pair.hf, pair.hf_params, case, data, opt_kind, steps, micro, hf_hook, autocast)
+    ours = train(pair.ours, pair.pk_params, case, data, opt_kind, steps, micro, pk_hook, autocast)
+    return pair, ours, theirs
+
+
+def saved(pair: Pair, tmp_path: Path) -> Iterator[tuple[str, torch.Tensor, torch.Tensor]]:
+    """(key, peftkit's tensor, HF PEFT's tensor) for every key of the two adapter files, which hold the same keys."""
+    # (HF PEFT would also store the base weight of an adapted embedding, which peftkit reads but does not write.)
+    pair.hf.save_pretrained(str(tmp_path / "hf"), save_embedding_layers=False)
+    pk.save_adapter(pair.ours, tmp_path / "pk")
+    mine, want = (load_file(str(tmp_path / d / "adapter_model.safetensors")) for d in ("pk", "hf"))
+    assert mine.keys() == want.keys(), (sorted(mine.keys() ^ want.keys()))
+    for key in sorted(want):
+        yield key, mine[key], want[key]
+
+
+#: Losses agree to fp32 rounding (the libraries sum the same products in other orders), amplified a little by each
+#: step; a wrong gradient or a stale cache moves them by 1e-3 or more.
+LOSS = {"rtol": 1e-5, "atol": 1e-6}
+#: Logits and tensors after up to four steps: Adam divides by √v, so the rounding of a small gradient entry moves its
+#: update by up to its relative error; 1e-4 relative of the tensor's scale is still 100× below one step's change.
+AFTER = {"rtol": 1e-4, "atol": 1e-5}
+
+
+def close(got: torch.Tensor, want: torch.Tensor, what: str, rtol: float = 1e-5, scale: float = 1e-5) -> None:
+    """``got`` equals ``want`` within ``rtol`` relative and ``scale`` times ``want``'s largest entry absolute."""
+    atol = scale * float(want.abs().max()) if want.numel() else 0.0
+    torch.testing.assert_close(got, want, rtol=rtol, atol=max(atol, 1e-8), msg=lambda m: f"{what}: {m}")
+
+
+def check(pair: Pair, ours: Trace, theirs: Trace, tmp_path: Path, grads: bool = True, tol: float = 1.0) -> None:
+    for step, (a, b) in enumerate(zip(ours.losses, theirs.losses, strict=True)):
+        torch.testing.assert_close(a, b, rtol=LOSS["rtol"] * tol, atol=LOSS["atol"] * tol,
+                                   msg=lambda m, s=step: f"loss at step {s}: {m}")
+    if grads:
+        for name, a, b in zip(pair.names, ours.grads, theirs.grads, strict=True):
+            close(a, b, f"gradient of {name}", rtol=1e-4 * tol, scale=1e-5 * tol)
+    for step, (a, b) in enumerate(zip(ours.logits, theirs.logits, strict=True)):
+        close(a, b, f"evaluation logits after step {step}", rtol=AFTER["rtol"] * tol, scale=AFTER["atol"] * tol)
+    for key, a, b in saved(pair, tmp_path):
+        close(a, b, f"saved {key}", rtol=AFTER["rtol"] * tol, scale=AFTER["atol"] * tol)
+
+
+@pytest.fixture
+def short_groups(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Cases with short inputs lower the group threshold to one token, so their siblings group too."""
+    if request.node.callspec.params["name"].endswith("-short") or CASES[request.node.callspec.params["name"]].seq < 16:
+        monkeypatch.setattr(lora_groups, "MIN_TOKENS", 1)
+
+
+# ---------------------------------------------------------------------------------------------------- the tests
+
+
+@pytest.mark.parametrize("name", list(CASES))
+def test_training_matches_hf_peft(name: str, short_groups: None, tmp_path: Path) -> None:
+    """Four steps of fused AdamW: losses, first-step gradients, evaluation logits after every step, files."""
+    case = CASES[name]
+    pair, ours, theirs = run_both(case, tmp_path)
+    check(pair, ours, theirs, tmp_path)
