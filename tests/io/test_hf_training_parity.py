@@ -201,20 +201,28 @@ def _no_dropout(model: nn.Module) -> nn.Module:
     return model
 
 
-def batches(arch: str, seq: int, count: int, seed: int = 5) -> list[dict[str, torch.Tensor]]:
-    """``count`` batches of 2 rows with their labels."""
+def batches(arch: str, seq: int, count: int, seed: int = 5, padded: bool = False) -> list[dict[str, torch.Tensor]]:
+    """``count`` batches of 2 rows with their labels; ``padded``: the second row's first 3 tokens (its last 3 on
+    BERT and T5) are padding, masked in ``attention_mask`` and left out of the labels."""
     gen = torch.Generator().manual_seed(seed)
     out = []
     for _ in range(count):
         ids = torch.randint(1, 96, (2, seq), generator=gen)
+        mask = torch.ones_like(ids)
+        if padded:
+            mask[1, -3:] = 0 if arch in ("bert", "t5") else 1
+            if arch not in ("bert", "t5"):
+                mask[1, :3] = 0
+            ids = ids.masked_fill(mask == 0, 0)
+        masked = {"attention_mask": mask} if padded else {}
         if arch == "bert":
-            out.append({"input_ids": ids, "labels": torch.randint(0, 3, (2,), generator=gen)})
+            out.append({"input_ids": ids, **masked, "labels": torch.randint(0, 3, (2,), generator=gen)})
         elif arch == "t5":
-            out.append({"input_ids": ids, "labels": torch.randint(1, 96, (2, 5), generator=gen)})
+            out.append({"input_ids": ids, **masked, "labels": torch.randint(1, 96, (2, 5), generator=gen)})
         elif arch == "convnet":
             out.append({"input_ids": ids[:, :7], "labels": torch.randint(0, 10, (2,), generator=gen)})
         else:
-            out.append({"input_ids": ids, "labels": ids})
+            out.append({"input_ids": ids, **masked, "labels": ids.masked_fill(mask == 0, -100)})
     return out
 
 
@@ -224,18 +232,20 @@ def loss_of(model: nn.Module, arch: str, batch: dict[str, torch.Tensor]) -> torc
     return model(**batch).loss
 
 
-def logits_of(model: nn.Module, arch: str, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-    """Evaluation-mode logits under ``no_grad`` (the model goes back to training mode after)."""
+def logits_of(model: nn.Module, arch: str, batch: dict[str, torch.Tensor], inference: bool = False) -> torch.Tensor:
+    """Evaluation-mode logits under ``no_grad`` (or ``inference_mode``); the model goes back to training mode
+    after."""
     model.eval()
-    with torch.no_grad():
+    inputs = {k: v for k, v in batch.items() if k in ("input_ids", "attention_mask")}
+    with torch.inference_mode() if inference else torch.no_grad():
         if arch == "convnet":
             out = model(input_ids=batch["input_ids"])
         elif arch == "t5":
-            out = model(input_ids=batch["input_ids"], decoder_input_ids=batch["labels"]).logits
+            out = model(**inputs, decoder_input_ids=batch["labels"]).logits
         else:
-            out = model(input_ids=batch["input_ids"]).logits
+            out = model(**inputs).logits
     model.train()
-    return out
+    return out.clone() if inference else out
 
 
 @dataclass
@@ -293,19 +303,44 @@ class Trace:
     logits: list[torch.Tensor]  # in evaluation before the first step and after every step
 
 
+@dataclass(frozen=True)
+class Loop:
+    """How a training loop calls the model besides its training forwards."""
+
+    autocast: bool = False
+    #: Evaluate under ``torch.inference_mode()`` rather than ``no_grad``.
+    inference: bool = False
+    #: Before every training forward, a reference forward with the adapters disabled, without gradients (as DPO
+    #: trainers compute the reference model's log-probabilities); its logits are recorded with the evaluation's.
+    reference: bool = False
+    #: Train with the model in evaluation mode (gradients on), as loops that want no dropout at all do.
+    eval_mode: bool = False
+    #: Batches with padding and an attention mask.
+    padded: bool = False
+
+
+def reference_logits(model: nn.Module, arch: str, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    with torch.no_grad(), (model.disable_adapter() if hasattr(model, "peft_config") else pk.disable_adapters(model)):
+        return loss_of(model, arch, batch).reshape(1) if arch == "convnet" else model(**batch).logits
+
+
 def train(model: nn.Module, params: list[nn.Parameter], case: Case, data: list[dict[str, torch.Tensor]],
           opt_kind: str, steps: int, micro: int = 1, step_hook: Callable[[int], None] | None = None,
-          autocast: bool = False) -> Trace:
+          loop: Loop = Loop()) -> Trace:
     """``steps`` optimizer steps, each over ``micro`` micro-batches (their mean loss), with evaluation logits after
     every step; the random generator is seeded before every call."""
     opt = optimizer(opt_kind, params)
     trace = Trace([], [], [])
+    autocast = loop.autocast
     with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):  # the first call evaluates
-        trace.logits.append(logits_of(model, case.arch, data[0]).float())
+        trace.logits.append(logits_of(model, case.arch, data[0], loop.inference).float())
     for step in range(steps):
         total = torch.zeros(())
         for m in range(micro):
             torch.manual_seed(100 * step + m)
+            if loop.reference:
+                trace.logits.append(reference_logits(model, case.arch, data[step * micro + m]))
+            model.train(not loop.eval_mode)
             with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
                 loss = loss_of(model, case.arch, data[step * micro + m]) / micro
             loss.backward()
@@ -319,17 +354,21 @@ def train(model: nn.Module, params: list[nn.Parameter], case: Case, data: list[d
         opt.zero_grad(set_to_none=True)
         torch.manual_seed(7)
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
-            trace.logits.append(logits_of(model, case.arch, data[0]).float())
+            trace.logits.append(logits_of(model, case.arch, data[0], loop.inference).float())
     return trace
 
 
 def run_both(case: Case, tmp_path: Path, opt_kind: str = "fused", steps: int = 4, micro: int = 1,
-             autocast: bool = False, checkpointing: bool = False) -> tuple[Pair, Trace, Trace]:
+             autocast: bool = False, checkpointing: bool = False, reentrant: bool = False, loop: Loop | None = None,
+             ) -> tuple[Pair, Trace, Trace]:
+    loop = loop or Loop(autocast=autocast)
     pair = make_pair(case, tmp_path)
     if checkpointing:
         for model in (pair.hf, pair.ours):
-            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    data = batches(case.arch, case.seq, steps * micro)
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": reentrant})
+            if reentrant:  # (the reentrant form only reaches the adapters' gradients through an input that has one)
+                model.enable_input_require_grads()
+    data = batches(case.arch, case.seq, steps * micro, padded=loop.padded)
     hf_hook = pk_hook = None
     if case.adalora:
         def hf_hook(step: int) -> None:
@@ -337,8 +376,8 @@ def run_both(case: Case, tmp_path: Path, opt_kind: str = "fused", steps: int = 4
 
         def pk_hook(step: int) -> None:
             pk.adalora_step(pair.ours, step)
-    theirs = train(pair.hf, pair.hf_params, case, data, opt_kind, steps, micro, hf_hook, autocast)
-    ours = train(pair.ours, pair.pk_params, case, data, opt_kind, steps, micro, pk_hook, autocast)
+    theirs = train(pair.hf, pair.hf_params, case, data, opt_kind, steps, micro, hf_hook, loop)
+    ours = train(pair.ours, pair.pk_params, case, data, opt_kind, steps, micro, pk_hook, loop)
     return pair, ours, theirs
 
 
@@ -372,6 +411,7 @@ def check(pair: Pair, ours: Trace, theirs: Trace, tmp_path: Path, grads: bool = 
         torch.testing.assert_close(a, b, rtol=LOSS["rtol"] * tol, atol=LOSS["atol"] * tol,
                                    msg=lambda m, s=step: f"loss at step {s}: {m}")
     if grads:
+        assert any(g.any() for g in theirs.grads), "nothing to compare: no gradient reached the adapter"
         for name, a, b in zip(pair.names, ours.grads, theirs.grads, strict=True):
             close(a, b, f"gradient of {name}", rtol=1e-4 * tol, scale=1e-5 * tol)
     for step, (a, b) in enumerate(zip(ours.logits, theirs.logits, strict=True)):
@@ -461,12 +501,14 @@ def test_bf16_autocast_dora(tmp_path: Path) -> None:
     assert ours_error < 1.25 * theirs_error, (ours_error, theirs_error)  # peftkit's bf16 is no less accurate
 
 
+@pytest.mark.parametrize("reentrant", [False, True])
 @pytest.mark.parametrize("name", ["lora-llama-all-linear", "dora-llama-all-linear", "lora-llama-tokens",
                                   "adalora-llama"])
-def test_gradient_checkpointing(name: str, tmp_path: Path) -> None:
-    """With activation checkpointing (non-reentrant, as ``Trainer`` sets it up) every block runs its forward twice:
-    the recomputed forward must save what the first saved, and the cached norms must not go stale in between."""
-    pair, ours, theirs = run_both(CASES[name], tmp_path, checkpointing=True)
+def test_gradient_checkpointing(name: str, reentrant: bool, tmp_path: Path) -> None:
+    """With activation checkpointing every block runs its forward twice: the recomputed forward must save what the
+    first saved, and the cached norms must not go stale in between. The reentrant form runs the first forward
+    without gradients."""
+    pair, ours, theirs = run_both(CASES[name], tmp_path, checkpointing=True, reentrant=reentrant)
     check(pair, ours, theirs, tmp_path)
 
 
@@ -534,3 +576,27 @@ def test_loha_effective_conv_trains_with_the_forward_gradients(tmp_path: Path) -
             assert (a - b).norm() > 0.1 * b.norm(), name
         else:
             close(a, b, f"gradient of {name}", rtol=1e-4, scale=1e-5)
+
+
+#: Cases for the other ways a loop calls the model: per-layer and grouped LoRA and DoRA, and methods with caches.
+LOOPED = ["lora-llama-all-linear", "lora-llama-all-linear-short", "dora-llama-all-linear",
+          "dora-llama-all-linear-short", "dora-convnet", "lora-llama-embedding", "lora-llama-tokens", "ia3-llama",
+          "vera-llama", "lokr-llama", "adalora-llama", "trainable_tokens-gemma-tied", "prefix-llama"]
+
+
+@pytest.mark.parametrize("loop", [Loop(inference=True), Loop(reference=True), Loop(eval_mode=True),
+                                  Loop(padded=True)], ids=["inference_mode", "reference", "eval_mode", "padded"])
+@pytest.mark.parametrize("name", LOOPED)
+def test_other_loops(name: str, loop: Loop, short_groups: None, tmp_path: Path) -> None:
+    """Evaluation under ``inference_mode`` between steps (nothing cached there may reach a training forward), a
+    reference forward with the adapters disabled before every training forward, and training in evaluation mode."""
+    pair, ours, theirs = run_both(CASES[name], tmp_path, loop=loop)
+    check(pair, ours, theirs, tmp_path)
+
+
+@pytest.mark.parametrize("name", ["prompt-llama", "prompt-t5", "prefix-llama-projection", "ptuning-llama-mlp",
+                                  "ptuning-bert-lstm", "lora-bert-classifier", "lora-t5"])
+def test_padded_batches(name: str, tmp_path: Path) -> None:
+    """Padded rows with an attention mask: the prompt methods extend the mask over their virtual tokens."""
+    pair, ours, theirs = run_both(CASES[name], tmp_path, loop=Loop(padded=True))
+    check(pair, ours, theirs, tmp_path)
