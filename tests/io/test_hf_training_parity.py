@@ -341,6 +341,13 @@ class Loop:
     eval_mode: bool = False
     #: Batches with padding and an attention mask.
     padded: bool = False
+    #: Before every training forward, a forward of the same batch in training mode without gradients (as RL
+    #: trainers compute the old policy's log-probabilities); its logits are recorded with the evaluation's.
+    old_policy: bool = False
+    #: ``zero_grad(set_to_none=False)``: gradients accumulate into the tensors of the step before.
+    keep_grads: bool = False
+    #: Batches of 20, 9 and 33 tokens in turn (2 rows each).
+    varying: bool = False
 
 
 def reference_logits(model: nn.Module, arch: str, batch: dict[str, torch.Tensor]) -> torch.Tensor:
@@ -364,6 +371,10 @@ def train(model: nn.Module, params: list[nn.Parameter], case: Case, data: list[d
             torch.manual_seed(100 * step + m)
             if loop.reference:
                 trace.logits.append(reference_logits(model, case.arch, data[step * micro + m]))
+            if loop.old_policy:
+                model.train()
+                with torch.no_grad():
+                    trace.logits.append(loss_of(model, case.arch, data[step * micro + m]).reshape(1))
             model.train(not loop.eval_mode)
             with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
                 loss = loss_of(model, case.arch, data[step * micro + m]) / micro
@@ -375,7 +386,7 @@ def train(model: nn.Module, params: list[nn.Parameter], case: Case, data: list[d
         opt.step()
         if step_hook is not None:
             step_hook(step)
-        opt.zero_grad(set_to_none=True)
+        opt.zero_grad(set_to_none=not loop.keep_grads)
         torch.manual_seed(7)
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
             trace.logits.append(logits_of(model, case.arch, data[0], loop.inference).float())
@@ -393,6 +404,8 @@ def run_both(case: Case, tmp_path: Path, opt_kind: str = "fused", steps: int = 4
             if reentrant:  # (the reentrant form only reaches the adapters' gradients through an input that has one)
                 model.enable_input_require_grads()
     data = batches(case.arch, case.seq, steps * micro, padded=loop.padded)
+    if loop.varying:
+        data = [batches(case.arch, (20, 9, 33)[i % 3], 1, seed=i, padded=loop.padded)[0] for i in range(len(data))]
     hf_hook = pk_hook = None
     if case.adalora:
         def hf_hook(step: int) -> None:
@@ -611,7 +624,8 @@ LOOPED = ["lora-llama-all-linear", "lora-llama-all-linear-short", "dora-llama-al
 
 
 LOOPS = {"inference_mode": Loop(inference=True), "reference": Loop(reference=True), "eval_mode": Loop(eval_mode=True),
-         "padded": Loop(padded=True)}
+         "padded": Loop(padded=True), "old_policy": Loop(old_policy=True), "keep_grads": Loop(keep_grads=True),
+         "varying": Loop(varying=True)}
 
 
 # (AdaLoRA trained in evaluation mode is left out: HF PEFT adds the orthogonality penalty in evaluation mode too,
@@ -650,3 +664,15 @@ def test_dora_beside_an_earlier_lora_adapter(tmp_path: Path) -> None:
     lora_first = pair.hf(**batch).loss
     torch.testing.assert_close(ours, dora_first, **LOSS)
     assert abs(float(lora_first - dora_first)) > 1e-5
+
+
+@pytest.mark.parametrize("case", [_lora("llama", "all-linear", lora_dropout=0.1),
+                                  _lora("llama", "all-linear", lora_dropout=0.1, use_dora=True),
+                                  _lora("gpt2", ["c_attn", "c_fc"], lora_dropout=0.1, use_dora=True)],
+                         ids=["lora", "dora", "dora-gpt2"])
+def test_dropout_adapters_trained_in_evaluation_mode(case: Case, tmp_path: Path) -> None:
+    """Adapters with dropout, trained in evaluation mode (no dropout drawn): the dropout-aware paths (DoRA's adapter
+    branch, the shared masks of grouped siblings) must then compute what HF PEFT does. (In training mode the masks
+    are drawn otherwise than HF PEFT's, and DoRA drops out the adapter branch only: README, Performance.)"""
+    pair, ours, theirs = run_both(case, tmp_path, loop=Loop(eval_mode=True))
+    check(pair, ours, theirs, tmp_path)
