@@ -337,9 +337,19 @@ def make_pair(case: Case, tmp_path: Path, seed: int = 0) -> Pair:
 
 
 def optimizer(kind: str, params: list[nn.Parameter]) -> torch.optim.Optimizer:
+    """``kind``: ``"fused"`` or ``"foreach"`` AdamW, or ``"sgd"``.
+
+    Adam's ε is 1e-5 rather than 1e-8: its first step moves an entry by lr·g/(|g| + ε), so a difference in a
+    gradient entry near zero reaches the parameter multiplied by up to lr/ε. fp32 rounding makes such differences:
+    one entry was 8.9e-9 in one library and 2.9e-9 in the other, in a gradient whose largest entry is 0.04 and which
+    agrees to 1.5e-7 of that everywhere (the first step's gradients are compared to that tolerance). With ε = 1e-8
+    that entry moved by a quarter of lr more in one library, with ε = 1e-6 by 6e-5, still 15 times what the logits'
+    tolerance allows after a step; with ε = 1e-5, lr/ε = 1000 keeps rounding below the tolerances. Gradients of a
+    typical size (1e-4 to 1e-2 here) still take Adam's normalised steps."""
     if kind == "sgd":
         return torch.optim.SGD(params, lr=0.1)
-    return torch.optim.AdamW(params, lr=0.01, weight_decay=0.01, fused=kind == "fused", foreach=kind == "foreach")
+    return torch.optim.AdamW(params, lr=0.01, eps=1e-5, weight_decay=0.01, fused=kind == "fused",
+                             foreach=kind == "foreach")
 
 
 @dataclass
@@ -459,9 +469,11 @@ def saved(pair: Pair, tmp_path: Path) -> Iterator[tuple[str, torch.Tensor, torch
 #: Losses agree to fp32 rounding (the libraries sum the same products in other orders), amplified a little by each
 #: step; a wrong gradient or a stale cache moves them by 1e-3 or more.
 LOSS = {"rtol": 1e-5, "atol": 1e-6}
-#: Logits and tensors after up to four steps: Adam divides by √v, so the rounding of a small gradient entry moves its
-#: update by up to its relative error; 1e-4 relative of the tensor's scale is still 100× below one step's change.
-AFTER = {"rtol": 1e-4, "atol": 1e-5}
+#: Logits and tensors after up to four steps, absolute tolerance as a share of the largest entry. Adam divides by
+#: √v, so the rounding of a gradient entry near zero reaches the parameters amplified (see :func:`optimizer`): most
+#: cases agree to 1e-6 of the scale, two adapters trained together to 1.4e-5 (under SGD to 1e-6). A stale cache
+#: (the fused-optimizer bug) moved the logits by 1e-2 of their scale, and four steps move them by about 0.5.
+AFTER = {"rtol": 1e-4, "atol": 3e-5}
 
 
 def close(got: torch.Tensor, want: torch.Tensor, what: str, rtol: float = 1e-5, scale: float = 1e-5) -> None:
@@ -548,7 +560,8 @@ def test_bf16_autocast_dora(tmp_path: Path) -> None:
     """Under bf16 autocast DoRA's terms are rounded to bf16 in another order (peftkit forms m/‖W + sBA‖ once per
     weight and scales the sum; HF PEFT scales the base output and the adapter's apart), so the libraries differ by a
     few bf16 roundings: the first step's gradients by about 1 % (each library's own bf16 gradients differ from its
-    fp32 ones by as much), and the logits by less than HF PEFT's bf16 logits differ from its fp32 ones. Adam turns
+    fp32 ones by as much), and the logits by as much as HF PEFT's bf16 logits differ from its fp32 ones (up to 1.5
+    times that seen). Adam turns
     such differences in small gradient entries into whole steps, so the files are not compared here."""
     case = CASES["dora-llama-all-linear"]
     pair, ours, theirs = run_both(case, tmp_path, autocast=True)
@@ -556,7 +569,7 @@ def test_bf16_autocast_dora(tmp_path: Path) -> None:
     for step in range(4):
         torch.testing.assert_close(ours.losses[step], theirs.losses[step], rtol=2e-4, atol=0)
         error = (ours.logits[step] - theirs.logits[step]).abs().max()
-        assert error < (theirs.logits[step] - theirs32.logits[step]).abs().max(), (step, error)
+        assert error < 2 * (theirs.logits[step] - theirs32.logits[step]).abs().max(), (step, error)
     ours_error = theirs_error = 0.0
     for name, a, b, a32, b32 in zip(pair.names, ours.grads, theirs.grads, ours32.grads, theirs32.grads, strict=True):
         assert (a - b).norm() < 0.05 * b32.norm(), name
@@ -682,12 +695,12 @@ def test_dora_beside_an_earlier_lora_adapter(tmp_path: Path) -> None:
     pair = make_pair(case, tmp_path)
     batch = batches("llama", 20, 1)[0]
     pk.set_adapter(pair.ours, ["other", "default"])  # LoRA first
-    ours = pair.ours(**batch).loss
-    dora_first = pair.hf(**batch).loss
+    ours = logits_of(pair.ours, "llama", batch)
+    dora_first = logits_of(pair.hf, "llama", batch)
     pair.hf.base_model.set_adapter(["other", "default"])
-    lora_first = pair.hf(**batch).loss
-    torch.testing.assert_close(ours, dora_first, **LOSS)
-    assert abs(float(lora_first - dora_first)) > 1e-5
+    lora_first = logits_of(pair.hf, "llama", batch)
+    close(ours, dora_first, "logits")
+    assert (lora_first - dora_first).abs().max() > 1e-3
 
 
 @pytest.mark.parametrize("case", [_lora("llama", "all-linear", lora_dropout=0.1),
