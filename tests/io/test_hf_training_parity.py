@@ -87,7 +87,6 @@ def _adalora(arch: str, targets: list[str], **kw: Any) -> Case:
 
 CASES: dict[str, Case] = {
     # LoRA
-    "lora-llama-qv": _lora("llama", ["q_proj", "v_proj"]),
     "lora-llama-qv-short": _lora("llama", ["q_proj", "v_proj"], seq=7),
     "lora-llama-all-linear": _lora("llama", "all-linear"),
     "lora-llama-all-linear-short": _lora("llama", "all-linear", seq=7),
@@ -100,12 +99,11 @@ CASES: dict[str, Case] = {
     "lora-llama-norm-saved": _lora("llama", ["q_proj", "v_proj"], modules_to_save=["model.norm"]),
     "lora-llama-layers": _lora("llama", ["q_proj", "k_proj", "v_proj"], layers_to_transform=[1],
                                layers_pattern="layers"),
-    "lora-t5-shared-embedding": _lora("t5", ["shared", "q", "v"]),
     "lora-llama-embedding": _lora("llama", ["embed_tokens", "q_proj", "v_proj"]),
     "lora-llama-tokens": _lora("llama", ["q_proj", "v_proj"], trainable_token_indices=[3, 5, 11]),
     "lora-gpt2-conv1d": _lora("gpt2", ["c_attn", "c_proj", "c_fc"]),
     "lora-bert-classifier": _lora("bert", ["query", "value"], modules_to_save=["classifier"]),
-    "lora-t5": _lora("t5", ["q", "k", "v", "wi_0"]),
+    "lora-t5": _lora("t5", ["shared", "q", "k", "v", "wi_0"]),
     "lora-phi3-fused": _lora("phi3", ["qkv_proj", "gate_up_proj", "down_proj"]),
     "lora-gemma-tied-embedding": _lora("gemma", ["embed_tokens", "q_proj", "k_proj"]),
     "lora-convnet": _lora("convnet", ["embed", "conv1", "conv2", "proj"]),
@@ -171,8 +169,6 @@ CASES: dict[str, Case] = {
                             lambda: pk.LNTuning(task_type="CAUSAL_LM")),
     "ln_tuning-bert": Case("bert", lambda: peft.LNTuningConfig(task_type="SEQ_CLS", target_modules=["LayerNorm"]),
                            lambda: pk.LNTuning(task_type="SEQ_CLS", target_modules=["LayerNorm"])),
-    "ln_tuning-gpt2": Case("gpt2", lambda: peft.LNTuningConfig(task_type="CAUSAL_LM"),
-                           lambda: pk.LNTuning(task_type="CAUSAL_LM")),
     "trainable_tokens-gemma-tied": Case("gemma", lambda: peft.TrainableTokensConfig(task_type="CAUSAL_LM",
                                                                                      token_indices=[3, 5, 11]),
                                         lambda: pk.TrainableTokens(task_type="CAUSAL_LM", token_indices=[3, 5, 11])),
@@ -196,9 +192,6 @@ CASES: dict[str, Case] = {
                       lambda: pk.PrefixTuning(task_type="SEQ_2_SEQ_LM", num_virtual_tokens=3)),
     "prompt-bert": Case("bert", lambda: peft.PromptTuningConfig(task_type="SEQ_CLS", num_virtual_tokens=3),
                         lambda: pk.PromptTuning(task_type="SEQ_CLS", num_virtual_tokens=3)),
-    "ptuning-t5": Case("t5", lambda: peft.PromptEncoderConfig(task_type="SEQ_2_SEQ_LM", num_virtual_tokens=3,
-                                                              encoder_hidden_size=16),
-                       lambda: pk.PTuning(task_type="SEQ_2_SEQ_LM", num_virtual_tokens=3, encoder_hidden_size=16)),
     "ptuning-llama-mlp": Case(
         "llama", lambda: peft.PromptEncoderConfig(task_type="CAUSAL_LM", num_virtual_tokens=4, encoder_hidden_size=16),
         lambda: pk.PTuning(task_type="CAUSAL_LM", num_virtual_tokens=4, encoder_hidden_size=16)),
@@ -427,7 +420,7 @@ def train(model: nn.Module, params: list[nn.Parameter], case: Case, data: list[d
     return trace
 
 
-def run_both(case: Case, tmp_path: Path, opt_kind: str = "fused", steps: int = 4, micro: int = 1,
+def run_both(case: Case, tmp_path: Path, opt_kind: str = "fused", steps: int = 3, micro: int = 1,
              autocast: bool = False, checkpointing: bool = False, reentrant: bool = False, loop: Loop | None = None,
              ) -> tuple[Pair, Trace, Trace]:
     loop = loop or Loop(autocast=autocast)
@@ -513,7 +506,8 @@ DIFFERENT = {"loha-convnet-cp"}
 
 @pytest.mark.parametrize("name", [n for n in CASES if n not in DIFFERENT])
 def test_training_matches_hf_peft(name: str, short_groups: None, tmp_path: Path) -> None:
-    """Four steps of fused AdamW: losses, first-step gradients, evaluation logits after every step, files."""
+    """Three steps of fused AdamW: losses, first-step gradients, evaluation logits before and after every step,
+    files."""
     case = CASES[name]
     pair, ours, theirs = run_both(case, tmp_path)
     check(pair, ours, theirs, tmp_path)
@@ -526,47 +520,46 @@ GROUPED = {"lora-llama-all-linear": "model.layers.0.self_attn.q_proj",
            "lora-llama-all-linear-short": "model.layers.1.mlp.gate_proj",
            "dora-llama-all-linear": "model.layers.0.self_attn.k_proj",
            "dora-llama-all-linear-short": "model.layers.1.mlp.up_proj",
-           "lora-llama-qv": "model.layers.0.self_attn.v_proj"}
+           "lora-llama-qv-short": "model.layers.0.self_attn.v_proj"}
 
 
-#: LoRA and DoRA under the other optimizers, with and without groups.
-OPTIMIZED = ["lora-llama-all-linear", "lora-llama-all-linear-short", "lora-gpt2-conv1d", "dora-llama-all-linear",
-             "dora-llama-all-linear-short", "dora-convnet"]
-
-
-@pytest.mark.parametrize("opt_kind", ["foreach", "sgd"])
-@pytest.mark.parametrize("name", OPTIMIZED)
+#: LoRA and DoRA under the other optimizers, with groups of long and of short inputs and without.
+@pytest.mark.parametrize("name,opt_kind", [
+    ("lora-llama-all-linear", "foreach"), ("lora-gpt2-conv1d", "foreach"), ("dora-llama-all-linear-short", "foreach"),
+    ("lora-llama-all-linear-short", "sgd"), ("dora-llama-all-linear", "sgd"), ("dora-convnet", "sgd")])
 def test_other_optimizers(name: str, opt_kind: str, short_groups: None, tmp_path: Path) -> None:
     """Foreach AdamW (which moves version counters) and plain SGD train to the same numbers as HF PEFT."""
     pair, ours, theirs = run_both(CASES[name], tmp_path, opt_kind=opt_kind)
     check(pair, ours, theirs, tmp_path)
 
 
-@pytest.mark.parametrize("name", [*OPTIMIZED, "adalora-llama", "ia3-llama", "prefix-llama", "lora-bert-classifier"])
+@pytest.mark.parametrize("name", ["lora-llama-all-linear", "dora-llama-all-linear-short", "adalora-llama",
+                                  "prefix-llama", "lora-bert-classifier"])
 def test_gradient_accumulation(name: str, short_groups: None, tmp_path: Path) -> None:
     """Two micro-batches per fused step: gradients summed over two backward passes before the optimizer runs."""
-    pair, ours, theirs = run_both(CASES[name], tmp_path, steps=3, micro=2)
+    pair, ours, theirs = run_both(CASES[name], tmp_path, steps=2, micro=2)
     check(pair, ours, theirs, tmp_path)
 
 
-@pytest.mark.parametrize("name", ["lora-llama-all-linear", "lora-llama-qv-short", "lora-gpt2-conv1d"])
+@pytest.mark.parametrize("name", ["lora-llama-all-linear-short", "lora-gpt2-conv1d"])
 def test_bf16_autocast_lora(name: str, short_groups: None, tmp_path: Path) -> None:
     """Under bf16 autocast LoRA runs the same bf16 products in both libraries, grouped or not: the same numbers."""
     pair, ours, theirs = run_both(CASES[name], tmp_path, autocast=True)
     check(pair, ours, theirs, tmp_path)
 
 
-def test_bf16_autocast_dora(tmp_path: Path) -> None:
+def test_bf16_autocast_dora(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     """Under bf16 autocast DoRA's terms are rounded to bf16 in another order (peftkit forms m/‖W + sBA‖ once per
     weight and scales the sum; HF PEFT scales the base output and the adapter's apart), so the libraries differ by a
     few bf16 roundings: the first step's gradients by about 1 % (each library's own bf16 gradients differ from its
     fp32 ones by as much), and the logits by as much as HF PEFT's bf16 logits differ from its fp32 ones (up to 1.5
     times that seen). Adam turns
     such differences in small gradient entries into whole steps, so the files are not compared here."""
-    case = CASES["dora-llama-all-linear"]
+    monkeypatch.setattr(lora_groups, "MIN_TOKENS", 1)
+    case = CASES["dora-llama-all-linear-short"]
     pair, ours, theirs = run_both(case, tmp_path, autocast=True)
     _, ours32, theirs32 = run_both(case, tmp_path / "fp32")
-    for step in range(4):
+    for step in range(3):
         torch.testing.assert_close(ours.losses[step], theirs.losses[step], rtol=2e-4, atol=0)
         error = (ours.logits[step] - theirs.logits[step]).abs().max()
         assert error < 2 * (theirs.logits[step] - theirs32.logits[step]).abs().max(), (step, error)
@@ -578,14 +571,14 @@ def test_bf16_autocast_dora(tmp_path: Path) -> None:
     assert ours_error < 1.25 * theirs_error, (ours_error, theirs_error)  # peftkit's bf16 is no less accurate
 
 
-@pytest.mark.parametrize("reentrant", [False, True])
-@pytest.mark.parametrize("name", ["lora-llama-all-linear", "dora-llama-all-linear", "lora-llama-tokens",
-                                  "adalora-llama"])
+@pytest.mark.parametrize("name,reentrant", [
+    ("lora-llama-all-linear", True), ("dora-llama-all-linear", True), ("dora-llama-all-linear", False),
+    ("lora-llama-tokens", False), ("adalora-llama", True)])
 def test_gradient_checkpointing(name: str, reentrant: bool, tmp_path: Path) -> None:
     """With activation checkpointing every block runs its forward twice: the recomputed forward must save what the
     first saved, and the cached norms must not go stale in between. The reentrant form runs the first forward
     without gradients."""
-    pair, ours, theirs = run_both(CASES[name], tmp_path, checkpointing=True, reentrant=reentrant)
+    pair, ours, theirs = run_both(CASES[name], tmp_path, steps=2, checkpointing=True, reentrant=reentrant)
     check(pair, ours, theirs, tmp_path)
 
 
@@ -600,7 +593,7 @@ def test_merge_after_training(name: str, short_groups: None, tmp_path: Path) -> 
     """The trained adapters merged into the weights, and taken out again, give HF PEFT's logits (the fast paths'
     caches of the unmerged weights must follow both)."""
     case = CASES[name]
-    pair, ours, theirs = run_both(case, tmp_path, steps=3)
+    pair, ours, theirs = run_both(case, tmp_path, steps=2)
     data = batches(case.arch, case.seq, 1)[0]
     pk.merge(pair.ours)
     pair.hf.merge_adapter()
@@ -615,7 +608,7 @@ def test_merge_after_training(name: str, short_groups: None, tmp_path: Path) -> 
 def test_adalora_allocates_the_same_ranks(tmp_path: Path) -> None:
     """Rank allocation ran (tinit=tfinal=1 of 5 steps) and masked the same triplets in both libraries; the trained
     tensors agree (test_training_matches_hf_peft), so do the masks in the files' ``rank_pattern``."""
-    pair, ours, theirs = run_both(CASES["adalora-llama"], tmp_path)
+    pair, ours, theirs = run_both(CASES["adalora-llama"], tmp_path, steps=4)
     check(pair, ours, theirs, tmp_path)
     mine, want = (json.loads((tmp_path / d / "adapter_config.json").read_text())["rank_pattern"] for d in ("pk", "hf"))
     assert mine == want
@@ -660,9 +653,11 @@ LOOPED = ["lora-llama-all-linear", "lora-llama-all-linear-short", "dora-llama-al
           "dora-llama-all-linear-short", "dora-convnet", "lora-llama-tokens", "vera-llama", "adalora-llama"]
 
 
-LOOPS = {"inference_mode": Loop(inference=True), "reference": Loop(reference=True), "eval_mode": Loop(eval_mode=True),
-         "padded": Loop(padded=True), "old_policy": Loop(old_policy=True), "keep_grads": Loop(keep_grads=True),
-         "varying": Loop(varying=True)}
+#: ``busy``: every other call a loop may make, together (padded batches of varying length, a reference forward with
+#: the adapters off and an old-policy forward without gradients before every training forward, evaluation under
+#: ``inference_mode``, gradients kept between steps); ``eval_mode``: training in evaluation mode.
+LOOPS = {"busy": Loop(inference=True, reference=True, old_policy=True, keep_grads=True, varying=True, padded=True),
+         "eval_mode": Loop(eval_mode=True)}
 
 
 # (AdaLoRA trained in evaluation mode is left out: HF PEFT adds the orthogonality penalty in evaluation mode too,
@@ -670,8 +665,10 @@ LOOPS = {"inference_mode": Loop(inference=True), "reference": Loop(reference=Tru
 @pytest.mark.parametrize("name,loop", [pytest.param(n, loop, id=f"{n}-{k}") for n in LOOPED
                                        for k, loop in LOOPS.items() if (n, k) != ("adalora-llama", "eval_mode")])
 def test_other_loops(name: str, loop: Loop, short_groups: None, tmp_path: Path) -> None:
-    """Evaluation under ``inference_mode`` between steps (nothing cached there may reach a training forward), a
-    reference forward with the adapters disabled before every training forward, and training in evaluation mode."""
+    """Evaluation under ``inference_mode`` between steps (nothing cached there may reach a training forward),
+    no-gradient forwards with the adapters disabled and enabled before every training forward, inputs whose length
+    changes from call to call (groups break and form again), gradients kept between steps; and training in
+    evaluation mode."""
     pair, ours, theirs = run_both(CASES[name], tmp_path, loop=loop)
     check(pair, ours, theirs, tmp_path)
 
@@ -680,7 +677,7 @@ def test_other_loops(name: str, loop: Loop, short_groups: None, tmp_path: Path) 
                                   "ptuning-bert-lstm", "lora-bert-classifier", "lora-t5"])
 def test_padded_batches(name: str, tmp_path: Path) -> None:
     """Padded rows with an attention mask: the prompt methods extend the mask over their virtual tokens."""
-    pair, ours, theirs = run_both(CASES[name], tmp_path, loop=Loop(padded=True))
+    pair, ours, theirs = run_both(CASES[name], tmp_path, steps=2, loop=Loop(padded=True))
     check(pair, ours, theirs, tmp_path)
 
 
