@@ -53,7 +53,8 @@ class Case:
     arch: str
     hf: Callable[[], Any]
     pk: Callable[[], pk.AdapterConfig]
-    #: ``"copy"``: ``pk.apply`` and copy HF PEFT's perturbed tensors in; ``"load"``: load HF PEFT's saved adapter.
+    #: ``"copy"``: ``pk.apply`` and copy HF PEFT's perturbed tensors in; ``"load"``: load HF PEFT's saved adapter;
+    #: ``"resume"``: both libraries load HF PEFT's saved adapter for training (``is_trainable=True``).
     init: str = "copy"
     #: More adapters (name, HF PEFT config, peftkit config), all active and trained together with ``default``.
     extra: tuple[tuple[str, Callable[[], Any], Callable[[], pk.AdapterConfig]], ...] = ()
@@ -297,9 +298,12 @@ def make_pair(case: Case, tmp_path: Path, seed: int = 0) -> Pair:
         for p in hf.parameters():
             if p.requires_grad:
                 p.add_(0.1 * torch.randn(p.shape, generator=gen))
-    if case.init == "load":
+    if case.init in ("load", "resume"):
         hf.save_pretrained(str(tmp_path / "init"))
         ours = pk.load_adapter(_no_dropout(build(case.arch)), tmp_path / "init", trainable=True)
+        if case.init == "resume":  # both libraries load the file to train it further
+            hf = peft.PeftModel.from_pretrained(_no_dropout(build(case.arch)), str(tmp_path / "init"),
+                                                is_trainable=True)
     else:
         ours = pk.apply(_no_dropout(build(case.arch)), case.pk())
     if case.extra:
@@ -709,4 +713,44 @@ def test_dropout_adapters_trained_in_evaluation_mode(case: Case, tmp_path: Path)
     branch, the shared masks of grouped siblings) must then compute what HF PEFT does. (In training mode the masks
     are drawn otherwise than HF PEFT's, and DoRA drops out the adapter branch only: README, Performance.)"""
     pair, ours, theirs = run_both(case, tmp_path, loop=Loop(eval_mode=True))
+    check(pair, ours, theirs, tmp_path)
+
+
+RESUMED = ["lora-llama-all-linear", "lora-llama-tokens", "lora-bert-classifier", "lora-llama-norm-saved",
+           "lora-qwen2-bias-all", "dora-llama-all-linear", "dora-convnet", "adalora-llama", "ia3-llama", "loha-llama",
+           "lokr-llama", "vera-gpt2-bias", "ln_tuning-bert", "trainable_tokens-gemma-tied"]
+
+
+@pytest.mark.parametrize("name", RESUMED)
+def test_training_a_loaded_adapter(name: str, tmp_path: Path) -> None:
+    """An adapter saved by HF PEFT, loaded for training by both libraries (``PeftModel.from_pretrained(...,
+    is_trainable=True)``, ``pk.load_adapter(..., trainable=True)``): the same tensors train (make_pair pairs them
+    all), to the same numbers. (HF PEFT refuses to load a prompt-learning adapter for training.)"""
+    case = CASES[name]
+    pair, ours, theirs = run_both(Case(case.arch, case.hf, case.pk, init="resume", adalora=case.adalora), tmp_path,
+                                  steps=2)
+    check(pair, ours, theirs, tmp_path)
+
+
+@pytest.mark.parametrize("name,frozen", [
+    ("lora-llama-all-linear", "lora_A"), ("lora-llama-all-linear-short", "lora_B"),
+    ("dora-llama-all-linear", "lora_A"), ("dora-llama-all-linear-short", "magnitude"),
+    ("dora-convnet", "lora_B"), ("dora-lora-llama-two-adapters", ".default")])
+def test_partly_frozen_adapters(name: str, frozen: str, short_groups: None, tmp_path: Path) -> None:
+    """Some of the adapter's tensors frozen by hand after it is built (LoRA-FA's fixed A, a fixed DoRA magnitude,
+    one of two adapters): the fast paths compute only the gradients that are wanted, and those equal HF PEFT's."""
+    pair = make_pair(CASES[name], tmp_path)
+    keep = [i for i, n in enumerate(pair.names) if frozen not in n]
+    assert 0 < len(keep) < len(pair.names)
+    for i, (hf_param, pk_param) in enumerate(zip(pair.hf_params, pair.pk_params, strict=True)):
+        if i not in keep:
+            hf_param.requires_grad_(False)
+            pk_param.requires_grad_(False)
+    pair.names = [pair.names[i] for i in keep]
+    pair.hf_params = [pair.hf_params[i] for i in keep]
+    pair.pk_params = [pair.pk_params[i] for i in keep]
+    data = batches(CASES[name].arch, CASES[name].seq, 3)
+    theirs = train(pair.hf, pair.hf_params, CASES[name], data, "fused", 3)
+    ours = train(pair.ours, pair.pk_params, CASES[name], data, "fused", 3)
+    assert all(p.grad is None for p in pair.ours.parameters() if not p.requires_grad)
     check(pair, ours, theirs, tmp_path)
