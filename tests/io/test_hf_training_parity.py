@@ -754,3 +754,43 @@ def test_partly_frozen_adapters(name: str, frozen: str, short_groups: None, tmp_
     ours = train(pair.ours, pair.pk_params, CASES[name], data, "fused", 3)
     assert all(p.grad is None for p in pair.ours.parameters() if not p.requires_grad)
     check(pair, ours, theirs, tmp_path)
+
+
+@pytest.mark.parametrize("name", ["lora-llama-all-linear", "dora-llama-all-linear-short", "vera-llama"])
+def test_copies_of_a_trained_model(name: str, short_groups: None, tmp_path: Path) -> None:
+    """A deep copy of a trained model (as trainers make a frozen reference model) computes with its own tensors,
+    not with the original's that keep training, and so does the copy after a cast to float64."""
+    case = CASES[name]
+    pair, _, _ = run_both(case, tmp_path, steps=2)
+    ours, theirs = copy.deepcopy(pair.ours), copy.deepcopy(pair.hf)
+    with torch.no_grad():  # the originals move on
+        for p in [*pair.hf_params, *pair.pk_params]:
+            p.add_(0.5)
+    data = batches(case.arch, case.seq, 2, seed=9)
+    close(logits_of(ours, case.arch, data[0]), logits_of(theirs, case.arch, data[0]), "the copy's logits",
+          rtol=AFTER["rtol"], scale=AFTER["atol"])
+    torch.testing.assert_close(loss_of(ours, case.arch, data[1]), loss_of(theirs, case.arch, data[1]), **LOSS)
+    ours.double()
+    theirs.double()
+    close(logits_of(ours, case.arch, data[0]), logits_of(theirs, case.arch, data[0]), "float64 logits",
+          rtol=AFTER["rtol"], scale=AFTER["atol"])
+
+
+def test_switching_adapters_between_steps(tmp_path: Path) -> None:
+    """A DoRA and a LoRA adapter on the same layers, trained in turn (DoRA alone, LoRA alone, both): the groups and
+    cached norms formed for one set of active adapters must not serve another."""
+    case = CASES["dora-lora-llama-two-adapters"]
+    pair = make_pair(case, tmp_path)
+    schedule: list[list[str]] = [["default"], ["other"], ["default", "other"]]
+
+    def activate(step: int, hf: bool) -> None:
+        if step + 1 < len(schedule):
+            (pair.hf.base_model.set_adapter if hf else lambda names: pk.set_adapter(pair.ours, names))(
+                schedule[step + 1])
+
+    activate(-1, True)
+    activate(-1, False)
+    data = batches(case.arch, case.seq, 3)
+    theirs = train(pair.hf, pair.hf_params, case, data, "fused", 3, step_hook=lambda s: activate(s, True))
+    ours = train(pair.ours, pair.pk_params, case, data, "fused", 3, step_hook=lambda s: activate(s, False))
+    check(pair, ours, theirs, tmp_path)
