@@ -39,8 +39,8 @@ from models import build
 peft = pytest.importorskip("peft")
 
 LLAMA_ALL = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
-TASK = {"llama": "CAUSAL_LM", "qwen2": "CAUSAL_LM", "phi3": "CAUSAL_LM", "gemma": "CAUSAL_LM", "gpt2": "CAUSAL_LM",
-        "bert": "SEQ_CLS", "t5": "SEQ_2_SEQ_LM", "convnet": None}
+TASK = {"llama": "CAUSAL_LM", "qwen2": "CAUSAL_LM", "gpt_neox": "CAUSAL_LM", "phi3": "CAUSAL_LM", "gemma": "CAUSAL_LM",
+        "gpt2": "CAUSAL_LM", "bert": "SEQ_CLS", "t5": "SEQ_2_SEQ_LM", "convnet": None}
 
 
 # ---------------------------------------------------------------------------------------------------- the cases
@@ -103,6 +103,8 @@ CASES: dict[str, Case] = {
     "lora-llama-embedding": _lora("llama", ["embed_tokens", "q_proj", "v_proj"]),
     "lora-llama-tokens": _lora("llama", ["q_proj", "v_proj"], trainable_token_indices=[3, 5, 11]),
     "lora-gpt2-conv1d": _lora("gpt2", ["c_attn", "c_proj", "c_fc"]),
+    "lora-gpt2-tied-tokens": _lora("gpt2", ["c_attn"], trainable_token_indices={"wte": [3, 5, 11]}),
+    "lora-gpt_neox-fused": _lora("gpt_neox", ["query_key_value", "dense_h_to_4h"]),
     "lora-bert-classifier": _lora("bert", ["query", "value"], modules_to_save=["classifier"]),
     "lora-t5": _lora("t5", ["shared", "q", "k", "v", "wi_0"]),
     "lora-phi3-fused": _lora("phi3", ["qkv_proj", "gate_up_proj", "down_proj"]),
@@ -121,6 +123,8 @@ CASES: dict[str, Case] = {
     "dora-llama-all-linear": _lora("llama", "all-linear", use_dora=True),
     "dora-llama-all-linear-short": _lora("llama", "all-linear", use_dora=True, seq=7),
     "dora-llama-loaded": _lora("llama", LLAMA_ALL, init="load", use_dora=True),
+    "dora-llama-embedding": _lora("llama", ["embed_tokens", "q_proj", "k_proj"], use_dora=True),
+    "dora-phi3-fused": _lora("phi3", ["qkv_proj", "gate_up_proj"], use_dora=True),
     "dora-gpt2-conv1d": _lora("gpt2", ["c_attn", "c_fc"], use_dora=True),
     "dora-convnet": _lora("convnet", ["conv1", "conv2", "proj"], use_dora=True),
     # AdaLoRA
