@@ -9,6 +9,11 @@ writes parameters without moving their version counters. peftkit runs in its def
 first two calls of a run, for inputs of at least ``lora_groups.MIN_TOKENS`` tokens (cases with short inputs lower it
 to 1, as tests/perf do), so that both the per-layer and the grouped nodes train.
 
+Dropout: the base models' own is set to 0. LoHa's and LoKr's rank and module dropout and AdaLoRA's and VeRA's
+dropout draw from the global generator as HF PEFT does, so those cases train with dropout, seeded alike. LoRA's and
+DoRA's masks are drawn otherwise (from raw random bits, shared by sibling projections; DoRA drops out the adapter
+branch only: README, Performance), so LoRA and DoRA train here at dropout 0, or with dropout in evaluation mode.
+
 Each case: HF PEFT adapts one copy of the model (``get_peft_model``), its trainable tensors are moved off their
 initial values (a zero B, unit IA3 vectors or untouched embedding rows would hide most bugs), and peftkit gets the
 same tensors, either copied parameter by parameter onto ``pk.apply``'s adapter or through HF PEFT's saved initial
@@ -130,6 +135,18 @@ CASES: dict[str, Case] = {
     # AdaLoRA
     "adalora-llama": _adalora("llama", ["q_proj", "k_proj", "v_proj", "down_proj"]),
     "adalora-gpt2": _adalora("gpt2", ["c_attn", "c_fc"]),
+    # AdaLoRA's and VeRA's dropout is torch's, drawn as HF PEFT draws it, so seeded runs match
+    "adalora-llama-dropout": Case(
+        "llama", lambda: peft.AdaLoraConfig(task_type="CAUSAL_LM", target_modules=["q_proj", "v_proj"], init_r=4,
+                                            target_r=2, lora_alpha=8, lora_dropout=0.2, tinit=1, tfinal=1,
+                                            total_step=5),
+        lambda: pk.AdaLoRA(task_type="CAUSAL_LM", target_modules=["q_proj", "v_proj"], init_rank=4, target_rank=2,
+                           alpha=8, dropout=0.2, tinit=1, tfinal=1, total_step=5), adalora=True),
+    "vera-llama-dropout": Case("llama", lambda: peft.VeraConfig(task_type="CAUSAL_LM", target_modules=["q_proj",
+                                                                                                      "v_proj"],
+                                                                r=8, vera_dropout=0.2),
+                               lambda: pk.VeRA(task_type="CAUSAL_LM", target_modules=["q_proj", "v_proj"], rank=8,
+                                               dropout=0.2)),
     # the other methods
     "ia3-llama": Case("llama", lambda: peft.IA3Config(task_type="CAUSAL_LM", target_modules=["k_proj", "v_proj",
                                                                                               "down_proj"],
@@ -142,6 +159,19 @@ CASES: dict[str, Case] = {
                                        alpha=8)),
     "loha-convnet": Case("convnet", lambda: peft.LoHaConfig(target_modules=["conv1", "conv2", "proj"], r=2, alpha=4),
                          lambda: pk.LoHa(target_modules=["conv1", "conv2", "proj"], rank=2, alpha=4)),
+    # rank and module dropout drawn from the global generator in HF PEFT's order (README), so seeded runs match
+    "loha-llama-dropout": Case("llama", lambda: peft.LoHaConfig(task_type="CAUSAL_LM", target_modules=["q_proj",
+                                                                                                      "v_proj"],
+                                                                r=4, alpha=8, rank_dropout=0.3, module_dropout=0.3),
+                               lambda: pk.LoHa(task_type="CAUSAL_LM", target_modules=["q_proj", "v_proj"], rank=4,
+                                               alpha=8, rank_dropout=0.3, module_dropout=0.3)),
+    "lokr-llama-dropout": Case("llama", lambda: peft.LoKrConfig(task_type="CAUSAL_LM", target_modules=["q_proj",
+                                                                                                      "v_proj"],
+                                                                r=4, alpha=8, rank_dropout=0.3, module_dropout=0.3,
+                                                                rank_dropout_scale=True),
+                               lambda: pk.LoKr(task_type="CAUSAL_LM", target_modules=["q_proj", "v_proj"], rank=4,
+                                               alpha=8, rank_dropout=0.3, module_dropout=0.3,
+                                               rank_dropout_scale=True)),
     "lokr-llama": Case("llama", lambda: peft.LoKrConfig(task_type="CAUSAL_LM", target_modules=["q_proj", "down_proj"],
                                                         r=4, alpha=8, decompose_both=True),
                        lambda: pk.LoKr(task_type="CAUSAL_LM", target_modules=["q_proj", "down_proj"], rank=4,
