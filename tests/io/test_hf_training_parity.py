@@ -828,3 +828,39 @@ def test_switching_adapters_between_steps(tmp_path: Path) -> None:
     theirs = train(pair.hf, pair.hf_params, case, data, "fused", 3, step_hook=lambda s: activate(s, True))
     ours = train(pair.ours, pair.pk_params, case, data, "fused", 3, step_hook=lambda s: activate(s, False))
     check(pair, ours, theirs, tmp_path)
+
+
+class _Batches(torch.utils.data.Dataset):  # type: ignore[type-arg]
+    def __init__(self, rows: list[dict[str, torch.Tensor]]) -> None:
+        self.rows = rows
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
+        return self.rows[i]
+
+
+@pytest.mark.parametrize("name", ["lora-llama-all-linear", "dora-llama-all-linear"])
+def test_transformers_trainer(name: str, tmp_path: Path) -> None:
+    """``transformers.Trainer`` (fused AdamW, evaluation after every step) trains both libraries' models to the same
+    evaluation losses and files."""
+    from transformers import Trainer, TrainingArguments
+
+    case = CASES[name]
+    pair = make_pair(case, tmp_path)
+    rows = [{k: v[i] for k, v in batch.items()} for batch in batches(case.arch, case.seq, 4) for i in range(2)]
+    results = []
+    for model in (pair.hf, pair.ours):
+        args = TrainingArguments(output_dir=str(tmp_path / "trainer"), max_steps=3, per_device_train_batch_size=2,
+                                 per_device_eval_batch_size=2, learning_rate=1e-2, adam_epsilon=1e-5,
+                                 optim="adamw_torch_fused", eval_strategy="steps", eval_steps=1, logging_steps=1,
+                                 save_strategy="no", report_to=[], use_cpu=True, disable_tqdm=True, seed=0)
+        trainer = Trainer(model=model, args=args, train_dataset=_Batches(rows[:6]), eval_dataset=_Batches(rows[6:]))
+        trainer.train()
+        results.append([log["eval_loss"] for log in trainer.state.log_history if "eval_loss" in log])
+    ours, theirs = results[1], results[0]
+    assert len(theirs) == 3
+    torch.testing.assert_close(torch.tensor(ours), torch.tensor(theirs), **LOSS)
+    for key, a, b in saved(pair, tmp_path):
+        close(a, b, f"saved {key}", rtol=AFTER["rtol"], scale=AFTER["atol"])
