@@ -598,7 +598,7 @@ def test_gradient_accumulation(name: str, short_groups: None, tmp_path: Path) ->
     check(pair, ours, theirs, tmp_path)
 
 
-@pytest.mark.parametrize("name", ["lora-llama-all-linear-short", "lora-gpt2-conv1d"])
+@pytest.mark.parametrize("name", ["lora-llama-all-linear-short"])
 def test_bf16_autocast_lora(name: str, short_groups: None, tmp_path: Path) -> None:
     """Under bf16 autocast LoRA runs the same bf16 products in both libraries, grouped or not: the same numbers."""
     pair, ours, theirs = run_both(CASES[name], tmp_path, autocast=True)
@@ -641,8 +641,8 @@ def test_gradient_checkpointing(name: str, reentrant: bool, tmp_path: Path) -> N
 
 #: Methods that fold into the weights, after training.
 MERGED = ["lora-llama-all-linear", "lora-gpt2-conv1d", "lora-qwen2-lora_bias", "lora-llama-embedding",
-          "dora-llama-all-linear", "dora-convnet", "adalora-llama", "ia3-llama", "loha-convnet", "lokr-llama",
-          "vera-llama", "ln_tuning-llama", "trainable_tokens-gemma-tied"]
+          "dora-llama-all-linear", "dora-convnet", "adalora-llama", "ia3-llama", "loha-convnet",
+          "trainable_tokens-gemma-tied"]
 
 
 @pytest.mark.parametrize("name", MERGED)
@@ -731,7 +731,7 @@ def test_other_loops(name: str, loop: Loop, short_groups: None, tmp_path: Path) 
 
 
 @pytest.mark.parametrize("name", ["prompt-llama", "prompt-t5", "prefix-llama-projection", "ptuning-llama-mlp",
-                                  "ptuning-bert-lstm", "lora-bert-classifier", "lora-t5"])
+                                  "ptuning-bert-lstm", "lora-bert-classifier"])
 def test_padded_batches(name: str, tmp_path: Path) -> None:
     """Padded rows with an attention mask: the prompt methods extend the mask over their virtual tokens."""
     pair, ours, theirs = run_both(CASES[name], tmp_path, steps=2, loop=Loop(padded=True))
@@ -769,9 +769,8 @@ def test_dropout_adapters_trained_in_evaluation_mode(case: Case, tmp_path: Path)
     check(pair, ours, theirs, tmp_path)
 
 
-RESUMED = ["lora-llama-all-linear", "lora-llama-tokens", "lora-bert-classifier", "lora-llama-norm-saved",
-           "lora-qwen2-bias-all", "dora-llama-all-linear", "dora-convnet", "adalora-llama", "ia3-llama", "loha-llama",
-           "lokr-llama", "vera-gpt2-bias", "ln_tuning-bert", "trainable_tokens-gemma-tied"]
+RESUMED = ["lora-llama-tokens", "lora-bert-classifier", "lora-qwen2-bias-all", "dora-llama-all-linear",
+           "adalora-llama", "lokr-llama", "vera-gpt2-bias", "trainable_tokens-gemma-tied"]
 
 
 @pytest.mark.parametrize("name", RESUMED)
@@ -786,9 +785,8 @@ def test_training_a_loaded_adapter(name: str, tmp_path: Path) -> None:
 
 
 @pytest.mark.parametrize("name,frozen", [
-    ("lora-llama-all-linear", "lora_A"), ("lora-llama-all-linear-short", "lora_B"),
-    ("dora-llama-all-linear", "lora_A"), ("dora-llama-all-linear-short", "magnitude"),
-    ("dora-convnet", "lora_B"), ("dora-lora-llama-two-adapters", ".default")])
+    ("lora-llama-all-linear-short", "lora_B"), ("dora-llama-all-linear", "lora_A"),
+    ("dora-llama-all-linear-short", "magnitude"), ("dora-lora-llama-two-adapters", ".default")])
 def test_partly_frozen_adapters(name: str, frozen: str, short_groups: None, tmp_path: Path) -> None:
     """Some of the adapter's tensors frozen by hand after it is built (LoRA-FA's fixed A, a fixed DoRA magnitude,
     one of two adapters): the fast paths compute only the gradients that are wanted, and those equal HF PEFT's."""
@@ -809,7 +807,7 @@ def test_partly_frozen_adapters(name: str, frozen: str, short_groups: None, tmp_
     check(pair, ours, theirs, tmp_path)
 
 
-@pytest.mark.parametrize("name", ["lora-llama-all-linear", "dora-llama-all-linear-short", "vera-llama"])
+@pytest.mark.parametrize("name", ["lora-llama-all-linear", "dora-llama-all-linear-short"])
 def test_copies_of_a_trained_model(name: str, short_groups: None, tmp_path: Path) -> None:
     """A deep copy of a trained model (as trainers make a frozen reference model) computes with its own tensors,
     not with the original's that keep training, and so does the copy after a cast to float64."""
@@ -886,7 +884,7 @@ def test_transformers_trainer(name: str, tmp_path: Path) -> None:
 
 
 @pytest.mark.parametrize("name", ["lora-llama-all-linear", "dora-llama-all-linear-short", "adalora-llama",
-                                  "ia3-llama", "vera-llama", "loha-llama", "lora-llama-tokens", "prompt-llama"])
+                                  "vera-llama"])
 def test_half_precision_base(name: str, short_groups: None, tmp_path: Path) -> None:
     """A bf16 base model: both libraries keep the adapter in fp32 and compute the base in bf16, to the same numbers
     (the adapters to fp32 rounding, which can flip the last bit of a bf16 logit). Deliberate difference: HF PEFT
