@@ -19,6 +19,16 @@ initial values (a zero B, unit IA3 vectors or untouched embedding rows would hid
 same tensors, either copied parameter by parameter onto ``pk.apply``'s adapter or through HF PEFT's saved initial
 adapter (``pk.load_adapter(trainable=True)``). Both train with one optimizer class over corresponding parameters in
 the same order; every base-model dropout is set to 0 and the random generator is seeded alike before every call.
+
+Beyond the plain run (fused AdamW, three steps, evaluation before and after every step): foreach AdamW and SGD,
+gradient accumulation, bf16 autocast, a bf16 base, activation checkpointing (both forms), merging and unmerging
+after training, adapters loaded from HF PEFT's file for training by both libraries, adapters partly frozen, two
+adapters trained together or in turn, deep copies of a trained model, ``transformers.Trainer``, and loops that also
+evaluate under ``inference_mode``, run reference and old-policy forwards without gradients, pad, vary the length,
+keep gradients between steps, or train in evaluation mode. Where peftkit deliberately differs (README), the tests
+assert what it does instead: AdaLoRA's penalty in training mode only, and its rank count kept constant on a
+half-precision base; LoHa's CP-form gradients; a DoRA adapter computed from the base output whatever the order of
+the active adapters.
 """
 
 from __future__ import annotations
@@ -420,7 +430,7 @@ class Loop:
     #: Batches with padding and an attention mask.
     padded: bool = False
     #: Before every training forward, a forward of the same batch in training mode without gradients (as RL
-    #: trainers compute the old policy's log-probabilities); its logits are recorded with the evaluation's.
+    #: trainers compute the old policy's log-probabilities); its loss is recorded with the evaluation's logits.
     old_policy: bool = False
     #: ``zero_grad(set_to_none=False)``: gradients accumulate into the tensors of the step before.
     keep_grads: bool = False
