@@ -436,6 +436,9 @@ class Loop:
     keep_grads: bool = False
     #: Batches of 20, 9 and 33 tokens in turn (2 rows each).
     varying: bool = False
+    #: After every step, greedy decoding of 4 tokens with the KV cache (one-token forwards); its scores are recorded
+    #: with the evaluation's logits.
+    generate: bool = False
 
 
 def reference_logits(model: nn.Module, arch: str, batch: dict[str, torch.Tensor]) -> torch.Tensor:
@@ -478,7 +481,19 @@ def train(model: nn.Module, params: list[nn.Parameter], case: Case, data: list[d
         torch.manual_seed(7)
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
             trace.logits.append(logits_of(model, case.arch, data[0], loop.inference).float())
+        if loop.generate and TASK[case.arch] == "CAUSAL_LM":
+            trace.logits.append(greedy_scores(model, data[0]["input_ids"][:, :6]))
     return trace
+
+
+def greedy_scores(model: nn.Module, prompt: torch.Tensor) -> torch.Tensor:
+    """The scores of 4 greedily decoded tokens (evaluation mode, KV cache); the model goes back to training mode."""
+    model.eval()
+    with torch.no_grad():
+        out = model.generate(input_ids=prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=4,
+                             do_sample=False, output_scores=True, return_dict_in_generate=True, pad_token_id=0)
+    model.train()
+    return torch.stack(out.scores)
 
 
 def run_both(case: Case, tmp_path: Path, opt_kind: str = "fused", steps: int = 3, micro: int = 1,
@@ -722,8 +737,10 @@ LOOPED = ["lora-llama-all-linear", "lora-llama-all-linear-short", "dora-llama-al
 
 #: ``busy``: every other call a loop may make, together (padded batches of varying length, a reference forward with
 #: the adapters off and an old-policy forward without gradients before every training forward, evaluation under
-#: ``inference_mode``, gradients kept between steps); ``eval_mode``: training in evaluation mode.
-LOOPS = {"busy": Loop(inference=True, reference=True, old_policy=True, keep_grads=True, varying=True, padded=True),
+#: ``inference_mode`` and greedy decoding after every step, gradients kept between steps); ``eval_mode``: training
+#: in evaluation mode.
+LOOPS = {"busy": Loop(inference=True, reference=True, old_policy=True, keep_grads=True, varying=True, padded=True,
+                      generate=True),
          "eval_mode": Loop(eval_mode=True)}
 
 
