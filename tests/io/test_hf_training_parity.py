@@ -673,7 +673,7 @@ MERGED = ["lora-llama-all-linear", "lora-gpt2-conv1d", "lora-qwen2-lora_bias", "
 @pytest.mark.parametrize("name", MERGED)
 def test_merge_after_training(name: str, short_groups: None, tmp_path: Path) -> None:
     """The trained adapters merged into the weights, and taken out again, give HF PEFT's logits (the fast paths'
-    caches of the unmerged weights must follow both)."""
+    caches of the unmerged weights must follow both), and train on to the same numbers."""
     case = CASES[name]
     pair, ours, theirs = run_both(case, tmp_path, steps=2)
     data = batches(case.arch, case.seq, 1)[0]
@@ -685,6 +685,10 @@ def test_merge_after_training(name: str, short_groups: None, tmp_path: Path) -> 
     pair.hf.unmerge_adapter()
     close(logits_of(pair.ours, case.arch, data), theirs.logits[-1], "unmerged logits",
           rtol=AFTER["rtol"], scale=AFTER["atol"])
+    more = batches(case.arch, case.seq, 2, seed=11)  # and training goes on from the unmerged adapters
+    theirs = train(pair.hf, pair.hf_params, case, more, "fused", 2)
+    ours = train(pair.ours, pair.pk_params, case, more, "fused", 2)
+    check(pair, ours, theirs, tmp_path)
 
 
 def test_adalora_allocates_the_same_ranks(tmp_path: Path) -> None:
