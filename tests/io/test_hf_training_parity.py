@@ -925,3 +925,58 @@ def test_half_precision_base(name: str, short_groups: None, tmp_path: Path) -> N
     if CASES[name].adalora:
         assert any(".ranknum." in n for n in pair.ours.state_dict())
         assert not any(".ranknum." in n for n, p in pair.ours.named_parameters() if p.requires_grad)
+
+
+def _settings(opt: torch.optim.Optimizer) -> dict[int, tuple[float, float]]:
+    """(lr, weight decay) of every parameter the optimizer holds, by the parameter's id."""
+    return {id(p): (group["lr"], group["weight_decay"]) for group in opt.param_groups for p in group["params"]}
+
+
+@pytest.mark.parametrize("name", ["lora-qwen2-lora_bias", "lora-qwen2-bias-all", "lora-llama-norm-saved",
+                                  "dora-llama-embedding"])
+def test_loraplus_groups(name: str, tmp_path: Path) -> None:
+    """LoRA+ (``optimizer.loraplus_ratio``) puts every parameter in the learning-rate and weight-decay group HF PEFT's
+    ``create_loraplus_optimizer`` does, and the fused runs train alike. Two deliberate differences (README, LoRA+):
+    DoRA magnitudes keep ``lr`` (HF PEFT: ``lr × ratio``, as a 1-D parameter), and LoRA on an embedding has A at
+    ``lr`` and B at ``lr × ratio`` (HF PEFT: both at ``loraplus_lr_embedding``)."""
+    from peft.optimizers import create_loraplus_optimizer
+
+    from peftkit.train.config import OptimizerConfig
+    from peftkit.train.optim import param_groups
+
+    case = CASES[name]
+    pair = make_pair(case, tmp_path)
+    lr, ratio, decay = 0.01, 4.0, 0.1
+    theirs_opt = create_loraplus_optimizer(pair.hf, torch.optim.AdamW, lr=lr, loraplus_lr_ratio=ratio,
+                                           loraplus_weight_decay=decay, eps=1e-5, fused=True)
+    groups = param_groups(pair.ours, OptimizerConfig(lr=lr, loraplus_ratio=ratio, weight_decay=decay, eps=1e-5))
+    ours_opt = torch.optim.AdamW(groups, weight_decay=decay, eps=1e-5, fused=True)
+    theirs, ours = _settings(theirs_opt), _settings(ours_opt)
+    differ = 0
+    for hf_name, a, b in zip(pair.names, pair.hf_params, pair.pk_params, strict=True):
+        if "lora_magnitude_vector" in hf_name:
+            assert (theirs[id(a)], ours[id(b)]) == ((lr * ratio, decay), (lr, decay)), hf_name
+            differ += 1
+        elif "lora_embedding_" in hf_name:
+            assert theirs[id(a)] == (1e-6, decay), hf_name
+            assert ours[id(b)] == (lr * ratio if "lora_embedding_B" in hf_name else lr, decay), hf_name
+            differ += 1
+        else:
+            assert ours[id(b)] == theirs[id(a)], hf_name
+    if differ:
+        return
+    data = batches(case.arch, case.seq, 3)
+    trace = []
+    for model, opt in ((pair.hf, theirs_opt), (pair.ours, ours_opt)):
+        losses = []
+        for step, batch in enumerate(data):
+            torch.manual_seed(step)
+            loss = loss_of(model, case.arch, batch)
+            loss.backward()
+            opt.step()
+            opt.zero_grad()
+            losses.append(loss.detach())
+        trace.append(torch.stack(losses))
+    torch.testing.assert_close(trace[1], trace[0], **LOSS)
+    for key, a_, b_ in saved(pair, tmp_path):
+        close(a_, b_, f"saved {key}", rtol=AFTER["rtol"], scale=AFTER["atol"])
