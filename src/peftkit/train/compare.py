@@ -14,7 +14,8 @@ are still tabulated and plotted, and the command exits with status 3, naming the
 
 ``full`` trains every base weight (``peft.method=none``). Options in the config's ``peft`` section are passed on
 to every method that has a field of that name (``rank`` reaches LoRA and DoRA, not IA3; ``adapter_len`` only
-adaption prompts, also from a LoRA config).
+adaption prompts, also from a LoRA config); a ``bias`` mode for the adapted layers' biases (``lora_only``) is passed
+in each method's spelling (``oft_only``, ``MiSS_only``, …).
 """
 
 from __future__ import annotations
@@ -82,7 +83,10 @@ def _options_for(method: str, source_method: str, options: dict[str, Any]) -> di
         known = set().union(*(_fields(m) for m in PEFT_METHODS))
         return {k: v for k, v in options.items() if k in _fields(method) or k not in known}
     fields = _fields(method) - _NOT_CARRIED.get(method, set())
-    return {k: v for k, v in options.items() if k in fields}
+    carried = {k: v for k, v in options.items() if k in fields}
+    if carried.get("bias") in _ADAPTED_BIAS.values() and method in _ADAPTED_BIAS:
+        carried["bias"] = _ADAPTED_BIAS[method]  # the adapted layers' biases, in this method's spelling
+    return carried
 
 
 def _fields(method: str) -> set[str]:
@@ -96,6 +100,12 @@ def _fields(method: str) -> set[str]:
     if cls is None:
         raise ConfigError(f"method {method!r} is not available in this peftkit (no peftkit.{cls_name})")
     return {f.name for f in dataclasses.fields(cls)}
+
+
+#: Each method's ``bias`` value for "the biases of the adapted layers" (HF PEFT spells it per method).
+_ADAPTED_BIAS = {"lora": "lora_only", "canonical_lora": "lora_only", "dora": "lora_only", "adalora": "lora_only",
+                 "oft": "oft_only", "boft": "boft_only", "hra": "hra_only", "miss": "MiSS_only",
+                 "vera": "vera_only", "fourierft": "fourier_only"}
 
 
 #: Fields that mean something else for that method, so another method's value is not passed on: BitFit's
