@@ -152,9 +152,9 @@ def _check(model: nn.Module, names: tuple[str, ...]) -> None:
         config = state.configs[name]
         if not isinstance(config, LoRA) or getattr(config, "alora_invocation_tokens", None):
             method = "activated LoRA" if isinstance(config, LoRA) else type(config).__name__
-            raise UnsupportedLayerError(f"adapter {name!r} is {'an' if method[0] in 'AEIOU' else 'a'} {method} "
-                                        "adapter; pk.mixed_batch mixes plain LoRA adapters only (as HF PEFT): run its "
-                                        f"rows in a batch of their own after pk.set_adapter(model, {name!r})")
+            raise UnsupportedLayerError(f"adapter {name!r} is an adapter of method {method}; pk.mixed_batch mixes "
+                                        f"plain LoRA adapters only (as HF PEFT): run the {method} adapter's rows in a "
+                                        f"batch of their own after pk.set_adapter(model, {name!r})")
         if state.saved.get(name):
             raise UnsupportedLayerError(f"adapter {name!r} has modules_to_save ({', '.join(state.saved[name])}), "
                                         "which pk.mixed_batch cannot route per row")

@@ -177,8 +177,8 @@ def estimate_training_memory(
         shown = repr(method) if isinstance(method, str) else type(method).__name__
         raise ConfigError(
             f"method={shown} is not supported: the estimate is for full fine-tuning, LoRA and QLoRA ('full', 'lora', "
-            "'qlora', 'qlora8'). For another method (VeRA, LoHa, adaption prompts, ...), pk.apply it to the model "
-            "built on the meta device and read pk.memory_report(model), which counts its tensors"
+            "'qlora', 'qlora8'). For another method (VeRA, LoHa, OFT, HRA, adaption prompts, ...), pk.apply it to the "
+            "model built on the meta device and read pk.memory_report(model), which counts its tensors"
         )
     if dtype not in ("fp16", "bf16", "fp32"):
         raise ConfigError(f"dtype={dtype!r} is not supported; use 'fp16', 'bf16' or 'fp32'")
