@@ -180,6 +180,25 @@ def test_beside_lora_on_one_model(method: str, tmp_path: Path) -> None:
 
 
 @pytest.mark.parametrize("method", NAMES)
+def test_another_method_on_the_same_layer_and_lora_only_tools_are_refused(method: str) -> None:
+    # As in HF PEFT, whose PeftModel holds adapters of one type: one method per layer, LoRA's tools take LoRA.
+    other = pk.LoRA(target_modules=ATTN, rank=2)
+    for first, second in ((other, METHODS[method](ATTN)), (METHODS[method](ATTN), other)):
+        model = llama()
+        pk.apply(model, first)
+        with pytest.raises(UnsupportedLayerError, match="a second adapter on the same layer must use the same method"):
+            pk.apply(model, second, name="second")
+    model = adapted(method, "default", "b")
+    cls = type(METHODS[method](ATTN)).__name__
+    with pytest.raises(ConfigError, match=f"adapter 'default' is {cls}; combine supports LoRA and DoRA"):
+        pk.combine(model, {"default": 0.5, "b": 0.5}, method="cat", name="mix")
+    with pytest.raises(ConfigError, match=f"adapter 'default' is {cls}; prune supports LoRA and DoRA"):
+        pk.prune(model, "default", method="rank", energy=0.9)
+    with pytest.raises(ConfigError, match=f"adapter 'default' is {cls}; only LoRA and CanonicalLoRA"):
+        pk.convert(model, to="canonical")
+
+
+@pytest.mark.parametrize("method", NAMES)
 def test_copies_state_dicts_and_bfloat16(method: str) -> None:
     model = adapted(method).eval()
     expected = logits(model)
@@ -233,12 +252,36 @@ def test_fused_adamw_trains_as_foreach_and_evaluates_fresh(method: str) -> None:
     close(results[0], results[1])
 
 
+@pytest.mark.parametrize("method", NAMES)
+def test_transformers_trainer_trains_the_adapter_alone(method: str, tmp_path: Path) -> None:
+    from transformers import Trainer, TrainingArguments
+
+    class Repeat(torch.utils.data.Dataset):  # type: ignore[type-arg]
+        def __len__(self) -> int:
+            return 12
+
+        def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
+            ids = (torch.arange(12) * (i % 5 + 1) + i) % 96
+            return {"input_ids": ids, "labels": ids}
+
+    model = adapted(method)
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    args = TrainingArguments(output_dir=str(tmp_path), max_steps=3, per_device_train_batch_size=4, learning_rate=1e-2,
+                             report_to=[], use_cpu=True, disable_tqdm=True, seed=0, save_strategy="no")
+    Trainer(model=model, args=args, train_dataset=Repeat()).train()  # its default optimizer: fused AdamW
+    moved = {n for n, p in model.named_parameters() if not torch.equal(p, before[n])}
+    assert moved == {n for n, p in model.named_parameters() if p.requires_grad}
+    pk.save_adapter(model, tmp_path / "adapter")
+    close(logits(pk.load_adapter(llama(), tmp_path / "adapter").eval()), logits(model.eval()))
+
+
 # -- the command line ------------------------------------------------------------------------------------------------
 LLAMA_CONFIG = {"model_type": "llama", "vocab_size": 260, "hidden_size": 32, "intermediate_size": 32,
                 "num_hidden_layers": 1, "num_attention_heads": 4, "num_key_value_heads": 2,
                 "max_position_embeddings": 128}
 #: method → its peft section fields for a run on LLAMA_CONFIG
-RUN_FIELDS: dict[str, dict[str, Any]] = {"oft": {"oft_block_size": 8}, "boft": {"boft_n_butterfly_factor": 2},
+RUN_FIELDS: dict[str, dict[str, Any]] = {"oft": {"oft_block_size": 8, "coft": True, "eps": 0.01},
+                                         "boft": {"boft_n_butterfly_factor": 2, "boft_dropout": 0.25},
                                          "hra": {"rank": 4}, "miss": {"rank": 4, "dropout": 0.1}}
 
 
