@@ -217,6 +217,27 @@ def test_copies_state_dicts_and_bfloat16(method: str) -> None:
     torch.testing.assert_close(logits(model).float(), expected, rtol=0.02, atol=0.02)
 
 
+@pytest.mark.parametrize("variant", [*NAMES, "miss-bat"])
+def test_a_merged_model_cast_to_bfloat16_unmerges(variant: str) -> None:
+    # The adapters become bf16 too; a bat block is then solved in fp32 (CPU solvers take no half precision).
+    method, _, bat = variant.partition("-")
+    make = (lambda t: pk.MiSS(target_modules=t, rank=4, init_weights="bat")) if bat else METHODS[method]
+    model = llama()
+    for name in ("default", "b"):
+        pk.apply(model, make(ATTN), name=name)
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if "miss_block" in n and bat:
+                p.normal_(0, 0.05)
+    pk.set_adapter(model, ["default", "b"])
+    model.eval()
+    expected = logits(model)
+    pk.merge(model)
+    model.to(torch.bfloat16)
+    pk.unmerge(model)
+    torch.testing.assert_close(logits(model).float(), expected, rtol=0.02, atol=0.02)
+
+
 @pytest.mark.parametrize("method", NAMES)
 def test_gradient_checkpointing_gives_the_same_gradients(method: str) -> None:
     grads = []

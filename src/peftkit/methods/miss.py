@@ -195,11 +195,13 @@ class MiSSLayer(AdapterLayer):
     @torch.no_grad()
     def _fold(self, name: str, undo: bool, safe: bool = False, where: str = "") -> None:
         kind, block = self.kind, self.miss_block[name]
-        work = (kind.merge_weight or kind.weight)(self.base_layer).detach().to(block.dtype)  # fp32 over half, quantized
+        # In fp32 over a half-precision base or adapter (one rounding, at the end; CPU solves need fp32 too).
+        dtype = torch.float32 if block.dtype in (torch.float16, torch.bfloat16) else block.dtype
+        work = (kind.merge_weight or kind.weight)(self.base_layer).detach().to(dtype)
         if self.variant[name] == "bat":
-            folded = bat_undo(work, block) if undo else work + bat_delta(work, block)
+            folded = bat_undo(work, block.to(dtype)) if undo else work + bat_delta(work, block.to(dtype))
         else:
-            folded = work - self.delta_weight(name) if undo else work + self.delta_weight(name)
+            folded = work - self.delta_weight(name).to(dtype) if undo else work + self.delta_weight(name).to(dtype)
         if safe:
             self.check_finite(folded, where or "Linear", name)
         error = kind.set_weight(self.base_layer, folded)
