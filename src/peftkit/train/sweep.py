@@ -2,7 +2,7 @@
 
 For each (rank, alpha) — alpha defaults to ``alpha_per_rank · rank`` — run the config with
 ``peft.rank`` / ``peft.alpha`` overridden and ``checkpoint.save_dir`` suffixed (a method with a rank but no alpha,
-such as VeRA, sweeps its ranks alone, in ``r<rank>``), then report trainable
+such as VeRA, HRA or MiSS, sweeps its ranks alone, in ``r<rank>``), then report trainable
 and total parameters, trainable %, first/last loss and mean/last gradient norm per run, as Markdown
 (``sweep.md``) and JSON (``sweep.json``) in the base ``save_dir``, rewritten after every run. A run that fails
 (an exception such as CUDA out of memory, or a loss that is not finite) gets a row with its ``error`` and the
@@ -71,7 +71,8 @@ def run_sweep(
     method = peft_config(base)
     if not hasattr(method, "rank"):
         raise ConfigError(f"peft.method={base.peft.method!r} has no rank to sweep; use a method with one "
-                          f"({', '.join(sweepable_methods())}), or 'peftkit compare' across methods")
+                          f"({', '.join(sweepable_methods())}), 'peftkit compare' across methods, or one "
+                          "'peftkit train CONFIG peft.FIELD=VALUE' per size")
     has_alpha = hasattr(method, "alpha")
     if not has_alpha and (alphas is not None or alpha_per_rank is not None):
         raise ConfigError(f"peft.method={base.peft.method!r} has a rank but no alpha: drop --alphas and "
@@ -241,7 +242,8 @@ def register(sub: Any) -> None:
         "sweep",
         help="run a config over several LoRA ranks/alphas and tabulate",
         description="Train CONFIG (a LoRA-family method) once per rank and alpha, each run in "
-        "SAVE_DIR/r<rank>-a<alpha> (SAVE_DIR: the config's checkpoint.save_dir), and print one table of parameter "
+        "SAVE_DIR/r<rank>-a<alpha> (SAVE_DIR: the config's checkpoint.save_dir; a method with a rank but no alpha, "
+        "such as hra or miss, once per rank in SAVE_DIR/r<rank>), and print one table of parameter "
         "counts, loss and gradient norm; SAVE_DIR gets sweep.md, sweep.json and (logging.plots) sweep.png. A run "
         "that fails is a 'failed: ...' row and the others go on; the exit status is then 3.",
     )
