@@ -402,7 +402,8 @@ def test_sweep_runs_the_rank_of_a_method_without_alpha(method: str, tmp_path: Pa
     data["checkpoint"]["save_interval"] = 0
     config.write_text(yaml.safe_dump(data))
     assert main(["sweep", str(config), "--ranks", "2", "4", "--alphas", "8"]) == 2
-    assert f"peft.method='{method}' has a rank but no alpha: drop --alphas and --alpha-per-rank" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert f"peft.method='{method}' has a rank but no alpha: drop --alphas and --alpha-per-rank" in err
     assert main(["sweep", str(config), "--ranks", "2", "4"]) == 0
     rows = json.loads((tmp_path / "sweep" / "sweep.json").read_text())
     assert [(r["rank"], r["alpha"]) for r in rows] == [(2, None), (4, None)]
