@@ -396,3 +396,14 @@ def test_a_run_failing_on_its_data_leaves_no_empty_save_dir(run_config, tmp_path
     with pytest.raises(Exception, match="bad.jsonl"):
         train(config_from_dict(cfg))
     assert (save_dir / "notes.txt").read_text(encoding="utf-8") == "mine"
+
+
+def test_data_whose_responses_all_lie_past_max_length_is_refused(run_config, tmp_path):
+    """Every response cut off by data.max_length: the loss would be NaN at every step; refused before training,
+    naming the field, and nothing is left in save_dir."""
+    from peftkit.errors import ConfigError
+
+    cfg = run_config(data={"max_length": 3})
+    with pytest.raises(ConfigError, match=r"keeps a response token within data.max_length=3 .*raise data.max_length"):
+        train(config_from_dict(cfg))
+    assert not Path(cfg["checkpoint"]["save_dir"]).exists()

@@ -34,7 +34,7 @@ from peftkit.train import dist_checkpoint as dckpt
 from peftkit.train import dist_failure, distributed
 from peftkit.train.batching import collate, micro_batch, pack, split
 from peftkit.train.config import RunConfig, dump_config, with_absolute_paths
-from peftkit.train.data import Example, load_examples
+from peftkit.train.data import IGNORE, Example, load_examples
 from peftkit.train.evaluate import evaluate, label_count
 from peftkit.train.metrics import MetricsLogger, plot_metrics, read_metrics
 from peftkit.train.optim import Lisa, build_optimizer, grad_norm
@@ -83,6 +83,8 @@ def load_data(cfg: RunConfig, tok: Tokenizer) -> tuple[list[Example], list[Examp
     train = load_examples(d.train, d.format, task, tok, d.max_length, labels=d.labels, **kw)  # type: ignore[arg-type]
     if train.skipped:
         print(f"data: skipped {train.skipped} malformed rows in {d.train}")
+    if task == "causal_lm":
+        _check_targets(train.examples, d.train, d.max_length)
     held: list[Example] = []
     if d.eval:
         held = load_examples(d.eval, d.format, task, tok, d.max_length, labels=train.labels, **kw).examples  # type: ignore[arg-type]
@@ -92,6 +94,20 @@ def load_data(cfg: RunConfig, tok: Tokenizer) -> tuple[list[Example], list[Examp
     if d.packing and task == "causal_lm":
         examples = pack(examples, d.max_length)
     return examples, held, train.labels
+
+
+def _check_targets(examples: list[Example], path: str, max_length: int) -> None:
+    """Refuse training data none of whose examples keeps a response token within ``max_length`` (the loss would be
+    NaN at every step), and say how many examples add nothing to the loss when only some are cut so."""
+    empty = sum(1 for ex in examples if all(label == IGNORE for label in ex["labels"][1:]))
+    if empty == len(examples):
+        longest = max(int(ex.get("prompt_len") or 0) for ex in examples)
+        raise ConfigError(f"no example in {path!r} keeps a response token within data.max_length={max_length} "
+                          f"(prompts of up to {longest} tokens), so there is nothing to train on; raise "
+                          "data.max_length or shorten the prompts")
+    if empty:
+        print(f"data: {empty} of {len(examples)} examples in {path} keep no response token within "
+              f"data.max_length={max_length} and add nothing to the loss")
 
 
 def total_steps(cfg: RunConfig, n_examples: int, world: int = 1) -> int:
