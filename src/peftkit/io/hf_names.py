@@ -9,12 +9,19 @@ HF PEFT matches exactly; every method's config uses them.
 from __future__ import annotations
 
 import re
+from collections.abc import Collection
 from typing import Any
 
+from peftkit.errors import ConfigError
+
 __all__ = [
-    "hf_layer_targets", "hf_modules_to_save", "hf_parameters", "hf_pattern", "hf_resolve", "hf_saved_modules",
-    "hf_targets",
+    "HF_BOOKKEEPING", "hf_layer_targets", "hf_modules_to_save", "hf_parameters", "hf_pattern", "hf_resolve",
+    "hf_saved_modules", "hf_targets", "hf_unknown_options",
 ]
+
+#: Keys of ``adapter_config.json`` that HF PEFT writes for every method and that select nothing to compute.
+HF_BOOKKEEPING = frozenset(
+    "peft_type task_type inference_mode base_model_name_or_path revision auto_mapping peft_version".split())
 
 
 def _as_list(value: Any) -> list[str]:
@@ -140,3 +147,20 @@ def hf_parameters(keys: list[str], module_names: list[str]) -> list[str]:
         if chosen not in out:
             out.append(chosen)
     return out
+
+
+def hf_unknown_options(data: dict[str, Any], fields: Collection[str], method: str,
+                       advice: str = "load this adapter with HF PEFT") -> dict[str, Any]:
+    """The entries of ``data`` that are neither one of the method's ``fields`` nor bookkeeping, all unset.
+
+    Raises:
+        ConfigError: one of them is set (not None, False or empty): an option of a newer HF PEFT that would load
+            here and compute something else. The message names it, the method, the fields read, and ``advice``.
+    """
+    unknown = {k: v for k, v in data.items() if k not in fields and k not in HF_BOOKKEEPING}
+    set_fields = {k: v for k, v in unknown.items() if v not in (None, False, [], {}, "")}
+    if set_fields:
+        key, value = next(iter(set_fields.items()))
+        raise ConfigError(f"adapter_config.json sets {key}={value!r}, an option of HF PEFT's {method} that peftkit "
+                          f"does not implement (it reads {', '.join(sorted(fields))}); {advice}")
+    return unknown

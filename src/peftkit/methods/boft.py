@@ -31,7 +31,7 @@ from peftkit.core.config import AdapterConfig
 from peftkit.core.layer import AdapterLayer
 from peftkit.core.registry import DEQUANTIZERS, TypeRegistry, register_method
 from peftkit.errors import ConfigError, UnsupportedLayerError
-from peftkit.io.hf_names import hf_layer_targets, hf_modules_to_save, hf_resolve, hf_targets
+from peftkit.io.hf_names import hf_layer_targets, hf_modules_to_save, hf_resolve, hf_targets, hf_unknown_options
 from peftkit.methods.default_targets import LORA_TARGETS, default_for
 from peftkit.methods.lora import bias_modules, hf_module_paths, train_biases
 from peftkit.methods.lora_layers import adapter_dtype
@@ -249,8 +249,6 @@ def _bias_modules(model: nn.Module, mode: str) -> list[nn.Module]:
 _HF_FIELDS = frozenset(
     "boft_block_size boft_block_num boft_n_butterfly_factor target_modules exclude_modules boft_dropout "
     "fan_in_fan_out bias modules_to_save init_weights layers_to_transform layers_pattern".split())
-_HF_BOOKKEEPING = frozenset(
-    "peft_type task_type inference_mode base_model_name_or_path revision auto_mapping peft_version".split())
 
 
 @register_method
@@ -378,12 +376,7 @@ class BOFT(AdapterConfig):
 
     @classmethod
     def from_hf_dict(cls, data: dict[str, Any], module_names: list[str]) -> BOFT:
-        unknown = {k: v for k, v in data.items() if k not in _HF_FIELDS | _HF_BOOKKEEPING}
-        set_fields = {k: v for k, v in unknown.items() if v not in (None, False, [], {}, "")}
-        if set_fields:  # a newer HF PEFT's option would load and compute something else
-            key, value = next(iter(set_fields.items()))
-            raise ConfigError(f"adapter_config.json sets {key}={value!r}, an option of HF PEFT's BOFT that peftkit "
-                              f"does not implement (it reads {', '.join(sorted(_HF_FIELDS))}); load it with HF PEFT")
+        hf_unknown_options(data, _HF_FIELDS, "BOFT", advice="load it with HF PEFT")
         return cls(
             target_modules=hf_layer_targets(data, module_names),  # layers_to_transform resolved as HF PEFT does
             exclude_modules=hf_resolve(data.get("exclude_modules"), module_names),

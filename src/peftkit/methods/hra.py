@@ -36,7 +36,7 @@ from peftkit.core.config import AdapterConfig
 from peftkit.core.layer import AdapterLayer
 from peftkit.core.registry import DEQUANTIZERS, TypeRegistry, register_method
 from peftkit.errors import ConfigError, MergeError, UnsupportedLayerError
-from peftkit.io.hf_names import hf_layer_targets, hf_modules_to_save, hf_resolve, hf_targets
+from peftkit.io.hf_names import hf_layer_targets, hf_modules_to_save, hf_resolve, hf_targets, hf_unknown_options
 from peftkit.methods.default_targets import LORA_TARGETS, default_for
 from peftkit.methods.lora import bias_modules, hf_module_paths, train_biases
 from peftkit.methods.lora_layers import adapter_dtype
@@ -208,8 +208,6 @@ def _checked_bool(field_name: str, value: Any) -> None:
 
 
 #: ``adapter_config.json`` fields of every PEFT config that do not change what an adapter computes.
-_HF_BOOKKEEPING = frozenset(
-    "peft_type task_type inference_mode base_model_name_or_path revision auto_mapping peft_version".split())
 _HF_FIELDS = frozenset(
     "r apply_GS target_modules exclude_modules init_weights layers_to_transform layers_pattern bias "
     "modules_to_save".split())
@@ -332,14 +330,7 @@ class HRA(AdapterConfig):
 
     @classmethod
     def from_hf_dict(cls, data: dict[str, Any], module_names: list[str]) -> HRA:
-        unknown = {k: v for k, v in data.items() if k not in _HF_FIELDS | _HF_BOOKKEEPING}
-        set_fields = {k: v for k, v in unknown.items() if v not in (None, False, [], {}, "")}
-        if set_fields:  # a newer HF PEFT's option would load and compute something else
-            key, value = next(iter(set_fields.items()))
-            raise ConfigError(
-                f"adapter_config.json sets {key}={value!r}, an option of HF PEFT's HRA that peftkit does not "
-                f"implement (it reads {', '.join(sorted(_HF_FIELDS))}); load this adapter with HF PEFT"
-            )
+        unknown = hf_unknown_options(data, _HF_FIELDS, "HRA")
         rank, apply_gs = data.get("r", 8), bool(data.get("apply_GS", False))
         # Where HF PEFT cannot start from R = I (an odd r, Gram-Schmidt) it or peftkit draws every column; the
         # file's values replace them either way.

@@ -35,7 +35,14 @@ from peftkit.core.layer import AdapterLayer
 from peftkit.core.matching import first_match, matches, near_misses
 from peftkit.core.registry import DEQUANTIZERS, TypeRegistry
 from peftkit.errors import ConfigError, UnsupportedLayerError
-from peftkit.io.hf_names import hf_layer_targets, hf_modules_to_save, hf_pattern, hf_resolve, hf_targets
+from peftkit.io.hf_names import (
+    hf_layer_targets,
+    hf_modules_to_save,
+    hf_pattern,
+    hf_resolve,
+    hf_targets,
+    hf_unknown_options,
+)
 from peftkit.methods.default_targets import LORA_TARGETS, default_for
 from peftkit.methods.lora_layers import adapter_dtype
 
@@ -208,8 +215,6 @@ def _positive(field_name: str, value: Any, integer: bool) -> None:
 
 
 #: ``adapter_config.json`` fields of every PEFT config that do not change what an adapter computes.
-_HF_BOOKKEEPING = frozenset(
-    "peft_type task_type inference_mode base_model_name_or_path revision auto_mapping peft_version".split())
 
 
 @dataclass
@@ -352,14 +357,7 @@ class LycorisConfig(AdapterConfig):
 
     @classmethod
     def from_hf_dict(cls, data: dict[str, Any], module_names: list[str]) -> LycorisConfig:
-        unknown = {k: v for k, v in data.items() if k not in cls.hf_field_names() | _HF_BOOKKEEPING}
-        set_fields = {k: v for k, v in unknown.items() if v not in (None, False, [], {}, "")}
-        if set_fields:  # a newer HF PEFT's option would load and compute something else
-            key, value = next(iter(set_fields.items()))
-            raise ConfigError(
-                f"adapter_config.json sets {key}={value!r}, an option of HF PEFT's {cls.peft_type} that peftkit does "
-                f"not implement (it reads {', '.join(sorted(cls.hf_field_names()))}); load this adapter with HF PEFT"
-            )
+        unknown = hf_unknown_options(data, cls.hf_field_names(), cls.peft_type)
         return cls(
             target_modules=hf_layer_targets(data, module_names),  # layers_to_transform resolved as HF PEFT does
             exclude_modules=hf_resolve(data.get("exclude_modules"), module_names),

@@ -40,7 +40,7 @@ from peftkit.core.config import AdapterConfig
 from peftkit.core.layer import AdapterLayer
 from peftkit.core.registry import LINEAR_KINDS, LinearKind, is_fan_in_fan_out, linear_kind, register_method
 from peftkit.errors import ConfigError, MergeError, UnsupportedLayerError
-from peftkit.io.hf_names import hf_layer_targets, hf_modules_to_save, hf_resolve, hf_targets
+from peftkit.io.hf_names import hf_layer_targets, hf_modules_to_save, hf_resolve, hf_targets, hf_unknown_options
 from peftkit.methods.default_targets import LORA_TARGETS, default_for
 from peftkit.methods.lora import bias_modules, hf_module_paths, train_biases
 from peftkit.methods.lora_layers import adapter_dtype
@@ -238,8 +238,6 @@ def _positive_int(field_name: str, value: Any) -> None:
 
 
 #: ``adapter_config.json`` fields of every PEFT config that do not change what an adapter computes.
-_HF_BOOKKEEPING = frozenset(
-    "peft_type task_type inference_mode base_model_name_or_path revision auto_mapping peft_version".split())
 _HF_FIELDS = frozenset(
     "r miss_dropout mini_r target_modules exclude_modules init_weights layers_to_transform layers_pattern bias "
     "modules_to_save".split())
@@ -370,14 +368,7 @@ class MiSS(AdapterConfig):
 
     @classmethod
     def from_hf_dict(cls, data: dict[str, Any], module_names: list[str]) -> MiSS:
-        unknown = {k: v for k, v in data.items() if k not in _HF_FIELDS | _HF_BOOKKEEPING}
-        set_fields = {k: v for k, v in unknown.items() if v not in (None, False, [], {}, "")}
-        if set_fields:  # a newer HF PEFT's option would load and compute something else
-            key, value = next(iter(set_fields.items()))
-            raise ConfigError(
-                f"adapter_config.json sets {key}={value!r}, an option of HF PEFT's MISS that peftkit does not "
-                f"implement (it reads {', '.join(sorted(_HF_FIELDS))}); load this adapter with HF PEFT"
-            )
+        unknown = hf_unknown_options(data, _HF_FIELDS, "MISS")
         init = data.get("init_weights", True)
         bias = data.get("bias", "none") or "none"
         return cls(

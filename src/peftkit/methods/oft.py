@@ -33,7 +33,7 @@ from peftkit.core.config import AdapterConfig
 from peftkit.core.layer import AdapterLayer
 from peftkit.core.registry import DEQUANTIZERS, TypeRegistry, register_method
 from peftkit.errors import ConfigError, UnsupportedLayerError
-from peftkit.io.hf_names import hf_layer_targets, hf_modules_to_save, hf_resolve, hf_targets
+from peftkit.io.hf_names import hf_layer_targets, hf_modules_to_save, hf_resolve, hf_targets, hf_unknown_options
 from peftkit.methods.default_targets import LORA_TARGETS, default_for
 from peftkit.methods.lora import bias_modules, hf_module_paths, train_biases
 from peftkit.methods.lora_layers import adapter_dtype
@@ -287,8 +287,6 @@ def _flag(field_name: str, value: Any) -> None:
 
 
 #: ``adapter_config.json`` fields of every PEFT config that do not change what an adapter computes.
-_HF_BOOKKEEPING = frozenset(
-    "peft_type task_type inference_mode base_model_name_or_path revision auto_mapping peft_version".split())
 _HF_FIELDS = frozenset(
     "r oft_block_size module_dropout target_modules fan_in_fan_out bias exclude_modules init_weights "
     "layers_to_transform layers_pattern modules_to_save coft eps block_share use_cayley_neumann "
@@ -439,12 +437,7 @@ class OFT(AdapterConfig):
 
     @classmethod
     def from_hf_dict(cls, data: dict[str, Any], module_names: list[str]) -> OFT:
-        unknown = {k: v for k, v in data.items() if k not in _HF_FIELDS | _HF_BOOKKEEPING}
-        set_fields = {k: v for k, v in unknown.items() if v not in (None, False, [], {}, "")}
-        if set_fields:  # a newer HF PEFT's option would load and compute something else
-            key, value = next(iter(set_fields.items()))
-            raise ConfigError(f"adapter_config.json sets {key}={value!r}, an option of HF PEFT's OFT that peftkit "
-                              f"does not implement (it reads {', '.join(sorted(_HF_FIELDS))}); load it with HF PEFT")
+        hf_unknown_options(data, _HF_FIELDS, "OFT", advice="load it with HF PEFT")
         if "oft_block_size" not in data:
             raise ConfigError("adapter_config.json has no oft_block_size: an OFT adapter from HF PEFT before 0.14, "
                               "whose format neither HF PEFT 0.21 nor peftkit reads; train it again")
