@@ -34,8 +34,8 @@ from peftkit.core.matching import first_match, matches, near_misses
 from peftkit.core.registry import DEQUANTIZERS, LINEAR_KINDS, LinearKind, linear_kind, register_method
 from peftkit.errors import ConfigError, UnsupportedLayerError
 from peftkit.io.hf_names import hf_layer_targets, hf_modules_to_save, hf_resolve, hf_targets
+from peftkit.methods.biases import adapted_bias_tensors, train_adapted_biases
 from peftkit.methods.default_targets import LORA_TARGETS, default_for
-from peftkit.methods.lora import bias_modules, hf_module_paths, train_biases
 from peftkit.methods.lora_layers import adapter_dtype
 
 #: model_type → FourierFT's default target_modules: LoRA's, but the MLP output on GPT-2 (HF PEFT's mapping).
@@ -240,16 +240,11 @@ class FourierFT(AdapterConfig):
         return layer
 
     def after_apply(self, model: nn.Module, name: str) -> None:
-        if self.bias == "all":
-            train_biases(model, "all")  # not a modules_to_save original's: its copy trains instead
-        for module in _bias_modules(model, "none" if self.bias == "all" else self.bias):
-            cast(torch.Tensor, module.bias).requires_grad_(True)
+        train_adapted_biases(model, self.bias, FourierFTLayer, "fourier_only")
 
     def extra_tensors(self, model: nn.Module, name: str) -> dict[str, torch.Tensor]:
         """The trained biases, under HF PEFT's keys."""
-        paths = hf_module_paths(model, name)
-        return {f"base_model.model.{paths[id(m)]}.bias": cast(torch.Tensor, m.bias)
-                for m in _bias_modules(model, self.bias)}
+        return adapted_bias_tensors(model, name, self.bias, FourierFTLayer, "fourier_only")
 
     # -- adapter_config.json ---------------------------------------------------------------------
     def to_hf_dict(self, targets: list[str], module_names: list[str]) -> dict[str, Any]:
@@ -308,11 +303,3 @@ _HF_FIELDS = frozenset(
     "modules_to_save layers_to_transform layers_pattern n_frequency_pattern init_weights inference_mode "
     "base_model_name_or_path revision auto_mapping".split()
 )
-
-
-def _bias_modules(model: nn.Module, mode: str) -> list[nn.Module]:
-    """Modules whose bias trains under ``bias=mode`` (``"fourier_only"``: the adapted layers')."""
-    if mode != "fourier_only":
-        return bias_modules(model, mode)
-    bases = [m.base_layer for m in model.modules() if isinstance(m, FourierFTLayer)]
-    return [m for m in bases if isinstance(getattr(m, "bias", None), nn.Parameter)]

@@ -37,8 +37,8 @@ from peftkit.core.layer import AdapterLayer
 from peftkit.core.registry import DEQUANTIZERS, TypeRegistry, register_method
 from peftkit.errors import ConfigError, MergeError, UnsupportedLayerError
 from peftkit.io.hf_names import hf_layer_targets, hf_modules_to_save, hf_resolve, hf_targets, hf_unknown_options
+from peftkit.methods.biases import adapted_bias_tensors, train_adapted_biases
 from peftkit.methods.default_targets import LORA_TARGETS, default_for
-from peftkit.methods.lora import bias_modules, hf_module_paths, train_biases
 from peftkit.methods.lora_layers import adapter_dtype
 
 #: Base layers HRA adapts (those HF PEFT adapts) → their number of spatial dimensions.
@@ -297,16 +297,11 @@ class HRA(AdapterConfig):
         return layer
 
     def after_apply(self, model: nn.Module, name: str) -> None:
-        if self.bias == "all":
-            train_biases(model, "all")  # not a modules_to_save original's: its copy trains instead
-        for module in _bias_modules(model, "none" if self.bias == "all" else self.bias):
-            cast(torch.Tensor, module.bias).requires_grad_(True)
+        train_adapted_biases(model, self.bias, HRALayer, "hra_only")
 
     def extra_tensors(self, model: nn.Module, name: str) -> dict[str, torch.Tensor]:
         """The trained biases, under HF PEFT's keys."""
-        paths = hf_module_paths(model, name)
-        return {f"base_model.model.{paths[id(m)]}.bias": cast(torch.Tensor, m.bias)
-                for m in _bias_modules(model, self.bias)}
+        return adapted_bias_tensors(model, name, self.bias, HRALayer, "hra_only")
 
     # -- adapter_config.json ---------------------------------------------------------------------
     def to_hf_dict(self, targets: list[str], module_names: list[str]) -> dict[str, Any]:
@@ -346,11 +341,3 @@ class HRA(AdapterConfig):
             bias=data.get("bias", "none") or "none",
             extra={k: v for k, v in data.items() if k in unknown or k in ("auto_mapping", "peft_version")},
         )
-
-
-def _bias_modules(model: nn.Module, mode: str) -> list[nn.Module]:
-    """Modules whose bias trains under ``bias=mode`` (``"hra_only"``: the adapted layers')."""
-    if mode != "hra_only":
-        return bias_modules(model, mode)
-    bases = [m.base_layer for m in model.modules() if isinstance(m, HRALayer)]
-    return [m for m in bases if isinstance(getattr(m, "bias", None), nn.Parameter)]

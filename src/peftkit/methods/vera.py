@@ -34,8 +34,8 @@ from peftkit.core.registry import LINEAR_KINDS, LinearKind, linear_kind, registe
 from peftkit.core.state import get_state
 from peftkit.errors import ConfigError, UnsupportedLayerError
 from peftkit.io.hf_names import hf_layer_targets, hf_modules_to_save, hf_resolve, hf_targets
+from peftkit.methods.biases import adapted_bias_tensors, train_adapted_biases
 from peftkit.methods.default_targets import LORA_TARGETS, default_for
-from peftkit.methods.lora import bias_modules, hf_module_paths, train_biases
 from peftkit.methods.lora_layers import adapter_dtype
 
 #: model_type → VeRA's default target_modules: LoRA's, except Phi (HF PEFT's VeRA mapping).
@@ -320,16 +320,11 @@ class VeRA(AdapterConfig):
         return layer
 
     def after_apply(self, model: nn.Module, name: str) -> None:
-        if self.bias == "all":
-            train_biases(model, "all")  # not a modules_to_save original's: its copy trains instead
-        for module in _bias_modules(model, "none" if self.bias == "all" else self.bias):
-            cast(torch.Tensor, module.bias).requires_grad_(True)
+        train_adapted_biases(model, self.bias, VeRALayer, "vera_only")
 
     def extra_tensors(self, model: nn.Module, name: str) -> dict[str, torch.Tensor]:
         """The shared matrices (with ``save_projection``) and trained biases, under HF PEFT's keys."""
-        paths = hf_module_paths(model, name)
-        out = {f"base_model.model.{paths[id(m)]}.bias": cast(torch.Tensor, m.bias)
-               for m in _bias_modules(model, self.bias)}
+        out = adapted_bias_tensors(model, name, self.bias, VeRALayer, "vera_only")
         holder = next((m for m in model.modules() if isinstance(m, VeRALayer) and m.has_adapter(name)), None)
         if self.save_projection and holder is not None:
             out["base_model.vera_A"] = holder.vera_A[name]
@@ -394,13 +389,3 @@ def _raw_weight(module: nn.Module) -> torch.Tensor:
     """The weight tensor as the layer stores it (a quantized layer's packed data)."""
     base = module.base_layer if isinstance(module, VeRALayer) else module
     return cast(torch.Tensor, base.weight)
-
-
-def _bias_modules(model: nn.Module, mode: str) -> list[nn.Module]:
-    """Modules whose bias trains under ``bias=mode`` (``"vera_only"``: the adapted layers')."""
-    if mode != "vera_only":
-        return bias_modules(model, mode)
-    bases = [m.base_layer for m in model.modules() if isinstance(m, VeRALayer)]
-    return [m for m in bases if isinstance(getattr(m, "bias", None), nn.Parameter)]
-
-
