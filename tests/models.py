@@ -230,6 +230,22 @@ def assert_factors_match(layer: Any, other: nn.Module, name: str = "default") ->
     return A, B
 
 
+def assert_same_tensors_as_hf(ours: nn.Module, hf: Any) -> None:
+    """Assert peftkit's adapter ``"default"`` holds HF PEFT's tensors (``hf``'s, a PEFT model): the same keys, equal
+    values, and as many trainable and total parameters."""
+    import peft
+
+    import peftkit as pk
+    from peftkit.io.hf_format import adapter_state_dict
+
+    theirs = peft.get_peft_model_state_dict(hf)
+    mine = adapter_state_dict(ours, "default")
+    assert sorted(mine) == sorted(theirs)
+    for key, value in theirs.items():
+        assert torch.equal(mine[key].detach(), value), key
+    assert pk.count_parameters(ours) == tuple(hf.get_nb_trainable_parameters())
+
+
 def assert_hf_conversion_matches(hf: Any, model: nn.Module, init: Any, tmp_path: Any, atol: float) -> None:
     """Convert ``model``'s trained adapter (PiSSA, OLoRA, CorDA: saved by peftkit with ``convert_to_lora=True`` under
     ``tmp_path/"pk"``) with HF PEFT's recipe, into ``tmp_path/"hf"``, and assert both files hold the same tensors.

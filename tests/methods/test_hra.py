@@ -17,7 +17,7 @@ from peftkit.errors import ConfigError, MergeError, UnknownFieldError, Unsupport
 from peftkit.io.hf_format import adapter_state_dict
 from peftkit.methods.hra import HRALayer
 
-from models import build, randomize_adapters, run
+from models import assert_same_tensors_as_hf, build, randomize_adapters, run
 
 peft = pytest.importorskip("peft")
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
@@ -92,12 +92,7 @@ def test_matches_hf_peft_initialisation_forward_gradients_and_files(case: str, t
     model_name, fields = CASES[case]
     ours, hf, forward = pair(case)
     # Same seed, same tensors: HF PEFT's names, shapes and initialisation.
-    theirs = peft.get_peft_model_state_dict(hf)
-    mine = adapter_state_dict(ours, "default")
-    assert sorted(mine) == sorted(theirs)
-    for key, value in theirs.items():
-        assert torch.equal(mine[key].detach(), value), key
-    assert pk.count_parameters(ours) == tuple(hf.get_nb_trainable_parameters())
+    assert_same_tensors_as_hf(ours, hf)
     with torch.no_grad():
         with pk.disable_adapters(ours):
             base = forward(ours)

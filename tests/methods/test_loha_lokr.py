@@ -18,7 +18,7 @@ from peftkit.io.hf_format import adapter_state_dict
 from peftkit.methods.lokr import LoKrLayer, factorization
 from peftkit.methods.lycoris import LycorisLayer, cp_weight
 
-from models import build, randomize_adapters, run
+from models import assert_same_tensors_as_hf, build, randomize_adapters, run
 
 peft = pytest.importorskip("peft")
 
@@ -111,12 +111,7 @@ def randomize_hf(hf: Any, seed: int = 0) -> None:
 def test_matches_hf_peft_initialisation_forward_gradients_and_files(case: str, tmp_path) -> None:
     ours, hf, forward = pair(case)
     # Same seed, same tensors: HF PEFT's names, shapes and initialisation (ΔW = 0: the output is the base's).
-    theirs = peft.get_peft_model_state_dict(hf)
-    mine = adapter_state_dict(ours, "default")
-    assert sorted(mine) == sorted(theirs)
-    for key, value in theirs.items():
-        assert torch.equal(mine[key].detach(), value), key
-    assert pk.count_parameters(ours) == tuple(hf.get_nb_trainable_parameters())
+    assert_same_tensors_as_hf(ours, hf)
     with torch.no_grad():
         with pk.disable_adapters(ours):
             base = forward(ours)
