@@ -34,6 +34,7 @@ from peftkit.core.matching import first_match, matches, near_misses
 from peftkit.core.registry import DEQUANTIZERS, LINEAR_KINDS, LinearKind, linear_kind, register_method
 from peftkit.errors import ConfigError, UnsupportedLayerError
 from peftkit.io.hf_names import hf_layer_targets, hf_modules_to_save, hf_resolve, hf_targets
+from peftkit.methods.additive import merge_deltas, unmerge_deltas
 from peftkit.methods.biases import adapted_bias_tensors, train_adapted_biases
 from peftkit.methods.default_targets import LORA_TARGETS, default_for
 from peftkit.methods.lora_layers import adapter_dtype
@@ -128,25 +129,11 @@ class FourierFTLayer(AdapterLayer):
         return result.to(dtype)
 
     # -- merging: W ← W ± ΔW -------------------------------------------------------------------------
-    def _add_delta(self, name: str, sign: float, safe: bool = False, where: str = "") -> None:
-        read = self.kind.merge_weight or self.kind.weight
-        weight = read(self.base_layer).detach()
-        updated = weight + sign * self.delta_weight(name).to(weight.dtype)
-        if safe:
-            self.check_finite(updated, where or type(self.base_layer).__name__, name)
-        self.kind.set_weight(self.base_layer, updated)
-
     def merge(self, names: Sequence[str], safe: bool = False, where: str = "") -> None:
-        for name in names:
-            if name in self.merged_adapters or not self.has_adapter(name):
-                continue
-            self._add_delta(name, 1.0, safe, where)
-            self.merged_adapters.append(name)
+        merge_deltas(self, names, safe, where)
 
     def unmerge(self, names: Sequence[str] | None = None) -> None:
-        for name in [n for n in reversed(self.merged_adapters) if names is None or n in names]:
-            self._add_delta(name, -1.0)
-            self.merged_adapters.remove(name)
+        unmerge_deltas(self, names)
 
 
 def _hf_frequency_pattern(pattern: dict[str, Any], module_names: list[str]) -> dict[str, int]:

@@ -43,6 +43,7 @@ from peftkit.io.hf_names import (
     hf_targets,
     hf_unknown_options,
 )
+from peftkit.methods.additive import merge_deltas, unmerge_deltas
 from peftkit.methods.default_targets import LORA_TARGETS, default_for
 from peftkit.methods.lora_layers import adapter_dtype
 
@@ -189,16 +190,10 @@ class LycorisLayer(AdapterLayer):
         weight.copy_(folded.to(weight.dtype))
 
     def merge(self, names: Sequence[str], safe: bool = False, where: str = "") -> None:
-        for name in names:
-            if name in self.merged_adapters or not self.has_adapter(name):
-                continue
-            self._fold(name, 1.0, safe, where)
-            self.merged_adapters.append(name)
+        merge_deltas(self, names, safe, where, fold=self._fold)
 
     def unmerge(self, names: Sequence[str] | None = None) -> None:
-        for name in [n for n in reversed(self.merged_adapters) if names is None or n in names]:
-            self._fold(name, -1.0)
-            self.merged_adapters.remove(name)
+        unmerge_deltas(self, names, fold=self._fold)
 
 
 def _probability(field_name: str, value: Any, upper_open: bool) -> None:

@@ -34,6 +34,7 @@ from peftkit.core.registry import LINEAR_KINDS, LinearKind, linear_kind, registe
 from peftkit.core.state import get_state
 from peftkit.errors import ConfigError, UnsupportedLayerError
 from peftkit.io.hf_names import hf_layer_targets, hf_modules_to_save, hf_resolve, hf_targets
+from peftkit.methods.additive import merge_deltas, unmerge_deltas
 from peftkit.methods.biases import adapted_bias_tensors, train_adapted_biases
 from peftkit.methods.default_targets import LORA_TARGETS, default_for
 from peftkit.methods.lora_layers import adapter_dtype
@@ -170,25 +171,11 @@ class VeRALayer(AdapterLayer):
         delta: torch.Tensor = (lambda_b.unsqueeze(-1) * vera_b) @ (lambda_d.unsqueeze(-1) * vera_a)
         return delta  # (out, in)
 
-    def _add_delta(self, name: str, sign: float, safe: bool = False, where: str = "") -> None:
-        read = self.kind.merge_weight or self.kind.weight
-        weight = read(self.base_layer).detach()
-        updated = weight + sign * self.delta_weight(name).to(weight.dtype)
-        if safe:
-            self.check_finite(updated, where or type(self.base_layer).__name__, name)
-        self.kind.set_weight(self.base_layer, updated)
-
     def merge(self, names: Sequence[str], safe: bool = False, where: str = "") -> None:
-        for name in names:
-            if name in self.merged_adapters or not self.has_adapter(name):
-                continue
-            self._add_delta(name, 1.0, safe, where)
-            self.merged_adapters.append(name)
+        merge_deltas(self, names, safe, where)
 
     def unmerge(self, names: Sequence[str] | None = None) -> None:
-        for name in [n for n in reversed(self.merged_adapters) if names is None or n in names]:
-            self._add_delta(name, -1.0)
-            self.merged_adapters.remove(name)
+        unmerge_deltas(self, names)
 
 
 def _checked_int(field_name: str, value: Any, minimum: int) -> None:
