@@ -248,7 +248,7 @@ def test_the_command_line_trains_and_evaluates_adaption_prompts(tmp_path, capsys
     cfg = {"model": {"task": "causal_lm"},
            "checkpoint": {"pretrained": {"config": dict(LLAMA)}, "save_dir": str(tmp_path / "run")},
            "peft": {"method": "adaption_prompt", "adapter_len": 4, "adapter_layers": 1},
-           "data": {"train": str(write_jsonl(tmp_path / "d.jsonl", rows)), "max_length": 32, "eval_fraction": 0.25},
+           "data": {"train": str(write_jsonl(tmp_path / "d.jsonl", rows)), "max_length": 64, "eval_fraction": 0.25},
            "train": {"max_steps": 2, "batch_size": 4, "seed": 0}, "optimizer": {"lr": 0.01},
            "scheduler": {"name": "constant"}, "eval": {"max_new_tokens": 2, "max_batches": 1},
            "logging": {"progress_bar": False, "plots": False, "tensorboard": "false"}}
