@@ -40,6 +40,7 @@ from peftkit.io.hf_names import hf_layer_targets, hf_modules_to_save, hf_resolve
 from peftkit.methods.biases import adapted_bias_tensors, train_adapted_biases
 from peftkit.methods.default_targets import LORA_TARGETS, default_for
 from peftkit.methods.lora_layers import adapter_dtype
+from peftkit.methods.ordered import merge_in_order, reordering, unmerge_in_order
 
 #: Base layers HRA adapts (those HF PEFT adapts) → their number of spatial dimensions.
 HRA_KINDS: TypeRegistry[int] = TypeRegistry()
@@ -160,19 +161,14 @@ class HRALayer(AdapterLayer):
     def check_merge(self, names: Sequence[str], where: str = "") -> None:
         """Refuse a merge that would reorder the active adapters: the merged ones act first (they are in the weight),
         and reflections do not commute."""
-        merged = [*self.merged_adapters, *(n for n in names if n not in self.merged_adapters and self.has_adapter(n))]
-        before, after = self._order(self.merged_adapters), self._order(merged)
-        if before != after:
+        order = reordering(self, names)
+        if order is not None:
+            before, after = order
             raise MergeError(
                 f"merging {list(names)} at {where or type(self.base_layer).__name__} would apply the active HRA "
                 f"adapters in the order {after} instead of {before} (reflections do not commute); merge them in "
                 "their active order (pk.merge(model) merges every active adapter)"
             )
-
-    def _order(self, merged: Sequence[str]) -> list[str]:
-        """The order the active adapters act in when ``merged`` are folded into the weight."""
-        active = self.active_adapters
-        return [n for n in merged if n in active] + [n for n in active if n not in merged]
 
     @torch.no_grad()
     def _fold(self, name: str, inverse: bool, safe: bool = False, where: str = "") -> None:
@@ -183,23 +179,12 @@ class HRALayer(AdapterLayer):
         weight.copy_(folded.to(weight.dtype))
 
     def merge(self, names: Sequence[str], safe: bool = False, where: str = "") -> None:
-        for name in names:
-            if name in self.merged_adapters or not self.has_adapter(name):
-                continue
-            self._fold(name, False, safe, where)
-            self.merged_adapters.append(name)
+        merge_in_order(self, names, safe, where)
 
     def unmerge(self, names: Sequence[str] | None = None) -> None:
         """Take merged adapters out of the weight: the weight is W₀ R₁ R₂ …, so those merged after the first one
         asked for come out too (last first) and go back in afterwards."""
-        wanted = [n for n in self.merged_adapters if names is None or n in names]
-        if not wanted:
-            return
-        peeled = self.merged_adapters[self.merged_adapters.index(wanted[0]):]
-        for name in reversed(peeled):
-            self._fold(name, True)
-            self.merged_adapters.remove(name)
-        self.merge([n for n in peeled if n not in wanted])
+        unmerge_in_order(self, names)
 
 
 def _checked_bool(field_name: str, value: Any) -> None:

@@ -44,6 +44,7 @@ from peftkit.io.hf_names import hf_layer_targets, hf_modules_to_save, hf_resolve
 from peftkit.methods.biases import adapted_bias_tensors, train_adapted_biases
 from peftkit.methods.default_targets import LORA_TARGETS, default_for
 from peftkit.methods.lora_layers import adapter_dtype
+from peftkit.methods.ordered import merge_in_order, reordering, unmerge_in_order
 
 logger = logging.getLogger("peftkit")
 
@@ -179,18 +180,14 @@ class MiSSLayer(AdapterLayer):
         weight), and their updates do not commute. (Balance and mini updates are sums: any order.)"""
         if not any(self.variant.get(n) == "bat" for n in self.adapter_names):
             return
-        merged = [*self.merged_adapters, *(n for n in names if n not in self.merged_adapters and self.has_adapter(n))]
-        before, after = self._order(self.merged_adapters), self._order(merged)
-        if before != after:
+        order = reordering(self, names)
+        if order is not None:
+            before, after = order
             raise MergeError(
                 f"merging {list(names)} at {where or 'Linear'} would apply the active MiSS bat adapters in the order "
                 f"{after} instead of {before} (each updates the weight the previous ones left); merge them in their "
                 "active order (pk.merge(model) merges every active adapter)"
             )
-
-    def _order(self, merged: Sequence[str]) -> list[str]:
-        active = self.active_adapters
-        return [n for n in merged if n in active] + [n for n in active if n not in merged]
 
     @torch.no_grad()
     def _fold(self, name: str, undo: bool, safe: bool = False, where: str = "") -> None:
@@ -213,23 +210,12 @@ class MiSSLayer(AdapterLayer):
                         "unmerged" if undo else "merged", name, where or type(self.base_layer).__name__, error)
 
     def merge(self, names: Sequence[str], safe: bool = False, where: str = "") -> None:
-        for name in names:
-            if name in self.merged_adapters or not self.has_adapter(name):
-                continue
-            self._fold(name, False, safe, where)
-            self.merged_adapters.append(name)
+        merge_in_order(self, names, safe, where)
 
     def unmerge(self, names: Sequence[str] | None = None) -> None:
         """Take merged adapters out of the weight; bat updates depend on the weight, so those merged after the first
         one asked for come out too (last first) and go back in afterwards."""
-        wanted = [n for n in self.merged_adapters if names is None or n in names]
-        if not wanted:
-            return
-        peeled = self.merged_adapters[self.merged_adapters.index(wanted[0]):]
-        for name in reversed(peeled):
-            self._fold(name, True)
-            self.merged_adapters.remove(name)
-        self.merge([n for n in peeled if n not in wanted])
+        unmerge_in_order(self, names)
 
 
 def _positive_int(field_name: str, value: Any) -> None:
