@@ -145,3 +145,52 @@ def test_cli_parser_registers_compare() -> None:
     register(parser.add_subparsers(dest="command"))
     args = parser.parse_args(["compare", "cfg.yaml", "train.max_steps=5", "--methods", "lora,ia3"])
     assert args.methods == "lora,ia3" and args.overrides == ["train.max_steps=5"] and callable(args.func)
+
+
+def test_a_missing_data_file_is_one_error_before_any_method_runs(tmp_path: Path, capsys) -> None:
+    """Every method reads the same data: a missing file is refused once, up front, and nothing is written."""
+    cfg = _config(tmp_path)
+    cfg["data"]["eval"] = str(tmp_path / "held_out.jsonl")  # does not exist
+    path, out = tmp_path / "run.yaml", tmp_path / "out"
+    path.write_text(yaml.safe_dump(cfg))
+    assert main(["compare", str(path), "--methods", "lora,ia3,full", "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("does not exist") == 1 and "held_out.jsonl" in err
+    assert not out.exists()
+    cfg["data"]["train"] = ""
+    with pytest.raises(ConfigError, match="data.train is not set"):
+        compare(config_from_dict(cfg), ["lora"], out)
+
+
+def test_loraplus_reaches_only_the_methods_with_b_matrices(tmp_path: Path, capsys) -> None:
+    """LoRA+ is part of a LoRA recipe: compared with IA3 or full fine-tuning, those train with the plain optimizer
+    (they would refuse the ratio), LoRA and DoRA keep it, and the command says which is which."""
+    pytest.importorskip("matplotlib")
+    cfg = _config(tmp_path)
+    cfg["optimizer"] = {"loraplus_ratio": 16}
+    base = config_from_dict(cfg)
+    assert method_config(base, "dora", tmp_path).optimizer.loraplus_ratio == 16
+    for method in ("ia3", "full", "loha"):
+        assert method_config(base, method, tmp_path).optimizer.loraplus_ratio == 0
+    result = compare(base, ["lora", "ia3"], tmp_path / "out")
+    assert all("error" not in row for row in result["methods"].values())
+    out = capsys.readouterr().out
+    assert ("optimizer.loraplus_ratio=16 (LoRA+) applies to lora, dora, canonical_lora, adalora; "
+            "ia3 train without it") in out
+
+
+def test_plots_stay_legible_for_many_methods(tmp_path: Path) -> None:
+    """One horizontal bar per method: the figure grows with their number."""
+    pytest.importorskip("matplotlib")
+    from PIL import Image
+
+    from peftkit.train.compare import plot
+
+    rows = {f"method_{i}": {"losses": [3.0 - 0.1 * i, 2.9 - 0.1 * i], "peak_memory_bytes": (i + 1) * 2**20,
+                            "time_per_step_s": 0.01 * (i + 1)} for i in range(14)}
+    few = dict(list(rows.items())[:2])
+    (tmp_path / "few").mkdir()
+    plot(few, tmp_path / "few")
+    plot(rows, tmp_path)
+    tall, short = Image.open(tmp_path / "memory_time.png"), Image.open(tmp_path / "few" / "memory_time.png")
+    assert tall.size[1] > 2 * short.size[1]

@@ -15,7 +15,8 @@ are still tabulated and plotted, and the command exits with status 3, naming the
 ``full`` trains every base weight (``peft.method=none``). Options in the config's ``peft`` section are passed on
 to every method that has a field of that name (``rank`` reaches LoRA and DoRA, not IA3; ``adapter_len`` only
 adaption prompts, also from a LoRA config); a ``bias`` mode for the adapted layers' biases (``lora_only``) is passed
-in each method's spelling (``oft_only``, ``MiSS_only``, …).
+in each method's spelling (``oft_only``, ``MiSS_only``, …). LoRA+ (``optimizer.loraplus_ratio``) speeds up LoRA's B
+matrices: methods without them train with the plain optimizer, and the command says so.
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ import dataclasses
 import difflib
 import json
 import os
+import re
 import statistics
 import subprocess
 import sys
@@ -37,7 +39,9 @@ import yaml
 from peftkit.errors import ConfigError, require
 from peftkit.io.atomic import output_dir, save_figure, write_text_atomic
 from peftkit.train.config import PEFT_METHODS, RunConfig, config_from_dict, load_config
+from peftkit.train.data import check_data_files
 from peftkit.train.metrics import process_memory, read_metrics
+from peftkit.train.optim import LORAPLUS_METHODS
 from peftkit.train.tasks import peft_config
 
 #: Method names accepted besides :data:`PEFT_METHODS` keys.
@@ -58,6 +62,8 @@ def method_config(base: RunConfig, method: str, out_dir: Path) -> RunConfig:
         raise ConfigError(f"unknown method {method!r} in --methods{hint}; choose from {known}")
     data = base.to_dict()
     data["peft"] = {"method": name, **_options_for(name, base.peft.method, dict(base.peft.options))}
+    if name not in LORAPLUS_METHODS:  # LoRA+ is part of a LoRA recipe: the other methods train without it
+        data["optimizer"] = {**data["optimizer"], "loraplus_ratio": 0.0}
     _fill_steps(data)
     data["checkpoint"] = {**data["checkpoint"], "save_dir": str(out_dir / method), "resume": "none",
                           "save_interval": 0, "keep_last": 1}
@@ -67,8 +73,10 @@ def method_config(base: RunConfig, method: str, out_dir: Path) -> RunConfig:
     try:
         peft_config(cfg)  # the method's own fields (rank > 0, ...), checked here rather than in the child process
     except ConfigError as exc:
-        raise ConfigError(f"--methods {method}: {exc}. Set such a field in the config's peft section (e.g. "
-                          "peft.adapter_len=10): each field reaches the compared methods that have it") from exc
+        named = re.match(r"(\w+)=", str(exc))  # method errors name the field first: "adapter_len=0 must be ..."
+        field = named.group(1) if named else "FIELD"
+        raise ConfigError(f"--methods {method}: {exc}. Set it in the config's peft section (peft.{field}=VALUE on the "
+                          "command line): each field reaches only the compared methods that have it") from exc
     return cfg
 
 
@@ -199,13 +207,19 @@ def compare(config: str | Path | RunConfig, methods: list[str], out_dir: str | P
         ``{"methods": {method: row}, "table": markdown, "files": [paths]}``; a failed method's row holds ``error``.
 
     Raises:
-        ConfigError: no methods, an unknown method, an invalid config, or an ``out_dir`` that is a file.
+        ConfigError: no methods, an unknown method, an invalid config, a data file that does not exist, or an
+            ``out_dir`` that is a file.
     """
     if not methods:
         raise ConfigError("--methods is empty; give a comma-separated list such as lora,dora,ia3,full")
     base = config if isinstance(config, RunConfig) else load_config(config, overrides)
+    check_data_files(base.data.train, base.data.eval)  # the same for every method: one error, not one per method
     configs = {m: method_config(base, m, Path(out_dir)) for m in methods}  # validates all before any training
     out = output_dir(out_dir, "--out")
+    plain = [m for m in methods if ALIASES.get(m, m) not in LORAPLUS_METHODS]
+    if base.optimizer.loraplus_ratio > 0 and plain:
+        print(f"compare: optimizer.loraplus_ratio={base.optimizer.loraplus_ratio:g} (LoRA+) applies to "
+              f"{', '.join(LORAPLUS_METHODS)}; {', '.join(plain)} train without it", flush=True)
     rows: dict[str, dict[str, Any]] = {}
     for i, (method, cfg) in enumerate(configs.items(), 1):
         print(f"compare: training {method} ({i}/{len(configs)}) in {out / method}", flush=True)
@@ -315,24 +329,27 @@ def plot(rows: dict[str, dict[str, Any]], out: Path) -> list[Path]:
     ok = {m: r for m, r in rows.items() if "error" not in r}
     if not ok:
         return []
-    fig, ax = plt.subplots(figsize=(6.5, 4))
-    for method, r in ok.items():
-        ax.plot(range(1, len(r["losses"]) + 1), r["losses"], label=method)
+    fig, ax = plt.subplots(figsize=(6.5 + (1.5 if len(ok) > 8 else 0), 4))
+    styles = ["-", "--", ":", "-."]  # the default cycle has ten colours: line styles tell more methods apart
+    for i, (method, r) in enumerate(ok.items()):
+        ax.plot(range(1, len(r["losses"]) + 1), r["losses"], label=method, linestyle=styles[i // 10 % 4])
     ax.set(xlabel="step", ylabel="training loss", title="Loss per method")
     ax.grid(alpha=0.3)
-    ax.legend()
+    ax.legend(fontsize="small", ncol=1 + len(ok) // 10, loc="upper left", bbox_to_anchor=(1.01, 1))
     fig.tight_layout()
     save_figure(fig, out / "loss.png")
     plt.close(fig)
-    fig, (left, right) = plt.subplots(1, 2, figsize=(9, 3.8))
+    # Horizontal bars, one row per method: names of any length and number stay legible.
     names = list(ok)
+    fig, (left, right) = plt.subplots(1, 2, figsize=(9, 1.2 + 0.3 * len(names)), sharey=True)
     memory = [(r.get("cuda_peak_bytes") or r.get("peak_memory_bytes") or 0) / 2**20 for r in ok.values()]
-    left.bar(names, memory, color="tab:blue")
-    left.set(ylabel="MiB", title="Peak memory of training")
-    right.bar(names, [r.get("time_per_step_s") or 0 for r in ok.values()], color="tab:orange")
-    right.set(ylabel="seconds", title="Time per step")
+    left.barh(names, memory, color="tab:blue")
+    left.set(xlabel="MiB", title="Peak memory of training")
+    right.barh(names, [r.get("time_per_step_s") or 0 for r in ok.values()], color="tab:orange")
+    right.set(xlabel="seconds", title="Time per step")
+    left.invert_yaxis()  # the table's order, top to bottom
     for axis in (left, right):
-        axis.tick_params(axis="x", rotation=30)
+        axis.grid(axis="x", alpha=0.3)
     fig.tight_layout()
     save_figure(fig, out / "memory_time.png")
     plt.close(fig)

@@ -45,6 +45,34 @@ class BadRow(ValueError):
     """A row that does not fit its format (internal; reported with file and line)."""
 
 
+def data_file(path: str | Path) -> Path:
+    """``path`` as a :class:`Path`, once it exists.
+
+    Raises:
+        ConfigError: it does not (naming the absolute path tried).
+    """
+    p = Path(path)
+    if not p.exists():
+        raise ConfigError(f"data file {str(path)!r} does not exist (tried {str(p.absolute())!r}: a relative path is "
+                          "resolved against the working directory, not the config file's); set data.train/data.eval "
+                          "to an existing local file, or give its absolute path")
+    return p
+
+
+def check_data_files(train: str, eval_path: str | None) -> None:
+    """Raise before any work what loading the data would: ``train`` unset, or a named file missing.
+
+    Raises:
+        ConfigError: as :func:`data_file`, or ``train`` empty.
+    """
+    if not train:
+        raise ConfigError("data.train is not set; name the training data, e.g. data.train=train.jsonl "
+                          "(JSONL, CSV, Parquet or a datasets directory)")
+    for path in (train, eval_path):
+        if path:
+            data_file(path)
+
+
 def read_rows(path: str | Path) -> Iterator[tuple[int, Any]]:
     """Yield ``(line_number, row)`` from a local data file or a saved ``datasets`` directory.
 
@@ -54,11 +82,7 @@ def read_rows(path: str | Path) -> Iterator[tuple[int, Any]]:
     Raises:
         ConfigError: the path does not exist or has an unknown extension.
     """
-    p = Path(path)
-    if not p.exists():
-        raise ConfigError(f"data file {str(path)!r} does not exist (tried {str(p.absolute())!r}: a relative path is "
-                          "resolved against the working directory, not the config file's); set data.train/data.eval "
-                          "to an existing local file, or give its absolute path")
+    p = data_file(path)
     if p.is_dir():
         datasets = require("datasets", "data")
         for i, row in enumerate(datasets.load_from_disk(str(p)), start=1):  # type: ignore[attr-defined]

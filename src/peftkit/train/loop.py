@@ -34,7 +34,7 @@ from peftkit.train import dist_checkpoint as dckpt
 from peftkit.train import dist_failure, distributed
 from peftkit.train.batching import collate, micro_batch, pack, split
 from peftkit.train.config import RunConfig, dump_config, with_absolute_paths
-from peftkit.train.data import IGNORE, Example, load_examples
+from peftkit.train.data import IGNORE, Example, check_data_files, load_examples
 from peftkit.train.evaluate import evaluate, label_count
 from peftkit.train.metrics import MetricsLogger, plot_metrics, read_metrics
 from peftkit.train.optim import Lisa, build_optimizer, grad_norm
@@ -76,9 +76,7 @@ def pick_device(name: str) -> torch.device:
 def load_data(cfg: RunConfig, tok: Tokenizer) -> tuple[list[Example], list[Example], list[str]]:
     """Train and held-out examples, and the class names for classification."""
     d, task = cfg.data, cfg.model.task
-    if not d.train:
-        raise ConfigError("data.train is not set; name the training data, e.g. data.train=train.jsonl "
-                          "(JSONL, CSV, Parquet or a datasets directory)")
+    check_data_files(d.train, d.eval)
     kw = {"skip_bad_rows": d.skip_bad_rows, "limit": d.limit, "cache_dir": d.cache_dir}
     train = load_examples(d.train, d.format, task, tok, d.max_length, labels=d.labels, **kw)  # type: ignore[arg-type]
     if train.skipped:

@@ -72,6 +72,10 @@ def _no_decay_ids(model: nn.Module) -> set[int]:
             if local == "bias" or isinstance(module, nn.LayerNorm)}
 
 
+#: The ``peft.method`` values whose models train LoRA B matrices, which LoRA+ (``optimizer.loraplus_ratio``) speeds up.
+LORAPLUS_METHODS = ("lora", "dora", "canonical_lora", "adalora")
+
+
 def param_groups(model: nn.Module, cfg: OptimizerConfig) -> list[dict[str, Any]]:
     """Parameter groups over the trainable parameters: LoRA+ B groups and GaLore group when configured.
 
@@ -90,7 +94,7 @@ def param_groups(model: nn.Module, cfg: OptimizerConfig) -> list[dict[str, Any]]
         if not any(p.requires_grad for p in lora_b_parameters(model)):
             raise ConfigError(
                 f"optimizer.loraplus_ratio={cfg.loraplus_ratio:g} speeds up LoRA's B matrices, and this model trains "
-                "none (LoRA+ applies to peft.method lora, dora and canonical_lora); set optimizer.loraplus_ratio=0"
+                f"none (LoRA+ applies to peft.method {', '.join(LORAPLUS_METHODS)}); set optimizer.loraplus_ratio=0"
             )
         slow_ids = {id(p) for p in _container_parameters(model, ("lora_magnitude_vector",))}
     no_decay = _no_decay_ids(model)
