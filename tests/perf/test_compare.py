@@ -194,3 +194,12 @@ def test_plots_stay_legible_for_many_methods(tmp_path: Path) -> None:
     plot(rows, tmp_path)
     tall, short = Image.open(tmp_path / "memory_time.png"), Image.open(tmp_path / "few" / "memory_time.png")
     assert tall.size[1] > 2 * short.size[1]
+
+
+def test_a_method_named_twice_is_refused(tmp_path: Path) -> None:
+    base = config_from_dict(_config(tmp_path))
+    with pytest.raises(ConfigError, match=r"names the same method twice: 'lora' and 'lora'; list each method once"):
+        compare(base, ["lora", "ia3", "lora"], tmp_path / "out")
+    with pytest.raises(ConfigError, match=r"'none' and 'full' \('full' is 'none'\)"):
+        compare(base, ["none", "full"], tmp_path / "out")
+    assert not (tmp_path / "out").exists()

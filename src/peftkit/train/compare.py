@@ -207,11 +207,19 @@ def compare(config: str | Path | RunConfig, methods: list[str], out_dir: str | P
         ``{"methods": {method: row}, "table": markdown, "files": [paths]}``; a failed method's row holds ``error``.
 
     Raises:
-        ConfigError: no methods, an unknown method, an invalid config, a data file that does not exist, or an
-            ``out_dir`` that is a file.
+        ConfigError: no methods, an unknown or repeated method, an invalid config, a data file that does not exist,
+            or an ``out_dir`` that is a file.
     """
     if not methods:
         raise ConfigError("--methods is empty; give a comma-separated list such as lora,dora,ia3,full")
+    seen: dict[str, str] = {}  # method → the spelling that named it first
+    for method in methods:
+        name = ALIASES.get(method, method)
+        if name in seen:
+            alias = next((f" ({a!r} is {ALIASES[a]!r})" for a in (seen[name], method) if a in ALIASES), "")
+            raise ConfigError(f"--methods names the same method twice: {seen[name]!r} and {method!r}{alias}; "
+                              "list each method once")
+        seen[name] = method
     base = config if isinstance(config, RunConfig) else load_config(config, overrides)
     check_data_files(base.data.train, base.data.eval)  # the same for every method: one error, not one per method
     configs = {m: method_config(base, m, Path(out_dir)) for m in methods}  # validates all before any training
