@@ -96,3 +96,17 @@ def test_ignored_or_duplicate_options_are_refused_before_any_run(options, messag
     assert main(["sweep", str(path), *options]) == 2
     assert capsys.readouterr().err == f"peftkit sweep: error: {message}\n"
     assert not root.exists()
+
+
+def test_a_missing_data_file_is_one_error_before_any_run(sweep_file, tmp_path, monkeypatch, capsys):
+    """Every run reads the same data: the sweep refuses a missing file once, and writes nothing."""
+    def train(cfg: Any) -> Any:
+        raise AssertionError("no run trains")
+
+    monkeypatch.setattr(sweep, "train", train)
+    path, root = sweep_file
+    missing = tmp_path / "gone.jsonl"
+    assert main(["sweep", str(path), f"data.train={missing}", "--ranks", "2", "4"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"peftkit sweep: error: data file '{missing}' does not exist") and err.count("\n") == 1
+    assert not root.exists()

@@ -25,6 +25,7 @@ import torch
 from peftkit.errors import ConfigError, require
 from peftkit.io.atomic import output_dir, save_figure, write_text_atomic
 from peftkit.train.config import PEFT_METHODS, RunConfig, load_config
+from peftkit.train.data import check_data_files
 from peftkit.train.loop import train
 from peftkit.train.tasks import peft_config
 
@@ -64,10 +65,11 @@ def run_sweep(
 
     Raises:
         ConfigError: the method has no rank, or no alpha while ``alphas`` or ``alpha_per_rank`` is given; any run's
-            config is invalid (checked for all of them before the first trains), or
+            config is invalid (checked for all of them before the first trains), a data file does not exist, or
             ``checkpoint.save_dir`` is a file or not writable.
     """
     base = load_config(config, overrides)
+    check_data_files(base.data.train, base.data.eval)  # the same for every run: one error, before any trains
     method = peft_config(base)
     if not hasattr(method, "rank"):
         raise ConfigError(f"peft.method={base.peft.method!r} has no rank to sweep; use a method with one "
