@@ -77,8 +77,8 @@ def variants(ops: dict[str, torch.Tensor | Tensors]) -> dict[str, Callable[[], o
         gb = torch.cat(gbs, 1)
         return gx.addmm_(gb, a_cat), gb.t() @ x
 
-    def peftkit() -> Result:
-        ys, h = forward()
+    def backward(h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, Tensors]:
+        """peftkit's backward: ``(∂x, ∂[A_q; A_k; A_v], [∂B_i])``."""
         gbs = [(g @ B).mul_(s) for g, B in zip(gs, Bs, strict=True)]
         gBs = [torch.mm(cols(h, i).t(), g).t().mul_(s) for i, g in enumerate(gs)]
         gb = torch.cat(gbs, 1)
@@ -86,7 +86,11 @@ def variants(ops: dict[str, torch.Tensor | Tensors]) -> dict[str, Callable[[], o
         gx = gb @ a_cat
         for g, W in zip(gs, Ws, strict=True):
             gx.addmm_(g, W)
-        return ys, gx, gA, gBs
+        return gx, gA, gBs
+
+    def peftkit() -> Result:
+        ys, h = forward()
+        return (ys, *backward(h))
 
     def reordered() -> Result:
         ys, h = forward()
@@ -103,14 +107,7 @@ def variants(ops: dict[str, torch.Tensor | Tensors]) -> dict[str, Callable[[], o
         h = F.linear(x, a_cat)
         ys = [torch.mm(cols(h, i), B.t()).addmm_(x, W.t(), beta=s)
               for i, (W, B) in enumerate(zip(Ws, Bs, strict=True))]
-        gbs = [(g @ B).mul_(s) for g, B in zip(gs, Bs, strict=True)]
-        gBs = [torch.mm(cols(h, i).t(), g).t().mul_(s) for i, g in enumerate(gs)]
-        gb = torch.cat(gbs, 1)
-        gA = gb.t() @ x
-        gx = gb @ a_cat
-        for g, W in zip(gs, Ws, strict=True):
-            gx.addmm_(g, W)
-        return ys, gx, gA, gBs
+        return (ys, *backward(h))
 
     def chunked(block: int = 256) -> Result:
         ys = [torch.empty(TOKENS, W.shape[0]) for W in Ws]
