@@ -203,3 +203,9 @@ def test_a_method_named_twice_is_refused(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match=r"'none' and 'full' \('full' is 'none'\)"):
         compare(base, ["none", "full"], tmp_path / "out")
     assert not (tmp_path / "out").exists()
+
+
+def test_a_method_field_missing_from_the_config_is_named_in_the_hint(tmp_path: Path) -> None:
+    hint = r"--methods trainable_tokens: token_indices=\(\) .*\(peft\.token_indices=VALUE on the command line\)"
+    with pytest.raises(ConfigError, match=hint):
+        method_config(config_from_dict(_config(tmp_path)), "trainable_tokens", tmp_path)
