@@ -206,6 +206,43 @@ def test_a_method_named_twice_is_refused(tmp_path: Path) -> None:
 
 
 def test_a_method_field_missing_from_the_config_is_named_in_the_hint(tmp_path: Path) -> None:
-    hint = r"--methods trainable_tokens: token_indices=\(\) .*\(peft\.token_indices=VALUE on the command line\)"
+    hint = (r"--methods trainable_tokens: token_indices=\(\) .*\(peft\.token_indices=VALUE on the command line: .*\) "
+            r"or for this method alone \(--set trainable_tokens\.token_indices=VALUE\)")
     with pytest.raises(ConfigError, match=hint):
         method_config(config_from_dict(_config(tmp_path)), "trainable_tokens", tmp_path)
+
+
+def test_set_gives_one_method_its_own_fields(tmp_path: Path) -> None:
+    """``--set METHOD.FIELD=VALUE`` reaches that method alone, over what it takes from the config's peft section,
+    and its value is not mistaken for a config override on the command line."""
+    pytest.importorskip("matplotlib")
+    from peftkit.train.compare import parse_sets
+
+    assert parse_sets(["ia3.target_modules=[q_proj]", "ia3.feedforward_modules=[]", "ln_tuning.target_modules=x"]) == {
+        "ia3": {"target_modules": ["q_proj"], "feedforward_modules": []}, "ln_tuning": {"target_modules": "x"}}
+    for bad in ("rank=4", "lora.rank", "lora.a.b=1", ".rank=2"):
+        with pytest.raises(ConfigError, match=r"--set .* is invalid; write METHOD.FIELD=VALUE"):
+            parse_sets([bad])
+    base = config_from_dict(_config(tmp_path))
+    ia3 = method_config(base, "ia3", tmp_path, {"target_modules": ["q_proj"], "feedforward_modules": []})
+    assert ia3.peft.options["target_modules"] == ["q_proj"]
+    assert method_config(base, "dora", tmp_path).peft.options["target_modules"] == ["q_proj", "v_proj"]
+    path, out = tmp_path / "run.yaml", tmp_path / "out"
+    path.write_text(yaml.safe_dump(_config(tmp_path)))
+    argv = ["compare", str(path), "--methods", "ia3", "--set", "ia3.target_modules=[q_proj]",
+            "--set=ia3.feedforward_modules=[]", "train.max_steps=1", "--out", str(out)]
+    assert main(argv) == 0
+    row = json.loads((out / "compare.json").read_text())["methods"]["ia3"]
+    assert row["trainable"] == 16 and len(row["losses"]) == 1  # one IA3 vector on q_proj's 16 outputs, one step
+
+
+@pytest.mark.parametrize(("methods", "sets", "message"), [
+    (["lora"], {"dora": {"rank": 4}}, r"--set names 'dora', which --methods does not list \(lora\)"),
+    (["lora"], {"lora": {"rnak": 4}}, r"--set lora.rnak: lora has no field 'rnak'; did you mean 'rank'\?"),
+    (["lora", "full"], {"full": {"rank": 4}}, r"--set full.rank: full trains every base weight and has no peft"),
+    (["lorra"], {"lorra": {"rank": 4}}, r"unknown method 'lorra' in --methods \(did you mean 'lora'\?\)"),
+])
+def test_set_is_checked_before_anything_runs(tmp_path: Path, methods, sets, message) -> None:
+    with pytest.raises(ConfigError, match=message):
+        compare(config_from_dict(_config(tmp_path)), methods, tmp_path / "out", method_options=sets)
+    assert not (tmp_path / "out").exists()

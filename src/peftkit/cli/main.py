@@ -190,26 +190,31 @@ _ASSIGNMENT = re.compile(r"[A-Za-z_]\w*(?:\.\w+)*=")
 _REMOVAL = re.compile(r"~[A-Za-z_]\w*(?:\.\w+)*")
 
 
-def _assignments_field(parser: argparse.ArgumentParser, argv: list[str]) -> str | None:
-    """The ``KEY=VALUE`` list (``overrides`` or ``options``) of the command ``argv`` starts with, if it has one."""
+def _assignments_field(parser: argparse.ArgumentParser, argv: list[str]) -> tuple[str | None, set[str]]:
+    """The ``KEY=VALUE`` list (``overrides`` or ``options``) of the command ``argv`` starts with, if it has one, and
+    the command's options that take one value (whose value is never one of the list's words:
+    ``compare --set ia3.target_modules=[query]``)."""
     sub = next((a for a in parser._actions if isinstance(a, argparse._SubParsersAction)), None)
     command = sub.choices.get(argv[0]) if sub is not None and argv else None
     if command is None:
-        return None
-    return next((a.dest for a in command._actions if a.dest in ("overrides", "options") and not a.option_strings),
-                None)
+        return None, set()
+    field = next((a.dest for a in command._actions if a.dest in ("overrides", "options") and not a.option_strings),
+                 None)
+    return field, {o for a in command._actions if a.option_strings and a.nargs is None for o in a.option_strings}
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``peftkit`` command; returns the exit status."""
     parser = build_parser()
     argv = list(sys.argv[1:] if argv is None else argv)
-    field = _assignments_field(parser, argv)
+    field, takes_value = _assignments_field(parser, argv)
     # KEY=VALUE may come anywhere after the command, also after an option taking several values (argparse alone
-    # would take it as one of them): such words are set aside and added to the command's list.
-    assignments = [a for a in argv[1:]
-                   if field and (_ASSIGNMENT.match(a) or field == "overrides" and _REMOVAL.fullmatch(a))]
-    args = parser.parse_args([a for a in argv if a not in assignments] if assignments else argv)
+    # would take it as one of them): such words are set aside and added to the command's list. The value of an
+    # option taking one value stays with its option.
+    picked = [i for i in range(1, len(argv)) if field and argv[i - 1] not in takes_value
+              and (_ASSIGNMENT.match(argv[i]) or field == "overrides" and _REMOVAL.fullmatch(argv[i]))]
+    assignments = [argv[i] for i in picked]
+    args = parser.parse_args([a for i, a in enumerate(argv) if i not in picked] if picked else argv)
     if field and assignments:
         setattr(args, field, [*getattr(args, field), *assignments])
     try:

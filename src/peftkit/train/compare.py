@@ -15,8 +15,10 @@ are still tabulated and plotted, and the command exits with status 3, naming the
 ``full`` trains every base weight (``peft.method=none``). Options in the config's ``peft`` section are passed on
 to every method that has a field of that name (``rank`` reaches LoRA and DoRA, not IA3; ``adapter_len`` only
 adaption prompts, also from a LoRA config); a ``bias`` mode for the adapted layers' biases (``lora_only``) is passed
-in each method's spelling (``oft_only``, ``MiSS_only``, …). LoRA+ (``optimizer.loraplus_ratio``) speeds up LoRA's B
-matrices: methods without them train with the plain optimizer, and the command says so.
+in each method's spelling (``oft_only``, ``MiSS_only``, …). ``--set METHOD.FIELD=VALUE`` sets a field for one method
+alone (``--set ln_tuning.target_modules=[LayerNorm]``, ``--set ia3.target_modules=[query,value]``), over what it
+takes from the config. LoRA+ (``optimizer.loraplus_ratio``) speeds up LoRA's B matrices: methods without them train
+with the plain optimizer, and the command says so.
 """
 
 from __future__ import annotations
@@ -48,8 +50,11 @@ from peftkit.train.tasks import peft_config
 ALIASES = {"full": "none"}
 
 
-def method_config(base: RunConfig, method: str, out_dir: Path) -> RunConfig:
+def method_config(base: RunConfig, method: str, out_dir: Path, options: dict[str, Any] | None = None) -> RunConfig:
     """``base`` with ``peft`` set to ``method`` and outputs under ``out_dir/method``; quiet, no resume.
+
+    ``options`` (from ``--set METHOD.FIELD=VALUE``) are this method's own peft fields, set over what it takes from
+    the config's ``peft`` section.
 
     Raises:
         ConfigError: ``method`` is not a known method, or the config's fields are invalid for it.
@@ -61,7 +66,7 @@ def method_config(base: RunConfig, method: str, out_dir: Path) -> RunConfig:
         hint = f" (did you mean {close[0]!r}?)" if close else ""
         raise ConfigError(f"unknown method {method!r} in --methods{hint}; choose from {known}")
     data = base.to_dict()
-    data["peft"] = {"method": name, **_options_for(name, base.peft.method, dict(base.peft.options))}
+    data["peft"] = {"method": name, **_options_for(name, base.peft.method, dict(base.peft.options)), **(options or {})}
     if name not in LORAPLUS_METHODS:  # LoRA+ is part of a LoRA recipe: the other methods train without it
         data["optimizer"] = {**data["optimizer"], "loraplus_ratio": 0.0}
     _fill_steps(data)
@@ -76,7 +81,8 @@ def method_config(base: RunConfig, method: str, out_dir: Path) -> RunConfig:
         named = re.match(r"(\w+)=", str(exc))  # method errors name the field first: "adapter_len=0 must be ..."
         field = named.group(1) if named else "FIELD"
         raise ConfigError(f"--methods {method}: {exc}. Set it in the config's peft section (peft.{field}=VALUE on the "
-                          "command line): each field reaches only the compared methods that have it") from exc
+                          "command line: each field reaches only the compared methods that have it) or for this "
+                          f"method alone (--set {method}.{field}=VALUE)") from exc
     return cfg
 
 
@@ -193,7 +199,8 @@ def _child(config_path: str, result_path: str) -> int:
 
 # -- the comparison ----------------------------------------------------------------------------------
 def compare(config: str | Path | RunConfig, methods: list[str], out_dir: str | Path,
-            overrides: list[str] | None = None, isolate: bool = True) -> dict[str, Any]:
+            overrides: list[str] | None = None, isolate: bool = True,
+            method_options: dict[str, dict[str, Any]] | None = None) -> dict[str, Any]:
     """Run the same training for each of ``methods`` and write the table and plots.
 
     Args:
@@ -202,6 +209,8 @@ def compare(config: str | Path | RunConfig, methods: list[str], out_dir: str | P
         out_dir: where each method's run, ``compare.json``, ``compare.md`` and the PNG plots go.
         overrides: ``key=value`` overrides applied to a YAML ``config``.
         isolate: run each method in its own process (peak memory per method); ``False`` runs them here.
+        method_options: per method, peft fields for it alone (``{"ln_tuning": {"target_modules": ["LayerNorm"]}}``,
+            the command line's ``--set ln_tuning.target_modules=[LayerNorm]``).
 
     Returns:
         ``{"methods": {method: row}, "table": markdown, "files": [paths]}``; a failed method's row holds ``error``.
@@ -220,9 +229,28 @@ def compare(config: str | Path | RunConfig, methods: list[str], out_dir: str | P
             raise ConfigError(f"--methods names the same method twice: {seen[name]!r} and {method!r}{alias}; "
                               "list each method once")
         seen[name] = method
+    method_options = method_options or {}
+    stray = [m for m in method_options if m not in methods]
+    if stray:
+        raise ConfigError(f"--set names {', '.join(map(repr, stray))}, which --methods does not list "
+                          f"({', '.join(methods)}); set options of compared methods only")
+    for method, options in method_options.items():
+        name = ALIASES.get(method, method)
+        if name not in PEFT_METHODS:
+            continue  # an unknown method: method_config names it, with the near miss
+        fields = _fields(name)
+        for field in options:
+            if not fields:
+                raise ConfigError(f"--set {method}.{field}: {method} trains every base weight and has no peft fields")
+            if field not in fields:
+                close = difflib.get_close_matches(field, sorted(fields), n=1)
+                hint = f"did you mean {close[0]!r}? " if close else ""
+                raise ConfigError(f"--set {method}.{field}: {method} has no field {field!r}; {hint}its fields are "
+                                  f"{', '.join(sorted(fields))}")
     base = config if isinstance(config, RunConfig) else load_config(config, overrides)
     check_data_files(base.data.train, base.data.eval)  # the same for every method: one error, not one per method
-    configs = {m: method_config(base, m, Path(out_dir)) for m in methods}  # validates all before any training
+    configs = {m: method_config(base, m, Path(out_dir), method_options.get(m))  # all validated before any training
+               for m in methods}
     out = output_dir(out_dir, "--out")
     plain = [m for m in methods if ALIASES.get(m, m) not in LORAPLUS_METHODS]
     if base.optimizer.loraplus_ratio > 0 and plain:
@@ -365,9 +393,26 @@ def plot(rows: dict[str, dict[str, Any]], out: Path) -> list[Path]:
 
 
 # -- command line --------------------------------------------------------------------------------------
+def parse_sets(items: list[str]) -> dict[str, dict[str, Any]]:
+    """``--set METHOD.FIELD=VALUE`` items as ``{method: {field: value}}``, values read as YAML.
+
+    Raises:
+        ConfigError: an item of another form.
+    """
+    options: dict[str, dict[str, Any]] = {}
+    for item in items:
+        key, sep, raw = item.partition("=")
+        method, dot, field = key.strip().partition(".")
+        if not (sep and dot and method and field) or "." in field:
+            raise ConfigError(f"--set {item!r} is invalid; write METHOD.FIELD=VALUE for one compared method's peft "
+                              "field, e.g. --set ln_tuning.target_modules=[LayerNorm]")
+        options.setdefault(method, {})[field] = yaml.safe_load(raw) if raw.strip() else ""
+    return options
+
+
 def _command(args: argparse.Namespace) -> int:
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
-    rows = compare(args.config, methods, args.out, args.overrides)["methods"]
+    rows = compare(args.config, methods, args.out, args.overrides, method_options=parse_sets(args.set))["methods"]
     failed = {m: r for m, r in rows.items() if "error" in r}
     if not failed:
         return 0
@@ -391,6 +436,9 @@ def register(sub: Any) -> None:
     p.add_argument("--methods", required=True,
                    help="comma-separated peft.method names, e.g. lora,dora,ia3,full (full: every base weight trains)")
     p.add_argument("--out", default="runs/compare", help="output directory (default runs/compare)")
+    p.add_argument("--set", action="append", default=[], metavar="METHOD.FIELD=VALUE",
+                   help="a peft field for one compared method alone (repeatable), e.g. "
+                        "--set ln_tuning.target_modules=[LayerNorm]")
     p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="e.g. train.max_steps=50")
     p.set_defaults(func=_command)
 
