@@ -157,3 +157,33 @@ def test_gradient_checkpointing_is_refused_by_name_before_anything_changes(arch:
     model.gradient_checkpointing_disable()
     model(**inputs).loss.backward()
     assert model.prompt_encoder.prompt_modules["default"].embedding.weight.grad is not None
+
+
+def _narrow_heads_t5() -> torch.nn.Module:
+    """A T5 whose heads are narrower than its hidden size over its heads (3 heads of 8 on 32), as flan-t5-small's
+    6 heads of 64 on 512."""
+    from transformers import T5Config, T5ForConditionalGeneration
+
+    torch.manual_seed(0)
+    cfg = T5Config(vocab_size=100, d_model=32, d_kv=8, num_heads=3, num_layers=2, num_decoder_layers=2, d_ff=64,
+                   decoder_start_token_id=0)
+    return T5ForConditionalGeneration(cfg).eval()
+
+
+def test_heads_narrower_than_hidden_over_heads_train_and_hf_runs_the_saved_adapter(tmp_path) -> None:
+    """HF PEFT 0.21 provisions hidden-size keys here and fails (``shape … is invalid``, huggingface/peft#385); ours
+    are heads × d_kv wide, the file says so (``token_dim``), and HF PEFT runs that file with the same logits."""
+    ids = torch.randint(0, 100, (2, 7), generator=torch.Generator().manual_seed(0))
+    ours = pk.apply(_narrow_heads_t5(), pk.PrefixTuning(num_virtual_tokens=3))
+    randomize_trainable(ours)
+    loss = ours(input_ids=ids, labels=ids).loss
+    loss.backward()
+    assert torch.isfinite(loss)
+    pk.save_adapter(ours, tmp_path)
+    import json
+
+    assert json.loads((tmp_path / "adapter_config.json").read_text())["token_dim"] == 3 * 8
+    hf = peft.PeftModel.from_pretrained(_narrow_heads_t5(), str(tmp_path)).eval()
+    with torch.no_grad():
+        assert torch.allclose(hf(input_ids=ids, labels=ids).logits, ours.eval()(input_ids=ids, labels=ids).logits,
+                              atol=1e-5)

@@ -65,14 +65,19 @@ def check_no_checkpointing(model: nn.Module) -> None:
 
 
 def kv_dims(model: nn.Module) -> tuple[int, int]:
-    """(d_kv, key/value heads), as HF PEFT provisions them (grouped-query attention included)."""
+    """(d_kv, key/value heads): the width of one layer's keys (values) and their heads, grouped-query attention
+    included.
+
+    As HF PEFT provisions them, except where the model's head width is not its hidden size over its heads (T5's
+    ``d_kv``: flan-t5-small has 6 heads of 64 on a hidden size of 512), which HF PEFT's prefix tuning cannot run
+    (``shape … is invalid``, huggingface/peft#385). The width is then heads × head width, written to the adapter's
+    config as ``token_dim``, from which HF PEFT runs it too.
+    """
     dims = model_dims(model)
     cfg = model.config
-    kv_heads = getattr(cfg, "num_key_value_heads", None)
-    if kv_heads is None:
-        return dims["token_dim"], dims["num_heads"]
-    head_dim = getattr(cfg, "head_dim", None) or dims["token_dim"] // dims["num_heads"]
-    return head_dim * kv_heads, kv_heads
+    heads = getattr(cfg, "num_key_value_heads", None) or dims["num_heads"]
+    head_dim = getattr(cfg, "head_dim", None) or getattr(cfg, "d_kv", None) or dims["token_dim"] // dims["num_heads"]
+    return head_dim * heads, heads
 
 
 class PrefixEncoder(nn.Module):
