@@ -246,3 +246,31 @@ def test_set_is_checked_before_anything_runs(tmp_path: Path, methods, sets, mess
     with pytest.raises(ConfigError, match=message):
         compare(config_from_dict(_config(tmp_path)), methods, tmp_path / "out", method_options=sets)
     assert not (tmp_path / "out").exists()
+
+
+def test_peak_memory_is_the_training_steps_not_the_evaluation(tmp_path: Path, monkeypatch) -> None:
+    """The column is the training steps' peak over the memory before training: an evaluation that holds 256 MiB
+    (between steps or after the last) does not count."""
+    import sys
+
+    import torch
+
+    from peftkit.train import loop
+
+    if not sys.platform.startswith("linux"):
+        pytest.skip("peak resident memory is read from /proc (Linux)")
+    real = loop.evaluate
+    held = []
+
+    def heavy(*args, **kwargs):
+        held.append(torch.ones(64 * 2**20))  # 256 MiB, every page touched
+        result = real(*args, **kwargs)
+        held.clear()
+        return result
+
+    monkeypatch.setattr(loop, "evaluate", heavy)
+    cfg = _config(tmp_path)
+    cfg["eval"] = {"interval": 1}
+    row = compare(config_from_dict(cfg), ["lora"], tmp_path / "out", isolate=False)["methods"]["lora"]
+    assert row["eval"]  # the evaluation ran
+    assert 0 < row["peak_memory_bytes"] < 128 * 2**20

@@ -158,15 +158,20 @@ def run_one(cfg: RunConfig) -> dict[str, Any]:
     def timed_step(run: Any, step: int, params: list[Any]) -> dict[str, Any]:
         if not steps:  # training starts: measure memory from here (model and data are loaded)
             memory["before"] = process_memory("VmRSS")
-            try:
-                Path("/proc/self/clear_refs").write_text("5")  # reset the peak (Linux)
-            except OSError:
-                memory["before"] = None
             if torch.cuda.is_available():
                 torch.cuda.reset_peak_memory_stats()
+        # The peak resident memory of each step alone (evaluation between steps and after the last is not training):
+        # the peak is reset before the step (Linux) and read after it.
+        try:
+            Path("/proc/self/clear_refs").write_text("5")
+        except OSError:
+            memory["before"] = None
         start = time.perf_counter()
         record = inner(run, step, params)
         steps.append(time.perf_counter() - start)
+        peak = process_memory("VmHWM")
+        if peak is not None:
+            memory["peak"] = max(memory.get("peak", 0), peak)
         tokens.append(int(record["tokens"]))
         return record
 
@@ -175,7 +180,7 @@ def run_one(cfg: RunConfig) -> dict[str, Any]:
         summary = loop.train(cfg)
     finally:
         loop.train_step = inner
-    peak = process_memory("VmHWM")
+    peak = memory.get("peak")
     adapter = Path(summary["adapter"])
     timed = steps[1:] or steps  # the first step pays one-off costs (optimizer state, lazy init)
     return {
