@@ -15,8 +15,8 @@ from typing import Any
 from peftkit.errors import ConfigError
 
 __all__ = [
-    "HF_BOOKKEEPING", "hf_layer_targets", "hf_modules_to_save", "hf_parameters", "hf_pattern", "hf_resolve",
-    "hf_saved_modules", "hf_targets", "hf_unknown_options",
+    "HF_BOOKKEEPING", "hf_layer_config", "hf_layer_fields", "hf_layer_targets", "hf_modules_to_save", "hf_parameters",
+    "hf_pattern", "hf_resolve", "hf_saved_modules", "hf_targets", "hf_unknown_options",
 ]
 
 #: Keys of ``adapter_config.json`` that HF PEFT writes for every method and that select nothing to compute.
@@ -86,6 +86,40 @@ def hf_layer_targets(data: dict[str, Any], module_names: list[str]) -> list[str]
 
     return [n for n in module_names if n in spec
             or (any(n.endswith("." + t) for t in spec) and layer_of(n) in layers)]
+
+
+def hf_layer_config(config: Any, targets: list[str], module_names: list[str], **fields: Any) -> dict[str, Any]:
+    """``adapter_config.json`` of a method that adapts layers by name: the entries HF PEFT writes for all of them
+    around the method's own ``fields``, then what the config kept from a file it was read from (``config.extra``).
+
+    The targets are written as names HF PEFT matches exactly (:func:`hf_targets`), so there is nothing to exclude
+    and no layer selection.
+    """
+    return {
+        "peft_type": config.peft_type,
+        "task_type": config.task_type,
+        **fields,
+        "target_modules": hf_targets(targets, module_names),
+        "exclude_modules": None,
+        "layers_to_transform": None,
+        "layers_pattern": None,
+        "modules_to_save": list(config.modules_to_save) or None,
+        "inference_mode": True,
+        "base_model_name_or_path": None,
+        "revision": None,
+        **config.extra,
+    }
+
+
+def hf_layer_fields(data: dict[str, Any], module_names: list[str]) -> dict[str, Any]:
+    """The config fields every method that adapts layers by name reads alike from ``adapter_config.json``: its
+    targets (``layers_to_transform`` resolved as HF PEFT does), exclusions, ``modules_to_save`` and task type."""
+    return {
+        "target_modules": hf_layer_targets(data, module_names),
+        "exclude_modules": hf_resolve(data.get("exclude_modules"), module_names),
+        "modules_to_save": hf_modules_to_save(data.get("modules_to_save"), module_names),
+        "task_type": data.get("task_type"),
+    }
 
 
 def hf_modules_to_save(spec: Any, module_names: list[str]) -> list[str]:

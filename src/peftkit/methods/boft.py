@@ -31,7 +31,7 @@ from peftkit.core.config import AdapterConfig
 from peftkit.core.layer import AdapterLayer
 from peftkit.core.registry import DEQUANTIZERS, TypeRegistry, register_method
 from peftkit.errors import ConfigError, UnsupportedLayerError
-from peftkit.io.hf_names import hf_layer_targets, hf_modules_to_save, hf_resolve, hf_targets, hf_unknown_options
+from peftkit.io.hf_names import hf_layer_config, hf_layer_fields, hf_unknown_options
 from peftkit.methods.biases import adapted_bias_tensors, train_adapted_biases
 from peftkit.methods.default_targets import LORA_TARGETS, default_for
 from peftkit.methods.lora_layers import adapter_dtype
@@ -340,35 +340,22 @@ class BOFT(AdapterConfig):
 
     # -- adapter_config.json ---------------------------------------------------------------------
     def to_hf_dict(self, targets: list[str], module_names: list[str]) -> dict[str, Any]:
-        return {
-            "peft_type": self.peft_type,
-            "task_type": self.task_type,
-            "boft_block_size": self.boft_block_size,
-            "boft_block_num": self.boft_block_num,
-            "boft_n_butterfly_factor": self.boft_n_butterfly_factor,
-            "target_modules": hf_targets(targets, module_names),
-            "exclude_modules": None,  # the targets are exact
-            "boft_dropout": self.boft_dropout,
-            "fan_in_fan_out": False,
-            "bias": self.bias,
-            "modules_to_save": list(self.modules_to_save) or None,
-            "init_weights": self.init_weights,
-            "layers_to_transform": None,
-            "layers_pattern": None,
-            "inference_mode": True,
-            "base_model_name_or_path": None,
-            "revision": None,
-            **self.extra,
-        }
+        return hf_layer_config(
+            self, targets, module_names,
+            boft_block_size=self.boft_block_size,
+            boft_block_num=self.boft_block_num,
+            boft_n_butterfly_factor=self.boft_n_butterfly_factor,
+            boft_dropout=self.boft_dropout,
+            fan_in_fan_out=False,
+            bias=self.bias,
+            init_weights=self.init_weights,
+        )
 
     @classmethod
     def from_hf_dict(cls, data: dict[str, Any], module_names: list[str]) -> BOFT:
         hf_unknown_options(data, _HF_FIELDS, "BOFT", advice="load it with HF PEFT")
         return cls(
-            target_modules=hf_layer_targets(data, module_names),  # layers_to_transform resolved as HF PEFT does
-            exclude_modules=hf_resolve(data.get("exclude_modules"), module_names),
-            modules_to_save=hf_modules_to_save(data.get("modules_to_save"), module_names),
-            task_type=data.get("task_type"),
+            **hf_layer_fields(data, module_names),  # layers_to_transform resolved as HF PEFT does
             boft_block_size=data.get("boft_block_size", 4) or 0,
             boft_block_num=data.get("boft_block_num", 0) or 0,
             boft_n_butterfly_factor=data.get("boft_n_butterfly_factor", 1),

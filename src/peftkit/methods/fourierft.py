@@ -33,7 +33,7 @@ from peftkit.core.layer import AdapterLayer
 from peftkit.core.matching import first_match, matches, near_misses
 from peftkit.core.registry import DEQUANTIZERS, LINEAR_KINDS, LinearKind, linear_kind, register_method
 from peftkit.errors import ConfigError, UnsupportedLayerError
-from peftkit.io.hf_names import hf_layer_targets, hf_modules_to_save, hf_resolve, hf_targets
+from peftkit.io.hf_names import hf_layer_config, hf_layer_fields
 from peftkit.methods.additive import merge_deltas, unmerge_deltas
 from peftkit.methods.biases import adapted_bias_tensors, train_adapted_biases
 from peftkit.methods.default_targets import LORA_TARGETS, default_for
@@ -235,27 +235,17 @@ class FourierFT(AdapterConfig):
 
     # -- adapter_config.json ---------------------------------------------------------------------
     def to_hf_dict(self, targets: list[str], module_names: list[str]) -> dict[str, Any]:
-        return {
-            "peft_type": self.peft_type,
-            "task_type": self.task_type,
-            "n_frequency": self.n_frequency,
-            "scaling": self.scaling,
-            "random_loc_seed": self.random_loc_seed,
-            "fan_in_fan_out": self.fan_in_fan_out,  # set by save_adapter when a target stores its weight transposed
-            "target_modules": hf_targets(targets, module_names),
-            "exclude_modules": None,  # the targets are exact
-            "bias": self.bias,
-            "modules_to_save": list(self.modules_to_save) or None,
-            "layers_to_transform": None,
-            "layers_pattern": None,
-            "n_frequency_pattern": self._hf_pattern(targets),
-            "init_weights": self.init_weights,
-            "inference_mode": True,
-            "base_model_name_or_path": None,
-            "revision": None,
-            "auto_mapping": None,
-            **self.extra,
-        }
+        return hf_layer_config(
+            self, targets, module_names,
+            n_frequency=self.n_frequency,
+            scaling=self.scaling,
+            random_loc_seed=self.random_loc_seed,
+            fan_in_fan_out=self.fan_in_fan_out,  # set by save_adapter when a target stores its weight transposed
+            bias=self.bias,
+            n_frequency_pattern=self._hf_pattern(targets),
+            init_weights=self.init_weights,
+            auto_mapping=None,
+        )
 
     def _hf_pattern(self, targets: list[str]) -> dict[str, int]:
         """``n_frequency_pattern`` for HF PEFT, which matches a key as the regex ``.*\\.KEY$``: each target whose n
@@ -270,8 +260,7 @@ class FourierFT(AdapterConfig):
     @classmethod
     def from_hf_dict(cls, data: dict[str, Any], module_names: list[str]) -> FourierFT:
         return cls(
-            target_modules=hf_layer_targets(data, module_names),  # the layer indices resolved, as HF PEFT does
-            exclude_modules=hf_resolve(data.get("exclude_modules"), module_names),
+            **hf_layer_fields(data, module_names),  # layers_to_transform resolved as HF PEFT does
             n_frequency=data.get("n_frequency", 1000),
             scaling=data.get("scaling", 150.0),
             random_loc_seed=data.get("random_loc_seed", 777),
@@ -279,8 +268,6 @@ class FourierFT(AdapterConfig):
             init_weights=bool(data.get("init_weights", False)),
             n_frequency_pattern=_hf_frequency_pattern(data.get("n_frequency_pattern") or {}, module_names),
             bias=data.get("bias", "none") or "none",
-            modules_to_save=hf_modules_to_save(data.get("modules_to_save"), module_names),
-            task_type=data.get("task_type"),
             extra={k: v for k, v in data.items() if k not in _HF_FIELDS},
         )
 

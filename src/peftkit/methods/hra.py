@@ -36,7 +36,7 @@ from peftkit.core.config import AdapterConfig
 from peftkit.core.layer import AdapterLayer
 from peftkit.core.registry import DEQUANTIZERS, TypeRegistry, register_method
 from peftkit.errors import ConfigError, MergeError, UnsupportedLayerError
-from peftkit.io.hf_names import hf_layer_targets, hf_modules_to_save, hf_resolve, hf_targets, hf_unknown_options
+from peftkit.io.hf_names import hf_layer_config, hf_layer_fields, hf_unknown_options
 from peftkit.methods.biases import adapted_bias_tensors, train_adapted_biases
 from peftkit.methods.default_targets import LORA_TARGETS, default_for
 from peftkit.methods.lora_layers import adapter_dtype
@@ -290,23 +290,13 @@ class HRA(AdapterConfig):
 
     # -- adapter_config.json ---------------------------------------------------------------------
     def to_hf_dict(self, targets: list[str], module_names: list[str]) -> dict[str, Any]:
-        return {
-            "peft_type": self.peft_type,
-            "task_type": self.task_type,
-            "r": self.rank,
-            "apply_GS": self.apply_GS,
-            "target_modules": hf_targets(targets, module_names),
-            "exclude_modules": None,  # the targets are exact
-            "init_weights": self.init_weights,
-            "layers_to_transform": None,
-            "layers_pattern": None,
-            "bias": self.bias,
-            "modules_to_save": list(self.modules_to_save) or None,
-            "inference_mode": True,
-            "base_model_name_or_path": None,
-            "revision": None,
-            **self.extra,
-        }
+        return hf_layer_config(
+            self, targets, module_names,
+            r=self.rank,
+            apply_GS=self.apply_GS,
+            init_weights=self.init_weights,
+            bias=self.bias,
+        )
 
     @classmethod
     def from_hf_dict(cls, data: dict[str, Any], module_names: list[str]) -> HRA:
@@ -316,10 +306,7 @@ class HRA(AdapterConfig):
         # file's values replace them either way.
         init = bool(data.get("init_weights", True)) and not apply_gs and not (isinstance(rank, int) and rank % 2)
         return cls(
-            target_modules=hf_layer_targets(data, module_names),  # layers_to_transform resolved as HF PEFT does
-            exclude_modules=hf_resolve(data.get("exclude_modules"), module_names),
-            modules_to_save=hf_modules_to_save(data.get("modules_to_save"), module_names),
-            task_type=data.get("task_type"),
+            **hf_layer_fields(data, module_names),  # layers_to_transform resolved as HF PEFT does
             rank=rank,
             apply_GS=apply_gs,
             init_weights=init,

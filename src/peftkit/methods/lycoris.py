@@ -35,14 +35,7 @@ from peftkit.core.layer import AdapterLayer
 from peftkit.core.matching import first_match, matches, near_misses
 from peftkit.core.registry import DEQUANTIZERS, TypeRegistry
 from peftkit.errors import ConfigError, UnsupportedLayerError
-from peftkit.io.hf_names import (
-    hf_layer_targets,
-    hf_modules_to_save,
-    hf_pattern,
-    hf_resolve,
-    hf_targets,
-    hf_unknown_options,
-)
+from peftkit.io.hf_names import hf_layer_config, hf_layer_fields, hf_pattern, hf_unknown_options
 from peftkit.methods.additive import merge_deltas, unmerge_deltas
 from peftkit.methods.default_targets import LORA_TARGETS, default_for
 from peftkit.methods.lora_layers import adapter_dtype
@@ -321,28 +314,18 @@ class LycorisConfig(AdapterConfig):
         return {}
 
     def to_hf_dict(self, targets: list[str], module_names: list[str]) -> dict[str, Any]:
-        return {
-            "peft_type": self.peft_type,
-            "task_type": self.task_type,
-            "r": self.rank,
-            "alpha": self.alpha,
-            "rank_dropout": self.rank_dropout,
-            "module_dropout": self.module_dropout,
-            "use_effective_conv2d": self.use_effective_conv2d,
-            "init_weights": self.init_weights,
-            "target_modules": hf_targets(targets, module_names),
-            "exclude_modules": None,  # the targets are exact
-            "layers_to_transform": None,
-            "layers_pattern": None,
-            "rank_pattern": exact_pattern(targets, self.rank_pattern, self.rank),
-            "alpha_pattern": exact_pattern(targets, self.alpha_pattern, self.alpha),
-            "modules_to_save": list(self.modules_to_save) or None,
-            "inference_mode": True,
-            "base_model_name_or_path": None,
-            "revision": None,
+        return hf_layer_config(
+            self, targets, module_names,
+            r=self.rank,
+            alpha=self.alpha,
+            rank_dropout=self.rank_dropout,
+            module_dropout=self.module_dropout,
+            use_effective_conv2d=self.use_effective_conv2d,
+            init_weights=self.init_weights,
+            rank_pattern=exact_pattern(targets, self.rank_pattern, self.rank),
+            alpha_pattern=exact_pattern(targets, self.alpha_pattern, self.alpha),
             **self.hf_fields(),
-            **self.extra,
-        }
+        )
 
     @classmethod
     def hf_field_names(cls) -> set[str]:
@@ -354,10 +337,7 @@ class LycorisConfig(AdapterConfig):
     def from_hf_dict(cls, data: dict[str, Any], module_names: list[str]) -> LycorisConfig:
         unknown = hf_unknown_options(data, cls.hf_field_names(), cls.peft_type)
         return cls(
-            target_modules=hf_layer_targets(data, module_names),  # layers_to_transform resolved as HF PEFT does
-            exclude_modules=hf_resolve(data.get("exclude_modules"), module_names),
-            modules_to_save=hf_modules_to_save(data.get("modules_to_save"), module_names),
-            task_type=data.get("task_type"),
+            **hf_layer_fields(data, module_names),  # layers_to_transform resolved as HF PEFT does
             rank=data.get("r", 8),
             alpha=data.get("alpha", 8),
             rank_dropout=data.get("rank_dropout", 0.0) or 0.0,

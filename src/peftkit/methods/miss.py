@@ -40,7 +40,7 @@ from peftkit.core.config import AdapterConfig
 from peftkit.core.layer import AdapterLayer
 from peftkit.core.registry import LINEAR_KINDS, LinearKind, is_fan_in_fan_out, linear_kind, register_method
 from peftkit.errors import ConfigError, MergeError, UnsupportedLayerError
-from peftkit.io.hf_names import hf_layer_targets, hf_modules_to_save, hf_resolve, hf_targets, hf_unknown_options
+from peftkit.io.hf_names import hf_layer_config, hf_layer_fields, hf_unknown_options
 from peftkit.methods.biases import adapted_bias_tensors, train_adapted_biases
 from peftkit.methods.default_targets import LORA_TARGETS, default_for
 from peftkit.methods.lora_layers import adapter_dtype
@@ -328,24 +328,14 @@ class MiSS(AdapterConfig):
 
     # -- adapter_config.json ---------------------------------------------------------------------
     def to_hf_dict(self, targets: list[str], module_names: list[str]) -> dict[str, Any]:
-        return {
-            "peft_type": self.peft_type,
-            "task_type": self.task_type,
-            "r": self.rank,
-            "miss_dropout": self.dropout,
-            "mini_r": self.mini_r,
-            "target_modules": hf_targets(targets, module_names),
-            "exclude_modules": None,  # the targets are exact
-            "init_weights": self.init_weights,
-            "layers_to_transform": None,
-            "layers_pattern": None,
-            "bias": self.bias,
-            "modules_to_save": list(self.modules_to_save) or None,
-            "inference_mode": True,
-            "base_model_name_or_path": None,
-            "revision": None,
-            **self.extra,
-        }
+        return hf_layer_config(
+            self, targets, module_names,
+            r=self.rank,
+            miss_dropout=self.dropout,
+            mini_r=self.mini_r,
+            init_weights=self.init_weights,
+            bias=self.bias,
+        )
 
     @classmethod
     def from_hf_dict(cls, data: dict[str, Any], module_names: list[str]) -> MiSS:
@@ -353,10 +343,7 @@ class MiSS(AdapterConfig):
         init = data.get("init_weights", True)
         bias = data.get("bias", "none") or "none"
         return cls(
-            target_modules=hf_layer_targets(data, module_names),  # layers_to_transform resolved as HF PEFT does
-            exclude_modules=hf_resolve(data.get("exclude_modules"), module_names),
-            modules_to_save=hf_modules_to_save(data.get("modules_to_save"), module_names),
-            task_type=data.get("task_type"),
+            **hf_layer_fields(data, module_names),  # layers_to_transform resolved as HF PEFT does
             rank=data.get("r", 64),
             # Options HF PEFT ignores for the file's variant are dropped: they change nothing there either.
             dropout=0.0 if init == "bat" else data.get("miss_dropout", 0.0) or 0.0,

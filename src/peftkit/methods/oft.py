@@ -33,7 +33,7 @@ from peftkit.core.config import AdapterConfig
 from peftkit.core.layer import AdapterLayer
 from peftkit.core.registry import DEQUANTIZERS, TypeRegistry, register_method
 from peftkit.errors import ConfigError, UnsupportedLayerError
-from peftkit.io.hf_names import hf_layer_targets, hf_modules_to_save, hf_resolve, hf_targets, hf_unknown_options
+from peftkit.io.hf_names import hf_layer_config, hf_layer_fields, hf_unknown_options
 from peftkit.methods.biases import adapted_bias_tensors, train_adapted_biases
 from peftkit.methods.default_targets import LORA_TARGETS, default_for
 from peftkit.methods.lora_layers import adapter_dtype
@@ -403,32 +403,22 @@ class OFT(AdapterConfig):
 
     # -- adapter_config.json ---------------------------------------------------------------------
     def to_hf_dict(self, targets: list[str], module_names: list[str]) -> dict[str, Any]:
-        return {
-            "peft_type": self.peft_type,
-            "task_type": self.task_type,
-            "r": self.r,
-            "oft_block_size": self.oft_block_size,
-            "module_dropout": self.module_dropout,
-            "target_modules": hf_targets(targets, module_names),
-            "fan_in_fan_out": False,
-            "bias": self.bias,
-            "exclude_modules": None,  # the targets are exact
-            "init_weights": self.init_weights,
-            "layers_to_transform": None,
-            "layers_pattern": None,
-            "modules_to_save": list(self.modules_to_save) or None,
-            "coft": self.coft,
-            "eps": self.eps,
-            "block_share": self.block_share,
-            "use_cayley_neumann": self.use_cayley_neumann,
-            "num_cayley_neumann_terms": self.num_cayley_neumann_terms,
-            "inference_mode": True,
-            "base_model_name_or_path": None,
-            "revision": None,
+        return hf_layer_config(
+            self, targets, module_names,
+            r=self.r,
+            oft_block_size=self.oft_block_size,
+            module_dropout=self.module_dropout,
+            fan_in_fan_out=False,
+            bias=self.bias,
+            init_weights=self.init_weights,
+            coft=self.coft,
+            eps=self.eps,
+            block_share=self.block_share,
+            use_cayley_neumann=self.use_cayley_neumann,
+            num_cayley_neumann_terms=self.num_cayley_neumann_terms,
             # HF PEFT warns that a Cayley–Neumann adapter without it predates 0.18's series; this is 0.21.2's.
-            "peft_version": HF_VERSION,
-            **self.extra,
-        }
+            peft_version=HF_VERSION,
+        )
 
     @classmethod
     def from_hf_dict(cls, data: dict[str, Any], module_names: list[str]) -> OFT:
@@ -444,10 +434,7 @@ class OFT(AdapterConfig):
                            "trained with", data.get("peft_version") or "< 0.18")
         kept = ("auto_mapping", "peft_version", *(("module_dropout",) if data.get("module_dropout") else ()))
         return cls(
-            target_modules=hf_layer_targets(data, module_names),  # layers_to_transform resolved as HF PEFT does
-            exclude_modules=hf_resolve(data.get("exclude_modules"), module_names),
-            modules_to_save=hf_modules_to_save(data.get("modules_to_save"), module_names),
-            task_type=data.get("task_type"),
+            **hf_layer_fields(data, module_names),  # layers_to_transform resolved as HF PEFT does
             r=data.get("r", 0) or 0,
             oft_block_size=data["oft_block_size"] or 0,
             coft=bool(data.get("coft", False)),
