@@ -99,6 +99,17 @@ class LoRALayer(AdapterLayer):
         batch that go through it (:mod:`peftkit.methods.lora_mixed`)."""
         return self._module_update(name, x)
 
+    def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        """The base layer's output plus each applied adapter's update, rounded to the output's dtype once, after
+        the updates (as ``LoRALinear.forward``)."""
+        if self._mixed is not None:  # rows through different adapters (pk.mixed_batch)
+            return lora_mixed.forward(self, self._mixed, x, args, kwargs)
+        result: torch.Tensor = self.base_layer(x, *args, **kwargs)
+        dtype = result.dtype
+        for name in self._applied():
+            result = result + self.row_update(name, x)
+        return result.to(dtype)
+
     def up_bias(self, name: str) -> torch.Tensor | None:
         """Adapter ``name``'s trained bias on B (HF PEFT's ``lora_bias``), or ``None`` when it has none."""
         Bs = self._modules.get("lora_B")
@@ -375,15 +386,6 @@ class LoRAEmbedding(LoRALayer):
             return update * scale
         return update
 
-    def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
-        if self._mixed is not None:  # rows through different adapters (pk.mixed_batch)
-            return lora_mixed.forward(self, self._mixed, x, args, kwargs)
-        result: torch.Tensor = self.base_layer(x, *args, **kwargs)
-        dtype = result.dtype  # as in LoRALinear: rounded once, after the updates
-        for name in self._applied():
-            result = result + self.row_update(name, x)
-        return result.to(dtype)
-
 
 class LoRAConv(LoRALayer):
     """LoRA on ``nn.Conv1d/2d/3d``: A is a convolution with the base's kernel (in → r), B a 1×1 one (r → out, with
@@ -436,15 +438,6 @@ class LoRAConv(LoRALayer):
         with torch.no_grad():
             self._base_weight().copy_(weight)
         return None
-
-    def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
-        if self._mixed is not None:  # rows through different adapters (pk.mixed_batch)
-            return lora_mixed.forward(self, self._mixed, x, args, kwargs)
-        result: torch.Tensor = self.base_layer(x, *args, **kwargs)
-        dtype = result.dtype  # as in LoRALinear: rounded once, after the updates
-        for name in self._applied():
-            result = result + self._module_update(name, x)
-        return result.to(dtype)
 
 
 #: Base-layer type → LoRA layer class; linear-like kinds (``LINEAR_KINDS``) fall back to ``LoRALinear``.
