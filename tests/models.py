@@ -189,15 +189,53 @@ def perturb_dora(model: nn.Module, seed: int = 0) -> None:
                 p.mul_(1 + 0.2 * noise) if "magnitude" in name else p.add_(0.1 * noise)
 
 
-def randomize_trainable(model: nn.Module, scale: float = 0.5, seed: int | None = None) -> nn.Module:
+def randomize_trainable(model: nn.Module, scale: float = 0.5, seed: int | None = None, shift: bool = False
+                        ) -> nn.Module:
     """Every trainable tensor drawn from N(0, scale²) (from a generator seeded with ``seed``, else the global RNG),
-    so no initial value can hide a bug; returns ``model``."""
+    or with ``shift`` moved from its value by such a draw, so no initial value can hide a bug; returns ``model``."""
     gen = None if seed is None else torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for p in model.parameters():
             if p.requires_grad:
-                p.copy_(torch.randn_like(p) * scale if gen is None else torch.randn(p.shape, generator=gen) * scale)
+                noise = torch.randn_like(p) if gen is None else torch.randn(p.shape, generator=gen)
+                p.copy_(noise * scale + (p if shift else 0))
     return model
+
+
+def hf_pair(builder: Callable[[], nn.Module], ours: Any, theirs: Any, seed: int = 1) -> tuple[nn.Module, Any]:
+    """``builder()``'s model adapted by peftkit with config ``ours`` and another by HF PEFT with config ``theirs``,
+    each from global seed ``seed`` (the HF PEFT model in evaluation mode)."""
+    import peft
+
+    import peftkit as pk
+
+    base_ours, base_theirs = builder(), builder()  # built first: a builder may seed the global RNG itself
+    torch.manual_seed(seed)
+    model = pk.apply(base_ours, ours)
+    torch.manual_seed(seed)
+    return model, peft.get_peft_model(base_theirs, theirs).eval()
+
+
+class ConvStack(nn.Module):
+    """A 1×1 Conv2d, a padded, strided 3×3 one and a linear head, all with biases: (N, 4, 5, 5) → (N, 4)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.point = nn.Conv2d(4, 8, kernel_size=1)
+        self.conv = nn.Conv2d(8, 8, kernel_size=3, padding=1, stride=2)
+        self.head = nn.Linear(8 * 9, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(torch.relu(self.conv(torch.relu(self.point(x)))).flatten(1))
+
+
+def conv_stack() -> nn.Module:
+    torch.manual_seed(0)
+    return ConvStack().eval()
+
+
+def conv_input() -> torch.Tensor:
+    return torch.randn(3, 4, 5, 5, generator=torch.Generator().manual_seed(3))
 
 
 def train_losses(model: nn.Module, loss: Callable[[], torch.Tensor], lr: float, steps: int = 8) -> list[float]:

@@ -21,7 +21,7 @@ from peftkit.errors import ConfigError, MergeError, UnsupportedLayerError
 from peftkit.io.hf_format import adapter_state_dict
 from peftkit.methods.boft import BOFTLayer, block_diagonal, butterfly_permutation
 
-from models import build, randomize_adapters, run
+from models import build, conv_input, conv_stack, randomize_adapters, randomize_trainable, run
 
 peft = pytest.importorskip("peft")
 from peft.tuners.boft import layer as hf_boft  # noqa: E402
@@ -43,26 +43,6 @@ def hf_butterfly(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(hf_boft, "FastBlockDiag", _BlockDiagonal)
 
 
-class ConvStack(nn.Module):
-    def __init__(self) -> None:
-        super().__init__()
-        self.point = nn.Conv2d(4, 8, kernel_size=1)
-        self.conv = nn.Conv2d(8, 8, kernel_size=3, padding=1, stride=2)
-        self.head = nn.Linear(8 * 9, 4)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.head(torch.relu(self.conv(torch.relu(self.point(x)))).flatten(1))
-
-
-def conv_stack() -> nn.Module:
-    torch.manual_seed(0)
-    return ConvStack().eval()
-
-
-def conv_input() -> torch.Tensor:
-    return torch.randn(3, 4, 5, 5, generator=torch.Generator().manual_seed(3))
-
-
 MODELS: dict[str, tuple[Callable[[], nn.Module], Callable[[nn.Module], torch.Tensor]]] = {
     "llama": (lambda: build("llama"), lambda m: run(m, "llama")),
     "conv": (conv_stack, lambda m: m(conv_input())),
@@ -78,14 +58,6 @@ CASES: dict[str, tuple[str, dict[str, Any]]] = {
                                      "bias": "boft_only"}),
     "conv-bias-all": ("conv", {"target_modules": CONV, "boft_block_size": 4, "bias": "all"}),
 }
-
-
-def randomize_hf(hf: Any, seed: int = 0) -> None:
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in sorted(hf.named_parameters()):
-            if p.requires_grad:
-                p.copy_(torch.randn(p.shape, generator=gen) * 0.1 + (1.0 if "boft_s" in name else 0.0))
 
 
 @pytest.mark.parametrize("case", list(CASES))
@@ -104,7 +76,7 @@ def test_matches_hf_peft_tensors_forward_gradients_and_files(case: str, tmp_path
             base = forward(ours)
         torch.testing.assert_close(forward(ours), base, rtol=0, atol=1e-6)
 
-    randomize_hf(hf)
+    randomize_trainable(hf, 0.1, seed=0, shift=True)
     hf.save_pretrained(str(tmp_path / "hf"))
     loaded = pk.load_adapter(builder(), tmp_path / "hf", trainable=True)
     with torch.no_grad():
@@ -280,7 +252,7 @@ def test_hf_peft_file_saved_without_its_cuda_extension_is_refused_by_shape(tmp_p
     monkeypatch.setattr(hf_boft, "get_fbd_cuda", lambda: None)
     fields = {"target_modules": ["q_proj"], "boft_block_size": 4, "boft_n_butterfly_factor": 2}
     hf = peft.get_peft_model(build("llama"), peft.BOFTConfig(**fields))
-    randomize_hf(hf)
+    randomize_trainable(hf, 0.1, seed=0, shift=True)
     hf.save_pretrained(str(tmp_path))
     with pytest.raises(ShapeMismatchError, match=r"q_proj.boft_R: the file holds shape \(1, 8, 4, 4\) but the model "
                                                  r"needs \(2, 8, 4, 4\)"):

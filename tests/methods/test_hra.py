@@ -17,7 +17,7 @@ from peftkit.errors import ConfigError, MergeError, UnknownFieldError, Unsupport
 from peftkit.io.hf_format import adapter_state_dict
 from peftkit.methods.hra import HRALayer
 
-from models import assert_same_tensors_as_hf, build, randomize_adapters, run
+from models import assert_same_tensors_as_hf, build, hf_pair, randomize_adapters, randomize_trainable, run
 
 peft = pytest.importorskip("peft")
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
@@ -71,20 +71,8 @@ def pair(case: str, seed: int = 1) -> tuple[nn.Module, Any, Callable[[nn.Module]
     """The case's peftkit and HF PEFT models on the same base weights, each initialised from global seed ``seed``."""
     model, fields = CASES[case]
     builder, forward = MODELS[model]
-    base_ours, base_hf = builder(), builder()
-    torch.manual_seed(seed)
-    ours = pk.apply(base_ours, pk.HRA(**fields))
-    torch.manual_seed(seed)
-    hf = peft.get_peft_model(base_hf, hf_config(**fields)).eval()
+    ours, hf = hf_pair(builder, pk.HRA(**fields), hf_config(**fields), seed)
     return ours, hf, forward
-
-
-def randomize_hf(hf: Any, seed: int = 0) -> None:
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for _, p in sorted(hf.named_parameters()):
-            if p.requires_grad:
-                p.copy_(p + torch.randn(p.shape, generator=gen) * 0.3)
 
 
 @pytest.mark.parametrize("case", list(CASES))
@@ -101,7 +89,7 @@ def test_matches_hf_peft_initialisation_forward_gradients_and_files(case: str, t
             torch.testing.assert_close(forward(ours), base, rtol=1e-5, atol=1e-6)
 
     # HF PEFT's file → peftkit: the same outputs.
-    randomize_hf(hf)
+    randomize_trainable(hf, 0.3, seed=0, shift=True)
     hf.save_pretrained(str(tmp_path / "hf"))
     loaded = pk.load_adapter(MODELS[model_name][0](), tmp_path / "hf")
     with torch.no_grad():
@@ -333,7 +321,7 @@ def test_hf_layer_selection_and_modules_to_save_load_as_in_hf_peft(tmp_path) -> 
     torch.manual_seed(0)
     hf = peft.get_peft_model(build("llama"), peft.HRAConfig(**{("r" if k == "rank" else k): v
                                                                for k, v in fields.items()})).eval()
-    randomize_hf(hf)
+    randomize_trainable(hf, 0.3, seed=0, shift=True)
     hf.save_pretrained(str(tmp_path))
     model = pk.load_adapter(build("llama"), tmp_path)
     adapted = [n for n, layer in adapter_layers(model) if isinstance(layer, HRALayer)]

@@ -18,7 +18,7 @@ from peftkit.io.hf_format import adapter_state_dict
 from peftkit.methods.lokr import LoKrLayer, factorization
 from peftkit.methods.lycoris import LycorisLayer, cp_weight
 
-from models import assert_same_tensors_as_hf, build, randomize_adapters, run
+from models import assert_same_tensors_as_hf, build, hf_pair, randomize_adapters, randomize_trainable, run
 
 peft = pytest.importorskip("peft")
 
@@ -85,11 +85,7 @@ def pair(case: str, seed: int = 1) -> tuple[nn.Module, Any, Callable[[nn.Module]
     method, model, fields = CASES[case]
     builder, forward = MODELS[model]
     ours_config, hf_config = configs(method, **fields)
-    base_ours, base_hf = builder(), builder()
-    torch.manual_seed(seed)
-    ours = pk.apply(base_ours, ours_config)
-    torch.manual_seed(seed)
-    hf = peft.get_peft_model(base_hf, hf_config).eval()
+    ours, hf = hf_pair(builder, ours_config, hf_config, seed)
     return ours, hf, forward
 
 
@@ -97,14 +93,6 @@ def hf_layers(hf: Any) -> dict[str, Any]:
     prefix = "base_model.model."
     lycoris = peft.tuners.lycoris_utils.LycorisLayer
     return {n.removeprefix(prefix): m for n, m in hf.named_modules() if isinstance(m, lycoris)}
-
-
-def randomize_hf(hf: Any, seed: int = 0) -> None:
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for _, p in sorted(hf.named_parameters()):
-            if p.requires_grad:
-                p.copy_(torch.randn(p.shape, generator=gen) * 0.3)
 
 
 @pytest.mark.parametrize("case", list(CASES))
@@ -118,7 +106,7 @@ def test_matches_hf_peft_initialisation_forward_gradients_and_files(case: str, t
         assert torch.allclose(forward(ours), base, atol=1e-6)
 
     # HF PEFT's file → peftkit: the same tensors and outputs.
-    randomize_hf(hf)
+    randomize_trainable(hf, 0.3, seed=0)
     hf.save_pretrained(str(tmp_path / "hf"))
     loaded = pk.load_adapter(MODELS[CASES[case][1]][0](), tmp_path / "hf")
     with torch.no_grad():

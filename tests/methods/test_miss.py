@@ -18,7 +18,7 @@ from peftkit.errors import ConfigError, MergeError, UnknownFieldError, Unsupport
 from peftkit.io.hf_format import adapter_state_dict
 from peftkit.methods.miss import MiSSLayer
 
-from models import assert_same_tensors_as_hf, build, randomize_adapters, run
+from models import assert_same_tensors_as_hf, build, hf_pair, randomize_adapters, randomize_trainable, run
 
 peft = pytest.importorskip("peft")
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
@@ -60,20 +60,8 @@ def hf_config(**fields: Any) -> Any:
 def pair(case: str, seed: int = 1) -> tuple[nn.Module, Any, Callable[[nn.Module], torch.Tensor]]:
     model, fields = CASES[case]
     builder, forward = MODELS[model]
-    base_ours, base_hf = builder(), builder()
-    torch.manual_seed(seed)
-    ours = pk.apply(base_ours, pk.MiSS(**fields))
-    torch.manual_seed(seed)
-    hf = peft.get_peft_model(base_hf, hf_config(**fields)).eval()
+    ours, hf = hf_pair(builder, pk.MiSS(**fields), hf_config(**fields), seed)
     return ours, hf, forward
-
-
-def randomize_hf(hf: Any, seed: int = 0) -> None:
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for _, p in sorted(hf.named_parameters()):
-            if p.requires_grad:
-                p.copy_(p + torch.randn(p.shape, generator=gen) * 0.2)
 
 
 @pytest.mark.parametrize("case", list(CASES))
@@ -89,7 +77,7 @@ def test_matches_hf_peft_initialisation_forward_gradients_and_files(case: str, t
             assert torch.equal(forward(ours), base)
 
     # HF PEFT's file → peftkit: the same outputs.
-    randomize_hf(hf)
+    randomize_trainable(hf, 0.2, seed=0, shift=True)
     hf.save_pretrained(str(tmp_path / "hf"))
     loaded = pk.load_adapter(MODELS[model_name][0](), tmp_path / "hf")
     with torch.no_grad():
@@ -220,7 +208,7 @@ def test_hf_files_with_options_their_variant_ignores_load_and_unknown_options_ar
     torch.manual_seed(0)
     hf = peft.get_peft_model(mlp(), peft.MissConfig(target_modules=["2"], r=6, init_weights="bat", miss_dropout=0.1,
                                                     mini_r=3)).eval()
-    randomize_hf(hf)
+    randomize_trainable(hf, 0.2, seed=0, shift=True)
     hf.save_pretrained(str(tmp_path))
     model = pk.load_adapter(mlp(), tmp_path)
     with torch.no_grad():
@@ -354,7 +342,7 @@ def test_a_bfloat16_model_keeps_fp32_blocks_rounded_as_hf_peft_rounds_them(init:
     hf = peft.get_peft_model(build("llama").to(torch.bfloat16), hf_config(**fields)).eval()
     mine, theirs = adapter_state_dict(ours, "default"), peft.get_peft_model_state_dict(hf)
     assert all(mine[k].dtype == torch.float32 and torch.equal(mine[k], v) for k, v in theirs.items())
-    randomize_hf(hf)  # the bat blocks start at zero
+    randomize_trainable(hf, 0.2, seed=0, shift=True)  # the bat blocks start at zero
     ours.load_state_dict(hf.base_model.model.state_dict())  # the same keys
     with torch.no_grad():
         out = run(ours, "llama")

@@ -20,33 +20,9 @@ from peftkit.errors import ConfigError, MergeError, UnsupportedLayerError
 from peftkit.io.hf_format import adapter_state_dict
 from peftkit.methods.oft import OFTLayer, OFTRotation, cayley, nearest_divisor
 
-from models import build, randomize_adapters, run
+from models import build, conv_input, conv_stack, randomize_adapters, randomize_trainable, run
 
 peft = pytest.importorskip("peft")
-
-
-class ConvStack(nn.Module):
-    """A 1×1 Conv2d (HF PEFT's forward is right for it), a 3×3 one (only its merge is: see
-    test_hf_peft_unmerged_3x3_convolution_is_not_its_merge) and a linear head."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.point = nn.Conv2d(4, 8, kernel_size=1)
-        self.conv = nn.Conv2d(8, 8, kernel_size=3, padding=1, stride=2)
-        self.head = nn.Linear(8 * 9, 4)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.head(torch.relu(self.conv(torch.relu(self.point(x)))).flatten(1))
-
-
-def conv_stack() -> nn.Module:
-    torch.manual_seed(0)
-    return ConvStack().eval()
-
-
-def conv_input() -> torch.Tensor:
-    return torch.randn(3, 4, 5, 5, generator=torch.Generator().manual_seed(3))
-
 
 #: model → (builder, forward)
 MODELS: dict[str, tuple[Callable[[], nn.Module], Callable[[nn.Module], torch.Tensor]]] = {
@@ -78,14 +54,6 @@ def hf_adapter_tensors(hf: Any) -> dict[str, torch.Tensor]:
     return {k: v for k, v in peft.get_peft_model_state_dict(hf).items() if not k.endswith("base_layer.weight")}
 
 
-def randomize_hf(hf: Any, seed: int = 0) -> None:
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for _, p in sorted(hf.named_parameters()):
-            if p.requires_grad:
-                p.copy_(torch.randn(p.shape, generator=gen) * 0.1)
-
-
 def hf_layers(hf: Any) -> dict[str, Any]:
     prefix = "base_model.model."
     return {n.removeprefix(prefix): m for n, m in hf.named_modules() if isinstance(m, peft.tuners.oft.OFTLayer)}
@@ -109,7 +77,7 @@ def test_matches_hf_peft_tensors_forward_gradients_and_files(case: str, tmp_path
         torch.testing.assert_close(forward(ours), base, rtol=0, atol=1e-6)
 
     # HF PEFT's file → peftkit: the same outputs and gradients.
-    randomize_hf(hf)
+    randomize_trainable(hf, 0.1, seed=0)
     hf.save_pretrained(str(tmp_path / "hf"))
     loaded = pk.load_adapter(builder(), tmp_path / "hf", trainable=True)
     with torch.no_grad():
@@ -151,7 +119,7 @@ def test_hf_peft_unmerged_3x3_convolution_is_not_its_merge(tmp_path) -> None:
     hf = peft.get_peft_model(conv_stack(), hf_config(**fields)).eval()
     with torch.no_grad():
         assert not torch.allclose(hf(conv_input()), conv_stack()(conv_input()), atol=1e-2)  # at R = I
-    randomize_hf(hf)
+    randomize_trainable(hf, 0.1, seed=0)
     hf.save_pretrained(str(tmp_path / "hf"))
     loaded = pk.load_adapter(conv_stack(), tmp_path / "hf")
     with torch.no_grad():
@@ -270,7 +238,7 @@ def test_training_mode_is_deterministic_and_hf_module_dropout_is_inert(tmp_path)
     output is the evaluation output. peftkit refuses the field, reads it from a file and writes it back unchanged."""
     fields = {"target_modules": ["q_proj", "v_proj"], "oft_block_size": 8}
     hf = peft.get_peft_model(build("llama"), peft.OFTConfig(**fields, module_dropout=0.5))
-    randomize_hf(hf)
+    randomize_trainable(hf, 0.1, seed=0)
     hf.save_pretrained(str(tmp_path / "hf"))
     loaded = pk.load_adapter(build("llama"), tmp_path / "hf")
     with torch.no_grad():
@@ -299,7 +267,7 @@ def test_hf_peft_adjusts_block_sizes_peftkit_refuses_unless_asked(tmp_path, capl
     assert "using oft_block_size=16" in caplog.text
     # HF PEFT's file (config: 14) loads with the block sizes HF PEFT used.
     hf = peft.get_peft_model(build("llama"), peft.OFTConfig(target_modules=["q_proj", "down_proj"], oft_block_size=14))
-    randomize_hf(hf)
+    randomize_trainable(hf, 0.1, seed=0)
     hf.save_pretrained(str(tmp_path))
     loaded = pk.load_adapter(build("llama"), tmp_path)
     layers = dict(adapter_layers(loaded))
