@@ -284,6 +284,41 @@ def assert_same_tensors_as_hf(ours: nn.Module, hf: Any) -> None:
     assert pk.count_parameters(ours) == tuple(hf.get_nb_trainable_parameters())
 
 
+def assert_same_grads_as_hf(ours: nn.Module, hf: Any, forward: Callable[[nn.Module], torch.Tensor],
+                            atol: float = 1e-6) -> None:
+    """Backpropagate both models' summed squared outputs; assert the tensors peftkit's adapter ``"default"`` trains
+    are those HF PEFT trains (its parameter names without the adapter name) and get the same gradients."""
+    from peftkit.io.hf_format import adapter_state_dict
+
+    forward(ours).square().sum().backward()
+    forward(hf).square().sum().backward()
+    grads = {k.replace(".default", ""): p.grad for k, p in hf.named_parameters() if p.requires_grad}
+    trained = {k: t for k, t in adapter_state_dict(ours, "default").items() if t.requires_grad}
+    assert sorted(trained) == sorted(grads)
+    for key, tensor in trained.items():
+        torch.testing.assert_close(tensor.grad, grads[key], rtol=1e-4, atol=atol)
+
+
+def assert_loads_in_hf(ours: nn.Module, builder: Callable[[], nn.Module], forward: Callable[[nn.Module], torch.Tensor],
+                       path: Any, atol: float = 1e-6) -> tuple[Any, dict[str, Any]]:
+    """Give ``ours``'s adapters random tensors, save adapter ``"default"`` to ``path`` and load it with HF PEFT on
+    ``builder()``; assert the same outputs. Returns HF PEFT's model and the ``adapter_config.json`` written."""
+    import json
+
+    import peft
+
+    import peftkit as pk
+
+    randomize_adapters(ours, seed=2)
+    with torch.no_grad():
+        expected = forward(ours)
+    pk.save_adapter(ours, path)
+    back = peft.PeftModel.from_pretrained(builder(), str(path)).eval()
+    with torch.no_grad():
+        torch.testing.assert_close(forward(back), expected, rtol=1e-5, atol=atol)
+    return back, json.loads((path / "adapter_config.json").read_text())
+
+
 def assert_hf_conversion_matches(hf: Any, model: nn.Module, init: Any, tmp_path: Any, atol: float) -> None:
     """Convert ``model``'s trained adapter (PiSSA, OLoRA, CorDA: saved by peftkit with ``convert_to_lora=True`` under
     ``tmp_path/"pk"``) with HF PEFT's recipe, into ``tmp_path/"hf"``, and assert both files hold the same tensors.

@@ -21,7 +21,16 @@ from peftkit.errors import ConfigError, MergeError, UnsupportedLayerError
 from peftkit.io.hf_format import adapter_state_dict
 from peftkit.methods.boft import BOFTLayer, block_diagonal, butterfly_permutation
 
-from models import build, conv_input, conv_stack, randomize_adapters, randomize_trainable, run
+from models import (
+    assert_loads_in_hf,
+    assert_same_grads_as_hf,
+    assert_same_tensors_as_hf,
+    build,
+    conv_input,
+    conv_stack,
+    randomize_trainable,
+    run,
+)
 
 peft = pytest.importorskip("peft")
 from peft.tuners.boft import layer as hf_boft  # noqa: E402
@@ -66,11 +75,7 @@ def test_matches_hf_peft_tensors_forward_gradients_and_files(case: str, tmp_path
     builder, forward = MODELS[model]
     ours = pk.apply(builder(), pk.BOFT(**fields))
     hf = peft.get_peft_model(builder(), peft.BOFTConfig(**fields)).eval()
-    theirs, mine = peft.get_peft_model_state_dict(hf), adapter_state_dict(ours, "default")
-    assert sorted(mine) == sorted(theirs)
-    for key, value in theirs.items():
-        assert torch.equal(mine[key].detach(), value), key
-    assert pk.count_parameters(ours) == tuple(hf.get_nb_trainable_parameters())
+    assert_same_tensors_as_hf(ours, hf)
     with torch.no_grad():
         with pk.disable_adapters(ours):
             base = forward(ours)
@@ -83,22 +88,9 @@ def test_matches_hf_peft_tensors_forward_gradients_and_files(case: str, tmp_path
         expected = forward(hf)
         assert not torch.allclose(expected, base, atol=1e-3)
         torch.testing.assert_close(forward(loaded), expected, rtol=1e-5, atol=1e-6)
-    forward(loaded).square().sum().backward()
-    forward(hf).square().sum().backward()
-    grads = {k: p.grad for k, p in hf.named_parameters() if p.requires_grad}
-    for key, tensor in adapter_state_dict(loaded, "default").items():
-        assert tensor.grad is not None, key
-        theirs_key = f"{key}.default" if key.endswith(("boft_R", "boft_s")) else key
-        torch.testing.assert_close(tensor.grad, grads[theirs_key], rtol=1e-4, atol=1e-6)
+    assert_same_grads_as_hf(loaded, hf, forward)
 
-    randomize_adapters(ours, seed=2)
-    with torch.no_grad():
-        expected = forward(ours)
-    pk.save_adapter(ours, tmp_path / "pk")
-    back = peft.PeftModel.from_pretrained(builder(), str(tmp_path / "pk")).eval()
-    with torch.no_grad():
-        torch.testing.assert_close(forward(back), expected, rtol=1e-5, atol=1e-6)
-    written = json.loads((tmp_path / "pk" / "adapter_config.json").read_text())
+    _, written = assert_loads_in_hf(ours, builder, forward, tmp_path / "pk")
     assert set(written) <= set(peft.BOFTConfig().to_dict())
     assert {k: written[k] for k in fields if k != "target_modules"} == \
         {k: v for k, v in fields.items() if k != "target_modules"}

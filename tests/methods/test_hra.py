@@ -17,7 +17,16 @@ from peftkit.errors import ConfigError, MergeError, UnknownFieldError, Unsupport
 from peftkit.io.hf_format import adapter_state_dict
 from peftkit.methods.hra import HRALayer
 
-from models import assert_same_tensors_as_hf, build, hf_pair, randomize_adapters, randomize_trainable, run
+from models import (
+    assert_loads_in_hf,
+    assert_same_grads_as_hf,
+    assert_same_tensors_as_hf,
+    build,
+    hf_pair,
+    randomize_adapters,
+    randomize_trainable,
+    run,
+)
 
 peft = pytest.importorskip("peft")
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
@@ -101,22 +110,10 @@ def test_matches_hf_peft_initialisation_forward_gradients_and_files(case: str, t
     pk.set_adapter(loaded, "default")  # trainable again
     if fields.get("bias", "none") != "none":
         pk.HRA(**fields).after_apply(loaded, "default")
-    forward(loaded).square().sum().backward()
-    forward(hf).square().sum().backward()
-    grads = {k.replace(".default", ""): p.grad for k, p in hf.named_parameters() if p.requires_grad}
-    trained = {k: t for k, t in adapter_state_dict(loaded, "default").items() if t.requires_grad}
-    assert sorted(trained) == sorted(grads)
-    for key, tensor in trained.items():
-        torch.testing.assert_close(tensor.grad, grads[key], rtol=1e-4, atol=1e-5)
+    assert_same_grads_as_hf(loaded, hf, forward, atol=1e-5)
 
     # peftkit's file → HF PEFT: the same outputs and settings in every layer.
-    randomize_adapters(ours, seed=2)
-    with torch.no_grad():
-        expected = forward(ours)
-    pk.save_adapter(ours, tmp_path / "pk")
-    back = peft.PeftModel.from_pretrained(MODELS[model_name][0](), str(tmp_path / "pk")).eval()
-    with torch.no_grad():
-        torch.testing.assert_close(forward(back), expected, rtol=1e-5, atol=1e-5)
+    back, written = assert_loads_in_hf(ours, MODELS[model_name][0], forward, tmp_path / "pk", atol=1e-5)
     hf_layers = {n.removeprefix("base_model.model."): m for n, m in back.named_modules()
                  if isinstance(m, peft.tuners.hra.HRALayer)}
     mine_layers = dict(adapter_layers(ours))
@@ -124,7 +121,6 @@ def test_matches_hf_peft_initialisation_forward_gradients_and_files(case: str, t
     for layer in hf_layers.values():
         assert (layer.hra_r["default"], layer.hra_apply_GS["default"]) == (fields["rank"],
                                                                            fields.get("apply_GS", False))
-    written = json.loads((tmp_path / "pk" / "adapter_config.json").read_text())
     assert set(written) <= set(peft.HRAConfig().to_dict())  # only fields HF PEFT has
     assert written["bias"] == fields.get("bias", "none")
 

@@ -20,7 +20,16 @@ from peftkit.errors import ConfigError, MergeError, UnsupportedLayerError
 from peftkit.io.hf_format import adapter_state_dict
 from peftkit.methods.oft import OFTLayer, OFTRotation, cayley, nearest_divisor
 
-from models import build, conv_input, conv_stack, randomize_adapters, randomize_trainable, run
+from models import (
+    assert_loads_in_hf,
+    assert_same_grads_as_hf,
+    build,
+    conv_input,
+    conv_stack,
+    randomize_adapters,
+    randomize_trainable,
+    run,
+)
 
 peft = pytest.importorskip("peft")
 
@@ -84,28 +93,15 @@ def test_matches_hf_peft_tensors_forward_gradients_and_files(case: str, tmp_path
         expected = forward(hf)
         assert not torch.allclose(expected, base, atol=1e-3)
         torch.testing.assert_close(forward(loaded), expected, rtol=1e-5, atol=1e-6)
-    forward(loaded).square().sum().backward()
-    forward(hf).square().sum().backward()
-    grads = {k: p.grad for k, p in hf.named_parameters() if p.requires_grad}
-    for key, tensor in adapter_state_dict(loaded, "default").items():
-        theirs_key = key.replace("_R.weight", "_R.default.weight") if "_R." in key else key
-        assert tensor.grad is not None, key
-        torch.testing.assert_close(tensor.grad, grads[theirs_key], rtol=1e-4, atol=1e-6)
+    assert_same_grads_as_hf(loaded, hf, forward)
 
     # peftkit's file → HF PEFT: the same blocks in every layer, the same outputs, only fields HF PEFT has.
-    randomize_adapters(ours, seed=2)
-    with torch.no_grad():
-        expected = forward(ours)
-    pk.save_adapter(ours, tmp_path / "pk")
-    back = peft.PeftModel.from_pretrained(builder(), str(tmp_path / "pk")).eval()
-    with torch.no_grad():
-        torch.testing.assert_close(forward(back), expected, rtol=1e-5, atol=1e-6)
+    back, written = assert_loads_in_hf(ours, builder, forward, tmp_path / "pk")
     mine_layers = dict(adapter_layers(ours))
     assert set(hf_layers(back)) == set(mine_layers)
     for name, layer in hf_layers(back).items():
         rotation = mine_layers[name].rotations["default"]
         assert (layer.r["default"], layer.oft_block_size["default"]) == (rotation.blocks, rotation.block_size)
-    written = json.loads((tmp_path / "pk" / "adapter_config.json").read_text())
     assert set(written) <= set(peft.OFTConfig().to_dict())
     assert {k: written[k] for k in fields if k != "target_modules"} == \
         {k: v for k, v in fields.items() if k != "target_modules"}
