@@ -9,10 +9,11 @@ writes parameters without moving their version counters. peftkit runs in its def
 first two calls of a run, for inputs of at least ``lora_groups.MIN_TOKENS`` tokens (cases with short inputs lower it
 to 1, as tests/perf do), so that both the per-layer and the grouped nodes train.
 
-Dropout: the base models' own is set to 0. LoHa's and LoKr's rank and module dropout and AdaLoRA's and VeRA's
-dropout draw from the global generator as HF PEFT does, so those cases train with dropout, seeded alike. LoRA's and
-DoRA's masks are drawn otherwise (from raw random bits, shared by sibling projections; DoRA drops out the adapter
-branch only: README, Performance), so LoRA and DoRA train here at dropout 0, or with dropout in evaluation mode.
+Dropout: the base models' own is set to 0. LoHa's and LoKr's rank and module dropout and AdaLoRA's, VeRA's and
+RandLoRA's dropout draw from the global generator as HF PEFT does, so those cases train with dropout, seeded alike.
+LoRA's and DoRA's masks are drawn otherwise (from raw random bits, shared by sibling projections; DoRA drops out the
+adapter branch only: README, Performance), so LoRA and DoRA train here at dropout 0, or with dropout in evaluation
+mode.
 
 Each case: HF PEFT adapts one copy of the model (``get_peft_model``), its trainable tensors are moved off their
 initial values (a zero B, unit IA3 vectors or untouched embedding rows would hide most bugs), and peftkit gets the
@@ -210,6 +211,15 @@ CASES: dict[str, Case] = {
                                                            fan_in_fan_out=True, bias="vera_only"),
                            lambda: pk.VeRA(task_type="CAUSAL_LM", target_modules=["c_attn"], rank=8,
                                            bias="vera_only")),
+    "randlora-llama": Case("llama", lambda: peft.RandLoraConfig(
+        task_type="CAUSAL_LM", target_modules=["q_proj", "down_proj"], r=8, randlora_alpha=16, randlora_dropout=0.1),
+        lambda: pk.RandLoRA(task_type="CAUSAL_LM", target_modules=["q_proj", "down_proj"], rank=8, alpha=16,
+                            dropout=0.1)),
+    "randlora-gpt2-sparse-bias": Case("gpt2", lambda: peft.RandLoraConfig(
+        task_type="CAUSAL_LM", target_modules=["c_attn"], r=8, randlora_alpha=16, sparse=True, fan_in_fan_out=True,
+        bias="randlora_only"),
+        lambda: pk.RandLoRA(task_type="CAUSAL_LM", target_modules=["c_attn"], rank=8, alpha=16, sparse=True,
+                            bias="randlora_only")),
     "ln_tuning-llama": Case("llama", lambda: peft.LNTuningConfig(task_type="CAUSAL_LM"),
                             lambda: pk.LNTuning(task_type="CAUSAL_LM")),
     "ln_tuning-bert": Case("bert", lambda: peft.LNTuningConfig(task_type="SEQ_CLS", target_modules=["LayerNorm"]),

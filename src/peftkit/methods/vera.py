@@ -92,6 +92,16 @@ class SharedProjection(nn.Module):
         return next((cast(torch.Tensor, b) for b in self._buffers.values()), None)
 
 
+def projection_tensors(model: nn.Module, name: str, attrs: tuple[str, ...]) -> dict[str, torch.Tensor]:
+    """Adapter ``name``'s shared matrices under HF PEFT's model-level keys (``base_model.<attr>``), from the first layer
+    whose ``attrs`` are :class:`SharedProjection` s holding ``name``."""
+    for module in model.modules():
+        shared = [getattr(module, attr, None) for attr in attrs]
+        if all(isinstance(s, SharedProjection) and name in s for s in shared):
+            return {f"base_model.{a}": cast(SharedProjection, s)[name] for a, s in zip(attrs, shared, strict=True)}
+    return {}
+
+
 class VeRALayer(AdapterLayer):
     """VeRA on a linear-like layer: ``base(x) + λ_b ⊙ B[:out] (λ_d ⊙ A[:, :in] dropout(x))``.
 
@@ -312,10 +322,8 @@ class VeRA(AdapterConfig):
     def extra_tensors(self, model: nn.Module, name: str) -> dict[str, torch.Tensor]:
         """The shared matrices (with ``save_projection``) and trained biases, under HF PEFT's keys."""
         out = adapted_bias_tensors(model, name, self.bias, VeRALayer, "vera_only")
-        holder = next((m for m in model.modules() if isinstance(m, VeRALayer) and m.has_adapter(name)), None)
-        if self.save_projection and holder is not None:
-            out["base_model.vera_A"] = holder.vera_A[name]
-            out["base_model.vera_B"] = holder.vera_B[name]
+        if self.save_projection:
+            out.update(projection_tensors(model, name, ("vera_A", "vera_B")))
         return out
 
     # -- adapter_config.json ---------------------------------------------------------------------
