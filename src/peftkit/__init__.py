@@ -46,6 +46,7 @@ from peftkit.methods.oft import OFT
 from peftkit.methods.prefix import PrefixTuning
 from peftkit.methods.prompt import PromptTuning
 from peftkit.methods.ptuning import PTuning
+from peftkit.methods.road import RoAd
 from peftkit.methods.roles import register_architecture
 from peftkit.methods.trainable_tokens import TrainableTokens
 from peftkit.methods.vera import VeRA
@@ -77,6 +78,7 @@ __all__ = [
     "PrefixTuning",
     "PromptTuning",
     "PruneReport",
+    "RoAd",
     "TrainableTokens",
     "VeRA",
     "active_adapters",
