@@ -156,7 +156,7 @@ def test_a_loaded_adapter_trains_on(method: str, tmp_path: Path) -> None:
     assert all(not torch.equal(p, b) for p, b in zip(params, before, strict=True))
 
 
-@pytest.mark.parametrize("method", ALL)
+@pytest.mark.parametrize("method", [m for m in ALL if m != "road"])  # RoAd mixes rows: see test_road.py
 def test_mixed_batches_refuse_the_method_by_name(method: str) -> None:
     model = adapted(method)
     refused = pytest.raises(UnsupportedLayerError, match=f"{type(config(method)).__name__} adapter.*pk.set_adapter")

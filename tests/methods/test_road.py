@@ -1,5 +1,5 @@
 """RoAd against HF PEFT: initialisation, forward, gradients, files both ways, merging (bias included), several
-adapters, quantized bases and errors, on a tiny Llama and BERT (biased linears)."""
+adapters, mixed batches, quantized bases and errors, on a tiny Llama and BERT (biased linears)."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ from safetensors.torch import load_file
 from test_prompt import batch
 
 import peftkit as pk
-from peftkit.errors import ConfigError, MergeError, TargetNotFoundError, UnsupportedLayerError
+from peftkit.errors import AdapterStateError, ConfigError, MergeError, TargetNotFoundError, UnsupportedLayerError
 from peftkit.methods.road import RoAdLayer, rotate
 from peftkit.train.config import PEFT_METHODS
 
@@ -20,6 +20,7 @@ from models import (
     assert_gradients_match_hf,
     assert_same_tensors_as_hf,
     build,
+    randomize_adapters,
     run,
     trainable_tensors,
 )
@@ -189,6 +190,38 @@ def test_several_adapters_disable_merge_order_and_delete_as_in_hf() -> None:
     assert not isinstance(ours.model.layers[0].self_attn.o_proj, RoAdLayer)
     assert isinstance(ours.model.layers[0].self_attn.v_proj, RoAdLayer)
     assert pk.list_adapters(ours) == ["default"]
+
+
+def test_mixed_batches_equal_hf_adapter_names_and_each_row_alone() -> None:
+    """Row i through adapter names[i] (HF PEFT's ``adapter_names=``), RoAd beside LoRA rows in the same batch."""
+    other = {"variant": "road_4", "group_size": 4, "target_modules": ["q_proj", "o_proj"], "init_weights": False}
+    hf, ours = hf_model("llama", **FIELDS, init_weights=False), ours_model("llama", **FIELDS, init_weights=False)
+    torch.manual_seed(4)
+    hf.add_adapter("other", peft.RoadConfig(task_type="CAUSAL_LM", **other))
+    torch.manual_seed(4)
+    pk.apply(ours, pk.RoAd(**other), name="other")  # type: ignore[arg-type]
+    names = ["other", "__base__", "default", "other"]
+    ids = torch.randint(1, 96, (4, 6), generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        want = hf(input_ids=ids, adapter_names=names).logits
+        with pk.mixed_batch(ours, names):
+            assert torch.equal(ours(input_ids=ids).logits, want)
+        pk.apply(ours, pk.LoRA(target_modules=["up_proj", "k_proj"], rank=2), name="lora")
+        randomize_adapters(ours, seed=2)  # every adapter's tensors, RoAd's too
+        names = ["lora", "other", "__base__", "default"]
+        with pk.mixed_batch(ours, names):
+            got = ours(input_ids=ids).logits
+        for i, name in enumerate(names):
+            if name == "__base__":
+                with pk.disable_adapters(ours):
+                    alone = ours(input_ids=ids[i:i + 1]).logits
+            else:
+                pk.set_adapter(ours, name)
+                alone = ours(input_ids=ids[i:i + 1]).logits
+            torch.testing.assert_close(got[i:i + 1], alone, rtol=1e-5, atol=1e-6)
+        pk.merge(ours, ["default"])
+        with pytest.raises(AdapterStateError, match="merged adapters"), pk.mixed_batch(ours, names):
+            pass
 
 
 def test_quantized_linears_are_turned_and_merged_by_requantizing() -> None:

@@ -20,15 +20,16 @@ The variants differ in how many (θ, α) a layer trains (``road_theta`` and ``ro
 θ = 0 and α = 1 at first (R = I, the model unchanged); ``init_weights=False`` draws θ ~ N(0, 0.5²) and then
 α ~ N(1, 0.5²) from torch's global generator, as HF PEFT does. Several active adapters turn the output one after the
 other, in their order. Since R(W₀x + b) = (RW₀)x + Rb, merging turns the weight's rows and the bias (no dense R is
-built), and unmerging applies the inverse 2 × 2 blocks, themselves a map of the same form. ``nn.Linear`` and
-quantized linear layers only (HF PEFT: ``nn.Linear`` and bitsandbytes' linears; not GPT-2's ``Conv1D``).
+built), and unmerging applies the inverse 2 × 2 blocks, themselves a map of the same form. In ``pk.mixed_batch`` each
+row of the output is turned by its own adapter (HF PEFT's ``adapter_names=``). ``nn.Linear`` and quantized linear
+layers only (HF PEFT: ``nn.Linear`` and bitsandbytes' linears; not GPT-2's ``Conv1D``).
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, cast
+from typing import Any, ClassVar, cast
 
 import torch
 from torch import nn
@@ -38,6 +39,7 @@ from peftkit.core.layer import AdapterLayer
 from peftkit.core.registry import LinearKind, linear_kind, register_method
 from peftkit.errors import ConfigError, MergeError, UnsupportedLayerError
 from peftkit.io.hf_names import hf_modules_to_save, hf_resolve, hf_targets, hf_unknown_options
+from peftkit.methods import lora_mixed
 from peftkit.methods.default_targets import LORA_TARGETS, default_for
 from peftkit.methods.lora_layers import adapter_dtype
 from peftkit.methods.miss import is_linear, supported_names
@@ -83,6 +85,10 @@ class RoAdLayer(AdapterLayer):
     """
 
     adapter_containers = ("road_theta", "road_alpha")
+    #: Rows of one batch may go through different adapters here (``pk.mixed_batch``, HF PEFT's ``adapter_names=``).
+    mixes_rows: ClassVar[bool] = True
+    #: The block's routing while ``pk.mixed_batch`` runs (set on the instance, outside the module state).
+    _mixed: ClassVar[Any] = None
 
     def __init__(self, base_layer: nn.Module) -> None:
         if not is_linear(base_layer):
@@ -124,13 +130,26 @@ class RoAdLayer(AdapterLayer):
         """Adapter ``name``'s ``(c, s)`` per output feature (differentiable)."""
         return coefficients(self.variant[name], self.group_size[name], self.road_theta[name], self.road_alpha[name])
 
-    def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
-        result = cast(torch.Tensor, self.base_layer(x, *args, **kwargs))
-        names = self._applied()
-        out = result
-        for name in names:  # in the adapters' dtype (fp32 over a half-precision base), as in HF PEFT
+    def turn(self, h: torch.Tensor, names: Sequence[str]) -> torch.Tensor:
+        """``h`` (base outputs) turned by adapters ``names`` in turn, in the adapters' dtype (fp32 over a
+        half-precision base, as in HF PEFT), returned in ``h``'s dtype."""
+        out = h
+        for name in names:
             out = rotate(out.to(self.road_theta[name].dtype), *self.coefficients(name), self.group_size[name])
-        return out.to(result.dtype)
+        return out.to(h.dtype)
+
+    def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        routing = self._mixed
+        if routing is not None:
+            lora_mixed.check_layer(self, routing)
+        result = cast(torch.Tensor, self.base_layer(x, *args, **kwargs))
+        if routing is None:
+            return self.turn(result, self._applied())
+        out = result  # pk.mixed_batch: each adapter's rows turned by it, "__base__" rows left as they are
+        for name, rows in routing.groups(self, x.shape[0], x.device):
+            if self.has_adapter(name):
+                out = out.index_copy(0, rows, self.turn(result.index_select(0, rows), [name]))
+        return out
 
     # -- merging: W ← RW, b ← Rb (and back with R⁻¹) ---------------------------------------------------
     def check_merge(self, names: Sequence[str], where: str = "") -> None:
@@ -203,6 +222,8 @@ class RoAd(AdapterConfig):
     """
 
     peft_type = "ROAD"
+    #: Its adapters can be mixed row by row in one batch (``pk.mixed_batch``), as in HF PEFT.
+    mixes_rows: ClassVar[bool] = True
 
     variant: str = "road_1"
     group_size: int = 64
