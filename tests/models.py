@@ -337,3 +337,50 @@ def assert_hf_conversion_matches(hf: Any, model: nn.Module, init: Any, tmp_path:
     assert mine.keys() == want.keys()
     for key, tensor in want.items():
         torch.testing.assert_close(mine[key], tensor, rtol=0, atol=atol, msg=key)
+
+
+def assert_files_cross_load(hf: Any, ours: nn.Module, arch: str, inputs: dict[str, torch.Tensor],
+                            want: torch.Tensor, tmp_path: Any, atol: float = 1e-6) -> tuple[dict[str, Any], ...]:
+    """Save ``hf`` (an HF PEFT model) and ``ours`` (peftkit) under ``tmp_path/"hf"`` and ``tmp_path/"pk"``; assert
+    both files hold the same tensor keys and values (within ``atol``) and that each loads in the other library onto a
+    fresh ``arch`` model with the logits ``want`` on ``inputs``. Returns both ``adapter_config.json`` (HF PEFT's
+    first), without ``peft_version``."""
+    import json
+
+    import peft
+    from safetensors.torch import load_file
+
+    import peftkit as pk
+
+    hf.save_pretrained(str(tmp_path / "hf"))
+    pk.save_adapter(ours, tmp_path / "pk")
+    theirs, mine = (load_file(str(tmp_path / d / "adapter_model.safetensors")) for d in ("hf", "pk"))
+    assert sorted(mine) == sorted(theirs)
+    for key, tensor in theirs.items():
+        torch.testing.assert_close(mine[key], tensor, rtol=0, atol=atol, msg=key)
+    loaded = pk.load_adapter(build(arch), tmp_path / "hf")
+    back = peft.PeftModel.from_pretrained(build(arch), str(tmp_path / "pk")).eval()
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(**inputs).logits, want, rtol=0, atol=atol)
+        torch.testing.assert_close(back(**inputs).logits, want, rtol=0, atol=atol)
+    configs = [json.loads((tmp_path / d / "adapter_config.json").read_text()) for d in ("hf", "pk")]
+    for config in configs:
+        config.pop("peft_version", None)
+    return tuple(configs)
+
+
+def trainable_tensors(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The trainable tensors of a peftkit model or an HF PEFT model, under the base model's names (HF PEFT's
+    ``base_model.model.`` prefix removed)."""
+    return {n.removeprefix("base_model.model."): p for n, p in model.named_parameters() if p.requires_grad}
+
+
+def assert_gradients_match_hf(hf: nn.Module, ours: nn.Module, inputs: dict[str, torch.Tensor], own: str) -> None:
+    """Back-propagate both models' loss on ``inputs``; assert equal gradients on the same trainable tensors, and none
+    on a tensor whose name lacks ``own`` (the method's key prefix, e.g. ``"road_"``)."""
+    hf(**inputs).loss.backward()
+    ours(**inputs).loss.backward()
+    got = trainable_tensors(ours)
+    for name, tensor in trainable_tensors(hf).items():
+        assert tensor.grad is not None and torch.allclose(got[name].grad, tensor.grad, atol=1e-6), name
+    assert all(p.grad is None for n, p in ours.named_parameters() if own not in n)

@@ -47,6 +47,7 @@ from peftkit.methods.prefix import PrefixTuning
 from peftkit.methods.prompt import PromptTuning
 from peftkit.methods.ptuning import PTuning
 from peftkit.methods.randlora import RandLoRA
+from peftkit.methods.road import RoAd
 from peftkit.methods.roles import register_architecture
 from peftkit.methods.trainable_tokens import TrainableTokens
 from peftkit.methods.vera import VeRA
@@ -79,6 +80,7 @@ __all__ = [
     "PromptTuning",
     "PruneReport",
     "RandLoRA",
+    "RoAd",
     "TrainableTokens",
     "VeRA",
     "active_adapters",

@@ -3,11 +3,8 @@ adapters and errors, on a tiny Llama (nn.Linear) and GPT-2 (Conv1D)."""
 
 from __future__ import annotations
 
-import json
-
 import pytest
 import torch
-from safetensors.torch import load_file
 from test_prompt import batch
 
 import peftkit as pk
@@ -15,7 +12,7 @@ from peftkit.errors import ConfigError, TargetNotFoundError, UnsupportedLayerErr
 from peftkit.methods.fourierft import FourierFTLayer, spectral_indices
 from peftkit.train.config import PEFT_METHODS
 
-from models import build
+from models import assert_files_cross_load, assert_gradients_match_hf, build, trainable_tensors
 
 peft = pytest.importorskip("peft")
 
@@ -36,15 +33,6 @@ def ours_model(arch: str, seed: int = 3, **fields: object) -> torch.nn.Module:
     return pk.apply(base, pk.FourierFT(**{**FIELDS, **fields}))  # type: ignore[arg-type]
 
 
-def hf_tensors(model: torch.nn.Module) -> dict[str, torch.Tensor]:
-    """HF PEFT's trainable tensors under peftkit's names."""
-    return {n.removeprefix("base_model.model."): p for n, p in model.named_parameters() if p.requires_grad}
-
-
-def ours_tensors(model: torch.nn.Module) -> dict[str, torch.Tensor]:
-    return {n: p for n, p in model.named_parameters() if p.requires_grad}
-
-
 def layers(model: torch.nn.Module) -> dict[str, torch.nn.Module]:
     return {n.removeprefix("base_model.model."): m for n, m in model.named_modules() if hasattr(m, "indices")}
 
@@ -63,7 +51,7 @@ def test_spectral_positions_are_hf_peft_s(shape: tuple[int, int], n: int, seed: 
 @pytest.mark.parametrize("init_weights", [False, True])
 def test_initialisation_and_forward_equal_hf(arch: str, init_weights: bool) -> None:
     hf, ours = hf_model(arch, init_weights=init_weights), ours_model(arch, init_weights=init_weights)
-    want, got = hf_tensors(hf), ours_tensors(ours)
+    want, got = trainable_tensors(hf), trainable_tensors(ours)
     assert sorted(k.removesuffix(".default") for k in got) == sorted(k.removesuffix(".default") for k in want)
     for name, tensor in want.items():  # the same draws from the global generator, in the same order
         assert torch.equal(got[name], tensor), name
@@ -88,8 +76,8 @@ def test_half_precision_base_as_in_hf() -> None:
     theirs = peft.get_peft_model(base_hf, peft.FourierFTConfig(**FIELDS)).eval()
     torch.manual_seed(3)
     mine = pk.apply(base_ours, pk.FourierFT(**FIELDS))  # type: ignore[arg-type]
-    got = ours_tensors(mine)
-    for name, tensor in hf_tensors(theirs).items():
+    got = trainable_tensors(mine)
+    for name, tensor in trainable_tensors(theirs).items():
         assert got[name].dtype == tensor.dtype == torch.float32 and torch.equal(got[name], tensor), name
     with torch.no_grad():
         ids = batch("llama")["input_ids"]
@@ -112,13 +100,7 @@ def test_delta_is_the_scaled_inverse_dft_of_the_sparse_spectrum() -> None:
 
 def test_gradients_equal_hf() -> None:
     hf, ours = hf_model("llama"), ours_model("llama")
-    inputs = batch("llama")
-    hf(**inputs).loss.backward()
-    ours(**inputs).loss.backward()
-    got = ours_tensors(ours)
-    for name, tensor in hf_tensors(hf).items():
-        assert tensor.grad is not None and torch.allclose(got[name].grad, tensor.grad, atol=1e-6), name
-    assert all(p.grad is None for n, p in ours.named_parameters() if "fourierft_" not in n)
+    assert_gradients_match_hf(hf, ours, batch("llama"), "fourierft_")
 
 
 @pytest.mark.parametrize(("arch", "fields"), [
@@ -130,33 +112,19 @@ def test_files_load_both_ways_with_equal_logits(arch: str, fields: dict[str, obj
     hf, ours = hf_model(arch, **fields), ours_model(arch, **fields)
     inputs = batch(arch)
     with torch.no_grad():
-        for p in hf_tensors(hf).values():  # trained biases too: they must travel with the file
+        for p in trainable_tensors(hf).values():  # trained biases too: they must travel with the file
             p.add_(0.1)
-        for p in ours_tensors(ours).values():
+        for p in trainable_tensors(ours).values():
             p.add_(0.1)
         want = hf(**inputs).logits
         assert torch.allclose(ours(**inputs).logits, want, atol=1e-6)
-    hf.save_pretrained(str(tmp_path / "hf"))
-    pk.save_adapter(ours, tmp_path / "pk")
-
-    theirs, mine = (load_file(str(tmp_path / d / "adapter_model.safetensors")) for d in ("hf", "pk"))
-    assert sorted(mine) == sorted(theirs)
-    assert all(torch.allclose(mine[k], theirs[k]) for k in theirs)
-    hf_config = json.loads((tmp_path / "hf" / "adapter_config.json").read_text())
-    our_config = json.loads((tmp_path / "pk" / "adapter_config.json").read_text())
+    hf_config, our_config = assert_files_cross_load(hf, ours, arch, inputs, want, tmp_path)
     for config in (hf_config, our_config):
-        config.pop("peft_version", None)
         # As given in HF PEFT; peftkit writes leaf names, or a regex of the exact names where a leaf name would select
-        # more ('c_proj' is also attn.c_proj); the tensor keys above show that both select the same modules.
+        # more ('c_proj' is also attn.c_proj); the tensor keys show that both select the same modules.
         config.pop("target_modules")
         config.pop("n_frequency_pattern")  # HF PEFT's regex as given; peftkit's names each module it changes
     assert our_config == hf_config
-
-    loaded = pk.load_adapter(build(arch), tmp_path / "hf")
-    back = peft.PeftModel.from_pretrained(build(arch), str(tmp_path / "pk")).eval()
-    with torch.no_grad():
-        assert torch.allclose(loaded(**inputs).logits, want, atol=1e-6)
-        assert torch.allclose(back(**inputs).logits, want, atol=1e-6)
 
 
 @pytest.mark.parametrize("arch", ["llama", "gpt2"])

@@ -22,6 +22,7 @@ from peftkit.methods.hra import HRALayer
 from peftkit.methods.lora_layers import LoRALayer
 from peftkit.methods.lycoris import LycorisLayer
 from peftkit.methods.miss import MiSSLayer
+from peftkit.methods.road import RoAdLayer
 from peftkit.methods.rotation import RotationLayer
 
 
@@ -87,14 +88,14 @@ def _checked_merge(model: nn.Module, names: Sequence[str], *, untie: bool = Fals
 
 
 #: Adapter layers whose merge rewrites the base layer's own weight.
-_FOLDS_INTO_WEIGHT = (LoRALayer, LycorisLayer, RotationLayer, HRALayer, MiSSLayer)
+_FOLDS_INTO_WEIGHT = (LoRALayer, LycorisLayer, RotationLayer, HRALayer, MiSSLayer, RoAdLayer)
 
 
 def _check_unshared(model: nn.Module, layers: Sequence[tuple[str, AdapterLayer, list[str]]]) -> None:
-    """Refuse folding an update (``_FOLDS_INTO_WEIGHT``: LoRA, LoHa, LoKr, OFT, BOFT, HRA, MiSS) into a base weight
-    that modules outside its layer use too (an output head tied to the input embeddings): their outputs would change
-    with it, where the unmerged adapter changes only its own layer. Blocks repeated by ``layer_replication`` are left
-    to :func:`replication.check_merge`."""
+    """Refuse folding an update (``_FOLDS_INTO_WEIGHT``: LoRA, LoHa, LoKr, OFT, BOFT, HRA, MiSS, RoAd) into a base
+    weight that modules outside its layer use too (an output head tied to the input embeddings): their outputs would
+    change with it, where the unmerged adapter changes only its own layer. Blocks repeated by ``layer_replication`` are
+    left to :func:`replication.check_merge`."""
     holders: dict[int, list[str]] = {}
     for qualname, parameter in model.named_parameters(remove_duplicate=False):
         holders.setdefault(id(parameter), []).append(qualname)

@@ -5,7 +5,8 @@ For a batch whose row i is assigned adapter aᵢ (``"__base__"``: none), every L
     yᵢ = W₀xᵢ + s_a·B_a A_a xᵢ,     a = aᵢ        (yᵢ = W₀xᵢ for "__base__")
 
 so several adapters are served from one batch, with one base matmul for all rows. As in HF PEFT: inference only,
-LoRA adapters only (no DoRA, activated LoRA or ``modules_to_save``), nothing merged.
+LoRA and RoAd adapters only (no DoRA, activated LoRA or ``modules_to_save``), nothing merged. A RoAd layer turns its
+adapters' rows of the base output itself (:mod:`peftkit.methods.road`); any layer with ``mixes_rows`` takes part.
 
 How it is wired, without a wrapper model: :func:`mixed_batch` hands each LoRA layer of the model one shared
 :class:`Routing` (kept in the layer's ``__dict__``, outside the module state, for the block's duration); a layer
@@ -35,7 +36,7 @@ from peftkit.core.registry import DEQUANTIZERS
 from peftkit.core.state import adapter_layers, get_state
 from peftkit.errors import AdapterNotFoundError, AdapterStateError, ConfigError, UnsupportedLayerError
 
-__all__ = ["BASE", "Routing", "forward", "mixed_batch"]
+__all__ = ["BASE", "Routing", "check_layer", "forward", "mixed_batch"]
 
 #: The name of "no adapter" in a mixed batch (HF PEFT's).
 BASE = "__base__"
@@ -112,11 +113,7 @@ def forward(layer: Any, routing: Routing, x: torch.Tensor, args: tuple[Any, ...]
     """A LoRA layer's output with row ``i`` of ``x`` through its own adapter: ``base(x)``, plus each adapter's update
     (``layer.row_update``) on its rows. Rounded as ``LoRALinear.forward``: once, after the update (first on a
     quantized base)."""
-    if layer.disabled or layer.merged_adapters:
-        where = routing._where.get(id(layer), type(layer).__name__)
-        state = "disabled (pk.disable_adapters)" if layer.disabled else f"merged ({layer.merged_adapters})"
-        raise AdapterStateError(f"adapters of {where} are {state} inside pk.mixed_batch; use '__base__' rows for "
-                                "the base model, and pk.unmerge(model) before mixing adapters")
+    check_layer(layer, routing)
     result: torch.Tensor = layer.base_layer(x, *args, **kwargs)
     dtype = result.dtype
     quantized = DEQUANTIZERS.lookup(type(layer.base_layer)) is not None
@@ -133,10 +130,27 @@ def forward(layer: Any, routing: Routing, x: torch.Tensor, args: tuple[Any, ...]
     return out.to(dtype)
 
 
+def check_layer(layer: Any, routing: Routing) -> None:
+    """Refuse a mixed forward through ``layer`` once it is disabled or has merged adapters inside the block.
+
+    Raises:
+        AdapterStateError: naming the layer and its state.
+    """
+    if layer.disabled or layer.merged_adapters:
+        where = routing._where.get(id(layer), type(layer).__name__)
+        state = "disabled (pk.disable_adapters)" if layer.disabled else f"merged ({layer.merged_adapters})"
+        raise AdapterStateError(f"adapters of {where} are {state} inside pk.mixed_batch; use '__base__' rows for "
+                                "the base model, and pk.unmerge(model) before mixing adapters")
+
+
+def _mixes(layer: nn.Module) -> bool:
+    """Whether ``layer`` routes rows through their own adapters (``mixes_rows``: plain LoRA and RoAd layers)."""
+    return bool(getattr(layer, "mixes_rows", False))
+
+
 def _check(model: nn.Module, names: tuple[str, ...]) -> None:
     """Refuse a mixed batch the model cannot run, before anything changes."""
     from peftkit.methods.lora import LoRA
-    from peftkit.methods.lora_layers import LoRALayer
 
     state = get_state(model)
     unknown = sorted({n for n in names if n != BASE and n not in state.configs})
@@ -150,11 +164,12 @@ def _check(model: nn.Module, names: tuple[str, ...]) -> None:
     wanted = set(names) - {BASE}
     for name in sorted(wanted):
         config = state.configs[name]
-        if not isinstance(config, LoRA) or getattr(config, "alora_invocation_tokens", None):
+        if not (isinstance(config, LoRA) or getattr(config, "mixes_rows", False)) \
+                or getattr(config, "alora_invocation_tokens", None):
             method = "activated LoRA" if isinstance(config, LoRA) else type(config).__name__
             raise UnsupportedLayerError(f"adapter {name!r} is an adapter of method {method}; pk.mixed_batch mixes "
-                                        f"plain LoRA adapters only (as HF PEFT): run the {method} adapter's rows in a "
-                                        f"batch of their own after pk.set_adapter(model, {name!r})")
+                                        f"RoAd and plain LoRA adapters only (as HF PEFT): run the {method} adapter's "
+                                        f"rows in a batch of their own after pk.set_adapter(model, {name!r})")
         if state.saved.get(name):
             raise UnsupportedLayerError(f"adapter {name!r} has modules_to_save ({', '.join(state.saved[name])}), "
                                         "which pk.mixed_batch cannot route per row")
@@ -166,11 +181,11 @@ def _check(model: nn.Module, names: tuple[str, ...]) -> None:
             raise AdapterStateError(f"pk.mixed_batch inside pk.disable_adapters ({qualname} is disabled): use "
                                     "'__base__' rows for the base model instead")
         held = sorted(n for n in wanted if layer.has_adapter(n))
-        mixes = isinstance(layer, LoRALayer) and layer.mixes_rows
         for name in held:
-            if not mixes:
+            if not _mixes(layer):
                 raise UnsupportedLayerError(f"adapter {name!r} is held at {qualname} by a {type(layer).__name__}, "
-                                            "which cannot route rows; pk.mixed_batch mixes plain LoRA adapters only")
+                                            "which cannot route rows; pk.mixed_batch mixes RoAd and plain LoRA "
+                                            "adapters only")
             if name in getattr(layer, "lora_magnitude_vector", {}):
                 raise UnsupportedLayerError(f"adapter {name!r} is a DoRA adapter ({qualname}); pk.mixed_batch mixes "
                                             "plain LoRA adapters only (HF PEFT refuses DoRA here too)")
@@ -185,20 +200,18 @@ def mixed_batch(model: nn.Module, adapter_names: Sequence[str]) -> Iterator[None
     ``num_beams=k`` or ``num_return_sequences=k``) gives each name to k consecutive rows.
 
     Args:
-        model: a model with LoRA adapters (``pk.apply``/``pk.load_adapter``), in eval mode.
+        model: a model with LoRA or RoAd adapters (``pk.apply``/``pk.load_adapter``), in eval mode.
         adapter_names: one adapter name (or ``"__base__"``) per row of the batch.
 
     Raises:
         AdapterNotFoundError: a name is not an adapter of ``model``.
-        UnsupportedLayerError: a named adapter is not a plain LoRA adapter (DoRA, activated LoRA, another
-            method), or has ``modules_to_save``.
+        UnsupportedLayerError: a named adapter is neither a plain LoRA adapter (DoRA, activated LoRA) nor a RoAd
+            adapter, or has ``modules_to_save``.
         AdapterStateError: the model is in training mode, has merged adapters, or is inside
             ``pk.disable_adapters``; nested in another ``pk.mixed_batch`` of the same model. At forward time: a
             batch whose size does not fit the names, or a layer disabled or merged inside the block.
         ConfigError: ``adapter_names`` is not a non-empty sequence of strings.
     """
-    from peftkit.methods.lora_layers import LoRALayer
-
     if isinstance(adapter_names, str) or not adapter_names or not all(isinstance(n, str) for n in adapter_names):
         raise ConfigError(f"adapter_names={adapter_names!r} must be a non-empty list of adapter names, one per row "
                           "of the batch ('__base__' for the base model)")
@@ -208,8 +221,8 @@ def mixed_batch(model: nn.Module, adapter_names: Sequence[str]) -> Iterator[None
     if any(layer.__dict__.get("_mixed") is not None for _, layer in layers):
         raise AdapterStateError("pk.mixed_batch is already active on this model; nested blocks are not supported")
     routing = Routing(names, {id(layer): q for q, layer in layers})
-    mixing = [layer for _, layer in layers if isinstance(layer, LoRALayer) and layer.mixes_rows]
-    others = [layer for _, layer in layers if not (isinstance(layer, LoRALayer) and layer.mixes_rows)]
+    mixing = [layer for _, layer in layers if _mixes(layer)]
+    others = [layer for _, layer in layers if not _mixes(layer)]
     handle = model.register_forward_pre_hook(lambda m, args, kwargs: routing.batch_of(m, args, kwargs),
                                              with_kwargs=True)
     for mixer in mixing:

@@ -74,6 +74,7 @@ PEFT_METHODS: dict[str, str | None] = {
     "vera": "VeRA",
     "fourierft": "FourierFT",
     "randlora": "RandLoRA",
+    "road": "RoAd",
     "ln_tuning": "LNTuning",
     "adapter": "Adapter",
     "adaption_prompt": "AdaptionPrompt",
