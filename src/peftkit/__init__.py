@@ -47,6 +47,7 @@ from peftkit.methods.prefix import PrefixTuning
 from peftkit.methods.prompt import PromptTuning
 from peftkit.methods.ptuning import PTuning
 from peftkit.methods.roles import register_architecture
+from peftkit.methods.shira import SHiRA
 from peftkit.methods.trainable_tokens import TrainableTokens
 from peftkit.methods.vera import VeRA
 from peftkit.quant import estimate_training_memory, memory_report, prepare_for_kbit_training, quantize
@@ -77,6 +78,7 @@ __all__ = [
     "PrefixTuning",
     "PromptTuning",
     "PruneReport",
+    "SHiRA",
     "TrainableTokens",
     "VeRA",
     "active_adapters",

@@ -34,6 +34,7 @@ METHODS: dict[str, tuple[dict[str, Any], Callable[..., pk.AdapterConfig]]] = {
     "loha": ({"target_modules": QV, "rank": 2, "alpha": 4}, pk.LoHa),
     "lokr": ({"target_modules": QV, "rank": 2, "alpha": 4}, pk.LoKr),
     "fourierft": ({"target_modules": QV, "n_frequency": 20}, pk.FourierFT),
+    "shira": ({"target_modules": QV, "rank": 2}, pk.SHiRA),
     "adaption_prompt": ({"adapter_len": 3, "adapter_layers": 1}, pk.AdaptionPrompt),
 }
 #: The same adapters in HF PEFT: (config class name, its fields).
@@ -43,6 +44,7 @@ HF = {
     "loha": ("LoHaConfig", {"target_modules": QV, "r": 2, "alpha": 4}),
     "lokr": ("LoKrConfig", {"target_modules": QV, "r": 2, "alpha": 4}),
     "fourierft": ("FourierFTConfig", {"target_modules": QV, "n_frequency": 20}),
+    "shira": ("ShiraConfig", {"target_modules": QV, "r": 2}),
     "adaption_prompt": ("AdaptionPromptConfig", {"adapter_len": 3, "adapter_layers": 1, "task_type": "CAUSAL_LM"}),
 }
 MERGEABLE = [m for m in METHODS if m != "adaption_prompt"]
@@ -308,6 +310,7 @@ def test_compare_routes_each_method_s_options_and_writes_the_table(tmp_path: Pat
         "loha": {"rank": 2, "alpha": 4, "target_modules": QV},
         "lokr": {"rank": 2, "alpha": 4, "target_modules": QV},
         "fourierft": {"target_modules": QV, "n_frequency": 20},
+        "shira": {"rank": 2, "target_modules": QV},
         "adaption_prompt": {"adapter_len": 3, "adapter_layers": 1},
     }
     cfg["peft"]["rnak"] = 4  # a field of no method is still refused by name
@@ -338,7 +341,7 @@ def test_sweep_sets_rank_and_alpha_where_the_method_has_them(tmp_path: Path) -> 
         run_sweep(str(path), [2], alphas=[4.0])
     for method in ("fourierft", "ln_tuning", "adaption_prompt"):
         path.write_text(yaml.safe_dump(_run_config(tmp_path, method)))
-        listing = r"use a method with one \(lora, .*loha, lokr, .*vera\)"
+        listing = r"use a method with one \(lora, .*loha, lokr, .*vera, shira\)"
         with pytest.raises(ConfigError, match=rf"'{method}' has no rank to sweep; {listing}"):
             run_sweep(str(path), [2])
 
