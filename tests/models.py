@@ -165,6 +165,23 @@ def run(model: nn.Module, arch: str) -> torch.Tensor:
     return getattr(out, key) if key else out
 
 
+def check_two_adapters_as_hf(hf: Any, model: nn.Module, arch: str = "llama") -> None:
+    """Adapters ``default`` and ``other`` on ``model`` give HF PEFT's ``hf`` logits with ``other`` active and with
+    both (merged too); disabled, the base model's logits exactly."""
+    import peftkit as pk
+
+    with torch.no_grad():
+        for names in (["other"], ["default", "other"]):
+            hf.base_model.set_adapter(names)
+            pk.set_adapter(model, names)
+            assert torch.allclose(run(model, arch), run(hf, arch), atol=1e-6)
+        with pk.disable_adapters(model):
+            assert torch.equal(run(model, arch), run(build(arch), arch))
+        pk.merge(model)  # both active adapters folded in: the same output
+        assert torch.allclose(run(model, arch), run(hf, arch), atol=1e-5)
+        pk.unmerge(model)
+
+
 def randomize_adapters(model: nn.Module, seed: int = 0) -> None:
     """Give every trainable or adapter tensor random values, so a zero-initialised B cannot hide a bug."""
     import peftkit as pk

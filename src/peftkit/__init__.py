@@ -49,6 +49,7 @@ from peftkit.methods.ptuning import PTuning
 from peftkit.methods.randlora import RandLoRA
 from peftkit.methods.road import RoAd
 from peftkit.methods.roles import register_architecture
+from peftkit.methods.shira import SHiRA
 from peftkit.methods.trainable_tokens import TrainableTokens
 from peftkit.methods.vera import VeRA
 from peftkit.quant import estimate_training_memory, memory_report, prepare_for_kbit_training, quantize
@@ -81,6 +82,7 @@ __all__ = [
     "PruneReport",
     "RandLoRA",
     "RoAd",
+    "SHiRA",
     "TrainableTokens",
     "VeRA",
     "active_adapters",

@@ -12,7 +12,13 @@ from peftkit.errors import ConfigError, TargetNotFoundError, UnsupportedLayerErr
 from peftkit.methods.fourierft import FourierFTLayer, spectral_indices
 from peftkit.train.config import PEFT_METHODS
 
-from models import assert_files_cross_load, assert_gradients_match_hf, build, trainable_tensors
+from models import (
+    assert_files_cross_load,
+    assert_gradients_match_hf,
+    build,
+    check_two_adapters_as_hf,
+    trainable_tensors,
+)
 
 peft = pytest.importorskip("peft")
 
@@ -155,17 +161,7 @@ def test_several_adapters_disable_and_delete_as_in_hf() -> None:
     torch.manual_seed(4)
     pk.apply(ours, pk.FourierFT(n_frequency=4, scaling=0.3, random_loc_seed=1, target_modules=["v_proj", "o_proj"]),
              name="other")
-    inputs = batch("llama")
-    with torch.no_grad():
-        for names in (["other"], ["default", "other"]):
-            hf.base_model.set_adapter(names)
-            pk.set_adapter(ours, names)
-            assert torch.allclose(ours(**inputs).logits, hf(**inputs).logits, atol=1e-6)
-        with pk.disable_adapters(ours):
-            assert torch.equal(ours(**inputs).logits, build("llama")(**inputs).logits)
-        pk.merge(ours)  # both active adapters folded in: the same output
-        assert torch.allclose(ours(**inputs).logits, hf(**inputs).logits, atol=1e-5)
-        pk.unmerge(ours)
+    check_two_adapters_as_hf(hf, ours)
     pk.delete_adapter(ours, "other")
     assert not isinstance(ours.model.layers[0].self_attn.o_proj, FourierFTLayer)
     assert isinstance(ours.model.layers[0].self_attn.v_proj, FourierFTLayer)

@@ -36,6 +36,7 @@ METHODS: dict[str, tuple[dict[str, Any], Callable[..., pk.AdapterConfig]]] = {
     "fourierft": ({"target_modules": QV, "n_frequency": 20}, pk.FourierFT),
     "randlora": ({"target_modules": QV, "rank": 4, "alpha": 8}, pk.RandLoRA),
     "road": ({"target_modules": QV, "group_size": 8}, pk.RoAd),
+    "shira": ({"target_modules": QV, "rank": 2}, pk.SHiRA),
     "adaption_prompt": ({"adapter_len": 3, "adapter_layers": 1}, pk.AdaptionPrompt),
 }
 #: The same adapters in HF PEFT: (config class name, its fields).
@@ -47,6 +48,7 @@ HF = {
     "fourierft": ("FourierFTConfig", {"target_modules": QV, "n_frequency": 20}),
     "randlora": ("RandLoraConfig", {"target_modules": QV, "r": 4, "randlora_alpha": 8}),
     "road": ("RoadConfig", {"target_modules": QV, "group_size": 8}),
+    "shira": ("ShiraConfig", {"target_modules": QV, "r": 2}),
     "adaption_prompt": ("AdaptionPromptConfig", {"adapter_len": 3, "adapter_layers": 1, "task_type": "CAUSAL_LM"}),
 }
 MERGEABLE = [m for m in METHODS if m != "adaption_prompt"]
@@ -314,6 +316,7 @@ def test_compare_routes_each_method_s_options_and_writes_the_table(tmp_path: Pat
         "fourierft": {"target_modules": QV, "n_frequency": 20},
         "randlora": {"rank": 2, "alpha": 4, "dropout": 0.05, "target_modules": QV},
         "road": {"target_modules": QV, "group_size": 8},
+        "shira": {"rank": 2, "target_modules": QV},
         "adaption_prompt": {"adapter_len": 3, "adapter_layers": 1},
     }
     cfg["peft"]["rnak"] = 4  # a field of no method is still refused by name

@@ -3,16 +3,23 @@
 The layer provides ``delta_weight(name)`` in the base weight's orientation and ``kind`` (the base layer's
 :class:`~peftkit.core.registry.LinearKind`, which reads and writes the weight, dequantizing where it must), or its
 own ``fold(name, sign, safe, where)``. Adapters merge in the order given and unmerge last merged first.
+:class:`DeltaLayer` is the layer of methods that rebuild a dense ΔW in every forward (FourierFT, SHiRA).
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import Any, cast
+
+import torch
+import torch.nn.functional as F
+
+from peftkit.core.layer import AdapterLayer
+from peftkit.core.registry import LinearKind, linear_kind
 
 Fold = Callable[[str, float, bool, str], None]
 
-__all__ = ["merge_deltas", "unmerge_deltas"]
+__all__ = ["DeltaLayer", "merge_deltas", "unmerge_deltas"]
 
 
 def _add_delta(layer: Any, name: str, sign: float, safe: bool = False, where: str = "") -> None:
@@ -46,3 +53,39 @@ def unmerge_deltas(layer: Any, names: Sequence[str] | None = None, fold: Fold | 
         else:
             fold(name, -1.0, False, "")
         layer.merged_adapters.remove(name)
+
+
+class DeltaLayer(AdapterLayer):
+    """A linear-like layer whose adapters each add a dense ΔW built from their own tensors in every forward:
+    ``base(x) + Σ x ΔWᵀ`` over the applied adapters, and ``W ← W ± ΔW`` to merge.
+
+    Subclasses define ``_delta(name)``: adapter ``name``'s ΔW, (out, in), in its tensors' dtype, differentiable.
+    """
+
+    @property
+    def kind(self) -> LinearKind:
+        return cast(LinearKind, linear_kind(self.base_layer))  # looked up, not stored: kinds hold lambdas
+
+    def _delta(self, name: str) -> torch.Tensor:
+        raise NotImplementedError
+
+    def delta_weight(self, name: str) -> torch.Tensor:
+        with torch.no_grad():
+            return self._delta(name)
+
+    def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        result = cast(torch.Tensor, self.base_layer(x, *args, **kwargs))
+        names = self._applied()
+        if not names:
+            return result
+        dtype = result.dtype
+        for name in names:
+            delta = self._delta(name)
+            result = result + F.linear(x.to(delta.dtype), delta)
+        return result.to(dtype)
+
+    def merge(self, names: Sequence[str], safe: bool = False, where: str = "") -> None:
+        merge_deltas(self, names, safe, where)
+
+    def unmerge(self, names: Sequence[str] | None = None) -> None:
+        unmerge_deltas(self, names)

@@ -20,21 +20,19 @@ from __future__ import annotations
 
 import math
 import re
-from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any, cast
+from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from peftkit.core.config import AdapterConfig
 from peftkit.core.layer import AdapterLayer
 from peftkit.core.matching import first_match, matches, near_misses
-from peftkit.core.registry import DEQUANTIZERS, LINEAR_KINDS, LinearKind, linear_kind, register_method
+from peftkit.core.registry import DEQUANTIZERS, LINEAR_KINDS, linear_kind, register_method
 from peftkit.errors import ConfigError, UnsupportedLayerError
 from peftkit.io.hf_names import hf_layer_config, hf_layer_fields
-from peftkit.methods.additive import merge_deltas, unmerge_deltas
+from peftkit.methods.additive import DeltaLayer
 from peftkit.methods.biases import adapted_bias_tensors, train_adapted_biases
 from peftkit.methods.default_targets import LORA_TARGETS, default_for
 from peftkit.methods.lora_layers import adapter_dtype
@@ -56,7 +54,7 @@ def _supported(module: nn.Module) -> bool:
     return linear_kind(module) is not None and DEQUANTIZERS.lookup(type(module)) is None
 
 
-class FourierFTLayer(AdapterLayer):
+class FourierFTLayer(DeltaLayer):
     """FourierFT on ``nn.Linear`` or GPT-2's ``Conv1D``: ``base(x) + x ΔWᵀ`` with ΔW from the spectrum.
 
     Raises:
@@ -75,10 +73,6 @@ class FourierFTLayer(AdapterLayer):
         self.fourierft_spectrum = nn.ParameterDict()
         self.indices: dict[str, torch.Tensor] = {}  # derived from the seed, never saved (as in HF PEFT)
         self.scaling: dict[str, float] = {}
-
-    @property
-    def kind(self) -> LinearKind:
-        return cast(LinearKind, linear_kind(self.base_layer))  # looked up, not stored: kinds hold lambdas
 
     def add(self, name: str, n_frequency: int, scaling: float, seed: int, init_weights: bool, where: str) -> None:
         """Add adapter ``name`` with ``n_frequency`` coefficients at the positions drawn from ``seed``.
@@ -112,28 +106,6 @@ class FourierFTLayer(AdapterLayer):
         dense[rows, cols] = spectrum.float()
         delta: torch.Tensor = torch.fft.ifft2(dense).real * self.scaling[name]
         return delta.to(spectrum.dtype)
-
-    def delta_weight(self, name: str) -> torch.Tensor:
-        with torch.no_grad():
-            return self._delta(name)
-
-    def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
-        result = cast(torch.Tensor, self.base_layer(x, *args, **kwargs))
-        names = self._applied()
-        if not names:
-            return result
-        dtype = x.dtype
-        for name in names:
-            delta = self._delta(name)
-            result = result + F.linear(x.to(delta.dtype), delta)
-        return result.to(dtype)
-
-    # -- merging: W ← W ± ΔW -------------------------------------------------------------------------
-    def merge(self, names: Sequence[str], safe: bool = False, where: str = "") -> None:
-        merge_deltas(self, names, safe, where)
-
-    def unmerge(self, names: Sequence[str] | None = None) -> None:
-        unmerge_deltas(self, names)
 
 
 def _hf_frequency_pattern(pattern: dict[str, Any], module_names: list[str]) -> dict[str, int]:

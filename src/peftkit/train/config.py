@@ -75,6 +75,7 @@ PEFT_METHODS: dict[str, str | None] = {
     "fourierft": "FourierFT",
     "randlora": "RandLoRA",
     "road": "RoAd",
+    "shira": "SHiRA",
     "ln_tuning": "LNTuning",
     "adapter": "Adapter",
     "adaption_prompt": "AdaptionPrompt",
