@@ -264,3 +264,36 @@ def assert_hf_conversion_matches(hf: Any, model: nn.Module, init: Any, tmp_path:
     assert mine.keys() == want.keys()
     for key, tensor in want.items():
         torch.testing.assert_close(mine[key], tensor, rtol=0, atol=atol, msg=key)
+
+
+def assert_files_match_hf(hf: Any, ours: nn.Module, arch: str, inputs: dict[str, torch.Tensor], tmp_path: Any,
+                          loose: tuple[str, ...] = ()) -> None:
+    """Save ``hf`` (a PEFT model) and ``ours`` (peftkit's adapter ``"default"``, with the same outputs) under
+    ``tmp_path``; assert that both files hold the same tensors under the same keys and the same
+    ``adapter_config.json`` but for the fields ``loose`` (and ``peft_version``), and that each loads in the other
+    library with ``hf``'s logits on ``inputs``."""
+    import json
+
+    import peft
+    from safetensors.torch import load_file
+
+    import peftkit as pk
+
+    with torch.no_grad():
+        want = hf(**inputs).logits
+    hf.save_pretrained(str(tmp_path / "hf"))
+    pk.save_adapter(ours, tmp_path / "pk")
+    theirs, mine = (load_file(str(tmp_path / d / "adapter_model.safetensors")) for d in ("hf", "pk"))
+    assert sorted(mine) == sorted(theirs)
+    assert all(torch.allclose(mine[k], theirs[k]) for k in theirs)
+    configs = [json.loads((tmp_path / d / "adapter_config.json").read_text()) for d in ("hf", "pk")]
+    for config in configs:
+        for key in ("peft_version", *loose):
+            config.pop(key, None)
+    assert configs[1] == configs[0]
+
+    loaded = pk.load_adapter(build(arch), tmp_path / "hf")
+    back = peft.PeftModel.from_pretrained(build(arch), str(tmp_path / "pk")).eval()
+    with torch.no_grad():
+        assert torch.allclose(loaded(**inputs).logits, want, atol=1e-6)
+        assert torch.allclose(back(**inputs).logits, want, atol=1e-6)

@@ -34,6 +34,7 @@ METHODS: dict[str, tuple[dict[str, Any], Callable[..., pk.AdapterConfig]]] = {
     "loha": ({"target_modules": QV, "rank": 2, "alpha": 4}, pk.LoHa),
     "lokr": ({"target_modules": QV, "rank": 2, "alpha": 4}, pk.LoKr),
     "fourierft": ({"target_modules": QV, "n_frequency": 20}, pk.FourierFT),
+    "c3a": ({"target_modules": QV, "block_size": 16}, pk.C3A),
     "adaption_prompt": ({"adapter_len": 3, "adapter_layers": 1}, pk.AdaptionPrompt),
 }
 #: The same adapters in HF PEFT: (config class name, its fields).
@@ -43,6 +44,7 @@ HF = {
     "loha": ("LoHaConfig", {"target_modules": QV, "r": 2, "alpha": 4}),
     "lokr": ("LoKrConfig", {"target_modules": QV, "r": 2, "alpha": 4}),
     "fourierft": ("FourierFTConfig", {"target_modules": QV, "n_frequency": 20}),
+    "c3a": ("C3AConfig", {"target_modules": QV, "block_size": 16}),
     "adaption_prompt": ("AdaptionPromptConfig", {"adapter_len": 3, "adapter_layers": 1, "task_type": "CAUSAL_LM"}),
 }
 MERGEABLE = [m for m in METHODS if m != "adaption_prompt"]
@@ -297,7 +299,7 @@ def test_compare_routes_each_method_s_options_and_writes_the_table(tmp_path: Pat
     pytest.importorskip("matplotlib")
     cfg = _run_config(tmp_path, "lora", max_steps=1)
     cfg["peft"] = {"method": "lora", "rank": 2, "alpha": 4, "dropout": 0.05, "target_modules": QV,
-                   "adapter_len": 3, "adapter_layers": 1, "n_frequency": 20}
+                   "adapter_len": 3, "adapter_layers": 1, "n_frequency": 20, "block_size": 16}
     base = config_from_dict(cfg)
     names = ["lora", *METHODS]
     options = {m: method_config(base, m, tmp_path).peft.options for m in names}
@@ -308,6 +310,7 @@ def test_compare_routes_each_method_s_options_and_writes_the_table(tmp_path: Pat
         "loha": {"rank": 2, "alpha": 4, "target_modules": QV},
         "lokr": {"rank": 2, "alpha": 4, "target_modules": QV},
         "fourierft": {"target_modules": QV, "n_frequency": 20},
+        "c3a": {"target_modules": QV, "block_size": 16},
         "adaption_prompt": {"adapter_len": 3, "adapter_layers": 1},
     }
     cfg["peft"]["rnak"] = 4  # a field of no method is still refused by name
@@ -336,7 +339,7 @@ def test_sweep_sets_rank_and_alpha_where_the_method_has_them(tmp_path: Path) -> 
     assert "| 4 | - |" in (tmp_path / "vera" / "sweep.md").read_text()
     with pytest.raises(ConfigError, match="'vera' has a rank but no alpha: drop --alphas"):
         run_sweep(str(path), [2], alphas=[4.0])
-    for method in ("fourierft", "ln_tuning", "adaption_prompt"):
+    for method in ("fourierft", "c3a", "ln_tuning", "adaption_prompt"):
         path.write_text(yaml.safe_dump(_run_config(tmp_path, method)))
         listing = r"use a method with one \(lora, .*loha, lokr, .*vera\)"
         with pytest.raises(ConfigError, match=rf"'{method}' has no rank to sweep; {listing}"):

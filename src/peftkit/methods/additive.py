@@ -1,18 +1,22 @@
-"""Merging for adapters whose update is a weight delta, ``W ← W ± ΔW`` (VeRA, FourierFT, LoHa, LoKr).
+"""Merging for adapters whose update is a weight delta, ``W ← W ± ΔW`` (VeRA, FourierFT, C3A, LoHa, LoKr).
 
 The layer provides ``delta_weight(name)`` in the base weight's orientation and ``kind`` (the base layer's
 :class:`~peftkit.core.registry.LinearKind`, which reads and writes the weight, dequantizing where it must), or its
 own ``fold(name, sign, safe, where)``. Adapters merge in the order given and unmerge last merged first.
+:class:`DeltaLayer` is such a layer over a linear-like base, less its ``delta_weight``.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import Any, cast
+
+from peftkit.core.layer import AdapterLayer
+from peftkit.core.registry import LinearKind, linear_kind
 
 Fold = Callable[[str, float, bool, str], None]
 
-__all__ = ["merge_deltas", "unmerge_deltas"]
+__all__ = ["DeltaLayer", "merge_deltas", "unmerge_deltas"]
 
 
 def _add_delta(layer: Any, name: str, sign: float, safe: bool = False, where: str = "") -> None:
@@ -46,3 +50,17 @@ def unmerge_deltas(layer: Any, names: Sequence[str] | None = None, fold: Fold | 
         else:
             fold(name, -1.0, False, "")
         layer.merged_adapters.remove(name)
+
+
+class DeltaLayer(AdapterLayer):
+    """An adapter layer over a linear-like base layer that merges by adding its ``delta_weight`` to the weight."""
+
+    @property
+    def kind(self) -> LinearKind:
+        return cast(LinearKind, linear_kind(self.base_layer))  # looked up, not stored: kinds hold lambdas
+
+    def merge(self, names: Sequence[str], safe: bool = False, where: str = "") -> None:
+        merge_deltas(self, names, safe, where)
+
+    def unmerge(self, names: Sequence[str] | None = None) -> None:
+        unmerge_deltas(self, names)

@@ -19,8 +19,6 @@ devices) in every forward. ``nn.Linear`` and GPT-2's ``Conv1D`` layers; merging 
 from __future__ import annotations
 
 import math
-import re
-from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any, cast
 
@@ -30,11 +28,18 @@ from torch import nn
 
 from peftkit.core.config import AdapterConfig
 from peftkit.core.layer import AdapterLayer
-from peftkit.core.matching import first_match, matches, near_misses
-from peftkit.core.registry import DEQUANTIZERS, LINEAR_KINDS, LinearKind, linear_kind, register_method
+from peftkit.core.matching import check_pattern_keys, first_match
+from peftkit.core.registry import DEQUANTIZERS, LINEAR_KINDS, linear_kind, register_method
 from peftkit.errors import ConfigError, UnsupportedLayerError
-from peftkit.io.hf_names import hf_layer_targets, hf_modules_to_save, hf_resolve, hf_targets
-from peftkit.methods.additive import merge_deltas, unmerge_deltas
+from peftkit.io.hf_names import (
+    hf_layer_targets,
+    hf_modules_to_save,
+    hf_resolve,
+    hf_suffix_keys,
+    hf_suffix_pattern,
+    hf_targets,
+)
+from peftkit.methods.additive import DeltaLayer
 from peftkit.methods.biases import adapted_bias_tensors, train_adapted_biases
 from peftkit.methods.default_targets import LORA_TARGETS, default_for
 from peftkit.methods.lora_layers import adapter_dtype
@@ -56,7 +61,7 @@ def _supported(module: nn.Module) -> bool:
     return linear_kind(module) is not None and DEQUANTIZERS.lookup(type(module)) is None
 
 
-class FourierFTLayer(AdapterLayer):
+class FourierFTLayer(DeltaLayer):
     """FourierFT on ``nn.Linear`` or GPT-2's ``Conv1D``: ``base(x) + x ΔWᵀ`` with ΔW from the spectrum.
 
     Raises:
@@ -75,10 +80,6 @@ class FourierFTLayer(AdapterLayer):
         self.fourierft_spectrum = nn.ParameterDict()
         self.indices: dict[str, torch.Tensor] = {}  # derived from the seed, never saved (as in HF PEFT)
         self.scaling: dict[str, float] = {}
-
-    @property
-    def kind(self) -> LinearKind:
-        return cast(LinearKind, linear_kind(self.base_layer))  # looked up, not stored: kinds hold lambdas
 
     def add(self, name: str, n_frequency: int, scaling: float, seed: int, init_weights: bool, where: str) -> None:
         """Add adapter ``name`` with ``n_frequency`` coefficients at the positions drawn from ``seed``.
@@ -127,24 +128,6 @@ class FourierFTLayer(AdapterLayer):
             delta = self._delta(name)
             result = result + F.linear(x.to(delta.dtype), delta)
         return result.to(dtype)
-
-    # -- merging: W ← W ± ΔW -------------------------------------------------------------------------
-    def merge(self, names: Sequence[str], safe: bool = False, where: str = "") -> None:
-        merge_deltas(self, names, safe, where)
-
-    def unmerge(self, names: Sequence[str] | None = None) -> None:
-        unmerge_deltas(self, names)
-
-
-def _hf_frequency_pattern(pattern: dict[str, Any], module_names: list[str]) -> dict[str, int]:
-    """HF PEFT's ``n_frequency_pattern`` (regexes matched as ``.*\\.KEY$``, the first matching key wins) resolved to
-    exact module names."""
-    out: dict[str, int] = {}
-    for name in module_names:
-        key = next((k for k in pattern if re.match(rf".*\.{k}$", name)), None)
-        if key is not None:
-            out[name] = int(pattern[key])
-    return out
 
 
 @register_method
@@ -209,11 +192,7 @@ class FourierFT(AdapterConfig):
 
     def resolve(self, model: nn.Module) -> list[str]:
         targets = super().resolve(model)
-        names = [n for n, _ in model.named_modules() if n]
-        for key in self.n_frequency_pattern:  # a typo would silently keep the default
-            if not any(matches(n, key) for n in names):
-                raise ConfigError(f"n_frequency_pattern key {key!r} matches no module of {type(model).__name__}; "
-                                  f"closest module names: {near_misses(key, names)}")
+        check_pattern_keys(model, "n_frequency_pattern", self.n_frequency_pattern)
         return targets
 
     def n_frequency_for(self, qualname: str) -> int:
@@ -248,7 +227,9 @@ class FourierFT(AdapterConfig):
             "modules_to_save": list(self.modules_to_save) or None,
             "layers_to_transform": None,
             "layers_pattern": None,
-            "n_frequency_pattern": self._hf_pattern(targets),
+            # Each changed module by name, as HF PEFT matches the keys (see hf_suffix_keys).
+            "n_frequency_pattern": hf_suffix_keys({n: k for n in targets if (k := self.n_frequency_for(n))
+                                                   != self.n_frequency}),
             "init_weights": self.init_weights,
             "inference_mode": True,
             "base_model_name_or_path": None,
@@ -256,16 +237,6 @@ class FourierFT(AdapterConfig):
             "auto_mapping": None,
             **self.extra,
         }
-
-    def _hf_pattern(self, targets: list[str]) -> dict[str, int]:
-        """``n_frequency_pattern`` for HF PEFT, which matches a key as the regex ``.*\\.KEY$``: each target whose n
-        differs, written as its escaped name without the first component (a top-level module cannot be named)."""
-        out = {}
-        for name in targets:
-            n = self.n_frequency_for(name)
-            if n != self.n_frequency:
-                out[re.escape(name.partition(".")[2] or name)] = n
-        return out
 
     @classmethod
     def from_hf_dict(cls, data: dict[str, Any], module_names: list[str]) -> FourierFT:
@@ -277,7 +248,7 @@ class FourierFT(AdapterConfig):
             random_loc_seed=data.get("random_loc_seed", 777),
             fan_in_fan_out=bool(data.get("fan_in_fan_out", False)),
             init_weights=bool(data.get("init_weights", False)),
-            n_frequency_pattern=_hf_frequency_pattern(data.get("n_frequency_pattern") or {}, module_names),
+            n_frequency_pattern=hf_suffix_pattern(data.get("n_frequency_pattern") or {}, module_names),
             bias=data.get("bias", "none") or "none",
             modules_to_save=hf_modules_to_save(data.get("modules_to_save"), module_names),
             task_type=data.get("task_type"),

@@ -73,6 +73,7 @@ PEFT_METHODS: dict[str, str | None] = {
     "bitfit": "BitFit",
     "vera": "VeRA",
     "fourierft": "FourierFT",
+    "c3a": "C3A",
     "ln_tuning": "LNTuning",
     "adapter": "Adapter",
     "adaption_prompt": "AdaptionPrompt",
