@@ -386,6 +386,19 @@ def assert_files_cross_load(hf: Any, ours: nn.Module, arch: str, inputs: dict[st
     return tuple(configs)
 
 
+def assert_files_match_hf(hf: Any, ours: nn.Module, arch: str, inputs: dict[str, torch.Tensor], tmp_path: Any,
+                          loose: tuple[str, ...] = ()) -> None:
+    """:func:`assert_files_cross_load` with ``hf``'s logits, and the same ``adapter_config.json`` in both files but
+    for the fields ``loose``."""
+    with torch.no_grad():
+        want = hf(**inputs).logits
+    hf_config, our_config = assert_files_cross_load(hf, ours, arch, inputs, want, tmp_path)
+    for key in loose:
+        hf_config.pop(key, None)
+        our_config.pop(key, None)
+    assert our_config == hf_config
+
+
 def trainable_tensors(model: nn.Module) -> dict[str, torch.Tensor]:
     """The trainable tensors of a peftkit model or an HF PEFT model, under the base model's names (HF PEFT's
     ``base_model.model.`` prefix removed)."""

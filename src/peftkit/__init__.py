@@ -26,6 +26,7 @@ from peftkit.methods.adapter import Adapter
 from peftkit.methods.adaption_prompt import AdaptionPrompt
 from peftkit.methods.bitfit import BitFit
 from peftkit.methods.boft import BOFT
+from peftkit.methods.c3a import C3A
 from peftkit.methods.canonical import CanonicalLoRA
 from peftkit.methods.convert import convert
 from peftkit.methods.dora import DoRA
@@ -63,6 +64,7 @@ __all__ = [
     "AdaptionPrompt",
     "BOFT",
     "BitFit",
+    "C3A",
     "COMBINATION_METHODS",
     "CanonicalLoRA",
     "DoRA",

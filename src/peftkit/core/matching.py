@@ -23,7 +23,7 @@ from torch import nn
 
 from peftkit.core.layer import AdapterLayer
 from peftkit.core.walk import inside_adapter_layers, iter_modules
-from peftkit.errors import TargetNotFoundError, UnsupportedLayerError
+from peftkit.errors import ConfigError, TargetNotFoundError, UnsupportedLayerError
 
 #: alias → function returning the exact qualified names it stands for on a model.
 ALIASES: dict[str, Callable[[nn.Module], list[str]]] = {}
@@ -188,3 +188,17 @@ def near_misses(pattern: str, names: Sequence[str], n: int = 5) -> list[str]:
     if not close:
         close = difflib.get_close_matches(pattern, names, n=n, cutoff=0.4)
     return close or leaves[:n]
+
+
+def check_pattern_keys(model: nn.Module, field_name: str, pattern: Iterable[str]) -> None:
+    """Refuse a key of a per-module pattern (``field_name``, such as ``n_frequency_pattern``) that matches no module
+    of ``model``: a typo would silently keep the default.
+
+    Raises:
+        ConfigError: naming the key and the closest module names.
+    """
+    names = [n for n, _ in model.named_modules() if n]
+    for key in pattern:
+        if not any(matches(n, key) for n in names):
+            raise ConfigError(f"{field_name} key {key!r} matches no module of {type(model).__name__}; closest "
+                              f"module names: {near_misses(key, names)}")

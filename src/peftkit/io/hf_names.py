@@ -16,7 +16,8 @@ from peftkit.errors import ConfigError
 
 __all__ = [
     "HF_BOOKKEEPING", "hf_layer_config", "hf_layer_fields", "hf_layer_targets", "hf_modules_to_save", "hf_parameters",
-    "hf_pattern", "hf_resolve", "hf_saved_modules", "hf_targets", "hf_unknown_options",
+    "hf_pattern", "hf_resolve", "hf_saved_modules", "hf_suffix_keys", "hf_suffix_pattern", "hf_targets",
+    "hf_unknown_options",
 ]
 
 #: Keys of ``adapter_config.json`` that HF PEFT writes for every method and that select nothing to compute.
@@ -167,6 +168,24 @@ def hf_pattern(pattern: dict[str, Any], module_names: list[str], parameters: boo
     if parameters:
         out.update({key: value for key, value in pattern.items() if key not in used})
     return out
+
+
+def hf_suffix_pattern(pattern: dict[str, Any], module_names: list[str]) -> dict[str, int]:
+    """A per-module pattern whose keys HF PEFT matches as the regex ``.*\\.KEY$`` (FourierFT's
+    ``n_frequency_pattern``, C3A's ``block_size_pattern``; the first matching key wins), resolved to exact module
+    names."""
+    out: dict[str, int] = {}
+    for name in module_names:
+        key = next((k for k in pattern if re.match(rf".*\.{k}$", name)), None)
+        if key is not None:
+            out[name] = int(pattern[key])
+    return out
+
+
+def hf_suffix_keys(values: dict[str, int]) -> dict[str, int]:
+    """Per-module values (qualified name → value) as such a pattern: each name escaped and without its first
+    component, which ``.*\\.`` cannot match (so a top-level module cannot be named)."""
+    return {re.escape(name.partition(".")[2] or name): value for name, value in values.items()}
 
 
 def hf_parameters(keys: list[str], module_names: list[str]) -> list[str]:

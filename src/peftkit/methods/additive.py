@@ -1,9 +1,10 @@
-"""Merging for adapters whose update is a weight delta, ``W ← W ± ΔW`` (VeRA, FourierFT, LoHa, LoKr).
+"""Merging for adapters whose update is a weight delta, ``W ← W ± ΔW`` (VeRA, FourierFT, C3A, LoHa, LoKr).
 
 The layer provides ``delta_weight(name)`` in the base weight's orientation and ``kind`` (the base layer's
 :class:`~peftkit.core.registry.LinearKind`, which reads and writes the weight, dequantizing where it must), or its
 own ``fold(name, sign, safe, where)``. Adapters merge in the order given and unmerge last merged first.
-:class:`DeltaLayer` is the layer of methods that rebuild a dense ΔW in every forward (FourierFT, SHiRA).
+:class:`DeltaLayer` is the layer of methods that add a ΔW to a linear-like base: FourierFT and SHiRA build it
+densely in every forward (``_delta``), C3A computes its own forward.
 """
 
 from __future__ import annotations

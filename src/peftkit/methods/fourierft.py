@@ -19,7 +19,6 @@ devices) in every forward. ``nn.Linear`` and GPT-2's ``Conv1D`` layers; merging 
 from __future__ import annotations
 
 import math
-import re
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -28,10 +27,10 @@ from torch import nn
 
 from peftkit.core.config import AdapterConfig
 from peftkit.core.layer import AdapterLayer
-from peftkit.core.matching import first_match, matches, near_misses
+from peftkit.core.matching import check_pattern_keys, first_match
 from peftkit.core.registry import DEQUANTIZERS, LINEAR_KINDS, linear_kind, register_method
 from peftkit.errors import ConfigError, UnsupportedLayerError
-from peftkit.io.hf_names import hf_layer_config, hf_layer_fields
+from peftkit.io.hf_names import hf_layer_config, hf_layer_fields, hf_suffix_keys, hf_suffix_pattern
 from peftkit.methods.additive import DeltaLayer
 from peftkit.methods.biases import adapted_bias_tensors, train_adapted_biases
 from peftkit.methods.default_targets import LORA_TARGETS, default_for
@@ -108,16 +107,6 @@ class FourierFTLayer(DeltaLayer):
         return delta.to(spectrum.dtype)
 
 
-def _hf_frequency_pattern(pattern: dict[str, Any], module_names: list[str]) -> dict[str, int]:
-    """HF PEFT's ``n_frequency_pattern`` (regexes matched as ``.*\\.KEY$``, the first matching key wins) resolved to
-    exact module names."""
-    out: dict[str, int] = {}
-    for name in module_names:
-        key = next((k for k in pattern if re.match(rf".*\.{k}$", name)), None)
-        if key is not None:
-            out[name] = int(pattern[key])
-    return out
-
 
 @register_method
 @dataclass
@@ -181,11 +170,7 @@ class FourierFT(AdapterConfig):
 
     def resolve(self, model: nn.Module) -> list[str]:
         targets = super().resolve(model)
-        names = [n for n, _ in model.named_modules() if n]
-        for key in self.n_frequency_pattern:  # a typo would silently keep the default
-            if not any(matches(n, key) for n in names):
-                raise ConfigError(f"n_frequency_pattern key {key!r} matches no module of {type(model).__name__}; "
-                                  f"closest module names: {near_misses(key, names)}")
+        check_pattern_keys(model, "n_frequency_pattern", self.n_frequency_pattern)
         return targets
 
     def n_frequency_for(self, qualname: str) -> int:
@@ -214,20 +199,12 @@ class FourierFT(AdapterConfig):
             random_loc_seed=self.random_loc_seed,
             fan_in_fan_out=self.fan_in_fan_out,  # set by save_adapter when a target stores its weight transposed
             bias=self.bias,
-            n_frequency_pattern=self._hf_pattern(targets),
+            # Each changed module by name, as HF PEFT matches the keys (see hf_suffix_keys).
+            n_frequency_pattern=hf_suffix_keys({n: k for n in targets if (k := self.n_frequency_for(n))
+                                                != self.n_frequency}),
             init_weights=self.init_weights,
             auto_mapping=None,
         )
-
-    def _hf_pattern(self, targets: list[str]) -> dict[str, int]:
-        """``n_frequency_pattern`` for HF PEFT, which matches a key as the regex ``.*\\.KEY$``: each target whose n
-        differs, written as its escaped name without the first component (a top-level module cannot be named)."""
-        out = {}
-        for name in targets:
-            n = self.n_frequency_for(name)
-            if n != self.n_frequency:
-                out[re.escape(name.partition(".")[2] or name)] = n
-        return out
 
     @classmethod
     def from_hf_dict(cls, data: dict[str, Any], module_names: list[str]) -> FourierFT:
@@ -238,7 +215,7 @@ class FourierFT(AdapterConfig):
             random_loc_seed=data.get("random_loc_seed", 777),
             fan_in_fan_out=bool(data.get("fan_in_fan_out", False)),
             init_weights=bool(data.get("init_weights", False)),
-            n_frequency_pattern=_hf_frequency_pattern(data.get("n_frequency_pattern") or {}, module_names),
+            n_frequency_pattern=hf_suffix_pattern(data.get("n_frequency_pattern") or {}, module_names),
             bias=data.get("bias", "none") or "none",
             extra={k: v for k, v in data.items() if k not in _HF_FIELDS},
         )

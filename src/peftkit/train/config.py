@@ -76,6 +76,7 @@ PEFT_METHODS: dict[str, str | None] = {
     "randlora": "RandLoRA",
     "road": "RoAd",
     "shira": "SHiRA",
+    "c3a": "C3A",
     "ln_tuning": "LNTuning",
     "adapter": "Adapter",
     "adaption_prompt": "AdaptionPrompt",
