@@ -360,3 +360,20 @@ def test_ln_tuning_without_defaults_names_the_model_s_norm_layers() -> None:
     with pytest.raises(ConfigError, match=r"LNTuning has no default target_modules for model_type='bert'.*its norm "
                                           r"layers: LayerNorm\)$"):
         pk.apply(build("bert"), pk.LNTuning())
+
+
+#: Fields that fit Gemma's lm_head (32 → 260) where the table's do not.
+_LM_HEAD_FIELDS: dict[str, dict[str, Any]] = {"road": {"group_size": 4}, "c3a": {"block_size": 4}}
+
+
+@pytest.mark.parametrize("method", [m for m in MERGEABLE if m != "ln_tuning"])
+def test_merging_into_an_output_head_tied_to_the_embeddings_is_refused(method: str) -> None:
+    """Merging would change the embeddings too, where the unmerged adapter changes the head alone."""
+    fields, cls = METHODS[method]
+    model = build("gemma")  # lm_head shares the input embeddings' weight
+    pk.apply(model, cls(**{**fields, "target_modules": ["lm_head"], **_LM_HEAD_FIELDS.get(method, {})}))
+    randomize_adapters(model)
+    weight = model.lm_head.base_layer.weight.clone()
+    with pytest.raises(MergeError, match="tied"):
+        pk.merge(model)
+    assert torch.equal(model.lm_head.base_layer.weight, weight) and not model.lm_head.merged_adapters

@@ -38,6 +38,9 @@ class AdapterLayer(nn.Module):
 
     #: Attributes holding per-adapter tensors, keyed by adapter name (and HF's key prefix for them).
     adapter_containers: ClassVar[tuple[str, ...]] = ()
+    #: Whether merging rewrites the base layer's own weight, so that a weight other modules share (an output head
+    #: tied to the input embeddings) must not be merged into (``peftkit.merge``).
+    folds_into_weight: ClassVar[bool] = False
 
     def __init__(self, base_layer: nn.Module) -> None:
         super().__init__()

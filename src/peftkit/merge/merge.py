@@ -18,12 +18,6 @@ from peftkit.core.state import _check_names, adapter_layers, get_state
 from peftkit.core.walk import set_module
 from peftkit.errors import AdapterNotFoundError, MergeError
 from peftkit.methods import lora_replication as replication
-from peftkit.methods.hra import HRALayer
-from peftkit.methods.lora_layers import LoRALayer
-from peftkit.methods.lycoris import LycorisLayer
-from peftkit.methods.miss import MiSSLayer
-from peftkit.methods.road import RoAdLayer
-from peftkit.methods.rotation import RotationLayer
 
 
 def merge(model: nn.Module, names: str | Sequence[str] | None = None, safe: bool = False) -> nn.Module:
@@ -87,14 +81,10 @@ def _checked_merge(model: nn.Module, names: Sequence[str], *, untie: bool = Fals
     return layers
 
 
-#: Adapter layers whose merge rewrites the base layer's own weight.
-_FOLDS_INTO_WEIGHT = (LoRALayer, LycorisLayer, RotationLayer, HRALayer, MiSSLayer, RoAdLayer)
-
-
 def _check_unshared(model: nn.Module, layers: Sequence[tuple[str, AdapterLayer, list[str]]]) -> None:
-    """Refuse folding an update (``_FOLDS_INTO_WEIGHT``: LoRA, LoHa, LoKr, OFT, BOFT, HRA, MiSS, RoAd) into a base
-    weight that modules outside its layer use too (an output head tied to the input embeddings): their outputs would
-    change with it, where the unmerged adapter changes only its own layer. Blocks repeated by ``layer_replication`` are
+    """Refuse folding an update (a layer that ``folds_into_weight``: every method whose merge rewrites the weight)
+    into a base weight that modules outside its layer use too (an output head tied to the input embeddings): their
+    outputs would change with it, where the unmerged adapter changes only its own layer. Blocks repeated by ``layer_replication`` are
     left to :func:`replication.check_merge`."""
     holders: dict[int, list[str]] = {}
     for qualname, parameter in model.named_parameters(remove_duplicate=False):
@@ -102,7 +92,7 @@ def _check_unshared(model: nn.Module, layers: Sequence[tuple[str, AdapterLayer, 
     stack = replication.replication_of(model)
     for qualname, layer, held in layers:
         weight = getattr(layer.base_layer, "weight", None)
-        if not isinstance(layer, _FOLDS_INTO_WEIGHT) or not isinstance(weight, torch.Tensor):
+        if not layer.folds_into_weight or not isinstance(weight, torch.Tensor):
             continue
         others = [h for h in holders.get(id(weight), []) if not h.startswith(qualname + ".")]
         if stack is not None:

@@ -63,6 +63,8 @@ class DeltaLayer(AdapterLayer):
     Subclasses define ``_delta(name)``: adapter ``name``'s ΔW, (out, in), in its tensors' dtype, differentiable.
     """
 
+    folds_into_weight = True
+
     @property
     def kind(self) -> LinearKind:
         return cast(LinearKind, linear_kind(self.base_layer))  # looked up, not stored: kinds hold lambdas

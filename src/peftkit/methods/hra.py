@@ -101,6 +101,7 @@ class HRALayer(AdapterLayer):
         UnsupportedLayerError: ``base_layer`` is of another type, grouped, or has a non-square kernel.
     """
 
+    folds_into_weight = True
     adapter_containers = ("hra_u",)
 
     def __init__(self, base_layer: nn.Module) -> None:

@@ -74,6 +74,7 @@ class IA3Layer(AdapterLayer):
         UnsupportedLayerError: ``base_layer`` is neither.
     """
 
+    folds_into_weight = True
     adapter_containers = ("ia3_l",)
 
     def __init__(self, base_layer: nn.Module, is_feedforward: bool) -> None:

@@ -58,6 +58,7 @@ def adapter_dtype(weight: torch.Tensor) -> torch.dtype:
 class LoRALayer(AdapterLayer):
     """What every LoRA layer shares: per-adapter rank, scale and dropout, and weight merging."""
 
+    folds_into_weight = True
     #: Whether plain LoRA adapters may be added next to this layer's own (DoRA layers: a DoRA adapter and a
     #: LoRA one on the same layer, as HF PEFT allows).
     takes_plain_lora: ClassVar[bool] = False

@@ -78,6 +78,7 @@ class LycorisLayer(AdapterLayer):
         UnsupportedLayerError: ``base_layer`` is of another type.
     """
 
+    folds_into_weight = True
     #: The method's name, for messages.
     method: ClassVar[str] = ""
 

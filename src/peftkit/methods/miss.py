@@ -96,6 +96,7 @@ class MiSSLayer(AdapterLayer):
         UnsupportedLayerError: ``base_layer`` is not a linear layer.
     """
 
+    folds_into_weight = True
     adapter_containers = ("miss_block",)
 
     def __init__(self, base_layer: nn.Module) -> None:

@@ -95,6 +95,7 @@ class RandLoRALayer(AdapterLayer):
         UnsupportedLayerError: ``base_layer`` is not linear-like.
     """
 
+    folds_into_weight = True
     adapter_containers = ("randlora_lambda", "randlora_gamma")
 
     def __init__(self, base_layer: nn.Module, randlora_A: SharedProjection, randlora_B: SharedProjection) -> None:

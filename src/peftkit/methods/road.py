@@ -84,6 +84,7 @@ class RoAdLayer(AdapterLayer):
         UnsupportedLayerError: ``base_layer`` is of another type (GPT-2's ``Conv1D`` included, as in HF PEFT).
     """
 
+    folds_into_weight = True
     adapter_containers = ("road_theta", "road_alpha")
     #: Rows of one batch may go through different adapters here (``pk.mixed_batch``, HF PEFT's ``adapter_names=``).
     mixes_rows: ClassVar[bool] = True

@@ -25,6 +25,7 @@ class RotationLayer(AdapterLayer):
     adapters merged after it too and folds them in again.
     """
 
+    folds_into_weight = True
     #: The method's name, for messages.
     method: ClassVar[str] = ""
 

@@ -109,6 +109,7 @@ class VeRALayer(AdapterLayer):
         UnsupportedLayerError: ``base_layer`` is not linear-like.
     """
 
+    folds_into_weight = True
     adapter_containers = ("vera_lambda_b", "vera_lambda_d")
 
     def __init__(self, base_layer: nn.Module, vera_A: SharedProjection, vera_B: SharedProjection) -> None:
