@@ -84,8 +84,8 @@ def _checked_merge(model: nn.Module, names: Sequence[str], *, untie: bool = Fals
 def _check_unshared(model: nn.Module, layers: Sequence[tuple[str, AdapterLayer, list[str]]]) -> None:
     """Refuse folding an update (a layer that ``folds_into_weight``: every method whose merge rewrites the weight)
     into a base weight that modules outside its layer use too (an output head tied to the input embeddings): their
-    outputs would change with it, where the unmerged adapter changes only its own layer. Blocks repeated by ``layer_replication`` are
-    left to :func:`replication.check_merge`."""
+    outputs would change with it, where the unmerged adapter changes only its own layer. Blocks repeated by
+    ``layer_replication`` are left to :func:`replication.check_merge`."""
     holders: dict[int, list[str]] = {}
     for qualname, parameter in model.named_parameters(remove_duplicate=False):
         holders.setdefault(id(parameter), []).append(qualname)
