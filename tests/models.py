@@ -160,7 +160,9 @@ def build(arch: str, seed: int = 0) -> nn.Module:
 
 
 def run(model: nn.Module, arch: str) -> torch.Tensor:
-    out = model(**_arch(arch).inputs())
+    """The architecture's test inputs through ``model``, on the device of its parameters."""
+    device = next(model.parameters()).device
+    out = model(**{k: v.to(device) for k, v in _arch(arch).inputs().items()})
     key = _arch(arch).output
     return getattr(out, key) if key else out
 
@@ -214,7 +216,7 @@ def randomize_trainable(model: nn.Module, scale: float = 0.5, seed: int | None =
     with torch.no_grad():
         for p in model.parameters():
             if p.requires_grad:
-                noise = torch.randn_like(p) if gen is None else torch.randn(p.shape, generator=gen)
+                noise = torch.randn_like(p) if gen is None else torch.randn(p.shape, generator=gen).to(p.device)
                 p.copy_(noise * scale + (p if shift else 0))
     return model
 
