@@ -24,7 +24,17 @@ from typing import Any
 
 import torch
 from common import (
-    ALPHA, RANK, TARGETS, Shape, build_model, environment, hf_adapt, median, pk_adapt, randomize_adapter, report,
+    ALPHA,
+    RANK,
+    TARGETS,
+    Shape,
+    build_model,
+    environment,
+    hf_adapt,
+    median,
+    pk_adapt,
+    randomize_adapter,
+    report,
     timing_args,
 )
 from torch import nn
@@ -84,7 +94,7 @@ def parity(device: torch.device, dtype: torch.dtype, dora: bool) -> dict[str, fl
     g_hf, g_pk = _adapter_grads(hf), _adapter_grads(ours)
     assert sorted(g_hf) == sorted(g_pk), (sorted(g_hf)[:3], sorted(g_pk)[:3])
     grad_diff = max(float((g_pk[k] - g_hf[k]).abs().max() / g_hf[k].abs().max().clamp_min(1e-12)) for k in g_hf)
-    logits_scale = float(out_hf.logits.float().abs().max())
+    logits_scale = float(out_hf.logits.detach().float().abs().max())
     ours.eval()
     with torch.no_grad():
         unmerged = ours(input_ids=ids).logits.float()
@@ -171,7 +181,8 @@ def train_steps(shape: Shape, device: torch.device, dtype: torch.dtype, rounds: 
             if device.type == "cuda":
                 peak[name] = max(peak.get(name, 0), torch.cuda.max_memory_allocated(device) - before)
     medians = {k: median(v) for k, v in times.items()}
-    ratios = {f"train step {k} / lower_bound": medians[k] / medians["lower_bound"] for k in models if k != "lower_bound"}
+    ratios = {f"train step {k} / lower_bound": medians[k] / medians["lower_bound"]
+              for k in models if k != "lower_bound"}
     ratios.update({f"train step pk{k[2:]} / hf{k[2:]}": medians[k] / medians["hf" + k[2:]]
                    for k in models if k.startswith("pk")})
     if peak:
