@@ -7,7 +7,7 @@ import math
 
 import pytest
 import torch
-from tests.perf.shared import assert_matches_hf, llama
+from tests.perf.shared import IDS, assert_matches_hf, llama
 from torch import nn
 
 import peftkit as pk
@@ -155,3 +155,40 @@ def test_dropout_post_and_no_grad_paths_still_work() -> None:
         model.eval()
         a, b = model(input_ids=ids).logits, model(input_ids=ids).logits
     assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_fp32_adapters_on_a_half_precision_model_infer_as_hf_peft_through_one_plan(
+        dtype: torch.dtype, monkeypatch: pytest.MonkeyPatch) -> None:
+    """HF PEFT's default on a half-precision model (fp32 adapters): inference takes the widened route, with HF PEFT's
+    logits; with gradients on it does not."""
+    from peftkit.methods import lora_groups
+
+    peft = pytest.importorskip("peft")
+    targets = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+    model = pk.apply(llama().to(dtype), pk.LoRA(target_modules=targets, rank=4, alpha=8)).eval()
+    for layer in model.modules():
+        if isinstance(layer, LoRALinear):
+            assert layer.lora_A["default"].weight.dtype == torch.float32
+            nn.init.normal_(layer.lora_B["default"].weight)
+    hf = peft.get_peft_model(llama().to(dtype), peft.LoraConfig(r=4, lora_alpha=8, target_modules=targets)).eval()
+    missing, unexpected = hf.base_model.model.load_state_dict(model.state_dict(), strict=False)
+    assert not missing and not unexpected
+    served = []
+    route = lora_groups.widened_inference
+
+    def counted(layer: nn.Module, x: torch.Tensor) -> torch.Tensor | None:
+        out = route(layer, x)
+        served.extend([] if out is None else [layer])
+        return out
+
+    monkeypatch.setattr(lora_groups, "widened_inference", counted)
+    with torch.no_grad():
+        ours, theirs = model(input_ids=IDS).logits, hf(input_ids=IDS).logits
+    assert len(served) == 2 * len(targets)
+    # The same order of operations as HF PEFT: equal but for the last bit of a rounding (here, exactly equal).
+    ulp = torch.finfo(dtype).eps
+    torch.testing.assert_close(ours.float(), theirs.float(), rtol=ulp, atol=1e-6)
+    model(input_ids=IDS, labels=IDS).loss.backward()  # gradients: the straightforward path
+    assert len(served) == 2 * len(targets)
+    assert all(p.grad is not None for p in model.parameters() if p.requires_grad)

@@ -39,7 +39,7 @@ import torch
 import torch.nn.functional as F
 
 from peftkit.methods.lora_dropout import apply_keep_, dropout_input
-from peftkit.methods.lora_kernels import fused_dora_forward, linear_lora, plain_adapter, scaled_rows
+from peftkit.methods.lora_kernels import fused_dora_forward, linear_lora, plain_adapter, scaled_rows, widened_inference
 
 __all__ = ["GroupedDoRA", "GroupedLoRA", "enabled", "form_groups", "fused_forward", "group_of"]
 
@@ -419,7 +419,7 @@ def fused_forward(layer: Any, x: torch.Tensor, dora: bool = False) -> torch.Tens
                 return out
     plan = plain_adapter(layer, x)
     if plan is None:
-        return None
+        return None if dora else widened_inference(layer, x)
     name, weight, bias, A, B, scale, p = plan
     if dora and name in layer._modules["lora_magnitude_vector"]._parameters:  # (else a plain LoRA adapter)
         out = fused_dora_forward(layer, x, plan)

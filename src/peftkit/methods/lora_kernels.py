@@ -23,7 +23,7 @@ check both agree.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, cast
 
 import torch
 
@@ -31,7 +31,7 @@ from peftkit.core.epoch import EPOCH, STEPS
 from peftkit.methods.lora_dropout import apply_keep, apply_keep_, dropout_input, keep_mask
 
 __all__ = ["DoRALinearFn", "LoRAUpdate", "fused_dora_forward", "keep_mask", "linear_lora",
-           "lora_update", "plain_adapter", "scaled_rows", "supports"]
+           "lora_update", "plain_adapter", "scaled_rows", "supports", "widened_inference"]
 
 
 class LoRAUpdate(torch.autograd.Function):
@@ -188,6 +188,44 @@ def _structure(layer: Any) -> tuple[Any, ...] | None:
     return (name, base._parameters, down._parameters, up._parameters, layer.scaling[name], drop)
 
 
+def _cached_structure(layer: Any) -> tuple[Any, ...] | None:
+    """:func:`_structure`, cached on the layer until :data:`peftkit.core.epoch.EPOCH` moves."""
+    cached = layer.__dict__.get("_plan")
+    if cached is None or cached[0] != EPOCH.value:
+        cached = (EPOCH.value, _structure(layer))
+        layer.__dict__["_plan"] = cached  # not through nn.Module.__setattr__: a plain cache, not module state
+    return cast(tuple[Any, ...] | None, cached[1])
+
+
+#: Adapter dtype → the narrower input dtypes :func:`widened_inference` serves (fp32 adapters on a half-precision
+#: model, HF PEFT's default there).
+_WIDER = {torch.float32: (torch.bfloat16, torch.float16)}
+
+
+def widened_inference(layer: Any, x: torch.Tensor) -> torch.Tensor | None:
+    """Inference of one adapter in a wider dtype than its frozen ``nn.Linear`` (fp32 factors on a bf16 model), in HF
+    PEFT's order: the update computed in the adapter's dtype and added to the widened base output, the sum rounded
+    once. ``None`` where it does not apply (gradients on, dropout active, autocast, other structures, one dtype).
+
+    The same few kernels as the straightforward path, with one cached plan instead of its checks and module calls:
+    one-token decoding on a GPU is bound by them.
+    """
+    if torch.is_grad_enabled():
+        return None
+    plan = _cached_structure(layer)
+    if plan is None:
+        return None
+    _, base, down, up, scale, drop = plan
+    weight, bias, A = base["weight"], base["bias"], down["weight"]
+    if (x.dtype is not weight.dtype or x.dtype not in _WIDER.get(A.dtype, ()) or (drop is not None and drop.training)
+            or _any_autocast()):
+        return None
+    x2 = x.reshape(-1, x.shape[-1])
+    out = torch.addmm(torch.nn.functional.linear(x2, weight, bias).to(A.dtype),
+                      torch.nn.functional.linear(x2.to(A.dtype), A), up["weight"].t(), alpha=scale)
+    return out.to(x.dtype).view(*x.shape[:-1], weight.shape[0])
+
+
 def plain_adapter(layer: Any, x: torch.Tensor) -> tuple[Any, ...] | None:
     """``(name, W, b, A, B, s, p)`` when ``layer``'s forward is one adapter on a frozen ``nn.Linear``, else None.
 
@@ -197,11 +235,7 @@ def plain_adapter(layer: Any, x: torch.Tensor) -> tuple[Any, ...] | None:
     Decoding one token is nearly all such overhead: re-deriving the structure on every call (a dozen
     dictionary lookups on cold objects) cost as much as the adapter's two small matmuls.
     """
-    cached = layer.__dict__.get("_plan")
-    if cached is None or cached[0] != EPOCH.value:
-        cached = (EPOCH.value, _structure(layer))
-        layer.__dict__["_plan"] = cached  # not through nn.Module.__setattr__: a plain cache, not module state
-    plan = cached[1]
+    plan = _cached_structure(layer)
     if plan is None:
         return None
     name, base, down, up, scale, drop = plan
