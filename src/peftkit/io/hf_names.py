@@ -89,14 +89,16 @@ def hf_layer_targets(data: dict[str, Any], module_names: list[str]) -> list[str]
             or (any(n.endswith("." + t) for t in spec) and layer_of(n) in layers)]
 
 
-def hf_layer_config(config: Any, targets: list[str], module_names: list[str], **fields: Any) -> dict[str, Any]:
+def hf_layer_config(config: Any, targets: list[str], module_names: list[str], *, lacks: Collection[str] = (),
+                    **fields: Any) -> dict[str, Any]:
     """``adapter_config.json`` of a method that adapts layers by name: the entries HF PEFT writes for all of them
     around the method's own ``fields``, then what the config kept from a file it was read from (``config.extra``).
 
     The targets are written as names HF PEFT matches exactly (:func:`hf_targets`), so there is nothing to exclude
-    and no layer selection.
+    and no layer selection. ``lacks``: the entries of these that the method's HF PEFT config does not have (VeRA's has
+    no ``exclude_modules``), left out.
     """
-    return {
+    written = {
         "peft_type": config.peft_type,
         "task_type": config.task_type,
         **fields,
@@ -110,6 +112,9 @@ def hf_layer_config(config: Any, targets: list[str], module_names: list[str], **
         "revision": None,
         **config.extra,
     }
+    for key in lacks:
+        del written[key]
+    return written
 
 
 def hf_layer_fields(data: dict[str, Any], module_names: list[str]) -> dict[str, Any]:

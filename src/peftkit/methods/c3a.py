@@ -30,14 +30,7 @@ from peftkit.core.layer import AdapterLayer
 from peftkit.core.matching import check_pattern_keys, first_match
 from peftkit.core.registry import DEQUANTIZERS, register_method
 from peftkit.errors import ConfigError, UnsupportedLayerError
-from peftkit.io.hf_names import (
-    hf_layer_targets,
-    hf_modules_to_save,
-    hf_suffix_keys,
-    hf_suffix_pattern,
-    hf_targets,
-    hf_unknown_options,
-)
+from peftkit.io.hf_names import hf_layer_config, hf_layer_fields, hf_suffix_keys, hf_suffix_pattern, hf_unknown_options
 from peftkit.methods.additive import DeltaLayer
 from peftkit.methods.biases import adapted_bias_tensors, train_adapted_biases
 from peftkit.methods.default_targets import LORA_TARGETS, default_for
@@ -239,34 +232,23 @@ class C3A(AdapterConfig):
     # -- adapter_config.json ---------------------------------------------------------------------
     def to_hf_dict(self, targets: list[str], module_names: list[str]) -> dict[str, Any]:
         sizes = {n: b for n in targets if (b := self.block_size_for(n)) != self.block_size}
-        return {
-            "peft_type": self.peft_type,
-            "task_type": self.task_type,
-            "block_size": self.block_size,
-            "target_modules": hf_targets(targets, module_names),
-            "bias": self.bias,
-            "modules_to_save": list(self.modules_to_save) or None,
-            "layers_to_transform": None,
-            "layers_pattern": None,
-            "block_size_pattern": hf_suffix_keys(sizes),  # each changed module by name, as HF PEFT matches keys
-            "init_weights": self.init_weights,
-            "inference_mode": True,
-            "base_model_name_or_path": None,
-            "revision": None,
-            "auto_mapping": None,
-            **self.extra,
-        }
+        return hf_layer_config(
+            self, targets, module_names, lacks=("exclude_modules",),
+            block_size=self.block_size,
+            bias=self.bias,
+            block_size_pattern=hf_suffix_keys(sizes),  # each changed module by name, as HF PEFT matches keys
+            init_weights=self.init_weights,
+            auto_mapping=None,
+        )
 
     @classmethod
     def from_hf_dict(cls, data: dict[str, Any], module_names: list[str]) -> C3A:
         unknown = hf_unknown_options(data, _HF_FIELDS, "C3A")
         return cls(
-            target_modules=hf_layer_targets(data, module_names),  # the layer indices resolved, as HF PEFT does
+            **hf_layer_fields(data, module_names),  # layers_to_transform resolved as HF PEFT does
             block_size=data.get("block_size", 256),
             block_size_pattern=hf_suffix_pattern(data.get("block_size_pattern") or {}, module_names),
             init_weights=data.get("init_weights", "xavier_uniform"),
             bias=data.get("bias", "none") or "none",
-            modules_to_save=hf_modules_to_save(data.get("modules_to_save"), module_names),
-            task_type=data.get("task_type"),
             extra={k: v for k, v in data.items() if k in unknown or k in ("auto_mapping", "peft_version")},
         )

@@ -39,7 +39,7 @@ from peftkit.core.layer import AdapterLayer
 from peftkit.core.registry import LINEAR_KINDS, LinearKind, linear_kind, register_method
 from peftkit.core.state import get_state
 from peftkit.errors import ConfigError, UnsupportedLayerError
-from peftkit.io.hf_names import hf_layer_targets, hf_modules_to_save, hf_resolve, hf_targets
+from peftkit.io.hf_names import hf_layer_config, hf_layer_fields
 from peftkit.methods.additive import merge_deltas, unmerge_deltas
 from peftkit.methods.biases import adapted_bias_tensors, train_adapted_biases
 from peftkit.methods.default_targets import LORA_TARGETS, default_for
@@ -343,34 +343,24 @@ class RandLoRA(AdapterConfig):
 
     # -- adapter_config.json ---------------------------------------------------------------------
     def to_hf_dict(self, targets: list[str], module_names: list[str]) -> dict[str, Any]:
-        return {
-            "peft_type": self.peft_type,
-            "task_type": self.task_type,
-            "r": self.rank,
-            "target_modules": hf_targets(targets, module_names),
-            "projection_prng_key": self.projection_prng_key,
-            "save_projection": self.save_projection,
-            "sparse": self.sparse,
-            "very_sparse": self.very_sparse,
-            "randlora_dropout": self.dropout,
-            "fan_in_fan_out": False,  # set by save_adapter when a target stores its weight transposed
-            "randlora_alpha": self.alpha,
-            "bias": self.bias,
-            "modules_to_save": list(self.modules_to_save) or None,
-            "init_weights": self.init_weights,
-            "layers_to_transform": None,
-            "layers_pattern": None,
-            "inference_mode": True,
-            "base_model_name_or_path": None,
-            "revision": None,
-            **self.extra,
-        }
+        return hf_layer_config(
+            self, targets, module_names, lacks=("exclude_modules",),
+            r=self.rank,
+            projection_prng_key=self.projection_prng_key,
+            save_projection=self.save_projection,
+            sparse=self.sparse,
+            very_sparse=self.very_sparse,
+            randlora_dropout=self.dropout,
+            fan_in_fan_out=False,  # set by save_adapter when a target stores its weight transposed
+            randlora_alpha=self.alpha,
+            bias=self.bias,
+            init_weights=self.init_weights,
+        )
 
     @classmethod
     def from_hf_dict(cls, data: dict[str, Any], module_names: list[str]) -> RandLoRA:
         return cls(
-            target_modules=hf_layer_targets(data, module_names),  # the layer indices resolved, as HF PEFT does
-            exclude_modules=hf_resolve(data.get("exclude_modules"), module_names),
+            **hf_layer_fields(data, module_names),  # layers_to_transform resolved as HF PEFT does
             rank=int(data.get("r", 32)),
             alpha=data.get("randlora_alpha", 640),
             dropout=float(data.get("randlora_dropout", 0.0) or 0.0),
@@ -380,8 +370,6 @@ class RandLoRA(AdapterConfig):
             very_sparse=bool(data.get("very_sparse", False)),
             init_weights=bool(data.get("init_weights", True)),
             bias=data.get("bias", "none") or "none",
-            modules_to_save=hf_modules_to_save(data.get("modules_to_save"), module_names),
-            task_type=data.get("task_type"),
             extra={k: v for k, v in data.items() if k not in _HF_FIELDS},
         )
 

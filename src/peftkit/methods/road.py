@@ -38,7 +38,7 @@ from peftkit.core.config import AdapterConfig
 from peftkit.core.layer import AdapterLayer
 from peftkit.core.registry import LinearKind, linear_kind, register_method
 from peftkit.errors import ConfigError, MergeError, UnsupportedLayerError
-from peftkit.io.hf_names import hf_modules_to_save, hf_resolve, hf_targets, hf_unknown_options
+from peftkit.io.hf_names import hf_layer_config, hf_layer_fields, hf_unknown_options
 from peftkit.methods import lora_mixed
 from peftkit.methods.default_targets import LORA_TARGETS, default_for
 from peftkit.methods.lora_layers import adapter_dtype
@@ -276,28 +276,19 @@ class RoAd(AdapterConfig):
 
     # -- adapter_config.json ---------------------------------------------------------------------
     def to_hf_dict(self, targets: list[str], module_names: list[str]) -> dict[str, Any]:
-        return {
-            "peft_type": self.peft_type,
-            "task_type": self.task_type,
-            "variant": self.variant,
-            "group_size": self.group_size,
-            "init_weights": self.init_weights,
-            "target_modules": hf_targets(targets, module_names),
-            "modules_to_save": list(self.modules_to_save) or None,
-            "inference_mode": True,
-            "base_model_name_or_path": None,
-            "revision": None,
-            "auto_mapping": None,
-            **self.extra,
-        }
+        return hf_layer_config(
+            self, targets, module_names, lacks=("exclude_modules", "layers_to_transform", "layers_pattern"),
+            variant=self.variant,
+            group_size=self.group_size,
+            init_weights=self.init_weights,
+            auto_mapping=None,
+        )
 
     @classmethod
     def from_hf_dict(cls, data: dict[str, Any], module_names: list[str]) -> RoAd:
         unknown = hf_unknown_options(data, _HF_FIELDS, "RoAd")
         return cls(
-            target_modules=hf_resolve(data.get("target_modules"), module_names),
-            modules_to_save=hf_modules_to_save(data.get("modules_to_save"), module_names),
-            task_type=data.get("task_type"),
+            **hf_layer_fields(data, module_names),
             variant=data.get("variant", "road_1"),
             group_size=data.get("group_size", 64),
             init_weights=bool(data.get("init_weights", True)),

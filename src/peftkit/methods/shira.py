@@ -30,7 +30,7 @@ from peftkit.core.config import AdapterConfig
 from peftkit.core.layer import AdapterLayer
 from peftkit.core.registry import LINEAR_KINDS, LinearKind, is_fan_in_fan_out, linear_kind, register_method
 from peftkit.errors import ConfigError, UnsupportedLayerError
-from peftkit.io.hf_names import hf_modules_to_save, hf_resolve, hf_targets
+from peftkit.io.hf_names import hf_layer_config, hf_layer_fields
 from peftkit.methods.additive import DeltaLayer
 from peftkit.methods.default_targets import LORA_TARGETS, default_for
 from peftkit.methods.lora_layers import adapter_dtype
@@ -231,28 +231,21 @@ class SHiRA(AdapterConfig):
 
     # -- adapter_config.json ---------------------------------------------------------------------
     def to_hf_dict(self, targets: list[str], module_names: list[str]) -> dict[str, Any]:
-        return {
-            "peft_type": self.peft_type,
-            "task_type": self.task_type,
-            "r": self.rank,
-            "mask_type": self.mask_type,
-            "random_seed": self.random_seed,
-            "target_modules": hf_targets(targets, module_names),
-            "fan_in_fan_out": self.fan_in_fan_out,  # set by save_adapter from the targets' layer types
-            "init_weights": self.init_weights,
-            "modules_to_save": list(self.modules_to_save) or None,
-            "inference_mode": True,
-            "base_model_name_or_path": None,
-            "revision": None,
-            "auto_mapping": None,
-            **self.extra,
-        }
+        return hf_layer_config(
+            self, targets, module_names, lacks=("exclude_modules", "layers_to_transform", "layers_pattern"),
+            r=self.rank,
+            mask_type=self.mask_type,
+            random_seed=self.random_seed,
+            fan_in_fan_out=self.fan_in_fan_out,  # set by save_adapter from the targets' layer types
+            init_weights=self.init_weights,
+            auto_mapping=None,
+        )
 
     @classmethod
     def from_hf_dict(cls, data: dict[str, Any], module_names: list[str]) -> SHiRA:
         mask_type = data.get("mask_type", "random") or "random"
         return cls(
-            target_modules=hf_resolve(data.get("target_modules"), module_names),
+            **hf_layer_fields(data, module_names),
             rank=int(data.get("r", 32)),
             mask_type=mask_type,
             random_seed=data.get("random_seed"),
@@ -260,8 +253,6 @@ class SHiRA(AdapterConfig):
             mask_fn=None if mask_type == "random" else _placeholder_mask,
             fan_in_fan_out=bool(data.get("fan_in_fan_out", False)),
             init_weights=bool(data.get("init_weights", True)),
-            modules_to_save=hf_modules_to_save(data.get("modules_to_save"), module_names),
-            task_type=data.get("task_type"),
             extra={k: v for k, v in data.items() if k not in _HF_FIELDS},
         )
 

@@ -33,7 +33,7 @@ from peftkit.core.layer import AdapterLayer
 from peftkit.core.registry import LINEAR_KINDS, LinearKind, linear_kind, register_method
 from peftkit.core.state import get_state
 from peftkit.errors import ConfigError, UnsupportedLayerError
-from peftkit.io.hf_names import hf_layer_targets, hf_modules_to_save, hf_resolve, hf_targets
+from peftkit.io.hf_names import hf_layer_config, hf_layer_fields
 from peftkit.methods.additive import merge_deltas, unmerge_deltas
 from peftkit.methods.biases import adapted_bias_tensors, train_adapted_biases
 from peftkit.methods.default_targets import LORA_TARGETS, default_for
@@ -329,32 +329,22 @@ class VeRA(AdapterConfig):
 
     # -- adapter_config.json ---------------------------------------------------------------------
     def to_hf_dict(self, targets: list[str], module_names: list[str]) -> dict[str, Any]:
-        return {
-            "peft_type": self.peft_type,
-            "task_type": self.task_type,
-            "r": self.rank,
-            "target_modules": hf_targets(targets, module_names),
-            "projection_prng_key": self.projection_prng_key,
-            "save_projection": self.save_projection,
-            "vera_dropout": self.dropout,
-            "d_initial": self.d_initial,
-            "fan_in_fan_out": False,  # set by save_adapter when a target stores its weight transposed
-            "bias": self.bias,
-            "modules_to_save": list(self.modules_to_save) or None,
-            "init_weights": self.init_weights,
-            "layers_to_transform": None,
-            "layers_pattern": None,
-            "inference_mode": True,
-            "base_model_name_or_path": None,
-            "revision": None,
-            **self.extra,
-        }
+        return hf_layer_config(
+            self, targets, module_names, lacks=("exclude_modules",),
+            r=self.rank,
+            projection_prng_key=self.projection_prng_key,
+            save_projection=self.save_projection,
+            vera_dropout=self.dropout,
+            d_initial=self.d_initial,
+            fan_in_fan_out=False,  # set by save_adapter when a target stores its weight transposed
+            bias=self.bias,
+            init_weights=self.init_weights,
+        )
 
     @classmethod
     def from_hf_dict(cls, data: dict[str, Any], module_names: list[str]) -> VeRA:
         return cls(
-            target_modules=hf_layer_targets(data, module_names),  # the layer indices resolved, as HF PEFT does
-            exclude_modules=hf_resolve(data.get("exclude_modules"), module_names),
+            **hf_layer_fields(data, module_names),  # layers_to_transform resolved as HF PEFT does
             rank=int(data.get("r", 256)),
             projection_prng_key=int(data.get("projection_prng_key", 0)),
             save_projection=bool(data.get("save_projection", True)),
@@ -362,8 +352,6 @@ class VeRA(AdapterConfig):
             d_initial=float(data.get("d_initial", 0.1)),
             init_weights=bool(data.get("init_weights", True)),
             bias=data.get("bias", "none") or "none",
-            modules_to_save=hf_modules_to_save(data.get("modules_to_save"), module_names),
-            task_type=data.get("task_type"),
             extra={k: v for k, v in data.items() if k not in _HF_FIELDS},
         )
 
