@@ -31,6 +31,7 @@ from peftkit.methods.canonical import CanonicalLoRA
 from peftkit.methods.convert import convert
 from peftkit.methods.dora import DoRA
 from peftkit.methods.fourierft import FourierFT
+from peftkit.methods.gralora import GraLoRA
 from peftkit.methods.hra import HRA
 from peftkit.methods.ia3 import IA3
 from peftkit.methods.ln_tuning import LNTuning
@@ -69,6 +70,7 @@ __all__ = [
     "CanonicalLoRA",
     "DoRA",
     "FourierFT",
+    "GraLoRA",
     "HRA",
     "IA3",
     "LNTuning",

@@ -38,6 +38,7 @@ METHODS: dict[str, tuple[dict[str, Any], Callable[..., pk.AdapterConfig]]] = {
     "road": ({"target_modules": QV, "group_size": 8}, pk.RoAd),
     "shira": ({"target_modules": QV, "rank": 2}, pk.SHiRA),
     "c3a": ({"target_modules": QV, "block_size": 16}, pk.C3A),
+    "gralora": ({"target_modules": QV, "rank": 4, "alpha": 8, "hybrid_rank": 2}, pk.GraLoRA),
     "adaption_prompt": ({"adapter_len": 3, "adapter_layers": 1}, pk.AdaptionPrompt),
 }
 #: The same adapters in HF PEFT: (config class name, its fields).
@@ -51,6 +52,7 @@ HF = {
     "road": ("RoadConfig", {"target_modules": QV, "group_size": 8}),
     "shira": ("ShiraConfig", {"target_modules": QV, "r": 2}),
     "c3a": ("C3AConfig", {"target_modules": QV, "block_size": 16}),
+    "gralora": ("GraloraConfig", {"target_modules": QV, "r": 4, "alpha": 8, "hybrid_r": 2}),
     "adaption_prompt": ("AdaptionPromptConfig", {"adapter_len": 3, "adapter_layers": 1, "task_type": "CAUSAL_LM"}),
 }
 MERGEABLE = [m for m in METHODS if m != "adaption_prompt"]
@@ -320,6 +322,7 @@ def test_compare_routes_each_method_s_options_and_writes_the_table(tmp_path: Pat
         "road": {"target_modules": QV, "group_size": 8},
         "shira": {"rank": 2, "target_modules": QV},
         "c3a": {"target_modules": QV, "block_size": 16},
+        "gralora": {"rank": 2, "alpha": 4, "dropout": 0.05, "target_modules": QV},
         "adaption_prompt": {"adapter_len": 3, "adapter_layers": 1},
     }
     cfg["peft"]["rnak"] = 4  # a field of no method is still refused by name
@@ -337,10 +340,11 @@ def test_compare_routes_each_method_s_options_and_writes_the_table(tmp_path: Pat
 
 def test_sweep_sets_rank_and_alpha_where_the_method_has_them(tmp_path: Path) -> None:
     path = tmp_path / "run.yaml"
-    path.write_text(yaml.safe_dump(_run_config(tmp_path, "loha", max_steps=1)))
-    rows = run_sweep(str(path), [2, 4], overrides=["data.eval_fraction=0"])
-    assert [(r["rank"], r["alpha"]) for r in rows] == [(2, 4.0), (4, 8.0)] and all("error" not in r for r in rows)
-    assert rows[0]["trainable"] < rows[1]["trainable"]
+    for method in ("loha", "gralora"):
+        path.write_text(yaml.safe_dump(_run_config(tmp_path, method, max_steps=1)))
+        rows = run_sweep(str(path), [2, 4], overrides=["data.eval_fraction=0"])
+        assert [(r["rank"], r["alpha"]) for r in rows] == [(2, 4.0), (4, 8.0)] and all("error" not in r for r in rows)
+        assert rows[0]["trainable"] < rows[1]["trainable"]
     path.write_text(yaml.safe_dump(_run_config(tmp_path, "vera", max_steps=1)))  # a rank and no alpha: ranks alone
     rows = run_sweep(str(path), [2, 4], overrides=["data.eval_fraction=0"])
     assert [(r["rank"], r["alpha"]) for r in rows] == [(2, None), (4, None)] and all("error" not in r for r in rows)
