@@ -416,3 +416,28 @@ def assert_gradients_match_hf(hf: nn.Module, ours: nn.Module, inputs: dict[str, 
     for name, tensor in trainable_tensors(hf).items():
         assert tensor.grad is not None and torch.allclose(got[name].grad, tensor.grad, atol=1e-6), name
     assert all(p.grad is None for n, p in ours.named_parameters() if own not in n)
+
+
+def assert_merges_as_hf(hf: Any, ours: nn.Module, inputs: dict[str, torch.Tensor], layer: type[nn.Module],
+                        arch: str = "llama") -> None:
+    """Assert that merging peftkit's active adapters (``safe=True``) keeps its logits on ``inputs``, that disabling
+    the merged adapters gives the base model's, that unmerging restores every tensor, and that
+    ``pk.unload(merge=True)`` gives HF PEFT's ``merge_and_unload`` weights with no ``layer`` left."""
+    import peftkit as pk
+
+    weights = {n: p.clone() for n, p in ours.named_parameters()}
+    with torch.no_grad():
+        want = ours(**inputs).logits
+        pk.merge(ours, safe=True)
+        torch.testing.assert_close(ours(**inputs).logits, want, rtol=0, atol=1e-5)
+        with pk.disable_adapters(ours):
+            torch.testing.assert_close(ours(**inputs).logits, build(arch)(**inputs).logits, rtol=0, atol=1e-5)
+        pk.unmerge(ours)
+        for n, p in ours.named_parameters():
+            torch.testing.assert_close(p, weights[n], rtol=0, atol=1e-6, msg=n)
+        torch.testing.assert_close(ours(**inputs).logits, want, rtol=0, atol=1e-6)
+        plain = pk.unload(ours, merge=True)
+        theirs = dict(hf.merge_and_unload().named_parameters())
+        for n, p in plain.named_parameters():
+            torch.testing.assert_close(p, theirs[n], rtol=0, atol=1e-6, msg=n)
+        assert not any(isinstance(m, layer) for m in plain.modules())

@@ -35,6 +35,7 @@ METHODS: dict[str, tuple[str, dict[str, Any]]] = {
     "road": ("RoadConfig", {"target_modules": QV, "group_size": 8}),
     "shira": ("ShiraConfig", {"target_modules": QV, "r": 2}),
     "c3a": ("C3AConfig", {"target_modules": ["v_proj"], "block_size": 8}),
+    "delora": ("DeloraConfig", {"target_modules": QV, "r": 4, "delora_lambda": 3}),
 }
 
 

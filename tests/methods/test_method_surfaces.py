@@ -38,6 +38,7 @@ METHODS: dict[str, tuple[dict[str, Any], Callable[..., pk.AdapterConfig]]] = {
     "road": ({"target_modules": QV, "group_size": 8}, pk.RoAd),
     "shira": ({"target_modules": QV, "rank": 2}, pk.SHiRA),
     "c3a": ({"target_modules": QV, "block_size": 16}, pk.C3A),
+    "delora": ({"target_modules": QV, "rank": 2, "delora_lambda": 3}, pk.DeLoRA),
     "adaption_prompt": ({"adapter_len": 3, "adapter_layers": 1}, pk.AdaptionPrompt),
 }
 #: The same adapters in HF PEFT: (config class name, its fields).
@@ -51,6 +52,7 @@ HF = {
     "road": ("RoadConfig", {"target_modules": QV, "group_size": 8}),
     "shira": ("ShiraConfig", {"target_modules": QV, "r": 2}),
     "c3a": ("C3AConfig", {"target_modules": QV, "block_size": 16}),
+    "delora": ("DeloraConfig", {"target_modules": QV, "r": 2, "delora_lambda": 3}),
     "adaption_prompt": ("AdaptionPromptConfig", {"adapter_len": 3, "adapter_layers": 1, "task_type": "CAUSAL_LM"}),
 }
 MERGEABLE = [m for m in METHODS if m != "adaption_prompt"]
@@ -305,7 +307,8 @@ def test_compare_routes_each_method_s_options_and_writes_the_table(tmp_path: Pat
     pytest.importorskip("matplotlib")
     cfg = _run_config(tmp_path, "lora", max_steps=1)
     cfg["peft"] = {"method": "lora", "rank": 2, "alpha": 4, "dropout": 0.05, "target_modules": QV,
-                   "adapter_len": 3, "adapter_layers": 1, "n_frequency": 20, "group_size": 8, "block_size": 16}
+                   "adapter_len": 3, "adapter_layers": 1, "n_frequency": 20, "group_size": 8, "block_size": 16,
+                   "delora_lambda": 3}
     base = config_from_dict(cfg)
     names = ["lora", *METHODS]
     options = {m: method_config(base, m, tmp_path).peft.options for m in names}
@@ -320,6 +323,7 @@ def test_compare_routes_each_method_s_options_and_writes_the_table(tmp_path: Pat
         "road": {"target_modules": QV, "group_size": 8},
         "shira": {"rank": 2, "target_modules": QV},
         "c3a": {"target_modules": QV, "block_size": 16},
+        "delora": {"rank": 2, "delora_lambda": 3, "target_modules": QV},
         "adaption_prompt": {"adapter_len": 3, "adapter_layers": 1},
     }
     cfg["peft"]["rnak"] = 4  # a field of no method is still refused by name
@@ -350,7 +354,7 @@ def test_sweep_sets_rank_and_alpha_where_the_method_has_them(tmp_path: Path) -> 
         run_sweep(str(path), [2], alphas=[4.0])
     for method in ("fourierft", "road", "c3a", "ln_tuning", "adaption_prompt"):
         path.write_text(yaml.safe_dump(_run_config(tmp_path, method)))
-        listing = r"use a method with one \(lora, .*loha, lokr, .*vera.*\)"
+        listing = r"use a method with one \(lora, .*loha, lokr, .*vera.*, delora\)"  # DeLoRA: rank alone
         with pytest.raises(ConfigError, match=rf"'{method}' has no rank to sweep; {listing}"):
             run_sweep(str(path), [2])
 
