@@ -418,11 +418,11 @@ def assert_gradients_match_hf(hf: nn.Module, ours: nn.Module, inputs: dict[str, 
     assert all(p.grad is None for n, p in ours.named_parameters() if own not in n)
 
 
-def assert_merges_as_hf(hf: Any, ours: nn.Module, arch: str, inputs: dict[str, torch.Tensor], layer: type,
-                        atol: float = 1e-5) -> None:
-    """Merging ``ours`` (peftkit) keeps its logits on ``inputs`` and, disabled, gives the base model's; unmerging
-    restores every weight; ``pk.unload(merge=True)`` leaves no ``layer`` and the weights of
-    ``hf.merge_and_unload()``."""
+def assert_merges_as_hf(hf: Any, ours: nn.Module, inputs: dict[str, torch.Tensor], layer: type[nn.Module],
+                        arch: str = "llama", atol: float = 1e-5) -> None:
+    """Assert that merging peftkit's active adapters (``safe=True``) keeps its logits on ``inputs`` (within ``atol``),
+    that disabling the merged adapters gives the base model's, that unmerging restores every tensor, and that
+    ``pk.unload(merge=True)`` gives HF PEFT's ``merge_and_unload`` weights with no ``layer`` left."""
     import peftkit as pk
 
     weights = {n: p.clone() for n, p in ours.named_parameters()}
@@ -435,6 +435,7 @@ def assert_merges_as_hf(hf: Any, ours: nn.Module, arch: str, inputs: dict[str, t
         pk.unmerge(ours)
         for n, p in ours.named_parameters():
             torch.testing.assert_close(p, weights[n], rtol=0, atol=1e-6, msg=n)
+        torch.testing.assert_close(ours(**inputs).logits, want, rtol=0, atol=1e-6)
         plain = pk.unload(ours, merge=True)
         theirs = dict(hf.merge_and_unload().named_parameters())
         for n, p in plain.named_parameters():

@@ -29,6 +29,7 @@ from peftkit.methods.boft import BOFT
 from peftkit.methods.c3a import C3A
 from peftkit.methods.canonical import CanonicalLoRA
 from peftkit.methods.convert import convert
+from peftkit.methods.delora import DeLoRA
 from peftkit.methods.dora import DoRA
 from peftkit.methods.fourierft import FourierFT
 from peftkit.methods.gralora import GraLoRA
@@ -68,6 +69,7 @@ __all__ = [
     "C3A",
     "COMBINATION_METHODS",
     "CanonicalLoRA",
+    "DeLoRA",
     "DoRA",
     "FourierFT",
     "GraLoRA",

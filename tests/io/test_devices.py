@@ -36,6 +36,7 @@ METHODS: dict[str, tuple[str, dict[str, Any]]] = {
     "shira": ("ShiraConfig", {"target_modules": QV, "r": 2}),
     "c3a": ("C3AConfig", {"target_modules": ["v_proj"], "block_size": 8}),
     "gralora": ("GraloraConfig", {"target_modules": QV, "r": 4, "alpha": 8, "hybrid_r": 2}),
+    "delora": ("DeloraConfig", {"target_modules": QV, "r": 4, "delora_lambda": 3}),
 }
 
 

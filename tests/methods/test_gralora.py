@@ -147,7 +147,7 @@ def test_files_load_both_ways_with_equal_logits(arch: str, fields: dict[str, Any
 @pytest.mark.parametrize("arch", ["llama", "gpt2"])
 def test_merge_unmerge_and_unload_equal_hf(arch: str) -> None:
     hf, ours = hf_model(arch, hybrid_rank=2, init_weights=False), ours_model(arch, hybrid_rank=2, init_weights=False)
-    assert_merges_as_hf(hf, ours, arch, batch(arch), GraLoRALayer)
+    assert_merges_as_hf(hf, ours, batch(arch), GraLoRALayer, arch)
 
 
 def test_several_adapters_disable_and_delete_as_in_hf() -> None:

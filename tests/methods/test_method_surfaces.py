@@ -39,6 +39,7 @@ METHODS: dict[str, tuple[dict[str, Any], Callable[..., pk.AdapterConfig]]] = {
     "shira": ({"target_modules": QV, "rank": 2}, pk.SHiRA),
     "c3a": ({"target_modules": QV, "block_size": 16}, pk.C3A),
     "gralora": ({"target_modules": QV, "rank": 4, "alpha": 8, "hybrid_rank": 2}, pk.GraLoRA),
+    "delora": ({"target_modules": QV, "rank": 2, "delora_lambda": 3}, pk.DeLoRA),
     "adaption_prompt": ({"adapter_len": 3, "adapter_layers": 1}, pk.AdaptionPrompt),
 }
 #: The same adapters in HF PEFT: (config class name, its fields).
@@ -53,6 +54,7 @@ HF = {
     "shira": ("ShiraConfig", {"target_modules": QV, "r": 2}),
     "c3a": ("C3AConfig", {"target_modules": QV, "block_size": 16}),
     "gralora": ("GraloraConfig", {"target_modules": QV, "r": 4, "alpha": 8, "hybrid_r": 2}),
+    "delora": ("DeloraConfig", {"target_modules": QV, "r": 2, "delora_lambda": 3}),
     "adaption_prompt": ("AdaptionPromptConfig", {"adapter_len": 3, "adapter_layers": 1, "task_type": "CAUSAL_LM"}),
 }
 MERGEABLE = [m for m in METHODS if m != "adaption_prompt"]
@@ -307,7 +309,8 @@ def test_compare_routes_each_method_s_options_and_writes_the_table(tmp_path: Pat
     pytest.importorskip("matplotlib")
     cfg = _run_config(tmp_path, "lora", max_steps=1)
     cfg["peft"] = {"method": "lora", "rank": 2, "alpha": 4, "dropout": 0.05, "target_modules": QV,
-                   "adapter_len": 3, "adapter_layers": 1, "n_frequency": 20, "group_size": 8, "block_size": 16}
+                   "adapter_len": 3, "adapter_layers": 1, "n_frequency": 20, "group_size": 8, "block_size": 16,
+                   "delora_lambda": 3}
     base = config_from_dict(cfg)
     names = ["lora", *METHODS]
     options = {m: method_config(base, m, tmp_path).peft.options for m in names}
@@ -323,6 +326,7 @@ def test_compare_routes_each_method_s_options_and_writes_the_table(tmp_path: Pat
         "shira": {"rank": 2, "target_modules": QV},
         "c3a": {"target_modules": QV, "block_size": 16},
         "gralora": {"rank": 2, "alpha": 4, "dropout": 0.05, "target_modules": QV},
+        "delora": {"rank": 2, "delora_lambda": 3, "target_modules": QV},
         "adaption_prompt": {"adapter_len": 3, "adapter_layers": 1},
     }
     cfg["peft"]["rnak"] = 4  # a field of no method is still refused by name

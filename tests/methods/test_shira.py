@@ -18,7 +18,7 @@ from peftkit.errors import ConfigError, TargetNotFoundError, UnsupportedLayerErr
 from peftkit.methods.shira import SHiRALayer, mask_indices, random_mask
 from peftkit.train.config import PEFT_METHODS
 
-from models import build, check_two_adapters_as_hf
+from models import assert_merges_as_hf, build, check_two_adapters_as_hf
 
 peft = pytest.importorskip("peft")
 
@@ -203,23 +203,7 @@ def test_files_load_both_ways_with_equal_logits(fields: dict[str, Any], tmp_path
 def test_merge_unmerge_and_unload_equal_hf() -> None:
     hf, ours = hf_model(init_weights=False), ours_model()
     copy_values(hf, ours)
-    inputs = batch("llama")
-    weights = {n: p.clone() for n, p in ours.named_parameters()}
-    with torch.no_grad():
-        want = ours(**inputs).logits
-        pk.merge(ours, safe=True)
-        assert torch.allclose(ours(**inputs).logits, want, atol=1e-5)
-        with pk.disable_adapters(ours):
-            assert torch.allclose(ours(**inputs).logits, build("llama")(**inputs).logits, atol=1e-5)
-        pk.unmerge(ours)
-        for n, p in ours.named_parameters():
-            assert torch.allclose(p, weights[n], atol=1e-6), n
-        assert torch.allclose(ours(**inputs).logits, want, atol=1e-6)
-        plain = pk.unload(ours, merge=True)
-        theirs = dict(hf.merge_and_unload().named_parameters())
-        for n, p in plain.named_parameters():
-            assert torch.allclose(p, theirs[n], atol=1e-6), n
-        assert not any(isinstance(m, SHiRALayer) for m in plain.modules())
+    assert_merges_as_hf(hf, ours, batch("llama"), SHiRALayer)
 
 
 def test_several_adapters_disable_and_delete_as_in_hf() -> None:

@@ -78,6 +78,7 @@ PEFT_METHODS: dict[str, str | None] = {
     "shira": "SHiRA",
     "c3a": "C3A",
     "gralora": "GraLoRA",
+    "delora": "DeLoRA",
     "ln_tuning": "LNTuning",
     "adapter": "Adapter",
     "adaption_prompt": "AdaptionPrompt",
