@@ -401,6 +401,26 @@ def assert_files_match_hf(hf: Any, ours: nn.Module, arch: str, inputs: dict[str,
     assert our_config == hf_config
 
 
+def assert_merges_as_hf(hf: Any, ours: nn.Module, inputs: dict[str, torch.Tensor], layer: type[nn.Module]) -> None:
+    """``pk.merge(safe=True)`` keeps ``ours``'s logits on ``inputs``, ``pk.unmerge`` restores every weight, and
+    ``pk.unload(merge=True)`` gives HF PEFT's ``merge_and_unload`` weights with no ``layer`` left."""
+    import peftkit as pk
+
+    weights = {n: p.clone() for n, p in ours.named_parameters()}
+    with torch.no_grad():
+        want = ours(**inputs).logits
+        pk.merge(ours, safe=True)
+        torch.testing.assert_close(ours(**inputs).logits, want, rtol=0, atol=1e-5)
+        pk.unmerge(ours)
+        for n, p in ours.named_parameters():
+            torch.testing.assert_close(p, weights[n], rtol=0, atol=1e-6, msg=n)
+        plain = pk.unload(ours, merge=True)
+        theirs = dict(hf.merge_and_unload().named_parameters())
+        for n, p in plain.named_parameters():
+            torch.testing.assert_close(p, theirs[n], rtol=0, atol=1e-6, msg=n)
+    assert not any(isinstance(m, layer) for m in plain.modules())
+
+
 def trainable_tensors(model: nn.Module) -> dict[str, torch.Tensor]:
     """The trainable tensors of a peftkit model or an HF PEFT model, under the base model's names (HF PEFT's
     ``base_model.model.`` prefix removed)."""

@@ -38,6 +38,7 @@ METHODS: dict[str, tuple[dict[str, Any], Callable[..., pk.AdapterConfig]]] = {
     "road": ({"target_modules": QV, "group_size": 8}, pk.RoAd),
     "shira": ({"target_modules": QV, "rank": 2}, pk.SHiRA),
     "c3a": ({"target_modules": QV, "block_size": 16}, pk.C3A),
+    "vblora": ({"target_modules": QV, "rank": 2, "num_vectors": 10, "vector_length": 8}, pk.VBLoRA),
     "adaption_prompt": ({"adapter_len": 3, "adapter_layers": 1}, pk.AdaptionPrompt),
 }
 #: The same adapters in HF PEFT: (config class name, its fields).
@@ -51,6 +52,7 @@ HF = {
     "road": ("RoadConfig", {"target_modules": QV, "group_size": 8}),
     "shira": ("ShiraConfig", {"target_modules": QV, "r": 2}),
     "c3a": ("C3AConfig", {"target_modules": QV, "block_size": 16}),
+    "vblora": ("VBLoRAConfig", {"target_modules": QV, "r": 2, "num_vectors": 10, "vector_length": 8}),
     "adaption_prompt": ("AdaptionPromptConfig", {"adapter_len": 3, "adapter_layers": 1, "task_type": "CAUSAL_LM"}),
 }
 MERGEABLE = [m for m in METHODS if m != "adaption_prompt"]
@@ -305,7 +307,8 @@ def test_compare_routes_each_method_s_options_and_writes_the_table(tmp_path: Pat
     pytest.importorskip("matplotlib")
     cfg = _run_config(tmp_path, "lora", max_steps=1)
     cfg["peft"] = {"method": "lora", "rank": 2, "alpha": 4, "dropout": 0.05, "target_modules": QV,
-                   "adapter_len": 3, "adapter_layers": 1, "n_frequency": 20, "group_size": 8, "block_size": 16}
+                   "adapter_len": 3, "adapter_layers": 1, "n_frequency": 20, "group_size": 8, "block_size": 16,
+                   "num_vectors": 10, "vector_length": 8}
     base = config_from_dict(cfg)
     names = ["lora", *METHODS]
     options = {m: method_config(base, m, tmp_path).peft.options for m in names}
@@ -320,6 +323,7 @@ def test_compare_routes_each_method_s_options_and_writes_the_table(tmp_path: Pat
         "road": {"target_modules": QV, "group_size": 8},
         "shira": {"rank": 2, "target_modules": QV},
         "c3a": {"target_modules": QV, "block_size": 16},
+        "vblora": {"rank": 2, "dropout": 0.05, "target_modules": QV, "num_vectors": 10, "vector_length": 8},
         "adaption_prompt": {"adapter_len": 3, "adapter_layers": 1},
     }
     cfg["peft"]["rnak"] = 4  # a field of no method is still refused by name
@@ -348,6 +352,10 @@ def test_sweep_sets_rank_and_alpha_where_the_method_has_them(tmp_path: Path) -> 
     assert "| 4 | - |" in (tmp_path / "vera" / "sweep.md").read_text()
     with pytest.raises(ConfigError, match="'vera' has a rank but no alpha: drop --alphas"):
         run_sweep(str(path), [2], alphas=[4.0])
+    path.write_text(yaml.safe_dump(_run_config(tmp_path, "vblora", max_steps=1)))  # VB-LoRA's logits grow with r
+    rows = run_sweep(str(path), [2, 4], overrides=["data.eval_fraction=0"])
+    assert [(r["rank"], r["alpha"]) for r in rows] == [(2, None), (4, None)] and all("error" not in r for r in rows)
+    assert rows[0]["trainable"] < rows[1]["trainable"]
     for method in ("fourierft", "road", "c3a", "ln_tuning", "adaption_prompt"):
         path.write_text(yaml.safe_dump(_run_config(tmp_path, method)))
         listing = r"use a method with one \(lora, .*loha, lokr, .*vera.*\)"
@@ -363,7 +371,8 @@ def test_ln_tuning_without_defaults_names_the_model_s_norm_layers() -> None:
 
 
 #: Fields that fit Gemma's lm_head (32 → 260) where the table's do not.
-_LM_HEAD_FIELDS: dict[str, dict[str, Any]] = {"road": {"group_size": 4}, "c3a": {"block_size": 4}}
+_LM_HEAD_FIELDS: dict[str, dict[str, Any]] = {"road": {"group_size": 4}, "c3a": {"block_size": 4},
+                                              "vblora": {"vector_length": 4}}
 
 
 @pytest.mark.parametrize("method", [m for m in MERGEABLE if m != "ln_tuning"])
