@@ -54,6 +54,7 @@ from peftkit.methods.road import RoAd
 from peftkit.methods.roles import register_architecture
 from peftkit.methods.shira import SHiRA
 from peftkit.methods.trainable_tokens import TrainableTokens
+from peftkit.methods.vblora import VBLoRA
 from peftkit.methods.vera import VeRA
 from peftkit.quant import estimate_training_memory, memory_report, prepare_for_kbit_training, quantize
 
@@ -90,6 +91,7 @@ __all__ = [
     "RoAd",
     "SHiRA",
     "TrainableTokens",
+    "VBLoRA",
     "VeRA",
     "active_adapters",
     "adalora_step",

@@ -37,12 +37,15 @@ METHODS: dict[str, tuple[str, dict[str, Any]]] = {
     "c3a": ("C3AConfig", {"target_modules": ["v_proj"], "block_size": 8}),
     "gralora": ("GraloraConfig", {"target_modules": QV, "r": 4, "alpha": 8, "hybrid_r": 2}),
     "delora": ("DeloraConfig", {"target_modules": QV, "r": 4, "delora_lambda": 3}),
+    "vblora": ("VBLoRAConfig", {"target_modules": QV, "r": 2, "num_vectors": 10, "vector_length": 8}),
 }
 
 
 def _key(name: str) -> str:
     """HF PEFT's parameter name as peftkit's file key (the adapter name dropped; DoRA's magnitude is a module's
-    weight there)."""
+    weight there; VB-LoRA's bank, a parameter of every layer there, is saved once, under the model's key)."""
+    if ".vblora_vector_bank." in name:
+        return "base_model.vblora_vector_bank"
     return name.replace(".default", "").replace("lora_magnitude_vector.weight", "lora_magnitude_vector")
 
 

@@ -40,6 +40,7 @@ METHODS: dict[str, tuple[dict[str, Any], Callable[..., pk.AdapterConfig]]] = {
     "c3a": ({"target_modules": QV, "block_size": 16}, pk.C3A),
     "gralora": ({"target_modules": QV, "rank": 4, "alpha": 8, "hybrid_rank": 2}, pk.GraLoRA),
     "delora": ({"target_modules": QV, "rank": 2, "delora_lambda": 3}, pk.DeLoRA),
+    "vblora": ({"target_modules": QV, "rank": 2, "num_vectors": 10, "vector_length": 8}, pk.VBLoRA),
     "adaption_prompt": ({"adapter_len": 3, "adapter_layers": 1}, pk.AdaptionPrompt),
 }
 #: The same adapters in HF PEFT: (config class name, its fields).
@@ -55,6 +56,7 @@ HF = {
     "c3a": ("C3AConfig", {"target_modules": QV, "block_size": 16}),
     "gralora": ("GraloraConfig", {"target_modules": QV, "r": 4, "alpha": 8, "hybrid_r": 2}),
     "delora": ("DeloraConfig", {"target_modules": QV, "r": 2, "delora_lambda": 3}),
+    "vblora": ("VBLoRAConfig", {"target_modules": QV, "r": 2, "num_vectors": 10, "vector_length": 8}),
     "adaption_prompt": ("AdaptionPromptConfig", {"adapter_len": 3, "adapter_layers": 1, "task_type": "CAUSAL_LM"}),
 }
 MERGEABLE = [m for m in METHODS if m != "adaption_prompt"]
@@ -310,7 +312,7 @@ def test_compare_routes_each_method_s_options_and_writes_the_table(tmp_path: Pat
     cfg = _run_config(tmp_path, "lora", max_steps=1)
     cfg["peft"] = {"method": "lora", "rank": 2, "alpha": 4, "dropout": 0.05, "target_modules": QV,
                    "adapter_len": 3, "adapter_layers": 1, "n_frequency": 20, "group_size": 8, "block_size": 16,
-                   "delora_lambda": 3}
+                   "delora_lambda": 3, "num_vectors": 10, "vector_length": 8}
     base = config_from_dict(cfg)
     names = ["lora", *METHODS]
     options = {m: method_config(base, m, tmp_path).peft.options for m in names}
@@ -327,6 +329,7 @@ def test_compare_routes_each_method_s_options_and_writes_the_table(tmp_path: Pat
         "c3a": {"target_modules": QV, "block_size": 16},
         "gralora": {"rank": 2, "alpha": 4, "dropout": 0.05, "target_modules": QV},
         "delora": {"rank": 2, "delora_lambda": 3, "target_modules": QV},
+        "vblora": {"rank": 2, "dropout": 0.05, "target_modules": QV, "num_vectors": 10, "vector_length": 8},
         "adaption_prompt": {"adapter_len": 3, "adapter_layers": 1},
     }
     cfg["peft"]["rnak"] = 4  # a field of no method is still refused by name
@@ -356,6 +359,10 @@ def test_sweep_sets_rank_and_alpha_where_the_method_has_them(tmp_path: Path) -> 
     assert "| 4 | - |" in (tmp_path / "vera" / "sweep.md").read_text()
     with pytest.raises(ConfigError, match="'vera' has a rank but no alpha: drop --alphas"):
         run_sweep(str(path), [2], alphas=[4.0])
+    path.write_text(yaml.safe_dump(_run_config(tmp_path, "vblora", max_steps=1)))  # VB-LoRA's logits grow with r
+    rows = run_sweep(str(path), [2, 4], overrides=["data.eval_fraction=0"])
+    assert [(r["rank"], r["alpha"]) for r in rows] == [(2, None), (4, None)] and all("error" not in r for r in rows)
+    assert rows[0]["trainable"] < rows[1]["trainable"]
     for method in ("fourierft", "road", "c3a", "ln_tuning", "adaption_prompt"):
         path.write_text(yaml.safe_dump(_run_config(tmp_path, method)))
         listing = r"use a method with one \(lora, .*loha, lokr, .*vera.*\)"
@@ -371,7 +378,8 @@ def test_ln_tuning_without_defaults_names_the_model_s_norm_layers() -> None:
 
 
 #: Fields that fit Gemma's lm_head (32 → 260) where the table's do not.
-_LM_HEAD_FIELDS: dict[str, dict[str, Any]] = {"road": {"group_size": 4}, "c3a": {"block_size": 4}}
+_LM_HEAD_FIELDS: dict[str, dict[str, Any]] = {"road": {"group_size": 4}, "c3a": {"block_size": 4},
+                                              "vblora": {"vector_length": 4}}
 
 
 @pytest.mark.parametrize("method", [m for m in MERGEABLE if m != "ln_tuning"])

@@ -190,6 +190,10 @@ class AdapterLayer(nn.Module):
         """Take merged adapters (default: all, last merged first) out of the base weight again."""
         raise MergeError(f"{type(self).__name__} adapters cannot be folded into a weight")
 
+    def parameters_finite(self, name: str) -> bool:
+        """Whether adapter ``name``'s parameters hold no NaN or Inf (``pk.merge(safe=True)`` refuses it otherwise)."""
+        return all(bool(torch.isfinite(p).all()) for p in self.adapter_parameters(name))
+
     @staticmethod
     def check_finite(delta: torch.Tensor, where: str, name: str) -> None:
         if not torch.isfinite(delta).all():

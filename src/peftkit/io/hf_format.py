@@ -68,6 +68,13 @@ def adapter_state_dict(model: nn.Module, name: str) -> dict[str, torch.Tensor]:
     return state
 
 
+def file_tensors(model: nn.Module, name: str, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Adapter ``name``'s tensors ``state`` (from ``adapter_state_dict``) as its file holds them: re-encoded by the
+    method's ``file_tensors`` where it stores them in another form (VB-LoRA's top-k weights and indices)."""
+    encode = getattr(_config(model, name), "file_tensors", None)
+    return cast(dict[str, torch.Tensor], encode(state)) if encode is not None else state
+
+
 def adapter_config_dict(model: nn.Module, name: str, config: AdapterConfig | None = None) -> dict[str, Any]:
     """Adapter ``name``'s ``adapter_config.json`` content (written from ``config`` instead of its own if given)."""
     config = config or _config(model, name)
@@ -147,7 +154,8 @@ def save_adapter(
 
             outputs.append((target, *as_plain_lora(model, n)))
         elif layout is None:
-            outputs.append((target, adapter_config_dict(model, n), adapter_state_dict(model, n)))
+            state = file_tensors(model, n, adapter_state_dict(model, n))
+            outputs.append((target, adapter_config_dict(model, n), state))
         else:
             from peftkit.methods.convert import export_adapter
 
@@ -372,6 +380,9 @@ def load_adapter(
 
 
 def _load_tensors(model: nn.Module, name: str, weights: dict[str, torch.Tensor], where: str) -> None:
+    decode = getattr(_config(model, name), "tensors_from_file", None)  # the inverse of the method's file_tensors
+    if decode is not None:
+        weights = decode(weights)
     own = adapter_state_dict(model, name)
     base_embeddings = _saved_base_embeddings(model, weights, own)
     missing = sorted(set(own) - set(weights))

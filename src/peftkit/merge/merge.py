@@ -52,7 +52,7 @@ def _check_finite_parameters(layers: Sequence[tuple[str, AdapterLayer, list[str]
     finding that layer by layer would leave the layers before it merged."""
     for qualname, layer, held in layers:
         for name in held:
-            if not all(bool(torch.isfinite(p).all()) for p in layer.adapter_parameters(name)):
+            if not layer.parameters_finite(name):
                 raise MergeError(
                     f"adapter {name!r} at {qualname} has NaN or Inf in its parameters; nothing was merged. Inspect or "
                     "retrain the adapter, or delete it with pk.delete_adapter."

@@ -1,10 +1,11 @@
-"""Merging for adapters whose update is a weight delta, ``W ← W ± ΔW`` (VeRA, FourierFT, C3A, LoHa, LoKr).
+"""Merging for adapters whose update is a weight delta, ``W ← W ± ΔW`` (VeRA, FourierFT, C3A, VB-LoRA, LoHa, LoKr).
 
 The layer provides ``delta_weight(name)`` in the base weight's orientation and ``kind`` (the base layer's
 :class:`~peftkit.core.registry.LinearKind`, which reads and writes the weight, dequantizing where it must), or its
 own ``fold(name, sign, safe, where)``. Adapters merge in the order given and unmerge last merged first.
 :class:`DeltaLayer` is the layer of methods that add a ΔW to a linear-like base: FourierFT and SHiRA build it
-densely in every forward (``_delta``), C3A computes its own forward.
+densely in every forward (``_delta``), VB-LoRA applies its two factors instead (``_update``), C3A computes its own
+forward.
 """
 
 from __future__ import annotations
@@ -76,6 +77,11 @@ class DeltaLayer(AdapterLayer):
         with torch.no_grad():
             return self._delta(name)
 
+    def _update(self, name: str, x: torch.Tensor) -> torch.Tensor:
+        """Adapter ``name``'s addition to the output for input ``x``: ``x ΔWᵀ`` (VB-LoRA applies its factors)."""
+        delta = self._delta(name)
+        return F.linear(x.to(delta.dtype), delta)
+
     def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
         result = cast(torch.Tensor, self.base_layer(x, *args, **kwargs))
         names = self._applied()
@@ -83,8 +89,7 @@ class DeltaLayer(AdapterLayer):
             return result
         dtype = result.dtype
         for name in names:
-            delta = self._delta(name)
-            result = result + F.linear(x.to(delta.dtype), delta)
+            result = result + self._update(name, x)
         return result.to(dtype)
 
     def merge(self, names: Sequence[str], safe: bool = False, where: str = "") -> None:

@@ -120,7 +120,7 @@ def _fields(method: str) -> set[str]:
 _ADAPTED_BIAS = {"lora": "lora_only", "canonical_lora": "lora_only", "dora": "lora_only", "adalora": "lora_only",
                  "oft": "oft_only", "boft": "boft_only", "hra": "hra_only", "miss": "MiSS_only",
                  "vera": "vera_only", "fourierft": "fourier_only", "randlora": "randlora_only", "c3a": "c3a_only",
-                 "gralora": "gralora_only", "delora": "delora_only"}
+                 "gralora": "gralora_only", "delora": "delora_only", "vblora": "vblora_only"}
 
 
 #: Fields that mean something else for that method, so another method's value is not passed on: BitFit's

@@ -72,6 +72,7 @@ PEFT_METHODS: dict[str, str | None] = {
     "miss": "MiSS",
     "bitfit": "BitFit",
     "vera": "VeRA",
+    "vblora": "VBLoRA",
     "fourierft": "FourierFT",
     "randlora": "RandLoRA",
     "road": "RoAd",

@@ -56,12 +56,12 @@ def _write_adapters(model: nn.Module, directory: Path, is_main: bool) -> None:
     """Gather every adapter and let rank 0 write them in HF PEFT's layout (as ``pk.save_adapter`` does)."""
     from peftkit.core.state import get_state
     from peftkit.io.atomic import write_atomic, write_text_atomic
-    from peftkit.io.hf_format import CONFIG_NAME, WEIGHTS_NAME, adapter_config_dict, adapter_state_dict
+    from peftkit.io.hf_format import CONFIG_NAME, WEIGHTS_NAME, adapter_config_dict, adapter_state_dict, file_tensors
 
     names = list(get_state(model).configs)
     for name in names:
         config = adapter_config_dict(model, name)
-        tensors = full_tensors(adapter_state_dict(model, name))
+        tensors = file_tensors(model, name, full_tensors(adapter_state_dict(model, name)))
         if not is_main:
             continue
         target = directory if len(names) == 1 or name == "default" else directory / name
