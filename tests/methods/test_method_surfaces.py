@@ -38,6 +38,7 @@ METHODS: dict[str, tuple[dict[str, Any], Callable[..., pk.AdapterConfig]]] = {
     "road": ({"target_modules": QV, "group_size": 8}, pk.RoAd),
     "shira": ({"target_modules": QV, "rank": 2}, pk.SHiRA),
     "c3a": ({"target_modules": QV, "block_size": 16}, pk.C3A),
+    "poly": ({"target_modules": QV, "rank": 2, "n_skills": 3}, pk.Poly),  # one task: calls need no task_ids
     "adaption_prompt": ({"adapter_len": 3, "adapter_layers": 1}, pk.AdaptionPrompt),
 }
 #: The same adapters in HF PEFT: (config class name, its fields).
@@ -51,9 +52,13 @@ HF = {
     "road": ("RoadConfig", {"target_modules": QV, "group_size": 8}),
     "shira": ("ShiraConfig", {"target_modules": QV, "r": 2}),
     "c3a": ("C3AConfig", {"target_modules": QV, "block_size": 16}),
+    "poly": ("PolyConfig", {"target_modules": QV, "r": 2, "n_skills": 3}),
     "adaption_prompt": ("AdaptionPromptConfig", {"adapter_len": 3, "adapter_layers": 1, "task_type": "CAUSAL_LM"}),
 }
-MERGEABLE = [m for m in METHODS if m != "adaption_prompt"]
+MERGEABLE = [m for m in METHODS if m not in ("adaption_prompt", "poly")]
+#: What merging a method that cannot be merged says.
+UNMERGEABLE = {"adaption_prompt": "adaption prompts.*cannot be merged.*merge=False",
+               "poly": "Poly adapters.*cannot be merged.*merge=False"}
 ALL = list(METHODS)
 
 
@@ -120,7 +125,7 @@ def test_merge_and_unload_keep_the_output(method: str) -> None:
     want, base = run(model, "llama"), run(build("llama"), "llama")
     close(run(pk.unload(copy.deepcopy(model), merge=False), "llama"), base, atol=0)
     if method not in MERGEABLE:
-        with pytest.raises(MergeError, match="adaption prompts.*cannot be merged.*merge=False"):
+        with pytest.raises(MergeError, match=UNMERGEABLE[method]):
             pk.merge(model)
         with pytest.raises(MergeError, match="cannot be merged"):
             pk.unload(model, merge=True)
@@ -190,6 +195,7 @@ def test_copies_state_dicts_dtypes_checkpointing_and_compile(method: str) -> Non
         m = copy.deepcopy(model).train()
         if checkpointing:
             m.gradient_checkpointing_enable()
+        torch.manual_seed(0)  # the same draws for methods that sample in training (Poly's routing)
         m(input_ids=ids(), labels=ids()).loss.backward()
         return [p.grad for p in m.parameters() if p.requires_grad]
 
@@ -320,6 +326,7 @@ def test_compare_routes_each_method_s_options_and_writes_the_table(tmp_path: Pat
         "road": {"target_modules": QV, "group_size": 8},
         "shira": {"rank": 2, "target_modules": QV},
         "c3a": {"target_modules": QV, "block_size": 16},
+        "poly": {"rank": 2, "target_modules": QV},
         "adaption_prompt": {"adapter_len": 3, "adapter_layers": 1},
     }
     cfg["peft"]["rnak"] = 4  # a field of no method is still refused by name
@@ -348,6 +355,10 @@ def test_sweep_sets_rank_and_alpha_where_the_method_has_them(tmp_path: Path) -> 
     assert "| 4 | - |" in (tmp_path / "vera" / "sweep.md").read_text()
     with pytest.raises(ConfigError, match="'vera' has a rank but no alpha: drop --alphas"):
         run_sweep(str(path), [2], alphas=[4.0])
+    path.write_text(yaml.safe_dump(_run_config(tmp_path, "poly", max_steps=1)))  # Poly's rank: each skill's
+    rows = run_sweep(str(path), [2, 4], overrides=["data.eval_fraction=0"])
+    assert [(r["rank"], r["alpha"]) for r in rows] == [(2, None), (4, None)] and all("error" not in r for r in rows)
+    assert rows[0]["trainable"] < rows[1]["trainable"]
     for method in ("fourierft", "road", "c3a", "ln_tuning", "adaption_prompt"):
         path.write_text(yaml.safe_dump(_run_config(tmp_path, method)))
         listing = r"use a method with one \(lora, .*loha, lokr, .*vera.*\)"

@@ -77,6 +77,7 @@ PEFT_METHODS: dict[str, str | None] = {
     "road": "RoAd",
     "shira": "SHiRA",
     "c3a": "C3A",
+    "poly": "Poly",
     "ln_tuning": "LNTuning",
     "adapter": "Adapter",
     "adaption_prompt": "AdaptionPrompt",
