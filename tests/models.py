@@ -159,10 +159,11 @@ def build(arch: str, seed: int = 0) -> nn.Module:
     return _arch(arch).build().eval()
 
 
-def run(model: nn.Module, arch: str) -> torch.Tensor:
-    """The architecture's test inputs through ``model``, on the device of its parameters."""
+def run(model: nn.Module, arch: str, **extra: torch.Tensor) -> torch.Tensor:
+    """The architecture's test inputs (and ``extra`` call arguments) through ``model``, on the device of its
+    parameters."""
     device = next(model.parameters()).device
-    out = model(**{k: v.to(device) for k, v in _arch(arch).inputs().items()})
+    out = model(**{k: v.to(device) for k, v in {**_arch(arch).inputs(), **extra}.items()})
     key = _arch(arch).output
     return getattr(out, key) if key else out
 

@@ -38,7 +38,13 @@ METHODS: dict[str, tuple[str, dict[str, Any]]] = {
     "gralora": ("GraloraConfig", {"target_modules": QV, "r": 4, "alpha": 8, "hybrid_r": 2}),
     "delora": ("DeloraConfig", {"target_modules": QV, "r": 4, "delora_lambda": 3}),
     "vblora": ("VBLoRAConfig", {"target_modules": QV, "r": 2, "num_vectors": 10, "vector_length": 8}),
+    # CAUSAL_LM: HF PEFT's plain PeftModel does not pass task_ids on to Poly
+    "poly": ("PolyConfig", {"target_modules": QV, "r": 2, "n_tasks": 2, "task_type": "CAUSAL_LM"}),
 }
+#: Call arguments besides the inputs, per method: Poly's task ids (one per example).
+CALL_ARGS: dict[str, dict[str, torch.Tensor]] = {"poly": {"task_ids": torch.tensor([1, 0])}}
+#: Methods that cannot be merged (Poly: per-example routing) or are merged in their own tests (AdaLoRA).
+UNMERGED = ("adalora", "poly")
 
 
 def _key(name: str) -> str:
@@ -64,7 +70,11 @@ def test_hf_peft_adapter_runs_alike_on_the_device(method: str, device: str, tmp_
 
     hf.train()  # dropout is 0 throughout; AdaLoRA adds its orthogonality penalty in training mode in both
     ours.train()
-    want, got = run(hf, "llama"), run(ours, "llama")
+    extra = CALL_ARGS.get(method, {})
+    torch.manual_seed(0)  # Poly samples its routing in training mode: the same draws in both
+    want = run(hf, "llama", **extra)
+    torch.manual_seed(0)
+    got = run(ours, "llama", **extra)
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
     want.square().mean().backward()
     got.square().mean().backward()
@@ -79,12 +89,12 @@ def test_hf_peft_adapter_runs_alike_on_the_device(method: str, device: str, tmp_
 
     ours.eval()
     with torch.no_grad():
-        unmerged = run(ours, "llama")
-        if method != "adalora":  # merging AdaLoRA is covered with its rank masks in its own tests
+        unmerged = run(ours, "llama", **extra)
+        if method not in UNMERGED:
             pk.merge(ours)
-            torch.testing.assert_close(run(ours, "llama"), unmerged, rtol=1e-4, atol=1e-4)
+            torch.testing.assert_close(run(ours, "llama", **extra), unmerged, rtol=1e-4, atol=1e-4)
             pk.unmerge(ours)
     pk.save_adapter(ours, tmp_path / "pk")
     back = peft.PeftModel.from_pretrained(build("llama").to(device), str(tmp_path / "pk")).eval()
     with torch.no_grad():
-        torch.testing.assert_close(run(back, "llama"), unmerged, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(run(back, "llama", **extra), unmerged, rtol=1e-5, atol=1e-5)

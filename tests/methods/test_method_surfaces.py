@@ -41,6 +41,7 @@ METHODS: dict[str, tuple[dict[str, Any], Callable[..., pk.AdapterConfig]]] = {
     "gralora": ({"target_modules": QV, "rank": 4, "alpha": 8, "hybrid_rank": 2}, pk.GraLoRA),
     "delora": ({"target_modules": QV, "rank": 2, "delora_lambda": 3}, pk.DeLoRA),
     "vblora": ({"target_modules": QV, "rank": 2, "num_vectors": 10, "vector_length": 8}, pk.VBLoRA),
+    "poly": ({"target_modules": QV, "rank": 2, "n_skills": 3}, pk.Poly),  # one task: calls need no task_ids
     "adaption_prompt": ({"adapter_len": 3, "adapter_layers": 1}, pk.AdaptionPrompt),
 }
 #: The same adapters in HF PEFT: (config class name, its fields).
@@ -57,9 +58,13 @@ HF = {
     "gralora": ("GraloraConfig", {"target_modules": QV, "r": 4, "alpha": 8, "hybrid_r": 2}),
     "delora": ("DeloraConfig", {"target_modules": QV, "r": 2, "delora_lambda": 3}),
     "vblora": ("VBLoRAConfig", {"target_modules": QV, "r": 2, "num_vectors": 10, "vector_length": 8}),
+    "poly": ("PolyConfig", {"target_modules": QV, "r": 2, "n_skills": 3}),
     "adaption_prompt": ("AdaptionPromptConfig", {"adapter_len": 3, "adapter_layers": 1, "task_type": "CAUSAL_LM"}),
 }
-MERGEABLE = [m for m in METHODS if m != "adaption_prompt"]
+MERGEABLE = [m for m in METHODS if m not in ("adaption_prompt", "poly")]
+#: What merging a method that cannot be merged says.
+UNMERGEABLE = {"adaption_prompt": "adaption prompts.*cannot be merged.*merge=False",
+               "poly": "Poly adapters.*cannot be merged.*merge=False"}
 ALL = list(METHODS)
 
 
@@ -126,7 +131,7 @@ def test_merge_and_unload_keep_the_output(method: str) -> None:
     want, base = run(model, "llama"), run(build("llama"), "llama")
     close(run(pk.unload(copy.deepcopy(model), merge=False), "llama"), base, atol=0)
     if method not in MERGEABLE:
-        with pytest.raises(MergeError, match="adaption prompts.*cannot be merged.*merge=False"):
+        with pytest.raises(MergeError, match=UNMERGEABLE[method]):
             pk.merge(model)
         with pytest.raises(MergeError, match="cannot be merged"):
             pk.unload(model, merge=True)
@@ -196,6 +201,7 @@ def test_copies_state_dicts_dtypes_checkpointing_and_compile(method: str) -> Non
         m = copy.deepcopy(model).train()
         if checkpointing:
             m.gradient_checkpointing_enable()
+        torch.manual_seed(0)  # the same draws for methods that sample in training (Poly's routing)
         m(input_ids=ids(), labels=ids()).loss.backward()
         return [p.grad for p in m.parameters() if p.requires_grad]
 
@@ -330,6 +336,7 @@ def test_compare_routes_each_method_s_options_and_writes_the_table(tmp_path: Pat
         "gralora": {"rank": 2, "alpha": 4, "dropout": 0.05, "target_modules": QV},
         "delora": {"rank": 2, "delora_lambda": 3, "target_modules": QV},
         "vblora": {"rank": 2, "dropout": 0.05, "target_modules": QV, "num_vectors": 10, "vector_length": 8},
+        "poly": {"rank": 2, "target_modules": QV},
         "adaption_prompt": {"adapter_len": 3, "adapter_layers": 1},
     }
     cfg["peft"]["rnak"] = 4  # a field of no method is still refused by name
@@ -359,10 +366,11 @@ def test_sweep_sets_rank_and_alpha_where_the_method_has_them(tmp_path: Path) -> 
     assert "| 4 | - |" in (tmp_path / "vera" / "sweep.md").read_text()
     with pytest.raises(ConfigError, match="'vera' has a rank but no alpha: drop --alphas"):
         run_sweep(str(path), [2], alphas=[4.0])
-    path.write_text(yaml.safe_dump(_run_config(tmp_path, "vblora", max_steps=1)))  # VB-LoRA's logits grow with r
-    rows = run_sweep(str(path), [2, 4], overrides=["data.eval_fraction=0"])
-    assert [(r["rank"], r["alpha"]) for r in rows] == [(2, None), (4, None)] and all("error" not in r for r in rows)
-    assert rows[0]["trainable"] < rows[1]["trainable"]
+    for method in ("vblora", "poly"):  # VB-LoRA's logits and each Poly skill's factors grow with the rank
+        path.write_text(yaml.safe_dump(_run_config(tmp_path, method, max_steps=1)))
+        rows = run_sweep(str(path), [2, 4], overrides=["data.eval_fraction=0"])
+        assert [(r["rank"], r["alpha"]) for r in rows] == [(2, None), (4, None)]
+        assert all("error" not in r for r in rows) and rows[0]["trainable"] < rows[1]["trainable"]
     for method in ("fourierft", "road", "c3a", "ln_tuning", "adaption_prompt"):
         path.write_text(yaml.safe_dump(_run_config(tmp_path, method)))
         listing = r"use a method with one \(lora, .*loha, lokr, .*vera.*\)"

@@ -37,6 +37,7 @@ from peftkit.methods.prompt import (
     PromptLearningConfig,
     PromptLearningLayer,
     attach,
+    check_task_ids,
     check_virtual_tokens,
     hf_init_fields,
     hf_prompt_dict,
@@ -82,12 +83,7 @@ class MultitaskPromptEmbedding(PromptEmbedding):
                 "multi-task prompt tuning needs task_ids, one task index per example: call "
                 f"model(input_ids=..., task_ids=torch.tensor([...])) with {batch} values in [0, {self.num_tasks})"
             )
-        if not isinstance(ids, torch.Tensor):
-            raise ConfigError(f"task_ids={ids!r} is a {type(ids).__name__}: pass an integer tensor of shape "
-                              f"({batch},), one task index per example, e.g. torch.tensor([0, 1])")
-        if ids.dim() != 1 or ids.shape[0] != batch or ids.dtype not in (torch.long, torch.int32):
-            raise ConfigError(f"task_ids of shape {tuple(ids.shape)} and dtype {ids.dtype}: pass an integer tensor "
-                              f"of shape ({batch},), one task index per example")
+        ids = check_task_ids(ids, batch)
         if ids.numel() and (int(ids.min()) < 0 or int(ids.max()) >= self.num_tasks):
             raise ConfigError(f"task_ids={ids.tolist()} has values outside [0, {self.num_tasks}); the adapter has "
                               f"num_tasks={self.num_tasks}")

@@ -247,6 +247,7 @@ class _PassTaskIds:
 
     def __init__(self, inner: Callable[..., dict[str, Any]]) -> None:
         self.inner = inner
+        self.users: set[str] = set()  # the methods reading task_ids (see pass_task_ids)
         params = list(inspect.signature(inner).parameters.values())
         if all(p.name != "task_ids" for p in params):
             at = next((i for i, p in enumerate(params) if p.kind is p.VAR_KEYWORD), len(params))
@@ -258,6 +259,47 @@ class _PassTaskIds:
         if task_ids is not None:
             inputs["task_ids"] = task_ids
         return inputs
+
+
+def pass_task_ids(model: nn.Module, user: str) -> None:
+    """Let ``model.generate(..., task_ids=...)`` hand ``task_ids`` to each forward call (:class:`_PassTaskIds`), for
+    the method ``user`` (multi-task prompts, Poly), whose forward pre-hook takes them out again."""
+    current = model.__dict__.get(_GENERATION)
+    if not isinstance(current, _PassTaskIds):
+        prepare_generation = getattr(model, _GENERATION, None)
+        if not callable(prepare_generation):
+            return  # the model does not generate
+        current = model.__dict__[_GENERATION] = _PassTaskIds(prepare_generation)
+    current.users.add(user)
+
+
+def has_prompt_hooks(model: nn.Module) -> bool:
+    """Whether prompt-learning hooks are on ``model``: their pre-hook takes ``task_ids`` out of its calls."""
+    return _HANDLES in model.__dict__
+
+
+def check_task_ids(ids: Any, batch: int) -> torch.Tensor:
+    """``ids``, checked to be one integer task index per example of a ``batch``-example call.
+
+    Raises:
+        ConfigError: ``ids`` is not an integer tensor of shape (batch,).
+    """
+    if not isinstance(ids, torch.Tensor):
+        raise ConfigError(f"task_ids={ids!r} is a {type(ids).__name__}: pass an integer tensor of shape "
+                          f"({batch},), one task index per example, e.g. torch.tensor([0, 1])")
+    if ids.dim() != 1 or ids.shape[0] != batch or ids.dtype not in (torch.long, torch.int32):
+        raise ConfigError(f"task_ids of shape {tuple(ids.shape)} and dtype {ids.dtype}: pass an integer tensor "
+                          f"of shape ({batch},), one task index per example")
+    return ids
+
+
+def stop_passing_task_ids(model: nn.Module, user: str) -> None:
+    """Undo :func:`pass_task_ids` for ``user``; the model's own method comes back when no method needs it."""
+    current = model.__dict__.get(_GENERATION)
+    if isinstance(current, _PassTaskIds):
+        current.users.discard(user)
+        if not current.users:
+            del model.__dict__[_GENERATION]
 
 
 def attach(model: nn.Module, name: str, module: nn.Module) -> None:
@@ -279,9 +321,7 @@ def attach(model: nn.Module, name: str, module: nn.Module) -> None:
             # A head that takes no KV cache (BERT classifiers): prefix tuning goes through the backbone.
             handles.append(backbone.register_forward_pre_hook(_hook(layer, "prepare_backbone"), with_kwargs=True))
         model.__dict__[_HANDLES] = handles
-        prepare_generation = getattr(model, _GENERATION, None)
-        if callable(prepare_generation):
-            model.__dict__[_GENERATION] = _PassTaskIds(prepare_generation)
+        pass_task_ids(model, "prompt")
     ref = input_embeddings(model).weight
     layer.prompt_modules[name] = module.to(device=ref.device)
 
@@ -297,8 +337,7 @@ def detach(model: nn.Module, name: str) -> None:
     # ``delete_adapter``/``unload`` may already have swapped the emptied layer for its placeholder.
     for handle in model.__dict__.pop(_HANDLES, []):
         handle.remove()
-    if isinstance(model.__dict__.get(_GENERATION), _PassTaskIds):
-        del model.__dict__[_GENERATION]
+    stop_passing_task_ids(model, "prompt")
     if ATTR in model._modules:
         del model._modules[ATTR]
 

@@ -80,6 +80,7 @@ PEFT_METHODS: dict[str, str | None] = {
     "c3a": "C3A",
     "gralora": "GraLoRA",
     "delora": "DeLoRA",
+    "poly": "Poly",
     "ln_tuning": "LNTuning",
     "adapter": "Adapter",
     "adaption_prompt": "AdaptionPrompt",
