@@ -29,6 +29,7 @@ from peftkit.methods.boft import BOFT
 from peftkit.methods.c3a import C3A
 from peftkit.methods.canonical import CanonicalLoRA
 from peftkit.methods.convert import convert
+from peftkit.methods.cpt import CPT
 from peftkit.methods.delora import DeLoRA
 from peftkit.methods.dora import DoRA
 from peftkit.methods.fourierft import FourierFT
@@ -70,6 +71,7 @@ __all__ = [
     "BitFit",
     "C3A",
     "COMBINATION_METHODS",
+    "CPT",
     "CanonicalLoRA",
     "DeLoRA",
     "DoRA",

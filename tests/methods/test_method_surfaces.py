@@ -43,6 +43,7 @@ METHODS: dict[str, tuple[dict[str, Any], Callable[..., pk.AdapterConfig]]] = {
     "vblora": ({"target_modules": QV, "rank": 2, "num_vectors": 10, "vector_length": 8}, pk.VBLoRA),
     "poly": ({"target_modules": QV, "rank": 2, "n_skills": 3}, pk.Poly),  # one task: calls need no task_ids
     "adaption_prompt": ({"adapter_len": 3, "adapter_layers": 1}, pk.AdaptionPrompt),
+    "cpt": ({"cpt_token_ids": [5, 6, 7, 8], "cpt_tokens_type_mask": [1, 2, 3, 4]}, pk.CPT),
 }
 #: The same adapters in HF PEFT: (config class name, its fields).
 HF = {
@@ -60,11 +61,14 @@ HF = {
     "vblora": ("VBLoRAConfig", {"target_modules": QV, "r": 2, "num_vectors": 10, "vector_length": 8}),
     "poly": ("PolyConfig", {"target_modules": QV, "r": 2, "n_skills": 3}),
     "adaption_prompt": ("AdaptionPromptConfig", {"adapter_len": 3, "adapter_layers": 1, "task_type": "CAUSAL_LM"}),
+    "cpt": ("CPTConfig", {"cpt_token_ids": [5, 6, 7, 8], "cpt_tokens_type_mask": [1, 2, 3, 4],
+                          "task_type": "CAUSAL_LM"}),
 }
-MERGEABLE = [m for m in METHODS if m not in ("adaption_prompt", "poly")]
+MERGEABLE = [m for m in METHODS if m not in ("adaption_prompt", "poly", "cpt")]
 #: What merging a method that cannot be merged says.
 UNMERGEABLE = {"adaption_prompt": "adaption prompts.*cannot be merged.*merge=False",
-               "poly": "Poly adapters.*cannot be merged.*merge=False"}
+               "poly": "Poly adapters.*cannot be merged.*merge=False",
+               "cpt": "prompt-learning adapters.*cannot be merged"}
 ALL = list(METHODS)
 
 
@@ -116,7 +120,8 @@ def test_adapters_switch_disable_and_delete(method: str) -> None:
     first = run(model, "llama")
     assert pk.list_adapters(model) == ["default", "other"] and pk.active_adapters(model) == ["default"]
     pk.set_adapter(model, "other")
-    assert not torch.allclose(run(model, "llama"), first)
+    if method != "cpt":  # CPT's two adapters share their context and start with Δ = 0: the same prompt
+        assert not torch.allclose(run(model, "llama"), first)
     with pk.disable_adapters(model):
         close(run(model, "llama"), run(build("llama"), "llama"), atol=0)
     pk.delete_adapter(model, "other")
@@ -226,7 +231,7 @@ def test_lora_beside_the_method_on_other_modules(method: str, tmp_path: Path) ->
     close(run(fresh, "llama"), want, atol=0)
     if method in MERGEABLE:
         close(run(pk.unload(model, merge=True), "llama"), want)
-    if method not in ("ln_tuning", "adaption_prompt"):  # one method per layer, as in HF PEFT
+    if method not in ("ln_tuning", "adaption_prompt", "cpt"):  # one method per layer, as in HF PEFT
         with pytest.raises(UnsupportedLayerError, match="already adapted by .*same method"):
             pk.apply(fresh, pk.LoRA(target_modules=["q_proj"], rank=2), name="lora2")
 

@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import inspect
 import math
-from collections.abc import Callable, Collection, Sequence
+from collections.abc import Callable, Collection, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any, ClassVar, Protocol, cast
 
@@ -183,6 +183,13 @@ class PromptLearningLayer(AdapterLayer):
                 "Activate one of them with pk.set_adapter."
             )
         return self.prompt_modules[names[0]] if names else None
+
+    def adapter_parameters(self, name: str) -> Iterator[nn.Parameter]:
+        """The module's ``trainable_parameters()`` where it has frozen ones too (CPT's context table), else all."""
+        if name in self.prompt_modules:
+            module = self.prompt_modules[name]
+            own = getattr(module, "trainable_parameters", None)
+            yield from own() if own is not None else module.parameters()
 
     def adapter_tensors(self, name: str) -> dict[str, torch.Tensor]:
         return {}  # saved under HF PEFT's bare key by the config's ``extra_tensors``

@@ -87,6 +87,7 @@ PEFT_METHODS: dict[str, str | None] = {
     "prompt_tuning": "PromptTuning",
     "prefix_tuning": "PrefixTuning",
     "p_tuning": "PTuning",
+    "cpt": "CPT",
     "trainable_tokens": "TrainableTokens",
 }
 
