@@ -12,6 +12,7 @@ from safetensors.torch import load_file
 import peftkit as pk
 from peftkit.errors import ConfigError, MergeError
 from peftkit.methods.cpt import CPTEmbedding
+from peftkit.train.config import PEFT_METHODS
 
 from models import build, train_losses
 
@@ -152,7 +153,10 @@ def test_the_caller_s_type_mask_is_left_unchanged() -> None:
     batch = inputs()
     types = batch["input_type_mask"].clone()
     model(**batch)
-    assert torch.equal(batch["input_type_mask"], types)  # HF PEFT 0.21.2 adds the context's max type in place
+    assert torch.equal(batch["input_type_mask"], types)
+    hf = peft.get_peft_model(build("llama"), peft.CPTConfig(task_type="CAUSAL_LM", **FIELDS))
+    hf(**batch)  # HF PEFT 0.21.2 adds the context's largest type to the caller's tensor
+    assert torch.equal(batch["input_type_mask"], torch.where(types > 0, types + 8, types))
 
 
 @pytest.mark.parametrize(("fields", "match"), [
@@ -171,6 +175,7 @@ def test_invalid_fields_are_refused(fields: dict[str, object], match: str) -> No
 
 
 def test_defaults_are_hf_s_and_other_models_are_refused_before_any_change() -> None:
+    assert getattr(pk, str(PEFT_METHODS["cpt"])) is pk.CPT
     config = pk.CPT()
     assert (config.cpt_token_ids, config.cpt_mask, config.cpt_tokens_type_mask) == ([0], [1], [1])
     for arch in ("bert", "t5"):  # HF PEFT's CPT takes task_type CAUSAL_LM only
@@ -182,3 +187,33 @@ def test_defaults_are_hf_s_and_other_models_are_refused_before_any_change() -> N
     with pytest.raises(ConfigError, match=r"cpt_token_ids has ids \[500\] outside the model's 96"):
         pk.apply(model, pk.CPT(cpt_token_ids=[1, 500]))
     assert not hasattr(model, "prompt_encoder")
+
+
+def test_the_loss_reads_the_active_adapter_s_fields() -> None:
+    """HF PEFT 0.21.2 reads the adapter named 'default''s loss fields, and fails when there is none."""
+    decay = {**FIELDS, "opt_weighted_loss_type": "decay", "opt_loss_decay_factor": 0.5}
+    hf = peft.get_peft_model(build("llama"), peft.CPTConfig(task_type="CAUSAL_LM", **decay), adapter_name="ctx")
+    with pytest.raises(KeyError, match="default"):
+        call(hf, inputs())
+    _, reference = pair("llama", opt_weighted_loss_type="decay", opt_loss_decay_factor=0.5)
+    model = build("llama")
+    pk.apply(model, pk.CPT(**FIELDS), name="default")  # type: ignore[arg-type]
+    pk.apply(model, pk.CPT(**decay), name="ctx")  # type: ignore[arg-type]
+    with torch.no_grad():
+        module_of(model, "ctx").delta_embedding.weight.copy_(reference.prompt_encoder["default"].delta_embedding.weight)
+    pk.set_adapter(model, "ctx")
+    torch.testing.assert_close(call(model, inputs()).loss, call(reference, inputs()).loss, rtol=0, atol=1e-6)
+
+
+def test_generate_equals_greedy_full_forward_decoding() -> None:
+    model = build("llama").eval()
+    pk.apply(model, pk.CPT(**FIELDS))  # type: ignore[arg-type]
+    with torch.no_grad():
+        module_of(model).delta_embedding.weight.normal_()
+    model.generation_config.eos_token_id = None
+    ids = inputs()["input_ids"]
+    with torch.no_grad():
+        got = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=3, do_sample=False)
+        for _ in range(3):
+            ids = torch.cat([ids, model(input_ids=ids).logits[:, -1].argmax(-1, keepdim=True)], dim=1)
+    assert torch.equal(got, ids)

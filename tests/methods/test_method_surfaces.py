@@ -323,7 +323,8 @@ def test_compare_routes_each_method_s_options_and_writes_the_table(tmp_path: Pat
     cfg = _run_config(tmp_path, "lora", max_steps=1)
     cfg["peft"] = {"method": "lora", "rank": 2, "alpha": 4, "dropout": 0.05, "target_modules": QV,
                    "adapter_len": 3, "adapter_layers": 1, "n_frequency": 20, "group_size": 8, "block_size": 16,
-                   "delora_lambda": 3, "num_vectors": 10, "vector_length": 8}
+                   "delora_lambda": 3, "num_vectors": 10, "vector_length": 8,
+                   "cpt_token_ids": [5, 6, 7, 8], "cpt_tokens_type_mask": [1, 2, 3, 4]}
     base = config_from_dict(cfg)
     names = ["lora", *METHODS]
     options = {m: method_config(base, m, tmp_path).peft.options for m in names}
@@ -343,6 +344,7 @@ def test_compare_routes_each_method_s_options_and_writes_the_table(tmp_path: Pat
         "vblora": {"rank": 2, "dropout": 0.05, "target_modules": QV, "num_vectors": 10, "vector_length": 8},
         "poly": {"rank": 2, "target_modules": QV},
         "adaption_prompt": {"adapter_len": 3, "adapter_layers": 1},
+        "cpt": {"cpt_token_ids": [5, 6, 7, 8], "cpt_tokens_type_mask": [1, 2, 3, 4]},
     }
     cfg["peft"]["rnak"] = 4  # a field of no method is still refused by name
     with pytest.raises(ConfigError, match="rnak"):
@@ -376,7 +378,7 @@ def test_sweep_sets_rank_and_alpha_where_the_method_has_them(tmp_path: Path) -> 
         rows = run_sweep(str(path), [2, 4], overrides=["data.eval_fraction=0"])
         assert [(r["rank"], r["alpha"]) for r in rows] == [(2, None), (4, None)]
         assert all("error" not in r for r in rows) and rows[0]["trainable"] < rows[1]["trainable"]
-    for method in ("fourierft", "road", "c3a", "ln_tuning", "adaption_prompt"):
+    for method in ("fourierft", "road", "c3a", "ln_tuning", "adaption_prompt", "cpt"):
         path.write_text(yaml.safe_dump(_run_config(tmp_path, method)))
         listing = r"use a method with one \(lora, .*loha, lokr, .*vera.*\)"
         with pytest.raises(ConfigError, match=rf"'{method}' has no rank to sweep; {listing}"):

@@ -126,10 +126,11 @@ _ADAPTED_BIAS = {"lora": "lora_only", "canonical_lora": "lora_only", "dora": "lo
 #: Fields that mean something else for that method, so another method's value is not passed on: BitFit's
 #: ``target_modules`` select modules whose *bias* trains (its default, every bias, is the method); LN tuning's select
 #: norm layers (its default: the architecture's); adaption prompts take one attention module name and choose their
-#: blocks by ``adapter_layers``.
+#: blocks by ``adapter_layers``; CPT adapts no module (its virtual tokens go in front of the input).
 _NOT_CARRIED = {"bitfit": {"target_modules", "exclude_modules"},
                 "ln_tuning": {"target_modules", "exclude_modules"},
-                "adaption_prompt": {"target_modules", "exclude_modules", "layers"}}
+                "adaption_prompt": {"target_modules", "exclude_modules", "layers"},
+                "cpt": {"target_modules", "exclude_modules", "layers"}}
 
 
 def _fill_steps(cfg: dict[str, Any]) -> None:
