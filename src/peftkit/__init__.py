@@ -34,6 +34,7 @@ from peftkit.methods.delora import DeLoRA
 from peftkit.methods.dora import DoRA
 from peftkit.methods.fourierft import FourierFT
 from peftkit.methods.gralora import GraLoRA
+from peftkit.methods.hira import HiRA
 from peftkit.methods.hra import HRA
 from peftkit.methods.ia3 import IA3
 from peftkit.methods.ln_tuning import LNTuning
@@ -78,6 +79,7 @@ __all__ = [
     "FourierFT",
     "GraLoRA",
     "HRA",
+    "HiRA",
     "IA3",
     "LNTuning",
     "LoHa",

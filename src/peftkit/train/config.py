@@ -69,6 +69,7 @@ PEFT_METHODS: dict[str, str | None] = {
     "oft": "OFT",
     "boft": "BOFT",
     "hra": "HRA",
+    "hira": "HiRA",
     "miss": "MiSS",
     "bitfit": "BitFit",
     "vera": "VeRA",
