@@ -38,6 +38,7 @@ METHODS: dict[str, tuple[str, dict[str, Any]]] = {
     "gralora": ("GraloraConfig", {"target_modules": QV, "r": 4, "alpha": 8, "hybrid_r": 2}),
     "delora": ("DeloraConfig", {"target_modules": QV, "r": 4, "delora_lambda": 3}),
     "vblora": ("VBLoRAConfig", {"target_modules": QV, "r": 2, "num_vectors": 10, "vector_length": 8}),
+    "osf": ("OSFConfig", {"target_modules": QV, "effective_rank": 4}),
     # CAUSAL_LM: HF PEFT's plain PeftModel does not pass task_ids on to Poly
     "poly": ("PolyConfig", {"target_modules": QV, "r": 2, "n_tasks": 2, "task_type": "CAUSAL_LM"}),
 }
