@@ -48,6 +48,7 @@ from peftkit.methods.lora_mixed import mixed_batch
 from peftkit.methods.miss import MiSS
 from peftkit.methods.multitask_prompt import MultitaskPromptTuning
 from peftkit.methods.oft import OFT
+from peftkit.methods.osf import OSF
 from peftkit.methods.poly import Poly
 from peftkit.methods.prefix import PrefixTuning
 from peftkit.methods.prompt import PromptTuning
@@ -88,6 +89,7 @@ __all__ = [
     "MiSS",
     "MultitaskPromptTuning",
     "OFT",
+    "OSF",
     "PTuning",
     "Poly",
     "PrefixTuning",

@@ -43,6 +43,7 @@ METHODS: dict[str, tuple[dict[str, Any], Callable[..., pk.AdapterConfig]]] = {
     "vblora": ({"target_modules": QV, "rank": 2, "num_vectors": 10, "vector_length": 8}, pk.VBLoRA),
     "hira": ({"target_modules": QV, "rank": 2}, pk.HiRA),
     "poly": ({"target_modules": QV, "rank": 2, "n_skills": 3}, pk.Poly),  # one task: calls need no task_ids
+    "osf": ({"target_modules": QV, "effective_rank": 4}, pk.OSF),
     "adaption_prompt": ({"adapter_len": 3, "adapter_layers": 1}, pk.AdaptionPrompt),
     "cpt": ({"cpt_token_ids": [5, 6, 7, 8], "cpt_tokens_type_mask": [1, 2, 3, 4]}, pk.CPT),
 }
@@ -62,6 +63,7 @@ HF = {
     "vblora": ("VBLoRAConfig", {"target_modules": QV, "r": 2, "num_vectors": 10, "vector_length": 8}),
     "hira": ("HiraConfig", {"target_modules": QV, "r": 2}),
     "poly": ("PolyConfig", {"target_modules": QV, "r": 2, "n_skills": 3}),
+    "osf": ("OSFConfig", {"target_modules": QV, "effective_rank": 4}),
     "adaption_prompt": ("AdaptionPromptConfig", {"adapter_len": 3, "adapter_layers": 1, "task_type": "CAUSAL_LM"}),
     "cpt": ("CPTConfig", {"cpt_token_ids": [5, 6, 7, 8], "cpt_tokens_type_mask": [1, 2, 3, 4],
                           "task_type": "CAUSAL_LM"}),
@@ -346,6 +348,7 @@ def test_compare_routes_each_method_s_options_and_writes_the_table(tmp_path: Pat
         "vblora": {"rank": 2, "dropout": 0.05, "target_modules": QV, "num_vectors": 10, "vector_length": 8},
         "hira": {"rank": 2, "dropout": 0.05, "target_modules": QV},
         "poly": {"rank": 2, "target_modules": QV},
+        "osf": {"target_modules": QV},
         "adaption_prompt": {"adapter_len": 3, "adapter_layers": 1},
         "cpt": {"cpt_token_ids": [5, 6, 7, 8], "cpt_tokens_type_mask": [1, 2, 3, 4]},
     }
@@ -381,7 +384,7 @@ def test_sweep_sets_rank_and_alpha_where_the_method_has_them(tmp_path: Path) -> 
         rows = run_sweep(str(path), [2, 4], overrides=["data.eval_fraction=0"])
         assert [(r["rank"], r["alpha"]) for r in rows] == [(2, None), (4, None)]
         assert all("error" not in r for r in rows) and rows[0]["trainable"] < rows[1]["trainable"]
-    for method in ("fourierft", "road", "c3a", "ln_tuning", "adaption_prompt", "cpt"):
+    for method in ("fourierft", "road", "c3a", "osf", "ln_tuning", "adaption_prompt", "cpt"):
         path.write_text(yaml.safe_dump(_run_config(tmp_path, method)))
         listing = r"use a method with one \(lora, .*loha, lokr, .*vera.*\)"
         with pytest.raises(ConfigError, match=rf"'{method}' has no rank to sweep; {listing}"):

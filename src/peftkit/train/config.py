@@ -82,6 +82,7 @@ PEFT_METHODS: dict[str, str | None] = {
     "gralora": "GraLoRA",
     "delora": "DeLoRA",
     "poly": "Poly",
+    "osf": "OSF",
     "ln_tuning": "LNTuning",
     "adapter": "Adapter",
     "adaption_prompt": "AdaptionPrompt",
