@@ -81,6 +81,7 @@ PEFT_METHODS: dict[str, str | None] = {
     "gralora": "GraLoRA",
     "delora": "DeLoRA",
     "poly": "Poly",
+    "xlora": "XLoRA",
     "ln_tuning": "LNTuning",
     "adapter": "Adapter",
     "adaption_prompt": "AdaptionPrompt",
