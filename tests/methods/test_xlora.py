@@ -207,11 +207,20 @@ def test_merge_refused(experts: dict[str, str]) -> None:
         pk.merge(model)
 
 
-def test_unsupported_experts_refused(experts: dict[str, str], tmp_path: Path) -> None:
+def test_embedding_experts_match_hf(experts: dict[str, str], tmp_path: Path) -> None:
     embedding = save_expert(tmp_path / "emb", {"target_modules": ["embed_tokens", "q_proj"], "r": 2}, seed=3)
+    ours, hf = pair({"0": experts["0"], "1": embedding}, layerwise_scalings=True)
+    randomized(ours, hf)
+    with torch.no_grad():
+        torch.testing.assert_close(run(ours, "llama"), run(hf, "llama"), rtol=1e-5, atol=1e-6)
+
+
+def test_unsupported_experts_refused(experts: dict[str, str], tmp_path: Path) -> None:
+    pk.apply(dora := base(), pk.DoRA(target_modules=["q_proj"], rank=2))
+    pk.save_adapter(dora, tmp_path / "dora")  # a LORA adapter with use_dora
     model = base()
-    with pytest.raises(UnsupportedLayerError, match="embed_tokens.*nn.Linear"):
-        pk.apply(model, pk.XLoRA(adapters={"0": experts["0"], "1": embedding}))
+    with pytest.raises(UnsupportedLayerError, match="q_proj.*nn.Linear.*not DoRA"):
+        pk.apply(model, pk.XLoRA(adapters={"0": experts["0"], "1": str(tmp_path / "dora")}))
     assert pk.list_adapters(model) == [] and not hasattr(model, ATTR)  # left as it was
     vera = tmp_path / "vera"
     peft.get_peft_model(base(), peft.VeraConfig(target_modules=["q_proj"], r=2)).save_pretrained(str(vera))

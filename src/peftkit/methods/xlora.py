@@ -16,13 +16,14 @@ Then the real pass, in which an adapted ``nn.Linear`` computes, with expert k's 
 
     y = W₀x + g · Σ_k s_k B_k A_k dropout_k(λ[t, ℓ, k] · x)     (g = global_scaling_weight)
 
-With ``top_k_lora`` only the k largest λ of each token are kept (``enable_softmax_topk``: renormalised by a softmax
-over them). The experts are ordinary peftkit LoRA adapters, loaded from the directories in ``adapters`` under the
-names ``<name>-<key>``; the X-LoRA adapter itself trains only the classifier (and the experts with
-``use_trainable_adapters``). Files, as HF PEFT's: ``adapter_config.json`` (``peft_type`` ``XLORA``, ``adapters``
-mapping each key to its expert's directory) and ``adapter_model.safetensors`` holding only
-``base_model.internal_xlora_classifier.layers.<i>.{weight,bias}``; peftkit also saves each expert in ``<dir>/<key>``
-and points ``adapters`` there. The mixture is per token, so it cannot be folded into a weight: ``pk.merge`` refuses.
+(On an ``nn.Embedding`` λ scales the looked-up rows of A_kᵀ instead.) With ``top_k_lora`` only the k largest λ of each
+token are kept (``enable_softmax_topk``: renormalised by a softmax over them). The experts are ordinary peftkit LoRA
+adapters, loaded from the directories in ``adapters`` under the names ``<name>-<key>``; the X-LoRA adapter itself trains
+only the classifier (and the experts with ``use_trainable_adapters``). Files, as HF PEFT's: ``adapter_config.json``
+(``peft_type`` ``XLORA``, ``adapters`` mapping each key to its expert's directory) and ``adapter_model.safetensors``
+holding only ``base_model.internal_xlora_classifier.layers.<i>.{weight,bias}``; peftkit also saves each expert in
+``<dir>/<key>`` and points ``adapters`` there. The mixture is per token, so it cannot be folded into a weight:
+``pk.merge`` refuses.
 """
 
 from __future__ import annotations
@@ -41,7 +42,7 @@ from peftkit.core.registry import register_method
 from peftkit.core.state import adapter_layers, get_state
 from peftkit.errors import ConfigError, MergeError, UnsupportedLayerError
 from peftkit.io.hf_names import hf_unknown_options
-from peftkit.methods.lora_layers import LoRALayer, LoRALinear
+from peftkit.methods.lora_layers import LoRAEmbedding, LoRALayer, LoRALinear
 
 logger = logging.getLogger("peftkit")
 
@@ -116,9 +117,19 @@ def _mix(layer: nn.Module, args: tuple[Any, ...], output: torch.Tensor) -> torch
         weight = classifier.config.global_scaling_weight if scalings is not None else 1.0
         for k, expert in enumerate(experts):
             if lora.has_adapter(expert):
-                mixed = x * scalings[:, :, k].unsqueeze(-1) if scalings is not None else x
-                output = output + lora.row_update(expert, mixed) * weight
+                share = scalings[:, :, k].unsqueeze(-1) if scalings is not None else None
+                output = output + _update(lora, expert, x, share) * weight
     return output.to(dtype)
+
+
+def _update(lora: LoRALayer, expert: str, x: torch.Tensor, share: torch.Tensor | None) -> torch.Tensor:
+    """Expert ``expert``'s update s·B A (λ·x) (``share``: λ, (batch, seq, 1); ``None``: 1). On an embedding the
+    token ids cannot be scaled, so λ scales the looked-up rows of Aᵀ, as in HF PEFT."""
+    if isinstance(lora, LoRAEmbedding):
+        A, B = lora.factors(expert)
+        rows = lora.embed(x, A.T)
+        return lora.scaled(((rows * share if share is not None else rows) @ B.T) * lora.scaling[expert])
+    return lora.row_update(expert, x * share if share is not None else x)
 
 
 def _scaling_pass(model: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
@@ -170,8 +181,8 @@ class XLoRA(AdapterConfig):
     Raises:
         ConfigError: a field out of range (named with its value); in ``pk.apply``, a ``hidden_size`` other than the
             model's, or an expert directory that does not hold a LoRA adapter.
-        UnsupportedLayerError: in ``pk.apply``, an expert adapting a layer other than ``nn.Linear`` (or ``Conv1D``),
-            or a DoRA expert.
+        UnsupportedLayerError: in ``pk.apply``, an expert adapting a layer other than ``nn.Linear`` (or ``Conv1D``)
+            or ``nn.Embedding``, or a DoRA expert.
     """
 
     peft_type = "XLORA"
@@ -289,10 +300,10 @@ class XLoRA(AdapterConfig):
             held = [e for e in experts if layer.has_adapter(e)]
             if not held:
                 continue
-            if type(layer) is not LoRALinear:  # HF PEFT's Conv2d/Embedding mixing is not supported (README)
+            if type(layer) not in (LoRALinear, LoRAEmbedding):  # HF PEFT's Conv2d mixing is not (README)
                 raise UnsupportedLayerError(
                     f"expert {held[0]!r} adapts {qualname} with a {type(layer).__name__}; X-LoRA mixes LoRA experts "
-                    "on nn.Linear (and Conv1D) layers only, and not DoRA ones")
+                    "on nn.Linear (and Conv1D) and nn.Embedding layers only, and not DoRA ones")
             layers.append(cast(LoRALayer, layer))
         return layers
 
