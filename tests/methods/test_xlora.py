@@ -109,6 +109,7 @@ def test_initialisation_and_forward_match_hf(experts: dict[str, str], fields: di
 
 def test_gradients_and_trainable_parameters_match_hf(experts: dict[str, str]) -> None:
     ours, hf = pair(experts, xlora_depth=2, xlora_size=8, xlora_dropout_p=0.0)
+    assert pk.count_parameters(ours) == tuple(hf.get_nb_trainable_parameters())
     randomized(ours, hf)
     run(ours, "llama").square().sum().backward()
     run(hf, "llama").square().sum().backward()
@@ -201,10 +202,15 @@ def test_several_adapters(experts: dict[str, str]) -> None:
         assert torch.equal(run(model, "llama"), run(base(), "llama"))
 
 
-def test_merge_refused(experts: dict[str, str]) -> None:
+def test_merge_refused_and_unload(experts: dict[str, str]) -> None:
     model = pk.apply(base(), pk.XLoRA(adapters=experts))
     with pytest.raises(MergeError, match="X-LoRA.*cannot be merged"):
         pk.merge(model)
+    with pytest.raises(MergeError, match="cannot be merged"):
+        pk.unload(model, merge=True)
+    plain = pk.unload(model, merge=False)
+    assert not hasattr(plain, ATTR) and not plain._forward_pre_hooks
+    assert torch.equal(run(plain, "llama"), run(base(), "llama"))
 
 
 def test_embedding_experts_match_hf(experts: dict[str, str], tmp_path: Path) -> None:
