@@ -60,6 +60,7 @@ from peftkit.methods.shira import SHiRA
 from peftkit.methods.trainable_tokens import TrainableTokens
 from peftkit.methods.vblora import VBLoRA
 from peftkit.methods.vera import VeRA
+from peftkit.methods.xlora import XLoRA
 from peftkit.quant import estimate_training_memory, memory_report, prepare_for_kbit_training, quantize
 
 __version__ = "0.1.0"
@@ -101,6 +102,7 @@ __all__ = [
     "TrainableTokens",
     "VBLoRA",
     "VeRA",
+    "XLoRA",
     "active_adapters",
     "adalora_step",
     "apply",

@@ -279,6 +279,18 @@ def _logits(model: nn.Module) -> torch.Tensor:
     return model(input_ids=torch.tensor([[5, 6, 7, 8]])).logits
 
 
+def train_and_resume(run: dict[str, Any], tmp_path: Path, monkeypatch: Any) -> None:
+    """Train ``run`` on the command line, then again into ``tmp_path/cut``, stopped after step 3 and resumed."""
+    path = tmp_path / "run.yaml"
+    path.write_text(yaml.safe_dump(run))
+    assert main(["train", str(path)]) == 0
+    monkeypatch.setenv(FAULT_RAISE_ENV, "3")  # a run stopped after step 3 resumes from step-2
+    with pytest.raises(RuntimeError, match="injected fault"):
+        main(["train", str(path), f"checkpoint.save_dir={tmp_path / 'cut'}"])
+    monkeypatch.delenv(FAULT_RAISE_ENV)
+    assert main(["train", str(path), f"checkpoint.save_dir={tmp_path / 'cut'}", "checkpoint.resume=auto"]) == 0
+
+
 @pytest.mark.parametrize("method", ALL)
 def test_train_resume_eval_merge_and_inspect_on_the_command_line(method: str, tmp_path: Path, capsys,
                                                                  monkeypatch) -> None:
@@ -287,14 +299,7 @@ def test_train_resume_eval_merge_and_inspect_on_the_command_line(method: str, tm
     from peftkit.train.commands import attach_checkpoint, checkpoint_config
     from peftkit.train.tasks import build_model
 
-    path = tmp_path / "run.yaml"
-    path.write_text(yaml.safe_dump(_run_config(tmp_path, method)))
-    assert main(["train", str(path)]) == 0
-    monkeypatch.setenv(FAULT_RAISE_ENV, "3")  # a run stopped after step 3 resumes from step-2
-    with pytest.raises(RuntimeError, match="injected fault"):
-        main(["train", str(path), f"checkpoint.save_dir={tmp_path / 'cut'}"])
-    monkeypatch.delenv(FAULT_RAISE_ENV)
-    assert main(["train", str(path), f"checkpoint.save_dir={tmp_path / 'cut'}", "checkpoint.resume=auto"]) == 0
+    train_and_resume(_run_config(tmp_path, method), tmp_path, monkeypatch)
     final = tmp_path / method / "final"
     losses = [r["loss"] for r in map(json.loads, (tmp_path / method / "metrics.jsonl").read_text().splitlines())
               if "loss" in r]

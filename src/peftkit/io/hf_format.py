@@ -134,8 +134,9 @@ def save_adapter(
             Nothing is written then.
     """
     known = list(get_state(model).configs)
-    if name is None:
-        names = known
+    if name is None:  # adapters another one owns (X-LoRA's experts) are saved with it
+        owned = {o for n in known for o in getattr(_config(model, n), "owned_adapters", lambda _: ())(n)}
+        names = [n for n in known if n not in owned]
     else:
         names = [name] if isinstance(name, str) else list(name)
     for n in names:
@@ -147,6 +148,7 @@ def save_adapter(
                           "the original model, and save that with layout=")
     single = isinstance(name, str) or len(names) == 1
     outputs = []
+    owners: list[str] = []  # the adapter each output belongs to
     for n in names:  # every adapter is converted before any file is written
         target = Path(directory) if single or n == "default" else Path(directory) / n
         if convert_to_lora:
@@ -156,13 +158,18 @@ def save_adapter(
         elif layout is None:
             state = file_tensors(model, n, adapter_state_dict(model, n))
             outputs.append((target, adapter_config_dict(model, n), state))
+            companions = getattr(_config(model, n), "companion_files", None)  # X-LoRA's experts, beside it
+            if companions is not None:
+                extra = companions(model, n, target, outputs[-1][1])
+                outputs += extra
         else:
             from peftkit.methods.convert import export_adapter
 
             outputs.append((target, *export_adapter(model, n, layout)))
+        owners += [n] * (len(outputs) - len(owners))
     stale: list[Path] = []
     with contextlib.ExitStack() as files:  # every file is complete before any replaces its old version
-        for n, (target, config, state) in zip(names, outputs, strict=True):
+        for n, (target, config, state) in zip(owners, outputs, strict=True):
             stale += _stage(files, target, *_with_task_heads(model, n, config, state))
     for path in stale:
         path.unlink(missing_ok=True)
@@ -362,6 +369,9 @@ def load_adapter(
     data = read_config(directory)
     weights = read_weights(directory, legacy_bin=legacy_bin)
     config = config_from_dict(data, model)
+    at_directory = getattr(config, "at_directory", None)  # files the config names relative to its directory
+    if at_directory is not None:
+        config = at_directory(Path(directory))
     grad_flags = [(p, p.requires_grad) for p in model.parameters()]
     with prepared(model, config):  # a model reshaped for this adapter (layer_replication) is put back on failure
         apply(model, config, name=name, activate=activate, train_heads=False)  # the file lists what it saved
@@ -383,6 +393,9 @@ def _load_tensors(model: nn.Module, name: str, weights: dict[str, torch.Tensor],
     decode = getattr(_config(model, name), "tensors_from_file", None)  # the inverse of the method's file_tensors
     if decode is not None:
         weights = decode(weights)
+    fill = getattr(_config(model, name), "fill_missing", None)  # tensors HF PEFT leaves out of its files
+    if fill is not None:
+        weights = fill(model, name, weights)
     own = adapter_state_dict(model, name)
     base_embeddings = _saved_base_embeddings(model, weights, own)
     missing = sorted(set(own) - set(weights))

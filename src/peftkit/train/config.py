@@ -83,6 +83,7 @@ PEFT_METHODS: dict[str, str | None] = {
     "delora": "DeLoRA",
     "poly": "Poly",
     "osf": "OSF",
+    "xlora": "XLoRA",
     "ln_tuning": "LNTuning",
     "adapter": "Adapter",
     "adaption_prompt": "AdaptionPrompt",
