@@ -50,7 +50,7 @@ def test_int_accepted_for_float_and_types_kept():
         ({**BASE, "model": {"dtype": "int4"}}, "model.dtype='int4'"),
         ({**BASE, "model": {"num_labels": -1}}, "model.num_labels=-1"),
         ({**BASE, "peft": {"method": "lorax"}}, "peft.method='lorax' is invalid; allowed: none, lora"),
-        ({**BASE, "peft": {"method": "lorra"}}, "prefix_tuning, p_tuning, trainable_tokens (did you mean 'lora'?)"),
+        ({**BASE, "peft": {"method": "lorra"}}, "p_tuning, cpt, trainable_tokens (did you mean 'lora'?)"),
         ({**BASE, "data": {"format": "xml"}}, "data.format='xml' is invalid; allowed: auto, text"),
         ({**BASE, "data": {"max_length": 0}}, "data.max_length=0"),
         ({**BASE, "data": {"eval_fraction": 1.5}}, "data.eval_fraction=1.5"),
