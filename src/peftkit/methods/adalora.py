@@ -49,7 +49,7 @@ from peftkit.methods.adalora_state import (
     load_allocator_state,
     load_allocator_states,
 )
-from peftkit.methods.default_targets import ADALORA_TARGETS, default_for
+from peftkit.methods.default_targets import ADALORA_TARGETS, with_default_targets
 from peftkit.methods.lora import BIAS_MODES, bias_modules, hf_module_paths, train_biases
 from peftkit.methods.lora_layers import LoRALayer, adapter_dtype
 
@@ -360,9 +360,7 @@ class AdaLoRA(AdapterConfig):
 
     def for_model(self, model: nn.Module) -> AdapterConfig:
         """With ``target_modules`` omitted: those HF PEFT's AdaLoRA adapts on this architecture."""
-        if self.target_modules:
-            return self
-        return self.replace(target_modules=list(default_for(ADALORA_TARGETS, model, "AdaLoRA", "target_modules=[...]")))
+        return with_default_targets(self, model, ADALORA_TARGETS)
 
     def supports(self, module: nn.Module) -> bool:
         return isinstance(module, SVDLinear) or svd_layer_type(module) is not None

@@ -33,7 +33,7 @@ from peftkit.errors import ConfigError, UnsupportedLayerError
 from peftkit.io.hf_names import hf_layer_config, hf_layer_fields, hf_suffix_keys, hf_suffix_pattern, hf_unknown_options
 from peftkit.methods.additive import DeltaLayer
 from peftkit.methods.biases import adapted_bias_tensors, train_adapted_biases
-from peftkit.methods.default_targets import LORA_TARGETS, default_for
+from peftkit.methods.default_targets import LORA_TARGETS, with_default_targets
 from peftkit.methods.lora_layers import adapter_dtype
 
 #: model_type → C3A's default target_modules: LoRA's, but the MLP output on GPT-2 (HF PEFT's mapping; GPT-2's is a
@@ -177,9 +177,7 @@ class C3A(AdapterConfig):
 
     def for_model(self, model: nn.Module) -> AdapterConfig:
         """With ``target_modules`` omitted: those HF PEFT's C3A adapts on this architecture."""
-        if self.target_modules:
-            return self
-        return self.replace(target_modules=list(default_for(C3A_TARGETS, model, "C3A", "target_modules=[...]")))
+        return with_default_targets(self, model, C3A_TARGETS)
 
     def supports(self, module: nn.Module) -> bool:
         if isinstance(module, AdapterLayer):  # a second C3A adapter only

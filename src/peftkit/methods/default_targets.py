@@ -9,7 +9,7 @@ the adapter's config, so a saved adapter lists its targets explicitly.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, TypeVar
 
 from torch import nn
 
@@ -108,3 +108,16 @@ def default_for(table: dict[str, Any], model: nn.Module, method: str, example: s
         f"{method} has no default target_modules for {what}; pass {example}, naming modules of this model "
         f"({listing})" + ("" if norms else " or 'all-linear'")
     )
+
+
+_Config = TypeVar("_Config")
+
+
+def with_default_targets(config: _Config, model: nn.Module, table: dict[str, Any]) -> _Config:
+    """``config`` where it names ``target_modules``; else a copy with ``table``'s entry for ``model``'s architecture
+    (:func:`default_for`, whose error names the model's linear layers). What ``for_model`` does for most methods."""
+    if config.target_modules:  # type: ignore[attr-defined]
+        return config
+    method = type(config).__name__
+    return config.replace(  # type: ignore[attr-defined,no-any-return]
+        target_modules=list(default_for(table, model, method, "target_modules=[...]")))

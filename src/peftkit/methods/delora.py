@@ -35,7 +35,7 @@ from peftkit.errors import ConfigError, UnsupportedLayerError
 from peftkit.io.hf_names import hf_layer_config, hf_layer_fields, hf_pattern, hf_unknown_options
 from peftkit.methods.additive import DeltaLayer
 from peftkit.methods.biases import adapted_bias_tensors, train_adapted_biases
-from peftkit.methods.default_targets import LORA_TARGETS, default_for
+from peftkit.methods.default_targets import LORA_TARGETS, with_default_targets
 from peftkit.methods.lora_layers import adapter_dtype
 from peftkit.methods.vera import SharedProjection, _checked_bool, _checked_int
 
@@ -192,9 +192,7 @@ class DeLoRA(AdapterConfig):
 
     def for_model(self, model: nn.Module) -> AdapterConfig:
         """With ``target_modules`` omitted: those HF PEFT's DeLoRA adapts on this architecture (LoRA's)."""
-        if self.target_modules:
-            return self
-        return self.replace(target_modules=list(default_for(LORA_TARGETS, model, "DeLoRA", "target_modules=[...]")))
+        return with_default_targets(self, model, LORA_TARGETS)
 
     def supports(self, module: nn.Module) -> bool:
         if isinstance(module, AdapterLayer):  # a second DeLoRA adapter only

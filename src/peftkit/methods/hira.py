@@ -42,7 +42,7 @@ from peftkit.core.registry import LINEAR_KINDS, LinearKind, TypeRegistry, linear
 from peftkit.errors import ConfigError, UnsupportedLayerError
 from peftkit.io.hf_names import hf_layer_config, hf_layer_fields, hf_pattern, hf_unknown_options
 from peftkit.methods.additive import merge_deltas, unmerge_deltas
-from peftkit.methods.default_targets import LORA_TARGETS, default_for
+from peftkit.methods.default_targets import LORA_TARGETS, with_default_targets
 from peftkit.methods.delora import _checked_fraction
 from peftkit.methods.lora_layers import adapter_dtype
 from peftkit.methods.vera import _checked_int
@@ -275,9 +275,7 @@ class HiRA(AdapterConfig):
 
     def for_model(self, model: nn.Module) -> AdapterConfig:
         """With ``target_modules`` omitted: those HF PEFT's HiRA adapts on this architecture (LoRA's)."""
-        if self.target_modules:
-            return self
-        return self.replace(target_modules=list(default_for(LORA_TARGETS, model, "HiRA", "target_modules=[...]")))
+        return with_default_targets(self, model, LORA_TARGETS)
 
     def supports(self, module: nn.Module) -> bool:
         if isinstance(module, AdapterLayer):  # a second HiRA adapter only

@@ -37,7 +37,7 @@ from peftkit.core.registry import DEQUANTIZERS, TypeRegistry
 from peftkit.errors import ConfigError, UnsupportedLayerError
 from peftkit.io.hf_names import hf_layer_config, hf_layer_fields, hf_pattern, hf_unknown_options
 from peftkit.methods.additive import merge_deltas, unmerge_deltas
-from peftkit.methods.default_targets import LORA_TARGETS, default_for
+from peftkit.methods.default_targets import LORA_TARGETS, with_default_targets
 from peftkit.methods.lora_layers import adapter_dtype
 
 #: Base layers LoHa and LoKr adapt (those HF PEFT adapts) → their number of spatial dimensions.
@@ -267,10 +267,7 @@ class LycorisConfig(AdapterConfig):
     # -- wrapping --------------------------------------------------------------------------------
     def for_model(self, model: nn.Module) -> AdapterConfig:
         """With ``target_modules`` omitted: LoRA's defaults for the architecture, as HF PEFT takes them."""
-        if self.target_modules:
-            return self
-        return self.replace(target_modules=list(default_for(LORA_TARGETS, model, type(self).__name__,
-                                                            "target_modules=[...]")))
+        return with_default_targets(self, model, LORA_TARGETS)
 
     def supports(self, module: nn.Module) -> bool:
         if isinstance(module, AdapterLayer):  # a second adapter of the same method only

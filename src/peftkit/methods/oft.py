@@ -35,7 +35,7 @@ from peftkit.core.registry import DEQUANTIZERS, TypeRegistry, register_method
 from peftkit.errors import ConfigError, UnsupportedLayerError
 from peftkit.io.hf_names import hf_layer_config, hf_layer_fields, hf_unknown_options
 from peftkit.methods.biases import adapted_bias_tensors, train_adapted_biases
-from peftkit.methods.default_targets import LORA_TARGETS, default_for
+from peftkit.methods.default_targets import LORA_TARGETS, with_default_targets
 from peftkit.methods.lora_layers import adapter_dtype
 from peftkit.methods.rotation import RotationLayer
 
@@ -364,9 +364,7 @@ class OFT(AdapterConfig):
     # -- wrapping --------------------------------------------------------------------------------
     def for_model(self, model: nn.Module) -> AdapterConfig:
         """With ``target_modules`` omitted: LoRA's defaults for the architecture, as HF PEFT takes them."""
-        if self.target_modules:
-            return self
-        return self.replace(target_modules=list(default_for(LORA_TARGETS, model, "OFT", "target_modules=[...]")))
+        return with_default_targets(self, model, LORA_TARGETS)
 
     def supports(self, module: nn.Module) -> bool:
         if isinstance(module, AdapterLayer):  # a second adapter of the same method only

@@ -44,7 +44,7 @@ from peftkit.core.layer import AdapterLayer
 from peftkit.core.registry import LinearKind, linear_kind, register_method
 from peftkit.errors import ConfigError, MergeError, UnsupportedLayerError
 from peftkit.io.hf_names import hf_layer_config, hf_layer_fields, hf_unknown_options
-from peftkit.methods.default_targets import LORA_TARGETS, default_for
+from peftkit.methods.default_targets import LORA_TARGETS, with_default_targets
 from peftkit.methods.lora_layers import adapter_dtype
 from peftkit.methods.miss import is_linear, supported_names
 from peftkit.methods.prompt import check_task_ids, has_prompt_hooks, pass_task_ids, stop_passing_task_ids
@@ -242,9 +242,7 @@ class Poly(AdapterConfig):
     # -- what the method adapts -------------------------------------------------------------------
     def for_model(self, model: nn.Module) -> AdapterConfig:
         """With ``target_modules`` omitted: LoRA's defaults for the architecture, as HF PEFT takes them."""
-        if self.target_modules:
-            return self
-        return self.replace(target_modules=list(default_for(LORA_TARGETS, model, "Poly", "target_modules=[...]")))
+        return with_default_targets(self, model, LORA_TARGETS)
 
     def supports(self, module: nn.Module) -> bool:
         if isinstance(module, AdapterLayer):  # a second Poly adapter only

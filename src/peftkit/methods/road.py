@@ -40,7 +40,7 @@ from peftkit.core.registry import LinearKind, linear_kind, register_method
 from peftkit.errors import ConfigError, MergeError, UnsupportedLayerError
 from peftkit.io.hf_names import hf_layer_config, hf_layer_fields, hf_unknown_options
 from peftkit.methods import lora_mixed
-from peftkit.methods.default_targets import LORA_TARGETS, default_for
+from peftkit.methods.default_targets import LORA_TARGETS, with_default_targets
 from peftkit.methods.lora_layers import adapter_dtype
 from peftkit.methods.miss import is_linear, supported_names
 from peftkit.methods.ordered import merge_in_order, reordering, unmerge_in_order
@@ -244,9 +244,7 @@ class RoAd(AdapterConfig):
     # -- what the method adapts -------------------------------------------------------------------
     def for_model(self, model: nn.Module) -> AdapterConfig:
         """With ``target_modules`` omitted: LoRA's defaults for the architecture, as HF PEFT takes them."""
-        if self.target_modules:
-            return self
-        return self.replace(target_modules=list(default_for(LORA_TARGETS, model, "RoAd", "target_modules=[...]")))
+        return with_default_targets(self, model, LORA_TARGETS)
 
     def supports(self, module: nn.Module) -> bool:
         if isinstance(module, AdapterLayer):  # a second RoAd adapter only

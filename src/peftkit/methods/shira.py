@@ -32,7 +32,7 @@ from peftkit.core.registry import LINEAR_KINDS, LinearKind, is_fan_in_fan_out, l
 from peftkit.errors import ConfigError, UnsupportedLayerError
 from peftkit.io.hf_names import hf_layer_config, hf_layer_fields
 from peftkit.methods.additive import DeltaLayer
-from peftkit.methods.default_targets import LORA_TARGETS, default_for
+from peftkit.methods.default_targets import LORA_TARGETS, with_default_targets
 from peftkit.methods.lora_layers import adapter_dtype
 from peftkit.methods.vera import SharedProjection
 
@@ -184,9 +184,7 @@ class SHiRA(AdapterConfig):
 
     def for_model(self, model: nn.Module) -> AdapterConfig:
         """With ``target_modules`` omitted: those HF PEFT's SHiRA adapts on this architecture."""
-        if self.target_modules:
-            return self
-        return self.replace(target_modules=list(default_for(SHIRA_TARGETS, model, "SHiRA", "target_modules=[...]")))
+        return with_default_targets(self, model, SHIRA_TARGETS)
 
     def supports(self, module: nn.Module) -> bool:
         if isinstance(module, AdapterLayer):  # a second SHiRA adapter only
