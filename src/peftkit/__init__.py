@@ -24,6 +24,7 @@ from peftkit.merge.prune import PruneReport, prune
 from peftkit.methods.adalora import AdaLoRA, adalora_step
 from peftkit.methods.adapter import Adapter
 from peftkit.methods.adaption_prompt import AdaptionPrompt
+from peftkit.methods.beft import BEFT
 from peftkit.methods.bitfit import BitFit
 from peftkit.methods.boft import BOFT
 from peftkit.methods.c3a import C3A
@@ -70,6 +71,7 @@ __all__ = [
     "Adapter",
     "AdapterConfig",
     "AdaptionPrompt",
+    "BEFT",
     "BOFT",
     "BitFit",
     "C3A",

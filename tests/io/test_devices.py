@@ -31,6 +31,7 @@ METHODS: dict[str, tuple[str, dict[str, Any]]] = {
     "miss": ("MissConfig", {"target_modules": QV, "r": 4}),
     "vera": ("VeraConfig", {"target_modules": QV, "r": 4}),
     "fourierft": ("FourierFTConfig", {"target_modules": QV, "n_frequency": 20}),
+    "beft": ("BeftConfig", {"target_modules": QV}),
     "randlora": ("RandLoraConfig", {"target_modules": QV, "r": 4, "randlora_alpha": 8}),
     "road": ("RoadConfig", {"target_modules": QV, "group_size": 8}),
     "shira": ("ShiraConfig", {"target_modules": QV, "r": 2}),
@@ -45,8 +46,9 @@ METHODS: dict[str, tuple[str, dict[str, Any]]] = {
 }
 #: Call arguments besides the inputs, per method: Poly's task ids (one per example).
 CALL_ARGS: dict[str, dict[str, torch.Tensor]] = {"poly": {"task_ids": torch.tensor([1, 0])}}
-#: Methods that cannot be merged (Poly: per-example routing) or are merged in their own tests (AdaLoRA).
-UNMERGED = ("adalora", "poly")
+#: Methods that cannot be merged (Poly: per-example routing; BEFT: the Llama's projections have no bias) or are
+#: merged in their own tests (AdaLoRA).
+UNMERGED = ("adalora", "poly", "beft")
 
 
 def _key(name: str) -> str:

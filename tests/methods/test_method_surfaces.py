@@ -34,6 +34,7 @@ METHODS: dict[str, tuple[dict[str, Any], Callable[..., pk.AdapterConfig]]] = {
     "loha": ({"target_modules": QV, "rank": 2, "alpha": 4}, pk.LoHa),
     "lokr": ({"target_modules": QV, "rank": 2, "alpha": 4}, pk.LoKr),
     "fourierft": ({"target_modules": QV, "n_frequency": 20}, pk.FourierFT),
+    "beft": ({"target_modules": QV, "init_weights": False}, pk.BEFT),  # bias-free Llama layers: not mergeable
     "randlora": ({"target_modules": QV, "rank": 4, "alpha": 8}, pk.RandLoRA),
     "road": ({"target_modules": QV, "group_size": 8}, pk.RoAd),
     "shira": ({"target_modules": QV, "rank": 2}, pk.SHiRA),
@@ -54,6 +55,7 @@ HF = {
     "loha": ("LoHaConfig", {"target_modules": QV, "r": 2, "alpha": 4}),
     "lokr": ("LoKrConfig", {"target_modules": QV, "r": 2, "alpha": 4}),
     "fourierft": ("FourierFTConfig", {"target_modules": QV, "n_frequency": 20}),
+    "beft": ("BeftConfig", {"target_modules": QV}),
     "randlora": ("RandLoraConfig", {"target_modules": QV, "r": 4, "randlora_alpha": 8}),
     "road": ("RoadConfig", {"target_modules": QV, "group_size": 8}),
     "shira": ("ShiraConfig", {"target_modules": QV, "r": 2}),
@@ -68,11 +70,12 @@ HF = {
     "cpt": ("CPTConfig", {"cpt_token_ids": [5, 6, 7, 8], "cpt_tokens_type_mask": [1, 2, 3, 4],
                           "task_type": "CAUSAL_LM"}),
 }
-MERGEABLE = [m for m in METHODS if m not in ("adaption_prompt", "poly", "cpt")]
+MERGEABLE = [m for m in METHODS if m not in ("adaption_prompt", "poly", "cpt", "beft")]
 #: What merging a method that cannot be merged says.
 UNMERGEABLE = {"adaption_prompt": "adaption prompts.*cannot be merged.*merge=False",
                "poly": "Poly adapters.*cannot be merged.*merge=False",
-               "cpt": "prompt-learning adapters.*cannot be merged"}
+               "cpt": "prompt-learning adapters.*cannot be merged",
+               "beft": "BEFT adapters.*cannot be merged: the layer has no bias.*merge=False"}
 ALL = list(METHODS)
 
 
@@ -344,6 +347,7 @@ def test_compare_routes_each_method_s_options_and_writes_the_table(tmp_path: Pat
         "loha": {"rank": 2, "alpha": 4, "target_modules": QV},
         "lokr": {"rank": 2, "alpha": 4, "target_modules": QV},
         "fourierft": {"target_modules": QV, "n_frequency": 20},
+        "beft": {"target_modules": QV},
         "randlora": {"rank": 2, "alpha": 4, "dropout": 0.05, "target_modules": QV},
         "road": {"target_modules": QV, "group_size": 8},
         "shira": {"rank": 2, "target_modules": QV},
@@ -389,7 +393,7 @@ def test_sweep_sets_rank_and_alpha_where_the_method_has_them(tmp_path: Path) -> 
         rows = run_sweep(str(path), [2, 4], overrides=["data.eval_fraction=0"])
         assert [(r["rank"], r["alpha"]) for r in rows] == [(2, None), (4, None)]
         assert all("error" not in r for r in rows) and rows[0]["trainable"] < rows[1]["trainable"]
-    for method in ("fourierft", "road", "c3a", "osf", "ln_tuning", "adaption_prompt", "cpt"):
+    for method in ("fourierft", "beft", "road", "c3a", "osf", "ln_tuning", "adaption_prompt", "cpt"):
         path.write_text(yaml.safe_dump(_run_config(tmp_path, method)))
         listing = r"use a method with one \(lora, .*loha, lokr, .*vera.*\)"
         with pytest.raises(ConfigError, match=rf"'{method}' has no rank to sweep; {listing}"):

@@ -75,6 +75,7 @@ PEFT_METHODS: dict[str, str | None] = {
     "vera": "VeRA",
     "vblora": "VBLoRA",
     "fourierft": "FourierFT",
+    "beft": "BEFT",
     "randlora": "RandLoRA",
     "road": "RoAd",
     "shira": "SHiRA",
