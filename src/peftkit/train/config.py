@@ -77,6 +77,7 @@ PEFT_METHODS: dict[str, str | None] = {
     "fourierft": "FourierFT",
     "randlora": "RandLoRA",
     "road": "RoAd",
+    "glora": "GLoRA",
     "shira": "SHiRA",
     "c3a": "C3A",
     "gralora": "GraLoRA",
