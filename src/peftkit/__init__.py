@@ -34,6 +34,7 @@ from peftkit.methods.cpt import CPT
 from peftkit.methods.delora import DeLoRA
 from peftkit.methods.dora import DoRA
 from peftkit.methods.fourierft import FourierFT
+from peftkit.methods.glora import GLoRA
 from peftkit.methods.gralora import GraLoRA
 from peftkit.methods.hira import HiRA
 from peftkit.methods.hra import HRA
@@ -81,6 +82,7 @@ __all__ = [
     "DeLoRA",
     "DoRA",
     "FourierFT",
+    "GLoRA",
     "GraLoRA",
     "HRA",
     "HiRA",

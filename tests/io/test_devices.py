@@ -40,6 +40,7 @@ METHODS: dict[str, tuple[str, dict[str, Any]]] = {
     "delora": ("DeloraConfig", {"target_modules": QV, "r": 4, "delora_lambda": 3}),
     "vblora": ("VBLoRAConfig", {"target_modules": QV, "r": 2, "num_vectors": 10, "vector_length": 8}),
     "hira": ("HiraConfig", {"target_modules": QV, "r": 2}),
+    "glora": ("GloraConfig", {"target_modules": QV, "r": 2}),
     "osf": ("OSFConfig", {"target_modules": QV, "effective_rank": 4}),
     # CAUSAL_LM: HF PEFT's plain PeftModel does not pass task_ids on to Poly
     "poly": ("PolyConfig", {"target_modules": QV, "r": 2, "n_tasks": 2, "task_type": "CAUSAL_LM"}),

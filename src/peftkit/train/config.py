@@ -78,6 +78,7 @@ PEFT_METHODS: dict[str, str | None] = {
     "beft": "BEFT",
     "randlora": "RandLoRA",
     "road": "RoAd",
+    "glora": "GLoRA",
     "shira": "SHiRA",
     "c3a": "C3A",
     "gralora": "GraLoRA",
