@@ -39,6 +39,7 @@ from peftkit.methods.gralora import GraLoRA
 from peftkit.methods.hira import HiRA
 from peftkit.methods.hra import HRA
 from peftkit.methods.ia3 import IA3
+from peftkit.methods.lily import Lily
 from peftkit.methods.ln_tuning import LNTuning
 from peftkit.methods.loha import LoHa
 from peftkit.methods.lokr import LoKr
@@ -88,6 +89,7 @@ __all__ = [
     "HiRA",
     "IA3",
     "LNTuning",
+    "Lily",
     "LoHa",
     "LoKr",
     "LoRA",

@@ -44,6 +44,7 @@ METHODS: dict[str, tuple[dict[str, Any], Callable[..., pk.AdapterConfig]]] = {
     "vblora": ({"target_modules": QV, "rank": 2, "num_vectors": 10, "vector_length": 8}, pk.VBLoRA),
     "hira": ({"target_modules": QV, "rank": 2}, pk.HiRA),
     "glora": ({"target_modules": QV, "rank": 2}, pk.GLoRA),
+    "lily": ({"target_modules": QV, "rank": 4, "num_B": 3}, pk.Lily),
     "poly": ({"target_modules": QV, "rank": 2, "n_skills": 3}, pk.Poly),  # one task: calls need no task_ids
     "osf": ({"target_modules": QV, "effective_rank": 4}, pk.OSF),
     "adaption_prompt": ({"adapter_len": 3, "adapter_layers": 1}, pk.AdaptionPrompt),
@@ -66,16 +67,18 @@ HF = {
     "vblora": ("VBLoRAConfig", {"target_modules": QV, "r": 2, "num_vectors": 10, "vector_length": 8}),
     "hira": ("HiraConfig", {"target_modules": QV, "r": 2}),
     "glora": ("GloraConfig", {"target_modules": QV, "r": 2}),
+    "lily": ("LilyConfig", {"target_modules": QV, "r": 4, "num_B": 3}),
     "poly": ("PolyConfig", {"target_modules": QV, "r": 2, "n_skills": 3}),
     "osf": ("OSFConfig", {"target_modules": QV, "effective_rank": 4}),
     "adaption_prompt": ("AdaptionPromptConfig", {"adapter_len": 3, "adapter_layers": 1, "task_type": "CAUSAL_LM"}),
     "cpt": ("CPTConfig", {"cpt_token_ids": [5, 6, 7, 8], "cpt_tokens_type_mask": [1, 2, 3, 4],
                           "task_type": "CAUSAL_LM"}),
 }
-MERGEABLE = [m for m in METHODS if m not in ("adaption_prompt", "poly", "cpt", "beft")]
+MERGEABLE = [m for m in METHODS if m not in ("adaption_prompt", "poly", "lily", "cpt", "beft")]
 #: What merging a method that cannot be merged says.
 UNMERGEABLE = {"adaption_prompt": "adaption prompts.*cannot be merged.*merge=False",
                "poly": "Poly adapters.*cannot be merged.*merge=False",
+               "lily": "Lily adapters.*cannot be merged.*merge=False",
                "cpt": "prompt-learning adapters.*cannot be merged",
                "beft": "BEFT adapters.*cannot be merged: the layer has no bias.*merge=False"}
 ALL = list(METHODS)
@@ -359,6 +362,7 @@ def test_compare_routes_each_method_s_options_and_writes_the_table(tmp_path: Pat
         "vblora": {"rank": 2, "dropout": 0.05, "target_modules": QV, "num_vectors": 10, "vector_length": 8},
         "hira": {"rank": 2, "dropout": 0.05, "target_modules": QV},
         "glora": {"rank": 2, "target_modules": QV},
+        "lily": {"rank": 2, "target_modules": QV},
         "poly": {"rank": 2, "target_modules": QV},
         "osf": {"target_modules": QV},
         "adaption_prompt": {"adapter_len": 3, "adapter_layers": 1},
@@ -391,8 +395,8 @@ def test_sweep_sets_rank_and_alpha_where_the_method_has_them(tmp_path: Path) -> 
     assert "| 4 | - |" in (tmp_path / "vera" / "sweep.md").read_text()
     with pytest.raises(ConfigError, match="'vera' has a rank but no alpha: drop --alphas"):
         run_sweep(str(path), [2], alphas=[4.0])
-    # VB-LoRA's logits and each Poly skill's factors grow with the rank
-    for method in ("vblora", "poly", "hira", "glora"):
+    # VB-LoRA's logits, each Poly skill's factors, HiRA's, GLoRA's and Lily's A and B's grow with the rank
+    for method in ("vblora", "poly", "hira", "glora", "lily"):
         path.write_text(yaml.safe_dump(_run_config(tmp_path, method, max_steps=1)))
         rows = run_sweep(str(path), [2, 4], overrides=["data.eval_fraction=0"])
         assert [(r["rank"], r["alpha"]) for r in rows] == [(2, None), (4, None)]

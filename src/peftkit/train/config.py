@@ -83,6 +83,7 @@ PEFT_METHODS: dict[str, str | None] = {
     "c3a": "C3A",
     "gralora": "GraLoRA",
     "delora": "DeLoRA",
+    "lily": "Lily",
     "poly": "Poly",
     "osf": "OSF",
     "xlora": "XLoRA",
