@@ -58,6 +58,7 @@ from peftkit.methods.road import RoAd
 from peftkit.methods.roles import register_architecture
 from peftkit.methods.shira import SHiRA
 from peftkit.methods.trainable_tokens import TrainableTokens
+from peftkit.methods.unilora import UniLoRA
 from peftkit.methods.vblora import VBLoRA
 from peftkit.methods.vera import VeRA
 from peftkit.methods.xlora import XLoRA
@@ -100,6 +101,7 @@ __all__ = [
     "RoAd",
     "SHiRA",
     "TrainableTokens",
+    "UniLoRA",
     "VBLoRA",
     "VeRA",
     "XLoRA",
