@@ -38,7 +38,7 @@ from peftkit.errors import ConfigError, UnsupportedLayerError, require
 from peftkit.io.hf_names import hf_layer_config, hf_layer_fields, hf_unknown_options
 from peftkit.methods.additive import DeltaLayer
 from peftkit.methods.biases import adapted_bias_tensors, train_adapted_biases
-from peftkit.methods.default_targets import LORA_TARGETS
+from peftkit.methods.default_targets import LORA_TARGETS, default_for
 from peftkit.methods.vblora import _as_adapter
 from peftkit.methods.vera import SharedProjection, _checked_bool, _checked_int
 
@@ -92,6 +92,10 @@ class UniLoRALayer(DeltaLayer):
     def _buffers_of(self, attr: str) -> SharedProjection:
         return cast(SharedProjection, getattr(self, attr))
 
+    def buffer(self, attr: str, name: str) -> torch.Tensor:
+        """Adapter ``name``'s buffer ``attr`` (one of ``BUFFERS``)."""
+        return self._buffers_of(attr)[name]
+
     def add(self, name: str, rank: int, dropout: float, save_indices: bool, theta_length: int) -> None:
         """Add adapter ``name`` with placeholder maps (drawn as HF PEFT draws them) until :meth:`assign` sets them."""
         weight = self.kind.weight(self.base_layer)
@@ -110,9 +114,9 @@ class UniLoRALayer(DeltaLayer):
         weight = self.kind.weight(self.base_layer)
         with torch.no_grad():
             for attr, scale_attr, index in zip(BUFFERS[:2], BUFFERS[2:], maps, strict=True):
-                buffer = self._buffers_of(attr)[name]
+                buffer = self.buffer(attr, name)
                 buffer.copy_(index.view_as(buffer))  # scales rounded as HF PEFT rounds them
-                self._buffers_of(scale_attr)[name].copy_(_as_adapter(inv_sqrt[index], weight).view_as(buffer))
+                self.buffer(scale_attr, name).copy_(_as_adapter(inv_sqrt[index], weight).view_as(buffer))
 
     # -- bookkeeping: the layer holds no parameter of its own, θ is the model's --------------------
     @property
@@ -130,7 +134,7 @@ class UniLoRALayer(DeltaLayer):
         """The maps and scales where the adapter saves them (θ is saved once, at the model's key)."""
         if not self.save_indices.get(name):
             return {}
-        return {attr: self._buffers_of(attr)[name] for attr in BUFFERS}
+        return {attr: self.buffer(attr, name) for attr in BUFFERS}
 
     def delete_adapter(self, name: str) -> None:
         super().delete_adapter(name)
@@ -145,8 +149,8 @@ class UniLoRALayer(DeltaLayer):
     def factors(self, name: str) -> tuple[torch.Tensor, torch.Tensor]:
         """Adapter ``name``'s A (r × in) and B (out × r), differentiable in θ."""
         theta = self.unilora_theta_d[name]
-        a = theta[self._buffers_of("unilora_indices_A")[name]] * self._buffers_of("unilora_scales_A")[name]
-        b = theta[self._buffers_of("unilora_indices_B")[name]] * self._buffers_of("unilora_scales_B")[name]
+        a = theta[self.buffer("unilora_indices_A", name)] * self.buffer("unilora_scales_A", name)
+        b = theta[self.buffer("unilora_indices_B", name)] * self.buffer("unilora_scales_B", name)
         return a, b
 
     def _delta(self, name: str) -> torch.Tensor:
@@ -230,8 +234,6 @@ class UniLoRA(AdapterConfig):
     def for_model(self, model: nn.Module) -> AdapterConfig:
         """With ``target_modules`` omitted: LoRA's per architecture (HF PEFT's mapping). Always a copy: θ chosen for
         ``model`` is kept on it, not on the user's config."""
-        from peftkit.methods.default_targets import default_for
-
         if self.target_modules:
             return self.replace()
         return self.replace(target_modules=list(default_for(LORA_TARGETS, model, "UniLoRA", "target_modules=[...]")))
@@ -267,7 +269,7 @@ class UniLoRA(AdapterConfig):
     def after_apply(self, model: nn.Module, name: str) -> None:
         """Draw the index maps over all the adapter's layers at once, and set their scales."""
         layers = [m for m in model.modules() if isinstance(m, UniLoRALayer) and m.has_adapter(name)]
-        shapes = [(m._buffers_of(BUFFERS[0])[name].numel(), m._buffers_of(BUFFERS[1])[name].numel()) for m in layers]
+        shapes = [(m.buffer(BUFFERS[0], name).numel(), m.buffer(BUFFERS[1], name).numel()) for m in layers]
         indices = balanced_indices(sum(a + b for a, b in shapes), self.theta_d_length, self.proj_seed)
         counts = torch.bincount(indices, minlength=self.theta_d_length)
         inv_sqrt = torch.zeros(self.theta_d_length)
