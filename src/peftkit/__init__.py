@@ -61,6 +61,7 @@ from peftkit.methods.road import RoAd
 from peftkit.methods.roles import register_architecture
 from peftkit.methods.shira import SHiRA
 from peftkit.methods.trainable_tokens import TrainableTokens
+from peftkit.methods.unilora import UniLoRA
 from peftkit.methods.vblora import VBLoRA
 from peftkit.methods.vera import VeRA
 from peftkit.methods.xlora import XLoRA
@@ -106,6 +107,7 @@ __all__ = [
     "RoAd",
     "SHiRA",
     "TrainableTokens",
+    "UniLoRA",
     "VBLoRA",
     "VeRA",
     "XLoRA",

@@ -39,6 +39,7 @@ METHODS: dict[str, tuple[str, dict[str, Any]]] = {
     "gralora": ("GraloraConfig", {"target_modules": QV, "r": 4, "alpha": 8, "hybrid_r": 2}),
     "delora": ("DeloraConfig", {"target_modules": QV, "r": 4, "delora_lambda": 3}),
     "vblora": ("VBLoRAConfig", {"target_modules": QV, "r": 2, "num_vectors": 10, "vector_length": 8}),
+    "unilora": ("UniLoraConfig", {"target_modules": QV, "r": 2, "theta_d_length": 24}),
     "hira": ("HiraConfig", {"target_modules": QV, "r": 2}),
     "glora": ("GloraConfig", {"target_modules": QV, "r": 2}),
     "lily": ("LilyConfig", {"target_modules": QV, "r": 4, "num_B": 3}),
@@ -55,9 +56,12 @@ UNMERGED = ("adalora", "poly", "lily", "beft")
 
 def _key(name: str) -> str:
     """HF PEFT's parameter name as peftkit's file key (the adapter name dropped; DoRA's magnitude is a module's
-    weight there; VB-LoRA's bank, a parameter of every layer there, is saved once, under the model's key)."""
+    weight there; VB-LoRA's bank and Uni-LoRA's θ, parameters of every layer there, are saved once, under the model's
+    key)."""
     if ".vblora_vector_bank." in name:
         return "base_model.vblora_vector_bank"
+    if ".unilora_theta_d." in name:
+        return "base_model.unilora_theta_d"
     return name.replace(".default", "").replace("lora_magnitude_vector.weight", "lora_magnitude_vector")
 
 

@@ -42,6 +42,7 @@ METHODS: dict[str, tuple[dict[str, Any], Callable[..., pk.AdapterConfig]]] = {
     "gralora": ({"target_modules": QV, "rank": 4, "alpha": 8, "hybrid_rank": 2}, pk.GraLoRA),
     "delora": ({"target_modules": QV, "rank": 2, "delora_lambda": 3}, pk.DeLoRA),
     "vblora": ({"target_modules": QV, "rank": 2, "num_vectors": 10, "vector_length": 8}, pk.VBLoRA),
+    "unilora": ({"target_modules": QV, "rank": 2, "theta_d_length": 24}, pk.UniLoRA),
     "hira": ({"target_modules": QV, "rank": 2}, pk.HiRA),
     "glora": ({"target_modules": QV, "rank": 2}, pk.GLoRA),
     "lily": ({"target_modules": QV, "rank": 4, "num_B": 3}, pk.Lily),
@@ -65,6 +66,7 @@ HF = {
     "gralora": ("GraloraConfig", {"target_modules": QV, "r": 4, "alpha": 8, "hybrid_r": 2}),
     "delora": ("DeloraConfig", {"target_modules": QV, "r": 2, "delora_lambda": 3}),
     "vblora": ("VBLoRAConfig", {"target_modules": QV, "r": 2, "num_vectors": 10, "vector_length": 8}),
+    "unilora": ("UniLoraConfig", {"target_modules": QV, "r": 2, "theta_d_length": 24}),
     "hira": ("HiraConfig", {"target_modules": QV, "r": 2}),
     "glora": ("GloraConfig", {"target_modules": QV, "r": 2}),
     "lily": ("LilyConfig", {"target_modules": QV, "r": 4, "num_B": 3}),
@@ -340,7 +342,7 @@ def test_compare_routes_each_method_s_options_and_writes_the_table(tmp_path: Pat
     cfg = _run_config(tmp_path, "lora", max_steps=1)
     cfg["peft"] = {"method": "lora", "rank": 2, "alpha": 4, "dropout": 0.05, "target_modules": QV,
                    "adapter_len": 3, "adapter_layers": 1, "n_frequency": 20, "group_size": 8, "block_size": 16,
-                   "delora_lambda": 3, "num_vectors": 10, "vector_length": 8,
+                   "delora_lambda": 3, "num_vectors": 10, "vector_length": 8, "theta_d_length": 24,
                    "cpt_token_ids": [5, 6, 7, 8], "cpt_tokens_type_mask": [1, 2, 3, 4]}
     base = config_from_dict(cfg)
     names = ["lora", *METHODS]
@@ -360,6 +362,7 @@ def test_compare_routes_each_method_s_options_and_writes_the_table(tmp_path: Pat
         "gralora": {"rank": 2, "alpha": 4, "dropout": 0.05, "target_modules": QV},
         "delora": {"rank": 2, "delora_lambda": 3, "target_modules": QV},
         "vblora": {"rank": 2, "dropout": 0.05, "target_modules": QV, "num_vectors": 10, "vector_length": 8},
+        "unilora": {"rank": 2, "dropout": 0.05, "target_modules": QV, "theta_d_length": 24},
         "hira": {"rank": 2, "dropout": 0.05, "target_modules": QV},
         "glora": {"rank": 2, "target_modules": QV},
         "lily": {"rank": 2, "target_modules": QV},
@@ -401,6 +404,10 @@ def test_sweep_sets_rank_and_alpha_where_the_method_has_them(tmp_path: Path) -> 
         rows = run_sweep(str(path), [2, 4], overrides=["data.eval_fraction=0"])
         assert [(r["rank"], r["alpha"]) for r in rows] == [(2, None), (4, None)]
         assert all("error" not in r for r in rows) and rows[0]["trainable"] < rows[1]["trainable"]
+    path.write_text(yaml.safe_dump(_run_config(tmp_path, "unilora", max_steps=1)))  # the rank, not θ's length
+    rows = run_sweep(str(path), [2, 4], overrides=["data.eval_fraction=0"])
+    assert [(r["rank"], r["alpha"]) for r in rows] == [(2, None), (4, None)] and all("error" not in r for r in rows)
+    assert rows[0]["trainable"] == rows[1]["trainable"] == 24
     for method in ("fourierft", "beft", "road", "c3a", "osf", "ln_tuning", "adaption_prompt", "cpt"):
         path.write_text(yaml.safe_dump(_run_config(tmp_path, method)))
         listing = r"use a method with one \(lora, .*loha, lokr, .*vera.*\)"

@@ -74,6 +74,7 @@ PEFT_METHODS: dict[str, str | None] = {
     "bitfit": "BitFit",
     "vera": "VeRA",
     "vblora": "VBLoRA",
+    "unilora": "UniLoRA",
     "fourierft": "FourierFT",
     "beft": "BEFT",
     "randlora": "RandLoRA",
