@@ -20,7 +20,7 @@ import peftkit as pk
 from peftkit.cli.main import main
 from peftkit.errors import ConfigError, MergeError, UnsupportedLayerError
 from peftkit.train.compare import compare, method_config
-from peftkit.train.config import config_from_dict
+from peftkit.train.config import PEFT_METHODS, config_from_dict
 from peftkit.train.dist_failure import FAULT_RAISE_ENV
 from peftkit.train.sweep import run_sweep
 
@@ -438,3 +438,16 @@ def test_merging_into_an_output_head_tied_to_the_embeddings_is_refused(method: s
     with pytest.raises(MergeError, match="tied"):
         pk.merge(model)
     assert torch.equal(model.lm_head.base_layer.weight, weight) and not model.lm_head.merged_adapters
+
+
+def test_compare_passes_the_adapted_layers_biases_in_each_method_s_spelling(tmp_path: Path) -> None:
+    """``bias: lora_only`` in the config reaches every compared method with a bias option as its own spelling."""
+    cfg = _run_config(tmp_path, "lora", max_steps=1)
+    cfg["peft"] = {"method": "lora", "bias": "lora_only", "target_modules": QV}
+    base = config_from_dict(cfg)
+    spelled = {method: getattr(pk, name).bias_only for method, name in PEFT_METHODS.items()
+               if name and isinstance(getattr(getattr(pk, name), "bias_only", None), str)}
+    assert {"lora", "dora", "adalora", "vera", "glora", "unilora", "vblora"} <= set(spelled)
+    assert spelled["glora"] == "glora_only" and spelled["miss"] == "MiSS_only"
+    for method, only in spelled.items():
+        assert method_config(base, method, tmp_path).peft.options["bias"] == only, method

@@ -30,7 +30,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from dataclasses import dataclass, field
-from typing import Any, cast
+from typing import Any, ClassVar, cast
 
 import torch
 from torch import nn
@@ -324,6 +324,8 @@ class AdaLoRA(AdapterConfig):
     """
 
     peft_type = "ADALORA"
+    #: The ``bias`` value for the adapted layers' biases (``peftkit compare`` passes each method its spelling).
+    bias_only: ClassVar[str] = "lora_only"
 
     init_rank: int = 12
     target_rank: int = 8

@@ -1,4 +1,4 @@
-"""The ``bias`` option of methods whose layers wrap a base layer (VeRA, FourierFT, OFT, BOFT, HRA, MiSS).
+"""The ``bias`` option of methods whose layers wrap a base layer (VeRA, FourierFT, OFT, BOFT, HRA, MiSS and others).
 
 As in HF PEFT: ``"none"``, ``"all"`` (every bias outside the adapters, as LoRA's), or the method's own
 ``"<x>_only"`` (the biases of the layers it adapts). The trained biases are saved under HF PEFT's keys.
@@ -6,7 +6,7 @@ As in HF PEFT: ``"none"``, ``"all"`` (every bias outside the adapters, as LoRA's
 
 from __future__ import annotations
 
-from typing import cast
+from typing import ClassVar, cast
 
 import torch
 from torch import nn
@@ -14,7 +14,7 @@ from torch import nn
 from peftkit.core.layer import AdapterLayer
 from peftkit.methods.lora import bias_modules, hf_module_paths, train_biases
 
-__all__ = ["adapted_bias_tensors", "train_adapted_biases"]
+__all__ = ["AdaptedBiases", "adapted_bias_tensors", "train_adapted_biases"]
 
 
 def _bias_modules(model: nn.Module, mode: str, layer: type[AdapterLayer], only: str) -> list[nn.Module]:
@@ -40,3 +40,20 @@ def adapted_bias_tensors(model: nn.Module, name: str, mode: str, layer: type[Ada
     paths = hf_module_paths(model, name)
     return {f"base_model.model.{paths[id(m)]}.bias": cast(torch.Tensor, m.bias)
             for m in _bias_modules(model, mode, layer, only)}
+
+
+class AdaptedBiases:
+    """Mixin for a method config with a ``bias`` field: ``after_apply`` makes the biases it selects trainable and
+    ``extra_tensors`` saves them, given the method's layer type (``bias_layer``) and its spelling of "the adapted
+    layers' biases" (``bias_only``, e.g. ``"vera_only"``), which ``peftkit compare`` also reads."""
+
+    bias: str
+    bias_layer: ClassVar[type[AdapterLayer]]
+    bias_only: ClassVar[str]
+
+    def after_apply(self, model: nn.Module, name: str) -> None:
+        train_adapted_biases(model, self.bias, self.bias_layer, self.bias_only)
+
+    def extra_tensors(self, model: nn.Module, name: str) -> dict[str, torch.Tensor]:
+        """The trained biases, under HF PEFT's keys."""
+        return adapted_bias_tensors(model, name, self.bias, self.bias_layer, self.bias_only)

@@ -32,7 +32,7 @@ from peftkit.core.layer import AdapterLayer
 from peftkit.core.registry import DEQUANTIZERS, TypeRegistry, register_method
 from peftkit.errors import ConfigError, UnsupportedLayerError
 from peftkit.io.hf_names import hf_layer_config, hf_layer_fields, hf_unknown_options
-from peftkit.methods.biases import adapted_bias_tensors, train_adapted_biases
+from peftkit.methods.biases import AdaptedBiases
 from peftkit.methods.default_targets import LORA_TARGETS, with_default_targets
 from peftkit.methods.lora_layers import adapter_dtype
 from peftkit.methods.oft import rotated_features
@@ -245,7 +245,7 @@ _HF_FIELDS = frozenset(
 
 @register_method
 @dataclass
-class BOFT(AdapterConfig):
+class BOFT(AdaptedBiases, AdapterConfig):
     """BOFT: ``s ⊙ W₀ (x M)ᵀ`` with M a product of permuted block-diagonal orthogonal matrices (HF PEFT's
     ``BOFTConfig``, its field names and defaults), on ``nn.Linear`` and ``nn.Conv2d``.
 
@@ -268,6 +268,8 @@ class BOFT(AdapterConfig):
     """
 
     peft_type = "BOFT"
+    bias_layer = BOFTLayer
+    bias_only = "boft_only"
 
     boft_block_size: int = 4
     boft_block_num: int = 0
@@ -328,13 +330,6 @@ class BOFT(AdapterConfig):
         layer.add(adapter_name, blocks, size, self.boft_n_butterfly_factor, dropout=self.boft_dropout,
                   init_weights=self.init_weights)
         return layer
-
-    def after_apply(self, model: nn.Module, name: str) -> None:
-        train_adapted_biases(model, self.bias, BOFTLayer, "boft_only")
-
-    def extra_tensors(self, model: nn.Module, name: str) -> dict[str, torch.Tensor]:
-        """The trained biases, under HF PEFT's keys."""
-        return adapted_bias_tensors(model, name, self.bias, BOFTLayer, "boft_only")
 
     # -- adapter_config.json ---------------------------------------------------------------------
     def to_hf_dict(self, targets: list[str], module_names: list[str]) -> dict[str, Any]:

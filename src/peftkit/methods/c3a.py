@@ -32,7 +32,7 @@ from peftkit.core.registry import DEQUANTIZERS, register_method
 from peftkit.errors import ConfigError, UnsupportedLayerError
 from peftkit.io.hf_names import hf_layer_config, hf_layer_fields, hf_suffix_keys, hf_suffix_pattern, hf_unknown_options
 from peftkit.methods.additive import DeltaLayer
-from peftkit.methods.biases import adapted_bias_tensors, train_adapted_biases
+from peftkit.methods.biases import AdaptedBiases
 from peftkit.methods.default_targets import LORA_TARGETS, with_default_targets
 from peftkit.methods.lora_layers import adapter_dtype
 
@@ -139,7 +139,7 @@ _HF_FIELDS = frozenset(
 
 @register_method
 @dataclass
-class C3A(AdapterConfig):
+class C3A(AdaptedBiases, AdapterConfig):
     """C3A: one block-circulant kernel per layer (HF PEFT's ``C3AConfig``).
 
     Attributes:
@@ -158,6 +158,8 @@ class C3A(AdapterConfig):
     """
 
     peft_type = "C3A"
+    bias_layer = C3ALayer
+    bias_only = "c3a_only"
 
     block_size: int = 256
     block_size_pattern: dict[str, int] = field(default_factory=dict)
@@ -219,13 +221,6 @@ class C3A(AdapterConfig):
         layer = module if isinstance(module, C3ALayer) else C3ALayer(module)
         layer.add(adapter_name, self.block_size_for(qualname), self.init_weights)
         return layer
-
-    def after_apply(self, model: nn.Module, name: str) -> None:
-        train_adapted_biases(model, self.bias, C3ALayer, "c3a_only")
-
-    def extra_tensors(self, model: nn.Module, name: str) -> dict[str, torch.Tensor]:
-        """The trained biases, under HF PEFT's keys."""
-        return adapted_bias_tensors(model, name, self.bias, C3ALayer, "c3a_only")
 
     # -- adapter_config.json ---------------------------------------------------------------------
     def to_hf_dict(self, targets: list[str], module_names: list[str]) -> dict[str, Any]:

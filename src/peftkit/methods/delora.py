@@ -34,7 +34,7 @@ from peftkit.core.registry import DEQUANTIZERS, register_method
 from peftkit.errors import ConfigError, UnsupportedLayerError
 from peftkit.io.hf_names import hf_layer_config, hf_layer_fields, hf_pattern, hf_unknown_options
 from peftkit.methods.additive import DeltaLayer
-from peftkit.methods.biases import adapted_bias_tensors, train_adapted_biases
+from peftkit.methods.biases import AdaptedBiases
 from peftkit.methods.default_targets import LORA_TARGETS, with_default_targets
 from peftkit.methods.lora_layers import adapter_dtype
 from peftkit.methods.vera import SharedProjection, _checked_bool, _checked_int
@@ -147,7 +147,7 @@ _HF_FIELDS = frozenset(
 
 @register_method
 @dataclass
-class DeLoRA(AdapterConfig):
+class DeLoRA(AdaptedBiases, AdapterConfig):
     """DeLoRA: normalised low-rank factors and a trained bound λ per layer (HF PEFT's ``DeloraConfig``).
 
     Attributes:
@@ -168,6 +168,8 @@ class DeLoRA(AdapterConfig):
     """
 
     peft_type = "DELORA"
+    bias_layer = DeLoRALayer
+    bias_only = "delora_only"
 
     rank: int = 8
     delora_lambda: float = 15
@@ -221,13 +223,6 @@ class DeLoRA(AdapterConfig):
         layer.add(adapter_name, self.rank_for(qualname), self.lambda_for(qualname), self.module_dropout,
                   self.init_weights)
         return layer
-
-    def after_apply(self, model: nn.Module, name: str) -> None:
-        train_adapted_biases(model, self.bias, DeLoRALayer, "delora_only")
-
-    def extra_tensors(self, model: nn.Module, name: str) -> dict[str, torch.Tensor]:
-        """The trained biases, under HF PEFT's keys."""
-        return adapted_bias_tensors(model, name, self.bias, DeLoRALayer, "delora_only")
 
     # -- adapter_config.json ---------------------------------------------------------------------
     def to_hf_dict(self, targets: list[str], module_names: list[str]) -> dict[str, Any]:

@@ -32,7 +32,7 @@ from peftkit.core.registry import DEQUANTIZERS, LINEAR_KINDS, linear_kind, regis
 from peftkit.errors import ConfigError, UnsupportedLayerError
 from peftkit.io.hf_names import hf_layer_config, hf_layer_fields, hf_suffix_keys, hf_suffix_pattern
 from peftkit.methods.additive import DeltaLayer
-from peftkit.methods.biases import adapted_bias_tensors, train_adapted_biases
+from peftkit.methods.biases import AdaptedBiases
 from peftkit.methods.default_targets import LORA_TARGETS, with_default_targets
 from peftkit.methods.lora_layers import adapter_dtype
 
@@ -110,7 +110,7 @@ class FourierFTLayer(DeltaLayer):
 
 @register_method
 @dataclass
-class FourierFT(AdapterConfig):
+class FourierFT(AdaptedBiases, AdapterConfig):
     """FourierFT: n trained spectrum coefficients per layer.
 
     Attributes:
@@ -127,6 +127,8 @@ class FourierFT(AdapterConfig):
     """
 
     peft_type = "FOURIERFT"
+    bias_layer = FourierFTLayer
+    bias_only = "fourier_only"
 
     n_frequency: int = 1000
     scaling: float = 150.0
@@ -179,13 +181,6 @@ class FourierFT(AdapterConfig):
         layer.add(adapter_name, self.n_frequency_for(qualname), float(self.scaling), self.random_loc_seed,
                   self.init_weights, qualname)
         return layer
-
-    def after_apply(self, model: nn.Module, name: str) -> None:
-        train_adapted_biases(model, self.bias, FourierFTLayer, "fourier_only")
-
-    def extra_tensors(self, model: nn.Module, name: str) -> dict[str, torch.Tensor]:
-        """The trained biases, under HF PEFT's keys."""
-        return adapted_bias_tensors(model, name, self.bias, FourierFTLayer, "fourier_only")
 
     # -- adapter_config.json ---------------------------------------------------------------------
     def to_hf_dict(self, targets: list[str], module_names: list[str]) -> dict[str, Any]:

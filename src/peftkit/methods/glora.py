@@ -37,7 +37,7 @@ from peftkit.core.registry import register_method
 from peftkit.errors import ConfigError, UnsupportedLayerError
 from peftkit.io.hf_names import hf_layer_config, hf_layer_fields, hf_unknown_options
 from peftkit.methods.additive import DeltaLayer
-from peftkit.methods.biases import adapted_bias_tensors, train_adapted_biases
+from peftkit.methods.biases import AdaptedBiases
 from peftkit.methods.default_targets import LORA_TARGETS, with_default_targets
 from peftkit.methods.lora_layers import adapter_dtype
 
@@ -217,7 +217,7 @@ class GLoRALayer(DeltaLayer):
 
 @register_method
 @dataclass
-class GLoRA(AdapterConfig):
+class GLoRA(AdaptedBiases, AdapterConfig):
     """GLoRA: weight and bias scaled and shifted by five supports per layer.
 
     Attributes:
@@ -232,6 +232,8 @@ class GLoRA(AdapterConfig):
     """
 
     peft_type = "GLORA"
+    bias_layer = GLoRALayer
+    bias_only = "glora_only"
 
     rank: int = 8
     config_A_B: str = "lora"
@@ -267,13 +269,6 @@ class GLoRA(AdapterConfig):
         layer = module if isinstance(module, GLoRALayer) else GLoRALayer(module)
         layer.add(adapter_name, self)
         return layer
-
-    def after_apply(self, model: nn.Module, name: str) -> None:
-        train_adapted_biases(model, self.bias, GLoRALayer, "glora_only")
-
-    def extra_tensors(self, model: nn.Module, name: str) -> dict[str, torch.Tensor]:
-        """The trained biases, under HF PEFT's keys."""
-        return adapted_bias_tensors(model, name, self.bias, GLoRALayer, "glora_only")
 
     # -- adapter_config.json ---------------------------------------------------------------------
     def to_hf_dict(self, targets: list[str], module_names: list[str]) -> dict[str, Any]:

@@ -37,7 +37,7 @@ from peftkit.core.registry import DEQUANTIZERS, LINEAR_KINDS, LinearKind, linear
 from peftkit.errors import ConfigError, UnsupportedLayerError
 from peftkit.io.hf_names import hf_layer_config, hf_layer_fields, hf_unknown_options
 from peftkit.methods.additive import DeltaLayer
-from peftkit.methods.biases import adapted_bias_tensors, train_adapted_biases
+from peftkit.methods.biases import AdaptedBiases
 from peftkit.methods.default_targets import LORA_TARGETS, with_default_targets
 from peftkit.methods.lora_layers import adapter_dtype
 from peftkit.methods.vera import _checked_bool, _checked_int
@@ -168,7 +168,7 @@ _HF_FIELDS = frozenset("r hybrid_r target_modules alpha gralora_dropout gralora_
 
 @register_method
 @dataclass
-class GraLoRA(AdapterConfig):
+class GraLoRA(AdaptedBiases, AdapterConfig):
     """GraLoRA: a rank-r/k update per block of a k × k grid over each adapted weight, plus an optional plain LoRA part
     (HF PEFT's ``GraloraConfig``; its field names in ``adapter_config.json`` are given below).
 
@@ -191,6 +191,8 @@ class GraLoRA(AdapterConfig):
     """
 
     peft_type = "GRALORA"
+    bias_layer = GraLoRALayer
+    bias_only = "gralora_only"
 
     rank: int = 32
     hybrid_rank: int = 0
@@ -258,13 +260,6 @@ class GraLoRA(AdapterConfig):
         layer.add(adapter_name, self.rank, self.hybrid_rank, self.gralora_k, alpha=float(self.alpha),
                   dropout=float(self.dropout), init_weights=self.init_weights)
         return layer
-
-    def after_apply(self, model: nn.Module, name: str) -> None:
-        train_adapted_biases(model, self.bias, GraLoRALayer, "gralora_only")
-
-    def extra_tensors(self, model: nn.Module, name: str) -> dict[str, torch.Tensor]:
-        """The trained biases, under HF PEFT's keys."""
-        return adapted_bias_tensors(model, name, self.bias, GraLoRALayer, "gralora_only")
 
     # -- adapter_config.json ---------------------------------------------------------------------
     def to_hf_dict(self, targets: list[str], module_names: list[str]) -> dict[str, Any]:

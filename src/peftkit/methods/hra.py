@@ -37,7 +37,7 @@ from peftkit.core.layer import AdapterLayer
 from peftkit.core.registry import DEQUANTIZERS, TypeRegistry, register_method
 from peftkit.errors import ConfigError, MergeError, UnsupportedLayerError
 from peftkit.io.hf_names import hf_layer_config, hf_layer_fields, hf_unknown_options
-from peftkit.methods.biases import adapted_bias_tensors, train_adapted_biases
+from peftkit.methods.biases import AdaptedBiases
 from peftkit.methods.default_targets import LORA_TARGETS, with_default_targets
 from peftkit.methods.lora_layers import adapter_dtype
 from peftkit.methods.ordered import merge_in_order, reordering, unmerge_in_order
@@ -201,7 +201,7 @@ _HF_FIELDS = frozenset(
 
 @register_method
 @dataclass
-class HRA(AdapterConfig):
+class HRA(AdaptedBiases, AdapterConfig):
     """HRA: ``x ↦ (W₀ H₁ … H_r) x + b`` with Householder reflections H_i = I − 2 u_i u_iᵀ/‖u_i‖² (HF PEFT's
     ``HRAConfig``).
 
@@ -220,6 +220,8 @@ class HRA(AdapterConfig):
     """
 
     peft_type = "HRA"
+    bias_layer = HRALayer
+    bias_only = "hra_only"
 
     rank: int = 8
     apply_GS: bool = False
@@ -279,13 +281,6 @@ class HRA(AdapterConfig):
         layer = module if isinstance(module, HRALayer) else HRALayer(module)
         layer.add(adapter_name, self.rank, apply_GS=self.apply_GS, init_weights=self.init_weights)
         return layer
-
-    def after_apply(self, model: nn.Module, name: str) -> None:
-        train_adapted_biases(model, self.bias, HRALayer, "hra_only")
-
-    def extra_tensors(self, model: nn.Module, name: str) -> dict[str, torch.Tensor]:
-        """The trained biases, under HF PEFT's keys."""
-        return adapted_bias_tensors(model, name, self.bias, HRALayer, "hra_only")
 
     # -- adapter_config.json ---------------------------------------------------------------------
     def to_hf_dict(self, targets: list[str], module_names: list[str]) -> dict[str, Any]:

@@ -120,6 +120,8 @@ class LoRA(AdapterConfig):
     takes_invocation_tokens: ClassVar[bool] = True
 
     peft_type = "LORA"
+    #: The ``bias`` value for the adapted layers' biases (``peftkit compare`` passes each method its spelling).
+    bias_only: ClassVar[str] = "lora_only"
 
     rank: int = 8
     alpha: float = 8

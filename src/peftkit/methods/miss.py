@@ -41,7 +41,7 @@ from peftkit.core.layer import AdapterLayer
 from peftkit.core.registry import LINEAR_KINDS, LinearKind, is_fan_in_fan_out, linear_kind, register_method
 from peftkit.errors import ConfigError, MergeError, UnsupportedLayerError
 from peftkit.io.hf_names import hf_layer_config, hf_layer_fields, hf_unknown_options
-from peftkit.methods.biases import adapted_bias_tensors, train_adapted_biases
+from peftkit.methods.biases import AdaptedBiases
 from peftkit.methods.default_targets import LORA_TARGETS, with_default_targets
 from peftkit.methods.lora_layers import adapter_dtype
 from peftkit.methods.ordered import merge_in_order, reordering, unmerge_in_order
@@ -232,7 +232,7 @@ _HF_FIELDS = frozenset(
 
 @register_method
 @dataclass
-class MiSS(AdapterConfig):
+class MiSS(AdaptedBiases, AdapterConfig):
     """MiSS: one block of the update shared across the layer (HF PEFT's ``MissConfig``).
 
     Attributes:
@@ -253,6 +253,8 @@ class MiSS(AdapterConfig):
     """
 
     peft_type = "MISS"
+    bias_layer = MiSSLayer
+    bias_only = "MiSS_only"
 
     rank: int = 64
     dropout: float = 0.0
@@ -317,13 +319,6 @@ class MiSS(AdapterConfig):
         layer = module if isinstance(module, MiSSLayer) else MiSSLayer(module)
         layer.add(adapter_name, self.rank, init_weights=self.init_weights, mini_r=self.mini_r, dropout=self.dropout)
         return layer
-
-    def after_apply(self, model: nn.Module, name: str) -> None:
-        train_adapted_biases(model, self.bias, MiSSLayer, "MiSS_only")
-
-    def extra_tensors(self, model: nn.Module, name: str) -> dict[str, torch.Tensor]:
-        """The trained biases, under HF PEFT's keys."""
-        return adapted_bias_tensors(model, name, self.bias, MiSSLayer, "MiSS_only")
 
     # -- adapter_config.json ---------------------------------------------------------------------
     def to_hf_dict(self, targets: list[str], module_names: list[str]) -> dict[str, Any]:

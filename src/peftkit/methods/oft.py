@@ -34,7 +34,7 @@ from peftkit.core.layer import AdapterLayer
 from peftkit.core.registry import DEQUANTIZERS, TypeRegistry, register_method
 from peftkit.errors import ConfigError, UnsupportedLayerError
 from peftkit.io.hf_names import hf_layer_config, hf_layer_fields, hf_unknown_options
-from peftkit.methods.biases import adapted_bias_tensors, train_adapted_biases
+from peftkit.methods.biases import AdaptedBiases
 from peftkit.methods.default_targets import LORA_TARGETS, with_default_targets
 from peftkit.methods.lora_layers import adapter_dtype
 from peftkit.methods.rotation import RotationLayer
@@ -295,7 +295,7 @@ _HF_FIELDS = frozenset(
 
 @register_method
 @dataclass
-class OFT(AdapterConfig):
+class OFT(AdaptedBiases, AdapterConfig):
     """OFT: ``base(x R)`` with R block-diagonal and orthogonal (HF PEFT's ``OFTConfig``, its field names and
     defaults), on ``nn.Linear``, ``nn.Conv2d`` and ``nn.Embedding``.
 
@@ -323,6 +323,8 @@ class OFT(AdapterConfig):
     """
 
     peft_type = "OFT"
+    bias_layer = OFTLayer
+    bias_only = "oft_only"
 
     r: int = 0
     oft_block_size: int = 32
@@ -391,13 +393,6 @@ class OFT(AdapterConfig):
         layer.add(adapter_name, blocks, size, share=self.block_share, coft=self.coft, eps=self.eps,
                   neumann=self.use_cayley_neumann, terms=self.num_cayley_neumann_terms, init_weights=self.init_weights)
         return layer
-
-    def after_apply(self, model: nn.Module, name: str) -> None:
-        train_adapted_biases(model, self.bias, OFTLayer, "oft_only")
-
-    def extra_tensors(self, model: nn.Module, name: str) -> dict[str, torch.Tensor]:
-        """The trained biases, under HF PEFT's keys."""
-        return adapted_bias_tensors(model, name, self.bias, OFTLayer, "oft_only")
 
     # -- adapter_config.json ---------------------------------------------------------------------
     def to_hf_dict(self, targets: list[str], module_names: list[str]) -> dict[str, Any]:

@@ -41,7 +41,7 @@ from peftkit.core.state import get_state
 from peftkit.errors import ConfigError, UnsupportedLayerError
 from peftkit.io.hf_names import hf_layer_config, hf_layer_fields
 from peftkit.methods.additive import merge_deltas, unmerge_deltas
-from peftkit.methods.biases import adapted_bias_tensors, train_adapted_biases
+from peftkit.methods.biases import AdaptedBiases
 from peftkit.methods.default_targets import LORA_TARGETS, default_for
 from peftkit.methods.lora_layers import adapter_dtype
 from peftkit.methods.vera import SharedProjection, _checked_bool, _checked_int, projection_tensors
@@ -195,7 +195,7 @@ SHARED_FIELDS = ("projection_prng_key", "rank", "save_projection", "sparse", "ve
 
 @register_method
 @dataclass
-class RandLoRA(AdapterConfig):
+class RandLoRA(AdaptedBiases, AdapterConfig):
     """RandLoRA: frozen shared random bases, trained per-layer diagonal scalings λ and γ.
 
     Attributes:
@@ -221,6 +221,8 @@ class RandLoRA(AdapterConfig):
     """
 
     peft_type = "RANDLORA"
+    bias_layer = RandLoRALayer
+    bias_only = "randlora_only"
 
     rank: int = 32
     alpha: float = 640
@@ -331,12 +333,9 @@ class RandLoRA(AdapterConfig):
                   init_weights=self.init_weights)
         return layer
 
-    def after_apply(self, model: nn.Module, name: str) -> None:
-        train_adapted_biases(model, self.bias, RandLoRALayer, "randlora_only")
-
     def extra_tensors(self, model: nn.Module, name: str) -> dict[str, torch.Tensor]:
         """The shared bases (with ``save_projection``) and trained biases, under HF PEFT's keys."""
-        out = adapted_bias_tensors(model, name, self.bias, RandLoRALayer, "randlora_only")
+        out = super().extra_tensors(model, name)
         if self.save_projection:
             out.update(projection_tensors(model, name, ("randlora_A", "randlora_B")))
         return out

@@ -37,7 +37,7 @@ from peftkit.core.registry import DEQUANTIZERS, LINEAR_KINDS, linear_kind, regis
 from peftkit.errors import ConfigError, UnsupportedLayerError, require
 from peftkit.io.hf_names import hf_layer_config, hf_layer_fields, hf_unknown_options
 from peftkit.methods.additive import DeltaLayer
-from peftkit.methods.biases import adapted_bias_tensors, train_adapted_biases
+from peftkit.methods.biases import AdaptedBiases
 from peftkit.methods.default_targets import LORA_TARGETS, default_for
 from peftkit.methods.vblora import _as_adapter
 from peftkit.methods.vera import SharedProjection, _checked_bool, _checked_int
@@ -174,7 +174,7 @@ _HF_FIELDS = frozenset(
 
 @register_method
 @dataclass
-class UniLoRA(AdapterConfig):
+class UniLoRA(AdaptedBiases, AdapterConfig):
     """Uni-LoRA: one trained vector θ, all LoRA factors gathered from it (HF PEFT's ``UniLoraConfig``).
 
     Attributes:
@@ -197,6 +197,8 @@ class UniLoRA(AdapterConfig):
     """
 
     peft_type = "UNILORA"
+    bias_layer = UniLoRALayer
+    bias_only = "unilora_only"
 
     rank: int = 4
     theta_d_length: int = 256
@@ -279,11 +281,11 @@ class UniLoRA(AdapterConfig):
             maps = indices[start:start + size_a], indices[start + size_a:start + size_a + size_b]
             layer.assign(name, maps, inv_sqrt)
             start += size_a + size_b
-        train_adapted_biases(model, self.bias, UniLoRALayer, "unilora_only")
+        super().after_apply(model, name)
 
     def extra_tensors(self, model: nn.Module, name: str) -> dict[str, torch.Tensor]:
         """θ under HF PEFT's model-level key, and the trained biases."""
-        out = adapted_bias_tensors(model, name, self.bias, UniLoRALayer, "unilora_only")
+        out = super().extra_tensors(model, name)
         if self._theta is not None and name in self._theta:
             out[THETA_KEY] = self._theta[name]
         return out

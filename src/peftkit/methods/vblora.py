@@ -38,7 +38,7 @@ from peftkit.core.registry import DEQUANTIZERS, LINEAR_KINDS, LinearKind, linear
 from peftkit.errors import AdapterStateError, ConfigError, UnsupportedLayerError
 from peftkit.io.hf_names import hf_layer_config, hf_layer_fields, hf_unknown_options
 from peftkit.methods.additive import DeltaLayer
-from peftkit.methods.biases import adapted_bias_tensors, train_adapted_biases
+from peftkit.methods.biases import AdaptedBiases
 from peftkit.methods.default_targets import ADALORA_TARGETS, default_for
 from peftkit.methods.lora_layers import adapter_dtype
 
@@ -188,7 +188,7 @@ _HF_FIELDS = frozenset(
 
 @register_method
 @dataclass
-class VBLoRA(AdapterConfig):
+class VBLoRA(AdaptedBiases, AdapterConfig):
     """VB-LoRA: per-layer top-k logits over one trained vector bank (HF PEFT's ``VBLoRAConfig``).
 
     Attributes:
@@ -214,6 +214,8 @@ class VBLoRA(AdapterConfig):
     """
 
     peft_type = "VBLORA"
+    bias_layer = VBLoRALayer
+    bias_only = "vblora_only"
 
     rank: int = 4
     num_vectors: int = 256
@@ -292,12 +294,9 @@ class VBLoRA(AdapterConfig):
         layer.add(adapter_name, self)
         return layer
 
-    def after_apply(self, model: nn.Module, name: str) -> None:
-        train_adapted_biases(model, self.bias, VBLoRALayer, "vblora_only")
-
     def extra_tensors(self, model: nn.Module, name: str) -> dict[str, torch.Tensor]:
         """The bank under HF PEFT's model-level key, and the trained biases."""
-        out = adapted_bias_tensors(model, name, self.bias, VBLoRALayer, "vblora_only")
+        out = super().extra_tensors(model, name)
         layer = next((m for m in model.modules() if isinstance(m, VBLoRALayer) and m.has_adapter(name)), None)
         if layer is not None:
             out["base_model.vblora_vector_bank"] = layer.vblora_vector_bank[name]

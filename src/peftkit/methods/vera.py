@@ -35,7 +35,7 @@ from peftkit.core.state import get_state
 from peftkit.errors import ConfigError, UnsupportedLayerError
 from peftkit.io.hf_names import hf_layer_config, hf_layer_fields
 from peftkit.methods.additive import merge_deltas, unmerge_deltas
-from peftkit.methods.biases import adapted_bias_tensors, train_adapted_biases
+from peftkit.methods.biases import AdaptedBiases
 from peftkit.methods.default_targets import LORA_TARGETS, default_for
 from peftkit.methods.lora_layers import adapter_dtype
 
@@ -201,7 +201,7 @@ def _checked_bool(field_name: str, value: Any) -> None:
 
 @register_method
 @dataclass
-class VeRA(AdapterConfig):
+class VeRA(AdaptedBiases, AdapterConfig):
     """VeRA: frozen shared random matrices, trained per-layer scaling vectors.
 
     Attributes:
@@ -221,6 +221,8 @@ class VeRA(AdapterConfig):
     """
 
     peft_type = "VERA"
+    bias_layer = VeRALayer
+    bias_only = "vera_only"
 
     rank: int = 256
     projection_prng_key: int = 0
@@ -317,12 +319,9 @@ class VeRA(AdapterConfig):
                   init_weights=self.init_weights)
         return layer
 
-    def after_apply(self, model: nn.Module, name: str) -> None:
-        train_adapted_biases(model, self.bias, VeRALayer, "vera_only")
-
     def extra_tensors(self, model: nn.Module, name: str) -> dict[str, torch.Tensor]:
         """The shared matrices (with ``save_projection``) and trained biases, under HF PEFT's keys."""
-        out = adapted_bias_tensors(model, name, self.bias, VeRALayer, "vera_only")
+        out = super().extra_tensors(model, name)
         if self.save_projection:
             out.update(projection_tensors(model, name, ("vera_A", "vera_B")))
         return out

@@ -98,8 +98,9 @@ def _options_for(method: str, source_method: str, options: dict[str, Any]) -> di
         return {k: v for k, v in options.items() if k in _fields(method) or k not in known}
     fields = _fields(method) - _NOT_CARRIED.get(method, set())
     carried = {k: v for k, v in options.items() if k in fields}
-    if carried.get("bias") in _ADAPTED_BIAS.values() and method in _ADAPTED_BIAS:
-        carried["bias"] = _ADAPTED_BIAS[method]  # the adapted layers' biases, in this method's spelling
+    only = _adapted_bias(method)
+    if only is not None and carried.get("bias") in {_adapted_bias(m) for m in PEFT_METHODS} - {None}:
+        carried["bias"] = only  # the adapted layers' biases, in this method's spelling
     return carried
 
 
@@ -116,11 +117,16 @@ def _fields(method: str) -> set[str]:
     return {f.name for f in dataclasses.fields(cls)}
 
 
-#: Each method's ``bias`` value for "the biases of the adapted layers" (HF PEFT spells it per method).
-_ADAPTED_BIAS = {"lora": "lora_only", "canonical_lora": "lora_only", "dora": "lora_only", "adalora": "lora_only",
-                 "oft": "oft_only", "boft": "boft_only", "hra": "hra_only", "miss": "MiSS_only",
-                 "vera": "vera_only", "fourierft": "fourier_only", "randlora": "randlora_only", "c3a": "c3a_only",
-                 "gralora": "gralora_only", "delora": "delora_only", "vblora": "vblora_only"}
+def _adapted_bias(method: str) -> str | None:
+    """``method``'s ``bias`` value for "the biases of the adapted layers" (HF PEFT spells it per method: its config's
+    ``bias_only``), or None where it has none."""
+    cls_name = PEFT_METHODS.get(method)
+    if cls_name is None:
+        return None
+    import peftkit as pk
+
+    only = getattr(getattr(pk, cls_name, None), "bias_only", None)
+    return only if isinstance(only, str) else None
 
 
 #: Fields that mean something else for that method, so another method's value is not passed on: BitFit's
